@@ -1,0 +1,189 @@
+//! Read-only inspection of CoAP datagrams (RFC 7252, RFC 8613 option 9). The bridge reads the
+//! header, token and the few options it routes on; it never re-encodes a datagram.
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet};
+
+/// Why a datagram is not CoAP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CoapError {
+    #[error("datagram shorter than the 4-byte CoAP header")]
+    TooShort,
+    #[error("not CoAP version 1")]
+    BadVersion,
+    #[error("malformed CoAP message: {0}")]
+    Malformed(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Confirmable,
+    NonConfirmable,
+    Acknowledgement,
+    Reset,
+}
+
+/// What the bridge knows about one datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    pub kind: Kind,
+    /// Raw code byte: class in the top 3 bits, detail in the low 5.
+    pub code: u8,
+    pub message_id: u16,
+    pub token: Vec<u8>,
+    /// Carries the OSCORE option: Uri-Path and Uri-Query below are then the outer (empty) ones.
+    pub oscore: bool,
+    pub uri_path: Vec<String>,
+    pub uri_query: Vec<String>,
+}
+
+impl Datagram {
+    pub fn parse(bytes: &[u8]) -> Result<Self, CoapError> {
+        if bytes.len() < 4 {
+            return Err(CoapError::TooShort);
+        }
+        if bytes[0] >> 6 != 1 {
+            return Err(CoapError::BadVersion);
+        }
+        let packet = Packet::from_bytes(bytes).map_err(|e| CoapError::Malformed(describe(&e)))?;
+        let kind = match packet.header.get_type() {
+            MessageType::Confirmable => Kind::Confirmable,
+            MessageType::NonConfirmable => Kind::NonConfirmable,
+            MessageType::Acknowledgement => Kind::Acknowledgement,
+            MessageType::Reset => Kind::Reset,
+        };
+        let strings = |option| {
+            packet
+                .get_option(option)
+                .map(|values| {
+                    values
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Ok(Self {
+            kind,
+            code: bytes[1],
+            message_id: packet.header.message_id,
+            token: packet.get_token().to_vec(),
+            oscore: packet.get_option(CoapOption::Oscore).is_some(),
+            uri_path: strings(CoapOption::UriPath),
+            uri_query: strings(CoapOption::UriQuery),
+        })
+    }
+
+    /// A request (code class 0 with a method).
+    pub fn is_request(&self) -> bool {
+        self.code >> 5 == 0 && self.code != 0
+    }
+
+    /// A response code (class 2 to 5).
+    pub fn is_response(&self) -> bool {
+        (2..=5).contains(&(self.code >> 5))
+    }
+
+    /// An empty message (code 0.00): ACK, RST or ping.
+    pub fn is_empty(&self) -> bool {
+        self.code == 0
+    }
+
+    pub fn is_post(&self) -> bool {
+        self.code == 0x02
+    }
+
+    /// The `ep=` query value of an unprotected Register (`POST /rd?ep=`) or Bootstrap-Request
+    /// (`POST /bs?ep=`).
+    pub fn registration_endpoint(&self) -> Option<&str> {
+        if self.oscore || !self.is_post() || self.uri_path.len() != 1 {
+            return None;
+        }
+        if !matches!(self.uri_path[0].as_str(), "rd" | "bs") {
+            return None;
+        }
+        self.uri_query.iter().find_map(|q| q.strip_prefix("ep="))
+    }
+
+    pub fn code_string(&self) -> String {
+        format!("{}.{:02}", self.code >> 5, self.code & 0x1f)
+    }
+
+    pub fn class(&self) -> MessageClass {
+        MessageClass::from(self.code)
+    }
+}
+
+fn describe(error: &coap_lite::error::MessageError) -> &'static str {
+    use coap_lite::error::MessageError;
+    match error {
+        MessageError::InvalidHeader => "invalid header",
+        MessageError::InvalidPacketLength => "invalid length",
+        MessageError::InvalidTokenLength => "invalid token length",
+        MessageError::InvalidOptionDelta => "invalid option delta",
+        MessageError::InvalidOptionLength => "invalid option length",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coap_lite::RequestType;
+    use proptest::prelude::*;
+
+    fn register(ep: &str) -> Vec<u8> {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.header.message_id = 0x1234;
+        p.set_token(vec![1, 2, 3, 4]);
+        p.add_option(CoapOption::UriPath, b"rd".to_vec());
+        p.add_option(CoapOption::UriQuery, format!("ep={ep}").into_bytes());
+        p.add_option(CoapOption::UriQuery, b"lt=300".to_vec());
+        p.payload = b"</3/0>".to_vec();
+        p.to_bytes().unwrap()
+    }
+
+    #[test]
+    fn reads_a_register_request() {
+        let d = Datagram::parse(&register("urn:nai:a@x")).unwrap();
+        assert_eq!(d.kind, Kind::Confirmable);
+        assert!(d.is_request() && d.is_post());
+        assert_eq!(d.message_id, 0x1234);
+        assert_eq!(d.token, vec![1, 2, 3, 4]);
+        assert_eq!(d.registration_endpoint(), Some("urn:nai:a@x"));
+        assert_eq!(d.code_string(), "0.02");
+    }
+
+    #[test]
+    fn oscore_hides_the_endpoint() {
+        let mut bytes = register("urn:nai:a@x");
+        // Append nothing; build a protected-looking message instead.
+        let mut p = Packet::from_bytes(&bytes).unwrap();
+        p.add_option(CoapOption::Oscore, vec![0x09, 0x01]);
+        bytes = p.to_bytes().unwrap();
+        let d = Datagram::parse(&bytes).unwrap();
+        assert!(d.oscore);
+        assert_eq!(d.registration_endpoint(), None);
+    }
+
+    #[test]
+    fn empty_ack_is_empty() {
+        let d = Datagram::parse(&[0x60, 0x00, 0x12, 0x34]).unwrap();
+        assert_eq!(d.kind, Kind::Acknowledgement);
+        assert!(d.is_empty() && !d.is_request() && !d.is_response());
+    }
+
+    #[test]
+    fn junk_is_an_error() {
+        assert_eq!(Datagram::parse(&[0x40]), Err(CoapError::TooShort));
+        assert_eq!(Datagram::parse(&[0x00, 1, 2, 3]), Err(CoapError::BadVersion));
+        assert!(Datagram::parse(&[0x48, 1, 2, 3]).is_err()); // token length 8, no token bytes
+    }
+
+    proptest! {
+        #[test]
+        fn inspection_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Datagram::parse(&bytes);
+        }
+    }
+}

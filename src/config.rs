@@ -1,0 +1,529 @@
+//! The bridge's configuration: one TOML file, parsed strictly (`deny_unknown_fields`), with
+//! units in key names, secrets read from files or environment variables through an injectable
+//! source, and a validation pass that explains what is wrong.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::device::DeviceId;
+
+/// The commented example configuration shipped with the project (`print-default-config`).
+pub const EXAMPLE_CONFIG: &str = include_str!("../deploy/nidd-bridge.example.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("secret {what}: {detail}")]
+    Secret { what: &'static str, detail: String },
+}
+
+/// A secret value; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub scef: ScefConfig,
+    pub callback: CallbackConfig,
+    pub admin: AdminConfig,
+    pub lwm2m_servers: Vec<Lwm2mServerConfig>,
+    pub sockets: SocketsConfig,
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub nidd: NiddDefaults,
+    #[serde(default)]
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// The SCEF/NEF T8 endpoint and how to authenticate to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScefConfig {
+    /// T8 `{apiRoot}`, e.g. `https://scef.operator.example`.
+    pub base_url: Url,
+    /// Our SCS/AS identifier, the `{scsAsId}` path segment.
+    pub scs_as_id: String,
+    /// File holding a bearer token sent as `Authorization: Bearer ...`.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Name of an environment variable holding the bearer token.
+    pub bearer_token_env: Option<String>,
+    /// Sent as `mtcProviderId` in NIDD configurations.
+    pub mtc_provider_id: Option<String>,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// First delay before retrying a failed configuration request; doubles up to the maximum.
+    #[serde(default = "default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// How many T8 provisioning requests may be in flight at once.
+    #[serde(default = "default_provisioning_concurrency")]
+    pub provisioning_concurrency: usize,
+}
+
+/// The listener the SCEF posts notifications to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackConfig {
+    pub listen: SocketAddr,
+    /// Base URL the SCEF is told to call; defaults to `http://<bound listen address>`.
+    pub public_url: Option<Url>,
+    /// Largest accepted notification body.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerRole {
+    Dm,
+    Bootstrap,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lwm2mServerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub role: ServerRole,
+}
+
+/// The pool the per-device UDP sockets are taken from: every address times every port range.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketsConfig {
+    pub bind: OneOrMany<IpAddr>,
+    pub ports: OneOrMany<PortRange>,
+}
+
+impl SocketsConfig {
+    pub fn capacity(&self) -> u64 {
+        let ports: u64 = self.ports.iter().map(|r| u64::from(r.len())).sum();
+        ports * self.bind.iter().count() as u64
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        match self {
+            Self::One(one) => std::slice::from_ref(one).iter(),
+            Self::Many(many) => many.iter(),
+        }
+    }
+}
+
+/// An inclusive port range written `"20000-29999"` or a single port `"20000"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn len(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    pub fn iter(&self) -> impl Iterator<Item = u16> {
+        self.first..=self.last
+    }
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parse = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("port range {s:?}: {p:?} is not a port number"))
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => (parse(s)?, parse(s)?),
+        };
+        if first == 0 || first > last {
+            return Err(format!("port range {s:?} must be FIRST-LAST with 1 <= FIRST <= LAST"));
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Directory of the sled database (device records, socket allocations, NIDD configurations).
+    pub path: PathBuf,
+}
+
+/// Defaults applied to every NIDD configuration and uplink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NiddDefaults {
+    /// `pdnEstablishmentOption` sent with configurations: WAIT_FOR_UE, INDICATE_ERROR or SEND_TRIGGER.
+    #[serde(default = "default_pdn_option")]
+    pub pdn_establishment_option: String,
+    /// Largest datagram accepted or sent when the SCEF reports no `maximumPacketSize`.
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// Drop an unprotected Register/Bootstrap-Request whose `ep=` does not name the device.
+    #[serde(default = "default_true")]
+    pub check_endpoint_name: bool,
+    /// Ask the SCEF for a test notification when creating a configuration.
+    #[serde(default)]
+    pub request_test_notification: bool,
+}
+
+impl Default for NiddDefaults {
+    fn default() -> Self {
+        Self {
+            pdn_establishment_option: default_pdn_option(),
+            max_packet_bytes: default_max_packet_bytes(),
+            check_endpoint_name: true,
+            request_test_notification: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// `local@domain` or `urn:nai:local@domain`.
+    pub external_id: Option<String>,
+    pub msisdn: Option<String>,
+    /// LwM2M endpoint name the device registers with; defaults to `urn:nai:<external_id>`.
+    pub endpoint_name: Option<String>,
+    /// Name of the device's default LwM2M server; defaults to the first `dm` server.
+    pub lwm2m_server: Option<String>,
+}
+
+impl DeviceConfig {
+    pub fn device_id(&self) -> Result<DeviceId, ConfigError> {
+        let invalid = |e: crate::device::IdentityError| ConfigError::Invalid(e.to_string());
+        match (&self.external_id, &self.msisdn) {
+            (Some(ext), None) => Ok(DeviceId::External(ext.parse().map_err(invalid)?)),
+            (None, Some(msisdn)) => Ok(DeviceId::Msisdn(msisdn.parse().map_err(invalid)?)),
+            _ => Err(ConfigError::Invalid(
+                "each [[devices]] entry needs exactly one of external_id or msisdn".into(),
+            )),
+        }
+    }
+}
+
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_retry_initial_ms() -> u64 {
+    500
+}
+fn default_retry_max_ms() -> u64 {
+    30_000
+}
+fn default_provisioning_concurrency() -> usize {
+    16
+}
+fn default_max_body_bytes() -> usize {
+    16 * 1024
+}
+fn default_pdn_option() -> String {
+    "WAIT_FOR_UE".into()
+}
+fn default_max_packet_bytes() -> usize {
+    1358
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Where secrets named in the configuration are read from; tests inject their own.
+pub trait SecretSource {
+    fn env(&self, name: &str) -> Option<String>;
+    fn file(&self, path: &Path) -> std::io::Result<String>;
+}
+
+/// Secrets from the process environment and the file system.
+pub struct ProcessSecrets;
+
+impl SecretSource for ProcessSecrets {
+    fn env(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+    fn file(&self, path: &Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates a configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.scef.scs_as_id.is_empty() || self.scef.scs_as_id.contains('/') {
+            return invalid("scef.scs_as_id must be a non-empty path segment".into());
+        }
+        if !matches!(self.scef.base_url.scheme(), "http" | "https") {
+            return invalid("scef.base_url must be an http or https URL".into());
+        }
+        if let Some(url) = &self.callback.public_url
+            && !matches!(url.scheme(), "http" | "https")
+        {
+            return invalid("callback.public_url must be an http or https URL".into());
+        }
+        if self.scef.bearer_token_file.is_some() && self.scef.bearer_token_env.is_some() {
+            return invalid("set at most one of scef.bearer_token_file and scef.bearer_token_env".into());
+        }
+        if self.scef.retry_initial_ms == 0 || self.scef.retry_max_ms < self.scef.retry_initial_ms {
+            return invalid("scef.retry_initial_ms must be > 0 and <= scef.retry_max_ms".into());
+        }
+        if self.scef.provisioning_concurrency == 0 {
+            return invalid("scef.provisioning_concurrency must be at least 1".into());
+        }
+        if !(64..=1024 * 1024).contains(&self.callback.max_body_bytes) {
+            return invalid("callback.max_body_bytes must be between 64 and 1048576".into());
+        }
+        if !(16..=65_507).contains(&self.nidd.max_packet_bytes) {
+            return invalid("nidd.max_packet_bytes must be between 16 and 65507".into());
+        }
+        if !matches!(
+            self.nidd.pdn_establishment_option.as_str(),
+            "WAIT_FOR_UE" | "INDICATE_ERROR" | "SEND_TRIGGER"
+        ) {
+            return invalid(format!(
+                "nidd.pdn_establishment_option {:?} is not WAIT_FOR_UE, INDICATE_ERROR or SEND_TRIGGER",
+                self.nidd.pdn_establishment_option
+            ));
+        }
+        let mut names = HashSet::new();
+        for server in &self.lwm2m_servers {
+            if !names.insert(server.name.as_str()) {
+                return invalid(format!("LwM2M server name {:?} is used twice", server.name));
+            }
+        }
+        if !self.lwm2m_servers.iter().any(|s| s.role == ServerRole::Dm) {
+            return invalid("at least one [[lwm2m_servers]] entry with role = \"dm\" is needed".into());
+        }
+        if self.lwm2m_servers.iter().filter(|s| s.role == ServerRole::Bootstrap).count() > 1 {
+            return invalid("at most one bootstrap server can be configured".into());
+        }
+        let mut ids = HashSet::new();
+        for device in &self.devices {
+            let id = device.device_id()?;
+            if !ids.insert(id.clone()) {
+                return invalid(format!("device {id} is listed twice"));
+            }
+            if let Some(server) = &device.lwm2m_server
+                && !self.lwm2m_servers.iter().any(|s| &s.name == server)
+            {
+                return invalid(format!("device {id} names unknown lwm2m_server {server:?}"));
+            }
+        }
+        let capacity = self.sockets.capacity();
+        if (self.devices.len() as u64) > capacity {
+            return invalid(format!(
+                "{} devices but the socket pool ([sockets] bind x ports) holds only {capacity}",
+                self.devices.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the T8 bearer token, if one is configured.
+    pub fn bearer_token(&self, source: &dyn SecretSource) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.scef.bearer_token_file {
+            let text = source.file(path).map_err(|e| ConfigError::Secret {
+                what: "scef.bearer_token_file",
+                detail: format!("{}: {e}", path.display()),
+            })?;
+            return non_empty_secret("scef.bearer_token_file", text).map(Some);
+        }
+        if let Some(name) = &self.scef.bearer_token_env {
+            let value = source.env(name).ok_or_else(|| ConfigError::Secret {
+                what: "scef.bearer_token_env",
+                detail: format!("environment variable {name} is not set"),
+            })?;
+            return non_empty_secret("scef.bearer_token_env", value).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// The device's default DM server, or the first `dm` server.
+    pub fn default_server_for(&self, device: &DeviceConfig) -> usize {
+        device
+            .lwm2m_server
+            .as_ref()
+            .and_then(|name| self.lwm2m_servers.iter().position(|s| &s.name == name))
+            .or_else(|| self.lwm2m_servers.iter().position(|s| s.role == ServerRole::Dm))
+            .unwrap_or(0)
+    }
+}
+
+fn non_empty_secret(what: &'static str, text: String) -> Result<Secret, ConfigError> {
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(ConfigError::Secret { what, detail: "is empty".into() });
+    }
+    Ok(Secret::new(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeSecrets(HashMap<String, String>);
+    impl SecretSource for FakeSecrets {
+        fn env(&self, name: &str) -> Option<String> {
+            self.0.get(name).cloned()
+        }
+        fn file(&self, path: &Path) -> std::io::Result<String> {
+            self.0
+                .get(path.to_string_lossy().as_ref())
+                .cloned()
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        }
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let config = Config::parse(EXAMPLE_CONFIG).unwrap();
+        assert!(!config.devices.is_empty());
+        assert_eq!(config.nidd.max_packet_bytes, 1358);
+    }
+
+    fn minimal(extra: &str) -> String {
+        format!(
+            r#"
+            [scef]
+            base_url = "http://127.0.0.1:8080"
+            scs_as_id = "bridge-1"
+            [callback]
+            listen = "127.0.0.1:0"
+            [admin]
+            listen = "127.0.0.1:0"
+            [[lwm2m_servers]]
+            name = "dm"
+            address = "127.0.0.1:5683"
+            role = "dm"
+            [sockets]
+            bind = "127.0.0.1"
+            ports = "20000-20001"
+            [store]
+            path = "./data"
+            {extra}
+            "#
+        )
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::parse(&minimal("[nidd]\nmax_packet_size = 3")).unwrap_err();
+        assert!(err.to_string().contains("max_packet_size"), "{err}");
+    }
+
+    #[test]
+    fn devices_accept_both_spellings_and_reject_duplicates() {
+        let ok = minimal("[[devices]]\nexternal_id = \"urn:nai:a@x\"\n[[devices]]\nmsisdn = \"4912345\"");
+        assert_eq!(Config::parse(&ok).unwrap().devices.len(), 2);
+        let dup = minimal("[[devices]]\nexternal_id = \"urn:nai:a@x\"\n[[devices]]\nexternal_id = \"a@x\"");
+        assert!(Config::parse(&dup).unwrap_err().to_string().contains("twice"));
+        let both = minimal("[[devices]]\nexternal_id = \"a@x\"\nmsisdn = \"4912345\"");
+        assert!(Config::parse(&both).is_err());
+    }
+
+    #[test]
+    fn pool_must_hold_every_device() {
+        let three = minimal(
+            "[[devices]]\nexternal_id = \"a@x\"\n[[devices]]\nexternal_id = \"b@x\"\n[[devices]]\nexternal_id = \"c@x\"",
+        );
+        assert!(Config::parse(&three).unwrap_err().to_string().contains("pool"));
+    }
+
+    #[test]
+    fn secrets_come_from_the_injected_source_and_never_print() {
+        let config = Config::parse(&minimal("").replace(
+            "scs_as_id = \"bridge-1\"",
+            "scs_as_id = \"bridge-1\"\nbearer_token_env = \"T8_TOKEN\"",
+        ))
+        .unwrap();
+        let secrets = FakeSecrets(HashMap::from([("T8_TOKEN".into(), "s3cret\n".into())]));
+        let token = config.bearer_token(&secrets).unwrap().unwrap();
+        assert_eq!(token.expose(), "s3cret");
+        assert_eq!(format!("{token:?}"), "***");
+        let missing = config.bearer_token(&FakeSecrets(HashMap::new()));
+        assert!(matches!(missing, Err(ConfigError::Secret { .. })));
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!("7-9".parse::<PortRange>().unwrap().len(), 3);
+        assert_eq!("5".parse::<PortRange>().unwrap().len(), 1);
+        assert!("9-7".parse::<PortRange>().is_err());
+        assert!("0-7".parse::<PortRange>().is_err());
+        assert!("x".parse::<PortRange>().is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! Keeps every configured device provisioned at the SCEF: checks persisted NIDD
+//! configurations at start-up, creates missing ones with exponential backoff (honouring
+//! `Retry-After`), deletes the ones of devices removed from the configuration, and re-creates a
+//! configuration the SCEF terminated.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::bridge::{Device, NiddState, Shared};
+use crate::device::DeviceId;
+use crate::t8::{NiddConfiguration, NiddStatus, PdnEstablishmentOption};
+
+pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+    remove_departed_devices(&shared).await;
+    verify_persisted(&shared).await;
+    loop {
+        let missing: Vec<Arc<Device>> = shared
+            .devices
+            .iter()
+            .filter(|d| d.state().nidd.is_none())
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            tracing::info!(devices = missing.len(), "creating NIDD configurations");
+        }
+        futures::stream::iter(missing)
+            .for_each_concurrent(shared.config.scef.provisioning_concurrency, |device| {
+                let shared = shared.clone();
+                let cancel = cancel.clone();
+                async move { provision_device(&shared, &device, &cancel).await }
+            })
+            .await;
+        if let Err(error) = shared.store.flush().await {
+            tracing::error!(%error, "cannot flush the store");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = shared.reprovision.notified() => {}
+        }
+    }
+}
+
+/// Creates the device's NIDD configuration, retrying until it exists or the bridge stops.
+async fn provision_device(shared: &Shared, device: &Device, cancel: &CancellationToken) {
+    let scef = &shared.config.scef;
+    let mut backoff = Duration::from_millis(scef.retry_initial_ms);
+    let body = configuration_request(shared, device);
+    loop {
+        match shared.t8.create_nidd_configuration(&body).await {
+            Ok(created) => {
+                let status = created.body.status.clone();
+                if let Some(status) = &status {
+                    shared.metrics.configuration_statuses.with_label_values(&[status_label(status)]).inc();
+                }
+                let nidd = NiddState {
+                    location: created.location,
+                    status,
+                    maximum_packet_size_bits: created.body.maximum_packet_size,
+                };
+                tracing::info!(device = %device.id, location = %nidd.location, status = ?nidd.status, "NIDD configuration created");
+                if let Err(error) = shared.set_nidd(device, Some(nidd)) {
+                    tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
+                }
+                return;
+            }
+            Err(error) => {
+                let delay = error.retry_after().unwrap_or(backoff);
+                tracing::warn!(device = %device.id, %error, retry_in_ms = delay.as_millis() as u64, "NIDD configuration not created");
+                if !error.is_retryable() {
+                    // A refusal may be fixed at the operator; ask again at the slowest pace.
+                    backoff = Duration::from_millis(scef.retry_max_ms);
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(jitter(delay)) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_millis(scef.retry_max_ms));
+            }
+        }
+    }
+}
+
+fn configuration_request(shared: &Shared, device: &Device) -> NiddConfiguration {
+    let nidd = &shared.config.nidd;
+    NiddConfiguration {
+        external_id: device.id.external_id().cloned(),
+        msisdn: device.id.msisdn().cloned(),
+        mtc_provider_id: shared.config.scef.mtc_provider_id.clone(),
+        notification_destination: device.callback_url(&shared.public_url),
+        pdn_establishment_option: Some(PdnEstablishmentOption::from(nidd.pdn_establishment_option.as_str())),
+        reliable_data_service: Some(false),
+        request_test_notification: nidd.request_test_notification.then_some(true),
+        ..Default::default()
+    }
+}
+
+/// Asks the SCEF whether persisted configurations still exist; forgets the ones it lost.
+async fn verify_persisted(shared: &Arc<Shared>) {
+    let persisted: Vec<(Arc<Device>, Url)> = shared
+        .devices
+        .iter()
+        .filter_map(|d| {
+            let location = d.state().nidd.as_ref().map(|n| n.location.clone())?;
+            Some((d.clone(), location))
+        })
+        .collect();
+    futures::stream::iter(persisted)
+        .for_each_concurrent(shared.config.scef.provisioning_concurrency, |(device, location)| {
+            let shared = shared.clone();
+            async move {
+                match shared.t8.fetch_nidd_configuration(&location).await {
+                    Ok(Some(body)) => {
+                        let mut nidd = device.state().nidd.clone();
+                        if let Some(nidd) = nidd.as_mut() {
+                            nidd.status = body.status.or(nidd.status.take());
+                            nidd.maximum_packet_size_bits =
+                                body.maximum_packet_size.or(nidd.maximum_packet_size_bits);
+                        }
+                        let terminated = nidd.as_ref().is_some_and(|n| !n.is_usable());
+                        let keep = if terminated { None } else { nidd };
+                        if let Err(error) = shared.set_nidd(&device, keep) {
+                            tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
+                        }
+                    }
+                    Ok(None) => {
+                        tracing::warn!(device = %device.id, %location, "the SCEF no longer has this NIDD configuration; creating a new one");
+                        if let Err(error) = shared.set_nidd(&device, None) {
+                            tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(device = %device.id, %error, "cannot check the persisted NIDD configuration; keeping it");
+                    }
+                }
+            }
+        })
+        .await;
+}
+
+/// Deletes the configurations of devices that were removed from the configuration file.
+async fn remove_departed_devices(shared: &Shared) {
+    let stored = match shared.store.devices() {
+        Ok(stored) => stored,
+        Err(error) => {
+            tracing::error!(%error, "cannot list stored devices");
+            return;
+        }
+    };
+    for (key, record) in stored {
+        let Ok(id) = key.parse::<DeviceId>() else { continue };
+        if shared.by_id.contains_key(&id) {
+            continue;
+        }
+        if let Some(location) = record.nidd.and_then(|n| Url::parse(&n.location).ok()) {
+            match shared.t8.delete_nidd_configuration(&location).await {
+                Ok(()) => tracing::info!(device = %id, %location, "deleted the NIDD configuration of a removed device"),
+                Err(error) => {
+                    tracing::warn!(device = %id, %error, "cannot delete the NIDD configuration of a removed device; will retry at next start");
+                    continue;
+                }
+            }
+        }
+        if let Err(error) = shared.store.remove_device(&id) {
+            tracing::error!(device = %id, %error, "cannot remove the record of a removed device");
+        }
+    }
+}
+
+/// Metric label of a configuration status: known values, or OTHER.
+pub fn status_label(status: &NiddStatus) -> &str {
+    match status {
+        NiddStatus::Other(_) => "OTHER",
+        known => known.as_str(),
+    }
+}
+
+fn jitter(delay: Duration) -> Duration {
+    let spread = delay.as_millis() as u64 / 10;
+    delay + Duration::from_millis(if spread > 0 { rand::random::<u64>() % spread } else { 0 })
+}

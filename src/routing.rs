@@ -1,0 +1,142 @@
+//! Sans-IO routing of one device's datagrams between LwM2M servers: which server an uplink
+//! datagram goes to, remembered from the server requests that came down.
+
+use std::collections::VecDeque;
+
+use crate::coap::{Datagram, Kind};
+
+/// Exchanges remembered per device; enough for several concurrent requests and observations.
+const REMEMBERED_EXCHANGES: usize = 64;
+
+/// Index of a server in the configured `lwm2m_servers` list.
+pub type ServerIndex = usize;
+
+/// Per-device routing memory.
+#[derive(Debug, Clone)]
+pub struct Router {
+    default_server: ServerIndex,
+    bootstrap_server: Option<ServerIndex>,
+    by_token: VecDeque<(Vec<u8>, ServerIndex)>,
+    by_message_id: VecDeque<(u16, ServerIndex)>,
+}
+
+impl Router {
+    pub fn new(default_server: ServerIndex, bootstrap_server: Option<ServerIndex>) -> Self {
+        Self {
+            default_server,
+            bootstrap_server,
+            by_token: VecDeque::new(),
+            by_message_id: VecDeque::new(),
+        }
+    }
+
+    /// Chooses the server for a datagram the device sent.
+    pub fn route_uplink(&self, datagram: &Datagram) -> ServerIndex {
+        if datagram.is_request() {
+            let bootstrap = !datagram.oscore
+                && datagram.uri_path.first().map(String::as_str) == Some("bs");
+            return match (bootstrap, self.bootstrap_server) {
+                (true, Some(server)) => server,
+                _ => self.default_server,
+            };
+        }
+        // A response or empty message answers a server request: piggybacked answers and
+        // ACK/RST match the request's message ID, separate responses and notifications its token.
+        let by_mid = || {
+            self.by_message_id
+                .iter()
+                .rev()
+                .find(|(mid, _)| *mid == datagram.message_id)
+                .map(|(_, s)| *s)
+        };
+        let by_token = || {
+            (!datagram.token.is_empty())
+                .then(|| {
+                    self.by_token
+                        .iter()
+                        .rev()
+                        .find(|(token, _)| *token == datagram.token)
+                        .map(|(_, s)| *s)
+                })
+                .flatten()
+        };
+        let found = match datagram.kind {
+            Kind::Acknowledgement | Kind::Reset => by_mid().or_else(by_token),
+            Kind::Confirmable | Kind::NonConfirmable => by_token().or_else(by_mid),
+        };
+        found.unwrap_or(self.default_server)
+    }
+
+    /// Remembers a datagram a server sent to the device, so the answer finds its way back.
+    pub fn note_downlink(&mut self, server: ServerIndex, datagram: &Datagram) {
+        if matches!(datagram.kind, Kind::Confirmable | Kind::NonConfirmable) {
+            remember(&mut self.by_message_id, datagram.message_id, server);
+        }
+        if datagram.is_request() && !datagram.token.is_empty() {
+            remember(&mut self.by_token, datagram.token.clone(), server);
+        }
+    }
+}
+
+fn remember<K: PartialEq>(list: &mut VecDeque<(K, ServerIndex)>, key: K, server: ServerIndex) {
+    list.retain(|(k, _)| *k != key);
+    if list.len() == REMEMBERED_EXCHANGES {
+        list.pop_front();
+    }
+    list.push_back((key, server));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn datagram(kind: Kind, code: u8, mid: u16, token: &[u8], path: &[&str]) -> Datagram {
+        Datagram {
+            kind,
+            code,
+            message_id: mid,
+            token: token.to_vec(),
+            oscore: false,
+            uri_path: path.iter().map(|s| s.to_string()).collect(),
+            uri_query: vec![],
+        }
+    }
+
+    const DM: ServerIndex = 0;
+    const BS: ServerIndex = 1;
+
+    #[test]
+    fn bootstrap_requests_go_to_the_bootstrap_server() {
+        let router = Router::new(DM, Some(BS));
+        assert_eq!(router.route_uplink(&datagram(Kind::Confirmable, 2, 1, &[1], &["bs"])), BS);
+        assert_eq!(router.route_uplink(&datagram(Kind::Confirmable, 2, 2, &[1], &["rd"])), DM);
+        let mut protected = datagram(Kind::Confirmable, 2, 3, &[1], &["bs"]);
+        protected.oscore = true;
+        assert_eq!(router.route_uplink(&protected), DM);
+        assert_eq!(Router::new(DM, None).route_uplink(&datagram(Kind::Confirmable, 2, 1, &[], &["bs"])), DM);
+    }
+
+    #[test]
+    fn answers_go_back_to_the_asking_server() {
+        let mut router = Router::new(DM, Some(BS));
+        router.note_downlink(BS, &datagram(Kind::Confirmable, 3, 77, &[9, 9], &["0"]));
+        // Piggybacked response: same MID.
+        assert_eq!(router.route_uplink(&datagram(Kind::Acknowledgement, 0x44, 77, &[9, 9], &[])), BS);
+        // Separate response / notification: same token, new MID.
+        assert_eq!(router.route_uplink(&datagram(Kind::Confirmable, 0x45, 500, &[9, 9], &[])), BS);
+        // Unknown exchange: default server.
+        assert_eq!(router.route_uplink(&datagram(Kind::Acknowledgement, 0, 1, &[], &[])), DM);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut router = Router::new(DM, Some(BS));
+        for mid in 0..1000u16 {
+            router.note_downlink(BS, &datagram(Kind::Confirmable, 1, mid, &mid.to_be_bytes(), &[]));
+        }
+        assert_eq!(router.by_message_id.len(), REMEMBERED_EXCHANGES);
+        assert_eq!(router.by_token.len(), REMEMBERED_EXCHANGES);
+        assert_eq!(router.route_uplink(&datagram(Kind::Acknowledgement, 0, 999, &[], &[])), BS);
+        assert_eq!(router.route_uplink(&datagram(Kind::Acknowledgement, 0, 1, &[], &[])), DM);
+    }
+}

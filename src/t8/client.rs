@@ -1,0 +1,261 @@
+//! HTTP client for the T8 NIDD API of the SCEF/NEF: configuration create/fetch/delete and MT
+//! downlink delivery, with bearer authentication, redirects (307/308) followed, metrics and
+//! latency histograms per operation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, LOCATION, RETRY_AFTER};
+use url::Url;
+
+use super::NIDD_API;
+use super::types::{
+    DeliveryStatus, NiddConfiguration, NiddDownlinkDataDeliveryFailure, NiddDownlinkDataTransfer,
+    ProblemDetails,
+};
+use crate::config::Secret;
+use crate::metrics::Metrics;
+
+/// Redirects followed per request (the SCEF may answer 307/308 with `Location`).
+const MAX_REDIRECTS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum T8Error {
+    #[error("T8 {operation}: cannot reach the SCEF: {source}")]
+    Transport {
+        operation: &'static str,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("T8 {operation}: SCEF answered {status}{}", problem_suffix(.problem))]
+    Status {
+        operation: &'static str,
+        status: StatusCode,
+        problem: Option<ProblemDetails>,
+        retry_after: Option<Duration>,
+    },
+    #[error("T8 {operation}: unexpected answer: {detail}")]
+    Protocol { operation: &'static str, detail: String },
+}
+
+fn problem_suffix(problem: &Option<ProblemDetails>) -> String {
+    match problem {
+        Some(p) => format!(
+            " ({})",
+            [p.cause.as_deref(), p.title.as_deref(), p.detail.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(": ")
+        ),
+        None => String::new(),
+    }
+}
+
+impl T8Error {
+    /// Whether trying again later may succeed (transport errors, 408, 429, 5xx).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Transport { .. } => true,
+            Self::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    || *status == StatusCode::REQUEST_TIMEOUT
+            }
+            Self::Protocol { .. } => false,
+        }
+    }
+
+    /// `Retry-After` the SCEF asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// A configuration the SCEF created: its resource URL and the body it answered.
+#[derive(Debug, Clone)]
+pub struct CreatedConfiguration {
+    pub location: Url,
+    pub body: NiddConfiguration,
+}
+
+/// What became of one MT datagram.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DownlinkOutcome {
+    /// 200: handed on immediately.
+    Delivered { status: Option<DeliveryStatus> },
+    /// 201: pending at the SCEF; a delivery-status notification for `location` follows.
+    Pending { location: Url, status: Option<DeliveryStatus> },
+    /// 500 with `NiddDownlinkDataDeliveryFailure`: not delivered.
+    Failed { failure: NiddDownlinkDataDeliveryFailure },
+}
+
+pub struct T8Client {
+    http: reqwest::Client,
+    api_root: Url,
+    scs_as_id: String,
+    bearer: Option<Secret>,
+    metrics: Arc<Metrics>,
+}
+
+impl T8Client {
+    pub fn new(
+        api_root: Url,
+        scs_as_id: String,
+        bearer: Option<Secret>,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+            .user_agent(concat!("nidd-bridge/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { http, api_root, scs_as_id, bearer, metrics })
+    }
+
+    /// `{apiRoot}/3gpp-nidd/v1/{scsAsId}/configurations`.
+    pub fn configurations_url(&self) -> Url {
+        let mut url = self.api_root.clone();
+        let base = url.path().trim_end_matches('/').to_string();
+        url.set_path(&format!("{base}/{NIDD_API}/{}/configurations", self.scs_as_id));
+        url
+    }
+
+    pub async fn create_nidd_configuration(
+        &self,
+        body: &NiddConfiguration,
+    ) -> Result<CreatedConfiguration, T8Error> {
+        const OP: &str = "create_configuration";
+        let response = self.send(OP, self.http.post(self.configurations_url()).json(body)).await?;
+        if response.status() != StatusCode::CREATED {
+            return Err(status_error(OP, response).await);
+        }
+        let location = location(OP, &response)?;
+        let body = read_json(OP, response).await?;
+        Ok(CreatedConfiguration { location, body })
+    }
+
+    /// Reads a configuration; `None` when the SCEF no longer has it (404).
+    pub async fn fetch_nidd_configuration(
+        &self,
+        configuration: &Url,
+    ) -> Result<Option<NiddConfiguration>, T8Error> {
+        const OP: &str = "fetch_configuration";
+        let response = self.send(OP, self.http.get(configuration.clone())).await?;
+        match response.status() {
+            StatusCode::OK => read_json(OP, response).await.map(Some),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(status_error(OP, response).await),
+        }
+    }
+
+    pub async fn delete_nidd_configuration(&self, configuration: &Url) -> Result<(), T8Error> {
+        const OP: &str = "delete_configuration";
+        let response = self.send(OP, self.http.delete(configuration.clone())).await?;
+        match response.status() {
+            StatusCode::NO_CONTENT | StatusCode::OK | StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(status_error(OP, response).await),
+        }
+    }
+
+    /// POSTs one MT datagram to `{configuration}/downlink-data-deliveries`.
+    pub async fn deliver_downlink(
+        &self,
+        configuration: &Url,
+        body: &NiddDownlinkDataTransfer,
+    ) -> Result<DownlinkOutcome, T8Error> {
+        const OP: &str = "create_downlink_delivery";
+        let mut url = configuration.clone();
+        let base = url.path().trim_end_matches('/').to_string();
+        url.set_path(&format!("{base}/downlink-data-deliveries"));
+        let response = self.send(OP, self.http.post(url).json(body)).await?;
+        match response.status() {
+            StatusCode::OK => {
+                let answer: NiddDownlinkDataTransfer = read_json(OP, response).await?;
+                Ok(DownlinkOutcome::Delivered { status: answer.delivery_status })
+            }
+            StatusCode::CREATED => {
+                let location = location(OP, &response)?;
+                let answer: NiddDownlinkDataTransfer = read_json(OP, response).await?;
+                Ok(DownlinkOutcome::Pending { location, status: answer.delivery_status })
+            }
+            StatusCode::INTERNAL_SERVER_ERROR => {
+                let bytes = response.bytes().await.map_err(|source| T8Error::Transport { operation: OP, source })?;
+                match serde_json::from_slice::<NiddDownlinkDataDeliveryFailure>(&bytes) {
+                    Ok(failure) => Ok(DownlinkOutcome::Failed { failure }),
+                    Err(_) => Err(T8Error::Status {
+                        operation: OP,
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        problem: serde_json::from_slice(&bytes).ok(),
+                        retry_after: None,
+                    }),
+                }
+            }
+            _ => Err(status_error(OP, response).await),
+        }
+    }
+
+    async fn send(
+        &self,
+        operation: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, T8Error> {
+        let request = match &self.bearer {
+            Some(token) => request.header(AUTHORIZATION, format!("Bearer {}", token.expose())),
+            None => request,
+        };
+        let started = Instant::now();
+        let result = request.send().await;
+        self.metrics
+            .t8_request_seconds
+            .with_label_values(&["nidd", operation])
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(response) => response.status().as_str().to_string(),
+            Err(e) if e.is_timeout() => "timeout".into(),
+            Err(e) if e.is_connect() => "connect_error".into(),
+            Err(_) => "transport_error".into(),
+        };
+        self.metrics.t8_requests.with_label_values(&["nidd", operation, &outcome]).inc();
+        result.map_err(|source| T8Error::Transport { operation, source })
+    }
+}
+
+fn location(operation: &'static str, response: &reqwest::Response) -> Result<Url, T8Error> {
+    let value = response
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(T8Error::Protocol { operation, detail: "no Location header".into() })?;
+    // A relative Location is resolved against the URL that answered (after redirects).
+    response.url().join(value).map_err(|e| T8Error::Protocol {
+        operation,
+        detail: format!("bad Location {value:?}: {e}"),
+    })
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    operation: &'static str,
+    response: reqwest::Response,
+) -> Result<T, T8Error> {
+    let bytes = response.bytes().await.map_err(|source| T8Error::Transport { operation, source })?;
+    serde_json::from_slice(&bytes).map_err(|e| T8Error::Protocol { operation, detail: format!("bad JSON body: {e}") })
+}
+
+async fn status_error(operation: &'static str, response: reqwest::Response) -> T8Error {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let problem = response.bytes().await.ok().and_then(|b| serde_json::from_slice(&b).ok());
+    T8Error::Status { operation, status, problem, retry_after }
+}

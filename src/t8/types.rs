@@ -1,0 +1,383 @@
+//! Serde models of the T8 NIDD bodies the bridge sends and receives. Only the fields the bridge
+//! reads or writes are modelled; unknown fields are ignored on input. Every T8 enum is open
+//! (`anyOf [enum, string]`), so each has an `Other(String)` arm.
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::{ExternalId, Msisdn};
+
+/// Declares an open T8 enumeration: known values plus any other string, serialised verbatim.
+macro_rules! open_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($variant,)+
+            /// A value this release of the bridge does not know.
+            Other(String),
+        }
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $(Self::$variant => $text,)+
+                    Self::Other(other) => other,
+                }
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(text: &str) -> Self {
+                match text {
+                    $($text => Self::$variant,)+
+                    other => Self::Other(other.to_string()),
+                }
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                Ok(Self::from(text.as_str()))
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+open_enum!(
+    /// `NiddStatus`: the state of a NIDD configuration.
+    NiddStatus {
+        Active = "ACTIVE",
+        TerminatedUeNotAuthorized = "TERMINATED_UE_NOT_AUTHORIZED",
+        Terminated = "TERMINATED",
+        RdsPortUnknown = "RDS_PORT_UNKNOWN",
+    }
+);
+
+impl NiddStatus {
+    /// The configuration no longer exists at the SCEF.
+    pub fn is_terminated(&self) -> bool {
+        matches!(self, Self::Terminated | Self::TerminatedUeNotAuthorized)
+    }
+}
+
+open_enum!(
+    /// `DeliveryStatus` of a downlink (MT) delivery.
+    DeliveryStatus {
+        Success = "SUCCESS",
+        SuccessNextHopAcknowledged = "SUCCESS_NEXT_HOP_ACKNOWLEDGED",
+        SuccessNextHopUnacknowledged = "SUCCESS_NEXT_HOP_UNACKNOWLEDGED",
+        SuccessAcknowledged = "SUCCESS_ACKNOWLEDGED",
+        SuccessUnacknowledged = "SUCCESS_UNACKNOWLEDGED",
+        Triggered = "TRIGGERED",
+        Buffering = "BUFFERING",
+        BufferingTemporarilyNotReachable = "BUFFERING_TEMPORARILY_NOT_REACHABLE",
+        Sending = "SENDING",
+        Failure = "FAILURE",
+        FailureRdsDisabled = "FAILURE_RDS_DISABLED",
+        FailureNextHop = "FAILURE_NEXT_HOP",
+        FailureTimeout = "FAILURE_TIMEOUT",
+        FailureTemporarilyNotReachable = "FAILURE_TEMPORARILY_NOT_REACHABLE",
+    }
+);
+
+impl DeliveryStatus {
+    /// Metric label: the known value, or `OTHER` so unknown strings cannot grow label sets.
+    pub fn label(&self) -> &str {
+        match self {
+            Self::Other(_) => "OTHER",
+            known => known.as_str(),
+        }
+    }
+}
+
+open_enum!(
+    /// `PdnEstablishmentOptions`.
+    PdnEstablishmentOption {
+        WaitForUe = "WAIT_FOR_UE",
+        IndicateError = "INDICATE_ERROR",
+        SendTrigger = "SEND_TRIGGER",
+    }
+);
+
+/// `NiddConfiguration`: the POST body creating a configuration, and the SCEF's answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NiddConfiguration {
+    #[serde(rename = "self", skip_serializing_if = "Option::is_none")]
+    pub self_link: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supported_features: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtc_provider_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<ExternalId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Msisdn>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    pub notification_destination: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_test_notification: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reliable_data_service: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pdn_establishment_option: Option<PdnEstablishmentOption>,
+    /// Read-only, set by the SCEF. The 3GPP schema says its unit is bits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maximum_packet_size: Option<u64>,
+    /// Read-only, set by the SCEF.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<NiddStatus>,
+}
+
+/// `NiddDownlinkDataTransfer`: one MT datagram, and the SCEF's answer about it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NiddDownlinkDataTransfer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<ExternalId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Msisdn>,
+    #[serde(rename = "self", skip_serializing_if = "Option::is_none")]
+    pub self_link: Option<String>,
+    /// Base64 of the CoAP datagram. Required by the schema in answers too, but a missing one
+    /// in an SCEF's answer is tolerated.
+    #[serde(default)]
+    pub data: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reliable_data_service: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maximum_latency: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pdn_establishment_option: Option<PdnEstablishmentOption>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery_status: Option<DeliveryStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_retransmission_time: Option<String>,
+}
+
+/// RFC 7807 problem details as T8 defines them (`ProblemDetails`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProblemDetails {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub problem_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+}
+
+/// `NiddDownlinkDataDeliveryFailure`: the body of a 500 answer to an MT delivery.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NiddDownlinkDataDeliveryFailure {
+    pub problem_detail: ProblemDetails,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_retransmission_time: Option<String>,
+}
+
+/// `NiddUplinkDataNotification`: one MO datagram.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NiddUplinkDataNotification {
+    pub nidd_configuration: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<ExternalId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Msisdn>,
+    pub data: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reliable_data_service: Option<bool>,
+}
+
+/// `NiddConfigurationStatusNotification`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NiddConfigurationStatusNotification {
+    pub nidd_configuration: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<ExternalId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Msisdn>,
+    pub status: NiddStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rds_cap_indication: Option<bool>,
+}
+
+/// `NiddDownlinkDataDeliveryStatusNotification`: the outcome of a pending (201) MT delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NiddDownlinkDataDeliveryStatusNotification {
+    pub nidd_downlink_data_transfer: String,
+    pub delivery_status: DeliveryStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_retransmission_time: Option<String>,
+}
+
+/// One entry of a group delivery result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GmdResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<ExternalId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Msisdn>,
+    pub delivery_status: DeliveryStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_retransmission_time: Option<String>,
+}
+
+/// `GmdNiddDownlinkDataDeliveryNotification`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GmdNiddDownlinkDataDeliveryNotification {
+    pub nidd_downlink_data_transfer: String,
+    pub gmd_results: Vec<GmdResult>,
+}
+
+/// `ManagePortNotification` (RDS ports); accepted and counted, RDS is not used yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagePortNotification {
+    pub nidd_configuration: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<ExternalId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Msisdn>,
+}
+
+/// `TestNotification` (TS 29.122 CommonData).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestNotification {
+    pub subscription: String,
+}
+
+/// A NIDD notification, told apart by its distinguishing field: the 3GPP `oneOf` has no
+/// discriminator and a valid uplink also matches `ManagePortNotification`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NiddNotification {
+    Uplink(NiddUplinkDataNotification),
+    ConfigurationStatus(NiddConfigurationStatusNotification),
+    DeliveryStatus(NiddDownlinkDataDeliveryStatusNotification),
+    GroupDelivery(GmdNiddDownlinkDataDeliveryNotification),
+    ManagePort(ManagePortNotification),
+    Test(TestNotification),
+}
+
+impl NiddNotification {
+    /// Dispatches a parsed JSON body on its distinguishing field, then decodes it strictly.
+    pub fn from_json(body: serde_json::Value) -> Result<Self, serde_json::Error> {
+        let has = |field: &str| body.get(field).is_some();
+        Ok(if has("data") {
+            Self::Uplink(serde_json::from_value(body)?)
+        } else if has("status") {
+            Self::ConfigurationStatus(serde_json::from_value(body)?)
+        } else if has("deliveryStatus") {
+            Self::DeliveryStatus(serde_json::from_value(body)?)
+        } else if has("gmdResults") {
+            Self::GroupDelivery(serde_json::from_value(body)?)
+        } else if has("subscription") && !has("niddConfiguration") {
+            Self::Test(serde_json::from_value(body)?)
+        } else if has("managedPorts") {
+            Self::ManagePort(serde_json::from_value(body)?)
+        } else {
+            // ManagePortNotification would match almost any body; without its ports a body
+            // is more likely a broken uplink or status notification than a port report.
+            return Err(serde::de::Error::custom(
+                "no distinguishing field (data, status, deliveryStatus, gmdResults, managedPorts, subscription)",
+            ));
+        })
+    }
+
+    /// Metric label of the notification kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Uplink(_) => "uplink",
+            Self::ConfigurationStatus(_) => "configuration_status",
+            Self::DeliveryStatus(_) => "delivery_status",
+            Self::GroupDelivery(_) => "group_delivery",
+            Self::ManagePort(_) => "manage_port",
+            Self::Test(_) => "test",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_enums_keep_unknown_strings() {
+        let status: NiddStatus = serde_json::from_str("\"SUSPENDED_BY_OPERATOR\"").unwrap();
+        assert_eq!(status, NiddStatus::Other("SUSPENDED_BY_OPERATOR".into()));
+        assert_eq!(serde_json::to_string(&status).unwrap(), "\"SUSPENDED_BY_OPERATOR\"");
+        assert_eq!(DeliveryStatus::from("SUCCESS"), DeliveryStatus::Success);
+        assert_eq!(DeliveryStatus::from("NEW").label(), "OTHER");
+    }
+
+    #[test]
+    fn dispatch_uses_the_distinguishing_field() {
+        let uplink = serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "data": "QAE="});
+        assert!(matches!(NiddNotification::from_json(uplink), Ok(NiddNotification::Uplink(_))));
+        let status = serde_json::json!({"niddConfiguration": "http://s/c/1", "msisdn": "4912345", "status": "ACTIVE"});
+        assert!(matches!(
+            NiddNotification::from_json(status),
+            Ok(NiddNotification::ConfigurationStatus(_))
+        ));
+        let test = serde_json::json!({"subscription": "http://s/c/1"});
+        assert!(matches!(NiddNotification::from_json(test), Ok(NiddNotification::Test(_))));
+        let port = serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "managedPorts": []});
+        assert!(matches!(NiddNotification::from_json(port), Ok(NiddNotification::ManagePort(_))));
+        assert!(NiddNotification::from_json(serde_json::json!({"data": 5})).is_err());
+        assert!(NiddNotification::from_json(serde_json::json!([1])).is_err());
+    }
+}
+
+/// Bodies that name one UE by `externalId` or `msisdn`.
+pub trait ExternalIdOrMsisdn {
+    fn external_id(&self) -> Option<&ExternalId>;
+    fn msisdn(&self) -> Option<&Msisdn>;
+}
+
+macro_rules! names_one_ue {
+    ($($body:ty),+) => {$(
+        impl ExternalIdOrMsisdn for $body {
+            fn external_id(&self) -> Option<&ExternalId> {
+                self.external_id.as_ref()
+            }
+            fn msisdn(&self) -> Option<&Msisdn> {
+                self.msisdn.as_ref()
+            }
+        }
+    )+};
+}
+
+names_one_ue!(
+    NiddUplinkDataNotification,
+    NiddConfigurationStatusNotification,
+    ManagePortNotification,
+    NiddDownlinkDataTransfer,
+    NiddConfiguration
+);
