@@ -22,12 +22,15 @@ pub mod bridge;
 pub mod callback;
 pub mod coap;
 pub mod config;
+pub mod demo;
 pub mod device;
+pub mod lwm2m_peer;
 pub mod metrics;
 pub mod provision;
 pub mod relay;
 pub mod routing;
 pub mod store;
+pub mod mock_scef;
 pub mod t8;
 
 pub use bridge::{BoundBridge, Bridge, BridgeError};

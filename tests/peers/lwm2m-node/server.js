@@ -128,35 +128,34 @@ logger.setLevel(opts.verbose ? 'DEBUG' : 'FATAL');
 
 const lwm2m = require('lwm2m-node-lib');
 const lib = lwm2m.server;
-const libCoapUtils = require('lwm2m-node-lib/lib/services/server/coapUtils');
 
-// Capture the raw CoAP response (code, Content-Format, payload bytes) of each request the
-// lib sends for a command. deviceManagement/informationReporting look up
-// coapUtils.sendRequest at call time, so wrapping the module export is enough; the
-// command it belongs to comes from AsyncLocalStorage.
+// Capture the raw CoAP response (code, Content-Format, payload bytes) of the request the
+// lib sends for a command. Every lib request goes through `new coap.Agent().request()`
+// (lib/services/server/coapUtils.js:68-69) on the same coap module instance; the command
+// it belongs to comes from AsyncLocalStorage. Hooking the agent (rather than the lib's
+// callbacks) also sees answers the lib never passes on, e.g. an error answer to Observe.
 const als = new AsyncLocalStorage();
-const origSendRequest = libCoapUtils.sendRequest;
-libCoapUtils.sendRequest = function sendRequestWithCapture(request, callback) {
+const origAgentRequest = patches.coap.Agent.prototype.request;
+patches.coap.Agent.prototype.request = function requestWithCapture(url) {
+  const req = origAgentRequest.call(this, url);
   const ctx = als.getStore();
   if (ctx) {
-    ctx.sent = {
-      method: request.method,
-      path: request.pathname,
-      options: request.options || {},
-      payload: request.payload,
-    };
-  }
-  origSendRequest(request, function (error, res) {
-    if (ctx && res) {
+    req.once('response', (res) => {
       const cfName = res.headers ? res.headers['Content-Format'] : undefined;
       ctx.coap = {
         code: res.code,
         contentFormat: patches.formatNumber(cfName),
         payloadBase64: Buffer.isBuffer(res.payload) ? res.payload.toString('base64') : null,
       };
-    }
-    callback(error, res);
-  });
+      // An error answer to an Observe never reaches the lib's callback (it waits for a
+      // first data chunk, informationReporting.js:117-136, or for the end of a stream
+      // that never ends): fail the command now.
+      if (url.observe && typeof res.code === 'string' && !res.code.startsWith('2.') && ctx.done) {
+        ctx.done(new CmdError('coap_error', `device answered ${res.code}`, res.code));
+      }
+    });
+  }
+  return req;
 };
 
 const libConfig = {
@@ -596,6 +595,7 @@ function handleLine(line) {
     pending.delete(ctx);
     reply(id, err, result, ctx);
   };
+  ctx.done = done;
   pending.set(ctx, true);
   if (DEVICE_OPS.has(cmd.op)) {
     ctx.timer = setTimeout(() => {

@@ -1,0 +1,591 @@
+//! A T8 SCEF emulator for tests, benchmarks and the demo: the NIDD configuration and downlink
+//! delivery resources, the uplink/status callbacks as the 3GPP schemas define them, simulated
+//! UEs that tests drive (inject MO, await MT), a record of every exchange, optional validation
+//! of every body against the official schemas, and fault injection.
+
+pub mod sim_device;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use url::Url;
+
+use crate::callback::problem_response;
+use crate::device::DeviceId;
+use crate::t8::schema::{self, T8Schemas};
+use crate::t8::{
+    DeliveryStatus, ExternalIdOrMsisdn, NiddConfiguration, NiddConfigurationStatusNotification,
+    NiddDownlinkDataTransfer, NiddStatus, NiddUplinkDataNotification,
+};
+
+/// Largest request body the mock accepts.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MockError {
+    #[error("UE {0} has no NIDD configuration at the mock SCEF")]
+    NotConfigured(DeviceId),
+    #[error("callback to {url} failed: {source}")]
+    Callback { url: String, source: reqwest::Error },
+    #[error("callback to {url} answered {status}: {body}")]
+    Refused { url: String, status: StatusCode, body: String },
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("cannot listen: {0}")]
+    Listen(std::io::Error),
+}
+
+/// How the mock behaves.
+#[derive(Clone)]
+pub struct MockScefConfig {
+    /// Reported as `maximumPacketSize` (bits) in configurations; `None` reports nothing.
+    pub maximum_packet_size_bits: Option<u64>,
+    /// Also send a `NiddConfigurationStatusNotification` ACTIVE after creating a configuration.
+    pub send_active_notification: bool,
+    /// Validate every request, answer and callback body against the official schemas.
+    pub schemas: Option<Arc<T8Schemas>>,
+}
+
+impl Default for MockScefConfig {
+    fn default() -> Self {
+        Self { maximum_packet_size_bits: Some(1358 * 8), send_active_notification: true, schemas: None }
+    }
+}
+
+/// One exchange the mock saw or made.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recorded {
+    /// `request` (the bridge called the mock) or `callback` (the mock called the bridge).
+    pub direction: &'static str,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub request_body: Option<serde_json::Value>,
+    pub response_body: Option<serde_json::Value>,
+}
+
+/// A configuration held by the mock.
+#[derive(Debug, Clone)]
+pub struct MockConfiguration {
+    pub id: String,
+    pub ue: DeviceId,
+    pub notification_destination: String,
+    pub self_link: String,
+}
+
+/// Faults a test can switch on.
+#[derive(Default)]
+pub struct Faults {
+    /// Answer this many configuration creations with `fail_status`.
+    pub fail_configuration_creations: AtomicU32,
+    pub fail_status: AtomicU32,
+    /// Answer downlink deliveries with 307 to an equivalent URL.
+    pub redirect_downlinks: AtomicBool,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    configurations: BTreeMap<String, MockConfiguration>,
+    ues: HashMap<DeviceId, UeChannels>,
+    recorded: Vec<Recorded>,
+    violations: Vec<String>,
+    configurations_created: u64,
+}
+
+struct UeChannels {
+    mt_sender: mpsc::UnboundedSender<Vec<u8>>,
+    mt_receiver: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+}
+
+struct MockState {
+    config: MockScefConfig,
+    api_root: Url,
+    inner: Mutex<Inner>,
+    changed: watch::Sender<u64>,
+    http: reqwest::Client,
+    faults: Faults,
+}
+
+impl MockState {
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn check(&self, what: &str, schema: Option<schema::SchemaRef>, body: Option<&serde_json::Value>) {
+        let (Some(schemas), Some(schema), Some(body)) = (&self.config.schemas, schema, body) else {
+            return;
+        };
+        if let Err(errors) = schemas.validate(&schema, body) {
+            let mut inner = self.inner();
+            for error in errors {
+                inner.violations.push(format!("{what} ({schema}): {error}"));
+            }
+        }
+    }
+
+    fn ue_channels<'a>(inner: &'a mut Inner, id: &DeviceId) -> &'a mut UeChannels {
+        inner.ues.entry(id.clone()).or_insert_with(|| {
+            let (mt_sender, receiver) = mpsc::unbounded_channel();
+            UeChannels { mt_sender, mt_receiver: Some(receiver) }
+        })
+    }
+
+    /// POSTs a notification to the bridge, records and validates it.
+    async fn callback(&self, url: &str, body: serde_json::Value) -> Result<StatusCode, MockError> {
+        self.check(&format!("callback to {url}"), Some(schema::nidd_callback_schema(&body)), Some(&body));
+        let result = self.http.post(url).json(&body).send().await;
+        let path = Url::parse(url).map(|u| u.path().to_string()).unwrap_or_else(|_| url.to_string());
+        let (status, text) = match result {
+            Ok(response) => {
+                let status = response.status();
+                (status, response.text().await.unwrap_or_default())
+            }
+            Err(source) => return Err(MockError::Callback { url: url.into(), source }),
+        };
+        self.inner().recorded.push(Recorded {
+            direction: "callback",
+            method: "POST".into(),
+            path,
+            status: status.as_u16(),
+            request_body: Some(body),
+            response_body: serde_json::from_str(&text).ok(),
+        });
+        if status.is_success() {
+            Ok(status)
+        } else {
+            Err(MockError::Refused { url: url.into(), status, body: text })
+        }
+    }
+}
+
+/// A running mock SCEF.
+pub struct MockScef {
+    state: Arc<MockState>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockScef {
+    pub async fn start(listen: SocketAddr, config: MockScefConfig) -> Result<Self, MockError> {
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(MockError::Listen)?;
+        let addr = listener.local_addr().map_err(MockError::Listen)?;
+        let api_root = Url::parse(&format!("http://{addr}")).map_err(|e| MockError::Listen(std::io::Error::other(e)))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| MockError::Listen(std::io::Error::other(e)))?;
+        let state = Arc::new(MockState {
+            config,
+            api_root,
+            inner: Mutex::new(Inner::default()),
+            changed: watch::channel(0).0,
+            http,
+            faults: Faults::default(),
+        });
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                tracing::error!(%error, "mock SCEF stopped");
+            }
+        });
+        tracing::info!(%addr, "mock SCEF listening");
+        Ok(Self { state, addr, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The T8 `{apiRoot}` to configure the bridge with.
+    pub fn api_root(&self) -> Url {
+        self.state.api_root.clone()
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    /// A handle on the simulated UE with this identity (created on first use).
+    pub fn ue(&self, id: &DeviceId) -> SimUe {
+        let receiver = {
+            let mut inner = self.state.inner();
+            MockState::ue_channels(&mut inner, id).mt_receiver.take()
+        };
+        SimUe {
+            id: id.clone(),
+            state: self.state.clone(),
+            mt: Arc::new(tokio::sync::Mutex::new(receiver)),
+        }
+    }
+
+    pub fn recorded(&self) -> Vec<Recorded> {
+        self.state.inner().recorded.clone()
+    }
+
+    /// Schema violations seen so far (empty when validation is off).
+    pub fn violations(&self) -> Vec<String> {
+        self.state.inner().violations.clone()
+    }
+
+    pub fn configurations(&self) -> Vec<MockConfiguration> {
+        self.state.inner().configurations.values().cloned().collect()
+    }
+
+    /// Configurations created since start (deleted ones included).
+    pub fn configurations_created(&self) -> u64 {
+        self.state.inner().configurations_created
+    }
+
+    /// Sends a `NiddConfigurationStatusNotification` for the UE's configuration.
+    pub async fn notify_status(&self, ue: &DeviceId, status: NiddStatus) -> Result<StatusCode, MockError> {
+        let configuration = configuration_of(&self.state, ue).ok_or_else(|| MockError::NotConfigured(ue.clone()))?;
+        if status.is_terminated() {
+            self.state.inner().configurations.remove(&configuration.id);
+            self.state.bump();
+        }
+        let body = NiddConfigurationStatusNotification {
+            nidd_configuration: configuration.self_link.clone(),
+            external_id: ue.external_id().cloned(),
+            msisdn: ue.msisdn().cloned(),
+            status,
+            rds_cap_indication: None,
+        };
+        let json = serde_json::to_value(&body).unwrap_or_default();
+        self.state.callback(&configuration.notification_destination, json).await
+    }
+
+    /// POSTs an arbitrary body to a callback URL (for bad-input tests), recorded like others.
+    pub async fn post_raw(&self, url: &str, content_type: &str, body: Vec<u8>) -> Result<(StatusCode, String), MockError> {
+        let response = self
+            .state
+            .http
+            .post(url)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(|source| MockError::Callback { url: url.into(), source })?;
+        let status = response.status();
+        Ok((status, response.text().await.unwrap_or_default()))
+    }
+
+    /// Waits until `condition` holds over the configurations, or the timeout passes.
+    pub async fn wait_for(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        condition: impl Fn(&[MockConfiguration]) -> bool,
+    ) -> Result<(), MockError> {
+        let mut changes = self.state.changed.subscribe();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if condition(&self.configurations()) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+        .map_err(|_| MockError::Timeout(what))
+    }
+
+    pub fn shutdown(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for MockScef {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn configuration_of(state: &MockState, ue: &DeviceId) -> Option<MockConfiguration> {
+    state.inner().configurations.values().rev().find(|c| &c.ue == ue).cloned()
+}
+
+/// A simulated UE: inject MO datagrams, await MT datagrams.
+#[derive(Clone)]
+pub struct SimUe {
+    id: DeviceId,
+    state: Arc<MockState>,
+    mt: Arc<tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<Vec<u8>>>>>,
+}
+
+impl SimUe {
+    pub fn id(&self) -> &DeviceId {
+        &self.id
+    }
+
+    /// Waits until the bridge created a NIDD configuration for this UE.
+    pub async fn wait_configured(&self, timeout: Duration) -> Result<(), MockError> {
+        let mut changes = self.state.changed.subscribe();
+        tokio::time::timeout(timeout, async {
+            while configuration_of(&self.state, &self.id).is_none() {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+        .map_err(|_| MockError::Timeout("a NIDD configuration"))
+    }
+
+    /// Sends one MO datagram as a `NiddUplinkDataNotification` to the bridge.
+    pub async fn send_mo(&self, datagram: &[u8]) -> Result<StatusCode, MockError> {
+        let configuration =
+            configuration_of(&self.state, &self.id).ok_or_else(|| MockError::NotConfigured(self.id.clone()))?;
+        let body = NiddUplinkDataNotification {
+            nidd_configuration: configuration.self_link.clone(),
+            external_id: self.id.external_id().cloned(),
+            msisdn: self.id.msisdn().cloned(),
+            data: BASE64.encode(datagram),
+            reliable_data_service: None,
+        };
+        let json = serde_json::to_value(&body).unwrap_or_default();
+        self.state.callback(&configuration.notification_destination, json).await
+    }
+
+    /// The next MT datagram delivered to this UE, or `None` after `timeout`.
+    pub async fn recv_mt(&self, timeout: Duration) -> Option<Vec<u8>> {
+        let mut guard = self.mt.lock().await;
+        let receiver = guard.as_mut()?;
+        tokio::time::timeout(timeout, receiver.recv()).await.ok().flatten()
+    }
+}
+
+fn router(state: Arc<MockState>) -> Router {
+    let nidd = Router::new()
+        .route("/{scs}/configurations", post(create_configuration).get(list_configurations))
+        .route("/{scs}/configurations/{id}", get(fetch_configuration).delete(delete_configuration))
+        .route("/{scs}/configurations/{id}/downlink-data-deliveries", post(create_downlink));
+    Router::new()
+        .nest("/3gpp-nidd/v1", nidd.clone())
+        .nest("/redirected/3gpp-nidd/v1", nidd)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), record_and_validate))
+        .with_state(state)
+}
+
+/// Records every request and answer, and validates both bodies against the schemas.
+async fn record_and_validate(State(state): State<Arc<MockState>>, request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let schema_path = path.strip_prefix("/redirected").unwrap_or(&path).to_string();
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await.unwrap_or_default();
+    let request_body: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    state.check(
+        &format!("{method} {schema_path} request"),
+        schema::request_schema(method.as_str(), &schema_path),
+        request_body.as_ref(),
+    );
+    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    let status = response.status();
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await.unwrap_or_default();
+    let response_body: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    if !status.is_redirection() {
+        state.check(
+            &format!("{method} {schema_path} answer {status}"),
+            schema::response_schema(method.as_str(), &schema_path, status.as_u16()),
+            response_body.as_ref(),
+        );
+    }
+    state.inner().recorded.push(Recorded {
+        direction: "request",
+        method: method.to_string(),
+        path,
+        status: status.as_u16(),
+        request_body,
+        response_body,
+    });
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize, location: Option<&str>) -> Response {
+    let json = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], json).into_response();
+    if let Some(location) = location.and_then(|l| HeaderValue::from_str(l).ok()) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+fn bad_request(detail: impl Into<String>) -> Response {
+    problem_response(StatusCode::BAD_REQUEST, "INVALID_REQUEST", detail.into())
+}
+
+fn named_ue(body: &impl ExternalIdOrMsisdn) -> Result<DeviceId, Response> {
+    match (body.external_id(), body.msisdn()) {
+        (Some(ext), None) => Ok(DeviceId::External(ext.clone())),
+        (None, Some(msisdn)) => Ok(DeviceId::Msisdn(msisdn.clone())),
+        _ => Err(bad_request("exactly one of externalId and msisdn is required")),
+    }
+}
+
+async fn create_configuration(State(state): State<Arc<MockState>>, Path(scs): Path<String>, body: Bytes) -> Response {
+    let failures = &state.faults.fail_configuration_creations;
+    if failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+        let status = StatusCode::from_u16(state.faults.fail_status.load(Ordering::SeqCst) as u16)
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return problem_response(status, "INJECTED_FAULT", "fault injected by the mock SCEF".into());
+    }
+    let request: NiddConfiguration = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    let ue = match named_ue(&request) {
+        Ok(ue) => ue,
+        Err(response) => return response,
+    };
+    let (configuration, answer) = {
+        let mut inner = state.inner();
+        inner.next_id += 1;
+        inner.configurations_created += 1;
+        let id = format!("cfg{}", inner.next_id);
+        let self_link = format!("{}3gpp-nidd/v1/{scs}/configurations/{id}", state.api_root);
+        let configuration = MockConfiguration {
+            id: id.clone(),
+            ue: ue.clone(),
+            notification_destination: request.notification_destination.clone(),
+            self_link: self_link.clone(),
+        };
+        inner.configurations.insert(id, configuration.clone());
+        MockState::ue_channels(&mut inner, &ue);
+        let answer = NiddConfiguration {
+            self_link: Some(self_link),
+            status: Some(NiddStatus::Active),
+            maximum_packet_size: state.config.maximum_packet_size_bits,
+            ..request
+        };
+        (configuration, answer)
+    };
+    if state.config.send_active_notification {
+        let state = state.clone();
+        let configuration = configuration.clone();
+        tokio::spawn(async move {
+            let body = NiddConfigurationStatusNotification {
+                nidd_configuration: configuration.self_link.clone(),
+                external_id: configuration.ue.external_id().cloned(),
+                msisdn: configuration.ue.msisdn().cloned(),
+                status: NiddStatus::Active,
+                rds_cap_indication: None,
+            };
+            let json = serde_json::to_value(&body).unwrap_or_default();
+            if let Err(error) = state.callback(&configuration.notification_destination, json).await {
+                tracing::warn!(%error, "mock SCEF: status notification refused");
+            }
+        });
+    }
+    state.bump();
+    json_response(StatusCode::CREATED, &answer, Some(&configuration.self_link))
+}
+
+async fn list_configurations(State(state): State<Arc<MockState>>) -> Response {
+    let all: Vec<serde_json::Value> = state
+        .inner()
+        .configurations
+        .values()
+        .map(|c| configuration_body(&state, c))
+        .collect();
+    json_response(StatusCode::OK, &all, None)
+}
+
+fn configuration_body(state: &MockState, c: &MockConfiguration) -> serde_json::Value {
+    serde_json::to_value(NiddConfiguration {
+        self_link: Some(c.self_link.clone()),
+        external_id: c.ue.external_id().cloned(),
+        msisdn: c.ue.msisdn().cloned(),
+        notification_destination: c.notification_destination.clone(),
+        status: Some(NiddStatus::Active),
+        maximum_packet_size: state.config.maximum_packet_size_bits,
+        ..Default::default()
+    })
+    .unwrap_or_default()
+}
+
+async fn fetch_configuration(State(state): State<Arc<MockState>>, Path((_scs, id)): Path<(String, String)>) -> Response {
+    let found = state.inner().configurations.get(&id).cloned();
+    match found {
+        Some(c) => json_response(StatusCode::OK, &configuration_body(&state, &c), None),
+        None => problem_response(StatusCode::NOT_FOUND, "RESOURCE_NOT_FOUND", format!("no configuration {id}")),
+    }
+}
+
+async fn delete_configuration(State(state): State<Arc<MockState>>, Path((_scs, id)): Path<(String, String)>) -> Response {
+    let removed = state.inner().configurations.remove(&id);
+    state.bump();
+    match removed {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => problem_response(StatusCode::NOT_FOUND, "RESOURCE_NOT_FOUND", format!("no configuration {id}")),
+    }
+}
+
+async fn create_downlink(
+    State(state): State<Arc<MockState>>,
+    Path((scs, id)): Path<(String, String)>,
+    method: Method,
+    uri: axum::http::Uri,
+    body: Bytes,
+) -> Response {
+    if state.faults.redirect_downlinks.load(Ordering::SeqCst) && !uri.path().starts_with("/redirected") {
+        let target = format!("{}redirected/3gpp-nidd/v1/{scs}/configurations/{id}/downlink-data-deliveries", state.api_root);
+        let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+        if let Ok(value) = HeaderValue::from_str(&target) {
+            response.headers_mut().insert(header::LOCATION, value);
+        }
+        return response;
+    }
+    debug_assert_eq!(method, Method::POST);
+    let request: NiddDownlinkDataTransfer = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    let ue = match named_ue(&request) {
+        Ok(ue) => ue,
+        Err(response) => return response,
+    };
+    let Some(configuration) = state.inner().configurations.get(&id).cloned() else {
+        return problem_response(StatusCode::NOT_FOUND, "RESOURCE_NOT_FOUND", format!("no configuration {id}"));
+    };
+    if configuration.ue != ue {
+        return bad_request(format!("{ue} does not belong to configuration {id}"));
+    }
+    let datagram = match BASE64.decode(&request.data) {
+        Ok(datagram) => datagram,
+        Err(error) => return bad_request(format!("data is not base64: {error}")),
+    };
+    if let Some(bits) = state.config.maximum_packet_size_bits
+        && datagram.len() as u64 * 8 > bits
+    {
+        return problem_response(StatusCode::FORBIDDEN, "DATA_TOO_LARGE", format!("{} bytes exceed {bits} bits", datagram.len()));
+    }
+    let sender = {
+        let mut inner = state.inner();
+        MockState::ue_channels(&mut inner, &ue).mt_sender.clone()
+    };
+    let _ = sender.send(datagram);
+    let answer = NiddDownlinkDataTransfer { delivery_status: Some(DeliveryStatus::Success), ..request };
+    json_response(StatusCode::OK, &answer, None)
+}
