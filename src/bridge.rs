@@ -55,6 +55,8 @@ pub struct NiddState {
     pub location: Url,
     pub status: Option<NiddStatus>,
     pub maximum_packet_size_bits: Option<u64>,
+    /// The callback URL the SCEF calls for this configuration.
+    pub notification_destination: Option<String>,
 }
 
 impl NiddState {
@@ -67,6 +69,7 @@ impl NiddState {
             location: self.location.to_string(),
             status: self.status.as_ref().map(|s| s.as_str().to_string()),
             maximum_packet_size_bits: self.maximum_packet_size_bits,
+            notification_destination: self.notification_destination.clone(),
         }
     }
 }
@@ -342,6 +345,7 @@ impl Bridge {
                     location: Url::parse(&stored.location).ok()?,
                     status: stored.status.as_deref().map(NiddStatus::from),
                     maximum_packet_size_bits: stored.maximum_packet_size_bits,
+                    notification_destination: stored.notification_destination,
                 })
             });
             let endpoint_name = device_config.endpoint_name.clone().or_else(|| id.default_endpoint_name());

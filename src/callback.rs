@@ -218,7 +218,8 @@ fn configuration_status(shared: &Shared, device: &Device, link: &str, status: cr
     let nidd = NiddState {
         location,
         status: Some(status),
-        maximum_packet_size_bits: current.and_then(|c| c.maximum_packet_size_bits),
+        maximum_packet_size_bits: current.as_ref().and_then(|c| c.maximum_packet_size_bits),
+        notification_destination: current.and_then(|c| c.notification_destination),
     };
     if let Err(error) = shared.set_nidd(device, Some(nidd)) {
         tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{OriginalUri, Path, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -378,7 +378,10 @@ impl SimUe {
 fn router(state: Arc<MockState>) -> Router {
     let nidd = Router::new()
         .route("/{scs}/configurations", post(create_configuration).get(list_configurations))
-        .route("/{scs}/configurations/{id}", get(fetch_configuration).delete(delete_configuration))
+        .route(
+            "/{scs}/configurations/{id}",
+            get(fetch_configuration).delete(delete_configuration).patch(modify_configuration),
+        )
         .route("/{scs}/configurations/{id}/downlink-data-deliveries", post(create_downlink));
     Router::new()
         .nest("/3gpp-nidd/v1", nidd.clone())
@@ -533,6 +536,29 @@ async fn fetch_configuration(State(state): State<Arc<MockState>>, Path((_scs, id
     }
 }
 
+async fn modify_configuration(
+    State(state): State<Arc<MockState>>,
+    Path((_scs, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let patch: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(patch) => patch,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    let updated = {
+        let mut inner = state.inner();
+        let Some(configuration) = inner.configurations.get_mut(&id) else {
+            return problem_response(StatusCode::NOT_FOUND, "RESOURCE_NOT_FOUND", format!("no configuration {id}"));
+        };
+        if let Some(destination) = patch.get("notificationDestination").and_then(|d| d.as_str()) {
+            configuration.notification_destination = destination.to_string();
+        }
+        configuration.clone()
+    };
+    state.bump();
+    json_response(StatusCode::OK, &configuration_body(&state, &updated), None)
+}
+
 async fn delete_configuration(State(state): State<Arc<MockState>>, Path((_scs, id)): Path<(String, String)>) -> Response {
     let removed = state.inner().configurations.remove(&id);
     state.bump();
@@ -546,7 +572,7 @@ async fn create_downlink(
     State(state): State<Arc<MockState>>,
     Path((scs, id)): Path<(String, String)>,
     method: Method,
-    uri: axum::http::Uri,
+    OriginalUri(uri): OriginalUri,
     body: Bytes,
 ) -> Response {
     if state.faults.redirect_downlinks.load(Ordering::SeqCst) && !uri.path().starts_with("/redirected") {

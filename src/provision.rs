@@ -60,6 +60,7 @@ async fn provision_device(shared: &Shared, device: &Device, cancel: &Cancellatio
                     location: created.location,
                     status,
                     maximum_packet_size_bits: created.body.maximum_packet_size,
+                    notification_destination: Some(body.notification_destination.clone()),
                 };
                 tracing::info!(device = %device.id, location = %nidd.location, status = ?nidd.status, "NIDD configuration created");
                 if let Err(error) = shared.set_nidd(device, Some(nidd)) {
@@ -98,47 +99,68 @@ fn configuration_request(shared: &Shared, device: &Device) -> NiddConfiguration 
     }
 }
 
-/// Asks the SCEF whether persisted configurations still exist; forgets the ones it lost.
+/// Asks the SCEF whether persisted configurations still exist, forgets the ones it lost, and
+/// points the others at this instance's callback URL if that changed.
 async fn verify_persisted(shared: &Arc<Shared>) {
-    let persisted: Vec<(Arc<Device>, Url)> = shared
+    let persisted: Vec<(Arc<Device>, NiddState)> = shared
         .devices
         .iter()
         .filter_map(|d| {
-            let location = d.state().nidd.as_ref().map(|n| n.location.clone())?;
-            Some((d.clone(), location))
+            let nidd = d.state().nidd.clone()?;
+            Some((d.clone(), nidd))
         })
         .collect();
     futures::stream::iter(persisted)
-        .for_each_concurrent(shared.config.scef.provisioning_concurrency, |(device, location)| {
+        .for_each_concurrent(shared.config.scef.provisioning_concurrency, |(device, nidd)| {
             let shared = shared.clone();
             async move {
-                match shared.t8.fetch_nidd_configuration(&location).await {
-                    Ok(Some(body)) => {
-                        let mut nidd = device.state().nidd.clone();
-                        if let Some(nidd) = nidd.as_mut() {
-                            nidd.status = body.status.or(nidd.status.take());
-                            nidd.maximum_packet_size_bits =
-                                body.maximum_packet_size.or(nidd.maximum_packet_size_bits);
-                        }
-                        let terminated = nidd.as_ref().is_some_and(|n| !n.is_usable());
-                        let keep = if terminated { None } else { nidd };
-                        if let Err(error) = shared.set_nidd(&device, keep) {
-                            tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
-                        }
-                    }
-                    Ok(None) => {
-                        tracing::warn!(device = %device.id, %location, "the SCEF no longer has this NIDD configuration; creating a new one");
-                        if let Err(error) = shared.set_nidd(&device, None) {
-                            tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(device = %device.id, %error, "cannot check the persisted NIDD configuration; keeping it");
-                    }
+                let checked = verify_one(&shared, &device, nidd).await;
+                if let Err(error) = shared.set_nidd(&device, checked) {
+                    tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
                 }
             }
         })
         .await;
+}
+
+/// The configuration to keep for `device` after asking the SCEF about it.
+async fn verify_one(shared: &Shared, device: &Device, mut nidd: NiddState) -> Option<NiddState> {
+    let body = match shared.t8.fetch_nidd_configuration(&nidd.location).await {
+        Ok(Some(body)) => body,
+        Ok(None) => {
+            tracing::warn!(device = %device.id, location = %nidd.location, "the SCEF no longer has this NIDD configuration; creating a new one");
+            return None;
+        }
+        Err(error) => {
+            tracing::warn!(device = %device.id, %error, "cannot check the persisted NIDD configuration; keeping it");
+            return Some(nidd);
+        }
+    };
+    nidd.status = body.status.or(nidd.status.take());
+    nidd.maximum_packet_size_bits = body.maximum_packet_size.or(nidd.maximum_packet_size_bits);
+    if !nidd.is_usable() {
+        return None;
+    }
+    let wanted = device.callback_url(&shared.public_url);
+    if body.notification_destination == wanted {
+        nidd.notification_destination = Some(wanted);
+        return Some(nidd);
+    }
+    match shared.t8.update_notification_destination(&nidd.location, &wanted).await {
+        Ok(_) => {
+            tracing::info!(device = %device.id, "callback URL changed; NIDD configuration updated");
+            nidd.notification_destination = Some(wanted);
+            Some(nidd)
+        }
+        Err(error) => {
+            // An SCEF without Rel-17 PATCH support: replace the configuration instead.
+            tracing::warn!(device = %device.id, %error, "cannot update the callback URL; replacing the NIDD configuration");
+            if let Err(error) = shared.t8.delete_nidd_configuration(&nidd.location).await {
+                tracing::warn!(device = %device.id, %error, "cannot delete the old NIDD configuration");
+            }
+            None
+        }
+    }
 }
 
 /// Deletes the configurations of devices that were removed from the configuration file.

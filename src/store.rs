@@ -31,6 +31,9 @@ pub struct StoredConfiguration {
     pub status: Option<String>,
     /// `maximumPacketSize` as the SCEF reported it (bits, per the 3GPP schema).
     pub maximum_packet_size_bits: Option<u64>,
+    /// The callback URL the SCEF was given; a changed public URL is patched in at start-up.
+    #[serde(default)]
+    pub notification_destination: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +113,7 @@ mod tests {
                 location: "http://scef/c/1".into(),
                 status: Some("ACTIVE".into()),
                 maximum_packet_size_bits: Some(10864),
+                notification_destination: Some("http://127.0.0.1:8081/t8/v1/nidd/x".into()),
             }),
         };
         {

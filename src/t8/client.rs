@@ -155,6 +155,30 @@ impl T8Client {
         }
     }
 
+    /// Points an existing configuration at a new callback URL (merge-patch, TS 29.122 Rel-17+).
+    pub async fn update_notification_destination(
+        &self,
+        configuration: &Url,
+        notification_destination: &str,
+    ) -> Result<NiddConfiguration, T8Error> {
+        const OP: &str = "modify_configuration";
+        let body = serde_json::json!({ "notificationDestination": notification_destination });
+        let request = self
+            .http
+            .patch(configuration.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/merge-patch+json")
+            .body(body.to_string());
+        let response = self.send(OP, request).await?;
+        match response.status() {
+            StatusCode::OK => read_json(OP, response).await,
+            StatusCode::NO_CONTENT => Ok(NiddConfiguration {
+                notification_destination: notification_destination.to_string(),
+                ..Default::default()
+            }),
+            _ => Err(status_error(OP, response).await),
+        }
+    }
+
     pub async fn delete_nidd_configuration(&self, configuration: &Url) -> Result<(), T8Error> {
         const OP: &str = "delete_configuration";
         let response = self.send(OP, self.http.delete(configuration.clone())).await?;

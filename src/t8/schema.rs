@@ -176,12 +176,10 @@ const fn triggering(pointer: &'static str) -> SchemaRef {
 
 const NIDD_CONFIGURATION: SchemaRef = nidd("/components/schemas/NiddConfiguration");
 const NIDD_CONFIGURATION_PATCH: SchemaRef = nidd("/components/schemas/NiddConfigurationPatch");
-const NIDD_CONFIGURATIONS: SchemaRef = nidd(
-    "/paths/~1{scsAsId}~1configurations/get/responses/200/content/application~1json/schema",
-);
+const NIDD_CONFIGURATIONS: SchemaRef =
+    nidd("/paths/~1{scsAsId}~1configurations/get/responses/200/content/application~1json/schema");
 const NIDD_DL_TRANSFER: SchemaRef = nidd("/components/schemas/NiddDownlinkDataTransfer");
-const NIDD_DL_TRANSFER_PATCH: SchemaRef =
-    nidd("/components/schemas/NiddDownlinkDataTransferPatch");
+const NIDD_DL_TRANSFER_PATCH: SchemaRef = nidd("/components/schemas/NiddDownlinkDataTransferPatch");
 const NIDD_DL_TRANSFERS: SchemaRef = nidd(
     "/paths/~1{scsAsId}~1configurations~1{configurationId}~1downlink-data-deliveries/get/responses/200/content/application~1json/schema",
 );
@@ -225,7 +223,8 @@ const DT_TRIGGERINGS: SchemaRef = triggering(
 const DT_REPORT: SchemaRef =
     triggering("/components/schemas/DeviceTriggeringDeliveryReportNotification");
 
-const PROBLEM_DETAILS: SchemaRef = SchemaRef::at(COMMON_DATA_FILE, "/components/schemas/ProblemDetails");
+const PROBLEM_DETAILS: SchemaRef =
+    SchemaRef::at(COMMON_DATA_FILE, "/components/schemas/ProblemDetails");
 const TEST_NOTIFICATION: SchemaRef =
     SchemaRef::at(COMMON_DATA_FILE, "/components/schemas/TestNotification");
 
@@ -287,7 +286,10 @@ fn resource_of(path: &str) -> Option<Resource> {
     let start = segments.windows(2).position(|w| {
         matches!(
             w,
-            ["3gpp-nidd" | "3gpp-monitoring-event" | "3gpp-device-triggering", "v1"]
+            [
+                "3gpp-nidd" | "3gpp-monitoring-event" | "3gpp-device-triggering",
+                "v1"
+            ]
         )
     })?;
     let [api, _version, rest @ ..] = segments.get(start..)? else {
@@ -552,9 +554,7 @@ impl T8Schemas {
         // once more, which is harmless.
         let validator = Arc::new(self.build(schema)?);
         Ok(Arc::clone(
-            self.lock_cache()
-                .entry(schema.clone())
-                .or_insert(validator),
+            self.lock_cache().entry(schema.clone()).or_insert(validator),
         ))
     }
 
@@ -630,7 +630,11 @@ impl jsonschema::Retrieve for NoFetch {
 /// One violation as `"<pointer>: <message> [at <schema location>]"`.
 fn describe(error: &ValidationError<'_>) -> String {
     let pointer = error.instance_path().as_str();
-    let pointer = if pointer.is_empty() { "(root)" } else { pointer };
+    let pointer = if pointer.is_empty() {
+        "(root)"
+    } else {
+        pointer
+    };
     format!(
         "{pointer}: {} [at {}]",
         message(error),
@@ -749,7 +753,9 @@ fn load_yaml(path: &Path) -> Result<Value, SchemaError> {
 fn yaml_to_json(node: &Yaml<'_>) -> Result<Value, String> {
     Ok(match node {
         Yaml::Value(scalar) => scalar_to_json(scalar)?,
-        Yaml::Sequence(items) => Value::Array(items.iter().map(yaml_to_json).collect::<Result<_, _>>()?),
+        Yaml::Sequence(items) => {
+            Value::Array(items.iter().map(yaml_to_json).collect::<Result<_, _>>()?)
+        }
         Yaml::Mapping(mapping) => {
             let mut object = Map::with_capacity(mapping.len());
             for (key, value) in mapping {
@@ -818,23 +824,16 @@ pub fn default_schema_dir() -> PathBuf {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use serde_json::json;
     use std::sync::OnceLock;
 
-    fn schema_dir() -> PathBuf {
-        std::env::var_os("NIDD_BRIDGE_T8_SCHEMAS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/3gpp-t8"))
-            })
-    }
-
     fn schemas() -> &'static T8Schemas {
         static SCHEMAS: OnceLock<T8Schemas> = OnceLock::new();
         SCHEMAS.get_or_init(|| {
-            let dir = schema_dir();
+            let dir = default_schema_dir();
             T8Schemas::load(&dir).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
         })
     }
@@ -848,7 +847,10 @@ mod tests {
     #[track_caller]
     fn assert_valid(schema: &SchemaRef, body: &Value) {
         if let Err(violations) = schemas().validate(schema, body) {
-            panic!("{body} should match {schema}, got:\n{}", violations.join("\n"));
+            panic!(
+                "{body} should match {schema}, got:\n{}",
+                violations.join("\n")
+            );
         }
     }
 
@@ -911,8 +913,14 @@ mod tests {
     fn nidd_configuration_needs_notification_destination() {
         let schema = request_schema("POST", NIDD_BASE).unwrap();
         let mut body = nidd_config();
-        body.as_object_mut().unwrap().remove("notificationDestination");
-        assert_invalid(&schema, &body, "\"notificationDestination\" is a required property");
+        body.as_object_mut()
+            .unwrap()
+            .remove("notificationDestination");
+        assert_invalid(
+            &schema,
+            &body,
+            "\"notificationDestination\" is a required property",
+        );
     }
 
     #[test]
@@ -950,11 +958,18 @@ mod tests {
         let schema = request_schema("PATCH", &format!("{NIDD_BASE}/c1")).unwrap();
         assert_eq!(schema.component_name(), Some("NiddConfigurationPatch"));
         // DateTimeRm and the inline `reliableDataService` are `nullable: true`.
-        assert_valid(&schema, &json!({"duration": null, "reliableDataService": null}));
+        assert_valid(
+            &schema,
+            &json!({"duration": null, "reliableDataService": null}),
+        );
         assert_valid(&schema, &json!({"duration": "2030-01-01T00:00:00Z"}));
         assert_invalid(&schema, &json!({"duration": 5}), "/duration: ");
         // `Link` is not nullable.
-        assert_invalid(&schema, &json!({"notificationDestination": null}), "/notificationDestination: ");
+        assert_invalid(
+            &schema,
+            &json!({"notificationDestination": null}),
+            "/notificationDestination: ",
+        );
     }
 
     #[test]
@@ -964,17 +979,31 @@ mod tests {
         assert_eq!(schema.component_name(), Some("NiddDownlinkDataTransfer"));
         let body = json!({"msisdn": "491701234567", "data": "QUJD", "maximumLatency": 60});
         assert_valid(&schema, &body);
-        assert_invalid(&schema, &json!({"msisdn": "491701234567"}), "\"data\" is a required property");
+        assert_invalid(
+            &schema,
+            &json!({"msisdn": "491701234567"}),
+            "\"data\" is a required property",
+        );
         // TS 29.122 `Bytes` has no `format: byte`: base64 is not checked (documented gap).
-        assert_valid(&schema, &json!({"msisdn": "491701234567", "data": "not base64!"}));
+        assert_valid(
+            &schema,
+            &json!({"msisdn": "491701234567", "data": "not base64!"}),
+        );
 
         let failure = response_schema("POST", &path, 500).unwrap();
-        assert_eq!(failure.component_name(), Some("NiddDownlinkDataDeliveryFailure"));
+        assert_eq!(
+            failure.component_name(),
+            Some("NiddDownlinkDataDeliveryFailure")
+        );
         assert_valid(
             &failure,
             &json!({"problemDetail": {"status": 500, "cause": "X"}, "requestedRetransmissionTime": "2030-01-01T00:00:00Z"}),
         );
-        assert_invalid(&failure, &json!({"status": 500}), "\"problemDetail\" is a required property");
+        assert_invalid(
+            &failure,
+            &json!({"status": 500}),
+            "\"problemDetail\" is a required property",
+        );
     }
 
     #[test]
@@ -1007,11 +1036,23 @@ mod tests {
         let cfg = "https://scef.example.com/3gpp-nidd/v1/b/configurations/c1";
         let dl = format!("{cfg}/downlink-data-deliveries/d1");
         let cases = [
-            (json!({"niddConfiguration": cfg, "msisdn": "4917", "status": "ACTIVE"}), "NiddConfigurationStatusNotification"),
-            (json!({"niddDownlinkDataTransfer": dl, "deliveryStatus": "SUCCESS"}), "NiddDownlinkDataDeliveryStatusNotification"),
-            (json!({"niddDownlinkDataTransfer": dl, "gmdResults": [{"msisdn": "4917", "deliveryStatus": "FAILURE"}]}), "GmdNiddDownlinkDataDeliveryNotification"),
+            (
+                json!({"niddConfiguration": cfg, "msisdn": "4917", "status": "ACTIVE"}),
+                "NiddConfigurationStatusNotification",
+            ),
+            (
+                json!({"niddDownlinkDataTransfer": dl, "deliveryStatus": "SUCCESS"}),
+                "NiddDownlinkDataDeliveryStatusNotification",
+            ),
+            (
+                json!({"niddDownlinkDataTransfer": dl, "gmdResults": [{"msisdn": "4917", "deliveryStatus": "FAILURE"}]}),
+                "GmdNiddDownlinkDataDeliveryNotification",
+            ),
             (json!({"subscription": cfg}), "TestNotification"),
-            (json!({"niddConfiguration": cfg, "externalId": "a@b", "managedPorts": [{"appId": "lwm2m"}]}), "ManagePortNotification"),
+            (
+                json!({"niddConfiguration": cfg, "externalId": "a@b", "managedPorts": [{"appId": "lwm2m"}]}),
+                "ManagePortNotification",
+            ),
         ];
         for (body, expected) in cases {
             let schema = nidd_callback_schema(&body);
@@ -1039,16 +1080,25 @@ mod tests {
 
     #[test]
     fn monitoring_subscription() {
-        let schema = request_schema("POST", "/3gpp-monitoring-event/v1/bridge-1/subscriptions").unwrap();
+        let schema =
+            request_schema("POST", "/3gpp-monitoring-event/v1/bridge-1/subscriptions").unwrap();
         assert_eq!(schema.component_name(), Some("MonitoringEventSubscription"));
         assert_valid(&schema, &reachability_subscription());
 
         let mut body = reachability_subscription();
-        body.as_object_mut().unwrap().remove("notificationDestination");
-        assert_invalid(&schema, &body, "\"notificationDestination\" is a required property");
+        body.as_object_mut()
+            .unwrap()
+            .remove("notificationDestination");
+        assert_invalid(
+            &schema,
+            &body,
+            "\"notificationDestination\" is a required property",
+        );
 
         let mut body = reachability_subscription();
-        body.as_object_mut().unwrap().remove("maximumNumberOfReports");
+        body.as_object_mut()
+            .unwrap()
+            .remove("maximumNumberOfReports");
         assert_invalid(&schema, &body, "matches no `anyOf`");
         body["monitorExpireTime"] = json!("2030-01-01T00:00:00Z");
         assert_valid(&schema, &body);
@@ -1065,7 +1115,10 @@ mod tests {
         let path = "/3gpp-monitoring-event/v1/bridge-1/subscriptions/s1";
         let schema = request_schema("PATCH", path).unwrap();
         assert_eq!(schema.component_name(), None);
-        assert_valid(&schema, &json!([{"op": "add", "path": "/externalIds/-", "value": "a@b"}]));
+        assert_valid(
+            &schema,
+            &json!([{"op": "add", "path": "/externalIds/-", "value": "a@b"}]),
+        );
         assert_invalid(&schema, &json!([]), "(root): ");
         assert_invalid(&schema, &json!({"op": "add", "path": "/x"}), "(root): ");
         assert_invalid(&schema, &json!([{"path": "/x"}]), "/0: ");
@@ -1091,9 +1144,16 @@ mod tests {
         bad.as_object_mut().unwrap().remove("subscription");
         assert_invalid(&schema, &bad, "\"subscription\" is a required property");
 
-        let immediate = response_schema("POST", "/3gpp-monitoring-event/v1/b/subscriptions", 200).unwrap();
-        assert_valid(&immediate, &json!({"monitoringType": "LOSS_OF_CONNECTIVITY"}));
-        assert_valid(&immediate, &json!({"monitoringEventReports": [{"monitoringType": "UE_REACHABILITY"}]}));
+        let immediate =
+            response_schema("POST", "/3gpp-monitoring-event/v1/b/subscriptions", 200).unwrap();
+        assert_valid(
+            &immediate,
+            &json!({"monitoringType": "LOSS_OF_CONNECTIVITY"}),
+        );
+        assert_valid(
+            &immediate,
+            &json!({"monitoringEventReports": [{"monitoringType": "UE_REACHABILITY"}]}),
+        );
         assert_invalid(&immediate, &json!({}), "oneOf");
     }
 
@@ -1101,7 +1161,8 @@ mod tests {
 
     #[test]
     fn device_triggering() {
-        let schema = request_schema("POST", "/3gpp-device-triggering/v1/bridge-1/transactions").unwrap();
+        let schema =
+            request_schema("POST", "/3gpp-device-triggering/v1/bridge-1/transactions").unwrap();
         assert_eq!(schema.component_name(), Some("DeviceTriggering"));
         let body = json!({
             "msisdn": "491701234567",
@@ -1122,15 +1183,23 @@ mod tests {
         two_ids["externalId"] = json!("a@b");
         assert_invalid(&schema, &two_ids, "more than one `oneOf`");
 
-        let patch = request_schema("patch", "/3gpp-device-triggering/v1/b/transactions/t1").unwrap();
+        let patch =
+            request_schema("patch", "/3gpp-device-triggering/v1/b/transactions/t1").unwrap();
         assert_eq!(patch.component_name(), Some("DeviceTriggeringPatch"));
         assert_valid(&patch, &json!({"validityPeriod": 60}));
 
         let report = json!({"transaction": "https://scef.example.com/t/1", "result": "SUCCESS"});
         let chosen = triggering_callback_schema(&report);
-        assert_eq!(chosen.component_name(), Some("DeviceTriggeringDeliveryReportNotification"));
+        assert_eq!(
+            chosen.component_name(),
+            Some("DeviceTriggeringDeliveryReportNotification")
+        );
         assert_valid(&chosen, &report);
-        assert_invalid(&chosen, &json!({"result": "SUCCESS"}), "\"transaction\" is a required property");
+        assert_invalid(
+            &chosen,
+            &json!({"result": "SUCCESS"}),
+            "\"transaction\" is a required property",
+        );
         let test = json!({"subscription": "https://scef.example.com/t/1"});
         assert_eq!(triggering_callback_schema(&test), TEST_NOTIFICATION);
         assert_valid(&triggering_callback_schema(&test), &test);
@@ -1140,15 +1209,31 @@ mod tests {
 
     #[test]
     fn path_matching() {
-        let cfg = |p: &str| request_schema("POST", p).and_then(|s| s.component_name().map(str::to_owned));
-        assert_eq!(cfg("/3gpp-nidd/v1/b/configurations").as_deref(), Some("NiddConfiguration"));
-        assert_eq!(cfg("/3gpp-nidd/v1/b/configurations/").as_deref(), Some("NiddConfiguration"));
-        assert_eq!(cfg("/scef/api/3gpp-nidd/v1/b/configurations?x=1").as_deref(), Some("NiddConfiguration"));
+        let cfg =
+            |p: &str| request_schema("POST", p).and_then(|s| s.component_name().map(str::to_owned));
+        assert_eq!(
+            cfg("/3gpp-nidd/v1/b/configurations").as_deref(),
+            Some("NiddConfiguration")
+        );
+        assert_eq!(
+            cfg("/3gpp-nidd/v1/b/configurations/").as_deref(),
+            Some("NiddConfiguration")
+        );
+        assert_eq!(
+            cfg("/scef/api/3gpp-nidd/v1/b/configurations?x=1").as_deref(),
+            Some("NiddConfiguration")
+        );
         assert_eq!(cfg("/3gpp-nidd/v2/b/configurations"), None);
         assert_eq!(cfg("/3gpp-nidd/v1/b/configuration"), None);
         assert_eq!(cfg("/3gpp-nidd/v1/b/configurations/c1"), None);
-        assert_eq!(request_schema("GET", "/3gpp-nidd/v1/b/configurations"), None);
-        assert_eq!(request_schema("DELETE", "/3gpp-nidd/v1/b/configurations/c1"), None);
+        assert_eq!(
+            request_schema("GET", "/3gpp-nidd/v1/b/configurations"),
+            None
+        );
+        assert_eq!(
+            request_schema("DELETE", "/3gpp-nidd/v1/b/configurations/c1"),
+            None
+        );
         assert_eq!(
             request_schema("PUT", "/3gpp-nidd/v1/b/configurations/c1/rds-ports/ue3-ef5")
                 .and_then(|s| s.component_name().map(str::to_owned))
@@ -1198,7 +1283,10 @@ mod tests {
         let target = if target.is_empty() {
             file
         } else {
-            T8_FILES.into_iter().find(|f| *f == target).unwrap_or_else(|| panic!("{target}"))
+            T8_FILES
+                .into_iter()
+                .find(|f| *f == target)
+                .unwrap_or_else(|| panic!("{target}"))
         };
         SchemaRef {
             file: target,
@@ -1232,18 +1320,25 @@ mod tests {
                     checked += 1;
 
                     for (code, response) in op["responses"].as_object().unwrap() {
-                        let Ok(status) = code.parse::<u16>() else { continue };
+                        let Ok(status) = code.parse::<u16>() else {
+                            continue;
+                        };
                         let expected = match response.get("$ref").and_then(Value::as_str) {
                             Some(reference) => {
                                 let target = resolve_ref(file, reference);
                                 let resp = s.docs[target.file].pointer(&target.pointer).unwrap();
-                                resp.get("content").and_then(|c| declared(target.file, &target.pointer, c))
+                                resp.get("content")
+                                    .and_then(|c| declared(target.file, &target.pointer, c))
                             }
                             None => response.get("content").and_then(|c| {
                                 declared(file, &format!("{op_ptr}/responses/{code}"), c)
                             }),
                         };
-                        assert_eq!(response_schema(method, &path, status), expected, "{method} {path} {status}");
+                        assert_eq!(
+                            response_schema(method, &path, status),
+                            expected,
+                            "{method} {path} {status}"
+                        );
                         checked += 1;
                     }
                 }
@@ -1264,20 +1359,92 @@ mod tests {
             .iter()
             .map(|r| resolve_ref(NIDD_FILE, r["$ref"].as_str().unwrap()))
             .collect();
-        let mut ours = vec![NIDD_CONFIG_STATUS, NIDD_UPLINK, NIDD_DL_STATUS, NIDD_GMD, NIDD_MANAGE_PORT_NOTIF];
+        let mut ours = vec![
+            NIDD_CONFIG_STATUS,
+            NIDD_UPLINK,
+            NIDD_DL_STATUS,
+            NIDD_GMD,
+            NIDD_MANAGE_PORT_NOTIF,
+        ];
         spec.sort_by(|a, b| a.pointer.cmp(&b.pointer));
         ours.sort_by(|a, b| a.pointer.cmp(&b.pointer));
         assert_eq!(spec, ours);
 
         for (file, resource, expected) in [
-            (MONITORING_EVENT_FILE, "~1{scsAsId}~1subscriptions", monitoring_callback_schema()),
-            (DEVICE_TRIGGERING_FILE, "~1{scsAsId}~1transactions", triggering_callback_schema(&json!({}))),
+            (
+                MONITORING_EVENT_FILE,
+                "~1{scsAsId}~1subscriptions",
+                monitoring_callback_schema(),
+            ),
+            (
+                DEVICE_TRIGGERING_FILE,
+                "~1{scsAsId}~1transactions",
+                triggering_callback_schema(&json!({})),
+            ),
         ] {
             let reference = s.docs[file]
                 .pointer(&format!("/paths/{resource}/post/callbacks/notificationDestination/{{request.body#~1notificationDestination}}/post/requestBody/content/application~1json/schema/$ref"))
                 .and_then(Value::as_str)
                 .unwrap();
             assert_eq!(resolve_ref(file, reference), expected);
+        }
+    }
+
+    fn fixture_dir() -> PathBuf {
+        std::env::var_os("NIDD_BRIDGE_T8_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/t8")))
+    }
+
+    /// `(schema, path, body)` of every `<Schema>.<variant>.json` in `dir`.
+    fn fixtures(dir: &Path) -> Vec<(SchemaRef, PathBuf, Value)> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let component = name.split('.').next().unwrap();
+            let schema = schemas()
+                .find_component(component)
+                .unwrap_or_else(|| panic!("{}: no component {component}", path.display()));
+            let body = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            found.push((schema, path, body));
+        }
+        found
+    }
+
+    /// The golden fixtures are valid against the schema they are named after, and the
+    /// ones under `invalid/` are not.
+    #[test]
+    fn fixtures_match_their_schemas() {
+        let dir = fixture_dir();
+        let valid = fixtures(&dir);
+        let invalid = fixtures(&dir.join("invalid"));
+        assert!(
+            valid.len() >= 20 && invalid.len() >= 5,
+            "{} / {}",
+            valid.len(),
+            invalid.len()
+        );
+        for (schema, path, body) in &valid {
+            if let Err(violations) = schemas().validate(schema, body) {
+                panic!(
+                    "{} fails {schema}:\n{}",
+                    path.display(),
+                    violations.join("\n")
+                );
+            }
+        }
+        for (schema, path, body) in &invalid {
+            assert!(
+                schemas().validate(schema, body).is_err(),
+                "{} passes {schema}",
+                path.display()
+            );
         }
     }
 
@@ -1298,9 +1465,18 @@ mod tests {
     #[test]
     fn find_component_searches_the_t8_files() {
         let s = schemas();
-        assert_eq!(s.find_component("NiddConfiguration").unwrap().file, NIDD_FILE);
-        assert_eq!(s.find_component("MonitoringEventReport").unwrap().file, MONITORING_EVENT_FILE);
-        assert_eq!(s.find_component("DeviceTriggering").unwrap().file, DEVICE_TRIGGERING_FILE);
+        assert_eq!(
+            s.find_component("NiddConfiguration").unwrap().file,
+            NIDD_FILE
+        );
+        assert_eq!(
+            s.find_component("MonitoringEventReport").unwrap().file,
+            MONITORING_EVENT_FILE
+        );
+        assert_eq!(
+            s.find_component("DeviceTriggering").unwrap().file,
+            DEVICE_TRIGGERING_FILE
+        );
         assert_eq!(s.find_component("ProblemDetails").unwrap(), PROBLEM_DETAILS);
         assert_eq!(s.find_component("PatchItem"), None); // TS 29.571: not searched
         assert_eq!(s.find_component("NoSuchThing"), None);
@@ -1309,12 +1485,18 @@ mod tests {
     #[test]
     fn unknown_schema_is_an_error() {
         let missing = SchemaRef::component(NIDD_FILE, "NoSuchThing");
-        assert!(matches!(schemas().compile(&missing), Err(SchemaError::UnknownSchema(_))));
+        assert!(matches!(
+            schemas().compile(&missing),
+            Err(SchemaError::UnknownSchema(_))
+        ));
         let violations = schemas().validate(&missing, &json!({})).unwrap_err();
         assert_eq!(violations.len(), 1);
         assert!(violations[0].contains("NoSuchThing"), "{violations:?}");
         let other_file = SchemaRef::at("TS29999_Nothing.yaml", "/components/schemas/X");
-        assert!(matches!(schemas().compile(&other_file), Err(SchemaError::UnknownSchema(_))));
+        assert!(matches!(
+            schemas().compile(&other_file),
+            Err(SchemaError::UnknownSchema(_))
+        ));
     }
 
     /// Refs into files that are not in the directory only matter when reached.
@@ -1324,7 +1506,10 @@ mod tests {
         let flow_info = component("FlowInfo");
         match schemas().compile(&flow_info) {
             Err(SchemaError::Compile { message, .. }) => {
-                assert!(message.contains("TS29514_Npcf_PolicyAuthorization.yaml"), "{message}")
+                assert!(
+                    message.contains("TS29514_Npcf_PolicyAuthorization.yaml"),
+                    "{message}"
+                )
             }
             other => panic!("expected a compile error, got {other:?}"),
         }
@@ -1335,10 +1520,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             T8Schemas::load(dir.path()),
-            Err(SchemaError::MissingFile { file: NIDD_FILE, .. })
+            Err(SchemaError::MissingFile {
+                file: NIDD_FILE,
+                ..
+            })
         ));
         std::fs::write(dir.path().join(NIDD_FILE), "a: [unclosed\n").unwrap();
-        assert!(matches!(T8Schemas::load(dir.path()), Err(SchemaError::Yaml { .. })));
+        assert!(matches!(
+            T8Schemas::load(dir.path()),
+            Err(SchemaError::Yaml { .. })
+        ));
         assert!(matches!(
             T8Schemas::load(&dir.path().join("absent")),
             Err(SchemaError::ReadDir { .. })
@@ -1347,7 +1538,8 @@ mod tests {
 
     #[test]
     fn yaml_conversion() {
-        let docs = Yaml::load_from_str("a: 1\nb: 1.5\nc: ~\nd: [yes, true]\n200: x\n'e': '007'\n").unwrap();
+        let docs = Yaml::load_from_str("a: 1\nb: 1.5\nc: ~\nd: [yes, true]\n200: x\n'e': '007'\n")
+            .unwrap();
         assert_eq!(
             yaml_to_json(&docs[0]).unwrap(),
             json!({"a": 1, "b": 1.5, "c": null, "d": ["yes", true], "200": "x", "e": "007"})
@@ -1369,10 +1561,18 @@ mod tests {
     #[test]
     fn format_checkers() {
         assert!(is_base64("") && is_base64("QUJD") && is_base64("QUI=") && is_base64("QQ=="));
-        assert!(!is_base64("QUJ") && !is_base64("Q===") && !is_base64("QU=D") && !is_base64("QU-_"));
+        assert!(
+            !is_base64("QUJ") && !is_base64("Q===") && !is_base64("QU=D") && !is_base64("QU-_")
+        );
         assert!(is_uuid("123e4567-e89b-42d3-a456-426614174000"));
-        assert!(!is_uuid("123e4567e89b42d3a456426614174000") && !is_uuid("123e4567-e89b-42d3-a456-42661417400g"));
-        assert_eq!(encode_fragment("/paths/~1{a}/x#y z"), "/paths/~1%7Ba%7D/x%23y%20z");
+        assert!(
+            !is_uuid("123e4567e89b42d3a456426614174000")
+                && !is_uuid("123e4567-e89b-42d3-a456-42661417400g")
+        );
+        assert_eq!(
+            encode_fragment("/paths/~1{a}/x#y z"),
+            "/paths/~1%7Ba%7D/x%23y%20z"
+        );
     }
 
     #[test]

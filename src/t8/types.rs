@@ -290,6 +290,10 @@ impl NiddNotification {
     /// Dispatches a parsed JSON body on its distinguishing field, then decodes it strictly.
     pub fn from_json(body: serde_json::Value) -> Result<Self, serde_json::Error> {
         let has = |field: &str| body.get(field).is_some();
+        let names_one_ue = has("externalId") != has("msisdn");
+        if (has("data") || has("status") || has("managedPorts")) && !names_one_ue {
+            return Err(serde::de::Error::custom("exactly one of externalId and msisdn is required"));
+        }
         Ok(if has("data") {
             Self::Uplink(serde_json::from_value(body)?)
         } else if has("status") {

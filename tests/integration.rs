@@ -1,0 +1,13 @@
+//! Integration tests: the bridge, the mock SCEF and the real npm LwM2M server on loopback.
+//! One test binary (modules below) so the crate links once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod integration {
+    pub mod bad_input;
+    pub mod cli;
+    pub mod common;
+    pub mod conformance;
+    pub mod data_path;
+    pub mod provisioning;
+    pub mod restart;
+}
