@@ -47,7 +47,11 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
         devices: shared.devices.len(),
         devices_with_configuration: shared.provisioned_count(),
     };
-    let status = if body.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if body.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
@@ -83,7 +87,9 @@ fn view(device: &Device) -> DeviceView {
         udp_address: device.socket.local_addr().to_string(),
         nidd_configuration: nidd.map(|n| ConfigurationView {
             self_link: n.location.to_string(),
-            status: n.status.map_or_else(|| "UNKNOWN".to_string(), |s| s.as_str().to_string()),
+            status: n
+                .status
+                .map_or_else(|| "UNKNOWN".to_string(), |s| s.as_str().to_string()),
             maximum_packet_size_bytes: n.maximum_packet_size_bits.map(|bits| bits / 8),
         }),
     }
@@ -98,10 +104,16 @@ async fn list_devices(State(shared): State<Arc<Shared>>) -> Json<Vec<DeviceView>
 async fn show_device(State(shared): State<Arc<Shared>>, Path(device): Path<String>) -> Response {
     let id: DeviceId = match device.parse() {
         Ok(id) => id,
-        Err(error) => return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string()),
+        Err(error) => {
+            return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string());
+        }
     };
     match shared.device(&id) {
         Some(device) => Json(view(device)).into_response(),
-        None => problem_response(StatusCode::NOT_FOUND, "UNKNOWN_DEVICE", format!("device {id} is not configured")),
+        None => problem_response(
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_DEVICE",
+            format!("device {id} is not configured"),
+        ),
     }
 }

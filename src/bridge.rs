@@ -38,9 +38,18 @@ pub enum BridgeError {
     #[error(transparent)]
     Relay(#[from] RelayError),
     #[error("cannot listen on {address}: {source}")]
-    Listen { address: SocketAddr, source: std::io::Error },
-    #[error("{needed} file descriptors are needed ({devices} device sockets + spare) but the limit is {limit}; raise `ulimit -n` or shrink the device list")]
-    FileDescriptors { needed: u64, devices: usize, limit: u64 },
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "{needed} file descriptors are needed ({devices} device sockets + spare) but the limit is {limit}; raise `ulimit -n` or shrink the device list"
+    )]
+    FileDescriptors {
+        needed: u64,
+        devices: usize,
+        limit: u64,
+    },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("T8 client: {0}")]
@@ -93,7 +102,9 @@ impl Device {
     pub fn state(&self) -> MutexGuard<'_, DeviceState> {
         // A panic while holding the lock cannot leave the state half-written in a way that
         // matters more than stopping the device, so a poisoned lock is taken over.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Largest datagram for this device: the SCEF's `maximumPacketSize` (bits) or the default.
@@ -109,7 +120,11 @@ impl Device {
 
     /// The callback URL of this device's NIDD configuration.
     pub fn callback_url(&self, public_url: &Url) -> String {
-        format!("{}/t8/v1/nidd/{}", public_url.as_str().trim_end_matches('/'), self.callback_token)
+        format!(
+            "{}/t8/v1/nidd/{}",
+            public_url.as_str().trim_end_matches('/'),
+            self.callback_token
+        )
     }
 }
 
@@ -142,7 +157,8 @@ impl Shared {
     }
 
     pub fn is_ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Relaxed) && self.provisioned_count() == self.devices.len()
+        !self.shutting_down.load(Ordering::Relaxed)
+            && self.provisioned_count() == self.devices.len()
     }
 
     /// Records a device's NIDD configuration in memory and in the store.
@@ -154,12 +170,18 @@ impl Shared {
         };
         self.store.put_device(&device.id, &record)?;
         device.state().nidd = nidd;
-        self.metrics.devices_provisioned.set(self.provisioned_count() as i64);
+        self.metrics
+            .devices_provisioned
+            .set(self.provisioned_count() as i64);
         Ok(())
     }
 
     /// MO: forwards one datagram the device sent, byte for byte, to the server it is for.
-    pub async fn forward_uplink(&self, device: &Device, datagram: &[u8]) -> Result<(), UplinkError> {
+    pub async fn forward_uplink(
+        &self,
+        device: &Device,
+        datagram: &[u8],
+    ) -> Result<(), UplinkError> {
         let view = Datagram::parse(datagram).map_err(|e| {
             self.metrics.drop_datagram("mo", "not_coap");
             UplinkError::NotCoap(e)
@@ -173,10 +195,14 @@ impl Shared {
         }
         let server = device.state().router.route_uplink(&view);
         let destination = self.servers[server].address;
-        device.socket.send_to(datagram, destination).await.map_err(|e| {
-            self.metrics.drop_datagram("mo", "udp_send_failed");
-            UplinkError::Send(e)
-        })?;
+        device
+            .socket
+            .send_to(datagram, destination)
+            .await
+            .map_err(|e| {
+                self.metrics.drop_datagram("mo", "udp_send_failed");
+                UplinkError::Send(e)
+            })?;
         self.metrics.mo_datagrams.inc();
         self.metrics.mo_bytes.inc_by(datagram.len() as u64);
         tracing::debug!(device = %device.id, server = %self.servers[server].name, code = %view.code_string(), mid = view.message_id, bytes = datagram.len(), "MO forwarded");
@@ -207,7 +233,11 @@ impl Shared {
         let configuration = {
             let mut state = device.state();
             state.router.note_downlink(server, &view);
-            state.nidd.as_ref().filter(|n| n.is_usable()).map(|n| n.location.clone())
+            state
+                .nidd
+                .as_ref()
+                .filter(|n| n.is_usable())
+                .map(|n| n.location.clone())
         };
         let Some(configuration) = configuration else {
             self.metrics.drop_datagram("mt", "no_nidd_configuration");
@@ -233,7 +263,10 @@ impl Shared {
                 tracing::debug!(device = %device.id, %location, "MT delivery pending at the SCEF");
             }
             Ok(DownlinkOutcome::Failed { failure }) => {
-                self.metrics.mt_deliveries.with_label_values(&["FAILED"]).inc();
+                self.metrics
+                    .mt_deliveries
+                    .with_label_values(&["FAILED"])
+                    .inc();
                 self.metrics.drop_datagram("mt", "t8_delivery_failed");
                 tracing::warn!(device = %device.id, cause = ?failure.problem_detail.cause, retry_at = ?failure.requested_retransmission_time, "SCEF could not deliver MT datagram");
             }
@@ -282,7 +315,10 @@ pub struct Bridge;
 impl Bridge {
     /// Opens the store, binds every device socket (persisted addresses first) and both HTTP
     /// listeners. Nothing is sent to the SCEF before `run`.
-    pub async fn bind(config: Config, secrets: &dyn SecretSource) -> Result<BoundBridge, BridgeError> {
+    pub async fn bind(
+        config: Config,
+        secrets: &dyn SecretSource,
+    ) -> Result<BoundBridge, BridgeError> {
         ensure_file_descriptors(config.devices.len())?;
         let metrics = Arc::new(Metrics::new()?);
         let bearer = config.bearer_token(secrets)?;
@@ -306,8 +342,15 @@ impl Bridge {
 
         let servers = config.lwm2m_servers.clone();
         let bootstrap = servers.iter().position(|s| s.role == ServerRole::Bootstrap);
-        let ids: Vec<DeviceId> = config.devices.iter().map(|d| d.device_id()).collect::<Result<_, _>>()?;
-        let records: Vec<Option<DeviceRecord>> = ids.iter().map(|id| store.device(id)).collect::<Result<_, _>>()?;
+        let ids: Vec<DeviceId> = config
+            .devices
+            .iter()
+            .map(|d| d.device_id())
+            .collect::<Result<_, _>>()?;
+        let records: Vec<Option<DeviceRecord>> = ids
+            .iter()
+            .map(|id| store.device(id))
+            .collect::<Result<_, _>>()?;
 
         // Persisted addresses are bound before any new allocation, so no new device takes a
         // port an existing device's registration points at.
@@ -328,8 +371,12 @@ impl Bridge {
         let mut devices = Vec::with_capacity(ids.len());
         let mut by_id = HashMap::new();
         let mut by_token = HashMap::new();
-        for (index, ((device_config, id), (record, socket))) in
-            config.devices.iter().zip(ids).zip(records.into_iter().zip(sockets)).enumerate()
+        for (index, ((device_config, id), (record, socket))) in config
+            .devices
+            .iter()
+            .zip(ids)
+            .zip(records.into_iter().zip(sockets))
+            .enumerate()
         {
             let socket = match socket {
                 Some(socket) => socket,
@@ -348,7 +395,10 @@ impl Bridge {
                     notification_destination: stored.notification_destination,
                 })
             });
-            let endpoint_name = device_config.endpoint_name.clone().or_else(|| id.default_endpoint_name());
+            let endpoint_name = device_config
+                .endpoint_name
+                .clone()
+                .or_else(|| id.default_endpoint_name());
             let device = Arc::new(Device {
                 id: id.clone(),
                 endpoint_name,
@@ -381,7 +431,13 @@ impl Bridge {
             shared.set_nidd(&device, nidd)?;
         }
         tracing::info!(devices = shared.devices.len(), %callback_addr, %admin_addr, "bridge bound");
-        Ok(BoundBridge { shared, callback_listener, admin_listener, callback_addr, admin_addr })
+        Ok(BoundBridge {
+            shared,
+            callback_listener,
+            admin_listener,
+            callback_addr,
+            admin_addr,
+        })
     }
 }
 
@@ -421,9 +477,10 @@ impl BoundBridge {
         let callback_server = axum::serve(self.callback_listener, callback_app)
             .with_graceful_shutdown(async move { stop.cancelled().await });
         let stop = cancel.clone();
-        let admin_server =
-            axum::serve(self.admin_listener, admin_app).with_graceful_shutdown(async move { stop.cancelled().await });
-        let servers = async { tokio::try_join!(callback_server.into_future(), admin_server.into_future()) };
+        let admin_server = axum::serve(self.admin_listener, admin_app)
+            .with_graceful_shutdown(async move { stop.cancelled().await });
+        let servers =
+            async { tokio::try_join!(callback_server.into_future(), admin_server.into_future()) };
         let result = tokio::select! {
             result = servers => result.map(|_| ()).map_err(BridgeError::Serve),
             _ = shutdown => {
@@ -441,11 +498,15 @@ impl BoundBridge {
 }
 
 async fn listen(address: SocketAddr) -> Result<TcpListener, BridgeError> {
-    TcpListener::bind(address).await.map_err(|source| BridgeError::Listen { address, source })
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| BridgeError::Listen { address, source })
 }
 
 fn local_addr(listener: &TcpListener, address: SocketAddr) -> Result<SocketAddr, BridgeError> {
-    listener.local_addr().map_err(|source| BridgeError::Listen { address, source })
+    listener
+        .local_addr()
+        .map_err(|source| BridgeError::Listen { address, source })
 }
 
 /// A 128-bit random capability token, hex encoded.
@@ -459,7 +520,11 @@ fn ensure_file_descriptors(devices: usize) -> Result<(), BridgeError> {
     let needed = devices as u64 + SPARE_FILE_DESCRIPTORS;
     let limit = rlimit::increase_nofile_limit(needed).unwrap_or(0);
     if limit < needed {
-        return Err(BridgeError::FileDescriptors { needed, devices, limit });
+        return Err(BridgeError::FileDescriptors {
+            needed,
+            devices,
+            limit,
+        });
     }
     Ok(())
 }

@@ -49,14 +49,20 @@ impl CallbackError {
         match self {
             Self::UnknownCallback => (StatusCode::NOT_FOUND, "UNKNOWN_CALLBACK"),
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "BODY_TOO_LARGE"),
-            Self::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE"),
+            Self::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE")
+            }
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "MALFORMED_JSON"),
             Self::InvalidNotification(_) => (StatusCode::BAD_REQUEST, "INVALID_NOTIFICATION"),
             Self::BadBase64(_) => (StatusCode::BAD_REQUEST, "BAD_BASE64"),
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
-            Self::DeviceNotInConfiguration { .. } => (StatusCode::FORBIDDEN, "DEVICE_NOT_IN_CONFIGURATION"),
+            Self::DeviceNotInConfiguration { .. } => {
+                (StatusCode::FORBIDDEN, "DEVICE_NOT_IN_CONFIGURATION")
+            }
             Self::Uplink(UplinkError::NotCoap(_)) => (StatusCode::BAD_REQUEST, "NOT_COAP"),
-            Self::Uplink(UplinkError::EndpointMismatch(_)) => (StatusCode::FORBIDDEN, "ENDPOINT_MISMATCH"),
+            Self::Uplink(UplinkError::EndpointMismatch(_)) => {
+                (StatusCode::FORBIDDEN, "ENDPOINT_MISMATCH")
+            }
             Self::Uplink(UplinkError::Send(_)) => (StatusCode::BAD_GATEWAY, "FORWARD_FAILED"),
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
         }
@@ -79,7 +85,12 @@ pub fn problem_response(status: StatusCode, cause: &str, detail: String) -> Resp
         ..Default::default()
     };
     let json = serde_json::to_vec(&body).unwrap_or_default();
-    (status, [(header::CONTENT_TYPE, "application/problem+json")], json).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        json,
+    )
+        .into_response()
 }
 
 impl IntoResponse for CallbackError {
@@ -93,7 +104,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/t8/v1/nidd/{token}", post(nidd_notification))
         .fallback(|| async {
-            problem_response(StatusCode::NOT_FOUND, "UNKNOWN_CALLBACK", "no such callback".into())
+            problem_response(
+                StatusCode::NOT_FOUND,
+                "UNKNOWN_CALLBACK",
+                "no such callback".into(),
+            )
         })
         .with_state(shared)
 }
@@ -110,7 +125,11 @@ async fn nidd_notification(
         Ok(()) => "accepted".to_string(),
         Err(error) => error.outcome(),
     };
-    shared.metrics.callbacks.with_label_values(&[kind, &outcome]).inc();
+    shared
+        .metrics
+        .callbacks
+        .with_label_values(&[kind, &outcome])
+        .inc();
     match result {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(error) => {
@@ -136,7 +155,10 @@ async fn handle(
         .map(|i| shared.devices[*i].clone())
         .ok_or(CallbackError::UnknownCallback)?;
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
-        let content_type = content_type.to_str().unwrap_or_default().to_ascii_lowercase();
+        let content_type = content_type
+            .to_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         if !(content_type.starts_with("application/json") || content_type.contains("+json")) {
             return Err(CallbackError::UnsupportedMediaType);
         }
@@ -147,8 +169,8 @@ async fn handle(
         .map_err(|_| CallbackError::BodyTooLarge { limit })?;
     let json: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| CallbackError::MalformedJson(e.to_string()))?;
-    let notification =
-        NiddNotification::from_json(json).map_err(|e| CallbackError::InvalidNotification(e.to_string()))?;
+    let notification = NiddNotification::from_json(json)
+        .map_err(|e| CallbackError::InvalidNotification(e.to_string()))?;
     *kind = notification.kind();
     match notification {
         NiddNotification::Uplink(uplink) => {
@@ -159,21 +181,37 @@ async fn handle(
             let limit = device.max_packet_bytes(shared.config.nidd.max_packet_bytes);
             if datagram.len() > limit {
                 shared.metrics.drop_datagram("mo", "oversized");
-                return Err(CallbackError::PayloadTooLarge { bytes: datagram.len(), limit });
+                return Err(CallbackError::PayloadTooLarge {
+                    bytes: datagram.len(),
+                    limit,
+                });
             }
             shared.forward_uplink(&device, &datagram).await?;
         }
         NiddNotification::ConfigurationStatus(notification) => {
             check_identity(&device, &notification)?;
-            configuration_status(shared, &device, &notification.nidd_configuration, notification.status);
+            configuration_status(
+                shared,
+                &device,
+                &notification.nidd_configuration,
+                notification.status,
+            );
         }
         NiddNotification::DeliveryStatus(notification) => {
-            shared.metrics.mt_deliveries.with_label_values(&[notification.delivery_status.label()]).inc();
+            shared
+                .metrics
+                .mt_deliveries
+                .with_label_values(&[notification.delivery_status.label()])
+                .inc();
             tracing::debug!(device = %device.id, delivery = %notification.nidd_downlink_data_transfer, status = %notification.delivery_status, "MT delivery status");
         }
         NiddNotification::GroupDelivery(notification) => {
             for result in &notification.gmd_results {
-                shared.metrics.mt_deliveries.with_label_values(&[result.delivery_status.label()]).inc();
+                shared
+                    .metrics
+                    .mt_deliveries
+                    .with_label_values(&[result.delivery_status.label()])
+                    .inc();
             }
         }
         NiddNotification::ManagePort(_) | NiddNotification::Test(_) => {}
@@ -182,7 +220,10 @@ async fn handle(
 }
 
 /// The notification must name the device whose configuration this callback URL belongs to.
-fn check_identity(device: &Device, notification: &impl ExternalIdOrMsisdn) -> Result<(), CallbackError> {
+fn check_identity(
+    device: &Device,
+    notification: &impl ExternalIdOrMsisdn,
+) -> Result<(), CallbackError> {
     let named = match (notification.external_id(), notification.msisdn()) {
         (Some(ext), None) => DeviceId::External(ext.clone()),
         (None, Some(msisdn)) => DeviceId::Msisdn(msisdn.clone()),
@@ -193,13 +234,24 @@ fn check_identity(device: &Device, notification: &impl ExternalIdOrMsisdn) -> Re
         }
     };
     if named != device.id {
-        return Err(CallbackError::DeviceNotInConfiguration { named: named.to_string() });
+        return Err(CallbackError::DeviceNotInConfiguration {
+            named: named.to_string(),
+        });
     }
     Ok(())
 }
 
-fn configuration_status(shared: &Shared, device: &Device, link: &str, status: crate::t8::NiddStatus) {
-    shared.metrics.configuration_statuses.with_label_values(&[status_label(&status)]).inc();
+fn configuration_status(
+    shared: &Shared,
+    device: &Device,
+    link: &str,
+    status: crate::t8::NiddStatus,
+) {
+    shared
+        .metrics
+        .configuration_statuses
+        .with_label_values(&[status_label(&status)])
+        .inc();
     let current = device.state().nidd.clone();
     let location = match (&current, url::Url::parse(link)) {
         (Some(current), _) => current.location.clone(),

@@ -176,7 +176,10 @@ mod tests {
     #[test]
     fn junk_is_an_error() {
         assert_eq!(Datagram::parse(&[0x40]), Err(CoapError::TooShort));
-        assert_eq!(Datagram::parse(&[0x00, 1, 2, 3]), Err(CoapError::BadVersion));
+        assert_eq!(
+            Datagram::parse(&[0x00, 1, 2, 3]),
+            Err(CoapError::BadVersion)
+        );
         assert!(Datagram::parse(&[0x48, 1, 2, 3]).is_err()); // token length 8, no token bytes
     }
 

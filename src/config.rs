@@ -19,7 +19,10 @@ pub const EXAMPLE_CONFIG: &str = include_str!("../deploy/nidd-bridge.example.tom
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Parse(String),
     #[error("invalid configuration: {0}")]
@@ -188,7 +191,9 @@ impl FromStr for PortRange {
             None => (parse(s)?, parse(s)?),
         };
         if first == 0 || first > last {
-            return Err(format!("port range {s:?} must be FIRST-LAST with 1 <= FIRST <= LAST"));
+            return Err(format!(
+                "port range {s:?} must be FIRST-LAST with 1 <= FIRST <= LAST"
+            ));
         }
         Ok(Self { first, last })
     }
@@ -335,7 +340,9 @@ impl Config {
             return invalid("callback.public_url must be an http or https URL".into());
         }
         if self.scef.bearer_token_file.is_some() && self.scef.bearer_token_env.is_some() {
-            return invalid("set at most one of scef.bearer_token_file and scef.bearer_token_env".into());
+            return invalid(
+                "set at most one of scef.bearer_token_file and scef.bearer_token_env".into(),
+            );
         }
         if self.scef.retry_initial_ms == 0 || self.scef.retry_max_ms < self.scef.retry_initial_ms {
             return invalid("scef.retry_initial_ms must be > 0 and <= scef.retry_max_ms".into());
@@ -365,9 +372,17 @@ impl Config {
             }
         }
         if !self.lwm2m_servers.iter().any(|s| s.role == ServerRole::Dm) {
-            return invalid("at least one [[lwm2m_servers]] entry with role = \"dm\" is needed".into());
+            return invalid(
+                "at least one [[lwm2m_servers]] entry with role = \"dm\" is needed".into(),
+            );
         }
-        if self.lwm2m_servers.iter().filter(|s| s.role == ServerRole::Bootstrap).count() > 1 {
+        if self
+            .lwm2m_servers
+            .iter()
+            .filter(|s| s.role == ServerRole::Bootstrap)
+            .count()
+            > 1
+        {
             return invalid("at most one bootstrap server can be configured".into());
         }
         let mut ids = HashSet::new();
@@ -417,7 +432,11 @@ impl Config {
             .lwm2m_server
             .as_ref()
             .and_then(|name| self.lwm2m_servers.iter().position(|s| &s.name == name))
-            .or_else(|| self.lwm2m_servers.iter().position(|s| s.role == ServerRole::Dm))
+            .or_else(|| {
+                self.lwm2m_servers
+                    .iter()
+                    .position(|s| s.role == ServerRole::Dm)
+            })
             .unwrap_or(0)
     }
 }
@@ -425,7 +444,10 @@ impl Config {
 fn non_empty_secret(what: &'static str, text: String) -> Result<Secret, ConfigError> {
     let value = text.trim();
     if value.is_empty() {
-        return Err(ConfigError::Secret { what, detail: "is empty".into() });
+        return Err(ConfigError::Secret {
+            what,
+            detail: "is empty".into(),
+        });
     }
     Ok(Secret::new(value))
 }
@@ -487,10 +509,19 @@ mod tests {
 
     #[test]
     fn devices_accept_both_spellings_and_reject_duplicates() {
-        let ok = minimal("[[devices]]\nexternal_id = \"urn:nai:a@x\"\n[[devices]]\nmsisdn = \"4912345\"");
+        let ok = minimal(
+            "[[devices]]\nexternal_id = \"urn:nai:a@x\"\n[[devices]]\nmsisdn = \"4912345\"",
+        );
         assert_eq!(Config::parse(&ok).unwrap().devices.len(), 2);
-        let dup = minimal("[[devices]]\nexternal_id = \"urn:nai:a@x\"\n[[devices]]\nexternal_id = \"a@x\"");
-        assert!(Config::parse(&dup).unwrap_err().to_string().contains("twice"));
+        let dup = minimal(
+            "[[devices]]\nexternal_id = \"urn:nai:a@x\"\n[[devices]]\nexternal_id = \"a@x\"",
+        );
+        assert!(
+            Config::parse(&dup)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
         let both = minimal("[[devices]]\nexternal_id = \"a@x\"\nmsisdn = \"4912345\"");
         assert!(Config::parse(&both).is_err());
     }
@@ -500,7 +531,12 @@ mod tests {
         let three = minimal(
             "[[devices]]\nexternal_id = \"a@x\"\n[[devices]]\nexternal_id = \"b@x\"\n[[devices]]\nexternal_id = \"c@x\"",
         );
-        assert!(Config::parse(&three).unwrap_err().to_string().contains("pool"));
+        assert!(
+            Config::parse(&three)
+                .unwrap_err()
+                .to_string()
+                .contains("pool")
+        );
     }
 
     #[test]

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::Bridge;
 use crate::config::{Config, ProcessSecrets};
 use crate::device::DeviceId;
 use crate::lwm2m_peer::{self, Lwm2mNodeServer};
 use crate::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use crate::mock_scef::{MockScef, MockScefConfig};
 use crate::t8::schema::T8Schemas;
-use crate::Bridge;
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -28,22 +28,38 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     if options.devices == 0 || options.devices > 1000 {
         bail!("--devices must be between 1 and 1000");
     }
-    say("1/6", "starting the real LwM2M server (npm lwm2m-node-lib) on loopback");
+    say(
+        "1/6",
+        "starting the real LwM2M server (npm lwm2m-node-lib) on loopback",
+    );
     lwm2m_peer::ensure_installed(&options.peer_dir).await?;
     let server = Lwm2mNodeServer::start(&options.peer_dir).await?;
     println!("      LwM2M server listening on udp://{}", server.address);
 
     say("2/6", "starting the mock SCEF (T8 NIDD API emulator)");
     let schemas = match &options.schemas {
-        Some(dir) if dir.is_dir() => Some(Arc::new(T8Schemas::load(dir).context("loading the 3GPP schemas")?)),
+        Some(dir) if dir.is_dir() => Some(Arc::new(
+            T8Schemas::load(dir).context("loading the 3GPP schemas")?,
+        )),
         _ => None,
     };
     let validating = schemas.is_some();
-    let mock = MockScef::start(([127, 0, 0, 1], 0).into(), MockScefConfig { schemas, ..Default::default() }).await?;
+    let mock = MockScef::start(
+        ([127, 0, 0, 1], 0).into(),
+        MockScefConfig {
+            schemas,
+            ..Default::default()
+        },
+    )
+    .await?;
     println!(
         "      T8 apiRoot {}  (schema validation of every T8 body: {})",
         mock.api_root(),
-        if validating { "on" } else { "off: 3GPP schemas not found" }
+        if validating {
+            "on"
+        } else {
+            "off: 3GPP schemas not found"
+        }
     );
 
     say("3/6", "starting nidd-bridge");
@@ -80,7 +96,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         store.display()
     ))?;
     let bridge = Bridge::bind(config, &ProcessSecrets).await?;
-    println!("      T8 callbacks on http://{}   admin/metrics on http://{}", bridge.callback_addr, bridge.admin_addr);
+    println!(
+        "      T8 callbacks on http://{}   admin/metrics on http://{}",
+        bridge.callback_addr, bridge.admin_addr
+    );
     let admin = bridge.admin_addr;
     let addresses: Vec<_> = ids.iter().map(|id| bridge.device_address(id)).collect();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -97,7 +116,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         let sim = SimLwm2mDevice::spawn(ue, DeviceProfile::new(&endpoint));
         let location = sim.register().await?;
         let seen = server
-            .wait_event("the registration", STEP_TIMEOUT, |e| e["event"] == "registration" && e["endpoint"] == endpoint.as_str())
+            .wait_event("the registration", STEP_TIMEOUT, |e| {
+                e["event"] == "registration" && e["endpoint"] == endpoint.as_str()
+            })
             .await?;
         println!(
             "      {endpoint:<42} registered at the server as /{location} from {}:{}  (bridge socket {})",
@@ -108,17 +129,27 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         sims.push((endpoint, sim));
     }
 
-    say("5/6", "the LwM2M server reads /3/0/0 (Manufacturer) from each device, through T8 MT and MO");
+    say(
+        "5/6",
+        "the LwM2M server reads /3/0/0 (Manufacturer) from each device, through T8 MT and MO",
+    );
     for (endpoint, _) in &sims {
         let value = server.read(endpoint, "/3/0/0").await?;
         let serial = server.read(endpoint, "/3/0/2").await?;
         println!("      {endpoint:<42} /3/0/0 = {value:?}  /3/0/2 = {serial:?}");
     }
-    let metrics = reqwest::get(format!("http://{admin}/metrics")).await?.text().await?;
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await?
+        .text()
+        .await?;
     for line in metrics.lines().filter(|l| {
-        ["nidd_bridge_mo_datagrams_total", "nidd_bridge_mt_datagrams_total", "nidd_bridge_devices_provisioned"]
-            .iter()
-            .any(|name| l.starts_with(name))
+        [
+            "nidd_bridge_mo_datagrams_total",
+            "nidd_bridge_mt_datagrams_total",
+            "nidd_bridge_devices_provisioned",
+        ]
+        .iter()
+        .any(|name| l.starts_with(name))
     }) {
         println!("      {line}");
     }
@@ -127,19 +158,27 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     for (endpoint, sim) in &sims {
         sim.deregister().await?;
         server
-            .wait_event("the de-registration", STEP_TIMEOUT, |e| e["event"] == "unregistration" && e["endpoint"] == endpoint.as_str())
+            .wait_event("the de-registration", STEP_TIMEOUT, |e| {
+                e["event"] == "unregistration" && e["endpoint"] == endpoint.as_str()
+            })
             .await?;
         println!("      {endpoint:<42} de-registered");
     }
     let violations = mock.violations();
     if !violations.is_empty() {
-        bail!("T8 bodies that do not match the 3GPP schemas:\n{}", violations.join("\n"));
+        bail!(
+            "T8 bodies that do not match the 3GPP schemas:\n{}",
+            violations.join("\n")
+        );
     }
     let _ = stop.send(());
     running.await.context("bridge task")??;
     server.stop().await;
     let _ = std::fs::remove_dir_all(&store);
-    println!("\ndemo finished: {} devices registered, read and de-registered through NIDD", sims.len());
+    println!(
+        "\ndemo finished: {} devices registered, read and de-registered through NIDD",
+        sims.len()
+    );
     Ok(())
 }
 

@@ -20,11 +20,15 @@ pub enum IdentityError {
     Empty,
     #[error("device identity longer than {MAX_IDENTITY_LEN} characters")]
     TooLong,
-    #[error("External Identifier {0:?} must be local@domain with exactly one '@' and both parts non-empty")]
+    #[error(
+        "External Identifier {0:?} must be local@domain with exactly one '@' and both parts non-empty"
+    )]
     BadExternalId(String),
     #[error("MSISDN {0:?} must be 5 to 15 digits (country code first, no '+')")]
     BadMsisdn(String),
-    #[error("{0:?} is neither an External Identifier (local@domain, urn:nai:local@domain) nor an MSISDN")]
+    #[error(
+        "{0:?} is neither an External Identifier (local@domain, urn:nai:local@domain) nor an MSISDN"
+    )]
     Unrecognised(String),
 }
 
@@ -206,7 +210,9 @@ impl fmt::Display for DeviceId {
 
 fn strip_urn_nai(input: &str) -> &str {
     match input.get(..URN_NAI_PREFIX.len()) {
-        Some(prefix) if prefix.eq_ignore_ascii_case(URN_NAI_PREFIX) => &input[URN_NAI_PREFIX.len()..],
+        Some(prefix) if prefix.eq_ignore_ascii_case(URN_NAI_PREFIX) => {
+            &input[URN_NAI_PREFIX.len()..]
+        }
         _ => input,
     }
 }
@@ -247,10 +253,15 @@ mod tests {
 
     #[test]
     fn rejects_malformed_identities() {
-        for bad in ["", "@x", "a@", "a@b@c", "urn:nai:", "12ab", "123", "a b@c", "+"] {
+        for bad in [
+            "", "@x", "a@", "a@b@c", "urn:nai:", "12ab", "123", "a b@c", "+",
+        ] {
             assert!(bad.parse::<DeviceId>().is_err(), "{bad:?} accepted");
         }
-        assert_eq!("x".repeat(300).parse::<Msisdn>(), Err(IdentityError::TooLong));
+        assert_eq!(
+            "x".repeat(300).parse::<Msisdn>(),
+            Err(IdentityError::TooLong)
+        );
     }
 
     #[test]

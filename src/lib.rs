@@ -26,11 +26,11 @@ pub mod demo;
 pub mod device;
 pub mod lwm2m_peer;
 pub mod metrics;
+pub mod mock_scef;
 pub mod provision;
 pub mod relay;
 pub mod routing;
 pub mod store;
-pub mod mock_scef;
 pub mod t8;
 
 pub use bridge::{BoundBridge, Bridge, BridgeError};

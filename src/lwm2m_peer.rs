@@ -25,7 +25,11 @@ pub enum PeerError {
     #[error("timed out waiting for {0}")]
     Timeout(String),
     #[error("LwM2M server refused {op}: {error} ({kind})")]
-    Refused { op: String, error: String, kind: String },
+    Refused {
+        op: String,
+        error: String,
+        kind: String,
+    },
 }
 
 /// Where the peer's Node project lives: `NIDD_BRIDGE_LWM2M_PEER_DIR` or the source tree.
@@ -37,10 +41,16 @@ pub fn default_peer_dir() -> PathBuf {
 
 /// Runs `npm ci` in `dir` unless the package is already installed.
 pub async fn ensure_installed(dir: &Path) -> Result<(), PeerError> {
-    if dir.join("node_modules/lwm2m-node-lib/package.json").exists() {
+    if dir
+        .join("node_modules/lwm2m-node-lib/package.json")
+        .exists()
+    {
         return Ok(());
     }
-    let install = |detail: String| PeerError::Install { dir: dir.to_path_buf(), detail };
+    let install = |detail: String| PeerError::Install {
+        dir: dir.to_path_buf(),
+        detail,
+    };
     tracing::info!(dir = %dir.display(), "installing the npm LwM2M server (npm ci)");
     let output = Command::new("npm")
         .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
@@ -49,7 +59,9 @@ pub async fn ensure_installed(dir: &Path) -> Result<(), PeerError> {
         .await
         .map_err(|e| install(format!("npm: {e} (is Node.js 18+ with npm installed?)")))?;
     if !output.status.success() {
-        return Err(install(String::from_utf8_lossy(&output.stderr).into_owned()));
+        return Err(install(
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ));
     }
     Ok(())
 }
@@ -75,22 +87,37 @@ impl Lwm2mNodeServer {
     pub async fn start(dir: &Path) -> Result<Self, PeerError> {
         let mut child = Command::new("node")
             .arg(dir.join("server.js"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--request-timeout-ms", "15000"])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--request-timeout-ms",
+                "15000",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| PeerError::Start(format!("node: {e}")))?;
-        let stdin = child.stdin.take().ok_or(PeerError::Start("no stdin".into()))?;
-        let stdout = child.stdout.take().ok_or(PeerError::Start("no stdout".into()))?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or(PeerError::Start("no stdin".into()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or(PeerError::Start("no stdout".into()))?;
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (notify, changed) = watch::channel(0u64);
         let reader_shared = shared.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let Ok(message) = serde_json::from_str::<Value>(&line) else { continue };
+                let Ok(message) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
                 let mut shared = reader_shared.lock().unwrap_or_else(|p| p.into_inner());
                 match message.get("id").and_then(Value::as_u64) {
                     Some(id) if message.get("event").is_none() => {
@@ -112,16 +139,25 @@ impl Lwm2mNodeServer {
             address: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
         let listening = server
-            .wait_event("the LwM2M server to listen", Duration::from_secs(30), |e| e["event"] == "listening")
+            .wait_event("the LwM2M server to listen", Duration::from_secs(30), |e| {
+                e["event"] == "listening"
+            })
             .await?;
-        let port = listening["port"].as_u64().and_then(|p| u16::try_from(p).ok()).ok_or(PeerError::Stopped)?;
+        let port = listening["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or(PeerError::Stopped)?;
         server.address = SocketAddr::from(([127, 0, 0, 1], port));
         Ok(server)
     }
 
     /// Every event seen so far.
     pub fn events(&self) -> Vec<Value> {
-        self.shared.lock().unwrap_or_else(|p| p.into_inner()).events.clone()
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .events
+            .clone()
     }
 
     /// Waits for an event (already seen or future) matching `predicate`.
@@ -158,7 +194,12 @@ impl Lwm2mNodeServer {
         let op = command["op"].as_str().unwrap_or_default().to_string();
         let mut line = command.to_string();
         line.push('\n');
-        self.stdin.lock().await.write_all(line.as_bytes()).await.map_err(|_| PeerError::Stopped)?;
+        self.stdin
+            .lock()
+            .await
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|_| PeerError::Stopped)?;
         let reply = tokio::time::timeout(Duration::from_secs(60), answer)
             .await
             .map_err(|_| PeerError::Timeout(format!("reply to {op}")))?
@@ -176,17 +217,22 @@ impl Lwm2mNodeServer {
 
     /// Reads a resource through the server; returns the value it got.
     pub async fn read(&self, endpoint: &str, path: &str) -> Result<String, PeerError> {
-        let result = self.command(json!({"op": "read", "endpoint": endpoint, "path": path})).await?;
+        let result = self
+            .command(json!({"op": "read", "endpoint": endpoint, "path": path}))
+            .await?;
         Ok(result.as_str().unwrap_or_default().to_string())
     }
 
     pub async fn write(&self, endpoint: &str, path: &str, value: &str) -> Result<(), PeerError> {
-        self.command(json!({"op": "write", "endpoint": endpoint, "path": path, "value": value})).await?;
+        self.command(json!({"op": "write", "endpoint": endpoint, "path": path, "value": value}))
+            .await?;
         Ok(())
     }
 
     pub async fn discover(&self, endpoint: &str, path: &str) -> Result<String, PeerError> {
-        let result = self.command(json!({"op": "discover", "endpoint": endpoint, "path": path})).await?;
+        let result = self
+            .command(json!({"op": "discover", "endpoint": endpoint, "path": path}))
+            .await?;
         Ok(result.as_str().unwrap_or_default().to_string())
     }
 
@@ -199,7 +245,10 @@ impl Lwm2mNodeServer {
     /// Stops the server (closing stdin lets it exit cleanly).
     pub async fn stop(mut self) {
         drop(self.stdin);
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
             let _ = self.child.kill().await;
         }
     }

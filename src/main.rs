@@ -19,7 +19,11 @@ use nidd_bridge::{Bridge, demo, lwm2m_peer};
 const EXIT_BAD_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "nidd-bridge", version, about = "Bridge between 3GPP T8 NIDD (SCEF/NEF) and LwM2M servers")]
+#[command(
+    name = "nidd-bridge",
+    version,
+    about = "Bridge between 3GPP T8 NIDD (SCEF/NEF) and LwM2M servers"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -76,7 +80,10 @@ fn default_schema_dir() -> PathBuf {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format, matches!(cli.command, Command::Demo { .. }));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("nidd-bridge: cannot start the runtime: {error}");
@@ -91,12 +98,24 @@ fn main() -> ExitCode {
                 print!("{EXAMPLE_CONFIG}");
                 ExitCode::SUCCESS
             }
-            Command::MockScef { listen, schemas, max_packet_bytes, simulate_devices } => {
-                report(mock_scef(listen, schemas, max_packet_bytes, simulate_devices).await)
-            }
-            Command::Demo { devices, peer_dir, schemas } => {
-                report(demo::run(demo::DemoOptions { devices, peer_dir, schemas: Some(schemas) }).await)
-            }
+            Command::MockScef {
+                listen,
+                schemas,
+                max_packet_bytes,
+                simulate_devices,
+            } => report(mock_scef(listen, schemas, max_packet_bytes, simulate_devices).await),
+            Command::Demo {
+                devices,
+                peer_dir,
+                schemas,
+            } => report(
+                demo::run(demo::DemoOptions {
+                    devices,
+                    peer_dir,
+                    schemas: Some(schemas),
+                })
+                .await,
+            ),
         }
     })
 }
@@ -105,7 +124,9 @@ fn init_logging(format: &str, quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -123,7 +144,7 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|error| {
         eprintln!("nidd-bridge: {}: {error}", path.display());
         ExitCode::from(EXIT_BAD_CONFIG)
@@ -202,9 +223,16 @@ async fn mock_scef(
         None => None,
     };
     let validating = schemas.is_some();
-    let config = MockScefConfig { maximum_packet_size_bits: Some(max_packet_bytes * 8), schemas, ..Default::default() };
+    let config = MockScefConfig {
+        maximum_packet_size_bits: Some(max_packet_bytes * 8),
+        schemas,
+        ..Default::default()
+    };
     let mock = Arc::new(MockScef::start(listen, config).await?);
-    println!("{}", serde_json::json!({"event": "listening", "apiRoot": mock.api_root().as_str()}));
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "apiRoot": mock.api_root().as_str()})
+    );
     for text in simulate_devices {
         let id: DeviceId = text.parse()?;
         let ue = mock.ue(&id);
@@ -235,7 +263,10 @@ async fn mock_scef(
             eprintln!("schema violation: {violation}");
         }
         if !violations.is_empty() {
-            anyhow::bail!("{} T8 bodies did not match the 3GPP schemas", violations.len());
+            anyhow::bail!(
+                "{} T8 bodies did not match the 3GPP schemas",
+                violations.len()
+            );
         }
     }
     Ok(())

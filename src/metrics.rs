@@ -47,16 +47,30 @@ impl Metrics {
             Ok(g)
         };
         let t8_request_seconds = HistogramVec::new(
-            HistogramOpts::new("t8_request_duration_seconds", "Latency of T8 requests to the SCEF/NEF")
-                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            HistogramOpts::new(
+                "t8_request_duration_seconds",
+                "Latency of T8 requests to the SCEF/NEF",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
             &["api", "operation"],
         )?;
         registry.register(Box::new(t8_request_seconds.clone()))?;
         Ok(Self {
-            mo_datagrams: counter("mo_datagrams_total", "Uplink (MO) datagrams forwarded to LwM2M servers")?,
+            mo_datagrams: counter(
+                "mo_datagrams_total",
+                "Uplink (MO) datagrams forwarded to LwM2M servers",
+            )?,
             mo_bytes: counter("mo_bytes_total", "Bytes of uplink (MO) datagrams forwarded")?,
-            mt_datagrams: counter("mt_datagrams_total", "Downlink (MT) datagrams accepted from LwM2M servers")?,
-            mt_bytes: counter("mt_bytes_total", "Bytes of downlink (MT) datagrams accepted")?,
+            mt_datagrams: counter(
+                "mt_datagrams_total",
+                "Downlink (MT) datagrams accepted from LwM2M servers",
+            )?,
+            mt_bytes: counter(
+                "mt_bytes_total",
+                "Bytes of downlink (MT) datagrams accepted",
+            )?,
             t8_requests: counter_vec(
                 "t8_requests_total",
                 "T8 requests sent, by API, operation and outcome (HTTP status or transport error)",
@@ -98,7 +112,9 @@ impl Metrics {
 
     /// Counts a dropped datagram.
     pub fn drop_datagram(&self, direction: &str, reason: &str) {
-        self.dropped_datagrams.with_label_values(&[direction, reason]).inc();
+        self.dropped_datagrams
+            .with_label_values(&[direction, reason])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -123,8 +139,13 @@ mod tests {
         metrics.drop_datagram("mt", "unknown_source");
         let text = metrics.render();
         assert!(text.contains("nidd_bridge_mo_datagrams_total 1"));
-        assert!(text.contains("nidd_bridge_dropped_datagrams_total{direction=\"mt\",reason=\"unknown_source\"} 1"));
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        assert!(text.contains(
+            "nidd_bridge_dropped_datagrams_total{direction=\"mt\",reason=\"unknown_source\"} 1"
+        ));
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             assert!(line.starts_with("nidd_bridge_"), "{line}");
         }
     }

@@ -42,7 +42,11 @@ pub enum MockError {
     #[error("callback to {url} failed: {source}")]
     Callback { url: String, source: reqwest::Error },
     #[error("callback to {url} answered {status}: {body}")]
-    Refused { url: String, status: StatusCode, body: String },
+    Refused {
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
     #[error("cannot listen: {0}")]
@@ -62,7 +66,11 @@ pub struct MockScefConfig {
 
 impl Default for MockScefConfig {
     fn default() -> Self {
-        Self { maximum_packet_size_bits: Some(1358 * 8), send_active_notification: true, schemas: None }
+        Self {
+            maximum_packet_size_bits: Some(1358 * 8),
+            send_active_notification: true,
+            schemas: None,
+        }
     }
 }
 
@@ -130,7 +138,12 @@ impl MockState {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    fn check(&self, what: &str, schema: Option<schema::SchemaRef>, body: Option<&serde_json::Value>) {
+    fn check(
+        &self,
+        what: &str,
+        schema: Option<schema::SchemaRef>,
+        body: Option<&serde_json::Value>,
+    ) {
         let (Some(schemas), Some(schema), Some(body)) = (&self.config.schemas, schema, body) else {
             return;
         };
@@ -145,21 +158,35 @@ impl MockState {
     fn ue_channels<'a>(inner: &'a mut Inner, id: &DeviceId) -> &'a mut UeChannels {
         inner.ues.entry(id.clone()).or_insert_with(|| {
             let (mt_sender, receiver) = mpsc::unbounded_channel();
-            UeChannels { mt_sender, mt_receiver: Some(receiver) }
+            UeChannels {
+                mt_sender,
+                mt_receiver: Some(receiver),
+            }
         })
     }
 
     /// POSTs a notification to the bridge, records and validates it.
     async fn callback(&self, url: &str, body: serde_json::Value) -> Result<StatusCode, MockError> {
-        self.check(&format!("callback to {url}"), Some(schema::nidd_callback_schema(&body)), Some(&body));
+        self.check(
+            &format!("callback to {url}"),
+            Some(schema::nidd_callback_schema(&body)),
+            Some(&body),
+        );
         let result = self.http.post(url).json(&body).send().await;
-        let path = Url::parse(url).map(|u| u.path().to_string()).unwrap_or_else(|_| url.to_string());
+        let path = Url::parse(url)
+            .map(|u| u.path().to_string())
+            .unwrap_or_else(|_| url.to_string());
         let (status, text) = match result {
             Ok(response) => {
                 let status = response.status();
                 (status, response.text().await.unwrap_or_default())
             }
-            Err(source) => return Err(MockError::Callback { url: url.into(), source }),
+            Err(source) => {
+                return Err(MockError::Callback {
+                    url: url.into(),
+                    source,
+                });
+            }
         };
         self.inner().recorded.push(Recorded {
             direction: "callback",
@@ -172,7 +199,11 @@ impl MockState {
         if status.is_success() {
             Ok(status)
         } else {
-            Err(MockError::Refused { url: url.into(), status, body: text })
+            Err(MockError::Refused {
+                url: url.into(),
+                status,
+                body: text,
+            })
         }
     }
 }
@@ -186,9 +217,12 @@ pub struct MockScef {
 
 impl MockScef {
     pub async fn start(listen: SocketAddr, config: MockScefConfig) -> Result<Self, MockError> {
-        let listener = tokio::net::TcpListener::bind(listen).await.map_err(MockError::Listen)?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(MockError::Listen)?;
         let addr = listener.local_addr().map_err(MockError::Listen)?;
-        let api_root = Url::parse(&format!("http://{addr}")).map_err(|e| MockError::Listen(std::io::Error::other(e)))?;
+        let api_root = Url::parse(&format!("http://{addr}"))
+            .map_err(|e| MockError::Listen(std::io::Error::other(e)))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -247,7 +281,12 @@ impl MockScef {
     }
 
     pub fn configurations(&self) -> Vec<MockConfiguration> {
-        self.state.inner().configurations.values().cloned().collect()
+        self.state
+            .inner()
+            .configurations
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Configurations created since start (deleted ones included).
@@ -256,8 +295,13 @@ impl MockScef {
     }
 
     /// Sends a `NiddConfigurationStatusNotification` for the UE's configuration.
-    pub async fn notify_status(&self, ue: &DeviceId, status: NiddStatus) -> Result<StatusCode, MockError> {
-        let configuration = configuration_of(&self.state, ue).ok_or_else(|| MockError::NotConfigured(ue.clone()))?;
+    pub async fn notify_status(
+        &self,
+        ue: &DeviceId,
+        status: NiddStatus,
+    ) -> Result<StatusCode, MockError> {
+        let configuration = configuration_of(&self.state, ue)
+            .ok_or_else(|| MockError::NotConfigured(ue.clone()))?;
         if status.is_terminated() {
             self.state.inner().configurations.remove(&configuration.id);
             self.state.bump();
@@ -270,11 +314,18 @@ impl MockScef {
             rds_cap_indication: None,
         };
         let json = serde_json::to_value(&body).unwrap_or_default();
-        self.state.callback(&configuration.notification_destination, json).await
+        self.state
+            .callback(&configuration.notification_destination, json)
+            .await
     }
 
     /// POSTs an arbitrary body to a callback URL (for bad-input tests), recorded like others.
-    pub async fn post_raw(&self, url: &str, content_type: &str, body: Vec<u8>) -> Result<(StatusCode, String), MockError> {
+    pub async fn post_raw(
+        &self,
+        url: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, String), MockError> {
         let response = self
             .state
             .http
@@ -283,7 +334,10 @@ impl MockScef {
             .body(body)
             .send()
             .await
-            .map_err(|source| MockError::Callback { url: url.into(), source })?;
+            .map_err(|source| MockError::Callback {
+                url: url.into(),
+                source,
+            })?;
         let status = response.status();
         Ok((status, response.text().await.unwrap_or_default()))
     }
@@ -322,7 +376,13 @@ impl Drop for MockScef {
 }
 
 fn configuration_of(state: &MockState, ue: &DeviceId) -> Option<MockConfiguration> {
-    state.inner().configurations.values().rev().find(|c| &c.ue == ue).cloned()
+    state
+        .inner()
+        .configurations
+        .values()
+        .rev()
+        .find(|c| &c.ue == ue)
+        .cloned()
 }
 
 /// A simulated UE: inject MO datagrams, await MT datagrams.
@@ -354,8 +414,8 @@ impl SimUe {
 
     /// Sends one MO datagram as a `NiddUplinkDataNotification` to the bridge.
     pub async fn send_mo(&self, datagram: &[u8]) -> Result<StatusCode, MockError> {
-        let configuration =
-            configuration_of(&self.state, &self.id).ok_or_else(|| MockError::NotConfigured(self.id.clone()))?;
+        let configuration = configuration_of(&self.state, &self.id)
+            .ok_or_else(|| MockError::NotConfigured(self.id.clone()))?;
         let body = NiddUplinkDataNotification {
             nidd_configuration: configuration.self_link.clone(),
             external_id: self.id.external_id().cloned(),
@@ -364,49 +424,78 @@ impl SimUe {
             reliable_data_service: None,
         };
         let json = serde_json::to_value(&body).unwrap_or_default();
-        self.state.callback(&configuration.notification_destination, json).await
+        self.state
+            .callback(&configuration.notification_destination, json)
+            .await
     }
 
     /// The next MT datagram delivered to this UE, or `None` after `timeout`.
     pub async fn recv_mt(&self, timeout: Duration) -> Option<Vec<u8>> {
         let mut guard = self.mt.lock().await;
         let receiver = guard.as_mut()?;
-        tokio::time::timeout(timeout, receiver.recv()).await.ok().flatten()
+        tokio::time::timeout(timeout, receiver.recv())
+            .await
+            .ok()
+            .flatten()
     }
 }
 
 fn router(state: Arc<MockState>) -> Router {
     let nidd = Router::new()
-        .route("/{scs}/configurations", post(create_configuration).get(list_configurations))
+        .route(
+            "/{scs}/configurations",
+            post(create_configuration).get(list_configurations),
+        )
         .route(
             "/{scs}/configurations/{id}",
-            get(fetch_configuration).delete(delete_configuration).patch(modify_configuration),
+            get(fetch_configuration)
+                .delete(delete_configuration)
+                .patch(modify_configuration),
         )
-        .route("/{scs}/configurations/{id}/downlink-data-deliveries", post(create_downlink));
+        .route(
+            "/{scs}/configurations/{id}/downlink-data-deliveries",
+            post(create_downlink),
+        );
     Router::new()
         .nest("/3gpp-nidd/v1", nidd.clone())
         .nest("/redirected/3gpp-nidd/v1", nidd)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), record_and_validate))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            record_and_validate,
+        ))
         .with_state(state)
 }
 
 /// Records every request and answer, and validates both bodies against the schemas.
-async fn record_and_validate(State(state): State<Arc<MockState>>, request: Request, next: Next) -> Response {
+async fn record_and_validate(
+    State(state): State<Arc<MockState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
-    let schema_path = path.strip_prefix("/redirected").unwrap_or(&path).to_string();
+    let schema_path = path
+        .strip_prefix("/redirected")
+        .unwrap_or(&path)
+        .to_string();
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await.unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, MAX_REQUEST_BYTES)
+        .await
+        .unwrap_or_default();
     let request_body: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
     state.check(
         &format!("{method} {schema_path} request"),
         schema::request_schema(method.as_str(), &schema_path),
         request_body.as_ref(),
     );
-    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
     let status = response.status();
     let (parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await.unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, MAX_REQUEST_BYTES)
+        .await
+        .unwrap_or_default();
     let response_body: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
     if !status.is_redirection() {
         state.check(
@@ -439,28 +528,38 @@ fn bad_request(detail: impl Into<String>) -> Response {
     problem_response(StatusCode::BAD_REQUEST, "INVALID_REQUEST", detail.into())
 }
 
-fn named_ue(body: &impl ExternalIdOrMsisdn) -> Result<DeviceId, Response> {
+fn named_ue(body: &impl ExternalIdOrMsisdn) -> Option<DeviceId> {
     match (body.external_id(), body.msisdn()) {
-        (Some(ext), None) => Ok(DeviceId::External(ext.clone())),
-        (None, Some(msisdn)) => Ok(DeviceId::Msisdn(msisdn.clone())),
-        _ => Err(bad_request("exactly one of externalId and msisdn is required")),
+        (Some(ext), None) => Some(DeviceId::External(ext.clone())),
+        (None, Some(msisdn)) => Some(DeviceId::Msisdn(msisdn.clone())),
+        _ => None,
     }
 }
 
-async fn create_configuration(State(state): State<Arc<MockState>>, Path(scs): Path<String>, body: Bytes) -> Response {
+async fn create_configuration(
+    State(state): State<Arc<MockState>>,
+    Path(scs): Path<String>,
+    body: Bytes,
+) -> Response {
     let failures = &state.faults.fail_configuration_creations;
-    if failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+    if failures
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
         let status = StatusCode::from_u16(state.faults.fail_status.load(Ordering::SeqCst) as u16)
             .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return problem_response(status, "INJECTED_FAULT", "fault injected by the mock SCEF".into());
+        return problem_response(
+            status,
+            "INJECTED_FAULT",
+            "fault injected by the mock SCEF".into(),
+        );
     }
     let request: NiddConfiguration = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(error) => return bad_request(error.to_string()),
     };
-    let ue = match named_ue(&request) {
-        Ok(ue) => ue,
-        Err(response) => return response,
+    let Some(ue) = named_ue(&request) else {
+        return bad_request("exactly one of externalId and msisdn is required");
     };
     let (configuration, answer) = {
         let mut inner = state.inner();
@@ -496,7 +595,10 @@ async fn create_configuration(State(state): State<Arc<MockState>>, Path(scs): Pa
                 rds_cap_indication: None,
             };
             let json = serde_json::to_value(&body).unwrap_or_default();
-            if let Err(error) = state.callback(&configuration.notification_destination, json).await {
+            if let Err(error) = state
+                .callback(&configuration.notification_destination, json)
+                .await
+            {
                 tracing::warn!(%error, "mock SCEF: status notification refused");
             }
         });
@@ -528,11 +630,18 @@ fn configuration_body(state: &MockState, c: &MockConfiguration) -> serde_json::V
     .unwrap_or_default()
 }
 
-async fn fetch_configuration(State(state): State<Arc<MockState>>, Path((_scs, id)): Path<(String, String)>) -> Response {
+async fn fetch_configuration(
+    State(state): State<Arc<MockState>>,
+    Path((_scs, id)): Path<(String, String)>,
+) -> Response {
     let found = state.inner().configurations.get(&id).cloned();
     match found {
         Some(c) => json_response(StatusCode::OK, &configuration_body(&state, &c), None),
-        None => problem_response(StatusCode::NOT_FOUND, "RESOURCE_NOT_FOUND", format!("no configuration {id}")),
+        None => problem_response(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_NOT_FOUND",
+            format!("no configuration {id}"),
+        ),
     }
 }
 
@@ -548,9 +657,16 @@ async fn modify_configuration(
     let updated = {
         let mut inner = state.inner();
         let Some(configuration) = inner.configurations.get_mut(&id) else {
-            return problem_response(StatusCode::NOT_FOUND, "RESOURCE_NOT_FOUND", format!("no configuration {id}"));
+            return problem_response(
+                StatusCode::NOT_FOUND,
+                "RESOURCE_NOT_FOUND",
+                format!("no configuration {id}"),
+            );
         };
-        if let Some(destination) = patch.get("notificationDestination").and_then(|d| d.as_str()) {
+        if let Some(destination) = patch
+            .get("notificationDestination")
+            .and_then(|d| d.as_str())
+        {
             configuration.notification_destination = destination.to_string();
         }
         configuration.clone()
@@ -559,12 +675,19 @@ async fn modify_configuration(
     json_response(StatusCode::OK, &configuration_body(&state, &updated), None)
 }
 
-async fn delete_configuration(State(state): State<Arc<MockState>>, Path((_scs, id)): Path<(String, String)>) -> Response {
+async fn delete_configuration(
+    State(state): State<Arc<MockState>>,
+    Path((_scs, id)): Path<(String, String)>,
+) -> Response {
     let removed = state.inner().configurations.remove(&id);
     state.bump();
     match removed {
         Some(_) => StatusCode::NO_CONTENT.into_response(),
-        None => problem_response(StatusCode::NOT_FOUND, "RESOURCE_NOT_FOUND", format!("no configuration {id}")),
+        None => problem_response(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_NOT_FOUND",
+            format!("no configuration {id}"),
+        ),
     }
 }
 
@@ -575,8 +698,13 @@ async fn create_downlink(
     OriginalUri(uri): OriginalUri,
     body: Bytes,
 ) -> Response {
-    if state.faults.redirect_downlinks.load(Ordering::SeqCst) && !uri.path().starts_with("/redirected") {
-        let target = format!("{}redirected/3gpp-nidd/v1/{scs}/configurations/{id}/downlink-data-deliveries", state.api_root);
+    if state.faults.redirect_downlinks.load(Ordering::SeqCst)
+        && !uri.path().starts_with("/redirected")
+    {
+        let target = format!(
+            "{}redirected/3gpp-nidd/v1/{scs}/configurations/{id}/downlink-data-deliveries",
+            state.api_root
+        );
         let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
         if let Ok(value) = HeaderValue::from_str(&target) {
             response.headers_mut().insert(header::LOCATION, value);
@@ -588,12 +716,15 @@ async fn create_downlink(
         Ok(request) => request,
         Err(error) => return bad_request(error.to_string()),
     };
-    let ue = match named_ue(&request) {
-        Ok(ue) => ue,
-        Err(response) => return response,
+    let Some(ue) = named_ue(&request) else {
+        return bad_request("exactly one of externalId and msisdn is required");
     };
     let Some(configuration) = state.inner().configurations.get(&id).cloned() else {
-        return problem_response(StatusCode::NOT_FOUND, "RESOURCE_NOT_FOUND", format!("no configuration {id}"));
+        return problem_response(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_NOT_FOUND",
+            format!("no configuration {id}"),
+        );
     };
     if configuration.ue != ue {
         return bad_request(format!("{ue} does not belong to configuration {id}"));
@@ -605,13 +736,20 @@ async fn create_downlink(
     if let Some(bits) = state.config.maximum_packet_size_bits
         && datagram.len() as u64 * 8 > bits
     {
-        return problem_response(StatusCode::FORBIDDEN, "DATA_TOO_LARGE", format!("{} bytes exceed {bits} bits", datagram.len()));
+        return problem_response(
+            StatusCode::FORBIDDEN,
+            "DATA_TOO_LARGE",
+            format!("{} bytes exceed {bits} bits", datagram.len()),
+        );
     }
     let sender = {
         let mut inner = state.inner();
         MockState::ue_channels(&mut inner, &ue).mt_sender.clone()
     };
     let _ = sender.send(datagram);
-    let answer = NiddDownlinkDataTransfer { delivery_status: Some(DeliveryStatus::Success), ..request };
+    let answer = NiddDownlinkDataTransfer {
+        delivery_status: Some(DeliveryStatus::Success),
+        ..request
+    };
     json_response(StatusCode::OK, &answer, None)
 }

@@ -54,7 +54,11 @@ async fn provision_device(shared: &Shared, device: &Device, cancel: &Cancellatio
             Ok(created) => {
                 let status = created.body.status.clone();
                 if let Some(status) = &status {
-                    shared.metrics.configuration_statuses.with_label_values(&[status_label(status)]).inc();
+                    shared
+                        .metrics
+                        .configuration_statuses
+                        .with_label_values(&[status_label(status)])
+                        .inc();
                 }
                 let nidd = NiddState {
                     location: created.location,
@@ -92,7 +96,9 @@ fn configuration_request(shared: &Shared, device: &Device) -> NiddConfiguration 
         msisdn: device.id.msisdn().cloned(),
         mtc_provider_id: shared.config.scef.mtc_provider_id.clone(),
         notification_destination: device.callback_url(&shared.public_url),
-        pdn_establishment_option: Some(PdnEstablishmentOption::from(nidd.pdn_establishment_option.as_str())),
+        pdn_establishment_option: Some(PdnEstablishmentOption::from(
+            nidd.pdn_establishment_option.as_str(),
+        )),
         reliable_data_service: Some(false),
         request_test_notification: nidd.request_test_notification.then_some(true),
         ..Default::default()
@@ -146,7 +152,11 @@ async fn verify_one(shared: &Shared, device: &Device, mut nidd: NiddState) -> Op
         nidd.notification_destination = Some(wanted);
         return Some(nidd);
     }
-    match shared.t8.update_notification_destination(&nidd.location, &wanted).await {
+    match shared
+        .t8
+        .update_notification_destination(&nidd.location, &wanted)
+        .await
+    {
         Ok(_) => {
             tracing::info!(device = %device.id, "callback URL changed; NIDD configuration updated");
             nidd.notification_destination = Some(wanted);
@@ -173,13 +183,17 @@ async fn remove_departed_devices(shared: &Shared) {
         }
     };
     for (key, record) in stored {
-        let Ok(id) = key.parse::<DeviceId>() else { continue };
+        let Ok(id) = key.parse::<DeviceId>() else {
+            continue;
+        };
         if shared.by_id.contains_key(&id) {
             continue;
         }
         if let Some(location) = record.nidd.and_then(|n| Url::parse(&n.location).ok()) {
             match shared.t8.delete_nidd_configuration(&location).await {
-                Ok(()) => tracing::info!(device = %id, %location, "deleted the NIDD configuration of a removed device"),
+                Ok(()) => {
+                    tracing::info!(device = %id, %location, "deleted the NIDD configuration of a removed device")
+                }
                 Err(error) => {
                     tracing::warn!(device = %id, %error, "cannot delete the NIDD configuration of a removed device; will retry at next start");
                     continue;
@@ -202,5 +216,10 @@ pub fn status_label(status: &NiddStatus) -> &str {
 
 fn jitter(delay: Duration) -> Duration {
     let spread = delay.as_millis() as u64 / 10;
-    delay + Duration::from_millis(if spread > 0 { rand::random::<u64>() % spread } else { 0 })
+    delay
+        + Duration::from_millis(if spread > 0 {
+            rand::random::<u64>() % spread
+        } else {
+            0
+        })
 }

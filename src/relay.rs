@@ -20,7 +20,10 @@ pub enum RelayError {
     #[error("the UDP socket pool is exhausted: no free address for another device")]
     PoolExhausted,
     #[error("cannot use UDP socket {address}: {source}")]
-    Socket { address: SocketAddr, source: std::io::Error },
+    Socket {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Hands out socket addresses from the pool, skipping ones in use.
@@ -42,7 +45,8 @@ impl SocketPool {
     }
 
     pub fn contains(&self, address: SocketAddr) -> bool {
-        self.addresses.contains(&address.ip()) && self.ranges.iter().any(|r| r.contains(address.port()))
+        self.addresses.contains(&address.ip())
+            && self.ranges.iter().any(|r| r.contains(address.port()))
     }
 
     fn candidate(&self, index: usize) -> Option<SocketAddr> {
@@ -63,7 +67,10 @@ impl SocketPool {
         if !self.contains(address) || self.taken.contains(&address) {
             return Err(RelayError::Socket {
                 address,
-                source: std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "not in the pool"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AddrNotAvailable,
+                    "not in the pool",
+                ),
             });
         }
         let socket = bind(address)?;
@@ -91,8 +98,11 @@ impl SocketPool {
 }
 
 fn bind(address: SocketAddr) -> Result<std::net::UdpSocket, RelayError> {
-    let socket = std::net::UdpSocket::bind(address).map_err(|source| RelayError::Socket { address, source })?;
-    socket.set_nonblocking(true).map_err(|source| RelayError::Socket { address, source })?;
+    let socket = std::net::UdpSocket::bind(address)
+        .map_err(|source| RelayError::Socket { address, source })?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|source| RelayError::Socket { address, source })?;
     Ok(socket)
 }
 
@@ -108,7 +118,10 @@ impl DeviceSocket {
             address: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
-        let socket = UdpSocket::from_std(socket).map_err(|source| RelayError::Socket { address: local, source })?;
+        let socket = UdpSocket::from_std(socket).map_err(|source| RelayError::Socket {
+            address: local,
+            source,
+        })?;
         Ok(Self { socket, local })
     }
 
@@ -192,6 +205,9 @@ mod tests {
         let busy = holder.local_addr().unwrap().port();
         let mut p = pool("\"127.0.0.1\"", &format!("\"{busy}\""));
         assert!(matches!(p.bind_next(), Err(RelayError::PoolExhausted)));
-        assert!(p.bind_exact(SocketAddr::new([127, 0, 0, 1].into(), busy)).is_err());
+        assert!(
+            p.bind_exact(SocketAddr::new([127, 0, 0, 1].into(), busy))
+                .is_err()
+        );
     }
 }

@@ -33,8 +33,8 @@ impl Router {
     /// Chooses the server for a datagram the device sent.
     pub fn route_uplink(&self, datagram: &Datagram) -> ServerIndex {
         if datagram.is_request() {
-            let bootstrap = !datagram.oscore
-                && datagram.uri_path.first().map(String::as_str) == Some("bs");
+            let bootstrap =
+                !datagram.oscore && datagram.uri_path.first().map(String::as_str) == Some("bs");
             return match (bootstrap, self.bootstrap_server) {
                 (true, Some(server)) => server,
                 _ => self.default_server,
@@ -108,12 +108,21 @@ mod tests {
     #[test]
     fn bootstrap_requests_go_to_the_bootstrap_server() {
         let router = Router::new(DM, Some(BS));
-        assert_eq!(router.route_uplink(&datagram(Kind::Confirmable, 2, 1, &[1], &["bs"])), BS);
-        assert_eq!(router.route_uplink(&datagram(Kind::Confirmable, 2, 2, &[1], &["rd"])), DM);
+        assert_eq!(
+            router.route_uplink(&datagram(Kind::Confirmable, 2, 1, &[1], &["bs"])),
+            BS
+        );
+        assert_eq!(
+            router.route_uplink(&datagram(Kind::Confirmable, 2, 2, &[1], &["rd"])),
+            DM
+        );
         let mut protected = datagram(Kind::Confirmable, 2, 3, &[1], &["bs"]);
         protected.oscore = true;
         assert_eq!(router.route_uplink(&protected), DM);
-        assert_eq!(Router::new(DM, None).route_uplink(&datagram(Kind::Confirmable, 2, 1, &[], &["bs"])), DM);
+        assert_eq!(
+            Router::new(DM, None).route_uplink(&datagram(Kind::Confirmable, 2, 1, &[], &["bs"])),
+            DM
+        );
     }
 
     #[test]
@@ -121,22 +130,40 @@ mod tests {
         let mut router = Router::new(DM, Some(BS));
         router.note_downlink(BS, &datagram(Kind::Confirmable, 3, 77, &[9, 9], &["0"]));
         // Piggybacked response: same MID.
-        assert_eq!(router.route_uplink(&datagram(Kind::Acknowledgement, 0x44, 77, &[9, 9], &[])), BS);
+        assert_eq!(
+            router.route_uplink(&datagram(Kind::Acknowledgement, 0x44, 77, &[9, 9], &[])),
+            BS
+        );
         // Separate response / notification: same token, new MID.
-        assert_eq!(router.route_uplink(&datagram(Kind::Confirmable, 0x45, 500, &[9, 9], &[])), BS);
+        assert_eq!(
+            router.route_uplink(&datagram(Kind::Confirmable, 0x45, 500, &[9, 9], &[])),
+            BS
+        );
         // Unknown exchange: default server.
-        assert_eq!(router.route_uplink(&datagram(Kind::Acknowledgement, 0, 1, &[], &[])), DM);
+        assert_eq!(
+            router.route_uplink(&datagram(Kind::Acknowledgement, 0, 1, &[], &[])),
+            DM
+        );
     }
 
     #[test]
     fn memory_is_bounded() {
         let mut router = Router::new(DM, Some(BS));
         for mid in 0..1000u16 {
-            router.note_downlink(BS, &datagram(Kind::Confirmable, 1, mid, &mid.to_be_bytes(), &[]));
+            router.note_downlink(
+                BS,
+                &datagram(Kind::Confirmable, 1, mid, &mid.to_be_bytes(), &[]),
+            );
         }
         assert_eq!(router.by_message_id.len(), REMEMBERED_EXCHANGES);
         assert_eq!(router.by_token.len(), REMEMBERED_EXCHANGES);
-        assert_eq!(router.route_uplink(&datagram(Kind::Acknowledgement, 0, 999, &[], &[])), BS);
-        assert_eq!(router.route_uplink(&datagram(Kind::Acknowledgement, 0, 1, &[], &[])), DM);
+        assert_eq!(
+            router.route_uplink(&datagram(Kind::Acknowledgement, 0, 999, &[], &[])),
+            BS
+        );
+        assert_eq!(
+            router.route_uplink(&datagram(Kind::Acknowledgement, 0, 1, &[], &[])),
+            DM
+        );
     }
 }

@@ -17,7 +17,10 @@ pub enum StoreError {
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
     #[error("store: corrupt record for {key}: {source}")]
-    Corrupt { key: String, source: serde_json::Error },
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
     #[error("store: cannot encode record: {0}")]
     Encode(serde_json::Error),
 }
@@ -52,16 +55,24 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).mode(sled::Mode::LowSpace).open()?;
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::LowSpace)
+            .open()?;
         let devices = db.open_tree(DEVICES_TREE)?;
         Ok(Self { db, devices })
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         match self.devices.get(id.canonical().as_bytes())? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::Corrupt { key: id.canonical().into(), source }),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StoreError::Corrupt {
+                        key: id.canonical().into(),
+                        source,
+                    })
+            }
             None => Ok(None),
         }
     }
@@ -84,8 +95,11 @@ impl Store {
             .map(|entry| {
                 let (key, value) = entry?;
                 let key = String::from_utf8_lossy(&key).into_owned();
-                let record = serde_json::from_slice(&value)
-                    .map_err(|source| StoreError::Corrupt { key: key.clone(), source })?;
+                let record =
+                    serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                        key: key.clone(),
+                        source,
+                    })?;
                 Ok((key, record))
             })
             .collect()

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use coap_lite::{CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use coap_lite::{
+    CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -46,7 +48,11 @@ pub struct DeviceProfile {
 impl DeviceProfile {
     /// A device with the mandatory Device object resources filled in.
     pub fn new(endpoint_name: &str) -> Self {
-        let serial = endpoint_name.rsplit(':').next().unwrap_or(endpoint_name).to_string();
+        let serial = endpoint_name
+            .rsplit(':')
+            .next()
+            .unwrap_or(endpoint_name)
+            .to_string();
         let resources = BTreeMap::from([
             ((3, 0, 0), "nidd-bridge simulator".to_string()),
             ((3, 0, 1), "SIM-NBIOT-1".to_string()),
@@ -58,7 +64,11 @@ impl DeviceProfile {
             ((3, 0, 14), "+00".to_string()),
             ((3, 0, 16), "N".to_string()),
         ]);
-        Self { endpoint_name: endpoint_name.to_string(), lifetime_s: 300, resources }
+        Self {
+            endpoint_name: endpoint_name.to_string(),
+            lifetime_s: 300,
+            resources,
+        }
     }
 }
 
@@ -87,7 +97,11 @@ impl SimLwm2mDevice {
         let (commands, receiver) = mpsc::channel(8);
         let stats = Arc::new(SimStats::default());
         let task = tokio::spawn(run(ue, profile, receiver, stats.clone()));
-        Self { commands, stats, task }
+        Self {
+            commands,
+            stats,
+            task,
+        }
     }
 
     /// Registers; returns the registration location (e.g. `rd/1`).
@@ -107,9 +121,15 @@ impl SimLwm2mDevice {
         &self.stats
     }
 
-    async fn call(&self, command: impl FnOnce(oneshot::Sender<Result<String, SimError>>) -> Command) -> Result<String, SimError> {
+    async fn call(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<String, SimError>>) -> Command,
+    ) -> Result<String, SimError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(command(reply)).await.map_err(|_| SimError::Stopped)?;
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| SimError::Stopped)?;
         answer.await.map_err(|_| SimError::Stopped)?
     }
 }
@@ -148,7 +168,12 @@ struct Client {
     stats: Arc<SimStats>,
 }
 
-async fn run(ue: SimUe, profile: DeviceProfile, mut commands: mpsc::Receiver<Command>, stats: Arc<SimStats>) {
+async fn run(
+    ue: SimUe,
+    profile: DeviceProfile,
+    mut commands: mpsc::Receiver<Command>,
+    stats: Arc<SimStats>,
+) {
     let mut client = Client {
         ue,
         profile,
@@ -258,7 +283,9 @@ impl Client {
     }
 
     async fn retransmit(&mut self, outstanding: &mut Option<Outstanding>) {
-        let Some(current) = outstanding.as_mut() else { return };
+        let Some(current) = outstanding.as_mut() else {
+            return;
+        };
         if current.acknowledged || current.transmissions > MAX_RETRANSMIT {
             if let Some(done) = outstanding.take() {
                 let _ = done.reply.send(Err(SimError::Timeout(done.transmissions)));
@@ -291,11 +318,20 @@ impl Client {
 
     /// Matches an ACK, RST or response to the outstanding request.
     async fn complete(&mut self, packet: &Packet, outstanding: &mut Option<Outstanding>) {
-        let separate = matches!(packet.header.get_type(), MessageType::Confirmable | MessageType::NonConfirmable);
+        let separate = matches!(
+            packet.header.get_type(),
+            MessageType::Confirmable | MessageType::NonConfirmable
+        );
         if separate && packet.header.get_type() == MessageType::Confirmable {
-            self.send(&empty(MessageType::Acknowledgement, packet.header.message_id)).await;
+            self.send(&empty(
+                MessageType::Acknowledgement,
+                packet.header.message_id,
+            ))
+            .await;
         }
-        let Some(current) = outstanding.as_mut() else { return };
+        let Some(current) = outstanding.as_mut() else {
+            return;
+        };
         let matches = if separate {
             packet.get_token() == current.token.as_slice()
         } else {
@@ -316,7 +352,9 @@ impl Client {
             current.deadline = Instant::now() + Duration::from_secs(60);
             return;
         }
-        let Some(done) = outstanding.take() else { return };
+        let Some(done) = outstanding.take() else {
+            return;
+        };
         let code = packet.header.code;
         let success = matches!(code, MessageClass::Response(r) if !r.is_error());
         if !success {
@@ -398,12 +436,20 @@ impl Client {
         };
         match (method, path.as_slice()) {
             (RequestType::Get, _) if accept == Some(LINK_FORMAT) => match self.discover(&path) {
-                Some(links) => (ResponseType::Content, Some(ContentFormat::ApplicationLinkFormat), links.into_bytes()),
+                Some(links) => (
+                    ResponseType::Content,
+                    Some(ContentFormat::ApplicationLinkFormat),
+                    links.into_bytes(),
+                ),
                 None => (ResponseType::NotFound, None, vec![]),
             },
             (RequestType::Get, [object, instance, resource]) => {
                 match self.profile.resources.get(&(*object, *instance, *resource)) {
-                    Some(value) => (ResponseType::Content, Some(ContentFormat::TextPlain), value.clone().into_bytes()),
+                    Some(value) => (
+                        ResponseType::Content,
+                        Some(ContentFormat::TextPlain),
+                        value.clone().into_bytes(),
+                    ),
                     None => (ResponseType::NotFound, None, vec![]),
                 }
             }
@@ -425,7 +471,12 @@ impl Client {
 
     /// Core link format of the objects and instances the device has.
     fn object_links(&self) -> String {
-        let mut instances: Vec<(u16, u16)> = self.profile.resources.keys().map(|(o, i, _)| (*o, *i)).collect();
+        let mut instances: Vec<(u16, u16)> = self
+            .profile
+            .resources
+            .keys()
+            .map(|(o, i, _)| (*o, *i))
+            .collect();
         instances.dedup();
         let mut links = vec!["</1/0>".to_string()];
         links.extend(instances.iter().map(|(o, i)| format!("</{o}/{i}>")));
@@ -443,8 +494,19 @@ impl Client {
         if links.is_empty() {
             return None;
         }
-        let head = format!("</{}>", path.iter().map(u16::to_string).collect::<Vec<_>>().join("/"));
-        Some(std::iter::once(head).chain(links).collect::<Vec<_>>().join(","))
+        let head = format!(
+            "</{}>",
+            path.iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join("/")
+        );
+        Some(
+            std::iter::once(head)
+                .chain(links)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
     }
 
     async fn send(&self, packet: &Packet) {

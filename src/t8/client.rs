@@ -32,14 +32,17 @@ pub enum T8Error {
     Status {
         operation: &'static str,
         status: StatusCode,
-        problem: Option<ProblemDetails>,
+        problem: Option<Box<ProblemDetails>>,
         retry_after: Option<Duration>,
     },
     #[error("T8 {operation}: unexpected answer: {detail}")]
-    Protocol { operation: &'static str, detail: String },
+    Protocol {
+        operation: &'static str,
+        detail: String,
+    },
 }
 
-fn problem_suffix(problem: &Option<ProblemDetails>) -> String {
+fn problem_suffix(problem: &Option<Box<ProblemDetails>>) -> String {
     match problem {
         Some(p) => format!(
             " ({})",
@@ -89,9 +92,14 @@ pub enum DownlinkOutcome {
     /// 200: handed on immediately.
     Delivered { status: Option<DeliveryStatus> },
     /// 201: pending at the SCEF; a delivery-status notification for `location` follows.
-    Pending { location: Url, status: Option<DeliveryStatus> },
+    Pending {
+        location: Url,
+        status: Option<DeliveryStatus>,
+    },
     /// 500 with `NiddDownlinkDataDeliveryFailure`: not delivered.
-    Failed { failure: NiddDownlinkDataDeliveryFailure },
+    Failed {
+        failure: NiddDownlinkDataDeliveryFailure,
+    },
 }
 
 pub struct T8Client {
@@ -116,14 +124,23 @@ impl T8Client {
             .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
             .user_agent(concat!("nidd-bridge/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { http, api_root, scs_as_id, bearer, metrics })
+        Ok(Self {
+            http,
+            api_root,
+            scs_as_id,
+            bearer,
+            metrics,
+        })
     }
 
     /// `{apiRoot}/3gpp-nidd/v1/{scsAsId}/configurations`.
     pub fn configurations_url(&self) -> Url {
         let mut url = self.api_root.clone();
         let base = url.path().trim_end_matches('/').to_string();
-        url.set_path(&format!("{base}/{NIDD_API}/{}/configurations", self.scs_as_id));
+        url.set_path(&format!(
+            "{base}/{NIDD_API}/{}/configurations",
+            self.scs_as_id
+        ));
         url
     }
 
@@ -132,7 +149,9 @@ impl T8Client {
         body: &NiddConfiguration,
     ) -> Result<CreatedConfiguration, T8Error> {
         const OP: &str = "create_configuration";
-        let response = self.send(OP, self.http.post(self.configurations_url()).json(body)).await?;
+        let response = self
+            .send(OP, self.http.post(self.configurations_url()).json(body))
+            .await?;
         if response.status() != StatusCode::CREATED {
             return Err(status_error(OP, response).await);
         }
@@ -166,7 +185,10 @@ impl T8Client {
         let request = self
             .http
             .patch(configuration.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/merge-patch+json")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/merge-patch+json",
+            )
             .body(body.to_string());
         let response = self.send(OP, request).await?;
         match response.status() {
@@ -181,7 +203,9 @@ impl T8Client {
 
     pub async fn delete_nidd_configuration(&self, configuration: &Url) -> Result<(), T8Error> {
         const OP: &str = "delete_configuration";
-        let response = self.send(OP, self.http.delete(configuration.clone())).await?;
+        let response = self
+            .send(OP, self.http.delete(configuration.clone()))
+            .await?;
         match response.status() {
             StatusCode::NO_CONTENT | StatusCode::OK | StatusCode::NOT_FOUND => Ok(()),
             _ => Err(status_error(OP, response).await),
@@ -202,15 +226,26 @@ impl T8Client {
         match response.status() {
             StatusCode::OK => {
                 let answer: NiddDownlinkDataTransfer = read_json(OP, response).await?;
-                Ok(DownlinkOutcome::Delivered { status: answer.delivery_status })
+                Ok(DownlinkOutcome::Delivered {
+                    status: answer.delivery_status,
+                })
             }
             StatusCode::CREATED => {
                 let location = location(OP, &response)?;
                 let answer: NiddDownlinkDataTransfer = read_json(OP, response).await?;
-                Ok(DownlinkOutcome::Pending { location, status: answer.delivery_status })
+                Ok(DownlinkOutcome::Pending {
+                    location,
+                    status: answer.delivery_status,
+                })
             }
             StatusCode::INTERNAL_SERVER_ERROR => {
-                let bytes = response.bytes().await.map_err(|source| T8Error::Transport { operation: OP, source })?;
+                let bytes = response
+                    .bytes()
+                    .await
+                    .map_err(|source| T8Error::Transport {
+                        operation: OP,
+                        source,
+                    })?;
                 match serde_json::from_slice::<NiddDownlinkDataDeliveryFailure>(&bytes) {
                     Ok(failure) => Ok(DownlinkOutcome::Failed { failure }),
                     Err(_) => Err(T8Error::Status {
@@ -246,7 +281,10 @@ impl T8Client {
             Err(e) if e.is_connect() => "connect_error".into(),
             Err(_) => "transport_error".into(),
         };
-        self.metrics.t8_requests.with_label_values(&["nidd", operation, &outcome]).inc();
+        self.metrics
+            .t8_requests
+            .with_label_values(&["nidd", operation, &outcome])
+            .inc();
         result.map_err(|source| T8Error::Transport { operation, source })
     }
 }
@@ -256,7 +294,10 @@ fn location(operation: &'static str, response: &reqwest::Response) -> Result<Url
         .headers()
         .get(LOCATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or(T8Error::Protocol { operation, detail: "no Location header".into() })?;
+        .ok_or(T8Error::Protocol {
+            operation,
+            detail: "no Location header".into(),
+        })?;
     // A relative Location is resolved against the URL that answered (after redirects).
     response.url().join(value).map_err(|e| T8Error::Protocol {
         operation,
@@ -268,8 +309,14 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     operation: &'static str,
     response: reqwest::Response,
 ) -> Result<T, T8Error> {
-    let bytes = response.bytes().await.map_err(|source| T8Error::Transport { operation, source })?;
-    serde_json::from_slice(&bytes).map_err(|e| T8Error::Protocol { operation, detail: format!("bad JSON body: {e}") })
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|source| T8Error::Transport { operation, source })?;
+    serde_json::from_slice(&bytes).map_err(|e| T8Error::Protocol {
+        operation,
+        detail: format!("bad JSON body: {e}"),
+    })
 }
 
 async fn status_error(operation: &'static str, response: reqwest::Response) -> T8Error {
@@ -280,6 +327,15 @@ async fn status_error(operation: &'static str, response: reqwest::Response) -> T
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    let problem = response.bytes().await.ok().and_then(|b| serde_json::from_slice(&b).ok());
-    T8Error::Status { operation, status, problem, retry_after }
+    let problem = response
+        .bytes()
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    T8Error::Status {
+        operation,
+        status,
+        problem,
+        retry_after,
+    }
 }

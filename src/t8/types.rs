@@ -292,7 +292,9 @@ impl NiddNotification {
         let has = |field: &str| body.get(field).is_some();
         let names_one_ue = has("externalId") != has("msisdn");
         if (has("data") || has("status") || has("managedPorts")) && !names_one_ue {
-            return Err(serde::de::Error::custom("exactly one of externalId and msisdn is required"));
+            return Err(serde::de::Error::custom(
+                "exactly one of externalId and msisdn is required",
+            ));
         }
         Ok(if has("data") {
             Self::Uplink(serde_json::from_value(body)?)
@@ -336,7 +338,10 @@ mod tests {
     fn open_enums_keep_unknown_strings() {
         let status: NiddStatus = serde_json::from_str("\"SUSPENDED_BY_OPERATOR\"").unwrap();
         assert_eq!(status, NiddStatus::Other("SUSPENDED_BY_OPERATOR".into()));
-        assert_eq!(serde_json::to_string(&status).unwrap(), "\"SUSPENDED_BY_OPERATOR\"");
+        assert_eq!(
+            serde_json::to_string(&status).unwrap(),
+            "\"SUSPENDED_BY_OPERATOR\""
+        );
         assert_eq!(DeliveryStatus::from("SUCCESS"), DeliveryStatus::Success);
         assert_eq!(DeliveryStatus::from("NEW").label(), "OTHER");
     }
@@ -344,16 +349,25 @@ mod tests {
     #[test]
     fn dispatch_uses_the_distinguishing_field() {
         let uplink = serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "data": "QAE="});
-        assert!(matches!(NiddNotification::from_json(uplink), Ok(NiddNotification::Uplink(_))));
+        assert!(matches!(
+            NiddNotification::from_json(uplink),
+            Ok(NiddNotification::Uplink(_))
+        ));
         let status = serde_json::json!({"niddConfiguration": "http://s/c/1", "msisdn": "4912345", "status": "ACTIVE"});
         assert!(matches!(
             NiddNotification::from_json(status),
             Ok(NiddNotification::ConfigurationStatus(_))
         ));
         let test = serde_json::json!({"subscription": "http://s/c/1"});
-        assert!(matches!(NiddNotification::from_json(test), Ok(NiddNotification::Test(_))));
+        assert!(matches!(
+            NiddNotification::from_json(test),
+            Ok(NiddNotification::Test(_))
+        ));
         let port = serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "managedPorts": []});
-        assert!(matches!(NiddNotification::from_json(port), Ok(NiddNotification::ManagePort(_))));
+        assert!(matches!(
+            NiddNotification::from_json(port),
+            Ok(NiddNotification::ManagePort(_))
+        ));
         assert!(NiddNotification::from_json(serde_json::json!({"data": 5})).is_err());
         assert!(NiddNotification::from_json(serde_json::json!([1])).is_err());
     }

@@ -14,8 +14,16 @@ fn printed_default_config_passes_check_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bridge.toml");
     std::fs::write(&path, &output.stdout).unwrap();
-    let check = bridge().args(["check-config", "--config"]).arg(&path).output().unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let check = bridge()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     assert!(String::from_utf8_lossy(&check.stdout).contains("ok"));
 }
 
@@ -28,17 +36,40 @@ fn bad_config_exits_64_and_names_the_problem() {
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
-        let check = bridge().args(["check-config", "--config"]).arg(&path).output().unwrap();
+        let check = bridge()
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
         assert_eq!(check.status.code(), Some(64));
         let stderr = String::from_utf8_lossy(&check.stderr);
         assert!(stderr.contains(expected), "{stderr}");
     }
-    let example = String::from_utf8(bridge().arg("print-default-config").output().unwrap().stdout).unwrap();
+    let example = String::from_utf8(
+        bridge()
+            .arg("print-default-config")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
     let path = dir.path().join("typo.toml");
     std::fs::write(&path, example.replace("max_body_bytes", "max_body_size")).unwrap();
-    let check = bridge().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    let check = bridge()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(check.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&check.stderr).contains("max_body_size"));
-    let run = bridge().args(["run", "--config"]).arg(&path).output().unwrap();
-    assert_eq!(run.status.code(), Some(64), "run refuses a bad config the same way");
+    let run = bridge()
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        run.status.code(),
+        Some(64),
+        "run refuses a bad config the same way"
+    );
 }

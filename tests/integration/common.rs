@@ -23,7 +23,10 @@ pub fn schemas() -> Arc<T8Schemas> {
         .get_or_init(|| {
             let dir = default_schema_dir();
             Arc::new(T8Schemas::load(&dir).unwrap_or_else(|e| {
-                panic!("the 3GPP schemas are needed at {} (or set NIDD_BRIDGE_T8_SCHEMAS): {e}", dir.display())
+                panic!(
+                    "the 3GPP schemas are needed at {} (or set NIDD_BRIDGE_T8_SCHEMAS): {e}",
+                    dir.display()
+                )
             }))
         })
         .clone()
@@ -33,7 +36,10 @@ pub fn schemas() -> Arc<T8Schemas> {
 pub async fn mock_scef() -> MockScef {
     MockScef::start(
         ([127, 0, 0, 1], 0).into(),
-        MockScefConfig { schemas: Some(schemas()), ..Default::default() },
+        MockScefConfig {
+            schemas: Some(schemas()),
+            ..Default::default()
+        },
     )
     .await
     .expect("mock SCEF starts")
@@ -44,14 +50,29 @@ pub async fn lwm2m_server() -> Lwm2mNodeServer {
     static INSTALLED: OnceCell<()> = OnceCell::const_new();
     let dir = lwm2m_peer::default_peer_dir();
     INSTALLED
-        .get_or_init(|| async { lwm2m_peer::ensure_installed(&dir).await.expect("npm LwM2M server installs") })
+        .get_or_init(|| async {
+            lwm2m_peer::ensure_installed(&dir)
+                .await
+                .expect("npm LwM2M server installs")
+        })
         .await;
-    Lwm2mNodeServer::start(&dir).await.expect("npm LwM2M server starts")
+    Lwm2mNodeServer::start(&dir)
+        .await
+        .expect("npm LwM2M server starts")
 }
 
 /// A configuration for the given devices (`[[devices]]` bodies), SCEF and LwM2M server.
-pub fn config_text(api_root: &str, server: SocketAddr, store: &Path, devices: &[&str], extra: &str) -> String {
-    let devices: String = devices.iter().map(|d| format!("[[devices]]\n{d}\n")).collect();
+pub fn config_text(
+    api_root: &str,
+    server: SocketAddr,
+    store: &Path,
+    devices: &[&str],
+    extra: &str,
+) -> String {
+    let devices: String = devices
+        .iter()
+        .map(|d| format!("[[devices]]\n{d}\n"))
+        .collect();
     format!(
         r#"
 [scef]
@@ -91,7 +112,9 @@ pub struct RunningBridge {
 impl RunningBridge {
     pub async fn start(config: &str) -> Self {
         let config = Config::parse(config).expect("test configuration is valid");
-        let bound: BoundBridge = Bridge::bind(config, &ProcessSecrets).await.expect("bridge binds");
+        let bound: BoundBridge = Bridge::bind(config, &ProcessSecrets)
+            .await
+            .expect("bridge binds");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let callback_addr = bound.callback_addr;
         let admin_addr = bound.admin_addr;
@@ -99,15 +122,28 @@ impl RunningBridge {
         let task = tokio::spawn(bound.run(async {
             let _ = stopped.await;
         }));
-        Self { callback_addr, admin_addr, shared, stop: Some(stop), task: Some(task) }
+        Self {
+            callback_addr,
+            admin_addr,
+            shared,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub fn device_address(&self, id: &DeviceId) -> SocketAddr {
-        self.shared.device(id).expect("device is configured").socket.local_addr()
+        self.shared
+            .device(id)
+            .expect("device is configured")
+            .socket
+            .local_addr()
     }
 
     pub fn callback_url(&self, id: &DeviceId) -> String {
-        self.shared.device(id).expect("device is configured").callback_url(&self.shared.public_url)
+        self.shared
+            .device(id)
+            .expect("device is configured")
+            .callback_url(&self.shared.public_url)
     }
 
     /// Waits until `/readyz` answers 200.
@@ -136,19 +172,33 @@ impl RunningBridge {
 pub async fn wait_ready(admin: SocketAddr) {
     let url = format!("http://{admin}/readyz");
     eventually("/readyz to answer 200", || async {
-        reqwest::get(&url).await.map(|r| r.status().is_success()).unwrap_or(false)
+        reqwest::get(&url)
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
     })
     .await;
 }
 
 pub async fn metrics(admin: SocketAddr) -> String {
-    reqwest::get(format!("http://{admin}/metrics")).await.expect("metrics").text().await.expect("metrics text")
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
 }
 
 /// The value of one sample line of the Prometheus text, 0 when absent.
 pub fn metric(text: &str, sample: &str) -> f64 {
     text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|line| {
+            line.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0.0)
 }
 
@@ -160,12 +210,19 @@ where
 {
     let deadline = tokio::time::Instant::now() + STEP;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 pub fn assert_conformant(mock: &MockScef) {
     let violations = mock.violations();
-    assert!(violations.is_empty(), "T8 bodies violate the 3GPP schemas:\n{}", violations.join("\n"));
+    assert!(
+        violations.is_empty(),
+        "T8 bodies violate the 3GPP schemas:\n{}",
+        violations.join("\n")
+    );
 }

@@ -37,7 +37,9 @@ fn component(name: &str) -> &str {
 fn golden_fixtures_match_the_3gpp_schemas() {
     let schemas = schemas();
     for (name, body) in fixtures("fixtures/t8") {
-        let schema = schemas.find_component(component(&name)).unwrap_or_else(|| panic!("{name}: no such component"));
+        let schema = schemas
+            .find_component(component(&name))
+            .unwrap_or_else(|| panic!("{name}: no such component"));
         if let Err(errors) = schemas.validate(&schema, &body) {
             panic!("{name} does not match {schema}:\n{}", errors.join("\n"));
         }
@@ -49,7 +51,10 @@ fn broken_fixtures_are_rejected() {
     let schemas = schemas();
     for (name, body) in fixtures("fixtures/t8/invalid") {
         let schema = schemas.find_component(component(&name)).unwrap();
-        assert!(schemas.validate(&schema, &body).is_err(), "{name} should not match {schema}");
+        assert!(
+            schemas.validate(&schema, &body).is_err(),
+            "{name} should not match {schema}"
+        );
     }
 }
 
@@ -70,7 +75,10 @@ fn notification_fixtures_dispatch_to_their_schema() {
     }
     for (name, body) in fixtures("fixtures/t8/invalid") {
         if name.contains("Notification") {
-            assert!(NiddNotification::from_json(body).is_err(), "{name} must be refused");
+            assert!(
+                NiddNotification::from_json(body).is_err(),
+                "{name} must be refused"
+            );
         }
     }
 }
@@ -87,15 +95,24 @@ async fn every_exchange_kind_is_checked_against_the_schemas() {
         mock.api_root().as_str(),
         server.address,
         store.path(),
-        &["external_id = \"500000001@iot.example\"", "msisdn = \"491709999999\""],
+        &[
+            "external_id = \"500000001@iot.example\"",
+            "msisdn = \"491709999999\"",
+        ],
         "[nidd]\nrequest_test_notification = true",
     );
     let bridge = RunningBridge::start(&config).await;
     bridge.wait_ready().await;
     let id: DeviceId = "500000001@iot.example".parse().unwrap();
-    let sim = SimLwm2mDevice::spawn(mock.ue(&id), DeviceProfile::new("urn:nai:500000001@iot.example"));
+    let sim = SimLwm2mDevice::spawn(
+        mock.ue(&id),
+        DeviceProfile::new("urn:nai:500000001@iot.example"),
+    );
     sim.register().await.unwrap();
-    server.read("urn:nai:500000001@iot.example", "/3/0/0").await.unwrap();
+    server
+        .read("urn:nai:500000001@iot.example", "/3/0/0")
+        .await
+        .unwrap();
     sim.deregister().await.unwrap();
 
     let recorded = mock.recorded();
@@ -104,19 +121,38 @@ async fn every_exchange_kind_is_checked_against_the_schemas() {
             r.direction == direction
                 && r.method == method
                 && r.path.ends_with(suffix)
-                && r.request_body.as_ref().is_some_and(|b| b.get(field).is_some())
+                && r.request_body
+                    .as_ref()
+                    .is_some_and(|b| b.get(field).is_some())
         })
     };
-    assert!(seen("request", "POST", "/configurations", "externalId"), "configuration by externalId");
-    assert!(seen("request", "POST", "/configurations", "msisdn"), "configuration by msisdn");
-    assert!(seen("request", "POST", "/downlink-data-deliveries", "data"), "MT delivery");
+    assert!(
+        seen("request", "POST", "/configurations", "externalId"),
+        "configuration by externalId"
+    );
+    assert!(
+        seen("request", "POST", "/configurations", "msisdn"),
+        "configuration by msisdn"
+    );
+    assert!(
+        seen("request", "POST", "/downlink-data-deliveries", "data"),
+        "MT delivery"
+    );
     assert!(seen("callback", "POST", "", "data"), "uplink notification");
-    assert!(seen("callback", "POST", "", "status"), "configuration status notification");
+    assert!(
+        seen("callback", "POST", "", "status"),
+        "configuration status notification"
+    );
     // The bridge's requests carry no read-only field the SCEF owns.
     for r in recorded.iter().filter(|r| r.direction == "request") {
         if let Some(body) = &r.request_body {
             for read_only in ["self", "status", "maximumPacketSize", "deliveryStatus"] {
-                assert!(body.get(read_only).is_none(), "{} {} sends read-only {read_only}", r.method, r.path);
+                assert!(
+                    body.get(read_only).is_none(),
+                    "{} {} sends read-only {read_only}",
+                    r.method,
+                    r.path
+                );
             }
         }
     }

@@ -28,29 +28,49 @@ async fn devices_register_are_read_and_deregister_through_the_bridge() {
     bridge.wait_ready().await;
 
     let devices: Vec<(DeviceId, String)> = vec![
-        ("100000001@iot.example".parse().unwrap(), "urn:nai:100000001@iot.example".into()),
-        ("urn:nai:100000002@iot.example".parse().unwrap(), "urn:nai:100000002@iot.example".into()),
-        ("491701234567".parse().unwrap(), "urn:imei:490154203237518".into()),
+        (
+            "100000001@iot.example".parse().unwrap(),
+            "urn:nai:100000001@iot.example".into(),
+        ),
+        (
+            "urn:nai:100000002@iot.example".parse().unwrap(),
+            "urn:nai:100000002@iot.example".into(),
+        ),
+        (
+            "491701234567".parse().unwrap(),
+            "urn:imei:490154203237518".into(),
+        ),
     ];
     let mut sims = Vec::new();
     for (id, endpoint) in &devices {
         let ue = mock.ue(id);
         ue.wait_configured(STEP).await.unwrap();
         let mut profile = DeviceProfile::new(endpoint);
-        profile.resources.insert((3, 0, 0), format!("maker of {id}"));
+        profile
+            .resources
+            .insert((3, 0, 0), format!("maker of {id}"));
         let sim = SimLwm2mDevice::spawn(ue, profile);
-        assert_eq!(sim.register().await.unwrap(), "rd/".to_string() + &(sims.len() + 1).to_string());
+        assert_eq!(
+            sim.register().await.unwrap(),
+            "rd/".to_string() + &(sims.len() + 1).to_string()
+        );
         sims.push(sim);
     }
 
     // What the server saw: each endpoint, from that device's own bridge socket.
     for (id, endpoint) in &devices {
         let event = server
-            .wait_event("registration", STEP, |e| e["event"] == "registration" && e["endpoint"] == endpoint.as_str())
+            .wait_event("registration", STEP, |e| {
+                e["event"] == "registration" && e["endpoint"] == endpoint.as_str()
+            })
             .await
             .unwrap();
         let seen = format!("{}:{}", event["address"].as_str().unwrap(), event["port"]);
-        assert_eq!(seen, bridge.device_address(id).to_string(), "{endpoint} registered from its own address");
+        assert_eq!(
+            seen,
+            bridge.device_address(id).to_string(),
+            "{endpoint} registered from its own address"
+        );
         assert_eq!(event["binding"], "N");
         assert_eq!(event["lwm2m"], "1.1");
     }
@@ -59,7 +79,10 @@ async fn devices_register_are_read_and_deregister_through_the_bridge() {
 
     // The server's requests come back as T8 MT and are answered as MO.
     for (id, endpoint) in &devices {
-        assert_eq!(server.read(endpoint, "/3/0/0").await.unwrap(), format!("maker of {id}"));
+        assert_eq!(
+            server.read(endpoint, "/3/0/0").await.unwrap(),
+            format!("maker of {id}")
+        );
     }
     let (_, first) = &devices[0];
     server.write(first, "/3/0/14", "+02").await.unwrap();
@@ -70,26 +93,51 @@ async fn devices_register_are_read_and_deregister_through_the_bridge() {
     assert!(missing.contains("4.04"), "{missing}");
 
     // The SCEF may redirect a delivery (307): the bridge follows it.
-    mock.faults().redirect_downlinks.store(true, Ordering::SeqCst);
-    assert_eq!(server.read(first, "/3/0/2").await.unwrap(), "100000001@iot.example");
-    mock.faults().redirect_downlinks.store(false, Ordering::SeqCst);
+    mock.faults()
+        .redirect_downlinks
+        .store(true, Ordering::SeqCst);
+    assert_eq!(
+        server.read(first, "/3/0/2").await.unwrap(),
+        "100000001@iot.example"
+    );
+    mock.faults()
+        .redirect_downlinks
+        .store(false, Ordering::SeqCst);
     assert!(mock.recorded().iter().any(|r| r.status == 307));
 
     for ((_, endpoint), sim) in devices.iter().zip(&sims) {
         sim.deregister().await.unwrap();
         server
-            .wait_event("unregistration", STEP, |e| e["event"] == "unregistration" && e["endpoint"] == endpoint.as_str())
+            .wait_event("unregistration", STEP, |e| {
+                e["event"] == "unregistration" && e["endpoint"] == endpoint.as_str()
+            })
             .await
             .unwrap();
     }
     assert!(server.list().await.unwrap().is_empty());
 
     let text = bridge.metrics().await;
-    assert!(metric(&text, "nidd_bridge_mo_datagrams_total") >= 12.0, "{text}");
-    assert!(metric(&text, "nidd_bridge_mt_datagrams_total") >= 7.0, "{text}");
+    assert!(
+        metric(&text, "nidd_bridge_mo_datagrams_total") >= 12.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "nidd_bridge_mt_datagrams_total") >= 7.0,
+        "{text}"
+    );
     assert_eq!(metric(&text, "nidd_bridge_devices_provisioned"), 3.0);
-    assert!(metric(&text, "nidd_bridge_t8_requests_total{api=\"nidd\",operation=\"create_configuration\",outcome=\"201\"}") >= 3.0);
-    assert!(metric(&text, "nidd_bridge_callbacks_total{kind=\"uplink\",outcome=\"accepted\"}") >= 12.0);
+    assert!(
+        metric(
+            &text,
+            "nidd_bridge_t8_requests_total{api=\"nidd\",operation=\"create_configuration\",outcome=\"201\"}"
+        ) >= 3.0
+    );
+    assert!(
+        metric(
+            &text,
+            "nidd_bridge_callbacks_total{kind=\"uplink\",outcome=\"accepted\"}"
+        ) >= 12.0
+    );
     assert_conformant(&mock);
     bridge.stop().await;
     server.stop().await;

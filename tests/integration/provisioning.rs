@@ -12,13 +12,18 @@ use super::common::*;
 async fn not_ready_until_the_scef_accepts_every_configuration() {
     let mock = mock_scef().await;
     mock.faults().fail_status.store(503, Ordering::SeqCst);
-    mock.faults().fail_configuration_creations.store(u32::MAX, Ordering::SeqCst);
+    mock.faults()
+        .fail_configuration_creations
+        .store(u32::MAX, Ordering::SeqCst);
     let store = tempfile::tempdir().unwrap();
     let config = config_text(
         mock.api_root().as_str(),
         "127.0.0.1:5683".parse().unwrap(),
         store.path(),
-        &["external_id = \"300000001@iot.example\"", "external_id = \"300000002@iot.example\""],
+        &[
+            "external_id = \"300000001@iot.example\"",
+            "external_id = \"300000002@iot.example\"",
+        ],
         "",
     );
     let bridge = RunningBridge::start(&config).await;
@@ -34,7 +39,9 @@ async fn not_ready_until_the_scef_accepts_every_configuration() {
     assert_eq!(body["ready"], false);
     assert_eq!(body["devicesWithConfiguration"], 0);
 
-    mock.faults().fail_configuration_creations.store(0, Ordering::SeqCst);
+    mock.faults()
+        .fail_configuration_creations
+        .store(0, Ordering::SeqCst);
     bridge.wait_ready().await;
     assert_eq!(mock.configurations().len(), 2);
     assert_conformant(&mock);
@@ -56,15 +63,32 @@ async fn a_terminated_configuration_is_created_again() {
     bridge.wait_ready().await;
     let id: DeviceId = "300000003@iot.example".parse().unwrap();
     assert_eq!(mock.configurations_created(), 1);
-    mock.notify_status(&id, NiddStatus::Terminated).await.unwrap();
-    mock.wait_for("a new configuration", STEP, |c| c.len() == 1).await.unwrap();
+    mock.notify_status(&id, NiddStatus::Terminated)
+        .await
+        .unwrap();
+    mock.wait_for("a new configuration", STEP, |c| c.len() == 1)
+        .await
+        .unwrap();
     bridge.wait_ready().await;
     assert_eq!(mock.configurations_created(), 2);
     // An unknown status string is accepted (T8 enums are open) and counted.
-    mock.notify_status(&id, NiddStatus::Other("SUSPENDED_FOR_MAINTENANCE".into())).await.unwrap();
+    mock.notify_status(&id, NiddStatus::Other("SUSPENDED_FOR_MAINTENANCE".into()))
+        .await
+        .unwrap();
     let text = bridge.metrics().await;
-    assert_eq!(metric(&text, "nidd_bridge_nidd_configuration_status_total{status=\"OTHER\"}"), 1.0);
-    assert!(metric(&text, "nidd_bridge_nidd_configuration_status_total{status=\"TERMINATED\"}") >= 1.0);
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_nidd_configuration_status_total{status=\"OTHER\"}"
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &text,
+            "nidd_bridge_nidd_configuration_status_total{status=\"TERMINATED\"}"
+        ) >= 1.0
+    );
     assert_conformant(&mock);
     bridge.stop().await;
 }
