@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ use crate::routing::Router;
 use crate::store::{DeviceRecord, Store, StoreError, StoredConfiguration};
 use crate::t8::{DownlinkOutcome, NiddDownlinkDataTransfer, NiddStatus, T8Client};
 use crate::{admin, callback, provision};
+
+/// How long shutdown waits for in-flight HTTP requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Descriptors kept free for listeners, the store and outgoing HTTP connections.
 const SPARE_FILE_DESCRIPTORS: u64 = 512;
@@ -140,6 +143,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub public_url: Url,
     pub shutting_down: AtomicBool,
+    /// Count of devices whose NIDD configuration is usable (kept by `set_nidd`).
+    provisioned: AtomicUsize,
     /// Wakes the provisioner when a configuration was terminated by the SCEF.
     pub reprovision: Notify,
 }
@@ -149,11 +154,9 @@ impl Shared {
         self.by_id.get(id).map(|i| &self.devices[*i])
     }
 
+    /// Devices with a usable NIDD configuration.
     pub fn provisioned_count(&self) -> usize {
-        self.devices
-            .iter()
-            .filter(|d| d.state().nidd.as_ref().is_some_and(NiddState::is_usable))
-            .count()
+        self.provisioned.load(Ordering::Relaxed)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -169,7 +172,18 @@ impl Shared {
             nidd: nidd.as_ref().map(NiddState::stored),
         };
         self.store.put_device(&device.id, &record)?;
-        device.state().nidd = nidd;
+        let usable = nidd.as_ref().is_some_and(NiddState::is_usable);
+        let was_usable = {
+            let mut state = device.state();
+            let was = state.nidd.as_ref().is_some_and(NiddState::is_usable);
+            state.nidd = nidd;
+            was
+        };
+        match (was_usable, usable) {
+            (false, true) => self.provisioned.fetch_add(1, Ordering::Relaxed),
+            (true, false) => self.provisioned.fetch_sub(1, Ordering::Relaxed),
+            _ => 0,
+        };
         self.metrics
             .devices_provisioned
             .set(self.provisioned_count() as i64);
@@ -424,6 +438,7 @@ impl Bridge {
             metrics,
             public_url,
             shutting_down: AtomicBool::new(false),
+            provisioned: AtomicUsize::new(0),
             reprovision: Notify::new(),
             config,
         });
@@ -481,15 +496,22 @@ impl BoundBridge {
             .with_graceful_shutdown(async move { stop.cancelled().await });
         let servers =
             async { tokio::try_join!(callback_server.into_future(), admin_server.into_future()) };
-        let result = tokio::select! {
-            result = servers => result.map(|_| ()).map_err(BridgeError::Serve),
-            _ = shutdown => {
-                tracing::info!("shutting down");
-                Ok(())
-            }
+        tokio::pin!(servers);
+        let finished_early = tokio::select! {
+            result = &mut servers => Some(result),
+            _ = shutdown => None,
         };
+        tracing::info!("shutting down");
         shared.shutting_down.store(true, Ordering::Relaxed);
         cancel.cancel();
+        // Let in-flight notifications finish (bounded), then stop the device sockets.
+        let served = match finished_early {
+            Some(result) => result,
+            None => tokio::time::timeout(SHUTDOWN_GRACE, &mut servers)
+                .await
+                .unwrap_or(Ok(((), ()))),
+        };
+        let result = served.map(|_| ()).map_err(BridgeError::Serve);
         while tasks.join_next().await.is_some() {}
         shared.store.flush().await?;
         tracing::info!("store flushed; bridge stopped");
