@@ -7,7 +7,7 @@ pub mod sim_device;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,7 +29,8 @@ use crate::device::DeviceId;
 use crate::t8::schema::{self, T8Schemas};
 use crate::t8::{
     DeliveryStatus, ExternalIdOrMsisdn, NiddConfiguration, NiddConfigurationStatusNotification,
-    NiddDownlinkDataTransfer, NiddStatus, NiddUplinkDataNotification,
+    NiddDownlinkDataDeliveryFailure, NiddDownlinkDataDeliveryStatusNotification,
+    NiddDownlinkDataTransfer, NiddStatus, NiddUplinkDataNotification, ProblemDetails,
 };
 
 /// Largest request body the mock accepts.
@@ -103,6 +104,26 @@ pub struct Faults {
     pub fail_status: AtomicU32,
     /// Answer downlink deliveries with 307 to an equivalent URL.
     pub redirect_downlinks: AtomicBool,
+    /// How downlink deliveries are answered (a `DownlinkMode` as u8).
+    pub downlink_mode: AtomicU8,
+}
+
+/// How the mock answers a downlink delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DownlinkMode {
+    /// 200 SUCCESS: delivered at once.
+    Deliver = 0,
+    /// 201 BUFFERING + Location, then delivered and a delivery-status notification SUCCESS.
+    BufferThenDeliver = 1,
+    /// 500 `NiddDownlinkDataDeliveryFailure` (not reachable); nothing delivered.
+    FailNotReachable = 2,
+}
+
+impl Faults {
+    pub fn set_downlink_mode(&self, mode: DownlinkMode) {
+        self.downlink_mode.store(mode as u8, Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -746,10 +767,60 @@ async fn create_downlink(
         let mut inner = state.inner();
         MockState::ue_channels(&mut inner, &ue).mt_sender.clone()
     };
-    let _ = sender.send(datagram);
-    let answer = NiddDownlinkDataTransfer {
-        delivery_status: Some(DeliveryStatus::Success),
-        ..request
-    };
-    json_response(StatusCode::OK, &answer, None)
+    match state.faults.downlink_mode.load(Ordering::SeqCst) {
+        m if m == DownlinkMode::FailNotReachable as u8 => {
+            let failure = NiddDownlinkDataDeliveryFailure {
+                problem_detail: ProblemDetails {
+                    title: Some("UE not reachable".into()),
+                    status: Some(500),
+                    cause: Some("TEMPORARILY_NOT_REACHABLE".into()),
+                    ..Default::default()
+                },
+                requested_retransmission_time: None,
+            };
+            json_response(StatusCode::INTERNAL_SERVER_ERROR, &failure, None)
+        }
+        m if m == DownlinkMode::BufferThenDeliver as u8 => {
+            let delivery_id = {
+                let mut inner = state.inner();
+                inner.next_id += 1;
+                format!("mt{}", inner.next_id)
+            };
+            let location = format!(
+                "{}3gpp-nidd/v1/{scs}/configurations/{id}/downlink-data-deliveries/{delivery_id}",
+                state.api_root
+            );
+            let answer = NiddDownlinkDataTransfer {
+                self_link: Some(location.clone()),
+                delivery_status: Some(DeliveryStatus::Buffering),
+                ..request
+            };
+            let notified = state.clone();
+            let status_link = location.clone();
+            tokio::spawn(async move {
+                let _ = sender.send(datagram);
+                let body = NiddDownlinkDataDeliveryStatusNotification {
+                    nidd_downlink_data_transfer: status_link,
+                    delivery_status: DeliveryStatus::Success,
+                    requested_retransmission_time: None,
+                };
+                let json = serde_json::to_value(&body).unwrap_or_default();
+                if let Err(error) = notified
+                    .callback(&configuration.notification_destination, json)
+                    .await
+                {
+                    tracing::warn!(%error, "mock SCEF: delivery status notification refused");
+                }
+            });
+            json_response(StatusCode::CREATED, &answer, Some(&location))
+        }
+        _ => {
+            let _ = sender.send(datagram);
+            let answer = NiddDownlinkDataTransfer {
+                delivery_status: Some(DeliveryStatus::Success),
+                ..request
+            };
+            json_response(StatusCode::OK, &answer, None)
+        }
+    }
 }

@@ -8,6 +8,7 @@ mod integration {
     pub mod common;
     pub mod conformance;
     pub mod data_path;
+    pub mod downlink;
     pub mod provisioning;
     pub mod restart;
 }

@@ -1,0 +1,203 @@
+//! T8 answers to MT deliveries (200, 201 + delivery-status notification, 500 failure), byte-exact
+//! forwarding in both directions, and the SCEF's `maximumPacketSize` (in bits) applied to both
+//! directions. A plain UDP socket stands in for the LwM2M server so each datagram is seen raw.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use nidd_bridge::device::DeviceId;
+use nidd_bridge::mock_scef::{DownlinkMode, MockScef, MockScefConfig};
+use serde_json::json;
+use tokio::net::UdpSocket;
+
+use super::common::*;
+
+/// A confirmable GET /3/0/0 with a 4-byte token.
+fn server_read(message_id: u16) -> Vec<u8> {
+    let [high, low] = message_id.to_be_bytes();
+    vec![
+        0x44, 0x01, high, low, 0xa1, 0xb2, 0xc3, 0xd4, 0xb1, b'3', 0x01, b'0', 0x01, b'0',
+    ]
+}
+
+async fn recv(socket: &UdpSocket) -> (Vec<u8>, std::net::SocketAddr) {
+    let mut buffer = vec![0u8; 2048];
+    let (length, from) = tokio::time::timeout(STEP, socket.recv_from(&mut buffer))
+        .await
+        .unwrap()
+        .unwrap();
+    buffer.truncate(length);
+    (buffer, from)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_answers_are_handled_and_bytes_pass_unchanged() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mock = mock_scef().await;
+    let store = tempfile::tempdir().unwrap();
+    let config = config_text(
+        mock.api_root().as_str(),
+        server.local_addr().unwrap(),
+        store.path(),
+        &["external_id = \"600000001@iot.example\""],
+        "",
+    );
+    let bridge = RunningBridge::start(&config).await;
+    bridge.wait_ready().await;
+    let id: DeviceId = "600000001@iot.example".parse().unwrap();
+    let device_address = bridge.device_address(&id);
+    let ue = mock.ue(&id);
+
+    // 200: delivered at once, byte for byte.
+    server
+        .send_to(&server_read(1), device_address)
+        .await
+        .unwrap();
+    assert_eq!(ue.recv_mt(STEP).await.unwrap(), server_read(1));
+
+    // 201 BUFFERING, then the SCEF's delivery-status notification.
+    mock.faults()
+        .set_downlink_mode(DownlinkMode::BufferThenDeliver);
+    server
+        .send_to(&server_read(2), device_address)
+        .await
+        .unwrap();
+    assert_eq!(ue.recv_mt(STEP).await.unwrap(), server_read(2));
+    eventually("the delivery status notification", || async {
+        metric(
+            &bridge.metrics().await,
+            "nidd_bridge_callbacks_total{kind=\"delivery_status\",outcome=\"accepted\"}",
+        ) == 1.0
+    })
+    .await;
+
+    // 500 NiddDownlinkDataDeliveryFailure: counted, nothing delivered.
+    mock.faults()
+        .set_downlink_mode(DownlinkMode::FailNotReachable);
+    server
+        .send_to(&server_read(3), device_address)
+        .await
+        .unwrap();
+    eventually("the failed delivery", || async {
+        metric(
+            &bridge.metrics().await,
+            "nidd_bridge_dropped_datagrams_total{direction=\"mt\",reason=\"t8_delivery_failed\"}",
+        ) == 1.0
+    })
+    .await;
+    assert!(
+        mock.recorded()
+            .iter()
+            .any(|r| r.status == 500 && r.path.ends_with("downlink-data-deliveries"))
+    );
+
+    let text = bridge.metrics().await;
+    assert_eq!(
+        metric(&text, "nidd_bridge_mt_deliveries_total{status=\"SUCCESS\"}"),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_mt_deliveries_total{status=\"BUFFERING\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "nidd_bridge_mt_deliveries_total{status=\"FAILED\"}"),
+        1.0
+    );
+    assert_eq!(metric(&text, "nidd_bridge_mt_datagrams_total"), 3.0);
+
+    // MO: the server receives exactly the device's bytes, from the device's own address.
+    let response = [
+        0x64, 0x45, 0x00, 0x01, 0xa1, 0xb2, 0xc3, 0xd4, 0xff, b'h', b'i',
+    ];
+    ue.send_mo(&response).await.unwrap();
+    let (bytes, from) = recv(&server).await;
+    assert_eq!(bytes, response);
+    assert_eq!(from, device_address);
+    assert_conformant(&mock);
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scefs_maximum_packet_size_is_read_in_bits_and_enforced() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mock = MockScef::start(
+        ([127, 0, 0, 1], 0).into(),
+        MockScefConfig {
+            maximum_packet_size_bits: Some(100 * 8),
+            schemas: Some(schemas()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let config = config_text(
+        mock.api_root().as_str(),
+        server.local_addr().unwrap(),
+        store.path(),
+        &["external_id = \"600000002@iot.example\""],
+        "",
+    );
+    let bridge = RunningBridge::start(&config).await;
+    bridge.wait_ready().await;
+    let id: DeviceId = "600000002@iot.example".parse().unwrap();
+    let view: serde_json::Value = reqwest::get(format!(
+        "http://{}/api/v1/devices/urn:nai:600000002@iot.example",
+        bridge.admin_addr
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(view["niddConfiguration"]["maximumPacketSizeBytes"], 100);
+    assert_eq!(view["endpointName"], "urn:nai:600000002@iot.example");
+
+    // MO over 100 bytes (but under the 1358-byte default) is refused.
+    let mut big = vec![0x50, 0x45, 0x00, 0x09, 0xff];
+    big.resize(120, b'x');
+    let configuration = mock.configurations()[0].self_link.clone();
+    let body = json!({"niddConfiguration": configuration, "externalId": "600000002@iot.example", "data": BASE64.encode(&big)});
+    let (status, _) = mock
+        .post_raw(
+            &bridge.callback_url(&id),
+            "application/json",
+            body.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 413);
+    // MT over 100 bytes is dropped and counted, not sent to the SCEF.
+    server
+        .send_to(&big, bridge.device_address(&id))
+        .await
+        .unwrap();
+    eventually("the oversized MT datagram to be counted", || async {
+        metric(
+            &bridge.metrics().await,
+            "nidd_bridge_dropped_datagrams_total{direction=\"mt\",reason=\"oversized\"}",
+        ) == 1.0
+    })
+    .await;
+    assert!(
+        mock.recorded()
+            .iter()
+            .all(|r| !r.path.ends_with("downlink-data-deliveries"))
+    );
+    // Within the limit both directions pass.
+    let ue = mock.ue(&id);
+    server
+        .send_to(&server_read(7), bridge.device_address(&id))
+        .await
+        .unwrap();
+    assert_eq!(ue.recv_mt(STEP).await.unwrap(), server_read(7));
+    assert!(ue.recv_mt(Duration::from_millis(1)).await.is_none());
+    assert_conformant(&mock);
+    bridge.stop().await;
+}
