@@ -2,7 +2,8 @@
 //! real npm LwM2M server, all on loopback. Devices register through NIDD, the server reads
 //! `/3/0/0` from each through the bridge, and the devices de-register.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,33 +68,17 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let ids: Vec<DeviceId> = (1..=options.devices)
         .map(|i| format!("urn:nai:35{i:07}@demo.iot.example").parse())
         .collect::<Result<_, _>>()?;
-    let devices: String = ids
+    let device_lines: Vec<String> = ids
         .iter()
-        .map(|id| format!("[[devices]]\nexternal_id = \"{id}\"\n"))
+        .map(|id| format!("external_id = \"{id}\""))
         .collect();
-    let config = Config::parse(&format!(
-        r#"
-        [scef]
-        base_url = "{}"
-        scs_as_id = "demo"
-        [callback]
-        listen = "127.0.0.1:0"
-        [admin]
-        listen = "127.0.0.1:0"
-        [[lwm2m_servers]]
-        name = "dm"
-        address = "{}"
-        role = "dm"
-        [sockets]
-        bind = "127.0.0.1"
-        ports = "20000-29999"
-        [store]
-        path = "{}"
-        {devices}
-        "#,
-        mock.api_root(),
+    let device_lines: Vec<&str> = device_lines.iter().map(String::as_str).collect();
+    let config = Config::parse(&loopback_config(
+        mock.api_root().as_str(),
         server.address,
-        store.display()
+        &store,
+        &device_lines,
+        "",
     ))?;
     let bridge = Bridge::bind(config, &ProcessSecrets).await?;
     println!(
@@ -180,6 +165,47 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         sims.len()
     );
     Ok(())
+}
+
+/// A configuration with every listener on loopback port 0 (bound addresses are read back),
+/// device sockets from 127.0.0.1, fast provisioning retries, and the given `[[devices]]`
+/// bodies. Used by the demo and the integration tests.
+pub fn loopback_config(
+    api_root: &str,
+    server: SocketAddr,
+    store: &Path,
+    devices: &[&str],
+    extra: &str,
+) -> String {
+    let devices: String = devices
+        .iter()
+        .map(|d| format!("[[devices]]\n{d}\n"))
+        .collect();
+    format!(
+        r#"
+[scef]
+base_url = "{api_root}"
+scs_as_id = "nidd-bridge-demo"
+retry_initial_ms = 50
+retry_max_ms = 200
+[callback]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[[lwm2m_servers]]
+name = "dm"
+address = "{server}"
+role = "dm"
+[sockets]
+bind = "127.0.0.1"
+ports = "20000-39999"
+[store]
+path = "{}"
+{extra}
+{devices}
+"#,
+        store.display()
+    )
 }
 
 fn say(step: &str, text: &str) {

@@ -53,21 +53,15 @@ async fn expect_problem(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_counted_and_harmless() {
-    let server = lwm2m_server().await;
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    let config = config_text(
-        mock.api_root().as_str(),
-        server.address,
-        store.path(),
+    let stack = Stack::start(
         &[
             "external_id = \"400000001@iot.example\"",
             "external_id = \"400000002@iot.example\"",
         ],
         "",
-    );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
+    )
+    .await;
+    let (server, mock, bridge) = (&stack.server, &stack.mock, &stack.bridge);
     let a: DeviceId = "400000001@iot.example".parse().unwrap();
     let url = bridge.callback_url(&a);
     let configuration = mock
@@ -79,7 +73,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
     let json = "application/json";
 
     expect_problem(
-        &mock,
+        mock,
         &url,
         json,
         b"{\"data\": ".to_vec(),
@@ -88,7 +82,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
     )
     .await;
     expect_problem(
-        &mock,
+        mock,
         &url,
         json,
         uplink(&configuration, "400000001@iot.example", "%%%not-base64"),
@@ -97,7 +91,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
     )
     .await;
     expect_problem(
-        &mock,
+        mock,
         &url,
         json,
         b"{\"niddConfiguration\": \"x\"}".to_vec(),
@@ -106,7 +100,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
     )
     .await;
     expect_problem(
-        &mock,
+        mock,
         &url,
         "text/plain",
         b"hello".to_vec(),
@@ -120,7 +114,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
         "0".repeat(32)
     );
     expect_problem(
-        &mock,
+        mock,
         &unknown,
         json,
         uplink(&configuration, "400000001@iot.example", "QAE="),
@@ -131,7 +125,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
     // Device B's identity on device A's callback URL.
     let spoofed = BASE64.encode(register("urn:nai:400000002@iot.example"));
     expect_problem(
-        &mock,
+        mock,
         &url,
         json,
         uplink(&configuration, "400000002@iot.example", &spoofed),
@@ -141,7 +135,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
     .await;
     // Device A registering as device B.
     expect_problem(
-        &mock,
+        mock,
         &url,
         json,
         uplink(&configuration, "400000001@iot.example", &spoofed),
@@ -152,7 +146,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
     // A payload over the configuration's maximum packet size (1358 bytes from the mock).
     let oversized = BASE64.encode(vec![0x40u8; 1400]);
     expect_problem(
-        &mock,
+        mock,
         &url,
         json,
         uplink(&configuration, "400000001@iot.example", &oversized),
@@ -163,7 +157,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
     // A body over the callback body limit.
     let huge = BASE64.encode(vec![0x40u8; 20_000]);
     expect_problem(
-        &mock,
+        mock,
         &url,
         json,
         uplink(&configuration, "400000001@iot.example", &huge),
@@ -174,7 +168,7 @@ async fn bad_input_is_refused_counted_and_harmless() {
     // Valid base64 that is not CoAP.
     let junk = BASE64.encode([0x00u8, 1, 2, 3, 4]);
     expect_problem(
-        &mock,
+        mock,
         &url,
         json,
         uplink(&configuration, "400000001@iot.example", &junk),
@@ -253,7 +247,5 @@ async fn bad_input_is_refused_counted_and_harmless() {
             .unwrap(),
         "nidd-bridge simulator"
     );
-    assert_conformant(&mock);
-    bridge.stop().await;
-    server.stop().await;
+    stack.finish().await;
 }

@@ -1,7 +1,6 @@
 //! Shared test scaffolding: starting the pieces on loopback with free ports and deadlines.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,43 +60,45 @@ pub async fn lwm2m_server() -> Lwm2mNodeServer {
         .expect("npm LwM2M server starts")
 }
 
-/// A configuration for the given devices (`[[devices]]` bodies), SCEF and LwM2M server.
-pub fn config_text(
-    api_root: &str,
-    server: SocketAddr,
-    store: &Path,
-    devices: &[&str],
-    extra: &str,
-) -> String {
-    let devices: String = devices
-        .iter()
-        .map(|d| format!("[[devices]]\n{d}\n"))
-        .collect();
-    format!(
-        r#"
-[scef]
-base_url = "{api_root}"
-scs_as_id = "bridge-test"
-retry_initial_ms = 50
-retry_max_ms = 200
-[callback]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[[lwm2m_servers]]
-name = "dm"
-address = "{server}"
-role = "dm"
-[sockets]
-bind = "127.0.0.1"
-ports = "20000-39999"
-[store]
-path = "{}"
-{extra}
-{devices}
-"#,
-        store.display()
-    )
+pub use nidd_bridge::demo::loopback_config as config_text;
+
+/// The usual stack: the npm LwM2M server, a validating mock SCEF and a bridge for `devices`.
+pub struct Stack {
+    pub server: Lwm2mNodeServer,
+    pub mock: MockScef,
+    pub bridge: RunningBridge,
+    _store: tempfile::TempDir,
+}
+
+impl Stack {
+    /// Starts everything and waits until the bridge is ready.
+    pub async fn start(devices: &[&str], extra: &str) -> Self {
+        let server = lwm2m_server().await;
+        let mock = mock_scef().await;
+        let store = tempfile::tempdir().expect("temporary store");
+        let config = config_text(
+            mock.api_root().as_str(),
+            server.address,
+            store.path(),
+            devices,
+            extra,
+        );
+        let bridge = RunningBridge::start(&config).await;
+        bridge.wait_ready().await;
+        Self {
+            server,
+            mock,
+            bridge,
+            _store: store,
+        }
+    }
+
+    /// Checks conformance and stops everything cleanly.
+    pub async fn finish(self) {
+        assert_conformant(&self.mock);
+        self.bridge.stop().await;
+        self.server.stop().await;
+    }
 }
 
 /// A bridge running in this process.

@@ -88,21 +88,15 @@ async fn every_exchange_kind_is_checked_against_the_schemas() {
     use nidd_bridge::device::DeviceId;
     use nidd_bridge::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 
-    let server = lwm2m_server().await;
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    let config = config_text(
-        mock.api_root().as_str(),
-        server.address,
-        store.path(),
+    let stack = Stack::start(
         &[
             "external_id = \"500000001@iot.example\"",
             "msisdn = \"491709999999\"",
         ],
         "[nidd]\nrequest_test_notification = true",
-    );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
+    )
+    .await;
+    let (server, mock) = (&stack.server, &stack.mock);
     let id: DeviceId = "500000001@iot.example".parse().unwrap();
     let sim = SimLwm2mDevice::spawn(
         mock.ue(&id),
@@ -156,7 +150,5 @@ async fn every_exchange_kind_is_checked_against_the_schemas() {
             }
         }
     }
-    assert_conformant(&mock);
-    bridge.stop().await;
-    server.stop().await;
+    stack.finish().await;
 }

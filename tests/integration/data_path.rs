@@ -10,22 +10,16 @@ use super::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_register_are_read_and_deregister_through_the_bridge() {
-    let server = lwm2m_server().await;
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    let config = config_text(
-        mock.api_root().as_str(),
-        server.address,
-        store.path(),
+    let stack = Stack::start(
         &[
             "external_id = \"urn:nai:100000001@iot.example\"",
             "external_id = \"100000002@iot.example\"",
             "msisdn = \"491701234567\"\nendpoint_name = \"urn:imei:490154203237518\"",
         ],
         "",
-    );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
+    )
+    .await;
+    let (server, mock, bridge) = (&stack.server, &stack.mock, &stack.bridge);
 
     let devices: Vec<(DeviceId, String)> = vec![
         (
@@ -138,7 +132,5 @@ async fn devices_register_are_read_and_deregister_through_the_bridge() {
             "nidd_bridge_callbacks_total{kind=\"uplink\",outcome=\"accepted\"}"
         ) >= 12.0
     );
-    assert_conformant(&mock);
-    bridge.stop().await;
-    server.stop().await;
+    stack.finish().await;
 }
