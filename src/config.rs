@@ -62,7 +62,143 @@ pub struct Config {
     #[serde(default)]
     pub nidd: NiddDefaults,
     #[serde(default)]
+    pub psm: PsmConfig,
+    #[serde(default)]
     pub devices: Vec<DeviceConfig>,
+}
+
+/// Who holds MT datagrams for a device that sleeps: never both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferOwner {
+    /// The bridge queues MT while the device sleeps and sends it when the device wakes;
+    /// deliveries ask the SCEF not to buffer (`pdnEstablishmentOption` INDICATE_ERROR).
+    Bridge,
+    /// The bridge sends MT at once; the SCEF buffers it (201 BUFFERING/TRIGGERED) and reports
+    /// the outcome later (`pdnEstablishmentOption` WAIT_FOR_UE).
+    Scef,
+}
+
+/// What to do when a device's MT queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Drop the oldest queued datagram to make room (servers retransmit what matters).
+    DropOldest,
+    /// Refuse the new datagram.
+    DropNewest,
+}
+
+/// PSM-aware MT delivery: reachability, the durable MT queue and its bounds, pacing, retries,
+/// monitoring events and device triggering. Defaults for every device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PsmConfig {
+    #[serde(default = "default_buffer_owner")]
+    pub buffer_owner: BufferOwner,
+    /// How long a device stays reachable after an uplink (NB-IoT T3324: 2 s to 186 min).
+    #[serde(default = "default_active_window_s")]
+    pub active_window_s: u64,
+    #[serde(default = "default_queue_max_datagrams")]
+    pub queue_max_datagrams: usize,
+    #[serde(default = "default_queue_max_bytes")]
+    pub queue_max_bytes: usize,
+    /// Oldest a queued confirmable datagram may get (default CoAP EXCHANGE_LIFETIME, 247 s);
+    /// non-confirmable ones keep at most NON_LIFETIME (145 s) of it.
+    #[serde(default = "default_queue_max_age_s")]
+    pub queue_max_age_s: u64,
+    #[serde(default = "default_overflow")]
+    pub overflow: OverflowPolicy,
+    /// MT deliveries per second to one device when a queue is flushed.
+    #[serde(default = "default_device_rate")]
+    pub device_rate_per_s: f64,
+    /// MT deliveries per second over all devices.
+    #[serde(default = "default_global_rate")]
+    pub global_rate_per_s: f64,
+    /// Backoff after the SCEF could not take an MT datagram (when it names no retry time).
+    #[serde(default = "default_mt_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    #[serde(default = "default_mt_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// Subscribe to MonitoringEvent UE_REACHABILITY (and LOSS_OF_CONNECTIVITY) per device.
+    #[serde(default)]
+    pub monitoring: bool,
+    /// Lifetime of a monitoring subscription; it is renewed before it ends.
+    #[serde(default = "default_monitoring_duration_s")]
+    pub monitoring_duration_s: u64,
+    /// Send a T8 device trigger when MT waits for a device asleep longer than this.
+    pub trigger_after_s: Option<u64>,
+    /// Application port and payload (base64) of the trigger SMS.
+    #[serde(default = "default_trigger_port")]
+    pub trigger_application_port: u16,
+    #[serde(default)]
+    pub trigger_payload_base64: String,
+    #[serde(default = "default_trigger_validity_s")]
+    pub trigger_validity_s: u64,
+}
+
+impl Default for PsmConfig {
+    fn default() -> Self {
+        Self {
+            buffer_owner: default_buffer_owner(),
+            active_window_s: default_active_window_s(),
+            queue_max_datagrams: default_queue_max_datagrams(),
+            queue_max_bytes: default_queue_max_bytes(),
+            queue_max_age_s: default_queue_max_age_s(),
+            overflow: default_overflow(),
+            device_rate_per_s: default_device_rate(),
+            global_rate_per_s: default_global_rate(),
+            retry_initial_ms: default_mt_retry_initial_ms(),
+            retry_max_ms: default_mt_retry_max_ms(),
+            monitoring: false,
+            monitoring_duration_s: default_monitoring_duration_s(),
+            trigger_after_s: None,
+            trigger_application_port: default_trigger_port(),
+            trigger_payload_base64: String::new(),
+            trigger_validity_s: default_trigger_validity_s(),
+        }
+    }
+}
+
+fn default_buffer_owner() -> BufferOwner {
+    BufferOwner::Bridge
+}
+fn default_active_window_s() -> u64 {
+    20
+}
+fn default_queue_max_datagrams() -> usize {
+    32
+}
+fn default_queue_max_bytes() -> usize {
+    16 * 1024
+}
+fn default_queue_max_age_s() -> u64 {
+    247
+}
+fn default_overflow() -> OverflowPolicy {
+    OverflowPolicy::DropOldest
+}
+fn default_device_rate() -> f64 {
+    10.0
+}
+fn default_global_rate() -> f64 {
+    500.0
+}
+fn default_mt_retry_initial_ms() -> u64 {
+    1_000
+}
+fn default_mt_retry_max_ms() -> u64 {
+    60_000
+}
+fn default_monitoring_duration_s() -> u64 {
+    86_400
+}
+fn default_trigger_port() -> u16 {
+    // OMA LwM2M leaves the SMS trigger port to the device; 2948 is the WAP push port some use.
+    2948
+}
+fn default_trigger_validity_s() -> u64 {
+    300
 }
 
 /// The SCEF/NEF T8 endpoint and how to authenticate to it.
@@ -252,6 +388,11 @@ pub struct DeviceConfig {
     pub endpoint_name: Option<String>,
     /// Name of the device's default LwM2M server; defaults to the first `dm` server.
     pub lwm2m_server: Option<String>,
+    /// Overrides of the `[psm]` defaults for this device.
+    pub buffer_owner: Option<BufferOwner>,
+    pub active_window_s: Option<u64>,
+    pub monitoring: Option<bool>,
+    pub trigger_after_s: Option<u64>,
 }
 
 impl DeviceConfig {
@@ -364,6 +505,30 @@ impl Config {
                 "nidd.pdn_establishment_option {:?} is not WAIT_FOR_UE, INDICATE_ERROR or SEND_TRIGGER",
                 self.nidd.pdn_establishment_option
             ));
+        }
+        let psm = &self.psm;
+        if psm.queue_max_datagrams == 0 || psm.queue_max_bytes == 0 || psm.queue_max_age_s == 0 {
+            return invalid("psm.queue_max_datagrams, queue_max_bytes and queue_max_age_s must be > 0".into());
+        }
+        if !(psm.device_rate_per_s > 0.0 && psm.global_rate_per_s > 0.0) {
+            return invalid("psm.device_rate_per_s and psm.global_rate_per_s must be > 0".into());
+        }
+        if psm.retry_initial_ms == 0 || psm.retry_max_ms < psm.retry_initial_ms {
+            return invalid("psm.retry_initial_ms must be > 0 and <= psm.retry_max_ms".into());
+        }
+        if !(2..=186 * 60).contains(&psm.active_window_s)
+            || self.devices.iter().filter_map(|d| d.active_window_s).any(|s| !(2..=186 * 60).contains(&s))
+        {
+            return invalid("active_window_s must be between 2 and 11160 seconds (NB-IoT T3324)".into());
+        }
+        if psm.monitoring_duration_s < 60 {
+            return invalid("psm.monitoring_duration_s must be at least 60".into());
+        }
+        {
+            use base64::Engine;
+            if base64::engine::general_purpose::STANDARD.decode(&psm.trigger_payload_base64).is_err() {
+                return invalid("psm.trigger_payload_base64 is not valid base64".into());
+            }
         }
         let mut names = HashSet::new();
         for server in &self.lwm2m_servers {
