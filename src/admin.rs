@@ -13,7 +13,13 @@ use serde::Serialize;
 
 use crate::bridge::{Device, Shared};
 use crate::callback::problem_response;
+use std::time::Instant;
+
+use crate::config::BufferOwner;
+use crate::delivery::unix_ms;
 use crate::device::DeviceId;
+use crate::mt_queue::DropReason;
+use crate::reachability::State as Reachable;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -22,10 +28,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{device}", get(show_device))
+        .route(
+            "/api/v1/devices/{device}/queue",
+            axum::routing::delete(purge_queue),
+        )
         .with_state(shared)
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    shared.refresh_gauges();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         shared.metrics.render(),
@@ -66,6 +77,26 @@ struct DeviceView {
     endpoint_name: Option<String>,
     udp_address: String,
     nidd_configuration: Option<ConfigurationView>,
+    mt: MtView,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MtView {
+    buffer_owner: BufferOwner,
+    reachability: Reachable,
+    /// Seconds the current awake window still lasts.
+    awake_for_s: Option<f64>,
+    /// Seconds since the device went to sleep.
+    asleep_for_s: Option<f64>,
+    /// Seconds until the next wake-up expected from the device's rhythm.
+    next_expected_wake_in_s: Option<f64>,
+    queue_depth: usize,
+    queue_bytes: usize,
+    oldest_queued_age_s: Option<f64>,
+    pending_deliveries: usize,
+    retry_in_s: Option<f64>,
+    monitoring_subscription: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -78,7 +109,38 @@ struct ConfigurationView {
 }
 
 fn view(device: &Device) -> DeviceView {
-    let nidd = device.state().nidd.clone();
+    let now = Instant::now();
+    let now_ms = unix_ms();
+    let state = device.state();
+    let nidd = state.nidd.clone();
+    let mt = &state.mt;
+    let seconds = |d: std::time::Duration| (d.as_millis() as f64) / 1000.0;
+    let mt = MtView {
+        buffer_owner: mt.owner,
+        reachability: mt.reachability.state(now),
+        awake_for_s: mt.reachability.awake_until(now).map(|t| seconds(t - now)),
+        asleep_for_s: mt
+            .reachability
+            .asleep_since(now)
+            .map(|t| seconds(now.saturating_duration_since(t))),
+        next_expected_wake_in_s: mt
+            .reachability
+            .next_expected_wake(now)
+            .map(|t| seconds(t.saturating_duration_since(now))),
+        queue_depth: mt.queue.waiting().count(),
+        queue_bytes: mt.queue.waiting_bytes(),
+        oldest_queued_age_s: mt
+            .queue
+            .oldest_enqueued_ms()
+            .map(|ms| now_ms.saturating_sub(ms) as f64 / 1000.0),
+        pending_deliveries: mt.queue.pending_count(),
+        retry_in_s: mt.retry_at.filter(|t| *t > now).map(|t| seconds(t - now)),
+        monitoring_subscription: nidd
+            .as_ref()
+            .and_then(|n| n.monitoring_subscription.as_ref())
+            .map(|s| s.location.clone()),
+    };
+    drop(state);
     DeviceView {
         id: device.id.canonical().to_string(),
         external_id: device.id.external_id().map(ToString::to_string),
@@ -92,6 +154,7 @@ fn view(device: &Device) -> DeviceView {
                 .map_or_else(|| "UNKNOWN".to_string(), |s| s.as_str().to_string()),
             maximum_packet_size_bytes: n.maximum_packet_size_bits.map(|bits| bits / 8),
         }),
+        mt,
     }
 }
 
@@ -116,4 +179,42 @@ async fn show_device(State(shared): State<Arc<Shared>>, Path(device): Path<Strin
             format!("device {id} is not configured"),
         ),
     }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Purged {
+    purged: usize,
+}
+
+/// Drops every datagram queued for a device (pending ones at the SCEF included), counted as
+/// `purged`.
+async fn purge_queue(State(shared): State<Arc<Shared>>, Path(device): Path<String>) -> Response {
+    let id: DeviceId = match device.parse() {
+        Ok(id) => id,
+        Err(error) => {
+            return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string());
+        }
+    };
+    let Some(device) = shared.device(&id) else {
+        return problem_response(
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_DEVICE",
+            format!("device {id} is not configured"),
+        );
+    };
+    let purged = device.state().mt.queue.drain_all();
+    let count = purged.len();
+    shared.record_queue_drops(
+        device,
+        purged
+            .into_iter()
+            .map(|item| (item, DropReason::Purged))
+            .collect(),
+    );
+    if let Err(error) = shared.mt_store.flush().await {
+        tracing::error!(%error, "cannot flush the MT queue");
+    }
+    tracing::info!(device = %id, purged = count, "MT queue purged by the operator");
+    Json(Purged { purged: count }).into_response()
 }

@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -18,12 +16,15 @@ use url::Url;
 
 use crate::coap::Datagram;
 use crate::config::{Config, Lwm2mServerConfig, SecretSource, ServerRole};
+use crate::delivery::{self, MtState, Pacer, QueueEffect, unix_ms};
 use crate::device::DeviceId;
 use crate::metrics::Metrics;
+use crate::mt_queue::{DeviceQueue, DropReason, MtStore, QueueLimits, QueuedDatagram};
+use crate::reachability::Reachability;
 use crate::relay::{DeviceSocket, RECEIVE_BUFFER_BYTES, RelayError, SocketPool};
 use crate::routing::Router;
-use crate::store::{DeviceRecord, Store, StoreError, StoredConfiguration};
-use crate::t8::{DownlinkOutcome, NiddDownlinkDataTransfer, NiddStatus, T8Client};
+use crate::store::{DeviceRecord, Store, StoreError, StoredConfiguration, StoredSubscription};
+use crate::t8::{DeviceTriggering, NiddStatus, T8Client};
 use crate::{admin, callback, provision};
 
 /// How long shutdown waits for in-flight HTTP requests.
@@ -69,6 +70,8 @@ pub struct NiddState {
     pub maximum_packet_size_bits: Option<u64>,
     /// The callback URL the SCEF calls for this configuration.
     pub notification_destination: Option<String>,
+    /// The device's MonitoringEvent subscription, when monitoring is on.
+    pub monitoring_subscription: Option<StoredSubscription>,
 }
 
 impl NiddState {
@@ -82,6 +85,7 @@ impl NiddState {
             status: self.status.as_ref().map(|s| s.as_str().to_string()),
             maximum_packet_size_bits: self.maximum_packet_size_bits,
             notification_destination: self.notification_destination.clone(),
+            monitoring_subscription: self.monitoring_subscription.clone(),
         }
     }
 }
@@ -91,6 +95,7 @@ impl NiddState {
 pub struct DeviceState {
     pub router: Router,
     pub nidd: Option<NiddState>,
+    pub mt: MtState,
 }
 
 pub struct Device {
@@ -98,6 +103,10 @@ pub struct Device {
     pub endpoint_name: Option<String>,
     pub callback_token: String,
     pub socket: Arc<DeviceSocket>,
+    /// Wakes the device's MT flusher (new MT, device awake, delivery outcome).
+    pub wake: Notify,
+    /// Subscribe to MonitoringEvent reachability reports for this device.
+    pub monitoring: bool,
     state: Mutex<DeviceState>,
 }
 
@@ -123,8 +132,13 @@ impl Device {
 
     /// The callback URL of this device's NIDD configuration.
     pub fn callback_url(&self, public_url: &Url) -> String {
+        self.capability_url(public_url, "nidd")
+    }
+
+    /// This device's callback URL for one T8 API (`nidd`, `monitoring`, `triggering`).
+    pub fn capability_url(&self, public_url: &Url, api: &str) -> String {
         format!(
-            "{}/t8/v1/nidd/{}",
+            "{}/t8/v1/{api}/{}",
             public_url.as_str().trim_end_matches('/'),
             self.callback_token
         )
@@ -147,6 +161,10 @@ pub struct Shared {
     provisioned: AtomicUsize,
     /// Wakes the provisioner when a configuration was terminated by the SCEF.
     pub reprovision: Notify,
+    pub mt_store: MtStore,
+    pub queue_limits: QueueLimits,
+    /// Paces MT deliveries over all devices.
+    pub global_pacer: Mutex<Pacer>,
 }
 
 impl Shared {
@@ -219,6 +237,7 @@ impl Shared {
             })?;
         self.metrics.mo_datagrams.inc();
         self.metrics.mo_bytes.inc_by(datagram.len() as u64);
+        self.device_woke(device, None, "uplink");
         tracing::debug!(device = %device.id, server = %self.servers[server].name, code = %view.code_string(), mid = view.message_id, bytes = datagram.len(), "MO forwarded");
         Ok(())
     }
@@ -244,51 +263,180 @@ impl Shared {
                 return;
             }
         };
-        let configuration = {
+        let now_ms = unix_ms();
+        let confirmable = view.kind == crate::coap::Kind::Confirmable;
+        let item = QueuedDatagram {
+            seq: self.mt_store.next_seq(),
+            server,
+            source: from,
+            message_id: view.message_id,
+            confirmable,
+            enqueued_at_ms: now_ms,
+            expires_at_ms: self.queue_limits.expiry(now_ms, confirmable),
+            data: datagram,
+            pending: None,
+        };
+        let length = item.data.len() as u64;
+        let admission = {
             let mut state = device.state();
             state.router.note_downlink(server, &view);
-            state
-                .nidd
-                .as_ref()
-                .filter(|n| n.is_usable())
-                .map(|n| n.location.clone())
+            if state
+                .mt
+                .queue
+                .is_retransmission(from, view.message_id, &item.data)
+            {
+                None
+            } else {
+                let admission = state
+                    .mt
+                    .queue
+                    .admit(item.clone(), &self.queue_limits, now_ms);
+                // Written under the device lock so the flusher can never remove it first.
+                if admission.accepted
+                    && let Err(error) = self.mt_store.put(&device.id, &item)
+                {
+                    tracing::error!(device = %device.id, %error, "cannot persist an MT datagram");
+                }
+                for (dropped, _) in &admission.dropped {
+                    if let Err(error) = self.mt_store.remove(&device.id, dropped.seq) {
+                        tracing::error!(device = %device.id, %error, "cannot remove a dropped MT datagram");
+                    }
+                }
+                Some(admission)
+            }
         };
-        let Some(configuration) = configuration else {
-            self.metrics.drop_datagram("mt", "no_nidd_configuration");
-            tracing::warn!(device = %device.id, "dropped MT datagram: the device has no NIDD configuration yet");
+        let Some(admission) = admission else {
+            self.metrics.suppressed_retransmissions.inc();
+            self.metrics.airtime_saved_bytes.inc_by(length);
+            tracing::debug!(device = %device.id, mid = view.message_id, "server retransmission of queued MT suppressed");
             return;
         };
+        self.count_drops(admission.dropped.iter().map(|(_, reason)| *reason));
+        if !admission.accepted {
+            return;
+        }
         self.metrics.mt_datagrams.inc();
-        self.metrics.mt_bytes.inc_by(datagram.len() as u64);
-        let transfer = NiddDownlinkDataTransfer {
-            external_id: device.id.external_id().cloned(),
-            msisdn: device.id.msisdn().cloned(),
-            data: BASE64.encode(&datagram),
-            ..Default::default()
-        };
-        match self.t8.deliver_downlink(&configuration, &transfer).await {
-            Ok(DownlinkOutcome::Delivered { status }) => {
-                let label = status.as_ref().map_or("SUCCESS", |s| s.label());
-                self.metrics.mt_deliveries.with_label_values(&[label]).inc();
-            }
-            Ok(DownlinkOutcome::Pending { location, status }) => {
-                let label = status.as_ref().map_or("PENDING", |s| s.label());
-                self.metrics.mt_deliveries.with_label_values(&[label]).inc();
-                tracing::debug!(device = %device.id, %location, "MT delivery pending at the SCEF");
-            }
-            Ok(DownlinkOutcome::Failed { failure }) => {
-                self.metrics
-                    .mt_deliveries
-                    .with_label_values(&["FAILED"])
-                    .inc();
-                self.metrics.drop_datagram("mt", "t8_delivery_failed");
-                tracing::warn!(device = %device.id, cause = ?failure.problem_detail.cause, retry_at = ?failure.requested_retransmission_time, "SCEF could not deliver MT datagram");
-            }
-            Err(error) => {
-                self.metrics.drop_datagram("mt", "t8_error");
-                tracing::warn!(device = %device.id, %error, "MT delivery request failed");
+        self.metrics.mt_bytes.inc_by(length);
+        self.metrics.mt_queue_accepted.inc();
+        // Accepted means durable: flushed before the flusher is told.
+        if let Err(error) = self.mt_store.flush().await {
+            tracing::error!(device = %device.id, %error, "cannot flush the MT queue");
+        }
+        device.wake.notify_one();
+    }
+
+    fn count_drops(&self, reasons: impl Iterator<Item = DropReason>) {
+        for reason in reasons {
+            self.metrics
+                .mt_queue_dropped
+                .with_label_values(&[reason.label()])
+                .inc();
+        }
+    }
+
+    /// Removes dropped datagrams from the store and counts them.
+    pub fn record_queue_drops(&self, device: &Device, dropped: Vec<(QueuedDatagram, DropReason)>) {
+        for (item, reason) in &dropped {
+            tracing::debug!(device = %device.id, seq = item.seq, reason = reason.label(), "MT datagram dropped from the queue");
+            if let Err(error) = self.mt_store.remove(&device.id, item.seq) {
+                tracing::error!(device = %device.id, %error, "cannot remove a dropped MT datagram");
             }
         }
+        self.count_drops(dropped.into_iter().map(|(_, reason)| reason));
+    }
+
+    /// Mirrors a queue change in the store (called with the device lock held).
+    pub fn apply_queue_effect(&self, device: &Device, effect: &QueueEffect) {
+        let result = match effect {
+            QueueEffect::Remove(seq) => self.mt_store.remove(&device.id, *seq),
+            QueueEffect::Persist(item) => self.mt_store.put(&device.id, item),
+            QueueEffect::Keep => Ok(()),
+        };
+        if let Err(error) = result {
+            tracing::error!(device = %device.id, %error, "cannot update the MT queue in the store");
+        }
+    }
+
+    /// The device is awake (uplink or reachability report): flush its queue.
+    pub fn device_woke(&self, device: &Device, until: Option<std::time::Instant>, event: &str) {
+        let now = std::time::Instant::now();
+        {
+            let mut state = device.state();
+            match event {
+                "uplink" => state.mt.reachability.on_uplink(now),
+                _ => state.mt.reachability.on_reachable_report(now, until),
+            }
+            state.mt.on_wake();
+        }
+        self.metrics
+            .reachability_events
+            .with_label_values(&[event])
+            .inc();
+        device.wake.notify_one();
+    }
+
+    /// Drops a monitoring subscription the SCEF ended, so the provisioner subscribes again.
+    pub fn forget_subscription(&self, device: &Device) {
+        let nidd = device.state().nidd.clone();
+        if let Some(mut nidd) = nidd {
+            nidd.monitoring_subscription = None;
+            if let Err(error) = self.set_nidd(device, Some(nidd)) {
+                tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
+            }
+        }
+        self.reprovision.notify_one();
+    }
+
+    /// Asks the SCEF to wake a sleeping device that has MT waiting (T8 device triggering).
+    pub async fn send_trigger(&self, device: &Device) {
+        let psm = &self.config.psm;
+        let body = DeviceTriggering {
+            external_id: device.id.external_id().cloned(),
+            msisdn: device.id.msisdn().cloned(),
+            validity_period: psm.trigger_validity_s,
+            priority: "PRIORITY".into(),
+            application_port_id: psm.trigger_application_port,
+            trigger_payload: psm.trigger_payload_base64.clone(),
+            notification_destination: device.capability_url(&self.public_url, "triggering"),
+            ..Default::default()
+        };
+        match self.t8.create_trigger(&body).await {
+            Ok((location, _)) => {
+                self.metrics
+                    .device_triggers
+                    .with_label_values(&["sent"])
+                    .inc();
+                tracing::info!(device = %device.id, %location, "device trigger sent");
+            }
+            Err(error) => {
+                self.metrics
+                    .device_triggers
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::warn!(device = %device.id, %error, "device trigger not accepted");
+            }
+        }
+    }
+
+    /// Updates the queue and reachability gauges (called when metrics are scraped).
+    pub fn refresh_gauges(&self) {
+        let now = std::time::Instant::now();
+        let now_ms = unix_ms();
+        let (mut depth, mut pending, mut reachable, mut oldest) = (0i64, 0i64, 0i64, None::<u64>);
+        for device in &self.devices {
+            let state = device.state();
+            depth += state.mt.queue.waiting().count() as i64;
+            pending += state.mt.queue.pending_count() as i64;
+            reachable += i64::from(state.mt.reachability.is_reachable(now));
+            if let Some(enqueued) = state.mt.queue.oldest_enqueued_ms() {
+                oldest = Some(oldest.map_or(enqueued, |o| o.min(enqueued)));
+            }
+        }
+        self.metrics.mt_queue_depth.set(depth);
+        self.metrics.mt_pending_deliveries.set(pending);
+        self.metrics.devices_reachable.set(reachable);
+        let age = oldest.map_or(0.0, |o| now_ms.saturating_sub(o) as f64 / 1000.0);
+        self.metrics.mt_queue_oldest_age_seconds.set(age);
     }
 }
 
@@ -366,6 +514,8 @@ impl Bridge {
             .map(|id| store.device(id))
             .collect::<Result<_, _>>()?;
 
+        let mt_store = store.mt_queue()?;
+        let mut queued = mt_store.load()?;
         // Persisted addresses are bound before any new allocation, so no new device takes a
         // port an existing device's registration points at.
         let mut pool = SocketPool::new(&config.sockets);
@@ -407,6 +557,7 @@ impl Bridge {
                     status: stored.status.as_deref().map(NiddStatus::from),
                     maximum_packet_size_bits: stored.maximum_packet_size_bits,
                     notification_destination: stored.notification_destination,
+                    monitoring_subscription: stored.monitoring_subscription,
                 })
             });
             let endpoint_name = device_config
@@ -418,9 +569,33 @@ impl Bridge {
                 endpoint_name,
                 callback_token: callback_token.clone(),
                 socket,
+                wake: Notify::new(),
+                monitoring: device_config.monitoring.unwrap_or(config.psm.monitoring),
                 state: Mutex::new(DeviceState {
                     router: Router::new(config.default_server_for(device_config), bootstrap),
                     nidd: None,
+                    mt: MtState::new(
+                        Reachability::new(Duration::from_secs(
+                            device_config
+                                .active_window_s
+                                .unwrap_or(config.psm.active_window_s),
+                        )),
+                        DeviceQueue::from_entries(
+                            queued.remove(id.canonical()).unwrap_or_default(),
+                        ),
+                        device_config
+                            .buffer_owner
+                            .unwrap_or(config.psm.buffer_owner),
+                        config.psm.device_rate_per_s,
+                        (
+                            Duration::from_millis(config.psm.retry_initial_ms),
+                            Duration::from_millis(config.psm.retry_max_ms),
+                        ),
+                        device_config
+                            .trigger_after_s
+                            .or(config.psm.trigger_after_s)
+                            .map(Duration::from_secs),
+                    ),
                 }),
             });
             by_id.insert(id, index);
@@ -440,6 +615,9 @@ impl Bridge {
             shutting_down: AtomicBool::new(false),
             provisioned: AtomicUsize::new(0),
             reprovision: Notify::new(),
+            queue_limits: QueueLimits::from_config(&config.psm),
+            global_pacer: Mutex::new(Pacer::new(config.psm.global_rate_per_s)),
+            mt_store,
             config,
         });
         for (device, nidd) in devices {
@@ -484,6 +662,13 @@ impl BoundBridge {
                     })
                     .await;
             });
+        }
+        for device in shared.devices.iter().cloned() {
+            tasks.spawn(delivery::run_flusher(
+                shared.clone(),
+                device,
+                cancel.clone(),
+            ));
         }
         tasks.spawn(provision::run(shared.clone(), cancel.clone()));
         let callback_app = callback::router(shared.clone());

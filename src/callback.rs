@@ -17,7 +17,13 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use crate::bridge::{Device, NiddState, Shared, UplinkError};
 use crate::device::DeviceId;
 use crate::provision::status_label;
-use crate::t8::{ExternalIdOrMsisdn, NiddNotification, ProblemDetails};
+use std::time::Instant;
+
+use crate::delivery::{QueueEffect, instant_of};
+use crate::t8::{
+    DeliveryResult, DeviceTriggeringDeliveryReportNotification, ExternalIdOrMsisdn,
+    MonitoringNotification, MonitoringType, NiddNotification, ProblemDetails,
+};
 
 /// Why a notification was refused. Each maps to one HTTP status and one `cause`.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +109,8 @@ impl IntoResponse for CallbackError {
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/t8/v1/nidd/{token}", post(nidd_notification))
+        .route("/t8/v1/monitoring/{token}", post(monitoring_notification))
+        .route("/t8/v1/triggering/{token}", post(triggering_notification))
         .fallback(|| async {
             problem_response(
                 StatusCode::NOT_FOUND,
@@ -139,13 +147,14 @@ async fn nidd_notification(
     }
 }
 
-async fn handle(
+/// Checks shared by every notification endpoint: the token names a device, the body is JSON
+/// within the size limit.
+async fn read_notification(
     shared: &Shared,
     token: &str,
     headers: &HeaderMap,
     body: Body,
-    kind: &mut &'static str,
-) -> Result<(), CallbackError> {
+) -> Result<(Arc<Device>, serde_json::Value), CallbackError> {
     if shared.shutting_down.load(Ordering::Relaxed) {
         return Err(CallbackError::ShuttingDown);
     }
@@ -169,6 +178,17 @@ async fn handle(
         .map_err(|_| CallbackError::BodyTooLarge { limit })?;
     let json: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| CallbackError::MalformedJson(e.to_string()))?;
+    Ok((device, json))
+}
+
+async fn handle(
+    shared: &Shared,
+    token: &str,
+    headers: &HeaderMap,
+    body: Body,
+    kind: &mut &'static str,
+) -> Result<(), CallbackError> {
+    let (device, json) = read_notification(shared, token, headers, body).await?;
     let notification = NiddNotification::from_json(json)
         .map_err(|e| CallbackError::InvalidNotification(e.to_string()))?;
     *kind = notification.kind();
@@ -204,6 +224,22 @@ async fn handle(
                 .with_label_values(&[notification.delivery_status.label()])
                 .inc();
             tracing::debug!(device = %device.id, delivery = %notification.nidd_downlink_data_transfer, status = %notification.delivery_status, "MT delivery status");
+            let now = Instant::now();
+            let retry_at = instant_of(notification.requested_retransmission_time.as_deref(), now);
+            let effect = {
+                let mut state = device.state();
+                let effect = state.mt.on_delivery_status(
+                    &notification.nidd_downlink_data_transfer,
+                    &notification.delivery_status,
+                    retry_at,
+                    now,
+                );
+                shared.apply_queue_effect(&device, &effect);
+                effect
+            };
+            if effect != QueueEffect::Keep {
+                device.wake.notify_one();
+            }
         }
         NiddNotification::GroupDelivery(notification) => {
             for result in &notification.gmd_results {
@@ -271,9 +307,98 @@ fn configuration_status(
         location,
         status: Some(status),
         maximum_packet_size_bits: current.as_ref().and_then(|c| c.maximum_packet_size_bits),
-        notification_destination: current.and_then(|c| c.notification_destination),
+        notification_destination: current
+            .as_ref()
+            .and_then(|c| c.notification_destination.clone()),
+        monitoring_subscription: current.and_then(|c| c.monitoring_subscription),
     };
     if let Err(error) = shared.set_nidd(device, Some(nidd)) {
         tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
     }
+}
+
+/// Counts a notification's outcome and turns it into the HTTP answer.
+fn answer(shared: &Shared, kind: &str, result: Result<(), CallbackError>) -> Response {
+    let outcome = match &result {
+        Ok(()) => "accepted".to_string(),
+        Err(error) => error.outcome(),
+    };
+    shared
+        .metrics
+        .callbacks
+        .with_label_values(&[kind, &outcome])
+        .inc();
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(error) => {
+            tracing::debug!(%error, kind, "notification refused");
+            error.into_response()
+        }
+    }
+}
+
+/// MonitoringEvent notifications: reachability reports wake the device's MT queue.
+async fn monitoring_notification(
+    State(shared): State<Arc<Shared>>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (device, json) = read_notification(&shared, &token, &headers, body).await?;
+        let notification: MonitoringNotification =
+            serde_json::from_value(json).map_err(|e| CallbackError::InvalidNotification(e.to_string()))?;
+        for report in &notification.monitoring_event_reports {
+            if report.external_id().is_some() || report.msisdn().is_some() {
+                check_identity(&device, report)?;
+            }
+        }
+        let now = Instant::now();
+        for report in notification.monitoring_event_reports {
+            match report.monitoring_type {
+                MonitoringType::UeReachability | MonitoringType::AvailabilityAfterDdnFailure => {
+                    let until = instant_of(report.max_ue_availability_time.as_deref(), now);
+                    shared.device_woke(&device, until, "report");
+                }
+                MonitoringType::LossOfConnectivity => {
+                    device.state().mt.reachability.on_loss_of_connectivity(now);
+                    shared.metrics.reachability_events.with_label_values(&["loss_of_connectivity"]).inc();
+                    tracing::info!(device = %device.id, "network reports loss of connectivity");
+                }
+                MonitoringType::Other(other) => {
+                    tracing::debug!(device = %device.id, monitoring_type = %other, "monitoring report ignored");
+                }
+            }
+        }
+        if notification.cancel_ind == Some(true) {
+            tracing::warn!(device = %device.id, "the SCEF cancelled the monitoring subscription; subscribing again");
+            shared.forget_subscription(&device);
+        }
+        Ok(())
+    }
+    .await;
+    answer(&shared, "monitoring", result)
+}
+
+/// DeviceTriggering delivery reports.
+async fn triggering_notification(
+    State(shared): State<Arc<Shared>>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (device, json) = read_notification(&shared, &token, &headers, body).await?;
+        let report: DeviceTriggeringDeliveryReportNotification =
+            serde_json::from_value(json).map_err(|e| CallbackError::InvalidNotification(e.to_string()))?;
+        let label = match &report.result {
+            DeliveryResult::Other(_) => "report_other".to_string(),
+            known => format!("report_{}", known.as_str().to_ascii_lowercase()),
+        };
+        shared.metrics.device_triggers.with_label_values(&[&label]).inc();
+        tracing::info!(device = %device.id, result = %report.result, "device trigger delivery report");
+        Ok(())
+    }
+    .await;
+    answer(&shared, "trigger_report", result)
 }

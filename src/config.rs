@@ -508,7 +508,9 @@ impl Config {
         }
         let psm = &self.psm;
         if psm.queue_max_datagrams == 0 || psm.queue_max_bytes == 0 || psm.queue_max_age_s == 0 {
-            return invalid("psm.queue_max_datagrams, queue_max_bytes and queue_max_age_s must be > 0".into());
+            return invalid(
+                "psm.queue_max_datagrams, queue_max_bytes and queue_max_age_s must be > 0".into(),
+            );
         }
         if !(psm.device_rate_per_s > 0.0 && psm.global_rate_per_s > 0.0) {
             return invalid("psm.device_rate_per_s and psm.global_rate_per_s must be > 0".into());
@@ -517,16 +519,25 @@ impl Config {
             return invalid("psm.retry_initial_ms must be > 0 and <= psm.retry_max_ms".into());
         }
         if !(2..=186 * 60).contains(&psm.active_window_s)
-            || self.devices.iter().filter_map(|d| d.active_window_s).any(|s| !(2..=186 * 60).contains(&s))
+            || self
+                .devices
+                .iter()
+                .filter_map(|d| d.active_window_s)
+                .any(|s| !(2..=186 * 60).contains(&s))
         {
-            return invalid("active_window_s must be between 2 and 11160 seconds (NB-IoT T3324)".into());
+            return invalid(
+                "active_window_s must be between 2 and 11160 seconds (NB-IoT T3324)".into(),
+            );
         }
         if psm.monitoring_duration_s < 60 {
             return invalid("psm.monitoring_duration_s must be at least 60".into());
         }
         {
             use base64::Engine;
-            if base64::engine::general_purpose::STANDARD.decode(&psm.trigger_payload_base64).is_err() {
+            if base64::engine::general_purpose::STANDARD
+                .decode(&psm.trigger_payload_base64)
+                .is_err()
+            {
                 return invalid("psm.trigger_payload_base64 is not valid base64".into());
             }
         }

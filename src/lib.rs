@@ -22,6 +22,7 @@ pub mod bridge;
 pub mod callback;
 pub mod coap;
 pub mod config;
+pub mod delivery;
 pub mod demo;
 pub mod device;
 pub mod lwm2m_peer;

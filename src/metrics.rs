@@ -25,6 +25,17 @@ pub struct Metrics {
     pub devices_configured: IntGauge,
     pub devices_provisioned: IntGauge,
     pub socket_reallocations: IntCounter,
+    pub mt_queue_accepted: IntCounter,
+    pub mt_queue_dropped: IntCounterVec,
+    pub suppressed_retransmissions: IntCounter,
+    pub airtime_saved_bytes: IntCounter,
+    pub mt_delivery_attempts: IntCounterVec,
+    pub mt_queue_depth: IntGauge,
+    pub mt_queue_oldest_age_seconds: prometheus::Gauge,
+    pub mt_pending_deliveries: IntGauge,
+    pub devices_reachable: IntGauge,
+    pub reachability_events: IntCounterVec,
+    pub device_triggers: IntCounterVec,
 }
 
 impl Metrics {
@@ -105,6 +116,55 @@ impl Metrics {
             socket_reallocations: counter(
                 "socket_reallocations_total",
                 "Devices whose persisted UDP address could not be bound again and got a new one",
+            )?,
+            mt_queue_accepted: counter(
+                "mt_queue_accepted_total",
+                "MT datagrams accepted into the durable queue",
+            )?,
+            mt_queue_dropped: counter_vec(
+                "mt_queue_dropped_total",
+                "Queued MT datagrams dropped, by reason (expired, overflow, too_large, purged, rejected_by_scef)",
+                &["reason"],
+            )?,
+            suppressed_retransmissions: counter(
+                "suppressed_retransmissions_total",
+                "Server retransmissions of queued or pending MT not sent over NIDD again",
+            )?,
+            airtime_saved_bytes: counter(
+                "airtime_saved_bytes_total",
+                "Bytes not sent over NIDD thanks to retransmission suppression",
+            )?,
+            mt_delivery_attempts: counter_vec(
+                "mt_delivery_attempts_total",
+                "MT delivery attempts by outcome (delivered, pending, not_reachable, retry, rejected)",
+                &["outcome"],
+            )?,
+            mt_queue_depth: gauge(
+                "mt_queue_depth",
+                "MT datagrams waiting in the bridge's queues",
+            )?,
+            mt_queue_oldest_age_seconds: {
+                let g = prometheus::Gauge::new(
+                    "mt_queue_oldest_age_seconds",
+                    "Age of the oldest waiting MT datagram",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            mt_pending_deliveries: gauge(
+                "mt_pending_deliveries",
+                "MT deliveries the SCEF holds as pending (201)",
+            )?,
+            devices_reachable: gauge("devices_reachable", "Devices currently believed reachable")?,
+            reachability_events: counter_vec(
+                "reachability_events_total",
+                "Reachability events by kind (uplink, report, loss_of_connectivity, not_reachable)",
+                &["event"],
+            )?,
+            device_triggers: counter_vec(
+                "device_triggers_total",
+                "T8 device triggers by outcome (sent, failed, and reported delivery results)",
+                &["outcome"],
             )?,
             registry,
         })

@@ -3,6 +3,7 @@
 //! UEs that tests drive (inject MO, await MT), a record of every exchange, optional validation
 //! of every body against the official schemas, and fault injection.
 
+mod psm;
 pub mod sim_device;
 
 use std::collections::{BTreeMap, HashMap};
@@ -63,6 +64,9 @@ pub struct MockScefConfig {
     pub send_active_notification: bool,
     /// Validate every request, answer and callback body against the official schemas.
     pub schemas: Option<Arc<T8Schemas>>,
+    /// Buffer MT for a sleeping UE (201 BUFFERING) unless the request says INDICATE_ERROR;
+    /// without it such MT is refused with 500 FAILURE_TEMPORARILY_NOT_REACHABLE.
+    pub scef_buffering: bool,
 }
 
 impl Default for MockScefConfig {
@@ -71,6 +75,7 @@ impl Default for MockScefConfig {
             maximum_packet_size_bits: Some(1358 * 8),
             send_active_notification: true,
             schemas: None,
+            scef_buffering: true,
         }
     }
 }
@@ -133,12 +138,22 @@ struct Inner {
     ues: HashMap<DeviceId, UeChannels>,
     recorded: Vec<Recorded>,
     violations: Vec<String>,
+    subscriptions: BTreeMap<String, psm::MockSubscription>,
+    triggers: u64,
     configurations_created: u64,
 }
 
 struct UeChannels {
     mt_sender: mpsc::UnboundedSender<Vec<u8>>,
     mt_receiver: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+    /// PSM: a sleeping UE gets no MT until it wakes.
+    awake: bool,
+    /// MT the SCEF buffers for the sleeping UE (201 BUFFERING), oldest first.
+    buffered: Vec<psm::BufferedMt>,
+    /// Bumped on every wake-up; simulated devices send an Update when it changes.
+    wakes: watch::Sender<u64>,
+    /// MT datagrams delivered over the (simulated) radio.
+    mt_transmissions: u64,
 }
 
 struct MockState {
@@ -176,23 +191,41 @@ impl MockState {
         }
     }
 
+    /// Delivers one MT datagram over the simulated radio.
+    fn transmit(&self, ue: &DeviceId, datagram: Vec<u8>) {
+        let mut inner = self.inner();
+        let channels = Self::ue_channels(&mut inner, ue);
+        channels.mt_transmissions += 1;
+        let _ = channels.mt_sender.send(datagram);
+    }
+
     fn ue_channels<'a>(inner: &'a mut Inner, id: &DeviceId) -> &'a mut UeChannels {
         inner.ues.entry(id.clone()).or_insert_with(|| {
             let (mt_sender, receiver) = mpsc::unbounded_channel();
             UeChannels {
                 mt_sender,
                 mt_receiver: Some(receiver),
+                awake: true,
+                buffered: Vec::new(),
+                wakes: watch::channel(0).0,
+                mt_transmissions: 0,
             }
         })
     }
 
     /// POSTs a notification to the bridge, records and validates it.
+    /// POSTs a NIDD notification to the bridge, validated against its 3GPP schema.
     async fn callback(&self, url: &str, body: serde_json::Value) -> Result<StatusCode, MockError> {
         self.check(
             &format!("callback to {url}"),
             Some(schema::nidd_callback_schema(&body)),
             Some(&body),
         );
+        self.post(url, body).await
+    }
+
+    /// POSTs a notification and records it.
+    async fn post(&self, url: &str, body: serde_json::Value) -> Result<StatusCode, MockError> {
         let result = self.http.post(url).json(&body).send().await;
         let path = Url::parse(url)
             .map(|u| u.path().to_string())
@@ -415,6 +448,15 @@ pub struct SimUe {
 }
 
 impl SimUe {
+    /// A handle that can drive the UE but does not receive its MT.
+    fn attach(state: &Arc<MockState>, id: &DeviceId) -> Self {
+        Self {
+            id: id.clone(),
+            state: state.clone(),
+            mt: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
     pub fn id(&self) -> &DeviceId {
         &self.id
     }
@@ -435,6 +477,10 @@ impl SimUe {
 
     /// Sends one MO datagram as a `NiddUplinkDataNotification` to the bridge.
     pub async fn send_mo(&self, datagram: &[u8]) -> Result<StatusCode, MockError> {
+        // Mobile-originated data brings a sleeping UE into connected mode.
+        if !self.is_awake() {
+            self.wake().await;
+        }
         let configuration = configuration_of(&self.state, &self.id)
             .ok_or_else(|| MockError::NotConfigured(self.id.clone()))?;
         let body = NiddUplinkDataNotification {
@@ -478,6 +524,18 @@ fn router(state: Arc<MockState>) -> Router {
             post(create_downlink),
         );
     Router::new()
+        .route(
+            "/3gpp-monitoring-event/v1/{scs}/subscriptions",
+            post(psm::create_subscription),
+        )
+        .route(
+            "/3gpp-monitoring-event/v1/{scs}/subscriptions/{id}",
+            axum::routing::delete(psm::delete_subscription),
+        )
+        .route(
+            "/3gpp-device-triggering/v1/{scs}/transactions",
+            post(psm::create_trigger),
+        )
         .nest("/3gpp-nidd/v1", nidd.clone())
         .nest("/redirected/3gpp-nidd/v1", nidd)
         .layer(axum::middleware::from_fn_with_state(
@@ -763,10 +821,6 @@ async fn create_downlink(
             format!("{} bytes exceed {bits} bits", datagram.len()),
         );
     }
-    let sender = {
-        let mut inner = state.inner();
-        MockState::ue_channels(&mut inner, &ue).mt_sender.clone()
-    };
     match state.faults.downlink_mode.load(Ordering::SeqCst) {
         m if m == DownlinkMode::FailNotReachable as u8 => {
             let failure = NiddDownlinkDataDeliveryFailure {
@@ -798,7 +852,7 @@ async fn create_downlink(
             let notified = state.clone();
             let status_link = location.clone();
             tokio::spawn(async move {
-                let _ = sender.send(datagram);
+                notified.transmit(&ue, datagram);
                 let body = NiddDownlinkDataDeliveryStatusNotification {
                     nidd_downlink_data_transfer: status_link,
                     delivery_status: DeliveryStatus::Success,
@@ -814,13 +868,6 @@ async fn create_downlink(
             });
             json_response(StatusCode::CREATED, &answer, Some(&location))
         }
-        _ => {
-            let _ = sender.send(datagram);
-            let answer = NiddDownlinkDataTransfer {
-                delivery_status: Some(DeliveryStatus::Success),
-                ..request
-            };
-            json_response(StatusCode::OK, &answer, None)
-        }
+        _ => psm::deliver_or_buffer(&state, &ue, &scs, &id, &configuration, request, datagram),
     }
 }

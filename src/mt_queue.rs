@@ -91,7 +91,11 @@ impl QueueLimits {
 
     /// When a datagram enqueued at `now_ms` expires.
     pub fn expiry(&self, now_ms: u64, confirmable: bool) -> u64 {
-        let age = if confirmable { self.max_age } else { self.max_age.min(NON_LIFETIME) };
+        let age = if confirmable {
+            self.max_age
+        } else {
+            self.max_age.min(NON_LIFETIME)
+        };
         now_ms + age.as_millis() as u64
     }
 }
@@ -113,7 +117,9 @@ pub struct DeviceQueue {
 impl DeviceQueue {
     pub fn from_entries(mut entries: Vec<QueuedDatagram>) -> Self {
         entries.sort_by_key(|e| e.seq);
-        Self { entries: entries.into() }
+        Self {
+            entries: entries.into(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -150,10 +156,15 @@ impl DeviceQueue {
 
     /// Drops expired entries.
     pub fn expire(&mut self, now_ms: u64) -> Vec<(QueuedDatagram, DropReason)> {
-        let (expired, kept): (Vec<_>, Vec<_>) =
-            self.entries.drain(..).partition(|e| e.expires_at_ms <= now_ms);
+        let (expired, kept): (Vec<_>, Vec<_>) = self
+            .entries
+            .drain(..)
+            .partition(|e| e.expires_at_ms <= now_ms);
         self.entries = kept.into();
-        expired.into_iter().map(|e| (e, DropReason::Expired)).collect()
+        expired
+            .into_iter()
+            .map(|e| (e, DropReason::Expired))
+            .collect()
     }
 
     /// Adds `item` at the tail, dropping by the limits and the overflow policy.
@@ -161,7 +172,10 @@ impl DeviceQueue {
         let mut dropped = self.expire(now_ms);
         if item.data.len() > limits.max_bytes {
             dropped.push((item, DropReason::TooLarge));
-            return Admission { accepted: false, dropped };
+            return Admission {
+                accepted: false,
+                dropped,
+            };
         }
         loop {
             let count = self.waiting().count();
@@ -172,7 +186,10 @@ impl DeviceQueue {
             match limits.overflow {
                 OverflowPolicy::DropNewest => {
                     dropped.push((item, DropReason::Overflow));
-                    return Admission { accepted: false, dropped };
+                    return Admission {
+                        accepted: false,
+                        dropped,
+                    };
                 }
                 OverflowPolicy::DropOldest => {
                     let Some(oldest) = self.entries.iter().position(|e| e.pending.is_none()) else {
@@ -185,7 +202,10 @@ impl DeviceQueue {
             }
         }
         self.entries.push_back(item);
-        Admission { accepted: true, dropped }
+        Admission {
+            accepted: true,
+            dropped,
+        }
     }
 
     /// The oldest datagram not yet handed to the SCEF.
@@ -211,7 +231,9 @@ impl DeviceQueue {
 
     /// The entry whose pending delivery has this location.
     pub fn pending_at(&self, location: &str) -> Option<&QueuedDatagram> {
-        self.entries.iter().find(|e| e.pending.as_deref() == Some(location))
+        self.entries
+            .iter()
+            .find(|e| e.pending.as_deref() == Some(location))
     }
 
     pub fn clear_pending(&mut self, seq: u64) -> Option<&QueuedDatagram> {
@@ -245,7 +267,10 @@ impl MtStore {
             let (key, _) = entry?;
             highest = highest.max(seq_of(&key).unwrap_or(0));
         }
-        Ok(Self { tree, next_seq: std::sync::Arc::new(AtomicU64::new(highest + 1)) })
+        Ok(Self {
+            tree,
+            next_seq: std::sync::Arc::new(AtomicU64::new(highest + 1)),
+        })
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -276,8 +301,11 @@ impl MtStore {
             let (key, value) = entry?;
             let device = key.split(|b| *b == 0).next().unwrap_or_default();
             let device = String::from_utf8_lossy(device).into_owned();
-            let item: QueuedDatagram = serde_json::from_slice(&value)
-                .map_err(|source| StoreError::Corrupt { key: device.clone(), source })?;
+            let item: QueuedDatagram =
+                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                    key: device.clone(),
+                    source,
+                })?;
             all.entry(device).or_default().push(item);
         }
         Ok(all)
@@ -316,7 +344,12 @@ mod tests {
     }
 
     fn limits(overflow: OverflowPolicy) -> QueueLimits {
-        QueueLimits { max_datagrams: 3, max_bytes: 100, max_age: Duration::from_secs(247), overflow }
+        QueueLimits {
+            max_datagrams: 3,
+            max_bytes: 100,
+            max_age: Duration::from_secs(247),
+            overflow,
+        }
     }
 
     #[test]
@@ -327,7 +360,10 @@ mod tests {
             let admission = q.admit(item(seq, 10, 0, &l), &l, 0);
             assert!(admission.accepted);
         }
-        assert_eq!(q.waiting().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(
+            q.waiting().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
         assert_eq!(q.next_to_send().map(|e| e.seq), Some(2));
     }
 

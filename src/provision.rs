@@ -12,7 +12,14 @@ use url::Url;
 
 use crate::bridge::{Device, NiddState, Shared};
 use crate::device::DeviceId;
-use crate::t8::{NiddConfiguration, NiddStatus, PdnEstablishmentOption};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::delivery::unix_ms;
+use crate::store::StoredSubscription;
+use crate::t8::{
+    MonitoringEventSubscription, MonitoringType, NiddConfiguration, NiddStatus,
+    PdnEstablishmentOption,
+};
 
 pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     remove_departed_devices(&shared).await;
@@ -34,12 +41,20 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                 async move { provision_device(&shared, &device, &cancel).await }
             })
             .await;
+        let next_renewal = ensure_subscriptions(&shared).await;
         if let Err(error) = shared.store.flush().await {
             tracing::error!(%error, "cannot flush the store");
         }
+        let timer = async {
+            match next_renewal {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = shared.reprovision.notified() => {}
+            _ = timer => {}
         }
     }
 }
@@ -65,6 +80,7 @@ async fn provision_device(shared: &Shared, device: &Device, cancel: &Cancellatio
                     status,
                     maximum_packet_size_bits: created.body.maximum_packet_size,
                     notification_destination: Some(body.notification_destination.clone()),
+                    monitoring_subscription: None,
                 };
                 tracing::info!(device = %device.id, location = %nidd.location, status = ?nidd.status, "NIDD configuration created");
                 if let Err(error) = shared.set_nidd(device, Some(nidd)) {
@@ -222,4 +238,109 @@ fn jitter(delay: Duration) -> Duration {
         } else {
             0
         })
+}
+
+/// Creates or renews the MonitoringEvent subscriptions of devices that want them; returns how
+/// long until the next one is due.
+async fn ensure_subscriptions(shared: &Arc<Shared>) -> Option<Duration> {
+    let psm = &shared.config.psm;
+    let lifetime = Duration::from_secs(psm.monitoring_duration_s);
+    // Renew when a tenth of the lifetime is left; retry failures at the provisioning pace.
+    let margin_ms = (lifetime / 10).as_millis() as u64;
+    let now_ms = unix_ms();
+    let due: Vec<Arc<Device>> = shared
+        .devices
+        .iter()
+        .filter(|d| d.monitoring)
+        .filter(|d| {
+            let state = d.state();
+            state.nidd.as_ref().is_some_and(|n| {
+                n.is_usable()
+                    && n.monitoring_subscription
+                        .as_ref()
+                        .is_none_or(|s| s.expires_at_ms <= now_ms + margin_ms)
+            })
+        })
+        .cloned()
+        .collect();
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    futures::stream::iter(due)
+        .for_each_concurrent(shared.config.scef.provisioning_concurrency, |device| {
+            let failed = &failed;
+            async move {
+                if !subscribe(shared, &device, lifetime).await {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+        .await;
+    let now_ms = unix_ms();
+    let next_renewal = shared
+        .devices
+        .iter()
+        .filter(|d| d.monitoring)
+        .filter_map(|d| {
+            let state = d.state();
+            let expires = state
+                .nidd
+                .as_ref()?
+                .monitoring_subscription
+                .as_ref()?
+                .expires_at_ms;
+            Some(Duration::from_millis(
+                expires.saturating_sub(now_ms + margin_ms),
+            ))
+        })
+        .min();
+    let retry = failed
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then(|| Duration::from_millis(shared.config.scef.retry_max_ms));
+    match (next_renewal, retry) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Subscribes one device to UE_REACHABILITY (reachabilityType DATA); replaces an old one.
+async fn subscribe(shared: &Shared, device: &Device, lifetime: Duration) -> bool {
+    let expires = SystemTime::now() + lifetime;
+    let body = MonitoringEventSubscription {
+        external_id: device.id.external_id().cloned(),
+        msisdn: device.id.msisdn().cloned(),
+        notification_destination: device.capability_url(&shared.public_url, "monitoring"),
+        monitoring_type: Some(MonitoringType::UeReachability),
+        reachability_type: Some("DATA".into()),
+        monitor_expire_time: Some(humantime::format_rfc3339_seconds(expires).to_string()),
+        ..Default::default()
+    };
+    let location = match shared.t8.create_monitoring_subscription(&body).await {
+        Ok(Some(location)) => location,
+        Ok(None) => {
+            tracing::warn!(device = %device.id, "the SCEF answered the monitoring subscription with a report only");
+            return false;
+        }
+        Err(error) => {
+            tracing::warn!(device = %device.id, %error, "monitoring subscription not created");
+            return false;
+        }
+    };
+    let Some(mut nidd) = device.state().nidd.clone() else {
+        return false;
+    };
+    let old = nidd.monitoring_subscription.replace(StoredSubscription {
+        location: location.to_string(),
+        expires_at_ms: expires
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    });
+    tracing::info!(device = %device.id, %location, "subscribed to UE reachability");
+    if let Err(error) = shared.set_nidd(device, Some(nidd)) {
+        tracing::error!(device = %device.id, %error, "cannot persist the monitoring subscription");
+    }
+    if let Some(old) = old.and_then(|o| Url::parse(&o.location).ok())
+        && let Err(error) = shared.t8.delete_monitoring_subscription(&old).await
+    {
+        tracing::warn!(device = %device.id, %error, "cannot delete the replaced monitoring subscription");
+    }
+    true
 }

@@ -67,7 +67,9 @@ impl Reachability {
     /// The network reported the device reachable (UE_REACHABILITY,
     /// AVAILABILITY_AFTER_DDN_FAILURE), optionally until a given time.
     pub fn on_reachable_report(&mut self, now: Instant, until: Option<Instant>) {
-        let until = until.filter(|u| *u > now).unwrap_or(now + self.active_window);
+        let until = until
+            .filter(|u| *u > now)
+            .unwrap_or(now + self.active_window);
         self.wake(now, until);
     }
 
@@ -151,7 +153,10 @@ mod tests {
         assert_eq!(r.state(t0 + Duration::from_secs(9)), State::Awake);
         assert_eq!(r.state(t0 + WINDOW), State::Asleep);
         assert!(!r.is_reachable(t0 + WINDOW));
-        assert_eq!(r.asleep_since(t0 + Duration::from_secs(60)), Some(t0 + WINDOW));
+        assert_eq!(
+            r.asleep_since(t0 + Duration::from_secs(60)),
+            Some(t0 + WINDOW)
+        );
     }
 
     #[test]

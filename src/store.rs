@@ -37,6 +37,16 @@ pub struct StoredConfiguration {
     /// The callback URL the SCEF was given; a changed public URL is patched in at start-up.
     #[serde(default)]
     pub notification_destination: Option<String>,
+    #[serde(default)]
+    pub monitoring_subscription: Option<StoredSubscription>,
+}
+
+/// A MonitoringEvent subscription the SCEF created for a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSubscription {
+    pub location: String,
+    /// `monitorExpireTime` as Unix milliseconds; renewed before it passes.
+    pub expires_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +91,11 @@ impl Store {
         let bytes = serde_json::to_vec(record).map_err(StoreError::Encode)?;
         self.devices.insert(id.canonical().as_bytes(), bytes)?;
         Ok(())
+    }
+
+    /// The durable MT queue kept in the same database.
+    pub fn mt_queue(&self) -> Result<crate::mt_queue::MtStore, StoreError> {
+        crate::mt_queue::MtStore::open(&self.db)
     }
 
     pub fn remove_device(&self, id: &DeviceId) -> Result<(), StoreError> {
@@ -128,6 +143,7 @@ mod tests {
                 status: Some("ACTIVE".into()),
                 maximum_packet_size_bits: Some(10864),
                 notification_destination: Some("http://127.0.0.1:8081/t8/v1/nidd/x".into()),
+                monitoring_subscription: None,
             }),
         };
         {

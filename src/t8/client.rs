@@ -11,8 +11,8 @@ use url::Url;
 
 use super::NIDD_API;
 use super::types::{
-    DeliveryStatus, NiddConfiguration, NiddDownlinkDataDeliveryFailure, NiddDownlinkDataTransfer,
-    ProblemDetails,
+    DeliveryStatus, DeviceTriggering, MonitoringEventSubscription, NiddConfiguration,
+    NiddDownlinkDataDeliveryFailure, NiddDownlinkDataTransfer, ProblemDetails,
 };
 use crate::config::Secret;
 use crate::metrics::Metrics;
@@ -265,6 +265,72 @@ impl T8Client {
         operation: &'static str,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, T8Error> {
+        self.send_api("nidd", operation, request).await
+    }
+
+    fn api_url(&self, api: &str, resource: &str) -> Url {
+        let mut url = self.api_root.clone();
+        let base = url.path().trim_end_matches('/').to_string();
+        url.set_path(&format!("{base}/{api}/{}/{resource}", self.scs_as_id));
+        url
+    }
+
+    /// POSTs a device trigger (`3gpp-device-triggering/v1/{scsAsId}/transactions`).
+    pub async fn create_trigger(
+        &self,
+        body: &DeviceTriggering,
+    ) -> Result<(Url, DeviceTriggering), T8Error> {
+        const OP: &str = "create_transaction";
+        let url = self.api_url("3gpp-device-triggering/v1", "transactions");
+        let response = self
+            .send_api("device_triggering", OP, self.http.post(url).json(body))
+            .await?;
+        if response.status() != StatusCode::CREATED {
+            return Err(status_error(OP, response).await);
+        }
+        let location = location(OP, &response)?;
+        Ok((location, read_json(OP, response).await?))
+    }
+
+    /// POSTs a monitoring subscription (`3gpp-monitoring-event/v1/{scsAsId}/subscriptions`).
+    /// Returns its location (none when the SCEF answered with an immediate report only).
+    pub async fn create_monitoring_subscription(
+        &self,
+        body: &MonitoringEventSubscription,
+    ) -> Result<Option<Url>, T8Error> {
+        const OP: &str = "create_subscription";
+        let url = self.api_url("3gpp-monitoring-event/v1", "subscriptions");
+        let response = self
+            .send_api("monitoring_event", OP, self.http.post(url).json(body))
+            .await?;
+        match response.status() {
+            StatusCode::CREATED => location(OP, &response).map(Some),
+            StatusCode::OK => Ok(None),
+            _ => Err(status_error(OP, response).await),
+        }
+    }
+
+    pub async fn delete_monitoring_subscription(&self, subscription: &Url) -> Result<(), T8Error> {
+        const OP: &str = "delete_subscription";
+        let response = self
+            .send_api(
+                "monitoring_event",
+                OP,
+                self.http.delete(subscription.clone()),
+            )
+            .await?;
+        match response.status() {
+            StatusCode::NO_CONTENT | StatusCode::OK | StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(status_error(OP, response).await),
+        }
+    }
+
+    async fn send_api(
+        &self,
+        api: &'static str,
+        operation: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, T8Error> {
         let request = match &self.bearer {
             Some(token) => request.header(AUTHORIZATION, format!("Bearer {}", token.expose())),
             None => request,
@@ -273,7 +339,7 @@ impl T8Client {
         let result = request.send().await;
         self.metrics
             .t8_request_seconds
-            .with_label_values(&["nidd", operation])
+            .with_label_values(&[api, operation])
             .observe(started.elapsed().as_secs_f64());
         let outcome = match &result {
             Ok(response) => response.status().as_str().to_string(),
@@ -283,7 +349,7 @@ impl T8Client {
         };
         self.metrics
             .t8_requests
-            .with_label_values(&["nidd", operation, &outcome])
+            .with_label_values(&[api, operation, &outcome])
             .inc();
         result.map_err(|source| T8Error::Transport { operation, source })
     }

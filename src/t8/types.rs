@@ -373,6 +373,111 @@ mod tests {
     }
 }
 
+open_enum!(
+    /// `DeliveryResult` of a device trigger.
+    DeliveryResult {
+        Success = "SUCCESS",
+        Unknown = "UNKNOWN",
+        Failure = "FAILURE",
+        Triggered = "TRIGGERED",
+        Expired = "EXPIRED",
+        Unconfirmed = "UNCONFIRMED",
+        Replaced = "REPLACED",
+        Terminate = "TERMINATE",
+    }
+);
+
+/// `DeviceTriggering`: one trigger transaction (TS 29.122 DeviceTriggering API).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceTriggering {
+    #[serde(rename = "self", skip_serializing_if = "Option::is_none")]
+    pub self_link: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<ExternalId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Msisdn>,
+    pub validity_period: u64,
+    /// `PRIORITY` or `NO_PRIORITY`.
+    pub priority: String,
+    pub application_port_id: u16,
+    /// Base64 of the trigger payload.
+    pub trigger_payload: String,
+    pub notification_destination: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery_result: Option<DeliveryResult>,
+}
+
+/// `DeviceTriggeringDeliveryReportNotification`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceTriggeringDeliveryReportNotification {
+    pub transaction: String,
+    pub result: DeliveryResult,
+}
+
+open_enum!(
+    /// `MonitoringType` (the ones the bridge uses are named; any other is kept verbatim).
+    MonitoringType {
+        UeReachability = "UE_REACHABILITY",
+        LossOfConnectivity = "LOSS_OF_CONNECTIVITY",
+        AvailabilityAfterDdnFailure = "AVAILABILITY_AFTER_DDN_FAILURE",
+    }
+);
+
+/// `MonitoringEventSubscription`: the fields the bridge sends and reads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringEventSubscription {
+    #[serde(rename = "self", skip_serializing_if = "Option::is_none")]
+    pub self_link: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<ExternalId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Msisdn>,
+    pub notification_destination: String,
+    pub monitoring_type: Option<MonitoringType>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maximum_number_of_reports: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monitor_expire_time: Option<String>,
+    /// `DATA` for NIDD.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reachability_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maximum_detection_time: Option<u64>,
+}
+
+/// One `MonitoringEventReport`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringEventReport {
+    pub monitoring_type: MonitoringType,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<ExternalId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Msisdn>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reachability_type: Option<String>,
+    #[serde(
+        rename = "maxUEAvailabilityTime",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_ue_availability_time: Option<String>,
+}
+
+/// `MonitoringNotification`: reports for a subscription.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringNotification {
+    pub subscription: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub monitoring_event_reports: Vec<MonitoringEventReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_ind: Option<bool>,
+}
+
 /// Bodies that name one UE by `externalId` or `msisdn`.
 pub trait ExternalIdOrMsisdn {
     fn external_id(&self) -> Option<&ExternalId>;
@@ -397,5 +502,8 @@ names_one_ue!(
     NiddConfigurationStatusNotification,
     ManagePortNotification,
     NiddDownlinkDataTransfer,
-    NiddConfiguration
+    NiddConfiguration,
+    DeviceTriggering,
+    MonitoringEventSubscription,
+    MonitoringEventReport
 );

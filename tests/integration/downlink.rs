@@ -72,7 +72,8 @@ async fn delivery_answers_are_handled_and_bytes_pass_unchanged() {
     })
     .await;
 
-    // 500 NiddDownlinkDataDeliveryFailure: counted, nothing delivered.
+    // 500 NiddDownlinkDataDeliveryFailure: the bridge keeps the datagram, counts the attempt
+    // and holds it until the device is heard from again.
     mock.faults()
         .set_downlink_mode(DownlinkMode::FailNotReachable);
     server
@@ -82,7 +83,7 @@ async fn delivery_answers_are_handled_and_bytes_pass_unchanged() {
     eventually("the failed delivery", || async {
         metric(
             &bridge.metrics().await,
-            "nidd_bridge_dropped_datagrams_total{direction=\"mt\",reason=\"t8_delivery_failed\"}",
+            "nidd_bridge_mt_delivery_attempts_total{outcome=\"not_reachable\"}",
         ) == 1.0
     })
     .await;
@@ -91,11 +92,20 @@ async fn delivery_answers_are_handled_and_bytes_pass_unchanged() {
             .iter()
             .any(|r| r.status == 500 && r.path.ends_with("downlink-data-deliveries"))
     );
+    assert_eq!(
+        metric(&bridge.metrics().await, "nidd_bridge_mt_queue_depth"),
+        1.0
+    );
+    mock.faults().set_downlink_mode(DownlinkMode::Deliver);
+    // The device's next uplink wakes it: the kept datagram goes out.
+    ue.send_mo(&[0x50, 0x02, 0x00, 0x42]).await.unwrap();
+    assert_eq!(ue.recv_mt(STEP).await.unwrap(), server_read(3));
+    let _ = recv(&server).await;
 
     let text = bridge.metrics().await;
     assert_eq!(
         metric(&text, "nidd_bridge_mt_deliveries_total{status=\"SUCCESS\"}"),
-        2.0,
+        3.0,
         "{text}"
     );
     assert_eq!(
@@ -110,6 +120,7 @@ async fn delivery_answers_are_handled_and_bytes_pass_unchanged() {
         1.0
     );
     assert_eq!(metric(&text, "nidd_bridge_mt_datagrams_total"), 3.0);
+    assert_eq!(metric(&text, "nidd_bridge_mt_queue_depth"), 0.0);
 
     // MO: the server receives exactly the device's bytes, from the device's own address.
     let response = [

@@ -1,0 +1,622 @@
+//! The MT delivery engine. `MtState` (sans-IO, time as a parameter) decides per device when the
+//! head of its durable queue may go to the SCEF — device reachable or SCEF-buffered, no retry
+//! pending, paced — and what each T8 answer or delivery-status notification does to the queue.
+//! `run_flusher` is the thin per-device task that carries the decisions out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::{Device, Shared};
+use crate::config::BufferOwner;
+use crate::mt_queue::{DeviceQueue, DropReason, QueuedDatagram};
+use crate::reachability::Reachability;
+use crate::t8::{
+    DeliveryStatus, DownlinkOutcome, NiddDownlinkDataTransfer, PdnEstablishmentOption,
+};
+
+/// Evenly spaced slots at a given rate (a leaky bucket without burst).
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    interval: Duration,
+    next_free: Option<Instant>,
+}
+
+impl Pacer {
+    pub fn new(rate_per_s: f64) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / rate_per_s.max(0.001)),
+            next_free: None,
+        }
+    }
+
+    /// When the next send may happen, without reserving it.
+    pub fn ready_at(&self, now: Instant) -> Instant {
+        self.next_free.filter(|t| *t > now).unwrap_or(now)
+    }
+
+    /// Reserves the next slot and returns when it starts.
+    pub fn reserve(&mut self, now: Instant) -> Instant {
+        let slot = self.ready_at(now);
+        self.next_free = Some(slot + self.interval);
+        slot
+    }
+}
+
+/// What the flusher should do next for one device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Send(QueuedDatagram),
+    /// Ask the SCEF to wake the device (T8 device triggering).
+    Trigger,
+    /// Nothing to do until this time (or until woken).
+    Wait(Option<Instant>),
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Delivered,
+    Pending(String),
+    /// The SCEF could not reach the device and did not keep the datagram.
+    NotReachable {
+        retry_at: Option<Instant>,
+    },
+    /// The SCEF could not take it now (5xx, 429, timeout, refused connection).
+    Retry {
+        after: Option<Duration>,
+    },
+    /// The SCEF refused it for good (4xx).
+    Rejected,
+}
+
+/// What the shell must do to the durable queue after an outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueueEffect {
+    Remove(u64),
+    Persist(QueuedDatagram),
+    Keep,
+}
+
+/// Per-device MT state.
+#[derive(Debug)]
+pub struct MtState {
+    pub reachability: Reachability,
+    pub queue: DeviceQueue,
+    pub owner: BufferOwner,
+    pub in_flight: Option<u64>,
+    pub retry_at: Option<Instant>,
+    backoff: Duration,
+    retry_initial: Duration,
+    retry_max: Duration,
+    pacer: Pacer,
+    trigger_after: Option<Duration>,
+    /// The sleep (by its start) a trigger was already sent for.
+    triggered_sleep: Option<Instant>,
+}
+
+impl MtState {
+    pub fn new(
+        reachability: Reachability,
+        queue: DeviceQueue,
+        owner: BufferOwner,
+        device_rate_per_s: f64,
+        retry: (Duration, Duration),
+        trigger_after: Option<Duration>,
+    ) -> Self {
+        Self {
+            reachability,
+            queue,
+            owner,
+            in_flight: None,
+            retry_at: None,
+            backoff: retry.0,
+            retry_initial: retry.0,
+            retry_max: retry.1,
+            pacer: Pacer::new(device_rate_per_s),
+            trigger_after,
+            triggered_sleep: None,
+        }
+    }
+
+    /// Decides the next step; also returns what expired meanwhile.
+    pub fn decide(
+        &mut self,
+        now: Instant,
+        now_ms: u64,
+        configured: bool,
+    ) -> (Decision, Vec<(QueuedDatagram, DropReason)>) {
+        let expired = self.queue.expire(now_ms);
+        let expiry = self
+            .queue
+            .next_expiry_ms()
+            .map(|ms| now + Duration::from_millis(ms.saturating_sub(now_ms)));
+        let wait = |until: Option<Instant>| {
+            Decision::Wait(match (until, expiry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            })
+        };
+        if self.in_flight.is_some() || !configured {
+            return (wait(None), expired);
+        }
+        let Some(next) = self.queue.next_to_send() else {
+            return (wait(None), expired);
+        };
+        if let Some(retry_at) = self.retry_at.filter(|t| *t > now) {
+            return (wait(Some(retry_at)), expired);
+        }
+        if self.owner == BufferOwner::Bridge && !self.reachability.is_reachable(now) {
+            if self.trigger_due(now) {
+                self.triggered_sleep = self.reachability.asleep_since(now);
+                return (Decision::Trigger, expired);
+            }
+            return (wait(None), expired);
+        }
+        let ready = self.pacer.ready_at(now);
+        if ready > now {
+            return (wait(Some(ready)), expired);
+        }
+        let next = next.clone();
+        self.pacer.reserve(now);
+        self.in_flight = Some(next.seq);
+        (Decision::Send(next), expired)
+    }
+
+    fn trigger_due(&self, now: Instant) -> bool {
+        let (Some(threshold), Some(since)) =
+            (self.trigger_after, self.reachability.asleep_since(now))
+        else {
+            return false;
+        };
+        if self.triggered_sleep == Some(since) {
+            return false;
+        }
+        match self.reachability.next_expected_wake(now) {
+            Some(wake) => wake.saturating_duration_since(now) > threshold,
+            None => now.saturating_duration_since(since) >= threshold,
+        }
+    }
+
+    /// Applies the outcome of delivering `seq`.
+    pub fn on_outcome(&mut self, seq: u64, outcome: Outcome, now: Instant) -> QueueEffect {
+        self.in_flight = None;
+        match outcome {
+            Outcome::Delivered => {
+                self.backoff = self.retry_initial;
+                self.retry_at = None;
+                self.reachability.on_delivered(now);
+                self.queue
+                    .remove(seq)
+                    .map_or(QueueEffect::Keep, |_| QueueEffect::Remove(seq))
+            }
+            Outcome::Pending(location) => {
+                self.backoff = self.retry_initial;
+                self.retry_at = None;
+                self.queue
+                    .mark_pending(seq, location)
+                    .cloned()
+                    .map_or(QueueEffect::Keep, QueueEffect::Persist)
+            }
+            Outcome::NotReachable { retry_at } => {
+                self.reachability.on_not_reachable(now);
+                self.retry_at = match (retry_at, self.owner) {
+                    (Some(at), _) => Some(at),
+                    // The bridge waits for the device to wake; the SCEF mode retries on a timer.
+                    (None, BufferOwner::Bridge) => None,
+                    (None, BufferOwner::Scef) => Some(now + self.next_backoff()),
+                };
+                QueueEffect::Keep
+            }
+            Outcome::Retry { after } => {
+                let delay = after.unwrap_or_else(|| self.next_backoff());
+                self.retry_at = Some(now + delay);
+                QueueEffect::Keep
+            }
+            Outcome::Rejected => self
+                .queue
+                .remove(seq)
+                .map_or(QueueEffect::Keep, |_| QueueEffect::Remove(seq)),
+        }
+    }
+
+    fn next_backoff(&mut self) -> Duration {
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.retry_max);
+        delay
+    }
+
+    /// Applies a delivery-status notification for a pending delivery.
+    pub fn on_delivery_status(
+        &mut self,
+        location: &str,
+        status: &DeliveryStatus,
+        retry_at: Option<Instant>,
+        now: Instant,
+    ) -> QueueEffect {
+        let Some(seq) = self.queue.pending_at(location).map(|e| e.seq) else {
+            return QueueEffect::Keep;
+        };
+        if is_success(status) {
+            self.reachability.on_delivered(now);
+            self.queue.remove(seq);
+            return QueueEffect::Remove(seq);
+        }
+        if !is_failure(status) {
+            return QueueEffect::Keep;
+        }
+        // The SCEF gave up: the bridge takes the datagram back and retries it.
+        if *status == DeliveryStatus::FailureTemporarilyNotReachable {
+            self.reachability.on_not_reachable(now);
+        }
+        self.retry_at = retry_at
+            .or_else(|| (self.owner == BufferOwner::Scef).then(|| now + self.next_backoff()));
+        self.queue
+            .clear_pending(seq)
+            .cloned()
+            .map_or(QueueEffect::Keep, QueueEffect::Persist)
+    }
+
+    /// The device woke (uplink or reachability report): retry at once.
+    pub fn on_wake(&mut self) {
+        self.retry_at = None;
+        self.backoff = self.retry_initial;
+        self.triggered_sleep = None;
+    }
+}
+
+pub fn is_success(status: &DeliveryStatus) -> bool {
+    status.as_str().starts_with("SUCCESS")
+}
+
+pub fn is_failure(status: &DeliveryStatus) -> bool {
+    status.as_str().starts_with("FAILURE")
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An RFC 3339 time from the SCEF as an `Instant` (past times become now).
+pub fn instant_of(time: Option<&str>, now: Instant) -> Option<Instant> {
+    let when = humantime::parse_rfc3339_weak(time?.trim_end_matches('Z')).ok()?;
+    let delay = when.duration_since(SystemTime::now()).unwrap_or_default();
+    Some(now + delay)
+}
+
+/// One device's flusher: carries out `MtState::decide` until cancelled.
+pub async fn run_flusher(shared: Arc<Shared>, device: Arc<Device>, cancel: CancellationToken) {
+    loop {
+        let now = Instant::now();
+        let (decision, dropped) = {
+            let mut state = device.state();
+            let configured = state.nidd.as_ref().is_some_and(|n| n.is_usable());
+            state.mt.decide(now, unix_ms(), configured)
+        };
+        shared.record_queue_drops(&device, dropped);
+        match decision {
+            Decision::Send(item) => deliver(&shared, &device, item).await,
+            Decision::Trigger => shared.send_trigger(&device).await,
+            Decision::Wait(until) => {
+                let timer = async {
+                    match until {
+                        Some(until) => tokio::time::sleep_until(until.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = device.wake.notified() => {}
+                    _ = timer => {}
+                }
+            }
+        }
+    }
+}
+
+async fn deliver(shared: &Shared, device: &Device, item: QueuedDatagram) {
+    let (configuration, owner) = {
+        let state = device.state();
+        (
+            state.nidd.as_ref().map(|n| n.location.clone()),
+            state.mt.owner,
+        )
+    };
+    let seq = item.seq;
+    let Some(configuration) = configuration else {
+        let mut state = device.state();
+        state.mt.on_outcome(
+            seq,
+            Outcome::Retry {
+                after: Some(Duration::from_secs(1)),
+            },
+            Instant::now(),
+        );
+        return;
+    };
+    let slot = shared
+        .global_pacer
+        .lock()
+        .map(|mut p| p.reserve(Instant::now()))
+        .unwrap_or_else(|_| Instant::now());
+    tokio::time::sleep_until(slot.into()).await;
+    let transfer = NiddDownlinkDataTransfer {
+        external_id: device.id.external_id().cloned(),
+        msisdn: device.id.msisdn().cloned(),
+        data: BASE64.encode(&item.data),
+        pdn_establishment_option: Some(match owner {
+            BufferOwner::Bridge => PdnEstablishmentOption::IndicateError,
+            BufferOwner::Scef => PdnEstablishmentOption::WaitForUe,
+        }),
+        ..Default::default()
+    };
+    let result = shared.t8.deliver_downlink(&configuration, &transfer).await;
+    let now = Instant::now();
+    let metrics = &shared.metrics;
+    let outcome = match result {
+        Ok(DownlinkOutcome::Delivered { status }) => {
+            metrics
+                .mt_deliveries
+                .with_label_values(&[status.as_ref().map_or("SUCCESS", |s| s.label())])
+                .inc();
+            Outcome::Delivered
+        }
+        Ok(DownlinkOutcome::Pending { location, status }) => {
+            metrics
+                .mt_deliveries
+                .with_label_values(&[status.as_ref().map_or("PENDING", |s| s.label())])
+                .inc();
+            Outcome::Pending(location.to_string())
+        }
+        Ok(DownlinkOutcome::Failed { failure }) => {
+            metrics.mt_deliveries.with_label_values(&["FAILED"]).inc();
+            tracing::debug!(device = %device.id, cause = ?failure.problem_detail.cause, "SCEF could not deliver; kept for retry");
+            Outcome::NotReachable {
+                retry_at: instant_of(failure.requested_retransmission_time.as_deref(), now),
+            }
+        }
+        Err(error) if error.is_retryable() => {
+            tracing::debug!(device = %device.id, %error, "SCEF could not take MT; kept for retry");
+            Outcome::Retry {
+                after: error.retry_after(),
+            }
+        }
+        Err(error) => {
+            tracing::warn!(device = %device.id, %error, "SCEF refused MT datagram; dropped");
+            Outcome::Rejected
+        }
+    };
+    metrics
+        .mt_delivery_attempts
+        .with_label_values(&[outcome_label(&outcome)])
+        .inc();
+    let mut state = device.state();
+    let effect = state.mt.on_outcome(seq, outcome, now);
+    shared.apply_queue_effect(device, &effect);
+}
+
+fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::Pending(_) => "pending",
+        Outcome::NotReachable { .. } => "not_reachable",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Rejected => "rejected",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OverflowPolicy;
+    use crate::mt_queue::QueueLimits;
+
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn limits() -> QueueLimits {
+        QueueLimits {
+            max_datagrams: 8,
+            max_bytes: 1000,
+            max_age: Duration::from_secs(247),
+            overflow: OverflowPolicy::DropOldest,
+        }
+    }
+
+    fn state(owner: BufferOwner) -> MtState {
+        MtState::new(
+            Reachability::new(WINDOW),
+            DeviceQueue::default(),
+            owner,
+            1000.0,
+            (Duration::from_secs(1), Duration::from_secs(8)),
+            None,
+        )
+    }
+
+    fn enqueue(mt: &mut MtState, seq: u64, now_ms: u64) {
+        let l = limits();
+        let item = QueuedDatagram {
+            seq,
+            server: 0,
+            source: "127.0.0.1:5683".parse().unwrap(),
+            message_id: seq as u16,
+            confirmable: true,
+            enqueued_at_ms: now_ms,
+            expires_at_ms: l.expiry(now_ms, true),
+            data: vec![0x40, 1, 0, seq as u8],
+            pending: None,
+        };
+        assert!(mt.queue.admit(item, &l, now_ms).accepted);
+    }
+
+    #[test]
+    fn bridge_mode_holds_mt_while_asleep_and_sends_in_order_on_wake() {
+        let t0 = Instant::now();
+        let mut mt = state(BufferOwner::Bridge);
+        mt.reachability.on_uplink(t0);
+        let asleep = t0 + Duration::from_secs(30);
+        enqueue(&mut mt, 1, 30_000);
+        enqueue(&mut mt, 2, 30_000);
+        assert!(matches!(
+            mt.decide(asleep, 30_000, true).0,
+            Decision::Wait(Some(_))
+        ));
+        let woke = asleep + Duration::from_secs(5);
+        mt.reachability.on_uplink(woke);
+        mt.on_wake();
+        let Decision::Send(first) = mt.decide(woke, 35_000, true).0 else {
+            panic!("send")
+        };
+        assert_eq!(first.seq, 1);
+        // One at a time per device.
+        assert!(matches!(mt.decide(woke, 35_000, true).0, Decision::Wait(_)));
+        assert_eq!(
+            mt.on_outcome(1, Outcome::Delivered, woke),
+            QueueEffect::Remove(1)
+        );
+        let Decision::Send(second) = mt.decide(woke + Duration::from_millis(5), 35_005, true).0
+        else {
+            panic!("send")
+        };
+        assert_eq!(second.seq, 2);
+    }
+
+    #[test]
+    fn scef_mode_sends_while_asleep_and_tracks_pending() {
+        let t0 = Instant::now();
+        let mut mt = state(BufferOwner::Scef);
+        mt.reachability.on_uplink(t0);
+        let asleep = t0 + Duration::from_secs(30);
+        enqueue(&mut mt, 1, 30_000);
+        let Decision::Send(item) = mt.decide(asleep, 30_000, true).0 else {
+            panic!("send")
+        };
+        let effect = mt.on_outcome(item.seq, Outcome::Pending("http://scef/d/1".into()), asleep);
+        assert!(matches!(effect, QueueEffect::Persist(ref e) if e.pending.is_some()));
+        assert!(
+            mt.queue
+                .is_retransmission(item.source, item.message_id, &item.data),
+            "pending is suppressed"
+        );
+        let effect =
+            mt.on_delivery_status("http://scef/d/1", &DeliveryStatus::Success, None, asleep);
+        assert_eq!(effect, QueueEffect::Remove(1));
+        assert!(mt.queue.is_empty());
+    }
+
+    #[test]
+    fn failures_keep_the_datagram_and_honour_retry_times() {
+        let t0 = Instant::now();
+        let mut mt = state(BufferOwner::Scef);
+        enqueue(&mut mt, 1, 0);
+        let Decision::Send(_) = mt.decide(t0, 0, true).0 else {
+            panic!("send")
+        };
+        assert_eq!(
+            mt.on_outcome(
+                1,
+                Outcome::Retry {
+                    after: Some(Duration::from_secs(5))
+                },
+                t0
+            ),
+            QueueEffect::Keep
+        );
+        assert_eq!(
+            mt.decide(t0 + Duration::from_secs(4), 4_000, true).0,
+            Decision::Wait(Some(t0 + Duration::from_secs(5)))
+        );
+        let Decision::Send(_) = mt.decide(t0 + Duration::from_secs(5), 5_000, true).0 else {
+            panic!("send")
+        };
+        // No retry time named: exponential backoff 1 s, 2 s, ...
+        mt.on_outcome(
+            1,
+            Outcome::Retry { after: None },
+            t0 + Duration::from_secs(5),
+        );
+        assert_eq!(mt.retry_at, Some(t0 + Duration::from_secs(6)));
+        let Decision::Send(_) = mt.decide(t0 + Duration::from_secs(6), 6_000, true).0 else {
+            panic!("send")
+        };
+        mt.on_outcome(
+            1,
+            Outcome::Retry { after: None },
+            t0 + Duration::from_secs(6),
+        );
+        assert_eq!(mt.retry_at, Some(t0 + Duration::from_secs(8)));
+        // A failed pending delivery comes back for another try.
+        let Decision::Send(_) = mt.decide(t0 + Duration::from_secs(8), 8_000, true).0 else {
+            panic!("send")
+        };
+        mt.on_outcome(
+            1,
+            Outcome::Pending("loc".into()),
+            t0 + Duration::from_secs(8),
+        );
+        let back = mt.on_delivery_status(
+            "loc",
+            &DeliveryStatus::FailureTimeout,
+            None,
+            t0 + Duration::from_secs(9),
+        );
+        assert!(matches!(back, QueueEffect::Persist(ref e) if e.pending.is_none()));
+    }
+
+    #[test]
+    fn expiry_and_configuration_gate_sending() {
+        let t0 = Instant::now();
+        let mut mt = state(BufferOwner::Bridge);
+        enqueue(&mut mt, 1, 0);
+        assert_eq!(
+            mt.decide(t0, 0, false).0,
+            Decision::Wait(Some(t0 + Duration::from_secs(247)))
+        );
+        let (decision, expired) = mt.decide(t0 + Duration::from_secs(247), 247_000, true);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(decision, Decision::Wait(None));
+    }
+
+    #[test]
+    fn trigger_once_per_long_sleep() {
+        let t0 = Instant::now();
+        let mut mt = MtState::new(
+            Reachability::new(WINDOW),
+            DeviceQueue::default(),
+            BufferOwner::Bridge,
+            1000.0,
+            (Duration::from_secs(1), Duration::from_secs(8)),
+            Some(Duration::from_secs(60)),
+        );
+        mt.reachability.on_uplink(t0);
+        enqueue(&mut mt, 1, 0);
+        let early = t0 + Duration::from_secs(30);
+        assert!(matches!(
+            mt.decide(early, 30_000, true).0,
+            Decision::Wait(_)
+        ));
+        let late = t0 + Duration::from_secs(80);
+        assert_eq!(mt.decide(late, 80_000, true).0, Decision::Trigger);
+        assert!(
+            matches!(mt.decide(late, 80_000, true).0, Decision::Wait(_)),
+            "one trigger per sleep"
+        );
+    }
+
+    #[test]
+    fn pacer_spaces_slots() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(10.0);
+        assert_eq!(pacer.reserve(t0), t0);
+        assert_eq!(pacer.reserve(t0), t0 + Duration::from_millis(100));
+        assert_eq!(
+            pacer.ready_at(t0 + Duration::from_secs(1)),
+            t0 + Duration::from_secs(1)
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! The mock SCEF's PSM side: UEs that sleep and wake, SCEF-side buffering of MT for a sleeping
+//! UE (201 BUFFERING, then delivery and a delivery-status notification on wake) or refusal
+//! (500 FAILURE_TEMPORARILY_NOT_REACHABLE), MonitoringEvent subscriptions with UE_REACHABILITY
+//! reports on wake, and device-triggering transactions that wake the UE.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::{MockConfiguration, MockState, SimUe, bad_request, json_response, named_ue};
+use crate::callback::problem_response;
+use crate::device::DeviceId;
+use crate::t8::{
+    DeliveryResult, DeliveryStatus, DeviceTriggering, DeviceTriggeringDeliveryReportNotification,
+    MonitoringEventReport, MonitoringEventSubscription, MonitoringNotification, MonitoringType,
+    NiddDownlinkDataDeliveryFailure, NiddDownlinkDataDeliveryStatusNotification,
+    NiddDownlinkDataTransfer, PdnEstablishmentOption, ProblemDetails,
+};
+
+/// An MT datagram the SCEF holds for a sleeping UE.
+pub(super) struct BufferedMt {
+    datagram: Vec<u8>,
+    location: String,
+    notification_destination: String,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct MockSubscription {
+    ue: DeviceId,
+    monitoring_type: MonitoringType,
+    notification_destination: String,
+    self_link: String,
+}
+
+/// MT for a UE: delivered when awake, otherwise buffered (201) or refused (500).
+pub(super) fn deliver_or_buffer(
+    state: &Arc<MockState>,
+    ue: &DeviceId,
+    scs: &str,
+    configuration_id: &str,
+    configuration: &MockConfiguration,
+    request: NiddDownlinkDataTransfer,
+    datagram: Vec<u8>,
+) -> Response {
+    let awake = {
+        let mut inner = state.inner();
+        MockState::ue_channels(&mut inner, ue).awake
+    };
+    if awake {
+        state.transmit(ue, datagram);
+        let answer = NiddDownlinkDataTransfer {
+            delivery_status: Some(DeliveryStatus::Success),
+            ..request
+        };
+        return json_response(StatusCode::OK, &answer, None);
+    }
+    let indicate_error =
+        request.pdn_establishment_option == Some(PdnEstablishmentOption::IndicateError);
+    if indicate_error || !state.config.scef_buffering {
+        let failure = NiddDownlinkDataDeliveryFailure {
+            problem_detail: ProblemDetails {
+                title: Some("UE not reachable".into()),
+                status: Some(500),
+                cause: Some("UE_NOT_REACHABLE".into()),
+                detail: Some("the UE is in power saving mode and the SCEF does not buffer".into()),
+                ..Default::default()
+            },
+            requested_retransmission_time: None,
+        };
+        return json_response(StatusCode::INTERNAL_SERVER_ERROR, &failure, None);
+    }
+    let location = {
+        let mut inner = state.inner();
+        inner.next_id += 1;
+        let location = format!(
+            "{}3gpp-nidd/v1/{scs}/configurations/{configuration_id}/downlink-data-deliveries/mt{}",
+            state.api_root, inner.next_id
+        );
+        MockState::ue_channels(&mut inner, ue)
+            .buffered
+            .push(BufferedMt {
+                datagram,
+                location: location.clone(),
+                notification_destination: configuration.notification_destination.clone(),
+            });
+        location
+    };
+    let answer = NiddDownlinkDataTransfer {
+        self_link: Some(location.clone()),
+        delivery_status: Some(DeliveryStatus::Buffering),
+        ..request
+    };
+    json_response(StatusCode::CREATED, &answer, Some(&location))
+}
+
+impl SimUe {
+    pub fn is_awake(&self) -> bool {
+        let mut inner = self.state.inner();
+        MockState::ue_channels(&mut inner, &self.id).awake
+    }
+
+    /// The UE enters PSM: MT is buffered or refused until it wakes.
+    pub fn sleep(&self) {
+        let mut inner = self.state.inner();
+        MockState::ue_channels(&mut inner, &self.id).awake = false;
+    }
+
+    /// The UE wakes: buffered MT is delivered (with delivery-status notifications), monitoring
+    /// subscribers get UE_REACHABILITY, and simulated devices see a wake event.
+    pub async fn wake(&self) {
+        let (buffered, subscriptions) = {
+            let mut inner = self.state.inner();
+            let channels = MockState::ue_channels(&mut inner, &self.id);
+            if channels.awake {
+                return;
+            }
+            channels.awake = true;
+            channels.wakes.send_modify(|n| *n += 1);
+            let buffered = std::mem::take(&mut channels.buffered);
+            let subscriptions: Vec<MockSubscription> = inner
+                .subscriptions
+                .values()
+                .filter(|s| s.ue == self.id && s.monitoring_type == MonitoringType::UeReachability)
+                .cloned()
+                .collect();
+            (buffered, subscriptions)
+        };
+        for subscription in subscriptions {
+            let report = MonitoringNotification {
+                subscription: subscription.self_link.clone(),
+                monitoring_event_reports: vec![MonitoringEventReport {
+                    monitoring_type: MonitoringType::UeReachability,
+                    external_id: self.id.external_id().cloned(),
+                    msisdn: self.id.msisdn().cloned(),
+                    event_time: Some(
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                    ),
+                    reachability_type: Some("DATA".into()),
+                    max_ue_availability_time: None,
+                }],
+                cancel_ind: None,
+            };
+            let json = serde_json::to_value(&report).unwrap_or_default();
+            let schema = crate::t8::schema::monitoring_callback_schema();
+            self.state
+                .check("monitoring notification", Some(schema), Some(&json));
+            if let Err(error) = self
+                .state
+                .post(&subscription.notification_destination, json)
+                .await
+            {
+                tracing::warn!(%error, "mock SCEF: reachability report refused");
+            }
+        }
+        for mt in buffered {
+            self.state.transmit(&self.id, mt.datagram);
+            let body = NiddDownlinkDataDeliveryStatusNotification {
+                nidd_downlink_data_transfer: mt.location,
+                delivery_status: DeliveryStatus::Success,
+                requested_retransmission_time: None,
+            };
+            let json = serde_json::to_value(&body).unwrap_or_default();
+            if let Err(error) = self
+                .state
+                .callback(&mt.notification_destination, json)
+                .await
+            {
+                tracing::warn!(%error, "mock SCEF: delivery status notification refused");
+            }
+        }
+    }
+
+    /// Wake-up counter; it changes on every wake.
+    pub fn wake_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        let mut inner = self.state.inner();
+        MockState::ue_channels(&mut inner, &self.id)
+            .wakes
+            .subscribe()
+    }
+
+    /// MT datagrams delivered to this UE over the simulated radio so far.
+    pub fn mt_transmissions(&self) -> u64 {
+        let mut inner = self.state.inner();
+        MockState::ue_channels(&mut inner, &self.id).mt_transmissions
+    }
+
+    /// Datagrams the SCEF holds for this UE.
+    pub fn buffered(&self) -> usize {
+        let mut inner = self.state.inner();
+        MockState::ue_channels(&mut inner, &self.id).buffered.len()
+    }
+
+    /// Runs a PSM cycle (awake for `active`, asleep for `sleep`) until the task is dropped.
+    pub fn start_psm_cycle(
+        &self,
+        active: Duration,
+        sleep: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let ue = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(active).await;
+                ue.sleep();
+                tokio::time::sleep(sleep).await;
+                ue.wake().await;
+            }
+        })
+    }
+}
+
+pub(super) async fn create_subscription(
+    State(state): State<Arc<MockState>>,
+    Path(scs): Path<String>,
+    body: Bytes,
+) -> Response {
+    let request: MonitoringEventSubscription = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    let Some(ue) = named_ue(&request) else {
+        return bad_request("exactly one of externalId and msisdn is required");
+    };
+    let Some(monitoring_type) = request.monitoring_type.clone() else {
+        return bad_request("monitoringType is required");
+    };
+    let self_link = {
+        let mut inner = state.inner();
+        inner.next_id += 1;
+        let id = format!("sub{}", inner.next_id);
+        let self_link = format!(
+            "{}3gpp-monitoring-event/v1/{scs}/subscriptions/{id}",
+            state.api_root
+        );
+        inner.subscriptions.insert(
+            id,
+            MockSubscription {
+                ue,
+                monitoring_type,
+                notification_destination: request.notification_destination.clone(),
+                self_link: self_link.clone(),
+            },
+        );
+        self_link
+    };
+    state.bump();
+    let answer = MonitoringEventSubscription {
+        self_link: Some(self_link.clone()),
+        ..request
+    };
+    json_response(StatusCode::CREATED, &answer, Some(&self_link))
+}
+
+pub(super) async fn delete_subscription(
+    State(state): State<Arc<MockState>>,
+    Path((_scs, id)): Path<(String, String)>,
+) -> Response {
+    let removed = state.inner().subscriptions.remove(&id);
+    state.bump();
+    match removed {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => problem_response(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_NOT_FOUND",
+            format!("no subscription {id}"),
+        ),
+    }
+}
+
+pub(super) async fn create_trigger(
+    State(state): State<Arc<MockState>>,
+    Path(scs): Path<String>,
+    body: Bytes,
+) -> Response {
+    let request: DeviceTriggering = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    let Some(ue) = named_ue(&request) else {
+        return bad_request("exactly one of externalId and msisdn is required");
+    };
+    let location = {
+        let mut inner = state.inner();
+        inner.next_id += 1;
+        inner.triggers += 1;
+        format!(
+            "{}3gpp-device-triggering/v1/{scs}/transactions/tr{}",
+            state.api_root, inner.next_id
+        )
+    };
+    let answer = DeviceTriggering {
+        self_link: Some(location.clone()),
+        delivery_result: Some(DeliveryResult::Triggered),
+        ..request.clone()
+    };
+    // The trigger SMS wakes the UE; the SCEF then reports the delivery.
+    let ue = SimUe::attach(&state, &ue);
+    let transaction = location.clone();
+    tokio::spawn(async move {
+        ue.wake().await;
+        let report = DeviceTriggeringDeliveryReportNotification {
+            transaction,
+            result: DeliveryResult::Success,
+        };
+        let json = serde_json::to_value(&report).unwrap_or_default();
+        let schema = crate::t8::schema::triggering_callback_schema(&json);
+        ue.state.check("trigger report", Some(schema), Some(&json));
+        if let Err(error) = ue.state.post(&request.notification_destination, json).await {
+            tracing::warn!(%error, "mock SCEF: trigger report refused");
+        }
+    });
+    json_response(StatusCode::CREATED, &answer, Some(&location))
+}
