@@ -90,6 +90,8 @@ pub struct Recorded {
     pub status: u16,
     pub request_body: Option<serde_json::Value>,
     pub response_body: Option<serde_json::Value>,
+    /// When it happened, Unix milliseconds.
+    pub at_ms: u64,
 }
 
 /// A configuration held by the mock.
@@ -111,6 +113,15 @@ pub struct Faults {
     pub redirect_downlinks: AtomicBool,
     /// How downlink deliveries are answered (a `DownlinkMode` as u8).
     pub downlink_mode: AtomicU8,
+    /// Answer this many downlink deliveries with `fail_downlink_status` (e.g. 429, 503) and,
+    /// when `retry_after_s` > 0, a `Retry-After` header.
+    pub fail_downlinks: AtomicU32,
+    pub fail_downlink_status: AtomicU32,
+    pub retry_after_s: AtomicU32,
+    /// Hold every downlink answer this long (to exceed the bridge's request timeout).
+    pub downlink_delay_ms: AtomicU32,
+    /// Silently lose this many callbacks (the bridge never hears of them).
+    pub drop_callbacks: AtomicU32,
 }
 
 /// How the mock answers a downlink delivery.
@@ -152,8 +163,8 @@ struct UeChannels {
     buffered: Vec<psm::BufferedMt>,
     /// Bumped on every wake-up; simulated devices send an Update when it changes.
     wakes: watch::Sender<u64>,
-    /// MT datagrams delivered over the (simulated) radio.
-    mt_transmissions: u64,
+    /// MT datagrams delivered over the (simulated) radio, in order.
+    mt_log: Vec<Vec<u8>>,
 }
 
 struct MockState {
@@ -195,7 +206,7 @@ impl MockState {
     fn transmit(&self, ue: &DeviceId, datagram: Vec<u8>) {
         let mut inner = self.inner();
         let channels = Self::ue_channels(&mut inner, ue);
-        channels.mt_transmissions += 1;
+        channels.mt_log.push(datagram.clone());
         let _ = channels.mt_sender.send(datagram);
     }
 
@@ -208,7 +219,7 @@ impl MockState {
                 awake: true,
                 buffered: Vec::new(),
                 wakes: watch::channel(0).0,
-                mt_transmissions: 0,
+                mt_log: Vec::new(),
             }
         })
     }
@@ -226,6 +237,14 @@ impl MockState {
 
     /// POSTs a notification and records it.
     async fn post(&self, url: &str, body: serde_json::Value) -> Result<StatusCode, MockError> {
+        let lost = &self.faults.drop_callbacks;
+        if lost
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            tracing::debug!(url, "mock SCEF: callback dropped (fault injection)");
+            return Ok(StatusCode::NO_CONTENT);
+        }
         let result = self.http.post(url).json(&body).send().await;
         let path = Url::parse(url)
             .map(|u| u.path().to_string())
@@ -249,6 +268,7 @@ impl MockState {
             status: status.as_u16(),
             request_body: Some(body),
             response_body: serde_json::from_str(&text).ok(),
+            at_ms: crate::delivery::unix_ms(),
         });
         if status.is_success() {
             Ok(status)
@@ -590,6 +610,7 @@ async fn record_and_validate(
         status: status.as_u16(),
         request_body,
         response_body,
+        at_ms: crate::delivery::unix_ms(),
     });
     Response::from_parts(parts, Body::from(bytes))
 }
@@ -791,6 +812,31 @@ async fn create_downlink(
         return response;
     }
     debug_assert_eq!(method, Method::POST);
+    let delay = state.faults.downlink_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
+    }
+    let failures = &state.faults.fail_downlinks;
+    if failures
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        let status =
+            StatusCode::from_u16(state.faults.fail_downlink_status.load(Ordering::SeqCst) as u16)
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut response = problem_response(
+            status,
+            "INJECTED_FAULT",
+            "fault injected by the mock SCEF".into(),
+        );
+        let retry_after = state.faults.retry_after_s.load(Ordering::SeqCst);
+        if retry_after > 0 {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        return response;
+    }
     let request: NiddDownlinkDataTransfer = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(error) => return bad_request(error.to_string()),

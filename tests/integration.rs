@@ -10,5 +10,6 @@ mod integration {
     pub mod data_path;
     pub mod downlink;
     pub mod provisioning;
+    pub mod psm;
     pub mod restart;
 }

@@ -182,10 +182,10 @@ impl SimUe {
             .subscribe()
     }
 
-    /// MT datagrams delivered to this UE over the simulated radio so far.
-    pub fn mt_transmissions(&self) -> u64 {
+    /// Every MT datagram delivered to this UE over the simulated radio, in order.
+    pub fn mt_log(&self) -> Vec<Vec<u8>> {
         let mut inner = self.state.inner();
-        MockState::ue_channels(&mut inner, &self.id).mt_transmissions
+        MockState::ue_channels(&mut inner, &self.id).mt_log.clone()
     }
 
     /// Datagrams the SCEF holds for this UE.

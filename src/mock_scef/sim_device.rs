@@ -43,6 +43,8 @@ pub struct DeviceProfile {
     pub lifetime_s: u32,
     /// Resource values by (object, instance, resource), as text.
     pub resources: BTreeMap<(u16, u16, u16), String>,
+    /// LwM2M queue mode: register with `Q` and send an Update whenever the UE wakes.
+    pub queue_mode: bool,
 }
 
 impl DeviceProfile {
@@ -68,6 +70,7 @@ impl DeviceProfile {
             endpoint_name: endpoint_name.to_string(),
             lifetime_s: 300,
             resources,
+            queue_mode: true,
         }
     }
 }
@@ -184,9 +187,20 @@ async fn run(
         stats,
     };
     let mut outstanding: Option<Outstanding> = None;
+    let mut wakes = client.ue.wake_events();
     loop {
         let deadline = outstanding.as_ref().map(|o| o.deadline);
         tokio::select! {
+            changed = wakes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // Queue mode: tell the server the device is awake.
+                if client.profile.queue_mode && client.location.is_some() && outstanding.is_none() {
+                    let (reply, _) = oneshot::channel();
+                    outstanding = client.start(Command::Update(reply)).await;
+                }
+            }
             command = commands.recv(), if outstanding.is_none() => {
                 let Some(command) = command else { return };
                 outstanding = client.start(command).await;
@@ -238,6 +252,9 @@ impl Client {
                     "b=N".to_string(),
                 ] {
                     packet.add_option(CoapOption::UriQuery, query.into_bytes());
+                }
+                if self.profile.queue_mode {
+                    packet.add_option(CoapOption::UriQuery, b"Q".to_vec());
                 }
                 packet.set_content_format(ContentFormat::ApplicationLinkFormat);
                 packet.payload = self.object_links().into_bytes();

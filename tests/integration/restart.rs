@@ -60,6 +60,24 @@ impl BridgeProcess {
         assert!(exit.success(), "graceful shutdown exits 0, got {exit}");
     }
 
+    /// SIGKILL: no shutdown, no flush.
+    pub async fn kill(mut self) {
+        let status = Command::new("kill")
+            .args(["-KILL", &self.pid()])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+        tokio::time::timeout(STEP, self.child.wait())
+            .await
+            .expect("bridge dies")
+            .unwrap();
+    }
+
+    pub async fn metrics(&self) -> String {
+        metrics(self.admin).await
+    }
+
     pub async fn devices(&self) -> Vec<Value> {
         reqwest::get(format!("http://{}/api/v1/devices", self.admin))
             .await

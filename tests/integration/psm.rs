@@ -1,0 +1,456 @@
+//! PSM-aware MT delivery against the mock SCEF's sleeping UEs: a server read sent while the
+//! device sleeps reaches it in its next awake window, over exactly one NIDD transmission, in
+//! both buffer-ownership modes; order, bounds, SCEF outages, crash safety, monitoring reports
+//! and device triggering.
+
+use std::sync::atomic::Ordering;
+
+use nidd_bridge::device::DeviceId;
+use nidd_bridge::mock_scef::SimUe;
+use nidd_bridge::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
+use tokio::net::UdpSocket;
+
+use super::common::*;
+use super::restart::BridgeProcess;
+
+/// MT datagrams the UE received that are CoAP GET requests.
+fn gets_received(ue: &SimUe) -> usize {
+    ue.mt_log()
+        .iter()
+        .filter(|d| d.len() >= 4 && d[1] == 0x01)
+        .count()
+}
+
+async fn sleeping_read(owner: &str) {
+    let extra = format!("[psm]\nbuffer_owner = \"{owner}\"\nactive_window_s = 2");
+    let stack = Stack::start(&["external_id = \"700000001@iot.example\""], &extra).await;
+    let (server, mock, bridge) = (&stack.server, &stack.mock, &stack.bridge);
+    let id: DeviceId = "700000001@iot.example".parse().unwrap();
+    let endpoint = "urn:nai:700000001@iot.example";
+    let ue = mock.ue(&id);
+    let sim = SimLwm2mDevice::spawn(ue.clone(), DeviceProfile::new(endpoint));
+    sim.register().await.unwrap();
+    let registration = server
+        .wait_event("registration", STEP, |e| {
+            e["event"] == "registration" && e["endpoint"] == endpoint
+        })
+        .await
+        .unwrap();
+    assert!(
+        registration["params"].get("Q").is_some(),
+        "queue mode registration"
+    );
+
+    ue.sleep();
+    let (value, _) = tokio::join!(server.read(endpoint, "/3/0/0"), async {
+        // The server retransmits its request while the device sleeps (CoAP ACK_TIMEOUT 2-3 s);
+        // the bridge must not carry the copy over NIDD.
+        eventually("a suppressed server retransmission", || async {
+            metric(
+                &bridge.metrics().await,
+                "nidd_bridge_suppressed_retransmissions_total",
+            ) >= 1.0
+        })
+        .await;
+        assert_eq!(gets_received(&ue), 0, "nothing reaches a sleeping UE");
+        ue.wake().await;
+    });
+    assert_eq!(value.unwrap(), "nidd-bridge simulator");
+    assert_eq!(
+        gets_received(&ue),
+        1,
+        "exactly one NIDD transmission carried the read"
+    );
+    let text = bridge.metrics().await;
+    assert!(metric(&text, "nidd_bridge_airtime_saved_bytes_total") > 0.0);
+    if owner == "scef" {
+        // The SCEF buffered it (201) and reported the delivery later.
+        assert!(
+            metric(
+                &text,
+                "nidd_bridge_mt_deliveries_total{status=\"BUFFERING\"}"
+            ) >= 1.0,
+            "{text}"
+        );
+        assert!(
+            metric(
+                &text,
+                "nidd_bridge_callbacks_total{kind=\"delivery_status\",outcome=\"accepted\"}"
+            ) >= 1.0
+        );
+    }
+    sim.deregister().await.unwrap();
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_buffered_read_reaches_a_sleeping_device_once() {
+    sleeping_read("bridge").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scef_buffered_read_reaches_a_sleeping_device_once() {
+    sleeping_read("scef").await;
+}
+
+/// A confirmable GET with a distinct message ID and token.
+fn request(n: u8) -> Vec<u8> {
+    vec![0x41, 0x01, 0x10, n, n, 0xb1, b'3']
+}
+
+/// A raw UDP "LwM2M server" and a bridge whose device is asleep.
+struct RawStack {
+    server: UdpSocket,
+    mock: nidd_bridge::mock_scef::MockScef,
+    bridge: RunningBridge,
+    ue: SimUe,
+    device: std::net::SocketAddr,
+    _store: tempfile::TempDir,
+}
+
+async fn raw_stack(extra: &str) -> RawStack {
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mock = mock_scef().await;
+    let store = tempfile::tempdir().unwrap();
+    let config = config_text(
+        mock.api_root().as_str(),
+        server.local_addr().unwrap(),
+        store.path(),
+        &["external_id = \"700000002@iot.example\""],
+        extra,
+    );
+    let bridge = RunningBridge::start(&config).await;
+    bridge.wait_ready().await;
+    let id: DeviceId = "700000002@iot.example".parse().unwrap();
+    let ue = mock.ue(&id);
+    let device = bridge.device_address(&id);
+    RawStack {
+        server,
+        mock,
+        bridge,
+        ue,
+        device,
+        _store: store,
+    }
+}
+
+impl RawStack {
+    /// Puts the device to sleep as the bridge sees it: the SCEF refuses an MT as not reachable.
+    async fn put_to_sleep(&self) {
+        self.ue.sleep();
+        self.server.send_to(&request(0), self.device).await.unwrap();
+        eventually("the bridge to learn the device sleeps", || async {
+            metric(
+                &self.bridge.metrics().await,
+                "nidd_bridge_mt_delivery_attempts_total{outcome=\"not_reachable\"}",
+            ) >= 1.0
+        })
+        .await;
+    }
+
+    async fn queue_depth(&self) -> f64 {
+        metric(&self.bridge.metrics().await, "nidd_bridge_mt_queue_depth")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_datagrams_arrive_in_order_and_bounds_are_enforced() {
+    let stack = raw_stack("[psm]\nqueue_max_datagrams = 4\nqueue_max_bytes = 1000").await;
+    stack.put_to_sleep().await;
+    for n in 1..=6 {
+        stack
+            .server
+            .send_to(&request(n), stack.device)
+            .await
+            .unwrap();
+    }
+    eventually("six more datagrams handled", || async {
+        let text = stack.bridge.metrics().await;
+        metric(&text, "nidd_bridge_mt_queue_accepted_total") == 7.0
+    })
+    .await;
+    // 7 offered to a queue of 4 (drop oldest): request(0), (1) and (2) are dropped.
+    let text = stack.bridge.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_mt_queue_dropped_total{reason=\"overflow\"}"
+        ),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(stack.queue_depth().await, 4.0);
+    let view: serde_json::Value = reqwest::get(format!(
+        "http://{}/api/v1/devices/700000002@iot.example",
+        stack.bridge.admin_addr
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(view["mt"]["reachability"], "asleep");
+    assert_eq!(view["mt"]["queueDepth"], 4);
+    assert!(view["mt"]["oldestQueuedAgeS"].as_f64().is_some());
+
+    // A datagram over the byte bound is refused and counted.
+    let mut big = request(9);
+    big.push(0xff); // payload marker
+    big.resize(1001, b'x');
+    stack.server.send_to(&big, stack.device).await.unwrap();
+    eventually("the too-large datagram to be counted", || async {
+        metric(
+            &stack.bridge.metrics().await,
+            "nidd_bridge_mt_queue_dropped_total{reason=\"too_large\"}",
+        ) == 1.0
+    })
+    .await;
+
+    // The device wakes (its uplink): the queue drains in order.
+    stack.ue.send_mo(&[0x50, 0x02, 0x00, 0x01]).await.unwrap();
+    for n in 3..=6 {
+        assert_eq!(
+            stack.ue.recv_mt(STEP).await.unwrap(),
+            request(n),
+            "in order"
+        );
+    }
+    eventually("an empty queue", || async {
+        stack.queue_depth().await == 0.0
+    })
+    .await;
+    assert_conformant(&stack.mock);
+    stack.bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_can_purge_a_queue() {
+    let stack = raw_stack("").await;
+    stack.put_to_sleep().await;
+    stack
+        .server
+        .send_to(&request(1), stack.device)
+        .await
+        .unwrap();
+    eventually("two queued", || async { stack.queue_depth().await == 2.0 }).await;
+    let answer: serde_json::Value = reqwest::Client::new()
+        .delete(format!(
+            "http://{}/api/v1/devices/urn:nai:700000002@iot.example/queue",
+            stack.bridge.admin_addr
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["purged"], 2);
+    let text = stack.bridge.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_mt_queue_dropped_total{reason=\"purged\"}"
+        ),
+        2.0
+    );
+    stack.ue.send_mo(&[0x50, 0x02, 0x00, 0x01]).await.unwrap();
+    assert!(
+        stack
+            .ue
+            .recv_mt(std::time::Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing left to deliver"
+    );
+    stack.bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_scef_outage_delays_mt_and_retry_after_is_honoured() {
+    let stack = raw_stack("[psm]\nbuffer_owner = \"scef\"").await;
+    let faults = stack.mock.faults();
+    faults.fail_downlink_status.store(429, Ordering::SeqCst);
+    faults.retry_after_s.store(1, Ordering::SeqCst);
+    faults.fail_downlinks.store(2, Ordering::SeqCst);
+    stack
+        .server
+        .send_to(&request(1), stack.device)
+        .await
+        .unwrap();
+    assert_eq!(stack.ue.recv_mt(STEP).await.unwrap(), request(1));
+    let attempts: Vec<_> = stack
+        .mock
+        .recorded()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("downlink-data-deliveries"))
+        .collect();
+    assert_eq!(
+        attempts.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![429, 429, 200]
+    );
+    for pair in attempts.windows(2) {
+        let gap = pair[1].at_ms - pair[0].at_ms;
+        assert!(
+            gap >= 950,
+            "Retry-After: 1 honoured, retried after {gap} ms"
+        );
+    }
+    // 503 without Retry-After: exponential backoff from retry_initial_ms, still delivered.
+    faults.retry_after_s.store(0, Ordering::SeqCst);
+    faults.fail_downlink_status.store(503, Ordering::SeqCst);
+    faults.fail_downlinks.store(1, Ordering::SeqCst);
+    stack
+        .server
+        .send_to(&request(2), stack.device)
+        .await
+        .unwrap();
+    assert_eq!(stack.ue.recv_mt(STEP).await.unwrap(), request(2));
+    let text = stack.bridge.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_mt_delivery_attempts_total{outcome=\"retry\"}"
+        ),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_mt_queue_dropped_total{reason=\"rejected_by_scef\"}"
+        ),
+        0.0
+    );
+    assert_conformant(&stack.mock);
+    stack.bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reachability_report_flushes_the_queue() {
+    let stack = raw_stack("[psm]\nmonitoring = true").await;
+    eventually("a subscription", || async {
+        stack
+            .mock
+            .recorded()
+            .iter()
+            .any(|r| r.path.ends_with("/subscriptions") && r.status == 201)
+    })
+    .await;
+    stack.put_to_sleep().await;
+    // The UE wakes without sending anything: only the SCEF's UE_REACHABILITY report tells.
+    stack.ue.wake().await;
+    assert_eq!(stack.ue.recv_mt(STEP).await.unwrap(), request(0));
+    let text = stack.bridge.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_reachability_events_total{event=\"report\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_callbacks_total{kind=\"monitoring\",outcome=\"accepted\"}"
+        ),
+        1.0
+    );
+    assert_conformant(&stack.mock);
+    stack.bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_sleeping_device_is_triggered() {
+    let server = lwm2m_server().await;
+    let mock = mock_scef().await;
+    let store = tempfile::tempdir().unwrap();
+    let config = config_text(
+        mock.api_root().as_str(),
+        server.address,
+        store.path(),
+        &["external_id = \"700000003@iot.example\"\ntrigger_after_s = 0"],
+        "[psm]\nactive_window_s = 2\ntrigger_payload_base64 = \"AQI=\"",
+    );
+    let bridge = RunningBridge::start(&config).await;
+    bridge.wait_ready().await;
+    let id: DeviceId = "700000003@iot.example".parse().unwrap();
+    let endpoint = "urn:nai:700000003@iot.example";
+    let ue = mock.ue(&id);
+    let sim = SimLwm2mDevice::spawn(ue.clone(), DeviceProfile::new(endpoint));
+    sim.register().await.unwrap();
+    ue.sleep();
+    // The read finds the device asleep; the bridge triggers it; it wakes, sends its Update,
+    // and the read goes through.
+    assert_eq!(
+        server.read(endpoint, "/3/0/0").await.unwrap(),
+        "nidd-bridge simulator"
+    );
+    let text = bridge.metrics().await;
+    assert!(
+        metric(&text, "nidd_bridge_device_triggers_total{outcome=\"sent\"}") >= 1.0,
+        "{text}"
+    );
+    eventually("the trigger delivery report", || async {
+        metric(
+            &bridge.metrics().await,
+            "nidd_bridge_device_triggers_total{outcome=\"report_success\"}",
+        ) >= 1.0
+    })
+    .await;
+    assert_conformant(&mock);
+    bridge.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_mt_survives_sigkill() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mock = mock_scef().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_text(
+        mock.api_root().as_str(),
+        server.local_addr().unwrap(),
+        &dir.path().join("store"),
+        &["external_id = \"700000004@iot.example\""],
+        "",
+    );
+    let config_path = dir.path().join("bridge.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let id: DeviceId = "700000004@iot.example".parse().unwrap();
+    let ue = mock.ue(&id);
+
+    let bridge = BridgeProcess::start(&config_path).await;
+    wait_ready(bridge.admin).await;
+    let device: std::net::SocketAddr = bridge.devices().await[0]["udpAddress"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    ue.sleep();
+    for n in 0..3 {
+        server.send_to(&request(n), device).await.unwrap();
+    }
+    eventually("three accepted datagrams", || async {
+        metric(
+            &bridge.metrics().await,
+            "nidd_bridge_mt_queue_accepted_total",
+        ) == 3.0
+    })
+    .await;
+    bridge.kill().await;
+
+    let bridge = BridgeProcess::start(&config_path).await;
+    wait_ready(bridge.admin).await;
+    ue.send_mo(&[0x50, 0x02, 0x00, 0x01]).await.unwrap();
+    for n in 0..3 {
+        assert_eq!(
+            ue.recv_mt(STEP).await.unwrap(),
+            request(n),
+            "every accepted datagram, in order"
+        );
+    }
+    assert_eq!(ue.mt_log().len(), 3, "each exactly once");
+    assert_conformant(&mock);
+    bridge.terminate().await;
+}
