@@ -609,6 +609,23 @@ mod tests {
     }
 
     #[test]
+    fn scef_retry_times_become_instants() {
+        let now = Instant::now();
+        let in_a_minute =
+            humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(60))
+                .to_string();
+        let at = instant_of(Some(&in_a_minute), now).unwrap();
+        assert!(at >= now + Duration::from_secs(58) && at <= now + Duration::from_secs(61));
+        assert_eq!(
+            instant_of(Some("2001-01-01T00:00:00Z"), now),
+            Some(now),
+            "past times mean now"
+        );
+        assert_eq!(instant_of(Some("not a time"), now), None);
+        assert_eq!(instant_of(None, now), None);
+    }
+
+    #[test]
     fn pacer_spaces_slots() {
         let t0 = Instant::now();
         let mut pacer = Pacer::new(10.0);

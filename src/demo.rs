@@ -186,6 +186,7 @@ pub fn loopback_config(
 [scef]
 base_url = "{api_root}"
 scs_as_id = "nidd-bridge-demo"
+request_timeout_ms = 1000
 retry_initial_ms = 50
 retry_max_ms = 200
 [callback]

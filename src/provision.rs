@@ -205,6 +205,18 @@ async fn remove_departed_devices(shared: &Shared) {
         if shared.by_id.contains_key(&id) {
             continue;
         }
+        let subscription = record
+            .nidd
+            .as_ref()
+            .and_then(|n| n.monitoring_subscription.as_ref());
+        if let Some(subscription) = subscription.and_then(|s| Url::parse(&s.location).ok())
+            && let Err(error) = shared
+                .t8
+                .delete_monitoring_subscription(&subscription)
+                .await
+        {
+            tracing::warn!(device = %id, %error, "cannot delete the monitoring subscription of a removed device");
+        }
         if let Some(location) = record.nidd.and_then(|n| Url::parse(&n.location).ok()) {
             match shared.t8.delete_nidd_configuration(&location).await {
                 Ok(()) => {
@@ -248,6 +260,7 @@ async fn ensure_subscriptions(shared: &Arc<Shared>) -> Option<Duration> {
     // Renew when a tenth of the lifetime is left; retry failures at the provisioning pace.
     let margin_ms = (lifetime / 10).as_millis() as u64;
     let now_ms = unix_ms();
+    unsubscribe_unwanted(shared).await;
     let due: Vec<Arc<Device>> = shared
         .devices
         .iter()
@@ -343,4 +356,25 @@ async fn subscribe(shared: &Shared, device: &Device, lifetime: Duration) -> bool
         tracing::warn!(device = %device.id, %error, "cannot delete the replaced monitoring subscription");
     }
     true
+}
+
+/// Deletes the subscriptions of devices whose monitoring was switched off.
+async fn unsubscribe_unwanted(shared: &Shared) {
+    for device in shared.devices.iter().filter(|d| !d.monitoring) {
+        let Some(mut nidd) = device.state().nidd.clone() else {
+            continue;
+        };
+        let Some(subscription) = nidd.monitoring_subscription.take() else {
+            continue;
+        };
+        if let Ok(location) = Url::parse(&subscription.location)
+            && let Err(error) = shared.t8.delete_monitoring_subscription(&location).await
+        {
+            tracing::warn!(device = %device.id, %error, "cannot delete a monitoring subscription no longer wanted");
+            continue;
+        }
+        if let Err(error) = shared.set_nidd(device, Some(nidd)) {
+            tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
+        }
+    }
 }

@@ -130,6 +130,14 @@ async fn delivery_answers_are_handled_and_bytes_pass_unchanged() {
     let (bytes, from) = recv(&server).await;
     assert_eq!(bytes, response);
     assert_eq!(from, device_address);
+    // The device's own retransmission (same bytes, same MID) is passed through unchanged:
+    // only server retransmissions of MT are suppressed.
+    ue.send_mo(&response).await.unwrap();
+    assert_eq!(recv(&server).await.0, response);
+    assert_eq!(
+        metric(&bridge.metrics().await, "nidd_bridge_mo_datagrams_total"),
+        3.0
+    );
     assert_conformant(&mock);
     bridge.stop().await;
 }

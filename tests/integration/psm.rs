@@ -267,7 +267,7 @@ async fn an_operator_can_purge_a_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_scef_outage_delays_mt_and_retry_after_is_honoured() {
-    let stack = raw_stack("[psm]\nbuffer_owner = \"scef\"").await;
+    let stack = raw_stack("[psm]\nbuffer_owner = \"scef\"\nretry_initial_ms = 200").await;
     let faults = stack.mock.faults();
     faults.fail_downlink_status.store(429, Ordering::SeqCst);
     faults.retry_after_s.store(1, Ordering::SeqCst);
@@ -314,6 +314,28 @@ async fn an_scef_outage_delays_mt_and_retry_after_is_honoured() {
         3.0,
         "{text}"
     );
+    // An SCEF slower than the bridge's request timeout: the attempt times out and is retried.
+    faults.downlink_delay_ms.store(1_500, Ordering::SeqCst);
+    stack
+        .server
+        .send_to(&request(3), stack.device)
+        .await
+        .unwrap();
+    eventually("a timed-out delivery", || async {
+        metric(
+            &stack.bridge.metrics().await,
+            "nidd_bridge_t8_requests_total{api=\"nidd\",operation=\"create_downlink_delivery\",outcome=\"timeout\"}",
+        ) >= 1.0
+    })
+    .await;
+    faults.downlink_delay_ms.store(0, Ordering::SeqCst);
+    // The timed-out attempt may still have reached the UE (the SCEF took it late); the retry
+    // that gets an answer delivers it again, as CoAP deduplication at the device expects.
+    assert_eq!(stack.ue.recv_mt(STEP).await.unwrap(), request(3));
+    eventually("the retry after the timeout", || async {
+        metric(&stack.bridge.metrics().await, "nidd_bridge_mt_queue_depth") == 0.0
+    })
+    .await;
     assert_eq!(
         metric(
             &text,
