@@ -59,6 +59,15 @@ enum Command {
         /// Simulate an LwM2M device on this UE (External Identifier or MSISDN); repeatable.
         #[arg(long = "simulate-device")]
         simulate_devices: Vec<String>,
+        /// PSM cycle of the simulated devices' UEs: seconds awake, then `--psm-sleep-s` asleep.
+        #[arg(long, requires = "psm_sleep_s")]
+        psm_active_s: Option<u64>,
+        #[arg(long, requires = "psm_active_s")]
+        psm_sleep_s: Option<u64>,
+        /// Refuse MT for a sleeping UE (500 FAILURE_TEMPORARILY_NOT_REACHABLE) instead of
+        /// buffering it.
+        #[arg(long)]
+        no_scef_buffering: bool,
     },
     /// Run the self-contained demo: mock SCEF + simulated devices + bridge + npm LwM2M server.
     Demo {
@@ -103,7 +112,25 @@ fn main() -> ExitCode {
                 schemas,
                 max_packet_bytes,
                 simulate_devices,
-            } => report(mock_scef(listen, schemas, max_packet_bytes, simulate_devices).await),
+                psm_active_s,
+                psm_sleep_s,
+                no_scef_buffering,
+            } => {
+                let psm = psm_active_s
+                    .zip(psm_sleep_s)
+                    .map(|(a, s)| (Duration::from_secs(a), Duration::from_secs(s)));
+                report(
+                    mock_scef(
+                        listen,
+                        schemas,
+                        max_packet_bytes,
+                        simulate_devices,
+                        psm,
+                        !no_scef_buffering,
+                    )
+                    .await,
+                )
+            }
             Command::Demo {
                 devices,
                 peer_dir,
@@ -217,6 +244,8 @@ async fn mock_scef(
     schemas: Option<PathBuf>,
     max_packet_bytes: u64,
     simulate_devices: Vec<String>,
+    psm: Option<(Duration, Duration)>,
+    scef_buffering: bool,
 ) -> anyhow::Result<()> {
     let schemas = match schemas {
         Some(dir) => Some(Arc::new(T8Schemas::load(&dir)?)),
@@ -226,6 +255,7 @@ async fn mock_scef(
     let config = MockScefConfig {
         maximum_packet_size_bits: Some(max_packet_bytes * 8),
         schemas,
+        scef_buffering,
         ..Default::default()
     };
     let mock = Arc::new(MockScef::start(listen, config).await?);
@@ -237,6 +267,10 @@ async fn mock_scef(
         let id: DeviceId = text.parse()?;
         let ue = mock.ue(&id);
         let endpoint = id.default_endpoint_name().unwrap_or_else(|| id.to_string());
+        if let Some((active, sleep)) = psm {
+            // Detached on purpose: the cycle runs for the life of the process.
+            drop(ue.start_psm_cycle(active, sleep));
+        }
         tokio::spawn(async move {
             loop {
                 if ue.wait_configured(Duration::from_secs(3600)).await.is_err() {

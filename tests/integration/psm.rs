@@ -476,3 +476,29 @@ async fn queued_mt_survives_sigkill() {
     assert_conformant(&mock);
     bridge.terminate().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_uplink_callback_is_recovered_by_the_devices_retransmission() {
+    let stack = Stack::start(&["external_id = \"700000005@iot.example\""], "").await;
+    let id: DeviceId = "700000005@iot.example".parse().unwrap();
+    let sim = SimLwm2mDevice::spawn(
+        stack.mock.ue(&id),
+        DeviceProfile::new("urn:nai:700000005@iot.example"),
+    );
+    // The SCEF loses the Register's uplink notification; CoAP retransmission carries it.
+    stack
+        .mock
+        .faults()
+        .drop_callbacks
+        .store(1, Ordering::SeqCst);
+    sim.register().await.unwrap();
+    assert!(sim.stats().retransmissions.load(Ordering::Relaxed) >= 1);
+    stack
+        .server
+        .wait_event("registration", STEP, |e| {
+            e["event"] == "registration" && e["endpoint"] == "urn:nai:700000005@iot.example"
+        })
+        .await
+        .unwrap();
+    stack.finish().await;
+}
