@@ -30,14 +30,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         bail!("--devices must be between 1 and 1000");
     }
     say(
-        "1/6",
+        "1/7",
         "starting the real LwM2M server (npm lwm2m-node-lib) on loopback",
     );
     lwm2m_peer::ensure_installed(&options.peer_dir).await?;
     let server = Lwm2mNodeServer::start(&options.peer_dir).await?;
     println!("      LwM2M server listening on udp://{}", server.address);
 
-    say("2/6", "starting the mock SCEF (T8 NIDD API emulator)");
+    say("2/7", "starting the mock SCEF (T8 NIDD API emulator)");
     let schemas = match &options.schemas {
         Some(dir) if dir.is_dir() => Some(Arc::new(
             T8Schemas::load(dir).context("loading the 3GPP schemas")?,
@@ -63,7 +63,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         }
     );
 
-    say("3/6", "starting nidd-bridge");
+    say("3/7", "starting nidd-bridge");
     let store = tempfile_dir()?;
     let ids: Vec<DeviceId> = (1..=options.devices)
         .map(|i| format!("urn:nai:35{i:07}@demo.iot.example").parse())
@@ -92,7 +92,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         let _ = stopped.await;
     }));
 
-    say("4/6", "devices register through NIDD");
+    say("4/7", "devices register through NIDD");
     let mut sims = Vec::new();
     for (id, address) in ids.iter().zip(&addresses) {
         let ue = mock.ue(id);
@@ -115,7 +115,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     }
 
     say(
-        "5/6",
+        "5/7",
         "the LwM2M server reads /3/0/0 (Manufacturer) from each device, through T8 MT and MO",
     );
     for (endpoint, _) in &sims {
@@ -139,7 +139,59 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         println!("      {line}");
     }
 
-    say("6/6", "devices de-register");
+    say(
+        "6/7",
+        "PSM: the first device sleeps; a server read waits in the bridge until it wakes",
+    );
+    if let (Some((endpoint, _)), Some(id)) = (sims.first(), ids.first()) {
+        let ue = mock.ue(id);
+        let reads_before = ue
+            .mt_log()
+            .iter()
+            .filter(|d| d.get(1) == Some(&0x01))
+            .count();
+        ue.sleep();
+        let started = std::time::Instant::now();
+        let metrics_url = format!("http://{admin}/metrics");
+        let (value, ()) = tokio::join!(server.read(endpoint, "/3/0/9"), async {
+            // Wait (bounded) until the server has retransmitted and the bridge held the copy back.
+            for _ in 0..200 {
+                let text = reqwest::get(&metrics_url).await.ok();
+                let text = match text {
+                    Some(response) => response.text().await.unwrap_or_default(),
+                    None => String::new(),
+                };
+                if text.lines().any(|l| {
+                    l.starts_with("nidd_bridge_suppressed_retransmissions_total ")
+                        && !l.ends_with(" 0")
+                }) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            println!(
+                "      after {:.1} s: the read is queued in the bridge; the server's retransmission was not sent over NIDD",
+                started.elapsed().as_secs_f64()
+            );
+            ue.wake().await;
+            println!(
+                "      the device wakes and sends its queue-mode Update; the bridge flushes its queue"
+            );
+        });
+        let transmissions = ue
+            .mt_log()
+            .iter()
+            .filter(|d| d.get(1) == Some(&0x01))
+            .count()
+            - reads_before;
+        println!(
+            "      {endpoint:<42} /3/0/9 (battery) = {:?} after {:.1} s; NIDD transmissions of the read: {transmissions}",
+            value?,
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    say("7/7", "devices de-register");
     for (endpoint, sim) in &sims {
         sim.deregister().await?;
         server
