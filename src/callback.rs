@@ -182,7 +182,7 @@ async fn read_notification(
 }
 
 async fn handle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     token: &str,
     headers: &HeaderMap,
     body: Body,
@@ -278,7 +278,7 @@ fn check_identity(
 }
 
 fn configuration_status(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     device: &Device,
     link: &str,
     status: crate::t8::NiddStatus,
@@ -296,6 +296,19 @@ fn configuration_status(
     };
     if status.is_terminated() {
         tracing::warn!(device = %device.id, %status, "the SCEF terminated the NIDD configuration; creating a new one");
+        // The new configuration gets a new subscription; the old one is deleted, not leaked.
+        let old = current
+            .as_ref()
+            .and_then(|c| c.monitoring_subscription.as_ref());
+        if let Some(old) = old.and_then(|s| url::Url::parse(&s.location).ok()) {
+            let shared = shared.clone();
+            let id = device.id.clone();
+            tokio::spawn(async move {
+                if let Err(error) = shared.t8.delete_monitoring_subscription(&old).await {
+                    tracing::warn!(device = %id, %error, "cannot delete the monitoring subscription of a terminated configuration");
+                }
+            });
+        }
         if let Err(error) = shared.set_nidd(device, None) {
             tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
         }

@@ -120,7 +120,8 @@ pub struct PsmConfig {
     pub retry_initial_ms: u64,
     #[serde(default = "default_mt_retry_max_ms")]
     pub retry_max_ms: u64,
-    /// Subscribe to MonitoringEvent UE_REACHABILITY (and LOSS_OF_CONNECTIVITY) per device.
+    /// Subscribe to MonitoringEvent UE_REACHABILITY (reachabilityType DATA) per device;
+    /// LOSS_OF_CONNECTIVITY and AVAILABILITY_AFTER_DDN_FAILURE reports are handled when sent.
     #[serde(default)]
     pub monitoring: bool,
     /// Lifetime of a monitoring subscription; it is renewed before it ends.

@@ -149,7 +149,12 @@ impl MtState {
         if let Some(retry_at) = self.retry_at.filter(|t| *t > now) {
             return (wait(Some(retry_at)), expired);
         }
-        if self.owner == BufferOwner::Bridge && !self.reachability.is_reachable(now) {
+        // Asleep: wait for a wake-up, unless the SCEF named a retry time that has come.
+        let scef_retry_due = self.retry_at.is_some_and(|t| t <= now);
+        if self.owner == BufferOwner::Bridge
+            && !self.reachability.is_reachable(now)
+            && !scef_retry_due
+        {
             if self.trigger_due(now) {
                 self.triggered_sleep = self.reachability.asleep_since(now);
                 return (Decision::Trigger, expired);
@@ -216,10 +221,12 @@ impl MtState {
                 self.retry_at = Some(now + delay);
                 QueueEffect::Keep
             }
-            Outcome::Rejected => self
-                .queue
-                .remove(seq)
-                .map_or(QueueEffect::Keep, |_| QueueEffect::Remove(seq)),
+            Outcome::Rejected => {
+                self.retry_at = None;
+                self.queue
+                    .remove(seq)
+                    .map_or(QueueEffect::Keep, |_| QueueEffect::Remove(seq))
+            }
         }
     }
 
@@ -395,6 +402,17 @@ async fn deliver(shared: &Shared, device: &Device, item: QueuedDatagram) {
         .mt_delivery_attempts
         .with_label_values(&[outcome_label(&outcome)])
         .inc();
+    match &outcome {
+        Outcome::Rejected => metrics
+            .mt_queue_dropped
+            .with_label_values(&[DropReason::Rejected.label()])
+            .inc(),
+        Outcome::NotReachable { .. } => metrics
+            .reachability_events
+            .with_label_values(&["not_reachable"])
+            .inc(),
+        _ => {}
+    }
     let mut state = device.state();
     let effect = state.mt.on_outcome(seq, outcome, now);
     shared.apply_queue_effect(device, &effect);
@@ -606,6 +624,33 @@ mod tests {
             matches!(mt.decide(late, 80_000, true).0, Decision::Wait(_)),
             "one trigger per sleep"
         );
+    }
+
+    #[test]
+    fn bridge_mode_honours_an_scef_retry_time_while_asleep() {
+        let t0 = Instant::now();
+        let mut mt = state(BufferOwner::Bridge);
+        mt.reachability.on_uplink(t0);
+        enqueue(&mut mt, 1, 0);
+        let Decision::Send(_) = mt.decide(t0, 0, true).0 else {
+            panic!("send")
+        };
+        let retry_at = t0 + Duration::from_secs(30);
+        mt.on_outcome(
+            1,
+            Outcome::NotReachable {
+                retry_at: Some(retry_at),
+            },
+            t0,
+        );
+        assert_eq!(
+            mt.decide(t0 + Duration::from_secs(29), 29_000, true).0,
+            Decision::Wait(Some(retry_at))
+        );
+        assert!(matches!(
+            mt.decide(retry_at, 30_000, true).0,
+            Decision::Send(_)
+        ));
     }
 
     #[test]
