@@ -269,9 +269,7 @@ async fn ensure_subscriptions(shared: &Arc<Shared>) -> Option<Duration> {
             let state = d.state();
             state.nidd.as_ref().is_some_and(|n| {
                 n.is_usable()
-                    && n.monitoring_subscription
-                        .as_ref()
-                        .is_none_or(|s| s.expires_at_ms <= now_ms + margin_ms)
+                    && subscription_due(n.monitoring_subscription.as_ref(), now_ms, margin_ms)
             })
         })
         .cloned()
@@ -375,6 +373,40 @@ async fn unsubscribe_unwanted(shared: &Shared) {
         }
         if let Err(error) = shared.set_nidd(device, Some(nidd)) {
             tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
+        }
+    }
+}
+
+/// Whether a device needs a (new) subscription: none yet, or the current one ends within the
+/// renewal margin.
+fn subscription_due(
+    subscription: Option<&StoredSubscription>,
+    now_ms: u64,
+    margin_ms: u64,
+) -> bool {
+    subscription.is_none_or(|s| s.expires_at_ms <= now_ms + margin_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscriptions_are_renewed_within_the_margin() {
+        let subscription = StoredSubscription {
+            location: "http://scef/s/1".into(),
+            expires_at_ms: 100_000,
+        };
+        assert!(subscription_due(None, 0, 10_000));
+        assert!(!subscription_due(Some(&subscription), 89_999, 10_000));
+        assert!(subscription_due(Some(&subscription), 90_000, 10_000));
+    }
+
+    #[test]
+    fn backoff_jitter_stays_within_a_tenth() {
+        for _ in 0..100 {
+            let delay = jitter(Duration::from_millis(1000));
+            assert!(delay >= Duration::from_millis(1000) && delay < Duration::from_millis(1100));
         }
     }
 }
