@@ -237,6 +237,7 @@ impl Shared {
             })?;
         self.metrics.mo_datagrams.inc();
         self.metrics.mo_bytes.inc_by(datagram.len() as u64);
+        self.metrics.count_coap("mo", view.oscore);
         self.device_woke(device, None, "uplink");
         tracing::debug!(device = %device.id, server = %self.servers[server].name, code = %view.code_string(), mid = view.message_id, bytes = datagram.len(), "MO forwarded");
         Ok(())
@@ -265,6 +266,7 @@ impl Shared {
         };
         let now_ms = unix_ms();
         let confirmable = view.kind == crate::coap::Kind::Confirmable;
+        let oscore = view.oscore;
         let item = QueuedDatagram {
             seq: self.mt_store.next_seq(),
             server,
@@ -317,6 +319,7 @@ impl Shared {
         }
         self.metrics.mt_datagrams.inc();
         self.metrics.mt_bytes.inc_by(length);
+        self.metrics.count_coap("mt", oscore);
         self.metrics.mt_queue_accepted.inc();
         // Accepted means durable: flushed before the flusher is told.
         if let Err(error) = self.mt_store.flush().await {
@@ -514,6 +517,7 @@ impl Bridge {
             .map(|id| store.device(id))
             .collect::<Result<_, _>>()?;
 
+        let kid_routes: Arc<[crate::routing::KidRoute]> = Arc::from(config.kid_routes());
         let mt_store = store.mt_queue()?;
         let mut queued = mt_store.load()?;
         // Persisted addresses are bound before any new allocation, so no new device takes a
@@ -572,7 +576,11 @@ impl Bridge {
                 wake: Notify::new(),
                 monitoring: device_config.monitoring.unwrap_or(config.psm.monitoring),
                 state: Mutex::new(DeviceState {
-                    router: Router::new(config.default_server_for(device_config), bootstrap),
+                    router: Router::new(
+                        config.default_server_for(device_config),
+                        bootstrap,
+                        kid_routes.clone(),
+                    ),
                     nidd: None,
                     mt: MtState::new(
                         Reachability::new(Duration::from_secs(

@@ -32,6 +32,9 @@ pub struct Datagram {
     pub token: Vec<u8>,
     /// Carries the OSCORE option: Uri-Path and Uri-Query below are then the outer (empty) ones.
     pub oscore: bool,
+    /// The OSCORE option's kid and kid context (RFC 8613 §6.1), when present.
+    pub oscore_kid: Option<Vec<u8>>,
+    pub oscore_kid_context: Option<Vec<u8>>,
     pub uri_path: Vec<String>,
     pub uri_query: Vec<String>,
 }
@@ -45,6 +48,13 @@ impl Datagram {
             return Err(CoapError::BadVersion);
         }
         let packet = Packet::from_bytes(bytes).map_err(|e| CoapError::Malformed(describe(&e)))?;
+        let oscore = match packet.get_first_option(CoapOption::Oscore) {
+            Some(value) => Some(OscoreOption::parse(value)?),
+            None if packet.get_option(CoapOption::Oscore).is_some() => {
+                Some(OscoreOption::default())
+            }
+            None => None,
+        };
         let kind = match packet.header.get_type() {
             MessageType::Confirmable => Kind::Confirmable,
             MessageType::NonConfirmable => Kind::NonConfirmable,
@@ -67,7 +77,9 @@ impl Datagram {
             code: bytes[1],
             message_id: packet.header.message_id,
             token: packet.get_token().to_vec(),
-            oscore: packet.get_option(CoapOption::Oscore).is_some(),
+            oscore: oscore.is_some(),
+            oscore_kid: oscore.as_ref().and_then(|o| o.kid.clone()),
+            oscore_kid_context: oscore.and_then(|o| o.kid_context),
             uri_path: strings(CoapOption::UriPath),
             uri_query: strings(CoapOption::UriQuery),
         })
@@ -110,6 +122,58 @@ impl Datagram {
 
     pub fn class(&self) -> MessageClass {
         MessageClass::from(self.code)
+    }
+}
+
+/// The OSCORE option value (RFC 8613 §6.1): flags, partial IV, kid context, kid. Read only to
+/// route; the bridge holds no keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OscoreOption {
+    pub partial_iv: Vec<u8>,
+    pub kid_context: Option<Vec<u8>>,
+    pub kid: Option<Vec<u8>>,
+}
+
+impl OscoreOption {
+    pub fn parse(value: &[u8]) -> Result<Self, CoapError> {
+        let Some((&flags, mut rest)) = value.split_first() else {
+            return Ok(Self::default());
+        };
+        if flags & 0xe0 != 0 {
+            return Err(CoapError::Malformed("reserved OSCORE flag bits set"));
+        }
+        let piv_length = usize::from(flags & 0x07);
+        if piv_length > 5 || rest.len() < piv_length {
+            return Err(CoapError::Malformed("bad OSCORE partial IV"));
+        }
+        let (partial_iv, after) = rest.split_at(piv_length);
+        rest = after;
+        let kid_context = if flags & 0x10 != 0 {
+            let (&length, after) = rest
+                .split_first()
+                .ok_or(CoapError::Malformed("bad OSCORE kid context"))?;
+            let length = usize::from(length);
+            if after.len() < length {
+                return Err(CoapError::Malformed("bad OSCORE kid context"));
+            }
+            let (context, after) = after.split_at(length);
+            rest = after;
+            Some(context.to_vec())
+        } else {
+            None
+        };
+        let kid = if flags & 0x08 != 0 {
+            Some(rest.to_vec())
+        } else if rest.is_empty() {
+            None
+        } else {
+            return Err(CoapError::Malformed("trailing bytes in the OSCORE option"));
+        };
+        Ok(Self {
+            partial_iv: partial_iv.to_vec(),
+            kid_context,
+            kid,
+        })
     }
 }
 
@@ -159,11 +223,45 @@ mod tests {
         let mut bytes = register("urn:nai:a@x");
         // Append nothing; build a protected-looking message instead.
         let mut p = Packet::from_bytes(&bytes).unwrap();
-        p.add_option(CoapOption::Oscore, vec![0x09, 0x01]);
+        p.add_option(CoapOption::Oscore, vec![0x09, 0x01, 0xb1]);
         bytes = p.to_bytes().unwrap();
         let d = Datagram::parse(&bytes).unwrap();
         assert!(d.oscore);
+        assert_eq!(d.oscore_kid, Some(vec![0xb1]));
         assert_eq!(d.registration_endpoint(), None);
+    }
+
+    #[test]
+    fn oscore_option_values_from_rfc_8613_appendix_c() {
+        // C.4: request with kid = empty, partial IV 0x14.
+        assert_eq!(
+            OscoreOption::parse(&[0x09, 0x14]).unwrap(),
+            OscoreOption {
+                partial_iv: vec![0x14],
+                kid_context: None,
+                kid: Some(vec![])
+            }
+        );
+        // C.5: kid 0x00, partial IV 0x14.
+        assert_eq!(
+            OscoreOption::parse(&[0x09, 0x14, 0x00]).unwrap().kid,
+            Some(vec![0x00])
+        );
+        // C.6: kid context 0x37cbf3210017a2d3, kid empty, partial IV 0x14.
+        let with_context = OscoreOption::parse(&[
+            0x19, 0x14, 0x08, 0x37, 0xcb, 0xf3, 0x21, 0x00, 0x17, 0xa2, 0xd3,
+        ])
+        .unwrap();
+        assert_eq!(
+            with_context.kid_context,
+            Some(vec![0x37, 0xcb, 0xf3, 0x21, 0x00, 0x17, 0xa2, 0xd3])
+        );
+        assert_eq!(with_context.kid, Some(vec![]));
+        // C.7: response without partial IV or kid: empty value.
+        assert_eq!(OscoreOption::parse(&[]).unwrap(), OscoreOption::default());
+        assert!(OscoreOption::parse(&[0x20]).is_err());
+        assert!(OscoreOption::parse(&[0x03, 0x01]).is_err());
+        assert!(OscoreOption::parse(&[0x10, 0x05, 0x01]).is_err());
     }
 
     #[test]

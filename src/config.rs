@@ -259,6 +259,25 @@ pub struct Lwm2mServerConfig {
     pub name: String,
     pub address: SocketAddr,
     pub role: ServerRole,
+    /// OSCORE kids (hex) that protected device requests for this server carry.
+    #[serde(default)]
+    pub oscore_kids: Vec<HexBytes>,
+    /// OSCORE kid context (hex) those requests carry, if the deployment uses one.
+    pub oscore_kid_context: Option<HexBytes>,
+}
+
+/// Bytes written as hex in the configuration (`"0a1b"`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HexBytes(pub Vec<u8>);
+
+impl TryFrom<String> for HexBytes {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        hex::decode(value.trim())
+            .map(Self)
+            .map_err(|e| format!("{value:?} is not hex: {e}"))
+    }
 }
 
 /// The pool the per-device UDP sockets are taken from: every address times every port range.
@@ -548,6 +567,18 @@ impl Config {
                 return invalid(format!("LwM2M server name {:?} is used twice", server.name));
             }
         }
+        let mut kids = HashSet::new();
+        for server in &self.lwm2m_servers {
+            for kid in &server.oscore_kids {
+                let context = server.oscore_kid_context.as_ref().map(|c| c.0.clone());
+                if !kids.insert((kid.0.clone(), context)) {
+                    return invalid(format!(
+                        "OSCORE kid {} routes to more than one server",
+                        hex::encode(&kid.0)
+                    ));
+                }
+            }
+        }
         if !self.lwm2m_servers.iter().any(|s| s.role == ServerRole::Dm) {
             return invalid(
                 "at least one [[lwm2m_servers]] entry with role = \"dm\" is needed".into(),
@@ -601,6 +632,23 @@ impl Config {
             return non_empty_secret("scef.bearer_token_env", value).map(Some);
         }
         Ok(None)
+    }
+
+    /// Routes for protected requests: each server's kids (with its kid context).
+    pub fn kid_routes(&self) -> Vec<crate::routing::KidRoute> {
+        self.lwm2m_servers
+            .iter()
+            .enumerate()
+            .flat_map(|(server, s)| {
+                s.oscore_kids
+                    .iter()
+                    .map(move |kid| crate::routing::KidRoute {
+                        kid: kid.0.clone(),
+                        kid_context: s.oscore_kid_context.as_ref().map(|c| c.0.clone()),
+                        server,
+                    })
+            })
+            .collect()
     }
 
     /// The device's default DM server, or the first `dm` server.

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub devices_reachable: IntGauge,
     pub reachability_events: IntCounterVec,
     pub device_triggers: IntCounterVec,
+    pub coap_messages: IntCounterVec,
 }
 
 impl Metrics {
@@ -161,6 +162,11 @@ impl Metrics {
                 "Reachability events by kind (uplink, report, loss_of_connectivity, not_reachable)",
                 &["event"],
             )?,
+            coap_messages: counter_vec(
+                "coap_messages_total",
+                "CoAP datagrams carried, by direction (mo, mt) and protection (oscore, none)",
+                &["direction", "protection"],
+            )?,
             device_triggers: counter_vec(
                 "device_triggers_total",
                 "T8 device triggers by outcome (sent, failed, and reported delivery results)",
@@ -168,6 +174,14 @@ impl Metrics {
             )?,
             registry,
         })
+    }
+
+    /// Counts a carried CoAP datagram by direction and OSCORE protection.
+    pub fn count_coap(&self, direction: &str, oscore: bool) {
+        let protection = if oscore { "oscore" } else { "none" };
+        self.coap_messages
+            .with_label_values(&[direction, protection])
+            .inc();
     }
 
     /// Counts a dropped datagram.

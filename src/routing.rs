@@ -2,6 +2,7 @@
 //! datagram goes to, remembered from the server requests that came down.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::coap::{Datagram, Kind};
 
@@ -11,20 +12,34 @@ const REMEMBERED_EXCHANGES: usize = 64;
 /// Index of a server in the configured `lwm2m_servers` list.
 pub type ServerIndex = usize;
 
+/// An OSCORE kid (and optionally kid context) that selects a server for protected requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KidRoute {
+    pub kid: Vec<u8>,
+    pub kid_context: Option<Vec<u8>>,
+    pub server: ServerIndex,
+}
+
 /// Per-device routing memory.
 #[derive(Debug, Clone)]
 pub struct Router {
     default_server: ServerIndex,
     bootstrap_server: Option<ServerIndex>,
+    kid_routes: Arc<[KidRoute]>,
     by_token: VecDeque<(Vec<u8>, ServerIndex)>,
     by_message_id: VecDeque<(u16, ServerIndex)>,
 }
 
 impl Router {
-    pub fn new(default_server: ServerIndex, bootstrap_server: Option<ServerIndex>) -> Self {
+    pub fn new(
+        default_server: ServerIndex,
+        bootstrap_server: Option<ServerIndex>,
+        kid_routes: Arc<[KidRoute]>,
+    ) -> Self {
         Self {
             default_server,
             bootstrap_server,
+            kid_routes,
             by_token: VecDeque::new(),
             by_message_id: VecDeque::new(),
         }
@@ -32,6 +47,16 @@ impl Router {
 
     /// Chooses the server for a datagram the device sent.
     pub fn route_uplink(&self, datagram: &Datagram) -> ServerIndex {
+        if datagram.is_request() && datagram.oscore {
+            // Protected: Uri-Path is encrypted; the kid says which server's context it uses.
+            let route = self.kid_routes.iter().find(|r| {
+                datagram.oscore_kid.as_ref() == Some(&r.kid)
+                    && r.kid_context
+                        .as_ref()
+                        .is_none_or(|c| datagram.oscore_kid_context.as_ref() == Some(c))
+            });
+            return route.map_or(self.default_server, |r| r.server);
+        }
         if datagram.is_request() {
             let bootstrap =
                 !datagram.oscore && datagram.uri_path.first().map(String::as_str) == Some("bs");
@@ -97,6 +122,8 @@ mod tests {
             message_id: mid,
             token: token.to_vec(),
             oscore: false,
+            oscore_kid: None,
+            oscore_kid_context: None,
             uri_path: path.iter().map(|s| s.to_string()).collect(),
             uri_query: vec![],
         }
@@ -107,7 +134,7 @@ mod tests {
 
     #[test]
     fn bootstrap_requests_go_to_the_bootstrap_server() {
-        let router = Router::new(DM, Some(BS));
+        let router = Router::new(DM, Some(BS), Arc::from(vec![]));
         assert_eq!(
             router.route_uplink(&datagram(Kind::Confirmable, 2, 1, &[1], &["bs"])),
             BS
@@ -120,14 +147,55 @@ mod tests {
         protected.oscore = true;
         assert_eq!(router.route_uplink(&protected), DM);
         assert_eq!(
-            Router::new(DM, None).route_uplink(&datagram(Kind::Confirmable, 2, 1, &[], &["bs"])),
+            Router::new(DM, None, Arc::from(vec![])).route_uplink(&datagram(
+                Kind::Confirmable,
+                2,
+                1,
+                &[],
+                &["bs"]
+            )),
             DM
         );
     }
 
     #[test]
+    fn protected_requests_follow_their_kid() {
+        let routes: Arc<[KidRoute]> = Arc::from(vec![
+            KidRoute {
+                kid: vec![0x01],
+                kid_context: None,
+                server: BS,
+            },
+            KidRoute {
+                kid: vec![0x02],
+                kid_context: Some(vec![0xaa]),
+                server: 2,
+            },
+        ]);
+        let router = Router::new(DM, Some(BS), routes);
+        let mut request = datagram(Kind::Confirmable, 2, 1, &[1], &[]);
+        request.oscore = true;
+        request.oscore_kid = Some(vec![0x01]);
+        assert_eq!(router.route_uplink(&request), BS);
+        request.oscore_kid = Some(vec![0x02]);
+        assert_eq!(
+            router.route_uplink(&request),
+            DM,
+            "kid context must match too"
+        );
+        request.oscore_kid_context = Some(vec![0xaa]);
+        assert_eq!(router.route_uplink(&request), 2);
+        request.oscore_kid = Some(vec![0x09]);
+        assert_eq!(
+            router.route_uplink(&request),
+            DM,
+            "unknown kid: default server"
+        );
+    }
+
+    #[test]
     fn answers_go_back_to_the_asking_server() {
-        let mut router = Router::new(DM, Some(BS));
+        let mut router = Router::new(DM, Some(BS), Arc::from(vec![]));
         router.note_downlink(BS, &datagram(Kind::Confirmable, 3, 77, &[9, 9], &["0"]));
         // Piggybacked response: same MID.
         assert_eq!(
@@ -148,7 +216,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let mut router = Router::new(DM, Some(BS));
+        let mut router = Router::new(DM, Some(BS), Arc::from(vec![]));
         for mid in 0..1000u16 {
             router.note_downlink(
                 BS,

@@ -12,4 +12,5 @@ mod integration {
     pub mod provisioning;
     pub mod psm;
     pub mod restart;
+    pub mod routing;
 }
