@@ -73,28 +73,21 @@ struct Shared {
     next_id: u64,
 }
 
-/// A running `lwm2m-node-lib` server bound to loopback.
-pub struct Lwm2mNodeServer {
+/// A Node.js driver process speaking JSON lines: events on stdout, commands with `id` on
+/// stdin answered by `{"id", "ok", "result" | "error"}`.
+pub struct NodeProcess {
     child: Child,
     stdin: AsyncMutex<ChildStdin>,
     shared: Arc<Mutex<Shared>>,
     changed: watch::Receiver<u64>,
-    pub address: SocketAddr,
 }
 
-impl Lwm2mNodeServer {
-    /// Starts `server.js` from `dir` on a free loopback port and waits until it listens.
-    pub async fn start(dir: &Path) -> Result<Self, PeerError> {
+impl NodeProcess {
+    /// Starts `node SCRIPT ARGS...` with piped stdin/stdout.
+    pub fn spawn(script: &Path, args: &[&str]) -> Result<Self, PeerError> {
         let mut child = Command::new("node")
-            .arg(dir.join("server.js"))
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--request-timeout-ms",
-                "15000",
-            ])
+            .arg(script)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -131,24 +124,12 @@ impl Lwm2mNodeServer {
                 notify.send_modify(|n| *n += 1);
             }
         });
-        let mut server = Self {
+        Ok(Self {
             child,
             stdin: AsyncMutex::new(stdin),
             shared,
             changed,
-            address: SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
-        let listening = server
-            .wait_event("the LwM2M server to listen", Duration::from_secs(30), |e| {
-                e["event"] == "listening"
-            })
-            .await?;
-        let port = listening["port"]
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .ok_or(PeerError::Stopped)?;
-        server.address = SocketAddr::from(([127, 0, 0, 1], port));
-        Ok(server)
+        })
     }
 
     /// Every event seen so far.
@@ -215,6 +196,64 @@ impl Lwm2mNodeServer {
         }
     }
 
+    /// Stops the process (closing stdin lets it exit cleanly).
+    pub async fn stop(mut self) {
+        drop(self.stdin);
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// A running `lwm2m-node-lib` server bound to loopback.
+pub struct Lwm2mNodeServer {
+    process: NodeProcess,
+    pub address: SocketAddr,
+}
+
+impl std::ops::Deref for Lwm2mNodeServer {
+    type Target = NodeProcess;
+    fn deref(&self) -> &NodeProcess {
+        &self.process
+    }
+}
+
+impl Lwm2mNodeServer {
+    /// Starts `server.js` from `dir` on a free loopback port and waits until it listens.
+    pub async fn start(dir: &Path) -> Result<Self, PeerError> {
+        let process = NodeProcess::spawn(
+            &dir.join("server.js"),
+            &[
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--request-timeout-ms",
+                "15000",
+            ],
+        )?;
+        let listening = process
+            .wait_event("the LwM2M server to listen", Duration::from_secs(30), |e| {
+                e["event"] == "listening"
+            })
+            .await?;
+        let port = listening["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or(PeerError::Stopped)?;
+        Ok(Self {
+            process,
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    }
+
+    pub async fn stop(self) {
+        self.process.stop().await;
+    }
+
     /// Reads a resource through the server; returns the value it got.
     pub async fn read(&self, endpoint: &str, path: &str) -> Result<String, PeerError> {
         let result = self
@@ -240,16 +279,5 @@ impl Lwm2mNodeServer {
     pub async fn list(&self) -> Result<Vec<Value>, PeerError> {
         let result = self.command(json!({"op": "list"})).await?;
         Ok(result.as_array().cloned().unwrap_or_default())
-    }
-
-    /// Stops the server (closing stdin lets it exit cleanly).
-    pub async fn stop(mut self) {
-        drop(self.stdin);
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
     }
 }

@@ -64,6 +64,10 @@ enum Command {
         psm_active_s: Option<u64>,
         #[arg(long, requires = "psm_active_s")]
         psm_sleep_s: Option<u64>,
+        /// Front a real UDP LwM2M client as a UE: `ID=ADDR` opens ADDR (e.g. 127.0.0.1:5690) as
+        /// the client's LwM2M server address; repeatable.
+        #[arg(long = "real-device", value_name = "ID=ADDR")]
+        real_devices: Vec<String>,
         /// Refuse MT for a sleeping UE (500 FAILURE_TEMPORARILY_NOT_REACHABLE) instead of
         /// buffering it.
         #[arg(long)]
@@ -115,21 +119,21 @@ fn main() -> ExitCode {
                 psm_active_s,
                 psm_sleep_s,
                 no_scef_buffering,
+                real_devices,
             } => {
                 let psm = psm_active_s
                     .zip(psm_sleep_s)
                     .map(|(a, s)| (Duration::from_secs(a), Duration::from_secs(s)));
-                report(
-                    mock_scef(
-                        listen,
-                        schemas,
-                        max_packet_bytes,
-                        simulate_devices,
-                        psm,
-                        !no_scef_buffering,
-                    )
-                    .await,
-                )
+                let options = MockOptions {
+                    listen,
+                    schemas,
+                    max_packet_bytes,
+                    simulate_devices,
+                    real_devices,
+                    psm,
+                    scef_buffering: !no_scef_buffering,
+                };
+                report(mock_scef(options).await)
             }
             Command::Demo {
                 devices,
@@ -239,14 +243,27 @@ async fn shutdown_signal() {
     }
 }
 
-async fn mock_scef(
+/// What `mock-scef` was asked to run.
+struct MockOptions {
     listen: SocketAddr,
     schemas: Option<PathBuf>,
     max_packet_bytes: u64,
     simulate_devices: Vec<String>,
+    real_devices: Vec<String>,
     psm: Option<(Duration, Duration)>,
     scef_buffering: bool,
-) -> anyhow::Result<()> {
+}
+
+async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
+    let MockOptions {
+        listen,
+        schemas,
+        max_packet_bytes,
+        simulate_devices,
+        real_devices,
+        psm,
+        scef_buffering,
+    } = options;
     let schemas = match schemas {
         Some(dir) => Some(Arc::new(T8Schemas::load(&dir)?)),
         None => None,
@@ -263,6 +280,21 @@ async fn mock_scef(
         "{}",
         serde_json::json!({"event": "listening", "apiRoot": mock.api_root().as_str()})
     );
+    for text in real_devices {
+        let (id, address) = text
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--real-device takes ID=ADDR, got {text:?}"))?;
+        let id: DeviceId = id.parse()?;
+        let address: SocketAddr = address.parse()?;
+        let bound = mock.attach_real_device(&id, address).await?;
+        if let Some((active, sleep)) = psm {
+            drop(mock.ue(&id).start_psm_cycle(active, sleep));
+        }
+        println!(
+            "{}",
+            serde_json::json!({"event": "real_device", "ue": id.to_string(), "lwm2mServer": bound})
+        );
+    }
     for text in simulate_devices {
         let id: DeviceId = text.parse()?;
         let ue = mock.ue(&id);

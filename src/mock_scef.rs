@@ -4,6 +4,7 @@
 //! of every body against the official schemas, and fault injection.
 
 mod psm;
+mod real_device;
 pub mod sim_device;
 
 use std::collections::{BTreeMap, HashMap};
@@ -33,6 +34,9 @@ use crate::t8::{
     NiddDownlinkDataDeliveryFailure, NiddDownlinkDataDeliveryStatusNotification,
     NiddDownlinkDataTransfer, NiddStatus, NiddUplinkDataNotification, ProblemDetails,
 };
+
+/// MT datagrams remembered per UE for tests (the oldest are forgotten past it).
+const MT_LOG_LIMIT: usize = 10_000;
 
 /// Largest request body the mock accepts.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -150,6 +154,8 @@ struct Inner {
     recorded: Vec<Recorded>,
     violations: Vec<String>,
     subscriptions: BTreeMap<String, psm::MockSubscription>,
+    /// UEs that are real UDP LwM2M clients (real-device mode).
+    real_devices: HashMap<DeviceId, Arc<real_device::RealDevice>>,
     triggers: u64,
     configurations_created: u64,
 }
@@ -202,12 +208,22 @@ impl MockState {
         }
     }
 
-    /// Delivers one MT datagram over the simulated radio.
+    /// Delivers one MT datagram over the simulated radio (or, in real-device mode, over UDP to
+    /// the real client).
     fn transmit(&self, ue: &DeviceId, datagram: Vec<u8>) {
         let mut inner = self.inner();
+        let real = inner.real_devices.get(ue).cloned();
         let channels = Self::ue_channels(&mut inner, ue);
+        if channels.mt_log.len() == MT_LOG_LIMIT {
+            channels.mt_log.remove(0);
+        }
         channels.mt_log.push(datagram.clone());
-        let _ = channels.mt_sender.send(datagram);
+        match real {
+            Some(real) => real.send(&datagram),
+            None => {
+                let _ = channels.mt_sender.send(datagram);
+            }
+        }
     }
 
     fn ue_channels<'a>(inner: &'a mut Inner, id: &DeviceId) -> &'a mut UeChannels {
