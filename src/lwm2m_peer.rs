@@ -281,3 +281,58 @@ impl Lwm2mNodeServer {
         Ok(result.as_array().cloned().unwrap_or_default())
     }
 }
+
+/// A running `lwm2m-node-lib` client (`client.js`): a real UDP LwM2M 1.0 device.
+pub struct Lwm2mNodeClient {
+    process: NodeProcess,
+}
+
+impl std::ops::Deref for Lwm2mNodeClient {
+    type Target = NodeProcess;
+    fn deref(&self) -> &NodeProcess {
+        &self.process
+    }
+}
+
+impl Lwm2mNodeClient {
+    /// Starts `client.js` from `dir`, pointed at `server` (its LwM2M server as it knows it).
+    pub async fn start(dir: &Path, server: SocketAddr, endpoint: &str) -> Result<Self, PeerError> {
+        let port = server.port().to_string();
+        let host = server.ip().to_string();
+        let process = NodeProcess::spawn(
+            &dir.join("client.js"),
+            &[
+                "--server-host",
+                &host,
+                "--server-port",
+                &port,
+                "--endpoint",
+                endpoint,
+                "--bind-host",
+                "127.0.0.1",
+            ],
+        )?;
+        process
+            .wait_event("the LwM2M client to start", Duration::from_secs(30), |e| {
+                e["event"] == "ready"
+            })
+            .await?;
+        Ok(Self { process })
+    }
+
+    pub async fn register(&self) -> Result<Value, PeerError> {
+        self.command(json!({"op": "register"})).await
+    }
+
+    pub async fn update(&self) -> Result<Value, PeerError> {
+        self.command(json!({"op": "update"})).await
+    }
+
+    pub async fn deregister(&self) -> Result<Value, PeerError> {
+        self.command(json!({"op": "deregister"})).await
+    }
+
+    pub async fn stop(self) {
+        self.process.stop().await;
+    }
+}

@@ -11,6 +11,7 @@ mod integration {
     pub mod downlink;
     pub mod provisioning;
     pub mod psm;
+    pub mod real_device;
     pub mod restart;
     pub mod routing;
 }

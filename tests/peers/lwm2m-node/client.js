@@ -305,11 +305,21 @@ readService.handle = function readWithEvents(req, res, userHandler) {
   req._niddHandled = true;
   const info = requestInfo(req);
   const discover = (req.options || []).some((o) => o.name === 'Accept' && o.value === 'application/link-format');
-  const observe = !discover && hasOption(req, 'Observe');
+  const hasObserve = !discover && hasOption(req, 'Observe');
+  // node-coap only makes an Observe stream for Observe: 0 (coap/lib/server.js); for any
+  // other value (e.g. 1 = cancel) the lib still writes without ending the response, so
+  // nothing but node-coap's empty ACK goes out.
+  const observe = hasObserve && req.headers && req.headers.Observe === 0;
   let seq = 0;
   hookResponse(res, (code, body) => {
     const ev = { event: discover ? 'discover' : 'read', path: info.path, code, value: bodyText(body) };
     if (observe) ev.observe = true;
+    if (hasObserve && !observe) {
+      ev.observe = false;
+      ev.observeOption = req.headers ? req.headers.Observe : null;
+      ev.code = null; // never sent
+      ev.answered = false;
+    }
     ev.address = info.address;
     ev.port = info.port;
     emit(ev);
@@ -379,6 +389,7 @@ class CmdError extends Error {
 let device = null; // deviceInformation of the lib after a successful Register
 let shuttingDown = false;
 let chain = Promise.resolve(); // registration-interface commands run one at a time
+const pendingIds = new Set(); // wrappers of commands not yet answered
 
 function describe(dev) {
   return {
@@ -570,8 +581,16 @@ function handleLine(line) {
       .then(() => localOps[cmd.op](cmd))
       .then((r) => reply(id, null, r), (e) => reply(id, e instanceof CmdError ? e : new CmdError('lib_error', e.message || String(e))));
   } else if (has(regOps)) {
-    chain = chain.then(() => regOps[cmd.op](cmd))
-      .then((r) => reply(id, null, r), (e) => reply(id, e instanceof CmdError ? e : new CmdError('lib_error', e.message || String(e))))
+    const p = { id, answered: false };
+    pendingIds.add(p);
+    const answer = (e, r) => {
+      if (p.answered || shuttingDown) return;
+      p.answered = true;
+      pendingIds.delete(p);
+      reply(id, e, r);
+    };
+    chain = chain.then(() => (shuttingDown ? null : regOps[cmd.op](cmd)))
+      .then((r) => answer(null, r), (e) => answer(e instanceof CmdError ? e : new CmdError('lib_error', e.message || String(e))))
       .then(() => {}, () => {});
   } else {
     const known = [...Object.keys(regOps), ...Object.keys(localOps)].join(', ');
@@ -586,6 +605,11 @@ function handleLine(line) {
 function shutdown(code) {
   if (shuttingDown) return;
   shuttingDown = true;
+  for (const p of pendingIds) {
+    p.answered = true;
+    reply(p.id, new CmdError('unavailable', 'client shutting down'));
+  }
+  pendingIds.clear();
   const force = setTimeout(() => process.exit(code), 1000);
   force.unref();
   try {
