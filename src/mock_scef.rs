@@ -126,6 +126,10 @@ pub struct Faults {
     pub downlink_delay_ms: AtomicU32,
     /// Silently lose this many callbacks (the bridge never hears of them).
     pub drop_callbacks: AtomicU32,
+    /// Flip the last byte of this many uplink (MO) / downlink (MT) datagrams on the radio, as
+    /// a corrupted or tampered frame would arrive.
+    pub corrupt_uplinks: AtomicU32,
+    pub corrupt_downlinks: AtomicU32,
 }
 
 /// How the mock answers a downlink delivery.
@@ -211,6 +215,7 @@ impl MockState {
     /// Delivers one MT datagram over the simulated radio (or, in real-device mode, over UDP to
     /// the real client).
     fn transmit(&self, ue: &DeviceId, datagram: Vec<u8>) {
+        let datagram = corrupt_if_asked(&self.faults.corrupt_downlinks, datagram);
         let mut inner = self.inner();
         let real = inner.real_devices.get(ue).cloned();
         let channels = Self::ue_channels(&mut inner, ue);
@@ -465,6 +470,16 @@ impl Drop for MockScef {
     }
 }
 
+/// Flips the last byte when a corruption fault is pending.
+fn corrupt_if_asked(pending: &AtomicU32, mut datagram: Vec<u8>) -> Vec<u8> {
+    if pending.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+        && let Some(last) = datagram.last_mut()
+    {
+        *last ^= 0x01;
+    }
+    datagram
+}
+
 fn configuration_of(state: &MockState, ue: &DeviceId) -> Option<MockConfiguration> {
     state
         .inner()
@@ -523,7 +538,7 @@ impl SimUe {
             nidd_configuration: configuration.self_link.clone(),
             external_id: self.id.external_id().cloned(),
             msisdn: self.id.msisdn().cloned(),
-            data: BASE64.encode(datagram),
+            data: BASE64.encode(corrupt_if_asked(&self.state.faults.corrupt_uplinks, datagram.to_vec())),
             reliable_data_service: None,
         };
         let json = serde_json::to_value(&body).unwrap_or_default();
