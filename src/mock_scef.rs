@@ -472,7 +472,9 @@ impl Drop for MockScef {
 
 /// Flips the last byte when a corruption fault is pending.
 fn corrupt_if_asked(pending: &AtomicU32, mut datagram: Vec<u8>) -> Vec<u8> {
-    if pending.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    if pending
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
         && let Some(last) = datagram.last_mut()
     {
         *last ^= 0x01;
@@ -538,7 +540,10 @@ impl SimUe {
             nidd_configuration: configuration.self_link.clone(),
             external_id: self.id.external_id().cloned(),
             msisdn: self.id.msisdn().cloned(),
-            data: BASE64.encode(corrupt_if_asked(&self.state.faults.corrupt_uplinks, datagram.to_vec())),
+            data: BASE64.encode(corrupt_if_asked(
+                &self.state.faults.corrupt_uplinks,
+                datagram.to_vec(),
+            )),
             reliable_data_service: None,
         };
         let json = serde_json::to_value(&body).unwrap_or_default();
