@@ -3,6 +3,7 @@
 //! UEs that tests drive (inject MO, await MT), a record of every exchange, optional validation
 //! of every body against the official schemas, and fault injection.
 
+pub mod oscore;
 mod psm;
 mod real_device;
 pub mod sim_device;
