@@ -50,6 +50,9 @@ const KNOWN_CRITICAL: [u16; 6] = [3, 7, 11, 15, 17, 27];
 
 pub(super) type Reply = oneshot::Sender<Result<String, SimError>>;
 
+/// A server request's message ID and token.
+type RequestKey = (u16, Vec<u8>);
+
 /// What a Registration Update carries besides the location.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(super) struct UpdateParams {
@@ -157,7 +160,9 @@ pub(super) struct Core {
     bootstrap: Bootstrap,
     outstanding: Option<Outstanding>,
     jobs: VecDeque<Job>,
-    answers: VecDeque<(u16, Vec<u8>)>,
+    /// Recent answers by request message ID and token: a retransmission repeats both, and
+    /// the token keeps two servers that happen to use the same message ID apart.
+    answers: VecDeque<(RequestKey, Vec<u8>)>,
     notification_mids: VecDeque<(u16, Vec<u8>)>,
     next_message_id: u16,
     blocks: Assembler,
@@ -238,8 +243,9 @@ impl Core {
         match local {
             Local::Set(path, text, reply) => {
                 let result = self.set_local(&path, &text);
-                let _ = reply.send(result);
+                // Answer once the change has been judged, so a caller sees its effect.
                 self.evaluate(now);
+                let _ = reply.send(result);
             }
             Local::Get(path, reply) => {
                 self.refresh_time();

@@ -116,7 +116,8 @@ pub(super) fn valid_execute_arguments(payload: &[u8]) -> bool {
 impl Core {
     pub(super) fn on_request(&mut self, now: Instant, packet: &Packet, length: usize) {
         let message_id = packet.header.message_id;
-        if let Some((_, cached)) = self.answers.iter().find(|(mid, _)| *mid == message_id) {
+        let key = (message_id, packet.get_token().to_vec());
+        if let Some((_, cached)) = self.answers.iter().find(|(k, _)| *k == key) {
             let cached = cached.clone();
             self.outbox.push(cached);
             return;
@@ -148,7 +149,7 @@ impl Core {
             if self.answers.len() == ANSWER_CACHE {
                 self.answers.pop_front();
             }
-            self.answers.push_back((message_id, bytes.clone()));
+            self.answers.push_back((key, bytes.clone()));
             self.outbox.push(bytes);
         }
         for effect in std::mem::take(&mut self.deferred) {

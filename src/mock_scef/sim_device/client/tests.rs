@@ -818,6 +818,15 @@ fn a_retransmitted_request_gets_the_same_answer() {
         .on_datagram(device.now, &request.to_bytes().unwrap());
     assert_eq!(device.core.take_outbox(), first);
     assert_eq!(device.stats.requests_served.load(Ordering::Relaxed), 1);
+    // Another server's request with the same message ID but its own token is a new request.
+    let mut other = device.build(RequestType::Get, "/3/0/14", &[], b"");
+    other.header.message_id = request.header.message_id;
+    device
+        .core
+        .on_datagram(device.now, &other.to_bytes().unwrap());
+    let answer = device.single();
+    assert_eq!(code(&answer), "2.05");
+    assert_eq!(text(&answer), "+05");
     // A CoAP ping gets a RST.
     let mut ping = Packet::new();
     ping.header.set_type(MessageType::Confirmable);
