@@ -37,6 +37,8 @@ const MAX_RETRANSMIT: u32 = 4;
 const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 /// How long a separate response may take after an empty ACK.
 const SEPARATE_RESPONSE_WAIT: Duration = Duration::from_secs(60);
+/// When an Update that got no answer is tried again.
+const UPDATE_RETRY: Duration = Duration::from_secs(60);
 /// How long the bootstrap server may take to finish after the Bootstrap-Request.
 const BOOTSTRAP_WAIT: Duration = Duration::from_secs(120);
 /// Answers remembered per message ID so server retransmissions get the same answer.
@@ -560,6 +562,10 @@ impl Core {
         if current.acknowledged || current.transmissions > MAX_RETRANSMIT {
             if let Some(done) = self.outstanding.take() {
                 self.give_up(&done.purpose);
+                if done.purpose == Purpose::Update {
+                    // Keep the registration alive: try again a little later.
+                    self.refresh_at = Some(now + UPDATE_RETRY);
+                }
                 if let Some(reply) = done.reply {
                     let _ = reply.send(Err(SimError::Timeout(done.transmissions)));
                 }

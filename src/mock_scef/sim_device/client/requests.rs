@@ -217,23 +217,34 @@ impl Core {
         else {
             return Answer::code(ResponseType::BadRequest);
         };
+        if !self.bootstrapping() {
+            // Refuse at the first block what the whole body would be refused for.
+            if path.object() == Some(SECURITY) {
+                return Answer::code(ResponseType::Unauthorized);
+            }
+            if path.depth() > 1 && !self.store.contains(&path) {
+                return Answer::code(ResponseType::NotFound);
+            }
+        }
         let firmware_package = path == Path::resource(FIRMWARE, 0, 0);
         let target = format!("{:?} {path}", request.method);
-        if firmware_package && block.num == 0 {
-            self.firmware_state(firmware::STATE_DOWNLOADING, firmware::RESULT_INITIAL);
-        }
         match self
             .blocks
             .receive(now, &target, request.format, block, request.payload)
         {
-            Ok(Step::Continue) => Answer::code(ResponseType::Continue).with(
-                CoapOption::Block1,
-                Block {
-                    more: true,
-                    ..block
+            Ok(Step::Continue) => {
+                if firmware_package && block.num == 0 {
+                    self.firmware_state(firmware::STATE_DOWNLOADING, firmware::RESULT_INITIAL);
                 }
-                .to_bytes(),
-            ),
+                Answer::code(ResponseType::Continue).with(
+                    CoapOption::Block1,
+                    Block {
+                        more: true,
+                        ..block
+                    }
+                    .to_bytes(),
+                )
+            }
             Ok(Step::Complete { body, format }) => {
                 let whole = Request {
                     format,

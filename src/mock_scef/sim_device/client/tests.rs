@@ -969,6 +969,21 @@ fn bad_packages_and_bad_sequences_are_refused() {
         &[0; 10],
     );
     assert_eq!(code(&answer), "4.00", "short non-final block");
+    // Blocks for a target the whole body would be refused for are refused at once.
+    let answer = device.ask(
+        RequestType::Put,
+        "/0/0/5",
+        &[content_format(42), block1(0, true, 2)],
+        &[0; 64],
+    );
+    assert_eq!(code(&answer), "4.01");
+    let answer = device.ask(
+        RequestType::Put,
+        "/3/0/99",
+        &[content_format(0), block1(0, true, 2)],
+        &[0; 64],
+    );
+    assert_eq!(code(&answer), "4.04");
     // An abandoned download: connection lost after EXCHANGE_LIFETIME.
     let _ = device.ask(
         RequestType::Put,
@@ -1099,6 +1114,27 @@ fn send_reports_values_in_senml() {
         Err(SimError::InvalidPath(_))
     ));
     assert!(device.out().is_empty());
+}
+
+#[test]
+fn an_unanswered_update_is_tried_again() {
+    let mut device = Harness::registered(profile());
+    device.core.on_wake(device.now);
+    let update = device.single();
+    for _ in 0..5 {
+        let deadline = device.core.next_deadline().unwrap();
+        device.now = deadline;
+        device.core.on_timer(deadline);
+        let _ = device.out();
+    }
+    assert!(device.out().is_empty());
+    device.advance(60.0);
+    let again = device.single();
+    assert_eq!(uri_path(&again), "rd/5");
+    assert_ne!(
+        again.header.message_id, update.header.message_id,
+        "a new exchange"
+    );
 }
 
 #[test]
