@@ -275,6 +275,48 @@ impl Lwm2mNodeServer {
         Ok(result.as_str().unwrap_or_default().to_string())
     }
 
+    /// Executes a resource, with an optional arguments string.
+    pub async fn execute(
+        &self,
+        endpoint: &str,
+        path: &str,
+        arguments: Option<&str>,
+    ) -> Result<(), PeerError> {
+        let mut command = json!({"op": "execute", "endpoint": endpoint, "path": path});
+        if let Some(arguments) = arguments {
+            command["value"] = json!(arguments);
+        }
+        self.command(command).await?;
+        Ok(())
+    }
+
+    /// Write-Attributes; `attributes` is an object such as `{"pmin": 10, "st": 1}`.
+    pub async fn write_attributes(
+        &self,
+        endpoint: &str,
+        path: &str,
+        attributes: Value,
+    ) -> Result<(), PeerError> {
+        self.command(json!({"op": "write-attributes", "endpoint": endpoint, "path": path, "attributes": attributes}))
+            .await?;
+        Ok(())
+    }
+
+    /// Starts observing; returns the first value (later ones are `notification` events).
+    pub async fn observe(&self, endpoint: &str, path: &str) -> Result<String, PeerError> {
+        let result = self
+            .command(json!({"op": "observe", "endpoint": endpoint, "path": path}))
+            .await?;
+        Ok(result.as_str().unwrap_or_default().to_string())
+    }
+
+    /// Cancels an observation (locally only: this server sends nothing to the device).
+    pub async fn cancel(&self, endpoint: &str, path: &str) -> Result<(), PeerError> {
+        self.command(json!({"op": "cancel", "endpoint": endpoint, "path": path}))
+            .await?;
+        Ok(())
+    }
+
     /// The registered devices as the server lists them.
     pub async fn list(&self) -> Result<Vec<Value>, PeerError> {
         let result = self.command(json!({"op": "list"})).await?;

@@ -1,26 +1,38 @@
-//! A simulated LwM2M client on top of a mock SCEF UE: Register / Update / De-register with
-//! `ep=urn:nai:...` and the Non-IP binding, CoAP confirmable retransmission, and answers to
-//! Read, Discover, Write and Execute on its Device object (`/3/0`).
+//! A simulated LwM2M 1.1 client on top of a mock SCEF UE, speaking CoAP datagram by datagram
+//! over NIDD: Register / Update / De-register with `ep=urn:nai:...`, the Non-IP binding and
+//! queue mode, client-initiated bootstrap, Read / Write / Execute / Discover / Create /
+//! Delete / Write-Attributes, Observe and Notify, Send, Block1 firmware download, in plain
+//! text, OMA-TLV and SenML JSON.
+//!
+//! The protocol lives in [`client`] (no I/O, time passed in); this file is the task that
+//! feeds it the UE's MT datagrams, wake-ups, timers and handle commands, and sends what it
+//! produces as MO. The objects are Security (0), Server (1), Device (3), Connectivity
+//! Monitoring (4), Firmware Update (5) and an IPSO Temperature sensor (3303).
 
-use std::collections::{BTreeMap, VecDeque};
+mod attributes;
+mod block;
+mod client;
+mod content;
+mod firmware;
+mod objects;
+mod senml;
+mod tlv;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use coap_lite::{
-    CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType,
-};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use self::client::{Core, Job, Local, UpdateParams};
+use self::objects::Path;
 use super::{MockError, SimUe};
 
-/// RFC 7252 ACK_TIMEOUT; the random factor is applied on top.
-const ACK_TIMEOUT: Duration = Duration::from_secs(2);
-const MAX_RETRANSMIT: u32 = 4;
-/// Answers remembered per message ID so server retransmissions get the same answer.
-const ANSWER_CACHE: usize = 16;
-const LINK_FORMAT: usize = 40;
+pub use self::firmware::package as firmware_package;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
@@ -30,6 +42,12 @@ pub enum SimError {
     Rejected(String),
     #[error("the device is not registered")]
     NotRegistered,
+    #[error("the device has nothing at {0}")]
+    InvalidPath(String),
+    #[error("{0}")]
+    InvalidValue(String),
+    #[error("bootstrap failed: {0}")]
+    Bootstrap(String),
     #[error("the simulated device stopped")]
     Stopped,
     #[error(transparent)]
@@ -40,45 +58,120 @@ pub enum SimError {
 #[derive(Debug, Clone)]
 pub struct DeviceProfile {
     pub endpoint_name: String,
+    /// Registration lifetime; it is the Server object's Lifetime (/1/0/1).
     pub lifetime_s: u32,
-    /// Resource values by (object, instance, resource), as text.
+    /// Initial resource values by (object, instance, resource), as plain text (Opaque in
+    /// base64, a Multiple Resource's instance values separated by commas). Types come from
+    /// the object definitions; resources of unknown objects are strings.
     pub resources: BTreeMap<(u16, u16, u16), String>,
     /// LwM2M queue mode: register with `Q` and send an Update whenever the UE wakes.
     pub queue_mode: bool,
+    /// Largest CoAP datagram the device takes (its NIDD maximum packet size); a larger
+    /// request is answered 4.13 with Size1 and, for a payload, a Block1 size that fits.
+    pub max_datagram_bytes: usize,
+    /// Largest firmware package (/5/0/0) it stores.
+    pub max_firmware_bytes: usize,
+    /// How often the temperature sensor (/3303) measures; `None` keeps its value still.
+    pub sensor_period: Option<Duration>,
+    /// How long installing a downloaded firmware takes (Update executed → Update Result).
+    pub firmware_update_duration: Duration,
+    /// Notifications are non-confirmable, except one per observation at least this often
+    /// (RFC 7641 §4.5 asks for one every 24 hours).
+    pub confirmable_notification_interval: Duration,
+    /// Notifications kept while the UE sleeps (Notification Storing, /1/0/6); the oldest
+    /// are dropped beyond it.
+    pub stored_notifications: usize,
 }
 
 impl DeviceProfile {
-    /// A device with the mandatory Device object resources filled in.
+    /// A device with its objects filled in: Security and Server for one DM server (Short
+    /// Server ID 1, NoSec: the NIDD path is the operator's), Device, Connectivity Monitoring
+    /// (NB-IoT, no IP address), Firmware Update (push only) and one temperature sensor.
     pub fn new(endpoint_name: &str) -> Self {
         let serial = endpoint_name
             .rsplit(':')
             .next()
             .unwrap_or(endpoint_name)
             .to_string();
-        let resources = BTreeMap::from([
-            ((3, 0, 0), "nidd-bridge simulator".to_string()),
-            ((3, 0, 1), "SIM-NBIOT-1".to_string()),
-            ((3, 0, 2), serial),
-            ((3, 0, 3), "1.0.0".to_string()),
-            ((3, 0, 9), "87".to_string()),
-            ((3, 0, 11), "0".to_string()),
-            ((3, 0, 13), "0".to_string()),
-            ((3, 0, 14), "+00".to_string()),
-            ((3, 0, 16), "N".to_string()),
-        ]);
+        // Provisioned at the factory, never readable by a DM server.
+        let psk_identity = BASE64.encode(endpoint_name.as_bytes());
+        let psk = BASE64.encode(
+            firmware::crc32(endpoint_name.as_bytes())
+                .to_be_bytes()
+                .repeat(4),
+        );
+        let text = |values: &[((u16, u16, u16), &str)]| {
+            values
+                .iter()
+                .map(|(key, value)| (*key, value.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let mut resources: BTreeMap<(u16, u16, u16), String> = BTreeMap::new();
+        resources.extend(text(&[
+            ((0, 0, 0), "coap://lwm2m-dm.nidd.invalid"),
+            ((0, 0, 1), "0"),
+            ((0, 0, 2), "3"),
+            ((0, 0, 4), ""),
+            ((0, 0, 10), "1"),
+            ((0, 0, 11), "0"),
+            ((1, 0, 0), "1"),
+            ((1, 0, 6), "1"),
+            ((1, 0, 7), "N"),
+            ((3, 0, 0), "nidd-bridge simulator"),
+            ((3, 0, 1), "SIM-NBIOT-1"),
+            ((3, 0, 3), "1.0.0"),
+            ((3, 0, 6), "1"),
+            ((3, 0, 9), "87"),
+            ((3, 0, 10), "512"),
+            ((3, 0, 11), "0"),
+            ((3, 0, 13), "0"),
+            ((3, 0, 14), "+00"),
+            ((3, 0, 15), "Etc/UTC"),
+            ((3, 0, 16), "N"),
+            ((3, 0, 17), "NB-IoT sensor"),
+            ((3, 0, 18), "1.0"),
+            ((3, 0, 19), "1.0.0"),
+            ((3, 0, 20), "0"),
+            ((3, 0, 21), "1024"),
+            ((4, 0, 0), "7"),
+            ((4, 0, 1), "7,6"),
+            ((4, 0, 2), "-97"),
+            ((4, 0, 3), "-8"),
+            ((4, 0, 7), "nidd.iot.example"),
+            ((4, 0, 8), "30219"),
+            ((4, 0, 9), "1"),
+            ((4, 0, 10), "262"),
+            ((5, 0, 0), ""),
+            ((5, 0, 1), ""),
+            ((5, 0, 3), "0"),
+            ((5, 0, 5), "0"),
+            ((5, 0, 6), ""),
+            ((5, 0, 7), ""),
+            ((5, 0, 9), "1"),
+            ((3303, 0, 5700), "21.5"),
+            ((3303, 0, 5701), "Cel"),
+            ((3303, 0, 5601), "21.5"),
+            ((3303, 0, 5602), "21.5"),
+            ((3303, 0, 5603), "-40.0"),
+            ((3303, 0, 5604), "85.0"),
+            ((3303, 0, 5750), "room"),
+        ]));
+        resources.insert((0, 0, 3), psk_identity);
+        resources.insert((0, 0, 5), psk);
+        resources.insert((3, 0, 2), serial);
         Self {
             endpoint_name: endpoint_name.to_string(),
             lifetime_s: 300,
             resources,
             queue_mode: true,
+            max_datagram_bytes: 1358,
+            max_firmware_bytes: 256 * 1024,
+            sensor_period: Some(Duration::from_secs(10)),
+            firmware_update_duration: Duration::from_secs(1),
+            confirmable_notification_interval: Duration::from_secs(24 * 3600),
+            stored_notifications: 32,
         }
     }
-}
-
-enum Command {
-    Register(oneshot::Sender<Result<String, SimError>>),
-    Update(oneshot::Sender<Result<String, SimError>>),
-    Deregister(oneshot::Sender<Result<String, SimError>>),
 }
 
 /// Counters a test can read.
@@ -86,22 +179,29 @@ enum Command {
 pub struct SimStats {
     pub requests_served: AtomicU64,
     pub retransmissions: AtomicU64,
+    pub notifications_sent: AtomicU64,
+    /// Notifications that became due while the UE slept (kept for after the wake-up).
+    pub notifications_stored: AtomicU64,
 }
 
 /// Handle on a running simulated device.
 pub struct SimLwm2mDevice {
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Job>,
+    locals: mpsc::Sender<Local>,
     stats: Arc<SimStats>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl SimLwm2mDevice {
     pub fn spawn(ue: SimUe, profile: DeviceProfile) -> Self {
-        let (commands, receiver) = mpsc::channel(8);
+        let (commands, command_receiver) = mpsc::channel(8);
+        let (locals, local_receiver) = mpsc::channel(8);
         let stats = Arc::new(SimStats::default());
-        let task = tokio::spawn(run(ue, profile, receiver, stats.clone()));
+        let core = Core::new(profile, stats.clone(), Instant::now());
+        let task = tokio::spawn(run(ue, core, command_receiver, local_receiver));
         Self {
             commands,
+            locals,
             stats,
             task,
         }
@@ -109,15 +209,51 @@ impl SimLwm2mDevice {
 
     /// Registers; returns the registration location (e.g. `rd/1`).
     pub async fn register(&self) -> Result<String, SimError> {
-        self.call(Command::Register).await
+        self.call(|reply| Job::Register(Some(reply))).await
     }
 
     pub async fn update(&self) -> Result<String, SimError> {
-        self.call(Command::Update).await
+        self.call(|reply| Job::Update(Some(reply), UpdateParams::default()))
+            .await
     }
 
     pub async fn deregister(&self) -> Result<String, SimError> {
-        self.call(Command::Deregister).await
+        self.call(Job::Deregister).await
+    }
+
+    /// LwM2M Send (`POST /dp`, SenML JSON) of the current values at `paths` (resources,
+    /// instances or objects); done when the server acknowledged it.
+    pub async fn send(&self, paths: &[&str]) -> Result<(), SimError> {
+        let paths = paths
+            .iter()
+            .map(|p| p.parse::<Path>().map_err(SimError::InvalidPath))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.call(|reply| Job::Send(reply, paths)).await.map(drop)
+    }
+
+    /// Client-initiated bootstrap: `POST /bs?ep=...`, then the bootstrap server's Writes,
+    /// Deletes and Discovers, until its Bootstrap-Finish. Register afterwards.
+    pub async fn bootstrap(&self) -> Result<(), SimError> {
+        self.call(Job::Bootstrap).await.map(drop)
+    }
+
+    /// Changes a value as the device's application would (a new measurement, a new battery
+    /// level): observers are notified as their attributes say.
+    pub async fn set(&self, path: &str, value: &str) -> Result<(), SimError> {
+        let path: Path = path.parse().map_err(SimError::InvalidPath)?;
+        let value = value.to_string();
+        self.local(|reply| Local::Set(path, value, reply)).await?
+    }
+
+    /// A value as plain text (a Multiple Resource's values joined with commas).
+    pub async fn get(&self, path: &str) -> Result<String, SimError> {
+        let path: Path = path.parse().map_err(SimError::InvalidPath)?;
+        self.local(|reply| Local::Get(path, reply)).await?
+    }
+
+    /// The paths the device currently reports to observers.
+    pub async fn observed_paths(&self) -> Result<Vec<String>, SimError> {
+        self.local(Local::Observed).await
     }
 
     pub fn stats(&self) -> &SimStats {
@@ -126,7 +262,7 @@ impl SimLwm2mDevice {
 
     async fn call(
         &self,
-        command: impl FnOnce(oneshot::Sender<Result<String, SimError>>) -> Command,
+        command: impl FnOnce(oneshot::Sender<Result<String, SimError>>) -> Job,
     ) -> Result<String, SimError> {
         let (reply, answer) = oneshot::channel();
         self.commands
@@ -134,6 +270,18 @@ impl SimLwm2mDevice {
             .await
             .map_err(|_| SimError::Stopped)?;
         answer.await.map_err(|_| SimError::Stopped)?
+    }
+
+    async fn local<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Local,
+    ) -> Result<T, SimError> {
+        let (reply, answer) = oneshot::channel();
+        self.locals
+            .send(command(reply))
+            .await
+            .map_err(|_| SimError::Stopped)?;
+        answer.await.map_err(|_| SimError::Stopped)
     }
 }
 
@@ -143,75 +291,62 @@ impl Drop for SimLwm2mDevice {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Operation {
-    Register,
-    Update,
-    Deregister,
+enum Event {
+    Wake,
+    Job(Job),
+    Local(Local),
+    Datagram(Vec<u8>),
+    Timer,
+    Idle,
 }
 
-struct Outstanding {
-    operation: Operation,
-    message_id: u16,
-    token: Vec<u8>,
-    datagram: Vec<u8>,
-    transmissions: u32,
-    timeout: Duration,
-    deadline: Instant,
-    acknowledged: bool,
-    reply: oneshot::Sender<Result<String, SimError>>,
-}
-
-struct Client {
-    ue: SimUe,
-    profile: DeviceProfile,
-    next_message_id: u16,
-    location: Option<String>,
-    answers: VecDeque<(u16, Vec<u8>)>,
-    stats: Arc<SimStats>,
-}
-
+/// The device task: one event at a time into the core, then its datagrams out as MO.
 async fn run(
     ue: SimUe,
-    profile: DeviceProfile,
-    mut commands: mpsc::Receiver<Command>,
-    stats: Arc<SimStats>,
+    mut core: Core,
+    mut commands: mpsc::Receiver<Job>,
+    mut locals: mpsc::Receiver<Local>,
 ) {
-    let mut client = Client {
-        ue,
-        profile,
-        // Random start: some servers deduplicate message IDs across all peers.
-        next_message_id: rand::random(),
-        location: None,
-        answers: VecDeque::new(),
-        stats,
-    };
-    let mut outstanding: Option<Outstanding> = None;
-    let mut wakes = client.ue.wake_events();
+    let mut wakes = ue.wake_events();
     loop {
-        let deadline = outstanding.as_ref().map(|o| o.deadline);
-        tokio::select! {
-            changed = wakes.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                // Queue mode: tell the server the device is awake.
-                if client.profile.queue_mode && client.location.is_some() && outstanding.is_none() {
-                    let (reply, _) = oneshot::channel();
-                    outstanding = client.start(Command::Update(reply)).await;
-                }
+        let deadline = core.next_deadline();
+        let event = tokio::select! {
+            // A wake-up goes first, so the queue-mode Update leads what follows it.
+            biased;
+            changed = wakes.changed() => match changed {
+                Ok(()) => Event::Wake,
+                Err(_) => return,
+            },
+            datagram = ue.recv_mt(Duration::from_secs(3600)) => {
+                datagram.map_or(Event::Idle, Event::Datagram)
             }
-            command = commands.recv(), if outstanding.is_none() => {
-                let Some(command) = command else { return };
-                outstanding = client.start(command).await;
-            }
-            datagram = client.ue.recv_mt(Duration::from_secs(3600)) => {
-                if let Some(datagram) = datagram {
-                    client.receive(&datagram, &mut outstanding).await;
-                }
-            }
-            _ = sleep_until(deadline), if deadline.is_some() => {
-                client.retransmit(&mut outstanding).await;
+            local = locals.recv() => match local {
+                Some(local) => Event::Local(local),
+                None => return,
+            },
+            job = commands.recv() => match job {
+                Some(job) => Event::Job(job),
+                None => return,
+            },
+            _ = sleep_until(deadline) => Event::Timer,
+        };
+        let now = Instant::now();
+        // Read the UE's state before the wake-up counter: a wake in between is seen as one.
+        core.set_awake(ue.is_awake());
+        if matches!(event, Event::Wake) || wakes.has_changed().unwrap_or(false) {
+            wakes.borrow_and_update();
+            core.on_wake(now);
+        }
+        match event {
+            Event::Job(job) => core.command(now, job),
+            Event::Local(local) => core.local(now, local),
+            Event::Datagram(datagram) => core.on_datagram(now, &datagram),
+            Event::Timer => core.on_timer(now),
+            Event::Wake | Event::Idle => {}
+        }
+        for datagram in core.take_outbox() {
+            if let Err(error) = ue.send_mo(&datagram).await {
+                tracing::debug!(%error, "simulated device: MO not accepted");
             }
         }
     }
@@ -222,327 +357,4 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
-}
-
-impl Client {
-    fn message_id(&mut self) -> u16 {
-        self.next_message_id = self.next_message_id.wrapping_add(1);
-        self.next_message_id
-    }
-
-    async fn start(&mut self, command: Command) -> Option<Outstanding> {
-        let (operation, reply) = match command {
-            Command::Register(reply) => (Operation::Register, reply),
-            Command::Update(reply) => (Operation::Update, reply),
-            Command::Deregister(reply) => (Operation::Deregister, reply),
-        };
-        let mut packet = Packet::new();
-        packet.header.set_type(MessageType::Confirmable);
-        packet.header.message_id = self.message_id();
-        let token: [u8; 4] = rand::random();
-        packet.set_token(token.to_vec());
-        match operation {
-            Operation::Register => {
-                packet.header.code = MessageClass::Request(RequestType::Post);
-                packet.add_option(CoapOption::UriPath, b"rd".to_vec());
-                for query in [
-                    format!("ep={}", self.profile.endpoint_name),
-                    format!("lt={}", self.profile.lifetime_s),
-                    "lwm2m=1.1".to_string(),
-                    "b=N".to_string(),
-                ] {
-                    packet.add_option(CoapOption::UriQuery, query.into_bytes());
-                }
-                if self.profile.queue_mode {
-                    packet.add_option(CoapOption::UriQuery, b"Q".to_vec());
-                }
-                packet.set_content_format(ContentFormat::ApplicationLinkFormat);
-                packet.payload = self.object_links().into_bytes();
-            }
-            Operation::Update | Operation::Deregister => {
-                let Some(location) = &self.location else {
-                    let _ = reply.send(Err(SimError::NotRegistered));
-                    return None;
-                };
-                packet.header.code = MessageClass::Request(if operation == Operation::Update {
-                    RequestType::Post
-                } else {
-                    RequestType::Delete
-                });
-                for segment in location.split('/').filter(|s| !s.is_empty()) {
-                    packet.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
-                }
-            }
-        }
-        let datagram = match packet.to_bytes() {
-            Ok(datagram) => datagram,
-            Err(error) => {
-                let _ = reply.send(Err(SimError::Rejected(format!("cannot encode: {error:?}"))));
-                return None;
-            }
-        };
-        if let Err(error) = self.ue.send_mo(&datagram).await {
-            let _ = reply.send(Err(error.into()));
-            return None;
-        }
-        let timeout = ACK_TIMEOUT.mul_f64(1.0 + rand::random::<f64>() * 0.5);
-        Some(Outstanding {
-            operation,
-            message_id: packet.header.message_id,
-            token: token.to_vec(),
-            datagram,
-            transmissions: 1,
-            timeout,
-            deadline: Instant::now() + timeout,
-            acknowledged: false,
-            reply,
-        })
-    }
-
-    async fn retransmit(&mut self, outstanding: &mut Option<Outstanding>) {
-        let Some(current) = outstanding.as_mut() else {
-            return;
-        };
-        if current.acknowledged || current.transmissions > MAX_RETRANSMIT {
-            if let Some(done) = outstanding.take() {
-                let _ = done.reply.send(Err(SimError::Timeout(done.transmissions)));
-            }
-            return;
-        }
-        current.transmissions += 1;
-        current.timeout *= 2;
-        current.deadline = Instant::now() + current.timeout;
-        self.stats.retransmissions.fetch_add(1, Ordering::Relaxed);
-        let datagram = current.datagram.clone();
-        if let Err(error) = self.ue.send_mo(&datagram).await {
-            tracing::debug!(%error, "simulated device: retransmission not accepted");
-        }
-    }
-
-    async fn receive(&mut self, datagram: &[u8], outstanding: &mut Option<Outstanding>) {
-        let Ok(packet) = Packet::from_bytes(datagram) else {
-            tracing::debug!("simulated device: ignoring a datagram that is not CoAP");
-            return;
-        };
-        match packet.header.code {
-            MessageClass::Request(_) => self.answer(&packet).await,
-            MessageClass::Empty | MessageClass::Response(_) => {
-                self.complete(&packet, outstanding).await;
-            }
-            MessageClass::Reserved(_) => {}
-        }
-    }
-
-    /// Matches an ACK, RST or response to the outstanding request.
-    async fn complete(&mut self, packet: &Packet, outstanding: &mut Option<Outstanding>) {
-        let separate = matches!(
-            packet.header.get_type(),
-            MessageType::Confirmable | MessageType::NonConfirmable
-        );
-        if separate && packet.header.get_type() == MessageType::Confirmable {
-            self.send(&empty(
-                MessageType::Acknowledgement,
-                packet.header.message_id,
-            ))
-            .await;
-        }
-        let Some(current) = outstanding.as_mut() else {
-            return;
-        };
-        let matches = if separate {
-            packet.get_token() == current.token.as_slice()
-        } else {
-            packet.header.message_id == current.message_id
-        };
-        if !matches {
-            return;
-        }
-        if packet.header.get_type() == MessageType::Reset {
-            if let Some(done) = outstanding.take() {
-                let _ = done.reply.send(Err(SimError::Rejected("RST".into())));
-            }
-            return;
-        }
-        if packet.header.code == MessageClass::Empty {
-            // Empty ACK: a separate response follows; stop retransmitting, keep waiting.
-            current.acknowledged = true;
-            current.deadline = Instant::now() + Duration::from_secs(60);
-            return;
-        }
-        let Some(done) = outstanding.take() else {
-            return;
-        };
-        let code = packet.header.code;
-        let success = matches!(code, MessageClass::Response(r) if !r.is_error());
-        if !success {
-            let _ = done.reply.send(Err(SimError::Rejected(code.to_string())));
-            return;
-        }
-        let result = match done.operation {
-            Operation::Register => {
-                let location = packet
-                    .get_option(CoapOption::LocationPath)
-                    .map(|segments| {
-                        segments
-                            .iter()
-                            .map(|s| String::from_utf8_lossy(s).into_owned())
-                            .collect::<Vec<_>>()
-                            .join("/")
-                    })
-                    .unwrap_or_default();
-                self.location = Some(location.clone());
-                location
-            }
-            Operation::Update => self.location.clone().unwrap_or_default(),
-            Operation::Deregister => self.location.take().unwrap_or_default(),
-        };
-        let _ = done.reply.send(Ok(result));
-    }
-
-    /// Answers a server request; a retransmitted request gets the same answer again.
-    async fn answer(&mut self, request: &Packet) {
-        let message_id = request.header.message_id;
-        if let Some((_, cached)) = self.answers.iter().find(|(mid, _)| *mid == message_id) {
-            let cached = cached.clone();
-            self.send_raw(&cached).await;
-            return;
-        }
-        let mut response = Packet::new();
-        response.header.set_type(match request.header.get_type() {
-            MessageType::Confirmable => MessageType::Acknowledgement,
-            _ => MessageType::NonConfirmable,
-        });
-        response.header.message_id = if request.header.get_type() == MessageType::Confirmable {
-            message_id
-        } else {
-            self.message_id()
-        };
-        response.set_token(request.get_token().to_vec());
-        let (code, format, payload) = self.handle(request);
-        response.header.code = MessageClass::Response(code);
-        if let Some(format) = format {
-            response.set_content_format(format);
-        }
-        response.payload = payload;
-        if let Ok(bytes) = response.to_bytes() {
-            self.stats.requests_served.fetch_add(1, Ordering::Relaxed);
-            if self.answers.len() == ANSWER_CACHE {
-                self.answers.pop_front();
-            }
-            self.answers.push_back((message_id, bytes.clone()));
-            self.send_raw(&bytes).await;
-        }
-    }
-
-    fn handle(&mut self, request: &Packet) -> (ResponseType, Option<ContentFormat>, Vec<u8>) {
-        let path: Vec<u16> = request
-            .get_option(CoapOption::UriPath)
-            .map(|segments| {
-                segments
-                    .iter()
-                    .filter_map(|s| std::str::from_utf8(s).ok()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let accept = request
-            .get_first_option(CoapOption::Accept)
-            .map(|v| v.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b)));
-        let method = match request.header.code {
-            MessageClass::Request(method) => method,
-            _ => return (ResponseType::BadRequest, None, vec![]),
-        };
-        match (method, path.as_slice()) {
-            (RequestType::Get, _) if accept == Some(LINK_FORMAT) => match self.discover(&path) {
-                Some(links) => (
-                    ResponseType::Content,
-                    Some(ContentFormat::ApplicationLinkFormat),
-                    links.into_bytes(),
-                ),
-                None => (ResponseType::NotFound, None, vec![]),
-            },
-            (RequestType::Get, [object, instance, resource]) => {
-                match self.profile.resources.get(&(*object, *instance, *resource)) {
-                    Some(value) => (
-                        ResponseType::Content,
-                        Some(ContentFormat::TextPlain),
-                        value.clone().into_bytes(),
-                    ),
-                    None => (ResponseType::NotFound, None, vec![]),
-                }
-            }
-            (RequestType::Put, [object, instance, resource]) => {
-                let key = (*object, *instance, *resource);
-                match self.profile.resources.get_mut(&key) {
-                    Some(value) => {
-                        *value = String::from_utf8_lossy(&request.payload).into_owned();
-                        (ResponseType::Changed, None, vec![])
-                    }
-                    None => (ResponseType::NotFound, None, vec![]),
-                }
-            }
-            (RequestType::Post, [3, 0, 4 | 5]) => (ResponseType::Changed, None, vec![]),
-            (RequestType::Get, _) => (ResponseType::NotFound, None, vec![]),
-            _ => (ResponseType::MethodNotAllowed, None, vec![]),
-        }
-    }
-
-    /// Core link format of the objects and instances the device has.
-    fn object_links(&self) -> String {
-        let mut instances: Vec<(u16, u16)> = self
-            .profile
-            .resources
-            .keys()
-            .map(|(o, i, _)| (*o, *i))
-            .collect();
-        instances.dedup();
-        let mut links = vec!["</1/0>".to_string()];
-        links.extend(instances.iter().map(|(o, i)| format!("</{o}/{i}>")));
-        links.join(",")
-    }
-
-    fn discover(&self, path: &[u16]) -> Option<String> {
-        let links: Vec<String> = self
-            .profile
-            .resources
-            .keys()
-            .filter(|(o, i, r)| [*o, *i, *r].starts_with(path))
-            .map(|(o, i, r)| format!("</{o}/{i}/{r}>"))
-            .collect();
-        if links.is_empty() {
-            return None;
-        }
-        let head = format!(
-            "</{}>",
-            path.iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join("/")
-        );
-        Some(
-            std::iter::once(head)
-                .chain(links)
-                .collect::<Vec<_>>()
-                .join(","),
-        )
-    }
-
-    async fn send(&self, packet: &Packet) {
-        if let Ok(bytes) = packet.to_bytes() {
-            self.send_raw(&bytes).await;
-        }
-    }
-
-    async fn send_raw(&self, bytes: &[u8]) {
-        if let Err(error) = self.ue.send_mo(bytes).await {
-            tracing::debug!(%error, "simulated device: MO not accepted");
-        }
-    }
-}
-
-fn empty(kind: MessageType, message_id: u16) -> Packet {
-    let mut packet = Packet::new();
-    packet.header.set_type(kind);
-    packet.header.code = MessageClass::Empty;
-    packet.header.message_id = message_id;
-    packet
 }
