@@ -10,6 +10,7 @@ mod integration {
     pub mod data_path;
     pub mod downlink;
     pub mod lwm2m_ops;
+    pub mod oscore_bridge;
     pub mod oscore_interop;
     pub mod provisioning;
     pub mod psm;

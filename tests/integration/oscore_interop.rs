@@ -20,20 +20,20 @@ use nidd_bridge::mock_scef::oscore::{
 
 const PEER_START: Duration = Duration::from_secs(30);
 const ANSWER: Duration = Duration::from_secs(5);
-const GET: u8 = 0x01;
-const CONTENT: u8 = 0x45;
+pub const GET: u8 = 0x01;
+pub const CONTENT: u8 = 0x45;
 const URI_PATH: u16 = 11;
 const OBSERVE: u16 = 6;
-const DEVICE_ID: [u8; 1] = [0x01];
-const SERVER_ID: [u8; 1] = [0x02];
+pub const DEVICE_ID: [u8; 1] = [0x01];
+pub const SERVER_ID: [u8; 1] = [0x02];
 const SALT: [u8; 8] = [0x9e, 0x7c, 0xa9, 0x22, 0x23, 0x78, 0x63, 0x40];
 
-fn to_hex(bytes: &[u8]) -> String {
+pub fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Key material distinct per test, so no two tests ever share a nonce.
-fn secret(test: &str) -> Vec<u8> {
+pub fn secret(test: &str) -> Vec<u8> {
     let mut secret = [0u8; 16];
     for (i, b) in test.bytes().enumerate() {
         secret[i % 16] = secret[i % 16].wrapping_mul(31).wrapping_add(b);
@@ -45,11 +45,11 @@ fn secret(test: &str) -> Vec<u8> {
 /// in "-idctx").
 const ID_CONTEXT: [u8; 4] = [0x37, 0xcb, 0xf3, 0x21];
 
-fn id_context(test: &str) -> Option<Vec<u8>> {
+pub fn id_context(test: &str) -> Option<Vec<u8>> {
     test.ends_with("-idctx").then(|| ID_CONTEXT.to_vec())
 }
 
-fn device_config(test: &str) -> OscoreConfig {
+pub fn device_config(test: &str) -> OscoreConfig {
     OscoreConfig {
         master_secret: secret(test),
         master_salt: SALT.to_vec(),
@@ -60,16 +60,16 @@ fn device_config(test: &str) -> OscoreConfig {
     }
 }
 
-fn python() -> String {
+pub fn python() -> String {
     std::env::var("AIOCOAP_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-fn peer_script() -> PathBuf {
+pub fn peer_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/aiocoap/oscore_peer.py")
 }
 
 /// `oscore_peer.py <command>` with the aiocoap side's view of the test's key material.
-fn peer_command(command: &str, test: &str, dir: &std::path::Path) -> Command {
+pub fn peer_command(command: &str, test: &str, dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(python());
     cmd.arg(peer_script())
         .arg(command)
@@ -90,7 +90,7 @@ fn peer_command(command: &str, test: &str, dir: &std::path::Path) -> Command {
 }
 
 /// Lines of a child's stdout, read on a thread so waits can have deadlines.
-fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -104,14 +104,14 @@ fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
 }
 
 /// An aiocoap OSCORE server; killed on drop (and it exits by itself when its stdin closes).
-struct AiocoapServer {
+pub struct AiocoapServer {
     child: Child,
-    port: u16,
+    pub port: u16,
     dir: tempfile::TempDir,
 }
 
 impl AiocoapServer {
-    fn start(test: &str) -> Self {
+    pub fn start(test: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut child = peer_command("server", test, dir.path())
             .stdin(Stdio::piped())
@@ -137,7 +137,7 @@ impl AiocoapServer {
         server
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
@@ -165,7 +165,7 @@ fn client_socket() -> UdpSocket {
     socket
 }
 
-fn get_3_0_0() -> Vec<(u16, Vec<u8>)> {
+pub fn get_3_0_0() -> Vec<(u16, Vec<u8>)> {
     vec![
         (URI_PATH, b"3".to_vec()),
         (URI_PATH, b"0".to_vec()),
@@ -438,13 +438,27 @@ fn serve_device(test: &str, notifications: u8) -> DeviceServer {
 }
 
 /// Runs the aiocoap client against the device and returns its JSON lines.
-fn run_aiocoap_client(test: &str, port: u16, observe: u8) -> Vec<serde_json::Value> {
+pub fn run_aiocoap_client(test: &str, port: u16, observe: u8) -> Vec<serde_json::Value> {
+    run_aiocoap_client_from(test, port, observe, None)
+}
+
+/// As [`run_aiocoap_client`], sending from local port `bind_port` when given.
+pub fn run_aiocoap_client_from(
+    test: &str,
+    port: u16,
+    observe: u8,
+    bind_port: Option<u16>,
+) -> Vec<serde_json::Value> {
     let dir = tempfile::tempdir().unwrap();
     let mut child = peer_command("client", test, dir.path())
         .arg("--uri")
         .arg(format!("coap://127.0.0.1:{port}/3/0/0"))
         .arg("--observe")
         .arg(observe.to_string())
+        .arg("--bind-port")
+        .arg(bind_port.unwrap_or(0).to_string())
+        .arg("--timeout")
+        .arg("20")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -143,7 +143,15 @@ async def request(args):
     credentials_path = write_credentials(
         os.path.join(args.dir, "client-credentials.json"), pattern, context_dir
     )
-    context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+    if args.bind_port:
+        # Send from a fixed local port, as an LwM2M server sends from its own socket.
+        from aiocoap import resource
+
+        context = await aiocoap.Context.create_server_context(
+            resource.Site(), bind=("127.0.0.1", args.bind_port), transports=["oscore", "udp6"]
+        )
+    else:
+        context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
     with open(credentials_path) as f:
         context.client_credentials.load_from_dict(json.load(f))
 
@@ -201,6 +209,7 @@ def main():
             sub.add_argument("--uri", required=True)
             sub.add_argument("--observe", type=int, default=0, help="notifications to await")
             sub.add_argument("--timeout", type=float, default=10.0)
+            sub.add_argument("--bind-port", type=int, default=0, help="local UDP port to send from")
     args = parser.parse_args()
     if args.command == "write-context":
         print(write_context(args.dir, args))
