@@ -60,8 +60,63 @@ pub fn device_config(test: &str) -> OscoreConfig {
     }
 }
 
+/// The Python that runs aiocoap: `AIOCOAP_PYTHON`, else a virtual environment under the
+/// test target directory, created and filled from `tests/peers/aiocoap/requirements.txt` on
+/// first use (as the npm peer is installed with `npm ci`).
 pub fn python() -> String {
-    std::env::var("AIOCOAP_PYTHON").unwrap_or_else(|_| "python3".into())
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            if let Ok(python) = std::env::var("AIOCOAP_PYTHON") {
+                return python;
+            }
+            let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("aiocoap-venv");
+            let python = venv.join("bin/python");
+            let ready = |python: &std::path::Path| {
+                Command::new(python)
+                    .args(["-c", "import aiocoap.oscore"])
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if !ready(&python) {
+                let created = Command::new("python3")
+                    .arg("-m")
+                    .arg("venv")
+                    .arg(&venv)
+                    .status();
+                assert!(
+                    created.is_ok_and(|s| s.success()),
+                    "python3 -m venv {} failed (Debian: apt-get install python3-venv)",
+                    venv.display()
+                );
+                let requirements = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/peers/aiocoap/requirements.txt");
+                let installed = Command::new(&python)
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                        "-r",
+                    ])
+                    .arg(&requirements)
+                    .status();
+                assert!(
+                    installed.is_ok_and(|s| s.success()),
+                    "pip install -r {} failed",
+                    requirements.display()
+                );
+                assert!(
+                    ready(&python),
+                    "aiocoap[oscore] is not importable from {}",
+                    python.display()
+                );
+            }
+            python.to_string_lossy().into_owned()
+        })
+        .clone()
 }
 
 pub fn peer_script() -> PathBuf {
