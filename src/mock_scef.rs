@@ -92,6 +92,7 @@ pub struct Recorded {
     pub direction: &'static str,
     pub method: String,
     pub path: String,
+    /// HTTP status of the answer; 0 while the exchange is still in progress.
     pub status: u16,
     pub request_body: Option<serde_json::Value>,
     pub response_body: Option<serde_json::Value>,
@@ -257,6 +258,21 @@ impl MockState {
         self.post(url, body).await
     }
 
+    /// Appends to the record; returns the entry's index.
+    fn record(&self, entry: Recorded) -> usize {
+        let mut inner = self.inner();
+        inner.recorded.push(entry);
+        inner.recorded.len() - 1
+    }
+
+    /// Fills in the answer of a recorded exchange.
+    fn answered(&self, entry: usize, status: u16, response_body: Option<serde_json::Value>) {
+        if let Some(recorded) = self.inner().recorded.get_mut(entry) {
+            recorded.status = status;
+            recorded.response_body = response_body;
+        }
+    }
+
     /// POSTs a notification and records it.
     async fn post(&self, url: &str, body: serde_json::Value) -> Result<StatusCode, MockError> {
         let lost = &self.faults.drop_callbacks;
@@ -267,10 +283,21 @@ impl MockState {
             tracing::debug!(url, "mock SCEF: callback dropped (fault injection)");
             return Ok(StatusCode::NO_CONTENT);
         }
-        let result = self.http.post(url).json(&body).send().await;
         let path = Url::parse(url)
             .map(|u| u.path().to_string())
             .unwrap_or_else(|_| url.to_string());
+        // Recorded before it is sent (status 0 until answered), so a test that sees its effect
+        // also sees the record.
+        let entry = self.record(Recorded {
+            direction: "callback",
+            method: "POST".into(),
+            path,
+            status: 0,
+            request_body: Some(body.clone()),
+            response_body: None,
+            at_ms: crate::delivery::unix_ms(),
+        });
+        let result = self.http.post(url).json(&body).send().await;
         let (status, text) = match result {
             Ok(response) => {
                 let status = response.status();
@@ -283,15 +310,7 @@ impl MockState {
                 });
             }
         };
-        self.inner().recorded.push(Recorded {
-            direction: "callback",
-            method: "POST".into(),
-            path,
-            status: status.as_u16(),
-            request_body: Some(body),
-            response_body: serde_json::from_str(&text).ok(),
-            at_ms: crate::delivery::unix_ms(),
-        });
+        self.answered(entry, status.as_u16(), serde_json::from_str(&text).ok());
         if status.is_success() {
             Ok(status)
         } else {
@@ -624,6 +643,15 @@ async fn record_and_validate(
         schema::request_schema(method.as_str(), &schema_path),
         request_body.as_ref(),
     );
+    let entry = state.record(Recorded {
+        direction: "request",
+        method: method.to_string(),
+        path,
+        status: 0,
+        request_body,
+        response_body: None,
+        at_ms: crate::delivery::unix_ms(),
+    });
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
@@ -640,15 +668,7 @@ async fn record_and_validate(
             response_body.as_ref(),
         );
     }
-    state.inner().recorded.push(Recorded {
-        direction: "request",
-        method: method.to_string(),
-        path,
-        status: status.as_u16(),
-        request_body,
-        response_body,
-        at_ms: crate::delivery::unix_ms(),
-    });
+    state.answered(entry, status.as_u16(), response_body);
     Response::from_parts(parts, Body::from(bytes))
 }
 

@@ -278,12 +278,21 @@ async fn an_scef_outage_delays_mt_and_retry_after_is_honoured() {
         .await
         .unwrap();
     assert_eq!(stack.ue.recv_mt(STEP).await.unwrap(), request(1));
-    let attempts: Vec<_> = stack
-        .mock
-        .recorded()
-        .into_iter()
-        .filter(|r| r.method == "POST" && r.path.ends_with("downlink-data-deliveries"))
-        .collect();
+    let deliveries = || {
+        stack
+            .mock
+            .recorded()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("downlink-data-deliveries"))
+            .collect::<Vec<_>>()
+    };
+    // The mock hands the datagram to the UE before it answers the bridge.
+    eventually("three answered attempts", || async {
+        let all = deliveries();
+        all.len() == 3 && all.iter().all(|r| r.status != 0)
+    })
+    .await;
+    let attempts = deliveries();
     assert_eq!(
         attempts.iter().map(|r| r.status).collect::<Vec<_>>(),
         vec![429, 429, 200]
