@@ -129,22 +129,7 @@ async fn nidd_notification(
 ) -> Response {
     let mut kind = "unknown";
     let result = handle(&shared, &token, &headers, body, &mut kind).await;
-    let outcome = match &result {
-        Ok(()) => "accepted".to_string(),
-        Err(error) => error.outcome(),
-    };
-    shared
-        .metrics
-        .callbacks
-        .with_label_values(&[kind, &outcome])
-        .inc();
-    match result {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(error) => {
-            tracing::debug!(%error, kind, "notification refused");
-            error.into_response()
-        }
-    }
+    answer(&shared, kind, result)
 }
 
 /// Checks shared by every notification endpoint: the token names a device, the body is JSON
