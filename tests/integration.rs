@@ -17,4 +17,5 @@ mod integration {
     pub mod real_device;
     pub mod restart;
     pub mod routing;
+    pub mod sim_oscore;
 }

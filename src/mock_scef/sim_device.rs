@@ -15,10 +15,12 @@ mod client;
 mod content;
 mod firmware;
 mod objects;
+mod oscore_layer;
 mod senml;
 mod tlv;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -30,6 +32,8 @@ use tokio::time::Instant;
 
 use self::client::{Core, Job, Local, UpdateParams};
 use self::objects::Path;
+use self::oscore_layer::{Incoming, OscoreLayer};
+use super::oscore::{OscoreConfig, OscoreError};
 use super::{MockError, SimUe};
 
 pub use self::firmware::package as firmware_package;
@@ -52,6 +56,8 @@ pub enum SimError {
     Stopped,
     #[error(transparent)]
     Mock(#[from] MockError),
+    #[error("OSCORE: {0}")]
+    Oscore(#[from] OscoreError),
 }
 
 /// What the simulated device is and holds.
@@ -81,6 +87,14 @@ pub struct DeviceProfile {
     /// Notifications kept while the UE sleeps (Notification Storing, /1/0/6); the oldest
     /// are dropped beyond it.
     pub stored_notifications: usize,
+    /// OSCORE (RFC 8613) security context shared with the LwM2M server; `None` (the default)
+    /// sends and takes plain CoAP. With it, every request and response is protected, and
+    /// unprotected requests from the server are answered 4.01 Unauthorized (see
+    /// `oscore_layer`).
+    pub oscore: Option<OscoreConfig>,
+    /// Where the OSCORE sender sequence numbers are persisted ahead of use, so a device
+    /// started again with the same file never reuses one; `None` keeps them in memory only.
+    pub oscore_sequence_file: Option<PathBuf>,
 }
 
 impl DeviceProfile {
@@ -170,6 +184,8 @@ impl DeviceProfile {
             firmware_update_duration: Duration::from_secs(1),
             confirmable_notification_interval: Duration::from_secs(24 * 3600),
             stored_notifications: 32,
+            oscore: None,
+            oscore_sequence_file: None,
         }
     }
 }
@@ -182,6 +198,9 @@ pub struct SimStats {
     pub notifications_sent: AtomicU64,
     /// Notifications that became due while the UE slept (kept for after the wake-up).
     pub notifications_stored: AtomicU64,
+    /// Datagrams dropped because they failed OSCORE verification (or came unprotected where
+    /// protection was required).
+    pub oscore_failures: AtomicU64,
 }
 
 /// Handle on a running simulated device.
@@ -193,18 +212,48 @@ pub struct SimLwm2mDevice {
 }
 
 impl SimLwm2mDevice {
+    /// Starts the device. If its OSCORE context cannot be set up (bad key material, an
+    /// unreadable sequence file), the device does not run and every call answers
+    /// [`SimError::Stopped`]; use [`Self::try_spawn`] to see why.
     pub fn spawn(ue: SimUe, profile: DeviceProfile) -> Self {
+        match Self::try_spawn(ue, profile) {
+            Ok(device) => device,
+            Err(error) => {
+                tracing::error!(%error, "simulated device not started");
+                let (commands, _) = mpsc::channel(1);
+                let (locals, _) = mpsc::channel(1);
+                Self {
+                    commands,
+                    locals,
+                    stats: Arc::new(SimStats::default()),
+                    task: tokio::spawn(async {}),
+                }
+            }
+        }
+    }
+
+    /// Starts the device, with its OSCORE context when the profile has one (blocking while
+    /// a restored context is fast-forwarded past its persisted sequence numbers).
+    pub fn try_spawn(ue: SimUe, profile: DeviceProfile) -> Result<Self, SimError> {
         let (commands, command_receiver) = mpsc::channel(8);
         let (locals, local_receiver) = mpsc::channel(8);
         let stats = Arc::new(SimStats::default());
+        let oscore = match profile.oscore.clone() {
+            Some(config) => Some(OscoreLayer::new(
+                config,
+                profile.oscore_sequence_file.clone(),
+                stats.clone(),
+            )?),
+            None => None,
+        };
         let core = Core::new(profile, stats.clone(), Instant::now());
-        let task = tokio::spawn(run(ue, core, command_receiver, local_receiver));
-        Self {
+        let task = tokio::spawn(run(ue, core, oscore, command_receiver, local_receiver));
+        Ok(Self {
             commands,
             locals,
             stats,
             task,
-        }
+        })
     }
 
     /// Registers; returns the registration location (e.g. `rd/1`).
@@ -304,6 +353,7 @@ enum Event {
 async fn run(
     ue: SimUe,
     mut core: Core,
+    mut oscore: Option<OscoreLayer>,
     mut commands: mpsc::Receiver<Job>,
     mut locals: mpsc::Receiver<Local>,
 ) {
@@ -340,11 +390,29 @@ async fn run(
         match event {
             Event::Job(job) => core.command(now, job),
             Event::Local(local) => core.local(now, local),
-            Event::Datagram(datagram) => core.on_datagram(now, &datagram),
+            Event::Datagram(datagram) => match oscore.as_mut() {
+                None => core.on_datagram(now, &datagram),
+                Some(layer) => match layer.incoming(datagram).await {
+                    Incoming::ToCore(plain) => core.on_datagram(now, &plain),
+                    Incoming::Reply(reply) => {
+                        if let Err(error) = ue.send_mo(&reply).await {
+                            tracing::debug!(%error, "simulated device: MO not accepted");
+                        }
+                    }
+                    Incoming::Drop => {}
+                },
+            },
             Event::Timer => core.on_timer(now),
             Event::Wake | Event::Idle => {}
         }
         for datagram in core.take_outbox() {
+            let datagram = match oscore.as_mut() {
+                None => datagram,
+                Some(layer) => match layer.outgoing(datagram).await {
+                    Some(protected) => protected,
+                    None => continue,
+                },
+            };
             if let Err(error) = ue.send_mo(&datagram).await {
                 tracing::debug!(%error, "simulated device: MO not accepted");
             }

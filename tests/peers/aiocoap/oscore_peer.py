@@ -4,7 +4,8 @@
 Needs `pip install 'aiocoap[oscore]==0.4.17'`. Subcommands:
 
   write-context DIR ...   write an aiocoap file-based security context (DIR/settings.json)
-  server --dir DIR ...    serve /3/0/0 over UDP on 127.0.0.1 (free port) with OSCORE, print
+  server --dir DIR ...    serve /3/0/0 (GET) and /rd (POST: an LwM2M Register, answered 2.01
+                          with Location-Path rd/1 and logged) over UDP on 127.0.0.1 (free port) with OSCORE, print
                           "ready PORT" on stdout, run until stdin closes or SIGTERM
   client --dir DIR --uri URI [--observe N] ...
                           GET URI with OSCORE and print one JSON line per response:
@@ -90,6 +91,14 @@ async def serve(args):
                 content_format=0,
             )
 
+    class Registrations(resource.Resource):
+        async def render_post(self, request):
+            claims = list(getattr(request.remote, "authenticated_claims", []) or [])
+            log("POST /rd oscore=%s query=%s" % (bool(claims), "&".join(request.opt.uri_query)))
+            if not claims:
+                return aiocoap.Message(code=aiocoap.UNAUTHORIZED)
+            return aiocoap.Message(code=aiocoap.CREATED, location_path=["rd", "1"])
+
     context_dir = write_context(os.path.join(args.dir, "server-context"), args)
     credentials_path = write_credentials(
         os.path.join(args.dir, "server-credentials.json"), ":device", context_dir
@@ -98,6 +107,7 @@ async def serve(args):
 
     site = resource.Site()
     site.add_resource(["3", "0", "0"], DeviceManufacturer())
+    site.add_resource(["rd"], Registrations())
     site = OscoreSiteWrapper(site, credentials)
     context = await aiocoap.Context.create_server_context(
         site,
