@@ -78,8 +78,8 @@ impl Datagram {
             message_id: packet.header.message_id,
             token: packet.get_token().to_vec(),
             oscore: oscore.is_some(),
-            oscore_kid: oscore.as_ref().and_then(|o| o.kid.clone()),
-            oscore_kid_context: oscore.and_then(|o| o.kid_context),
+            oscore_kid: oscore.and_then(|o| o.kid.map(<[u8]>::to_vec)),
+            oscore_kid_context: oscore.and_then(|o| o.kid_context.map(<[u8]>::to_vec)),
             uri_path: strings(CoapOption::UriPath),
             uri_query: strings(CoapOption::UriQuery),
         })
@@ -125,54 +125,59 @@ impl Datagram {
     }
 }
 
-/// The OSCORE option value (RFC 8613 §6.1): flags, partial IV, kid context, kid. Read only to
-/// route; the bridge holds no keys.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OscoreOption {
-    pub partial_iv: Vec<u8>,
-    pub kid_context: Option<Vec<u8>>,
-    pub kid: Option<Vec<u8>>,
+/// The OSCORE option value (RFC 8613 §6.1): flags, Partial IV, kid context, kid, borrowed
+/// from the datagram. The bridge reads it only to route (it holds no keys); the simulated
+/// devices' OSCORE endpoint reads it too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OscoreOption<'a> {
+    /// Empty when the option carries no Partial IV.
+    pub partial_iv: &'a [u8],
+    pub kid_context: Option<&'a [u8]>,
+    pub kid: Option<&'a [u8]>,
 }
 
-impl OscoreOption {
-    pub fn parse(value: &[u8]) -> Result<Self, CoapError> {
-        let Some((&flags, mut rest)) = value.split_first() else {
+impl<'a> OscoreOption<'a> {
+    /// Refuses reserved flag bits (Group OSCORE included), Partial IV lengths 6 and 7,
+    /// truncation and trailing bytes.
+    pub fn parse(value: &'a [u8]) -> Result<Self, CoapError> {
+        let Some((&flags, rest)) = value.split_first() else {
             return Ok(Self::default());
         };
         if flags & 0xe0 != 0 {
             return Err(CoapError::Malformed("reserved OSCORE flag bits set"));
         }
-        let piv_length = usize::from(flags & 0x07);
-        if piv_length > 5 || rest.len() < piv_length {
-            return Err(CoapError::Malformed("bad OSCORE partial IV"));
-        }
-        let (partial_iv, after) = rest.split_at(piv_length);
-        rest = after;
-        let kid_context = if flags & 0x10 != 0 {
-            let (&length, after) = rest
-                .split_first()
-                .ok_or(CoapError::Malformed("bad OSCORE kid context"))?;
-            let length = usize::from(length);
-            if after.len() < length {
-                return Err(CoapError::Malformed("bad OSCORE kid context"));
-            }
-            let (context, after) = after.split_at(length);
-            rest = after;
-            Some(context.to_vec())
+        let (partial_iv, rest) = Some(usize::from(flags & 0x07))
+            .filter(|n| *n <= 5)
+            .and_then(|n| rest.split_at_checked(n))
+            .ok_or(CoapError::Malformed("bad OSCORE partial IV"))?;
+        let (kid_context, rest) = if flags & 0x10 != 0 {
+            let bad = CoapError::Malformed("bad OSCORE kid context");
+            let (&length, rest) = rest.split_first().ok_or(bad)?;
+            let (context, rest) = rest.split_at_checked(usize::from(length)).ok_or(bad)?;
+            (Some(context), rest)
         } else {
-            None
+            (None, rest)
         };
         let kid = if flags & 0x08 != 0 {
-            Some(rest.to_vec())
+            Some(rest)
         } else if rest.is_empty() {
             None
         } else {
             return Err(CoapError::Malformed("trailing bytes in the OSCORE option"));
         };
         Ok(Self {
-            partial_iv: partial_iv.to_vec(),
+            partial_iv,
             kid_context,
             kid,
+        })
+    }
+
+    /// The Partial IV as a sequence number, if present.
+    pub fn sequence_number(&self) -> Option<u64> {
+        (!self.partial_iv.is_empty()).then(|| {
+            self.partial_iv
+                .iter()
+                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
         })
     }
 }
@@ -237,15 +242,15 @@ mod tests {
         assert_eq!(
             OscoreOption::parse(&[0x09, 0x14]).unwrap(),
             OscoreOption {
-                partial_iv: vec![0x14],
+                partial_iv: &[0x14],
                 kid_context: None,
-                kid: Some(vec![])
+                kid: Some(&[])
             }
         );
         // C.5: kid 0x00, partial IV 0x14.
         assert_eq!(
             OscoreOption::parse(&[0x09, 0x14, 0x00]).unwrap().kid,
-            Some(vec![0x00])
+            Some(&[0x00][..])
         );
         // C.6: kid context 0x37cbf3210017a2d3, kid empty, partial IV 0x14.
         let with_context = OscoreOption::parse(&[
@@ -254,9 +259,9 @@ mod tests {
         .unwrap();
         assert_eq!(
             with_context.kid_context,
-            Some(vec![0x37, 0xcb, 0xf3, 0x21, 0x00, 0x17, 0xa2, 0xd3])
+            Some(&[0x37, 0xcb, 0xf3, 0x21, 0x00, 0x17, 0xa2, 0xd3][..])
         );
-        assert_eq!(with_context.kid, Some(vec![]));
+        assert_eq!(with_context.kid, Some(&[][..]));
         // C.7: response without partial IV or kid: empty value.
         assert_eq!(OscoreOption::parse(&[]).unwrap(), OscoreOption::default());
         assert!(OscoreOption::parse(&[0x20]).is_err());

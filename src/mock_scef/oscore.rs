@@ -267,68 +267,14 @@ impl SequenceStore for FileSequenceStore {
     }
 }
 
-/// The fields of an OSCORE option value (RFC 8613 §6.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OscoreOptionFields<'a> {
-    /// Empty when the option carries no Partial IV.
-    pub partial_iv: &'a [u8],
-    pub kid_context: Option<&'a [u8]>,
-    pub kid: Option<&'a [u8]>,
-}
-
-impl OscoreOptionFields<'_> {
-    /// The Partial IV as a sequence number, if present.
-    pub fn sequence_number(&self) -> Option<u64> {
-        (!self.partial_iv.is_empty()).then(|| {
-            self.partial_iv
-                .iter()
-                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
-        })
-    }
-}
+/// The fields of an OSCORE option value (RFC 8613 §6.1): the bridge's own parser.
+pub type OscoreOptionFields<'a> = crate::coap::OscoreOption<'a>;
 
 /// Parses an OSCORE option value (flag byte, Partial IV, kid context, kid).
 ///
 /// Refuses reserved flag bits and Partial IV lengths 6 and 7, and the Group OSCORE flag.
 pub fn parse_oscore_option(value: &[u8]) -> Result<OscoreOptionFields<'_>, OscoreError> {
-    let Some((&flags, rest)) = value.split_first() else {
-        return Ok(OscoreOptionFields {
-            partial_iv: &[],
-            kid_context: None,
-            kid: None,
-        });
-    };
-    if flags & 0b1110_0000 != 0 {
-        return Err(OscoreError::BadOscoreOption);
-    }
-    let n = usize::from(flags & 0b111);
-    if n > 5 {
-        return Err(OscoreError::BadOscoreOption);
-    }
-    let (partial_iv, rest) = rest
-        .split_at_checked(n)
-        .ok_or(OscoreError::BadOscoreOption)?;
-    let (kid_context, rest) = if flags & 0b1_0000 != 0 {
-        let (&s, rest) = rest.split_first().ok_or(OscoreError::BadOscoreOption)?;
-        let (context, rest) = rest
-            .split_at_checked(usize::from(s))
-            .ok_or(OscoreError::BadOscoreOption)?;
-        (Some(context), rest)
-    } else {
-        (None, rest)
-    };
-    let kid = if flags & 0b1000 != 0 {
-        Some(rest)
-    } else if rest.is_empty() {
-        None
-    } else {
-        return Err(OscoreError::BadOscoreOption);
-    };
-    Ok(OscoreOptionFields {
-        partial_iv,
-        kid_context,
-        kid,
-    })
+    OscoreOptionFields::parse(value).map_err(|_| OscoreError::BadOscoreOption)
 }
 
 /// Length of the fixed header plus token.
