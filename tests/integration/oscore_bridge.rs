@@ -14,32 +14,72 @@ use super::oscore_interop::{
     AiocoapServer, CONTENT, GET, device_config, get_3_0_0, run_aiocoap_client_from,
 };
 
+/// aiocoap as the LwM2M server behind a bridge with one device, plus a second configured
+/// server entry for the port aiocoap's client requests come from (an LwM2M server sends its
+/// requests from its own socket).
+pub struct AiocoapStack {
+    pub aiocoap: AiocoapServer,
+    pub mock: nidd_bridge::mock_scef::MockScef,
+    pub bridge: RunningBridge,
+    pub client_port: u16,
+    _store: tempfile::TempDir,
+}
+
+impl AiocoapStack {
+    pub async fn start(test: &'static str, device: &str, extra: &str) -> Self {
+        let aiocoap = tokio::task::spawn_blocking(move || AiocoapServer::start(test))
+            .await
+            .unwrap();
+        let mock = mock_scef().await;
+        let store = tempfile::tempdir().unwrap();
+        let client_port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = config_text(
+            mock.api_root().as_str(),
+            format!("127.0.0.1:{}", aiocoap.port).parse().unwrap(),
+            store.path(),
+            &[device],
+            &format!(
+                "{extra}\n[[lwm2m_servers]]\nname = \"aiocoap-client\"\naddress = \"127.0.0.1:{client_port}\"\nrole = \"dm\""
+            ),
+        );
+        let bridge = RunningBridge::start(&config).await;
+        bridge.wait_ready().await;
+        Self {
+            aiocoap,
+            mock,
+            bridge,
+            client_port,
+            _store: store,
+        }
+    }
+
+    /// Checks conformance and stops the bridge and aiocoap.
+    pub async fn finish(self) {
+        assert_conformant(&self.mock);
+        self.bridge.stop().await;
+    }
+}
+
 const TEST: &str = "through-the-bridge";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oscore_crosses_mock_scef_and_bridge_in_both_directions() {
-    let aiocoap = tokio::task::spawn_blocking(|| AiocoapServer::start(TEST))
-        .await
-        .unwrap();
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    // aiocoap's requests to the device come from their own socket: a second configured server.
-    let client_port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = config_text(
-        mock.api_root().as_str(),
-        format!("127.0.0.1:{}", aiocoap.port).parse().unwrap(),
-        store.path(),
-        &["external_id = \"820000001@iot.example\""],
-        &format!(
-            "[psm]\nactive_window_s = 2\n[[lwm2m_servers]]\nname = \"aiocoap-client\"\naddress = \"127.0.0.1:{client_port}\"\nrole = \"dm\""
-        ),
+    let stack = AiocoapStack::start(
+        TEST,
+        "external_id = \"820000001@iot.example\"",
+        "[psm]\nactive_window_s = 2",
+    )
+    .await;
+    let (aiocoap, mock, bridge, client_port) = (
+        &stack.aiocoap,
+        &stack.mock,
+        &stack.bridge,
+        stack.client_port,
     );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
     let id: DeviceId = "820000001@iot.example".parse().unwrap();
     let ue = mock.ue(&id);
     let device = OscoreWorker::spawn(device_config(TEST), None).unwrap();
@@ -175,7 +215,5 @@ async fn oscore_crosses_mock_scef_and_bridge_in_both_directions() {
             "nidd_bridge_coap_messages_total{direction=\"mt\",protection=\"oscore\"}"
         ) >= 2.0
     );
-    assert_conformant(&mock);
-    bridge.stop().await;
-    drop(aiocoap);
+    stack.finish().await;
 }

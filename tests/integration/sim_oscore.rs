@@ -9,33 +9,20 @@ use nidd_bridge::device::DeviceId;
 use nidd_bridge::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 
 use super::common::*;
-use super::oscore_interop::{AiocoapServer, device_config, run_aiocoap_client_from};
+use super::oscore_bridge::AiocoapStack;
+use super::oscore_interop::{device_config, run_aiocoap_client_from};
 
 const TEST: &str = "simulator-over-oscore";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_device_registers_and_serves_over_oscore_across_a_restart() {
-    let aiocoap = tokio::task::spawn_blocking(|| AiocoapServer::start(TEST))
-        .await
-        .unwrap();
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    let client_port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = config_text(
-        mock.api_root().as_str(),
-        format!("127.0.0.1:{}", aiocoap.port).parse().unwrap(),
-        store.path(),
-        &["external_id = \"830000001@iot.example\""],
-        &format!(
-            "[[lwm2m_servers]]\nname = \"aiocoap-client\"\naddress = \"127.0.0.1:{client_port}\"\nrole = \"dm\""
-        ),
+    let stack = AiocoapStack::start(TEST, "external_id = \"830000001@iot.example\"", "").await;
+    let (aiocoap, mock, bridge, client_port) = (
+        &stack.aiocoap,
+        &stack.mock,
+        &stack.bridge,
+        stack.client_port,
     );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
     let id: DeviceId = "830000001@iot.example".parse().unwrap();
     let ue = mock.ue(&id);
     ue.wait_configured(STEP).await.unwrap();
@@ -101,6 +88,5 @@ async fn simulated_device_registers_and_serves_over_oscore_across_a_restart() {
     assert_eq!(sim.stats().oscore_failures.load(Ordering::SeqCst), 0);
 
     drop(sim);
-    bridge.stop().await;
-    drop(aiocoap);
+    stack.finish().await;
 }
