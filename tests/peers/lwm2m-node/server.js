@@ -71,37 +71,12 @@ try {
   process.exit(2);
 }
 
-// Requiring lwm2m-node-lib loads mongoose/mongodb (unused here), which print circular
-// dependency warnings on Node >= 14; only show process warnings with --verbose.
-process.removeAllListeners('warning');
-process.on('warning', (w) => {
-  if (opts.verbose) process.stderr.write(`[lwm2m-peer] ${w.name}: ${w.message}\n`);
+// Warnings, LWM2M_* variables and stdout handling: see peer-process.js.
+const { emit, diag } = require('./peer-process').setupProcess({
+  tag: 'lwm2m-peer',
+  verbose: opts.verbose,
+  onStdoutBroken: () => shutdown(0),
 });
-
-// The lib reads LWM2M_* environment variables that override its config
-// (lib/commonConfig.js processEnvironmentVariables); our arguments are authoritative.
-for (const k of Object.keys(process.env)) {
-  if (k.startsWith('LWM2M_')) delete process.env[k];
-}
-
-// ---------------------------------------------------------------------------------------
-// Output
-// ---------------------------------------------------------------------------------------
-
-let stdoutBroken = false;
-process.stdout.on('error', () => {
-  stdoutBroken = true;
-  shutdown(0);
-});
-
-function emit(obj) {
-  if (stdoutBroken) return;
-  process.stdout.write(JSON.stringify(obj) + '\n');
-}
-
-function diag(...args) {
-  if (opts.verbose) process.stderr.write('[lwm2m-peer] ' + args.join(' ') + '\n');
-}
 
 // ---------------------------------------------------------------------------------------
 // Library set-up (patch coap before lwm2m-node-lib loads it)
