@@ -477,6 +477,27 @@ pub struct BoundBridge {
 
 pub struct Bridge;
 
+/// What a caller beside a running bridge may ask of it: where each device's traffic leaves
+/// from and which callback URL the SCEF is given for it.
+#[derive(Clone)]
+pub struct BridgeHandle {
+    shared: Arc<Shared>,
+}
+
+impl BridgeHandle {
+    /// The UDP address a device's traffic leaves from.
+    pub fn device_address(&self, id: &DeviceId) -> Option<SocketAddr> {
+        self.shared.device(id).map(|d| d.socket.local_addr())
+    }
+
+    /// The NIDD callback URL of a device's configuration.
+    pub fn callback_url(&self, id: &DeviceId) -> Option<String> {
+        self.shared
+            .device(id)
+            .map(|d| d.callback_url(&self.shared.public_url))
+    }
+}
+
 impl Bridge {
     /// Opens the store, binds every device socket (persisted addresses first) and both HTTP
     /// listeners. Nothing is sent to the SCEF before `run`.
@@ -648,8 +669,11 @@ impl BoundBridge {
         self.shared.device(id).map(|d| d.socket.local_addr())
     }
 
-    pub fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
+    /// A handle that stays valid while the bridge runs.
+    pub fn handle(&self) -> BridgeHandle {
+        BridgeHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Serves until `shutdown` completes, then stops every task and flushes the store.

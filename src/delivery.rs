@@ -4,7 +4,7 @@
 //! `run_flusher` is the thin per-device task that carries the decisions out.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -283,11 +283,7 @@ pub fn is_failure(status: &DeliveryStatus) -> bool {
     status.as_str().starts_with("FAILURE")
 }
 
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::clock::unix_ms;
 
 /// An RFC 3339 time from the SCEF as an `Instant` (past times become now).
 pub fn instant_of(time: Option<&str>, now: Instant) -> Option<Instant> {

@@ -14,20 +14,16 @@
 //! - [`callback`]: the HTTP endpoint for T8 notifications.
 //! - [`admin`]: metrics, health, readiness and the device API.
 //! - [`metrics`]: the Prometheus registry.
-//! - [`mock_scef`]: a T8 SCEF emulator with simulated UEs and LwM2M devices, for tests and the demo.
-//! - [`lwm2m_peer`]: driver of the npm `lwm2m-node-lib` LwM2M server used by tests and the demo.
 
 pub mod admin;
 pub mod bridge;
 pub mod callback;
+pub mod clock;
 pub mod coap;
 pub mod config;
 pub mod delivery;
-pub mod demo;
 pub mod device;
-pub mod lwm2m_peer;
 pub mod metrics;
-pub mod mock_scef;
 pub mod mt_queue;
 pub mod provision;
 pub mod reachability;
@@ -36,5 +32,5 @@ pub mod routing;
 pub mod store;
 pub mod t8;
 
-pub use bridge::{BoundBridge, Bridge, BridgeError};
+pub use bridge::{BoundBridge, Bridge, BridgeError, BridgeHandle};
 pub use config::Config;

@@ -1,9 +1,7 @@
 //! The 3GPP T8 northbound API (TS 29.122) as the bridge uses it: the JSON bodies of the NIDD
-//! API and its notifications (`types`), the HTTP client that talks to the SCEF/NEF (`client`),
-//! and validation of bodies against the official OpenAPI schemas (`schema`).
+//! API and its notifications (`types`), the HTTP client that talks to the SCEF/NEF (`client`).
 
 pub mod client;
-pub mod schema;
 pub mod types;
 
 pub use client::{DownlinkOutcome, T8Client, T8Error};

@@ -1,6 +1,11 @@
 //! Integration tests: the bridge, the mock SCEF and the real npm LwM2M server on loopback.
 //! One test binary (modules below) so the crate links once.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub
+)]
 
 mod integration {
     pub mod bad_input;

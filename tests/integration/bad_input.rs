@@ -5,7 +5,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
 use nidd_bridge::device::DeviceId;
-use nidd_bridge::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
+use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use serde_json::{Value, json};
 
 use super::common::*;
@@ -29,7 +29,7 @@ fn uplink(configuration: &str, external_id: &str, data: &str) -> Vec<u8> {
 }
 
 async fn expect_problem(
-    mock: &nidd_bridge::mock_scef::MockScef,
+    mock: &nidd_testbed::mock_scef::MockScef,
     url: &str,
     content_type: &str,
     body: Vec<u8>,
@@ -43,12 +43,11 @@ async fn expect_problem(
     assert_eq!(problem["cause"], cause);
     assert_eq!(problem["status"], status);
     assert!(problem["detail"].as_str().is_some_and(|d| !d.is_empty()));
-    schemas()
-        .validate(
-            &schemas().find_component("ProblemDetails").unwrap(),
-            &problem,
-        )
-        .expect("our problem bodies are T8 ProblemDetails");
+    if let Some(schemas) = schemas() {
+        schemas
+            .validate(&schemas.find_component("ProblemDetails").unwrap(), &problem)
+            .expect("our problem bodies are T8 ProblemDetails");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

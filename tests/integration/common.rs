@@ -4,39 +4,28 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nidd_bridge::bridge::Shared;
 use nidd_bridge::config::{Config, ProcessSecrets};
 use nidd_bridge::device::DeviceId;
-use nidd_bridge::lwm2m_peer::{self, Lwm2mNodeServer};
-use nidd_bridge::mock_scef::{MockScef, MockScefConfig};
-use nidd_bridge::t8::schema::{T8Schemas, default_schema_dir};
-use nidd_bridge::{BoundBridge, Bridge};
+use nidd_bridge::{BoundBridge, Bridge, BridgeHandle};
+use nidd_testbed::lwm2m_peer::{self, Lwm2mNodeServer};
+use nidd_testbed::mock_scef::{MockScef, MockScefConfig};
+use nidd_testbed::schema::T8Schemas;
 use tokio::sync::OnceCell;
 
 pub const STEP: Duration = Duration::from_secs(30);
 
-/// The official 3GPP schemas, loaded once per test binary.
-pub fn schemas() -> Arc<T8Schemas> {
-    static SCHEMAS: std::sync::OnceLock<Arc<T8Schemas>> = std::sync::OnceLock::new();
-    SCHEMAS
-        .get_or_init(|| {
-            let dir = default_schema_dir();
-            Arc::new(T8Schemas::load(&dir).unwrap_or_else(|e| {
-                panic!(
-                    "the 3GPP schemas are needed at {} (or set NIDD_BRIDGE_T8_SCHEMAS): {e}",
-                    dir.display()
-                )
-            }))
-        })
-        .clone()
+/// The official 3GPP schemas, loaded once per test binary; `None` (said once per test) when
+/// they are not installed, and then the mock SCEF does not validate.
+pub fn schemas() -> Option<Arc<T8Schemas>> {
+    nidd_testbed::schema::for_test("3GPP schema validation of the T8 exchanges")
 }
 
-/// A mock SCEF that validates every body against the official schemas.
+/// A mock SCEF that validates every body against the official schemas when they are installed.
 pub async fn mock_scef() -> MockScef {
     MockScef::start(
         ([127, 0, 0, 1], 0).into(),
         MockScefConfig {
-            schemas: Some(schemas()),
+            schemas: schemas(),
             ..Default::default()
         },
     )
@@ -60,7 +49,7 @@ pub async fn lwm2m_server() -> Lwm2mNodeServer {
         .expect("npm LwM2M server starts")
 }
 
-pub use nidd_bridge::demo::loopback_config as config_text;
+pub use nidd_testbed::bridge_config::loopback_config as config_text;
 
 /// The usual stack: the npm LwM2M server, a validating mock SCEF and a bridge for `devices`.
 pub struct Stack {
@@ -105,7 +94,7 @@ impl Stack {
 pub struct RunningBridge {
     pub callback_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub shared: Arc<Shared>,
+    pub handle: BridgeHandle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), nidd_bridge::BridgeError>>>,
 }
@@ -119,32 +108,27 @@ impl RunningBridge {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let callback_addr = bound.callback_addr;
         let admin_addr = bound.admin_addr;
-        let shared = bound.shared();
+        let handle = bound.handle();
         let task = tokio::spawn(bound.run(async {
             let _ = stopped.await;
         }));
         Self {
             callback_addr,
             admin_addr,
-            shared,
+            handle,
             stop: Some(stop),
             task: Some(task),
         }
     }
 
     pub fn device_address(&self, id: &DeviceId) -> SocketAddr {
-        self.shared
-            .device(id)
+        self.handle
+            .device_address(id)
             .expect("device is configured")
-            .socket
-            .local_addr()
     }
 
     pub fn callback_url(&self, id: &DeviceId) -> String {
-        self.shared
-            .device(id)
-            .expect("device is configured")
-            .callback_url(&self.shared.public_url)
+        self.handle.callback_url(id).expect("device is configured")
     }
 
     /// Waits until `/readyz` answers 200.

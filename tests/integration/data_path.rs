@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use nidd_bridge::device::DeviceId;
-use nidd_bridge::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
+use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 
 use super::common::*;
 

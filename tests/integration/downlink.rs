@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use nidd_bridge::device::DeviceId;
-use nidd_bridge::mock_scef::{DownlinkMode, MockScef, MockScefConfig};
+use nidd_testbed::mock_scef::{DownlinkMode, MockScef, MockScefConfig};
 use serde_json::json;
 use tokio::net::UdpSocket;
 
@@ -149,7 +149,7 @@ async fn the_scefs_maximum_packet_size_is_read_in_bits_and_enforced() {
         ([127, 0, 0, 1], 0).into(),
         MockScefConfig {
             maximum_packet_size_bits: Some(100 * 8),
-            schemas: Some(schemas()),
+            schemas: schemas(),
             ..Default::default()
         },
     )

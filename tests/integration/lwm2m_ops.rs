@@ -12,7 +12,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use nidd_bridge::device::DeviceId;
-use nidd_bridge::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice, firmware_package};
+use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice, firmware_package};
 use serde_json::json;
 use tokio::net::UdpSocket;
 
@@ -26,7 +26,7 @@ fn profile(endpoint: &str) -> DeviceProfile {
 }
 
 /// Every MO datagram the mock SCEF carried for the device, decoded from the T8 callbacks.
-fn uplinks(mock: &nidd_bridge::mock_scef::MockScef) -> Vec<Vec<u8>> {
+fn uplinks(mock: &nidd_testbed::mock_scef::MockScef) -> Vec<Vec<u8>> {
     mock.recorded()
         .iter()
         .filter(|r| r.direction == "callback")
@@ -108,7 +108,7 @@ async fn a_sleeping_device_serves_the_npm_lwm2m_server() {
         .await
         .unwrap();
     assert_eq!(server.read(endpoint, "/3303/0/5601").await.unwrap(), "25.0");
-    let updates = |server: &nidd_bridge::lwm2m_peer::Lwm2mNodeServer| {
+    let updates = |server: &nidd_testbed::lwm2m_peer::Lwm2mNodeServer| {
         server
             .events()
             .iter()
@@ -373,9 +373,9 @@ const ENDPOINT: &str = "urn:nai:910000002@iot.example";
 struct RawStack {
     dm: RawServer,
     bootstrap: RawServer,
-    mock: nidd_bridge::mock_scef::MockScef,
+    mock: nidd_testbed::mock_scef::MockScef,
     bridge: RunningBridge,
-    ue: nidd_bridge::mock_scef::SimUe,
+    ue: nidd_testbed::mock_scef::SimUe,
     _store: tempfile::TempDir,
 }
 

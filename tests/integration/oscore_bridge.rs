@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use coap_lite::{MessageType, Packet};
 use nidd_bridge::device::DeviceId;
-use nidd_bridge::mock_scef::oscore::{OscoreContext, OscoreWorker};
+use nidd_testbed::mock_scef::oscore::{OscoreContext, OscoreWorker};
 
 use super::common::*;
 use super::oscore_interop::{
@@ -19,7 +19,7 @@ use super::oscore_interop::{
 /// requests from its own socket).
 pub struct AiocoapStack {
     pub aiocoap: AiocoapServer,
-    pub mock: nidd_bridge::mock_scef::MockScef,
+    pub mock: nidd_testbed::mock_scef::MockScef,
     pub bridge: RunningBridge,
     pub client_port: u16,
     _store: tempfile::TempDir,

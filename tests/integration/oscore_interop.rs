@@ -1,4 +1,4 @@
-//! OSCORE interop of the `oscore` module with aiocoap (tests/peers/aiocoap/oscore_peer.py):
+//! OSCORE interop of the `oscore` module with aiocoap (testbed/peers/aiocoap/oscore_peer.py):
 //! the simulated device as client of an aiocoap server and as server for an aiocoap client,
 //! tampering, Observe, and sequence numbers across a device restart.
 //!
@@ -14,7 +14,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use coap_lite::{MessageType, Packet};
-use nidd_bridge::mock_scef::oscore::{
+use nidd_testbed::mock_scef::oscore::{
     AES_CCM_16_64_128, FileSequenceStore, OscoreConfig, OscoreContext, OscoreError,
 };
 
@@ -61,7 +61,7 @@ pub fn device_config(test: &str) -> OscoreConfig {
 }
 
 /// The Python that runs aiocoap: `AIOCOAP_PYTHON`, else a virtual environment under the
-/// test target directory, created and filled from `tests/peers/aiocoap/requirements.txt` on
+/// test target directory, created and filled from `testbed/peers/aiocoap/requirements.txt` on
 /// first use (as the npm peer is installed with `npm ci`).
 pub fn python() -> String {
     static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -91,7 +91,7 @@ pub fn python() -> String {
                     venv.display()
                 );
                 let requirements = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                    .join("tests/peers/aiocoap/requirements.txt");
+                    .join("testbed/peers/aiocoap/requirements.txt");
                 let installed = Command::new(&python)
                     .args([
                         "-m",
@@ -120,7 +120,7 @@ pub fn python() -> String {
 }
 
 pub fn peer_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/aiocoap/oscore_peer.py")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testbed/peers/aiocoap/oscore_peer.py")
 }
 
 /// `oscore_peer.py <command>` with the aiocoap side's view of the test's key material.
@@ -237,7 +237,7 @@ fn protected_get(
 ) -> (
     Vec<u8>,
     Vec<u8>,
-    Result<nidd_bridge::mock_scef::oscore::InnerMessage, OscoreError>,
+    Result<nidd_testbed::mock_scef::oscore::InnerMessage, OscoreError>,
 ) {
     let token = message_id.to_be_bytes();
     let (request, mut correlation) = device

@@ -6,8 +6,8 @@
 use std::sync::atomic::Ordering;
 
 use nidd_bridge::device::DeviceId;
-use nidd_bridge::mock_scef::SimUe;
-use nidd_bridge::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
+use nidd_testbed::mock_scef::SimUe;
+use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use tokio::net::UdpSocket;
 
 use super::common::*;
@@ -101,7 +101,7 @@ fn request(n: u8) -> Vec<u8> {
 /// A raw UDP "LwM2M server" and a bridge whose device is asleep.
 struct RawStack {
     server: UdpSocket,
-    mock: nidd_bridge::mock_scef::MockScef,
+    mock: nidd_testbed::mock_scef::MockScef,
     bridge: RunningBridge,
     ue: SimUe,
     device: std::net::SocketAddr,

@@ -3,7 +3,7 @@
 //! through the bridge.
 
 use nidd_bridge::device::DeviceId;
-use nidd_bridge::lwm2m_peer::{Lwm2mNodeClient, default_peer_dir};
+use nidd_testbed::lwm2m_peer::{Lwm2mNodeClient, default_peer_dir};
 
 use super::common::*;
 

@@ -1,5 +1,5 @@
 //! Driver of the real third-party LwM2M server used by the tests and the demo: the npm package
-//! `lwm2m-node-lib`, run by `tests/peers/lwm2m-node/server.js` and spoken to in JSON lines
+//! `lwm2m-node-lib`, run by `testbed/peers/lwm2m-node/server.js` and spoken to in JSON lines
 //! (events on stdout, commands on stdin).
 
 use std::collections::HashMap;
@@ -36,7 +36,7 @@ pub enum PeerError {
 pub fn default_peer_dir() -> PathBuf {
     std::env::var_os("NIDD_BRIDGE_LWM2M_PEER_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/lwm2m-node"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/lwm2m-node"))
 }
 
 /// Runs `npm ci` in `dir` unless the package is already installed.

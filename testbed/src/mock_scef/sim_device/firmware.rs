@@ -6,30 +6,30 @@
 const MAGIC: &[u8] = b"SIMFW1";
 
 /// /5/0/3 State.
-pub const STATE_IDLE: i64 = 0;
-pub const STATE_DOWNLOADING: i64 = 1;
-pub const STATE_DOWNLOADED: i64 = 2;
-pub const STATE_UPDATING: i64 = 3;
+pub(super) const STATE_IDLE: i64 = 0;
+pub(super) const STATE_DOWNLOADING: i64 = 1;
+pub(super) const STATE_DOWNLOADED: i64 = 2;
+pub(super) const STATE_UPDATING: i64 = 3;
 
 /// /5/0/5 Update Result.
-pub const RESULT_INITIAL: i64 = 0;
-pub const RESULT_SUCCESS: i64 = 1;
-pub const RESULT_NOT_ENOUGH_FLASH: i64 = 2;
-pub const RESULT_CONNECTION_LOST: i64 = 4;
-pub const RESULT_INTEGRITY_FAILURE: i64 = 5;
-pub const RESULT_UNSUPPORTED_PACKAGE: i64 = 6;
-pub const RESULT_UNSUPPORTED_PROTOCOL: i64 = 9;
+pub(super) const RESULT_INITIAL: i64 = 0;
+pub(super) const RESULT_SUCCESS: i64 = 1;
+pub(super) const RESULT_NOT_ENOUGH_FLASH: i64 = 2;
+pub(super) const RESULT_CONNECTION_LOST: i64 = 4;
+pub(super) const RESULT_INTEGRITY_FAILURE: i64 = 5;
+pub(super) const RESULT_UNSUPPORTED_PACKAGE: i64 = 6;
+pub(super) const RESULT_UNSUPPORTED_PROTOCOL: i64 = 9;
 
 /// What a verified package holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Package {
+pub(super) struct Package {
     pub name: String,
     pub version: String,
     pub image_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PackageError {
+pub(super) enum PackageError {
     #[error("not a simulator firmware package")]
     Unsupported,
     #[error("checksum mismatch")]
@@ -38,7 +38,7 @@ pub enum PackageError {
 
 impl PackageError {
     /// The Update Result the failure leaves in /5/0/5.
-    pub fn update_result(self) -> i64 {
+    pub(super) fn update_result(self) -> i64 {
         match self {
             PackageError::Unsupported => RESULT_UNSUPPORTED_PACKAGE,
             PackageError::Integrity => RESULT_INTEGRITY_FAILURE,
@@ -62,7 +62,7 @@ pub fn package(name: &str, version: &str, image: &[u8]) -> Vec<u8> {
 }
 
 /// Checks a downloaded package.
-pub fn verify(bytes: &[u8]) -> Result<Package, PackageError> {
+pub(super) fn verify(bytes: &[u8]) -> Result<Package, PackageError> {
     let rest = bytes.strip_prefix(MAGIC).ok_or(PackageError::Unsupported)?;
     let (name, rest) = field(rest).ok_or(PackageError::Unsupported)?;
     let (version, rest) = field(rest).ok_or(PackageError::Unsupported)?;
@@ -86,7 +86,7 @@ fn field(bytes: &[u8]) -> Option<(String, &[u8])> {
 }
 
 /// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320).
-pub fn crc32(bytes: &[u8]) -> u32 {
+pub(super) fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;
     for byte in bytes {
         crc ^= u32::from(*byte);

@@ -12,9 +12,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use super::{MockConfiguration, MockState, SimUe, bad_request, json_response, named_ue};
-use crate::callback::problem_response;
-use crate::device::DeviceId;
-use crate::t8::{
+use crate::mock_scef::problem_response;
+use nidd_bridge::device::DeviceId;
+use nidd_bridge::t8::{
     DeliveryResult, DeliveryStatus, DeviceTriggering, DeviceTriggeringDeliveryReportNotification,
     MonitoringEventReport, MonitoringEventSubscription, MonitoringNotification, MonitoringType,
     NiddDownlinkDataDeliveryFailure, NiddDownlinkDataDeliveryStatusNotification,
@@ -145,7 +145,7 @@ impl SimUe {
                 cancel_ind: None,
             };
             let json = serde_json::to_value(&report).unwrap_or_default();
-            let schema = crate::t8::schema::monitoring_callback_schema();
+            let schema = crate::schema::monitoring_callback_schema();
             self.state
                 .check("monitoring notification", Some(schema), Some(&json));
             if let Err(error) = self
@@ -306,7 +306,7 @@ pub(super) async fn create_trigger(
             result: DeliveryResult::Success,
         };
         let json = serde_json::to_value(&report).unwrap_or_default();
-        let schema = crate::t8::schema::triggering_callback_schema(&json);
+        let schema = crate::schema::triggering_callback_schema(&json);
         ue.state.check("trigger report", Some(schema), Some(&json));
         if let Err(error) = ue.state.post(&request.notification_destination, json).await {
             tracing::warn!(%error, "mock SCEF: trigger report refused");

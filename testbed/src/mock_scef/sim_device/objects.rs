@@ -8,56 +8,56 @@ use std::fmt;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-pub const SECURITY: u16 = 0;
-pub const SERVER: u16 = 1;
-pub const DEVICE: u16 = 3;
-pub const CONNECTIVITY: u16 = 4;
-pub const FIRMWARE: u16 = 5;
-pub const TEMPERATURE: u16 = 3303;
+pub(super) const SECURITY: u16 = 0;
+pub(super) const SERVER: u16 = 1;
+pub(super) const DEVICE: u16 = 3;
+pub(super) const CONNECTIVITY: u16 = 4;
+pub(super) const FIRMWARE: u16 = 5;
+pub(super) const TEMPERATURE: u16 = 3303;
 
 /// An LwM2M path: `/`, `/O`, `/O/I`, `/O/I/R` or `/O/I/R/RI`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Path(Vec<u16>);
+pub(super) struct Path(Vec<u16>);
 
 impl Path {
-    pub fn new(segments: &[u16]) -> Option<Self> {
+    pub(super) fn new(segments: &[u16]) -> Option<Self> {
         (segments.len() <= 4).then(|| Self(segments.to_vec()))
     }
 
-    pub fn object_instance(object: u16, instance: u16) -> Self {
+    pub(super) fn object_instance(object: u16, instance: u16) -> Self {
         Self(vec![object, instance])
     }
 
-    pub fn resource(object: u16, instance: u16, resource: u16) -> Self {
+    pub(super) fn resource(object: u16, instance: u16, resource: u16) -> Self {
         Self(vec![object, instance, resource])
     }
 
-    pub fn depth(&self) -> usize {
+    pub(super) fn depth(&self) -> usize {
         self.0.len()
     }
 
-    pub fn segments(&self) -> &[u16] {
+    pub(super) fn segments(&self) -> &[u16] {
         &self.0
     }
 
-    pub fn object(&self) -> Option<u16> {
+    pub(super) fn object(&self) -> Option<u16> {
         self.0.first().copied()
     }
 
-    pub fn instance(&self) -> Option<u16> {
+    pub(super) fn instance(&self) -> Option<u16> {
         self.0.get(1).copied()
     }
 
-    pub fn resource_id(&self) -> Option<u16> {
+    pub(super) fn resource_id(&self) -> Option<u16> {
         self.0.get(2).copied()
     }
 
-    pub fn resource_instance(&self) -> Option<u16> {
+    pub(super) fn resource_instance(&self) -> Option<u16> {
         self.0.get(3).copied()
     }
 
     /// True when `self` is `other` or below it.
-    pub fn is_under(&self, other: &Path) -> bool {
+    pub(super) fn is_under(&self, other: &Path) -> bool {
         self.0.starts_with(&other.0)
     }
 }
@@ -89,7 +89,7 @@ impl std::str::FromStr for Path {
 
 /// LwM2M data types (Core Appendix C).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(super) enum Kind {
     String,
     Integer,
     Unsigned,
@@ -103,7 +103,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn is_numeric(self) -> bool {
+    pub(super) fn is_numeric(self) -> bool {
         matches!(
             self,
             Kind::Integer | Kind::Unsigned | Kind::Float | Kind::Time
@@ -113,7 +113,7 @@ impl Kind {
 
 /// Operations a resource allows to a DM server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
+pub(super) enum Access {
     Read,
     Write,
     ReadWrite,
@@ -121,17 +121,17 @@ pub enum Access {
 }
 
 impl Access {
-    pub fn readable(self) -> bool {
+    pub(super) fn readable(self) -> bool {
         matches!(self, Access::Read | Access::ReadWrite)
     }
 
-    pub fn writable(self) -> bool {
+    pub(super) fn writable(self) -> bool {
         matches!(self, Access::Write | Access::ReadWrite)
     }
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct ResourceDef {
+pub(super) struct ResourceDef {
     pub id: u16,
     pub kind: Kind,
     pub access: Access,
@@ -140,7 +140,7 @@ pub struct ResourceDef {
 }
 
 #[derive(Debug)]
-pub struct ObjectDef {
+pub(super) struct ObjectDef {
     pub id: u16,
     /// Several instances allowed (Create / Delete make sense).
     pub multiple: bool,
@@ -148,7 +148,7 @@ pub struct ObjectDef {
 }
 
 impl ObjectDef {
-    pub fn resource(&self, id: u16) -> Option<&'static ResourceDef> {
+    pub(super) fn resource(&self, id: u16) -> Option<&'static ResourceDef> {
         self.resources.iter().find(|r| r.id == id)
     }
 }
@@ -290,13 +290,13 @@ static OBJECTS: &[ObjectDef] = &[
 /// Resources of objects the simulator has no definition for: readable and writable strings.
 const GENERIC: ResourceDef = res(0, Kind::String, RW, false);
 
-pub fn object_def(object: u16) -> Option<&'static ObjectDef> {
+pub(super) fn object_def(object: u16) -> Option<&'static ObjectDef> {
     OBJECTS.iter().find(|o| o.id == object)
 }
 
 /// The definition of a resource, or a generic string resource when the object or resource
 /// is not one the simulator defines (profiles may add their own).
-pub fn resource_def(object: u16, resource: u16) -> ResourceDef {
+pub(super) fn resource_def(object: u16, resource: u16) -> ResourceDef {
     object_def(object)
         .and_then(|o| o.resource(resource))
         .copied()
@@ -308,7 +308,7 @@ pub fn resource_def(object: u16, resource: u16) -> ResourceDef {
 
 /// A typed resource value.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Value {
+pub(super) enum Value {
     String(String),
     Integer(i64),
     Unsigned(u64),
@@ -321,14 +321,14 @@ pub enum Value {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{text:?} is not a valid {kind:?}")]
-pub struct ValueError {
+pub(super) struct ValueError {
     pub kind: Kind,
     pub text: String,
 }
 
 impl Value {
     /// The plain-text representation (Core §7.4.1); Opaque is base64.
-    pub fn to_text(&self) -> String {
+    pub(super) fn to_text(&self) -> String {
         match self {
             Value::String(s) => s.clone(),
             Value::Integer(v) | Value::Time(v) => v.to_string(),
@@ -340,7 +340,7 @@ impl Value {
         }
     }
 
-    pub fn from_text(kind: Kind, text: &str) -> Result<Value, ValueError> {
+    pub(super) fn from_text(kind: Kind, text: &str) -> Result<Value, ValueError> {
         let bad = || ValueError {
             kind,
             text: text.to_string(),
@@ -372,7 +372,7 @@ impl Value {
     }
 
     /// The value as a number, for the gt / lt / st notification attributes.
-    pub fn as_f64(&self) -> Option<f64> {
+    pub(super) fn as_f64(&self) -> Option<f64> {
         match self {
             Value::Integer(v) | Value::Time(v) => Some(*v as f64),
             Value::Unsigned(v) => Some(*v as f64),
@@ -384,7 +384,7 @@ impl Value {
 
 /// Floats in plain text: shortest round-trip form, with `.0` on whole numbers so a reader
 /// does not take them for integers.
-pub fn format_float(value: f64) -> String {
+pub(super) fn format_float(value: f64) -> String {
     if value.is_finite() && value.fract() == 0.0 && value.abs() < 1e15 {
         format!("{value:.1}")
     } else {
@@ -394,18 +394,18 @@ pub fn format_float(value: f64) -> String {
 
 /// One resource of an instance.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Entry {
+pub(super) enum Entry {
     Single(Value),
     Multiple(BTreeMap<u16, Value>),
     /// An executable resource (present, no value).
     Executable,
 }
 
-pub type Instance = BTreeMap<u16, Entry>;
+pub(super) type Instance = BTreeMap<u16, Entry>;
 
 /// Every object instance the device holds, by object then instance then resource.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Store {
+pub(super) struct Store {
     objects: BTreeMap<u16, BTreeMap<u16, Instance>>,
 }
 
@@ -413,7 +413,7 @@ impl Store {
     /// Builds the store from text values keyed by (object, instance, resource). A Multiple
     /// Resource's text lists its instance values separated by commas (instances 0, 1, ...).
     /// A value that does not parse as its resource's type is kept as a string.
-    pub fn from_text(values: &BTreeMap<(u16, u16, u16), String>) -> Store {
+    pub(super) fn from_text(values: &BTreeMap<(u16, u16, u16), String>) -> Store {
         let mut store = Store::default();
         for (&(object, instance, resource), text) in values {
             let def = resource_def(object, resource);
@@ -444,7 +444,7 @@ impl Store {
     }
 
     /// Adds the executable resources the object defines to an instance.
-    pub fn add_executables(&mut self, object: u16, instance: u16) {
+    pub(super) fn add_executables(&mut self, object: u16, instance: u16) {
         let Some(def) = object_def(object) else {
             return;
         };
@@ -456,35 +456,35 @@ impl Store {
         }
     }
 
-    pub fn object_ids(&self) -> impl Iterator<Item = u16> + '_ {
+    pub(super) fn object_ids(&self) -> impl Iterator<Item = u16> + '_ {
         self.objects.keys().copied()
     }
 
     /// Every (object, instance) pair, in order.
-    pub fn instance_ids(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+    pub(super) fn instance_ids(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
         self.objects
             .iter()
             .flat_map(|(o, instances)| instances.keys().map(move |i| (*o, *i)))
     }
 
-    pub fn instances(&self, object: u16) -> Option<&BTreeMap<u16, Instance>> {
+    pub(super) fn instances(&self, object: u16) -> Option<&BTreeMap<u16, Instance>> {
         self.objects.get(&object)
     }
 
-    pub fn instance(&self, object: u16, instance: u16) -> Option<&Instance> {
+    pub(super) fn instance(&self, object: u16, instance: u16) -> Option<&Instance> {
         self.objects.get(&object)?.get(&instance)
     }
 
-    pub fn instance_mut(&mut self, object: u16, instance: u16) -> Option<&mut Instance> {
+    pub(super) fn instance_mut(&mut self, object: u16, instance: u16) -> Option<&mut Instance> {
         self.objects.get_mut(&object)?.get_mut(&instance)
     }
 
-    pub fn entry(&self, object: u16, instance: u16, resource: u16) -> Option<&Entry> {
+    pub(super) fn entry(&self, object: u16, instance: u16, resource: u16) -> Option<&Entry> {
         self.instance(object, instance)?.get(&resource)
     }
 
     /// The value of a single resource.
-    pub fn value(&self, object: u16, instance: u16, resource: u16) -> Option<&Value> {
+    pub(super) fn value(&self, object: u16, instance: u16, resource: u16) -> Option<&Value> {
         match self.entry(object, instance, resource)? {
             Entry::Single(value) => Some(value),
             _ => None,
@@ -493,7 +493,7 @@ impl Store {
 
     /// True when the path names something the device holds (the root always exists; an
     /// object exists while it is defined or has instances).
-    pub fn contains(&self, path: &Path) -> bool {
+    pub(super) fn contains(&self, path: &Path) -> bool {
         match *path.segments() {
             [] => true,
             [o] => self.objects.contains_key(&o) || object_def(o).is_some(),
@@ -506,7 +506,7 @@ impl Store {
         }
     }
 
-    pub fn set(&mut self, object: u16, instance: u16, resource: u16, entry: Entry) {
+    pub(super) fn set(&mut self, object: u16, instance: u16, resource: u16, entry: Entry) {
         self.objects
             .entry(object)
             .or_default()
@@ -515,11 +515,11 @@ impl Store {
             .insert(resource, entry);
     }
 
-    pub fn set_value(&mut self, object: u16, instance: u16, resource: u16, value: Value) {
+    pub(super) fn set_value(&mut self, object: u16, instance: u16, resource: u16, value: Value) {
         self.set(object, instance, resource, Entry::Single(value));
     }
 
-    pub fn create_instance(&mut self, object: u16, instance: u16) {
+    pub(super) fn create_instance(&mut self, object: u16, instance: u16) {
         self.objects
             .entry(object)
             .or_default()
@@ -528,7 +528,7 @@ impl Store {
         self.add_executables(object, instance);
     }
 
-    pub fn remove_instance(&mut self, object: u16, instance: u16) -> bool {
+    pub(super) fn remove_instance(&mut self, object: u16, instance: u16) -> bool {
         let Some(instances) = self.objects.get_mut(&object) else {
             return false;
         };
@@ -539,14 +539,14 @@ impl Store {
         removed
     }
 
-    pub fn remove_resource(&mut self, object: u16, instance: u16, resource: u16) {
+    pub(super) fn remove_resource(&mut self, object: u16, instance: u16, resource: u16) {
         if let Some(entries) = self.instance_mut(object, instance) {
             entries.remove(&resource);
         }
     }
 
     /// The lowest instance ID an object does not use yet.
-    pub fn free_instance_id(&self, object: u16) -> Option<u16> {
+    pub(super) fn free_instance_id(&self, object: u16) -> Option<u16> {
         let used = self.objects.get(&object);
         (0..u16::MAX).find(|i| used.is_none_or(|m| !m.contains_key(i)))
     }

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 /// The value of a Block1 / Block2 option: block number, more flag, size exponent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Block {
+pub(super) struct Block {
     pub num: u32,
     pub more: bool,
     pub szx: u8,
@@ -18,7 +18,7 @@ const MAX_SZX: u8 = 6;
 
 impl Block {
     /// Parses an option value (0 to 3 bytes); `None` for a malformed value or SZX 7.
-    pub fn parse(bytes: &[u8]) -> Option<Block> {
+    pub(super) fn parse(bytes: &[u8]) -> Option<Block> {
         if bytes.len() > 3 {
             return None;
         }
@@ -32,31 +32,31 @@ impl Block {
     }
 
     /// The option value in the fewest bytes.
-    pub fn to_bytes(self) -> Vec<u8> {
+    pub(super) fn to_bytes(self) -> Vec<u8> {
         let value = (self.num << 4) | (u32::from(self.more) << 3) | u32::from(self.szx);
         let bytes = value.to_be_bytes();
         let skip = bytes.iter().take_while(|b| **b == 0).count();
         bytes[skip..].to_vec()
     }
 
-    pub fn size(self) -> usize {
+    pub(super) fn size(self) -> usize {
         1 << (usize::from(self.szx) + 4)
     }
 
     /// Offset of this block's first byte in the whole body.
-    pub fn offset(self) -> usize {
+    pub(super) fn offset(self) -> usize {
         (self.num as usize) << (usize::from(self.szx) + 4)
     }
 
     /// The largest SZX whose blocks are at most `bytes` long (`None` below 16 bytes).
-    pub fn szx_fitting(bytes: usize) -> Option<u8> {
+    pub(super) fn szx_fitting(bytes: usize) -> Option<u8> {
         (0..=MAX_SZX).rev().find(|szx| 1usize << (szx + 4) <= bytes)
     }
 }
 
 /// What to answer to one block.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Step {
+pub(super) enum Step {
     /// 2.31 Continue: more blocks to come.
     Continue,
     /// The last block arrived: the whole body and the Content-Format of the first block.
@@ -64,7 +64,7 @@ pub enum Step {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum BlockError {
+pub(super) enum BlockError {
     /// 4.08: a block out of sequence, or no transfer in progress.
     #[error("block out of sequence")]
     Incomplete,
@@ -84,13 +84,13 @@ struct Transfer {
 }
 
 /// One Block1 transfer at a time (the device has a single download buffer).
-pub struct Assembler {
+pub(super) struct Assembler {
     max_body: usize,
     current: Option<Transfer>,
 }
 
 impl Assembler {
-    pub fn new(max_body: usize) -> Self {
+    pub(super) fn new(max_body: usize) -> Self {
         Self {
             max_body,
             current: None,
@@ -99,7 +99,7 @@ impl Assembler {
 
     /// The transfer in progress and its target, if any.
     #[cfg(test)]
-    pub fn target(&self) -> Option<&str> {
+    pub(super) fn target(&self) -> Option<&str> {
         self.current.as_ref().map(|t| t.target.as_str())
     }
 
@@ -107,7 +107,7 @@ impl Assembler {
     /// replacing an unfinished one; later blocks must continue where the body ends (a block
     /// that repeats bytes already held is accepted again). The server may switch to smaller
     /// blocks mid-way: offsets, not numbers, are compared.
-    pub fn receive(
+    pub(super) fn receive(
         &mut self,
         now: Instant,
         target: &str,
@@ -154,12 +154,12 @@ impl Assembler {
     }
 
     /// When the transfer in progress is abandoned, if one is.
-    pub fn deadline(&self, lifetime: Duration) -> Option<Instant> {
+    pub(super) fn deadline(&self, lifetime: Duration) -> Option<Instant> {
         self.current.as_ref().map(|t| t.last_block_at + lifetime)
     }
 
     /// Drops a transfer idle for `lifetime`; returns its target.
-    pub fn expire(&mut self, now: Instant, lifetime: Duration) -> Option<String> {
+    pub(super) fn expire(&mut self, now: Instant, lifetime: Duration) -> Option<String> {
         if self
             .current
             .as_ref()

@@ -5,7 +5,7 @@
 
 /// What a TLV identifies (bits 7-6 of the type byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlvKind {
+pub(super) enum TlvKind {
     /// `00`: an Object Instance holding Resource TLVs.
     ObjectInstance,
     /// `01`: one instance of a Multiple Resource, with its value.
@@ -18,20 +18,20 @@ pub enum TlvKind {
 
 /// One TLV: nested for Object Instances and Multiple Resources, bytes otherwise.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Tlv {
+pub(super) struct Tlv {
     pub kind: TlvKind,
     pub id: u16,
     pub content: TlvContent,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum TlvContent {
+pub(super) enum TlvContent {
     Value(Vec<u8>),
     Nested(Vec<Tlv>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum TlvError {
+pub(super) enum TlvError {
     #[error("TLV truncated at byte {0}")]
     Truncated(usize),
     #[error("TLV value too long ({0} bytes; the 24-bit length field holds at most 16 MiB)")]
@@ -43,7 +43,7 @@ pub enum TlvError {
 }
 
 impl Tlv {
-    pub fn value(kind: TlvKind, id: u16, value: Vec<u8>) -> Self {
+    pub(super) fn value(kind: TlvKind, id: u16, value: Vec<u8>) -> Self {
         Self {
             kind,
             id,
@@ -51,7 +51,7 @@ impl Tlv {
         }
     }
 
-    pub fn nested(kind: TlvKind, id: u16, children: Vec<Tlv>) -> Self {
+    pub(super) fn nested(kind: TlvKind, id: u16, children: Vec<Tlv>) -> Self {
         Self {
             kind,
             id,
@@ -61,7 +61,7 @@ impl Tlv {
 }
 
 /// Encodes TLVs one after the other.
-pub fn encode(tlvs: &[Tlv]) -> Result<Vec<u8>, TlvError> {
+pub(super) fn encode(tlvs: &[Tlv]) -> Result<Vec<u8>, TlvError> {
     let mut out = Vec::new();
     for tlv in tlvs {
         encode_one(tlv, &mut out)?;
@@ -109,7 +109,7 @@ fn encode_one(tlv: &Tlv, out: &mut Vec<u8>) -> Result<(), TlvError> {
 }
 
 /// Decodes a sequence of TLVs, nesting the Object Instance and Multiple Resource ones.
-pub fn decode(bytes: &[u8]) -> Result<Vec<Tlv>, TlvError> {
+pub(super) fn decode(bytes: &[u8]) -> Result<Vec<Tlv>, TlvError> {
     decode_at(bytes, 0)
 }
 
@@ -163,7 +163,7 @@ fn decode_at(bytes: &[u8], base: usize) -> Result<Vec<Tlv>, TlvError> {
 }
 
 /// Integer (and Time): two's complement, big-endian, in the fewest of 1, 2, 4 or 8 bytes.
-pub fn encode_integer(value: i64) -> Vec<u8> {
+pub(super) fn encode_integer(value: i64) -> Vec<u8> {
     if let Ok(v) = i8::try_from(value) {
         v.to_be_bytes().to_vec()
     } else if let Ok(v) = i16::try_from(value) {
@@ -175,7 +175,7 @@ pub fn encode_integer(value: i64) -> Vec<u8> {
     }
 }
 
-pub fn decode_integer(bytes: &[u8]) -> Result<i64, TlvError> {
+pub(super) fn decode_integer(bytes: &[u8]) -> Result<i64, TlvError> {
     Ok(match bytes.len() {
         1 => i64::from(i8::from_be_bytes([bytes[0]])),
         2 => i64::from(i16::from_be_bytes([bytes[0], bytes[1]])),
@@ -190,7 +190,7 @@ pub fn decode_integer(bytes: &[u8]) -> Result<i64, TlvError> {
 }
 
 /// Unsigned Integer (LwM2M 1.1): big-endian in the fewest of 1, 2, 4 or 8 bytes.
-pub fn encode_unsigned(value: u64) -> Vec<u8> {
+pub(super) fn encode_unsigned(value: u64) -> Vec<u8> {
     if let Ok(v) = u8::try_from(value) {
         vec![v]
     } else if let Ok(v) = u16::try_from(value) {
@@ -202,7 +202,7 @@ pub fn encode_unsigned(value: u64) -> Vec<u8> {
     }
 }
 
-pub fn decode_unsigned(bytes: &[u8]) -> Result<u64, TlvError> {
+pub(super) fn decode_unsigned(bytes: &[u8]) -> Result<u64, TlvError> {
     match bytes.len() {
         1 | 2 | 4 | 8 => Ok(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))),
         other => Err(TlvError::BadValueLength(other)),
@@ -210,7 +210,7 @@ pub fn decode_unsigned(bytes: &[u8]) -> Result<u64, TlvError> {
 }
 
 /// Float: IEEE 754 big-endian, 4 bytes when the value survives single precision, else 8.
-pub fn encode_float(value: f64) -> Vec<u8> {
+pub(super) fn encode_float(value: f64) -> Vec<u8> {
     let single = value as f32;
     if f64::from(single) == value || value.is_nan() {
         single.to_be_bytes().to_vec()
@@ -219,7 +219,7 @@ pub fn encode_float(value: f64) -> Vec<u8> {
     }
 }
 
-pub fn decode_float(bytes: &[u8]) -> Result<f64, TlvError> {
+pub(super) fn decode_float(bytes: &[u8]) -> Result<f64, TlvError> {
     match bytes.len() {
         4 => Ok(f64::from(f32::from_be_bytes([
             bytes[0], bytes[1], bytes[2], bytes[3],
@@ -233,7 +233,7 @@ pub fn decode_float(bytes: &[u8]) -> Result<f64, TlvError> {
     }
 }
 
-pub fn decode_boolean(bytes: &[u8]) -> Result<bool, TlvError> {
+pub(super) fn decode_boolean(bytes: &[u8]) -> Result<bool, TlvError> {
     match bytes {
         [0] => Ok(false),
         [1] => Ok(true),
@@ -242,13 +242,13 @@ pub fn decode_boolean(bytes: &[u8]) -> Result<bool, TlvError> {
 }
 
 /// Objlnk: the Object ID then the Object Instance ID, 16 bits each.
-pub fn encode_objlnk(object: u16, instance: u16) -> Vec<u8> {
+pub(super) fn encode_objlnk(object: u16, instance: u16) -> Vec<u8> {
     let mut out = object.to_be_bytes().to_vec();
     out.extend_from_slice(&instance.to_be_bytes());
     out
 }
 
-pub fn decode_objlnk(bytes: &[u8]) -> Result<(u16, u16), TlvError> {
+pub(super) fn decode_objlnk(bytes: &[u8]) -> Result<(u16, u16), TlvError> {
     match bytes {
         [a, b, c, d] => Ok((u16::from_be_bytes([*a, *b]), u16::from_be_bytes([*c, *d]))),
         other => Err(TlvError::BadValueLength(other.len())),

@@ -9,17 +9,17 @@ use super::objects::{Entry, Instance, Kind, Path, Store, Value, resource_def};
 use super::senml::{self, SenmlValue};
 use super::tlv::{self, Tlv, TlvContent, TlvKind};
 
-pub const TEXT: u16 = 0;
-pub const LINK_FORMAT: u16 = 40;
-pub const OCTET_STREAM: u16 = 42;
-pub const SENML_JSON: u16 = 110;
-pub const TLV: u16 = 11542;
+pub(super) const TEXT: u16 = 0;
+pub(super) const LINK_FORMAT: u16 = 40;
+pub(super) const OCTET_STREAM: u16 = 42;
+pub(super) const SENML_JSON: u16 = 110;
+pub(super) const TLV: u16 = 11542;
 const LEGACY_TEXT: u16 = 1541;
 const LEGACY_TLV: u16 = 1542;
 
 /// The formats the device reads and writes values in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(super) enum Format {
     Text,
     Opaque,
     Tlv,
@@ -27,7 +27,7 @@ pub enum Format {
 }
 
 impl Format {
-    pub fn from_number(number: u16) -> Option<Format> {
+    pub(super) fn from_number(number: u16) -> Option<Format> {
         match number {
             TEXT | LEGACY_TEXT => Some(Format::Text),
             OCTET_STREAM => Some(Format::Opaque),
@@ -37,7 +37,7 @@ impl Format {
         }
     }
 
-    pub fn number(self) -> u16 {
+    pub(super) fn number(self) -> u16 {
         match self {
             Format::Text => TEXT,
             Format::Opaque => OCTET_STREAM,
@@ -48,7 +48,7 @@ impl Format {
 
     /// What the device answers when the request names no Accept: plain text for a single
     /// value (octet-stream for an opaque one), TLV for anything with several values.
-    pub fn default_for(path: &Path) -> Format {
+    pub(super) fn default_for(path: &Path) -> Format {
         match path.segments() {
             [o, _, r] => {
                 let def = resource_def(*o, *r);
@@ -68,7 +68,7 @@ impl Format {
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ContentError {
+pub(super) enum ContentError {
     /// The format cannot represent what the path holds (4.06 on Read, 4.15 on Write).
     #[error("{0:?} cannot carry {1}")]
     Unrepresentable(Format, String),
@@ -88,7 +88,7 @@ fn readable(object: u16, resource: u16, entry: &Entry) -> bool {
 }
 
 /// Encodes what `path` holds. The caller has checked that it exists and may be read.
-pub fn encode(store: &Store, path: &Path, format: Format) -> Result<Vec<u8>, ContentError> {
+pub(super) fn encode(store: &Store, path: &Path, format: Format) -> Result<Vec<u8>, ContentError> {
     let unrepresentable = || ContentError::Unrepresentable(format, path.to_string());
     match format {
         Format::Text | Format::Opaque => {
@@ -204,7 +204,7 @@ fn senml_value(value: &Value) -> SenmlValue {
 }
 
 /// Every readable value at or below `path`, with its full name.
-pub fn measurements(store: &Store, path: &Path) -> Vec<(String, SenmlValue)> {
+pub(super) fn measurements(store: &Store, path: &Path) -> Vec<(String, SenmlValue)> {
     let mut out = Vec::new();
     for (o, i) in store.instance_ids() {
         if !Path::object_instance(o, i).is_under(path)
@@ -244,7 +244,7 @@ pub fn measurements(store: &Store, path: &Path) -> Vec<(String, SenmlValue)> {
 
 /// A resource's new content in a Write.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Written {
+pub(super) enum Written {
     Single(Value),
     /// Resource instances of a Multiple Resource (all of them for a replace).
     Multiple(BTreeMap<u16, Value>),
@@ -253,7 +253,7 @@ pub enum Written {
 /// An instance's share of a Write or Create payload; `instance` is `None` when a Create leaves
 /// the choice of the ID to the device.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct WrittenInstance {
+pub(super) struct WrittenInstance {
     pub instance: Option<u16>,
     pub resources: BTreeMap<u16, Written>,
 }
@@ -339,7 +339,7 @@ fn from_senml(value: &SenmlValue, kind: Kind) -> Result<Value, ContentError> {
 
 /// Decodes a Write (or Create, or Bootstrap-Write) payload aimed at `path` into the instances
 /// and resources it sets. Every value is typed by its resource's definition.
-pub fn decode(
+pub(super) fn decode(
     path: &Path,
     format: Format,
     payload: &[u8],

@@ -178,7 +178,7 @@ pub(super) struct Core {
 }
 
 impl Core {
-    pub fn new(profile: DeviceProfile, stats: Arc<SimStats>, now: Instant) -> Self {
+    pub(super) fn new(profile: DeviceProfile, stats: Arc<SimStats>, now: Instant) -> Self {
         let mut values = profile.resources.clone();
         values.insert((SERVER, 0, 1), profile.lifetime_s.to_string());
         let store = Store::from_text(&values);
@@ -217,17 +217,17 @@ impl Core {
     }
 
     /// Datagrams to send, oldest first.
-    pub fn take_outbox(&mut self) -> Vec<Vec<u8>> {
+    pub(super) fn take_outbox(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.outbox)
     }
 
-    pub fn set_awake(&mut self, awake: bool) {
+    pub(super) fn set_awake(&mut self, awake: bool) {
         self.awake = awake;
     }
 
     /// The UE woke: in queue mode the server hears an Update first, then the notifications
     /// that waited.
-    pub fn on_wake(&mut self, now: Instant) {
+    pub(super) fn on_wake(&mut self, now: Instant) {
         self.awake = true;
         if self.profile.queue_mode && self.location.is_some() {
             self.queue_update(UpdateParams::default());
@@ -236,12 +236,12 @@ impl Core {
         self.pump(now);
     }
 
-    pub fn command(&mut self, now: Instant, job: Job) {
+    pub(super) fn command(&mut self, now: Instant, job: Job) {
         self.jobs.push_back(job);
         self.pump(now);
     }
 
-    pub fn local(&mut self, now: Instant, local: Local) {
+    pub(super) fn local(&mut self, now: Instant, local: Local) {
         match local {
             Local::Set(path, text, reply) => {
                 let result = self.set_local(&path, &text);
@@ -266,7 +266,7 @@ impl Core {
     }
 
     /// The next time `on_timer` has something to do.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
         let mut deadlines = vec![
             self.outstanding.as_ref().map(|o| o.deadline),
             self.blocks.deadline(EXCHANGE_LIFETIME),
@@ -294,7 +294,7 @@ impl Core {
         deadlines.into_iter().flatten().min()
     }
 
-    pub fn on_timer(&mut self, now: Instant) {
+    pub(super) fn on_timer(&mut self, now: Instant) {
         if self.outstanding.as_ref().is_some_and(|o| now >= o.deadline) {
             self.retransmit(now);
         }
@@ -334,7 +334,7 @@ impl Core {
         self.pump(now);
     }
 
-    pub fn on_datagram(&mut self, now: Instant, datagram: &[u8]) {
+    pub(super) fn on_datagram(&mut self, now: Instant, datagram: &[u8]) {
         let Ok(packet) = Packet::from_bytes(datagram) else {
             tracing::debug!("simulated device: ignoring a datagram that is not CoAP");
             return;

@@ -1,31 +1,61 @@
 //! The self-contained demo: the mock SCEF with simulated LwM2M devices, the bridge, and the
 //! real npm LwM2M server, all on loopback. Devices register through NIDD, the server reads
-//! `/3/0/0` from each through the bridge, and the devices de-register.
+//! `/3/0/0` from each through the bridge, a read waits for a sleeping device, and the devices
+//! de-register.
+//!
+//! `cargo run --release --example demo [-- --devices N]`
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::Bridge;
-use crate::config::{Config, ProcessSecrets};
-use crate::device::DeviceId;
-use crate::lwm2m_peer::{self, Lwm2mNodeServer};
-use crate::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
-use crate::mock_scef::{MockScef, MockScefConfig};
-use crate::t8::schema::T8Schemas;
+use clap::Parser;
+use nidd_bridge::Bridge;
+use nidd_bridge::config::{Config, ProcessSecrets};
+use nidd_bridge::device::DeviceId;
+use nidd_testbed::bridge_config::loopback_config;
+use nidd_testbed::lwm2m_peer::{self, Lwm2mNodeServer};
+use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
+use nidd_testbed::mock_scef::{MockScef, MockScefConfig};
+use nidd_testbed::schema::{T8Schemas, default_schema_dir};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub struct DemoOptions {
-    pub devices: usize,
-    pub peer_dir: PathBuf,
-    pub schemas: Option<PathBuf>,
+/// Run the self-contained demo: mock SCEF + simulated devices + bridge + npm LwM2M server.
+#[derive(Parser)]
+#[command(name = "demo")]
+struct DemoOptions {
+    /// How many simulated devices register (1 to 1000).
+    #[arg(long, default_value_t = 3)]
+    devices: usize,
+    /// Folder of the npm LwM2M server driver (installed with `npm ci` if missing).
+    #[arg(long, default_value_os_t = lwm2m_peer::default_peer_dir())]
+    peer_dir: PathBuf,
+    /// Directory of the official 3GPP OpenAPI files, for validating every T8 body.
+    #[arg(long, default_value_os_t = default_schema_dir())]
+    schemas: PathBuf,
 }
 
-pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(DemoOptions::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("demo: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: DemoOptions) -> anyhow::Result<()> {
     if options.devices == 0 || options.devices > 1000 {
         bail!("--devices must be between 1 and 1000");
     }
@@ -39,7 +69,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     say("2/7", "starting the mock SCEF (T8 NIDD API emulator)");
     let schemas = match &options.schemas {
-        Some(dir) if dir.is_dir() => Some(Arc::new(
+        dir if dir.is_dir() => Some(Arc::new(
             T8Schemas::load(dir).context("loading the 3GPP schemas")?,
         )),
         _ => None,
@@ -217,48 +247,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         sims.len()
     );
     Ok(())
-}
-
-/// A configuration with every listener on loopback port 0 (bound addresses are read back),
-/// device sockets from 127.0.0.1, fast provisioning retries, and the given `[[devices]]`
-/// bodies. Used by the demo and the integration tests.
-pub fn loopback_config(
-    api_root: &str,
-    server: SocketAddr,
-    store: &Path,
-    devices: &[&str],
-    extra: &str,
-) -> String {
-    let devices: String = devices
-        .iter()
-        .map(|d| format!("[[devices]]\n{d}\n"))
-        .collect();
-    format!(
-        r#"
-[scef]
-base_url = "{api_root}"
-scs_as_id = "nidd-bridge-demo"
-request_timeout_ms = 1000
-retry_initial_ms = 50
-retry_max_ms = 200
-[callback]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[[lwm2m_servers]]
-name = "dm"
-address = "{server}"
-role = "dm"
-[sockets]
-bind = "127.0.0.1"
-ports = "20000-39999"
-[store]
-path = "{}"
-{extra}
-{devices}
-"#,
-        store.display()
-    )
 }
 
 fn say(step: &str, text: &str) {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::net::UdpSocket;
 
 use super::{MockError, MockScef, MockState, SimUe};
-use crate::device::DeviceId;
+use nidd_bridge::device::DeviceId;
 
 /// The UDP side of one real device.
 pub(super) struct RealDevice {

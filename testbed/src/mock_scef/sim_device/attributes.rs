@@ -5,7 +5,7 @@
 
 /// Attributes attached at one level; `None` is "not set".
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Attributes {
+pub(super) struct Attributes {
     pub pmin: Option<u32>,
     pub pmax: Option<u32>,
     pub gt: Option<f64>,
@@ -14,7 +14,7 @@ pub struct Attributes {
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum AttributeError {
+pub(super) enum AttributeError {
     #[error("unknown attribute {0:?}")]
     Unknown(String),
     #[error("bad value for {0}")]
@@ -37,7 +37,7 @@ enum Change {
 
 /// A parsed Write-Attributes request.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct AttributeWrite {
+pub(super) struct AttributeWrite {
     changes: Vec<Change>,
     /// LwM2M 1.0 drafts' `cancel` attribute (still sent by some servers): cancels the
     /// observation of the path.
@@ -46,7 +46,9 @@ pub struct AttributeWrite {
 
 impl AttributeWrite {
     /// Parses the Uri-Query options of a Write-Attributes.
-    pub fn parse<'a>(queries: impl IntoIterator<Item = &'a str>) -> Result<Self, AttributeError> {
+    pub(super) fn parse<'a>(
+        queries: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, AttributeError> {
         let mut write = AttributeWrite::default();
         for query in queries {
             let (name, value) = match query.split_once('=') {
@@ -90,14 +92,14 @@ impl AttributeWrite {
     }
 
     /// Does it set or unset a change threshold (gt, lt, st)?
-    pub fn touches_thresholds(&self) -> bool {
+    pub(super) fn touches_thresholds(&self) -> bool {
         self.changes
             .iter()
             .any(|c| matches!(c, Change::Gt(_) | Change::Lt(_) | Change::St(_)))
     }
 
     /// The attributes after this write; validated.
-    pub fn apply(&self, current: &Attributes) -> Result<Attributes, AttributeError> {
+    pub(super) fn apply(&self, current: &Attributes) -> Result<Attributes, AttributeError> {
         let mut next = current.clone();
         for change in &self.changes {
             match change {
@@ -114,7 +116,7 @@ impl AttributeWrite {
 }
 
 impl Attributes {
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         *self == Attributes::default()
     }
 
@@ -133,7 +135,7 @@ impl Attributes {
     }
 
     /// `self` with every attribute `more_specific` sets taking precedence.
-    pub fn overridden_by(&self, more_specific: &Attributes) -> Attributes {
+    pub(super) fn overridden_by(&self, more_specific: &Attributes) -> Attributes {
         Attributes {
             pmin: more_specific.pmin.or(self.pmin),
             pmax: more_specific.pmax.or(self.pmax),
@@ -144,7 +146,7 @@ impl Attributes {
     }
 
     /// The attributes as CoRE link parameters (`;pmin=10;gt=50`), for Discover.
-    pub fn link_params(&self) -> String {
+    pub(super) fn link_params(&self) -> String {
         let mut out = String::new();
         if let Some(v) = self.pmin {
             out.push_str(&format!(";pmin={v}"));
@@ -163,7 +165,7 @@ impl Attributes {
     /// Whether a change from the last notified value to `new` meets the change criteria:
     /// crossing `gt` or `lt` in either direction, or moving by at least `st`. With none of
     /// the three set, any change counts. Non-numeric values only count when they changed.
-    pub fn change_worth_notifying(&self, last: Option<f64>, new: Option<f64>) -> bool {
+    pub(super) fn change_worth_notifying(&self, last: Option<f64>, new: Option<f64>) -> bool {
         let (Some(last), Some(new)) = (last, new) else {
             return true;
         };

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// One SenML record as it appears on the wire.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Record {
+pub(super) struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bn: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -31,7 +31,7 @@ pub struct Record {
 
 /// A record's value.
 #[derive(Debug, Clone, PartialEq)]
-pub enum SenmlValue {
+pub(super) enum SenmlValue {
     Number(serde_json::Number),
     String(String),
     Boolean(bool),
@@ -41,14 +41,14 @@ pub enum SenmlValue {
 
 /// A resolved record: full name (base name + name), value, and time (base time + time), if any.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Measurement {
+pub(super) struct Measurement {
     pub name: String,
     pub value: SenmlValue,
     pub time: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum SenmlError {
+pub(super) enum SenmlError {
     #[error("not a SenML JSON pack: {0}")]
     Json(String),
     #[error("record {0} has no value or more than one")]
@@ -59,7 +59,7 @@ pub enum SenmlError {
 
 /// Encodes measurements sharing `base_name` (each name must start with it); the first record
 /// carries the base name and `base_time`.
-pub fn encode(
+pub(super) fn encode(
     base_name: &str,
     base_time: Option<f64>,
     measurements: &[(String, SenmlValue)],
@@ -91,7 +91,7 @@ pub fn encode(
 }
 
 /// Decodes a pack, resolving base names and base times as RFC 8428 §4.6 does.
-pub fn decode(bytes: &[u8]) -> Result<Vec<Measurement>, SenmlError> {
+pub(super) fn decode(bytes: &[u8]) -> Result<Vec<Measurement>, SenmlError> {
     let records: Vec<Record> =
         serde_json::from_slice(bytes).map_err(|e| SenmlError::Json(e.to_string()))?;
     let mut base_name = String::new();

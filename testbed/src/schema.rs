@@ -815,12 +815,61 @@ fn openapi_nullable(value: &mut Value) {
 
 // ---------------------------------------------------------------------------
 
+/// Names the directory of the official 3GPP OpenAPI files.
+pub const SCHEMA_DIR_VAR: &str = "NIDD_BRIDGE_T8_SCHEMAS";
+
+/// Set (to anything but `0` or an empty value) to make missing 3GPP files a failure of every
+/// test that needs them instead of a skip; `.ci/run` sets it so CI never skips.
+pub const REQUIRE_SCHEMAS_VAR: &str = "NIDD_BRIDGE_REQUIRE_T8_SCHEMAS";
+
 /// Where the official 3GPP OpenAPI files are looked for: `NIDD_BRIDGE_T8_SCHEMAS`, else the
-/// `shared/3gpp-t8` folder beside the source tree.
+/// `shared/3gpp-t8` folder beside the checkout (`../shared/3gpp-t8` from the workspace root).
 pub fn default_schema_dir() -> PathBuf {
-    std::env::var_os("NIDD_BRIDGE_T8_SCHEMAS")
+    std::env::var_os(SCHEMA_DIR_VAR)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/3gpp-t8")))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/3gpp-t8"))
+}
+
+/// The official schemas for a test that needs them, loaded once per process.
+///
+/// When the files are not installed this prints one line (past the test harness's output
+/// capture, so it is seen) naming the test, what was skipped and how to enable it, and returns
+/// `None`. With [`REQUIRE_SCHEMAS_VAR`] set it panics instead. Files that are present but
+/// broken always fail.
+pub fn for_test(what: &str) -> Option<Arc<T8Schemas>> {
+    static LOADED: std::sync::OnceLock<Result<Arc<T8Schemas>, (bool, String)>> =
+        std::sync::OnceLock::new();
+    let dir = default_schema_dir();
+    let loaded = LOADED.get_or_init(|| {
+        T8Schemas::load(&dir).map(Arc::new).map_err(|error| {
+            let absent = matches!(
+                error,
+                SchemaError::ReadDir { .. } | SchemaError::MissingFile { .. }
+            );
+            (absent, error.to_string())
+        })
+    });
+    match loaded {
+        Ok(schemas) => Some(schemas.clone()),
+        Err((true, error)) if !schemas_required() => {
+            use std::io::Write;
+            let thread = std::thread::current();
+            let test = thread.name().unwrap_or("a test");
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped {what} in {test}: {error}; set {SCHEMA_DIR_VAR}=DIR or put the 3GPP T8 OpenAPI files in ../shared/3gpp-t8 ({REQUIRE_SCHEMAS_VAR}=1 makes this a failure)"
+            );
+            None
+        }
+        Err((_, error)) => panic!(
+            "{what} needs the 3GPP T8 OpenAPI files in {} ({SCHEMA_DIR_VAR}): {error}",
+            dir.display()
+        ),
+    }
+}
+
+fn schemas_required() -> bool {
+    std::env::var_os(REQUIRE_SCHEMAS_VAR).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 #[cfg(test)]
@@ -830,11 +879,19 @@ mod tests {
     use serde_json::json;
     use std::sync::OnceLock;
 
+    /// Returns from the test (after saying so) when the 3GPP files are not installed.
+    macro_rules! skip_without_schemas {
+        () => {
+            if for_test("the 3GPP schema checks").is_none() {
+                return;
+            }
+        };
+    }
+
     fn schemas() -> &'static T8Schemas {
-        static SCHEMAS: OnceLock<T8Schemas> = OnceLock::new();
+        static SCHEMAS: OnceLock<Arc<T8Schemas>> = OnceLock::new();
         SCHEMAS.get_or_init(|| {
-            let dir = default_schema_dir();
-            T8Schemas::load(&dir).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+            for_test("the 3GPP schema checks").expect("checked by skip_without_schemas!")
         })
     }
 
@@ -883,6 +940,7 @@ mod tests {
 
     #[test]
     fn nidd_configuration_create_body() {
+        skip_without_schemas!();
         let schema = request_schema("POST", NIDD_BASE).unwrap();
         assert_eq!(schema.component_name(), Some("NiddConfiguration"));
         assert_valid(&schema, &nidd_config());
@@ -898,6 +956,7 @@ mod tests {
 
     #[test]
     fn nidd_configuration_needs_exactly_one_ue_id() {
+        skip_without_schemas!();
         let schema = request_schema("POST", NIDD_BASE).unwrap();
         let mut two = nidd_config();
         two["msisdn"] = json!("491701234567");
@@ -911,6 +970,7 @@ mod tests {
 
     #[test]
     fn nidd_configuration_needs_notification_destination() {
+        skip_without_schemas!();
         let schema = request_schema("POST", NIDD_BASE).unwrap();
         let mut body = nidd_config();
         body.as_object_mut()
@@ -925,6 +985,7 @@ mod tests {
 
     #[test]
     fn date_time_format_is_enforced_with_pointer() {
+        skip_without_schemas!();
         let schema = request_schema("POST", NIDD_BASE).unwrap();
         let mut body = nidd_config();
         body["duration"] = json!("next tuesday");
@@ -937,6 +998,7 @@ mod tests {
 
     #[test]
     fn nested_violation_has_nested_pointer() {
+        skip_without_schemas!();
         let schema = request_schema("POST", NIDD_BASE).unwrap();
         let mut body = nidd_config();
         body["rdsPorts"] = json!([{"portUE": 1, "portSCEF": "two"}]);
@@ -945,6 +1007,7 @@ mod tests {
 
     #[test]
     fn enums_are_open_but_typed() {
+        skip_without_schemas!();
         let schema = request_schema("POST", NIDD_BASE).unwrap();
         let mut body = nidd_config();
         body["pdnEstablishmentOption"] = json!("SOME_FUTURE_OPTION");
@@ -955,6 +1018,7 @@ mod tests {
 
     #[test]
     fn nullable_is_honoured_only_where_declared() {
+        skip_without_schemas!();
         let schema = request_schema("PATCH", &format!("{NIDD_BASE}/c1")).unwrap();
         assert_eq!(schema.component_name(), Some("NiddConfigurationPatch"));
         // DateTimeRm and the inline `reliableDataService` are `nullable: true`.
@@ -974,6 +1038,7 @@ mod tests {
 
     #[test]
     fn downlink_data_transfer() {
+        skip_without_schemas!();
         let path = format!("{NIDD_BASE}/c1/downlink-data-deliveries");
         let schema = request_schema("POST", &path).unwrap();
         assert_eq!(schema.component_name(), Some("NiddDownlinkDataTransfer"));
@@ -1008,6 +1073,7 @@ mod tests {
 
     #[test]
     fn uplink_notification_and_the_oneof_pitfall() {
+        skip_without_schemas!();
         let body = json!({
             "niddConfiguration": "https://scef.example.com/3gpp-nidd/v1/bridge-1/configurations/c1",
             "externalId": "dev-1@iot.example.com",
@@ -1033,6 +1099,7 @@ mod tests {
 
     #[test]
     fn nidd_callback_dispatch() {
+        skip_without_schemas!();
         let cfg = "https://scef.example.com/3gpp-nidd/v1/b/configurations/c1";
         let dl = format!("{cfg}/downlink-data-deliveries/d1");
         let cases = [
@@ -1080,6 +1147,7 @@ mod tests {
 
     #[test]
     fn monitoring_subscription() {
+        skip_without_schemas!();
         let schema =
             request_schema("POST", "/3gpp-monitoring-event/v1/bridge-1/subscriptions").unwrap();
         assert_eq!(schema.component_name(), Some("MonitoringEventSubscription"));
@@ -1112,6 +1180,7 @@ mod tests {
 
     #[test]
     fn monitoring_patch_is_an_array_of_patch_items() {
+        skip_without_schemas!();
         let path = "/3gpp-monitoring-event/v1/bridge-1/subscriptions/s1";
         let schema = request_schema("PATCH", path).unwrap();
         assert_eq!(schema.component_name(), None);
@@ -1126,6 +1195,7 @@ mod tests {
 
     #[test]
     fn monitoring_notification_and_reports() {
+        skip_without_schemas!();
         let schema = monitoring_callback_schema();
         let body = json!({
             "subscription": "https://scef.example.com/3gpp-monitoring-event/v1/b/subscriptions/s1",
@@ -1161,6 +1231,7 @@ mod tests {
 
     #[test]
     fn device_triggering() {
+        skip_without_schemas!();
         let schema =
             request_schema("POST", "/3gpp-device-triggering/v1/bridge-1/transactions").unwrap();
         assert_eq!(schema.component_name(), Some("DeviceTriggering"));
@@ -1298,6 +1369,7 @@ mod tests {
     /// the schema the YAML declares.
     #[test]
     fn mapping_agrees_with_the_yaml() {
+        skip_without_schemas!();
         let s = schemas();
         let mut checked = 0;
         for (file, api) in [
@@ -1350,6 +1422,7 @@ mod tests {
     /// The callback mapping covers the spec's callback bodies.
     #[test]
     fn callbacks_agree_with_the_yaml() {
+        skip_without_schemas!();
         let s = schemas();
         let one_of = s.docs[NIDD_FILE]
             .pointer("/paths/~1{scsAsId}~1configurations/post/callbacks/niddNotifications/{$request.body#~1notificationDestination}/post/requestBody/content/application~1json/schema/oneOf")
@@ -1393,7 +1466,9 @@ mod tests {
     fn fixture_dir() -> PathBuf {
         std::env::var_os("NIDD_BRIDGE_T8_FIXTURES")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/t8")))
+            .unwrap_or_else(|| {
+                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/t8"))
+            })
     }
 
     /// `(schema, path, body)` of every `<Schema>.<variant>.json` in `dir`.
@@ -1421,6 +1496,7 @@ mod tests {
     /// ones under `invalid/` are not.
     #[test]
     fn fixtures_match_their_schemas() {
+        skip_without_schemas!();
         let dir = fixture_dir();
         let valid = fixtures(&dir);
         let invalid = fixtures(&dir.join("invalid"));
@@ -1452,11 +1528,13 @@ mod tests {
 
     #[test]
     fn every_mapped_schema_compiles() {
+        skip_without_schemas!();
         schemas().compile_all_mapped().unwrap();
     }
 
     #[test]
     fn validators_are_cached() {
+        skip_without_schemas!();
         let a = schemas().compile(&NIDD_CONFIGURATION).unwrap();
         let b = schemas().compile(&component("NiddConfiguration")).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
@@ -1464,6 +1542,7 @@ mod tests {
 
     #[test]
     fn find_component_searches_the_t8_files() {
+        skip_without_schemas!();
         let s = schemas();
         assert_eq!(
             s.find_component("NiddConfiguration").unwrap().file,
@@ -1484,6 +1563,7 @@ mod tests {
 
     #[test]
     fn unknown_schema_is_an_error() {
+        skip_without_schemas!();
         let missing = SchemaRef::component(NIDD_FILE, "NoSuchThing");
         assert!(matches!(
             schemas().compile(&missing),
@@ -1502,6 +1582,7 @@ mod tests {
     /// Refs into files that are not in the directory only matter when reached.
     #[test]
     fn refs_to_absent_files_fail_only_when_reached() {
+        skip_without_schemas!();
         // FlowInfo.tosTC refers to TS29514_Npcf_PolicyAuthorization.yaml, absent.
         let flow_info = component("FlowInfo");
         match schemas().compile(&flow_info) {

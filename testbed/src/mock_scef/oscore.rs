@@ -268,7 +268,7 @@ impl SequenceStore for FileSequenceStore {
 }
 
 /// The fields of an OSCORE option value (RFC 8613 §6.1): the bridge's own parser.
-pub type OscoreOptionFields<'a> = crate::coap::OscoreOption<'a>;
+pub type OscoreOptionFields<'a> = nidd_bridge::coap::OscoreOption<'a>;
 
 /// Parses an OSCORE option value (flag byte, Partial IV, kid context, kid).
 ///

@@ -27,10 +27,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use url::Url;
 
-use crate::callback::problem_response;
-use crate::device::DeviceId;
-use crate::t8::schema::{self, T8Schemas};
-use crate::t8::{
+use crate::schema::{self, T8Schemas};
+use nidd_bridge::device::DeviceId;
+use nidd_bridge::t8::{
     DeliveryStatus, ExternalIdOrMsisdn, NiddConfiguration, NiddConfigurationStatusNotification,
     NiddDownlinkDataDeliveryFailure, NiddDownlinkDataDeliveryStatusNotification,
     NiddDownlinkDataTransfer, NiddStatus, NiddUplinkDataNotification, ProblemDetails,
@@ -295,7 +294,7 @@ impl MockState {
             status: 0,
             request_body: Some(body.clone()),
             response_body: None,
-            at_ms: crate::delivery::unix_ms(),
+            at_ms: nidd_bridge::clock::unix_ms(),
         });
         let result = self.http.post(url).json(&body).send().await;
         let (status, text) = match result {
@@ -650,7 +649,7 @@ async fn record_and_validate(
         status: 0,
         request_body,
         response_body: None,
-        at_ms: crate::delivery::unix_ms(),
+        at_ms: nidd_bridge::clock::unix_ms(),
     });
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
@@ -973,4 +972,23 @@ async fn create_downlink(
         }
         _ => psm::deliver_or_buffer(&state, &ue, &scs, &id, &configuration, request, datagram),
     }
+}
+
+/// An RFC 7807 answer from the mock SCEF.
+pub(crate) fn problem_response(status: StatusCode, cause: &str, detail: String) -> Response {
+    let body = nidd_bridge::t8::ProblemDetails {
+        problem_type: Some("about:blank".into()),
+        title: status.canonical_reason().map(str::to_string),
+        status: Some(status.as_u16()),
+        detail: Some(detail),
+        cause: Some(cause.to_string()),
+        ..Default::default()
+    };
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        json,
+    )
+        .into_response()
 }

@@ -1,0 +1,206 @@
+//! `nidd-mock-scef`: the mock SCEF (T8 NIDD, MonitoringEvent and DeviceTriggering emulator) on
+//! its own, with simulated LwM2M devices or real UDP LwM2M clients fronted as UEs, for trying a
+//! bridge or an integration without an operator network.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use nidd_bridge::device::DeviceId;
+use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
+use nidd_testbed::mock_scef::{MockScef, MockScefConfig};
+use nidd_testbed::schema::T8Schemas;
+
+#[derive(Parser)]
+#[command(
+    name = "nidd-mock-scef",
+    version,
+    about = "Mock SCEF: a T8 NIDD API emulator with simulated UEs and LwM2M devices"
+)]
+struct Cli {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory of the official 3GPP OpenAPI files; every T8 body is validated against them.
+    #[arg(long)]
+    schemas: Option<PathBuf>,
+    /// maximumPacketSize reported to the bridge, in bytes (sent in bits, as T8 specifies).
+    #[arg(long, default_value_t = 1358)]
+    max_packet_bytes: u64,
+    /// Simulate an LwM2M device on this UE (External Identifier or MSISDN); repeatable.
+    #[arg(long = "simulate-device")]
+    simulate_devices: Vec<String>,
+    /// PSM cycle of the simulated devices' UEs: seconds awake, then `--psm-sleep-s` asleep.
+    #[arg(long, requires = "psm_sleep_s")]
+    psm_active_s: Option<u64>,
+    #[arg(long, requires = "psm_active_s")]
+    psm_sleep_s: Option<u64>,
+    /// Front a real UDP LwM2M client as a UE: `ID=ADDR` opens ADDR (e.g. 127.0.0.1:5690) as
+    /// the client's LwM2M server address; repeatable.
+    #[arg(long = "real-device", value_name = "ID=ADDR")]
+    real_devices: Vec<String>,
+    /// Refuse MT for a sleeping UE (500 FAILURE_TEMPORARILY_NOT_REACHABLE) instead of
+    /// buffering it.
+    #[arg(long)]
+    no_scef_buffering: bool,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let Cli {
+        listen,
+        schemas,
+        max_packet_bytes,
+        simulate_devices,
+        psm_active_s,
+        psm_sleep_s,
+        real_devices,
+        no_scef_buffering,
+    } = Cli::parse();
+    let psm = psm_active_s
+        .zip(psm_sleep_s)
+        .map(|(a, s)| (Duration::from_secs(a), Duration::from_secs(s)));
+    let options = MockOptions {
+        listen,
+        schemas,
+        max_packet_bytes,
+        simulate_devices,
+        real_devices,
+        psm,
+        scef_buffering: !no_scef_buffering,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("nidd-mock-scef: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(mock_scef(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nidd-mock-scef: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+/// What `mock-scef` was asked to run.
+struct MockOptions {
+    listen: SocketAddr,
+    schemas: Option<PathBuf>,
+    max_packet_bytes: u64,
+    simulate_devices: Vec<String>,
+    real_devices: Vec<String>,
+    psm: Option<(Duration, Duration)>,
+    scef_buffering: bool,
+}
+
+async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
+    let MockOptions {
+        listen,
+        schemas,
+        max_packet_bytes,
+        simulate_devices,
+        real_devices,
+        psm,
+        scef_buffering,
+    } = options;
+    let schemas = match schemas {
+        Some(dir) => Some(Arc::new(T8Schemas::load(&dir)?)),
+        None => None,
+    };
+    let validating = schemas.is_some();
+    let config = MockScefConfig {
+        maximum_packet_size_bits: Some(max_packet_bytes * 8),
+        schemas,
+        scef_buffering,
+        ..Default::default()
+    };
+    let mock = Arc::new(MockScef::start(listen, config).await?);
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "apiRoot": mock.api_root().as_str()})
+    );
+    for text in real_devices {
+        let (id, address) = text
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--real-device takes ID=ADDR, got {text:?}"))?;
+        let id: DeviceId = id.parse()?;
+        let address: SocketAddr = address.parse()?;
+        let bound = mock.attach_real_device(&id, address).await?;
+        if let Some((active, sleep)) = psm {
+            drop(mock.ue(&id).start_psm_cycle(active, sleep));
+        }
+        println!(
+            "{}",
+            serde_json::json!({"event": "real_device", "ue": id.to_string(), "lwm2mServer": bound})
+        );
+    }
+    for text in simulate_devices {
+        let id: DeviceId = text.parse()?;
+        let ue = mock.ue(&id);
+        let endpoint = id.default_endpoint_name().unwrap_or_else(|| id.to_string());
+        if let Some((active, sleep)) = psm {
+            // Detached on purpose: the cycle runs for the life of the process.
+            drop(ue.start_psm_cycle(active, sleep));
+        }
+        tokio::spawn(async move {
+            loop {
+                if ue.wait_configured(Duration::from_secs(3600)).await.is_err() {
+                    continue;
+                }
+                let sim = SimLwm2mDevice::spawn(ue.clone(), DeviceProfile::new(&endpoint));
+                match sim.register().await {
+                    Ok(location) => {
+                        tracing::info!(%endpoint, %location, "simulated device registered");
+                        std::future::pending::<()>().await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%endpoint, %error, "simulated device could not register; retrying");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+        });
+    }
+    shutdown_signal().await;
+    if validating {
+        let violations = mock.violations();
+        for violation in &violations {
+            eprintln!("schema violation: {violation}");
+        }
+        if !violations.is_empty() {
+            anyhow::bail!(
+                "{} T8 bodies did not match the 3GPP schemas",
+                violations.len()
+            );
+        }
+    }
+    Ok(())
+}
