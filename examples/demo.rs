@@ -13,8 +13,8 @@ use anyhow::{Context, bail};
 
 use clap::Parser;
 use nidd_bridge::Bridge;
+use nidd_bridge::DeviceId;
 use nidd_bridge::config::{Config, ProcessSecrets};
-use nidd_bridge::device::DeviceId;
 use nidd_testbed::bridge_config::loopback_config;
 use nidd_testbed::lwm2m_peer::{self, Lwm2mNodeServer};
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};

@@ -34,3 +34,4 @@ pub mod t8;
 
 pub use bridge::{BoundBridge, Bridge, BridgeError, BridgeHandle};
 pub use config::Config;
+pub use device::{DeviceId, ExternalId, Msisdn};

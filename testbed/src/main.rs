@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use nidd_testbed::mock_scef::{MockScef, MockScefConfig};
 use nidd_testbed::schema::T8Schemas;

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 use url::Url;
 
 use crate::schema::{self, T8Schemas};
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_bridge::t8::{
     DeliveryStatus, ExternalIdOrMsisdn, NiddConfiguration, NiddConfigurationStatusNotification,
     NiddDownlinkDataDeliveryFailure, NiddDownlinkDataDeliveryStatusNotification,

@@ -4,7 +4,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use serde_json::{Value, json};
 

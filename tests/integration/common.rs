@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nidd_bridge::DeviceId;
 use nidd_bridge::config::{Config, ProcessSecrets};
-use nidd_bridge::device::DeviceId;
 use nidd_bridge::{BoundBridge, Bridge, BridgeHandle};
 use nidd_testbed::lwm2m_peer::{self, Lwm2mNodeServer};
 use nidd_testbed::mock_scef::{MockScef, MockScefConfig};

@@ -85,7 +85,7 @@ fn notification_fixtures_dispatch_to_their_schema() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_exchange_kind_is_checked_against_the_schemas() {
-    use nidd_bridge::device::DeviceId;
+    use nidd_bridge::DeviceId;
     use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 
     let stack = Stack::start(

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 
 use super::common::*;

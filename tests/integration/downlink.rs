@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_testbed::mock_scef::{DownlinkMode, MockScef, MockScefConfig};
 use serde_json::json;
 use tokio::net::UdpSocket;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice, firmware_package};
 use serde_json::json;
 use tokio::net::UdpSocket;

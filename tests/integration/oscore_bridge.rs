@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use coap_lite::{MessageType, Packet};
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_testbed::mock_scef::oscore::{OscoreContext, OscoreWorker};
 
 use super::common::*;

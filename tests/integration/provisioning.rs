@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_bridge::t8::NiddStatus;
 
 use super::common::*;

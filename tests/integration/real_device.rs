@@ -2,7 +2,7 @@
 //! mock SCEF, which turns its datagrams into NIDD, and registers at the real npm LwM2M server
 //! through the bridge.
 
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_testbed::lwm2m_peer::{Lwm2mNodeClient, default_peer_dir};
 
 use super::common::*;

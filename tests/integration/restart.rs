@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};

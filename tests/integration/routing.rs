@@ -4,7 +4,7 @@
 //! servers so every datagram is compared with what the device sent.
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use tokio::net::UdpSocket;
 
 use super::common::*;

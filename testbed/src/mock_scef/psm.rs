@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::{MockConfiguration, MockState, SimUe, bad_request, json_response, named_ue};
 use crate::mock_scef::problem_response;
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 use nidd_bridge::t8::{
     DeliveryResult, DeliveryStatus, DeviceTriggering, DeviceTriggeringDeliveryReportNotification,
     MonitoringEventReport, MonitoringEventSubscription, MonitoringNotification, MonitoringType,

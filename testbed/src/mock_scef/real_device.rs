@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::net::UdpSocket;
 
 use super::{MockError, MockScef, MockState, SimUe};
-use nidd_bridge::device::DeviceId;
+use nidd_bridge::DeviceId;
 
 /// The UDP side of one real device.
 pub(super) struct RealDevice {
