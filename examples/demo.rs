@@ -5,6 +5,8 @@
 //!
 //! `cargo run --release --example demo [-- --devices N]`
 
+#![allow(clippy::disallowed_methods)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use crate::device::DeviceId;
+use crate::identity::DeviceId;
 
 /// The commented example configuration shipped with the project (`print-default-config`).
 pub const EXAMPLE_CONFIG: &str = include_str!("../deploy/nidd-bridge.example.toml");
@@ -417,7 +417,7 @@ pub struct DeviceConfig {
 
 impl DeviceConfig {
     pub fn device_id(&self) -> Result<DeviceId, ConfigError> {
-        let invalid = |e: crate::device::IdentityError| ConfigError::Invalid(e.to_string());
+        let invalid = |e: crate::identity::IdentityError| ConfigError::Invalid(e.to_string());
         match (&self.external_id, &self.msisdn) {
             (Some(ext), None) => Ok(DeviceId::External(ext.parse().map_err(invalid)?)),
             (None, Some(msisdn)) => Ok(DeviceId::Msisdn(msisdn.parse().map_err(invalid)?)),

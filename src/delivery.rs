@@ -1,32 +1,24 @@
-//! The MT delivery engine. `MtState` (sans-IO, time as a parameter) decides per device when the
-//! head of its durable queue may go to the SCEF — device reachable or SCEF-buffered, no retry
-//! pending, paced — and what each T8 answer or delivery-status notification does to the queue.
-//! `run_flusher` is the thin per-device task that carries the decisions out.
+//! The MT delivery engine, sans-IO. `MtState` (time as a parameter) decides per device when the
+//! head of its queue may go to the SCEF — device reachable or SCEF-buffered, no retry pending,
+//! paced — and what each T8 answer or delivery-status notification does to the queue.
+//! `mt::flusher` is the thin per-device task that carries the decisions out.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use tokio_util::sync::CancellationToken;
-
-use crate::bridge::{Device, Shared};
 use crate::config::BufferOwner;
-use crate::mt_queue::{DeviceQueue, DropReason, QueuedDatagram};
+use crate::queue::{DeviceQueue, DropReason, QueuedDatagram};
 use crate::reachability::Reachability;
-use crate::t8::{
-    DeliveryStatus, DownlinkOutcome, NiddDownlinkDataTransfer, PdnEstablishmentOption,
-};
+use crate::t8::DeliveryStatus;
 
 /// Evenly spaced slots at a given rate (a leaky bucket without burst).
 #[derive(Debug, Clone)]
-pub struct Pacer {
+pub(crate) struct Pacer {
     interval: Duration,
     next_free: Option<Instant>,
 }
 
 impl Pacer {
-    pub fn new(rate_per_s: f64) -> Self {
+    pub(crate) fn new(rate_per_s: f64) -> Self {
         Self {
             interval: Duration::from_secs_f64(1.0 / rate_per_s.max(0.001)),
             next_free: None,
@@ -34,12 +26,12 @@ impl Pacer {
     }
 
     /// When the next send may happen, without reserving it.
-    pub fn ready_at(&self, now: Instant) -> Instant {
+    pub(crate) fn ready_at(&self, now: Instant) -> Instant {
         self.next_free.filter(|t| *t > now).unwrap_or(now)
     }
 
     /// Reserves the next slot and returns when it starts.
-    pub fn reserve(&mut self, now: Instant) -> Instant {
+    pub(crate) fn reserve(&mut self, now: Instant) -> Instant {
         let slot = self.ready_at(now);
         self.next_free = Some(slot + self.interval);
         slot
@@ -48,7 +40,7 @@ impl Pacer {
 
 /// What the flusher should do next for one device.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
+pub(crate) enum Decision {
     Send(QueuedDatagram),
     /// Ask the SCEF to wake the device (T8 device triggering).
     Trigger,
@@ -58,7 +50,7 @@ pub enum Decision {
 
 /// How one delivery attempt ended.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Delivered,
     Pending(String),
     /// The SCEF could not reach the device and did not keep the datagram.
@@ -75,7 +67,7 @@ pub enum Outcome {
 
 /// What the shell must do to the durable queue after an outcome.
 #[derive(Debug, Clone, PartialEq)]
-pub enum QueueEffect {
+pub(crate) enum QueueEffect {
     Remove(u64),
     Persist(QueuedDatagram),
     Keep,
@@ -83,7 +75,7 @@ pub enum QueueEffect {
 
 /// Per-device MT state.
 #[derive(Debug)]
-pub struct MtState {
+pub(crate) struct MtState {
     pub reachability: Reachability,
     pub queue: DeviceQueue,
     pub owner: BufferOwner,
@@ -99,7 +91,7 @@ pub struct MtState {
 }
 
 impl MtState {
-    pub fn new(
+    pub(crate) fn new(
         reachability: Reachability,
         queue: DeviceQueue,
         owner: BufferOwner,
@@ -123,7 +115,7 @@ impl MtState {
     }
 
     /// Decides the next step; also returns what expired meanwhile.
-    pub fn decide(
+    pub(crate) fn decide(
         &mut self,
         now: Instant,
         now_ms: u64,
@@ -187,7 +179,7 @@ impl MtState {
     }
 
     /// Applies the outcome of delivering `seq`.
-    pub fn on_outcome(&mut self, seq: u64, outcome: Outcome, now: Instant) -> QueueEffect {
+    pub(crate) fn on_outcome(&mut self, seq: u64, outcome: Outcome, now: Instant) -> QueueEffect {
         self.in_flight = None;
         match outcome {
             Outcome::Delivered => {
@@ -237,7 +229,7 @@ impl MtState {
     }
 
     /// Applies a delivery-status notification for a pending delivery.
-    pub fn on_delivery_status(
+    pub(crate) fn on_delivery_status(
         &mut self,
         location: &str,
         status: &DeliveryStatus,
@@ -268,167 +260,38 @@ impl MtState {
     }
 
     /// The device woke (uplink or reachability report): retry at once.
-    pub fn on_wake(&mut self) {
+    pub(crate) fn on_wake(&mut self) {
         self.retry_at = None;
         self.backoff = self.retry_initial;
         self.triggered_sleep = None;
     }
 }
 
-pub fn is_success(status: &DeliveryStatus) -> bool {
+pub(crate) fn is_success(status: &DeliveryStatus) -> bool {
     status.as_str().starts_with("SUCCESS")
 }
 
-pub fn is_failure(status: &DeliveryStatus) -> bool {
+pub(crate) fn is_failure(status: &DeliveryStatus) -> bool {
     status.as_str().starts_with("FAILURE")
 }
 
-pub use crate::clock::unix_ms;
-
-/// An RFC 3339 time from the SCEF as an `Instant` (past times become now).
-pub fn instant_of(time: Option<&str>, now: Instant) -> Option<Instant> {
+/// An RFC 3339 time from the SCEF as an `Instant` (past times become now); `now` and
+/// `system_now` are the same moment on the two clocks.
+pub(crate) fn instant_of(
+    time: Option<&str>,
+    now: Instant,
+    system_now: SystemTime,
+) -> Option<Instant> {
     let when = humantime::parse_rfc3339_weak(time?.trim_end_matches('Z')).ok()?;
-    let delay = when.duration_since(SystemTime::now()).unwrap_or_default();
+    let delay = when.duration_since(system_now).unwrap_or_default();
     Some(now + delay)
-}
-
-/// One device's flusher: carries out `MtState::decide` until cancelled.
-pub async fn run_flusher(shared: Arc<Shared>, device: Arc<Device>, cancel: CancellationToken) {
-    loop {
-        let now = Instant::now();
-        let (decision, dropped) = {
-            let mut state = device.state();
-            let configured = state.nidd.as_ref().is_some_and(|n| n.is_usable());
-            state.mt.decide(now, unix_ms(), configured)
-        };
-        shared.record_queue_drops(&device, dropped);
-        match decision {
-            Decision::Send(item) => deliver(&shared, &device, item).await,
-            Decision::Trigger => shared.send_trigger(&device).await,
-            Decision::Wait(until) => {
-                let timer = async {
-                    match until {
-                        Some(until) => tokio::time::sleep_until(until.into()).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = device.wake.notified() => {}
-                    _ = timer => {}
-                }
-            }
-        }
-    }
-}
-
-async fn deliver(shared: &Shared, device: &Device, item: QueuedDatagram) {
-    let (configuration, owner) = {
-        let state = device.state();
-        (
-            state.nidd.as_ref().map(|n| n.location.clone()),
-            state.mt.owner,
-        )
-    };
-    let seq = item.seq;
-    let Some(configuration) = configuration else {
-        let mut state = device.state();
-        state.mt.on_outcome(
-            seq,
-            Outcome::Retry {
-                after: Some(Duration::from_secs(1)),
-            },
-            Instant::now(),
-        );
-        return;
-    };
-    let slot = shared
-        .global_pacer
-        .lock()
-        .map(|mut p| p.reserve(Instant::now()))
-        .unwrap_or_else(|_| Instant::now());
-    tokio::time::sleep_until(slot.into()).await;
-    let transfer = NiddDownlinkDataTransfer {
-        external_id: device.id.external_id().cloned(),
-        msisdn: device.id.msisdn().cloned(),
-        data: BASE64.encode(&item.data),
-        pdn_establishment_option: Some(match owner {
-            BufferOwner::Bridge => PdnEstablishmentOption::IndicateError,
-            BufferOwner::Scef => PdnEstablishmentOption::WaitForUe,
-        }),
-        ..Default::default()
-    };
-    let result = shared.t8.deliver_downlink(&configuration, &transfer).await;
-    let now = Instant::now();
-    let metrics = &shared.metrics;
-    let outcome = match result {
-        Ok(DownlinkOutcome::Delivered { status }) => {
-            metrics
-                .mt_deliveries
-                .with_label_values(&[status.as_ref().map_or("SUCCESS", |s| s.label())])
-                .inc();
-            Outcome::Delivered
-        }
-        Ok(DownlinkOutcome::Pending { location, status }) => {
-            metrics
-                .mt_deliveries
-                .with_label_values(&[status.as_ref().map_or("PENDING", |s| s.label())])
-                .inc();
-            Outcome::Pending(location.to_string())
-        }
-        Ok(DownlinkOutcome::Failed { failure }) => {
-            metrics.mt_deliveries.with_label_values(&["FAILED"]).inc();
-            tracing::debug!(device = %device.id, cause = ?failure.problem_detail.cause, "SCEF could not deliver; kept for retry");
-            Outcome::NotReachable {
-                retry_at: instant_of(failure.requested_retransmission_time.as_deref(), now),
-            }
-        }
-        Err(error) if error.is_retryable() => {
-            tracing::debug!(device = %device.id, %error, "SCEF could not take MT; kept for retry");
-            Outcome::Retry {
-                after: error.retry_after(),
-            }
-        }
-        Err(error) => {
-            tracing::warn!(device = %device.id, %error, "SCEF refused MT datagram; dropped");
-            Outcome::Rejected
-        }
-    };
-    metrics
-        .mt_delivery_attempts
-        .with_label_values(&[outcome_label(&outcome)])
-        .inc();
-    match &outcome {
-        Outcome::Rejected => metrics
-            .mt_queue_dropped
-            .with_label_values(&[DropReason::Rejected.label()])
-            .inc(),
-        Outcome::NotReachable { .. } => metrics
-            .reachability_events
-            .with_label_values(&["not_reachable"])
-            .inc(),
-        _ => {}
-    }
-    let mut state = device.state();
-    let effect = state.mt.on_outcome(seq, outcome, now);
-    shared.apply_queue_effect(device, &effect);
-}
-
-fn outcome_label(outcome: &Outcome) -> &'static str {
-    match outcome {
-        Outcome::Delivered => "delivered",
-        Outcome::Pending(_) => "pending",
-        Outcome::NotReachable { .. } => "not_reachable",
-        Outcome::Retry { .. } => "retry",
-        Outcome::Rejected => "rejected",
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::OverflowPolicy;
-    use crate::mt_queue::QueueLimits;
+    use crate::queue::QueueLimits;
 
     const WINDOW: Duration = Duration::from_secs(10);
 
@@ -470,7 +333,7 @@ mod tests {
 
     #[test]
     fn bridge_mode_holds_mt_while_asleep_and_sends_in_order_on_wake() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut mt = state(BufferOwner::Bridge);
         mt.reachability.on_uplink(t0);
         let asleep = t0 + Duration::from_secs(30);
@@ -502,7 +365,7 @@ mod tests {
 
     #[test]
     fn scef_mode_sends_while_asleep_and_tracks_pending() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut mt = state(BufferOwner::Scef);
         mt.reachability.on_uplink(t0);
         let asleep = t0 + Duration::from_secs(30);
@@ -525,7 +388,7 @@ mod tests {
 
     #[test]
     fn failures_keep_the_datagram_and_honour_retry_times() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut mt = state(BufferOwner::Scef);
         enqueue(&mut mt, 1, 0);
         let Decision::Send(_) = mt.decide(t0, 0, true).0 else {
@@ -584,7 +447,7 @@ mod tests {
 
     #[test]
     fn expiry_and_configuration_gate_sending() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut mt = state(BufferOwner::Bridge);
         enqueue(&mut mt, 1, 0);
         assert_eq!(
@@ -598,7 +461,7 @@ mod tests {
 
     #[test]
     fn trigger_once_per_long_sleep() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut mt = MtState::new(
             Reachability::new(WINDOW),
             DeviceQueue::default(),
@@ -624,7 +487,7 @@ mod tests {
 
     #[test]
     fn bridge_mode_honours_an_scef_retry_time_while_asleep() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut mt = state(BufferOwner::Bridge);
         mt.reachability.on_uplink(t0);
         enqueue(&mut mt, 1, 0);
@@ -651,24 +514,24 @@ mod tests {
 
     #[test]
     fn scef_retry_times_become_instants() {
-        let now = Instant::now();
+        let now = crate::clock::now();
+        let system_now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let in_a_minute =
-            humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(60))
-                .to_string();
-        let at = instant_of(Some(&in_a_minute), now).unwrap();
-        assert!(at >= now + Duration::from_secs(58) && at <= now + Duration::from_secs(61));
+            humantime::format_rfc3339_seconds(system_now + Duration::from_secs(60)).to_string();
+        let at = instant_of(Some(&in_a_minute), now, system_now).unwrap();
+        assert_eq!(at, now + Duration::from_secs(60));
         assert_eq!(
-            instant_of(Some("2001-01-01T00:00:00Z"), now),
+            instant_of(Some("2001-01-01T00:00:00Z"), now, system_now),
             Some(now),
             "past times mean now"
         );
-        assert_eq!(instant_of(Some("not a time"), now), None);
-        assert_eq!(instant_of(None, now), None);
+        assert_eq!(instant_of(Some("not a time"), now, system_now), None);
+        assert_eq!(instant_of(None, now, system_now), None);
     }
 
     #[test]
     fn pacer_spaces_slots() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut pacer = Pacer::new(10.0);
         assert_eq!(pacer.reserve(t0), t0);
         assert_eq!(pacer.reserve(t0), t0 + Duration::from_millis(100));

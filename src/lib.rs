@@ -1,37 +1,41 @@
 //! nidd-bridge: connects non-IP NB-IoT devices, reached through an operator SCEF/NEF's 3GPP T8
 //! NIDD API, to any LwM2M server over CoAP/UDP.
 //!
-//! Crate map:
-//! - [`config`]: the TOML configuration and its validation.
-//! - [`device`]: device identities (External Identifier, MSISDN, `urn:nai`).
-//! - [`coap`]: read-only inspection of CoAP datagrams.
-//! - [`routing`]: sans-IO choice of the LwM2M server for each uplink datagram.
-//! - [`t8`]: T8 NIDD bodies, the T8 HTTP client and schema validation.
-//! - [`store`]: durable device records in sled.
-//! - [`relay`]: the per-device virtual UDP sockets.
-//! - [`bridge`]: shared state, the MO and MT paths, start-up and shutdown.
-//! - [`provision`]: NIDD configurations kept in place at the SCEF.
-//! - [`callback`]: the HTTP endpoint for T8 notifications.
-//! - [`admin`]: metrics, health, readiness and the device API.
-//! - [`metrics`]: the Prometheus registry.
+//! Crate map, in the order of the data flow; dependencies point down this list's layers, never
+//! up (see ARCHITECTURE.md):
+//!
+//! - wiring: [`bridge`] binds everything (`Bridge::bind`) and runs it (`BoundBridge::run`).
+//! - edges: `http` (the T8 callback server and the admin API, RFC 7807 problems) and
+//!   `provision` (NIDD configurations and monitoring subscriptions kept in place at the SCEF).
+//! - paths: `mo` (uplink verdict and forwarding to the LwM2M server) and `mt` (downlink
+//!   admission, the durable queue, the per-device flusher delivering through T8).
+//! - state: `devices` (the device table and per-device state), `socket` (the per-device UDP
+//!   sockets), `store` (sled), [`t8`] (T8 bodies and the client), `metrics` (Prometheus).
+//! - sans-IO core: `delivery` (the MT delivery engine), `queue` (MT queue policy),
+//!   `reachability`, `routing`, [`coap`] (read-only datagram inspection), [`config`],
+//!   [`identity`] (External Identifier, MSISDN, `urn:nai`) and [`clock`], the one place the
+//!   clock is read.
 
-pub mod admin;
 pub mod bridge;
-pub mod callback;
 pub mod clock;
 pub mod coap;
 pub mod config;
-pub mod delivery;
-pub mod device;
-pub mod metrics;
-pub mod mt_queue;
-pub mod provision;
-pub mod reachability;
-pub mod relay;
-pub mod routing;
-pub mod store;
+mod delivery;
+mod devices;
+mod http;
+pub mod identity;
+mod metrics;
+mod mo;
+mod mt;
+mod provision;
+mod queue;
+mod reachability;
+mod routing;
+mod socket;
+mod store;
 pub mod t8;
 
 pub use bridge::{BoundBridge, Bridge, BridgeError, BridgeHandle};
 pub use config::Config;
-pub use device::{DeviceId, ExternalId, Msisdn};
+pub use identity::{DeviceId, ExternalId, Msisdn};
+pub use store::StoreError;

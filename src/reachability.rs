@@ -9,7 +9,7 @@ use serde::Serialize;
 /// What the bridge believes about a device right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum State {
+pub(crate) enum State {
     /// Nothing heard since start: MT is tried, the SCEF's answer decides.
     Unknown,
     Awake,
@@ -19,7 +19,7 @@ pub enum State {
 }
 
 #[derive(Debug, Clone)]
-pub struct Reachability {
+pub(crate) struct Reachability {
     active_window: Duration,
     awake_until: Option<Instant>,
     asleep_since: Option<Instant>,
@@ -31,7 +31,7 @@ pub struct Reachability {
 }
 
 impl Reachability {
-    pub fn new(active_window: Duration) -> Self {
+    pub(crate) fn new(active_window: Duration) -> Self {
         Self {
             active_window,
             awake_until: None,
@@ -42,7 +42,7 @@ impl Reachability {
         }
     }
 
-    pub fn state(&self, now: Instant) -> State {
+    pub(crate) fn state(&self, now: Instant) -> State {
         if self.lost {
             State::Lost
         } else if self.awake_until.is_some_and(|until| now < until) {
@@ -55,18 +55,18 @@ impl Reachability {
     }
 
     /// Whether MT may be sent now (bridge-owned buffering holds it otherwise).
-    pub fn is_reachable(&self, now: Instant) -> bool {
+    pub(crate) fn is_reachable(&self, now: Instant) -> bool {
         matches!(self.state(now), State::Awake | State::Unknown)
     }
 
     /// The device sent something: it is awake for the active window.
-    pub fn on_uplink(&mut self, now: Instant) {
+    pub(crate) fn on_uplink(&mut self, now: Instant) {
         self.wake(now, now + self.active_window);
     }
 
     /// The network reported the device reachable (UE_REACHABILITY,
     /// AVAILABILITY_AFTER_DDN_FAILURE), optionally until a given time.
-    pub fn on_reachable_report(&mut self, now: Instant, until: Option<Instant>) {
+    pub(crate) fn on_reachable_report(&mut self, now: Instant, until: Option<Instant>) {
         let until = until
             .filter(|u| *u > now)
             .unwrap_or(now + self.active_window);
@@ -74,21 +74,21 @@ impl Reachability {
     }
 
     /// An MT datagram reached the device: it is awake now.
-    pub fn on_delivered(&mut self, now: Instant) {
+    pub(crate) fn on_delivered(&mut self, now: Instant) {
         if !self.is_reachable(now) {
             self.wake(now, now + self.active_window);
         }
     }
 
     /// The SCEF said the device cannot be reached now.
-    pub fn on_not_reachable(&mut self, now: Instant) {
+    pub(crate) fn on_not_reachable(&mut self, now: Instant) {
         if self.state(now) != State::Asleep {
             self.asleep_since = Some(now);
         }
         self.awake_until = Some(now.min(self.awake_until.unwrap_or(now)));
     }
 
-    pub fn on_loss_of_connectivity(&mut self, now: Instant) {
+    pub(crate) fn on_loss_of_connectivity(&mut self, now: Instant) {
         self.on_not_reachable(now);
         self.lost = true;
     }
@@ -107,12 +107,12 @@ impl Reachability {
     }
 
     /// When the awake window ends (if awake now).
-    pub fn awake_until(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn awake_until(&self, now: Instant) -> Option<Instant> {
         self.awake_until.filter(|u| *u > now)
     }
 
     /// When the device went to sleep, if it sleeps.
-    pub fn asleep_since(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn asleep_since(&self, now: Instant) -> Option<Instant> {
         match self.state(now) {
             State::Asleep | State::Lost => self.asleep_since.or(self.awake_until),
             _ => None,
@@ -120,7 +120,7 @@ impl Reachability {
     }
 
     /// Next expected wake-up, from the device's observed rhythm.
-    pub fn next_expected_wake(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn next_expected_wake(&self, now: Instant) -> Option<Instant> {
         if self.state(now) == State::Awake {
             return None;
         }
@@ -130,10 +130,6 @@ impl Reachability {
             next += interval;
         }
         Some(next)
-    }
-
-    pub fn set_active_window(&mut self, window: Duration) {
-        self.active_window = window;
     }
 }
 
@@ -145,7 +141,7 @@ mod tests {
 
     #[test]
     fn unknown_until_heard_then_awake_for_the_window() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut r = Reachability::new(WINDOW);
         assert_eq!(r.state(t0), State::Unknown);
         assert!(r.is_reachable(t0));
@@ -161,7 +157,7 @@ mod tests {
 
     #[test]
     fn reports_wake_and_may_name_their_end() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut r = Reachability::new(WINDOW);
         r.on_uplink(t0);
         let later = t0 + Duration::from_secs(100);
@@ -174,7 +170,7 @@ mod tests {
 
     #[test]
     fn not_reachable_and_loss_of_connectivity_put_it_to_sleep() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut r = Reachability::new(WINDOW);
         r.on_uplink(t0);
         r.on_not_reachable(t0 + Duration::from_secs(1));
@@ -187,7 +183,7 @@ mod tests {
 
     #[test]
     fn next_wake_follows_the_rhythm() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut r = Reachability::new(WINDOW);
         r.on_uplink(t0);
         assert_eq!(r.next_expected_wake(t0 + Duration::from_secs(30)), None);
@@ -205,7 +201,7 @@ mod tests {
 
     #[test]
     fn delivery_wakes_a_sleeping_device() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut r = Reachability::new(WINDOW);
         r.on_uplink(t0);
         let later = t0 + Duration::from_secs(60);

@@ -10,7 +10,7 @@ use crate::coap::{Datagram, Kind};
 const REMEMBERED_EXCHANGES: usize = 64;
 
 /// Index of a server in the configured `lwm2m_servers` list.
-pub type ServerIndex = usize;
+pub(crate) type ServerIndex = usize;
 
 /// An OSCORE kid (and optionally kid context) that selects a server for protected requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +22,7 @@ pub struct KidRoute {
 
 /// Per-device routing memory.
 #[derive(Debug, Clone)]
-pub struct Router {
+pub(crate) struct Router {
     default_server: ServerIndex,
     bootstrap_server: Option<ServerIndex>,
     kid_routes: Arc<[KidRoute]>,
@@ -31,7 +31,7 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(
+    pub(crate) fn new(
         default_server: ServerIndex,
         bootstrap_server: Option<ServerIndex>,
         kid_routes: Arc<[KidRoute]>,
@@ -46,7 +46,7 @@ impl Router {
     }
 
     /// Chooses the server for a datagram the device sent.
-    pub fn route_uplink(&self, datagram: &Datagram) -> ServerIndex {
+    pub(crate) fn route_uplink(&self, datagram: &Datagram) -> ServerIndex {
         if datagram.is_request() && datagram.oscore {
             // Protected: Uri-Path is encrypted; the kid says which server's context it uses.
             let route = self.kid_routes.iter().find(|r| {
@@ -93,7 +93,7 @@ impl Router {
     }
 
     /// Remembers a datagram a server sent to the device, so the answer finds its way back.
-    pub fn note_downlink(&mut self, server: ServerIndex, datagram: &Datagram) {
+    pub(crate) fn note_downlink(&mut self, server: ServerIndex, datagram: &Datagram) {
         if matches!(datagram.kind, Kind::Confirmable | Kind::NonConfirmable) {
             remember(&mut self.by_message_id, datagram.message_id, server);
         }

@@ -7,15 +7,21 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::DeviceId;
+use crate::identity::DeviceId;
 
 /// sled tree holding `DeviceRecord`s keyed by the canonical device identity.
 const DEVICES_TREE: &str = "devices";
+
+/// How long `open` waits for the file lock of a database that is still being closed.
+const LOCK_ATTEMPTS: u32 = 100;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
+    #[error("store {path} is in use by another process (its lock is held)")]
+    Locked { path: std::path::PathBuf },
     #[error("store: corrupt record for {key}: {source}")]
     Corrupt {
         key: String,
@@ -27,7 +33,7 @@ pub enum StoreError {
 
 /// A NIDD configuration the SCEF created for a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredConfiguration {
+pub(crate) struct StoredConfiguration {
     /// The configuration's resource URL (`Location` of the 201).
     pub location: String,
     /// Last `NiddStatus` seen, verbatim (open enum).
@@ -43,14 +49,14 @@ pub struct StoredConfiguration {
 
 /// A MonitoringEvent subscription the SCEF created for a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredSubscription {
+pub(crate) struct StoredSubscription {
     pub location: String,
     /// `monitorExpireTime` as Unix milliseconds; renewed before it passes.
     pub expires_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceRecord {
+pub(crate) struct DeviceRecord {
     pub udp_address: Option<SocketAddr>,
     /// Capability token of this device's NIDD callback URL.
     pub callback_token: String,
@@ -58,22 +64,43 @@ pub struct DeviceRecord {
 }
 
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     db: sled::Db,
     devices: sled::Tree,
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::LowSpace)
-            .open()?;
+    /// Opens (or creates) the store. A store still locked by a database that is being closed
+    /// (sled releases its file lock from a background thread) is waited for, briefly.
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut attempts = 0;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::LowSpace)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(error))
+                    if error.kind() == std::io::ErrorKind::WouldBlock
+                        && attempts < LOCK_ATTEMPTS =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err(sled::Error::Io(error)) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(StoreError::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         let devices = db.open_tree(DEVICES_TREE)?;
         Ok(Self { db, devices })
     }
 
-    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+    pub(crate) fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         match self.devices.get(id.canonical().as_bytes())? {
             Some(bytes) => {
                 serde_json::from_slice(&bytes)
@@ -87,24 +114,28 @@ impl Store {
         }
     }
 
-    pub fn put_device(&self, id: &DeviceId, record: &DeviceRecord) -> Result<(), StoreError> {
+    pub(crate) fn put_device(
+        &self,
+        id: &DeviceId,
+        record: &DeviceRecord,
+    ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(record).map_err(StoreError::Encode)?;
         self.devices.insert(id.canonical().as_bytes(), bytes)?;
         Ok(())
     }
 
-    /// The durable MT queue kept in the same database.
-    pub fn mt_queue(&self) -> Result<crate::mt_queue::MtStore, StoreError> {
-        crate::mt_queue::MtStore::open(&self.db)
+    /// Another tree of the same database, for state other modules own (the MT queue).
+    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
     }
 
-    pub fn remove_device(&self, id: &DeviceId) -> Result<(), StoreError> {
+    pub(crate) fn remove_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.devices.remove(id.canonical().as_bytes())?;
         Ok(())
     }
 
     /// Every stored device, including ones no longer in the configuration.
-    pub fn devices(&self) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
+    pub(crate) fn devices(&self) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
         self.devices
             .iter()
             .map(|entry| {
@@ -121,8 +152,15 @@ impl Store {
     }
 
     /// Writes everything to disk; called on shutdown and after provisioning.
-    pub async fn flush(&self) -> Result<(), StoreError> {
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Writes everything to disk from synchronous code.
+    #[cfg(test)]
+    pub(crate) fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
         Ok(())
     }
 }
@@ -149,7 +187,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             store.put_device(&id, &record).unwrap();
-            store.db.flush().unwrap();
+            store.flush_blocking().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.device(&id).unwrap(), Some(record));

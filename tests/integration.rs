@@ -4,6 +4,7 @@
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
+    clippy::disallowed_methods,
     unreachable_pub
 )]
 
@@ -14,6 +15,7 @@ mod integration {
     pub mod conformance;
     pub mod data_path;
     pub mod downlink;
+    pub mod layout;
     pub mod lwm2m_ops;
     pub mod oscore_bridge;
     pub mod oscore_interop;

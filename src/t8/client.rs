@@ -3,7 +3,7 @@
 //! latency histograms per operation.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, LOCATION, RETRY_AFTER};
@@ -335,7 +335,7 @@ impl T8Client {
             Some(token) => request.header(AUTHORIZATION, format!("Bearer {}", token.expose())),
             None => request,
         };
-        let started = Instant::now();
+        let started = crate::clock::now();
         let result = request.send().await;
         self.metrics
             .t8_request_seconds

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::{ExternalId, Msisdn};
+use crate::identity::{ExternalId, Msisdn};
 
 /// Declares an open T8 enumeration: known values plus any other string, serialised verbatim.
 macro_rules! open_enum {

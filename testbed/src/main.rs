@@ -2,6 +2,8 @@
 //! its own, with simulated LwM2M devices or real UDP LwM2M clients fronted as UEs, for trying a
 //! bridge or an integration without an operator network.
 
+#![allow(clippy::disallowed_methods)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

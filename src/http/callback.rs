@@ -3,7 +3,6 @@
 //! handed to the MO path, and every refusal answered as RFC 7807 `application/problem+json`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Body;
@@ -14,20 +13,36 @@ use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use crate::bridge::{Device, NiddState, Shared, UplinkError};
-use crate::device::DeviceId;
-use crate::provision::status_label;
-use std::time::Instant;
-
-use crate::delivery::{QueueEffect, instant_of};
+use crate::clock;
+use crate::delivery::instant_of;
+use crate::devices::{Device, DeviceTable, NiddState, WakeSource};
+use crate::http::Lifecycle;
+use crate::http::problem::problem_response;
+use crate::identity::DeviceId;
+use crate::metrics::Metrics;
+use crate::mo::{UplinkError, UplinkRefusal, Uplinks};
+use crate::mt::Downlinks;
+use crate::provision::{Reprovision, status_label};
 use crate::t8::{
     DeliveryResult, DeviceTriggeringDeliveryReportNotification, ExternalIdOrMsisdn,
-    MonitoringNotification, MonitoringType, NiddNotification, ProblemDetails,
+    MonitoringNotification, MonitoringType, NiddNotification, NiddStatus,
 };
+
+/// What the callback server needs of the rest of the bridge.
+#[derive(Clone)]
+pub(crate) struct CallbackState {
+    pub(crate) devices: Arc<DeviceTable>,
+    pub(crate) uplinks: Uplinks,
+    pub(crate) downlinks: Arc<Downlinks>,
+    pub(crate) reprovision: Reprovision,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) lifecycle: Lifecycle,
+}
 
 /// Why a notification was refused. Each maps to one HTTP status and one `cause`.
 #[derive(Debug, thiserror::Error)]
-pub enum CallbackError {
+pub(crate) enum CallbackError {
     #[error("no NIDD configuration has this callback URL")]
     UnknownCallback,
     #[error("request body exceeds {limit} bytes")]
@@ -40,8 +55,6 @@ pub enum CallbackError {
     InvalidNotification(String),
     #[error("data is not valid base64: {0}")]
     BadBase64(String),
-    #[error("datagram of {bytes} bytes exceeds the maximum packet size of {limit} bytes")]
-    PayloadTooLarge { bytes: usize, limit: usize },
     #[error("the notification names {named}, which does not belong to this NIDD configuration")]
     DeviceNotInConfiguration { named: String },
     #[error(transparent)]
@@ -61,42 +74,28 @@ impl CallbackError {
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "MALFORMED_JSON"),
             Self::InvalidNotification(_) => (StatusCode::BAD_REQUEST, "INVALID_NOTIFICATION"),
             Self::BadBase64(_) => (StatusCode::BAD_REQUEST, "BAD_BASE64"),
-            Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
             Self::DeviceNotInConfiguration { .. } => {
                 (StatusCode::FORBIDDEN, "DEVICE_NOT_IN_CONFIGURATION")
             }
-            Self::Uplink(UplinkError::NotCoap(_)) => (StatusCode::BAD_REQUEST, "NOT_COAP"),
-            Self::Uplink(UplinkError::EndpointMismatch(_)) => {
-                (StatusCode::FORBIDDEN, "ENDPOINT_MISMATCH")
-            }
+            Self::Uplink(UplinkError::Refused(refusal)) => match refusal {
+                UplinkRefusal::NotThisDevice { .. } => {
+                    (StatusCode::FORBIDDEN, "DEVICE_NOT_IN_CONFIGURATION")
+                }
+                UplinkRefusal::TooLarge { .. } => {
+                    (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE")
+                }
+                UplinkRefusal::NotCoap(_) => (StatusCode::BAD_REQUEST, "NOT_COAP"),
+                UplinkRefusal::EndpointMismatch(_) => (StatusCode::FORBIDDEN, "ENDPOINT_MISMATCH"),
+            },
             Self::Uplink(UplinkError::Send(_)) => (StatusCode::BAD_GATEWAY, "FORWARD_FAILED"),
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
         }
     }
 
     /// The metric outcome label.
-    pub fn outcome(&self) -> String {
+    pub(crate) fn outcome(&self) -> String {
         self.status_and_cause().1.to_ascii_lowercase()
     }
-}
-
-/// An RFC 7807 answer.
-pub fn problem_response(status: StatusCode, cause: &str, detail: String) -> Response {
-    let body = ProblemDetails {
-        problem_type: Some("about:blank".into()),
-        title: status.canonical_reason().map(str::to_string),
-        status: Some(status.as_u16()),
-        detail: Some(detail),
-        cause: Some(cause.to_string()),
-        ..Default::default()
-    };
-    let json = serde_json::to_vec(&body).unwrap_or_default();
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/problem+json")],
-        json,
-    )
-        .into_response()
 }
 
 impl IntoResponse for CallbackError {
@@ -106,7 +105,7 @@ impl IntoResponse for CallbackError {
     }
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
+pub(crate) fn router(state: CallbackState) -> Router {
     Router::new()
         .route("/t8/v1/nidd/{token}", post(nidd_notification))
         .route("/t8/v1/monitoring/{token}", post(monitoring_notification))
@@ -118,11 +117,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
                 "no such callback".into(),
             )
         })
-        .with_state(shared)
+        .with_state(state)
 }
 
 async fn nidd_notification(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<CallbackState>,
     Path(token): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -135,18 +134,18 @@ async fn nidd_notification(
 /// Checks shared by every notification endpoint: the token names a device, the body is JSON
 /// within the size limit.
 async fn read_notification(
-    shared: &Shared,
+    shared: &CallbackState,
     token: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Arc<Device>, serde_json::Value), CallbackError> {
-    if shared.shutting_down.load(Ordering::Relaxed) {
+    if shared.lifecycle.is_shutting_down() {
         return Err(CallbackError::ShuttingDown);
     }
     let device = shared
-        .by_token
-        .get(token)
-        .map(|i| shared.devices[*i].clone())
+        .devices
+        .by_token(token)
+        .cloned()
         .ok_or(CallbackError::UnknownCallback)?;
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
         let content_type = content_type
@@ -157,7 +156,7 @@ async fn read_notification(
             return Err(CallbackError::UnsupportedMediaType);
         }
     }
-    let limit = shared.config.callback.max_body_bytes;
+    let limit = shared.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| CallbackError::BodyTooLarge { limit })?;
@@ -167,7 +166,7 @@ async fn read_notification(
 }
 
 async fn handle(
-    shared: &Arc<Shared>,
+    shared: &CallbackState,
     token: &str,
     headers: &HeaderMap,
     body: Body,
@@ -179,19 +178,14 @@ async fn handle(
     *kind = notification.kind();
     match notification {
         NiddNotification::Uplink(uplink) => {
-            check_identity(&device, &uplink)?;
+            let named = named_device(&uplink)?;
             let datagram = BASE64
                 .decode(uplink.data.trim())
                 .map_err(|e| CallbackError::BadBase64(e.to_string()))?;
-            let limit = device.max_packet_bytes(shared.config.nidd.max_packet_bytes);
-            if datagram.len() > limit {
-                shared.metrics.drop_datagram("mo", "oversized");
-                return Err(CallbackError::PayloadTooLarge {
-                    bytes: datagram.len(),
-                    limit,
-                });
-            }
-            shared.forward_uplink(&device, &datagram).await?;
+            shared
+                .uplinks
+                .forward(&device, &named, &datagram, clock::now())
+                .await?;
         }
         NiddNotification::ConfigurationStatus(notification) => {
             check_identity(&device, &notification)?;
@@ -209,22 +203,19 @@ async fn handle(
                 .with_label_values(&[notification.delivery_status.label()])
                 .inc();
             tracing::debug!(device = %device.id, delivery = %notification.nidd_downlink_data_transfer, status = %notification.delivery_status, "MT delivery status");
-            let now = Instant::now();
-            let retry_at = instant_of(notification.requested_retransmission_time.as_deref(), now);
-            let effect = {
-                let mut state = device.state();
-                let effect = state.mt.on_delivery_status(
-                    &notification.nidd_downlink_data_transfer,
-                    &notification.delivery_status,
-                    retry_at,
-                    now,
-                );
-                shared.apply_queue_effect(&device, &effect);
-                effect
-            };
-            if effect != QueueEffect::Keep {
-                device.wake.notify_one();
-            }
+            let now = clock::now();
+            let retry_at = instant_of(
+                notification.requested_retransmission_time.as_deref(),
+                now,
+                clock::system_now(),
+            );
+            shared.downlinks.settle(
+                &device,
+                &notification.nidd_downlink_data_transfer,
+                &notification.delivery_status,
+                retry_at,
+                now,
+            );
         }
         NiddNotification::GroupDelivery(notification) => {
             for result in &notification.gmd_results {
@@ -240,20 +231,23 @@ async fn handle(
     Ok(())
 }
 
+/// The device a notification names: exactly one of `externalId` and `msisdn`.
+fn named_device(notification: &impl ExternalIdOrMsisdn) -> Result<DeviceId, CallbackError> {
+    match (notification.external_id(), notification.msisdn()) {
+        (Some(ext), None) => Ok(DeviceId::External(ext.clone())),
+        (None, Some(msisdn)) => Ok(DeviceId::Msisdn(msisdn.clone())),
+        _ => Err(CallbackError::InvalidNotification(
+            "exactly one of externalId and msisdn is required".into(),
+        )),
+    }
+}
+
 /// The notification must name the device whose configuration this callback URL belongs to.
 fn check_identity(
     device: &Device,
     notification: &impl ExternalIdOrMsisdn,
 ) -> Result<(), CallbackError> {
-    let named = match (notification.external_id(), notification.msisdn()) {
-        (Some(ext), None) => DeviceId::External(ext.clone()),
-        (None, Some(msisdn)) => DeviceId::Msisdn(msisdn.clone()),
-        _ => {
-            return Err(CallbackError::InvalidNotification(
-                "exactly one of externalId and msisdn is required".into(),
-            ));
-        }
-    };
+    let named = named_device(notification)?;
     if named != device.id {
         return Err(CallbackError::DeviceNotInConfiguration {
             named: named.to_string(),
@@ -262,61 +256,58 @@ fn check_identity(
     Ok(())
 }
 
-fn configuration_status(
-    shared: &Arc<Shared>,
-    device: &Device,
-    link: &str,
-    status: crate::t8::NiddStatus,
-) {
+/// What a configuration status notification does to the device's configuration.
+#[derive(Debug, Clone, PartialEq)]
+enum StatusChange {
+    /// Nothing known to update (no configuration, and the link is not a URL).
+    Ignore,
+    /// The SCEF ended the configuration: forget it and create a new one.
+    Terminated,
+    /// Keep the configuration with the new status.
+    Update(NiddState),
+}
+
+/// Decides what a status notification for `link` does, given the configuration held now.
+fn status_change(current: Option<&NiddState>, link: &str, status: NiddStatus) -> StatusChange {
+    let location = match (current, url::Url::parse(link)) {
+        (Some(current), _) => current.location.clone(),
+        (None, Ok(location)) => location,
+        (None, Err(_)) => return StatusChange::Ignore,
+    };
+    if status.is_terminated() {
+        return StatusChange::Terminated;
+    }
+    StatusChange::Update(NiddState {
+        location,
+        status: Some(status),
+        maximum_packet_size_bits: current.and_then(|c| c.maximum_packet_size_bits),
+        notification_destination: current.and_then(|c| c.notification_destination.clone()),
+        monitoring_subscription: current.and_then(|c| c.monitoring_subscription.clone()),
+    })
+}
+
+fn configuration_status(shared: &CallbackState, device: &Device, link: &str, status: NiddStatus) {
     shared
         .metrics
         .configuration_statuses
         .with_label_values(&[status_label(&status)])
         .inc();
     let current = device.state().nidd.clone();
-    let location = match (&current, url::Url::parse(link)) {
-        (Some(current), _) => current.location.clone(),
-        (None, Ok(location)) => location,
-        (None, Err(_)) => return,
-    };
-    if status.is_terminated() {
-        tracing::warn!(device = %device.id, %status, "the SCEF terminated the NIDD configuration; creating a new one");
-        // The new configuration gets a new subscription; the old one is deleted, not leaked.
-        let old = current
-            .as_ref()
-            .and_then(|c| c.monitoring_subscription.as_ref());
-        if let Some(old) = old.and_then(|s| url::Url::parse(&s.location).ok()) {
-            let shared = shared.clone();
-            let id = device.id.clone();
-            tokio::spawn(async move {
-                if let Err(error) = shared.t8.delete_monitoring_subscription(&old).await {
-                    tracing::warn!(device = %id, %error, "cannot delete the monitoring subscription of a terminated configuration");
-                }
-            });
+    match status_change(current.as_ref(), link, status) {
+        StatusChange::Ignore => {}
+        StatusChange::Terminated => {
+            tracing::warn!(device = %device.id, "the SCEF terminated the NIDD configuration; creating a new one");
+            shared.reprovision.configuration_terminated(device);
         }
-        if let Err(error) = shared.set_nidd(device, None) {
-            tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
+        StatusChange::Update(nidd) => {
+            tracing::info!(device = %device.id, status = ?nidd.status, "NIDD configuration status");
+            shared.devices.update_nidd(device, Some(nidd));
         }
-        shared.reprovision.notify_one();
-        return;
-    }
-    tracing::info!(device = %device.id, %status, "NIDD configuration status");
-    let nidd = NiddState {
-        location,
-        status: Some(status),
-        maximum_packet_size_bits: current.as_ref().and_then(|c| c.maximum_packet_size_bits),
-        notification_destination: current
-            .as_ref()
-            .and_then(|c| c.notification_destination.clone()),
-        monitoring_subscription: current.and_then(|c| c.monitoring_subscription),
-    };
-    if let Err(error) = shared.set_nidd(device, Some(nidd)) {
-        tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
     }
 }
 
 /// Counts a notification's outcome and turns it into the HTTP answer.
-fn answer(shared: &Shared, kind: &str, result: Result<(), CallbackError>) -> Response {
+fn answer(shared: &CallbackState, kind: &str, result: Result<(), CallbackError>) -> Response {
     let outcome = match &result {
         Ok(()) => "accepted".to_string(),
         Err(error) => error.outcome(),
@@ -337,7 +328,7 @@ fn answer(shared: &Shared, kind: &str, result: Result<(), CallbackError>) -> Res
 
 /// MonitoringEvent notifications: reachability reports wake the device's MT queue.
 async fn monitoring_notification(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<CallbackState>,
     Path(token): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -351,12 +342,18 @@ async fn monitoring_notification(
                 check_identity(&device, report)?;
             }
         }
-        let now = Instant::now();
+        let now = clock::now();
         for report in notification.monitoring_event_reports {
             match report.monitoring_type {
                 MonitoringType::UeReachability | MonitoringType::AvailabilityAfterDdnFailure => {
-                    let until = instant_of(report.max_ue_availability_time.as_deref(), now);
-                    shared.device_woke(&device, until, "report");
+                    let until = instant_of(
+                        report.max_ue_availability_time.as_deref(),
+                        now,
+                        clock::system_now(),
+                    );
+                    let source = WakeSource::Report(until);
+                    device.woke(now, source);
+                    shared.metrics.reachability_events.with_label_values(&[source.label()]).inc();
                 }
                 MonitoringType::LossOfConnectivity => {
                     device.state().mt.reachability.on_loss_of_connectivity(now);
@@ -370,7 +367,7 @@ async fn monitoring_notification(
         }
         if notification.cancel_ind == Some(true) {
             tracing::warn!(device = %device.id, "the SCEF cancelled the monitoring subscription; subscribing again");
-            shared.forget_subscription(&device);
+            shared.reprovision.subscription_ended(&device);
         }
         Ok(())
     }
@@ -380,7 +377,7 @@ async fn monitoring_notification(
 
 /// DeviceTriggering delivery reports.
 async fn triggering_notification(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<CallbackState>,
     Path(token): Path<String>,
     headers: HeaderMap,
     body: Body,

@@ -2,6 +2,7 @@
 //! (`/api/v1/devices`) for operators.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
@@ -11,17 +12,26 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 
-use crate::bridge::{Device, Shared};
-use crate::callback::problem_response;
-use std::time::Instant;
-
+use crate::clock;
 use crate::config::BufferOwner;
-use crate::delivery::unix_ms;
-use crate::device::DeviceId;
-use crate::mt_queue::DropReason;
+use crate::devices::{Device, DeviceTable};
+use crate::http::Lifecycle;
+use crate::http::problem::problem_response;
+use crate::identity::DeviceId;
+use crate::metrics::Metrics;
+use crate::mt::Downlinks;
 use crate::reachability::State as Reachable;
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// What the admin API needs of the rest of the bridge.
+#[derive(Clone)]
+pub(crate) struct AdminState {
+    pub(crate) devices: Arc<DeviceTable>,
+    pub(crate) downlinks: Arc<Downlinks>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) lifecycle: Lifecycle,
+}
+
+pub(crate) fn router(shared: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -35,8 +45,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    shared.refresh_gauges();
+async fn metrics(State(shared): State<AdminState>) -> Response {
+    refresh_gauges(&shared, clock::now(), clock::unix_ms());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         shared.metrics.render(),
@@ -52,11 +62,11 @@ struct Readiness {
     devices_with_configuration: usize,
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+async fn readyz(State(shared): State<AdminState>) -> Response {
     let body = Readiness {
-        ready: shared.is_ready(),
+        ready: !shared.lifecycle.is_shutting_down() && shared.devices.all_provisioned(),
         devices: shared.devices.len(),
-        devices_with_configuration: shared.provisioned_count(),
+        devices_with_configuration: shared.devices.provisioned_count(),
     };
     let status = if body.ready {
         StatusCode::OK
@@ -108,9 +118,7 @@ struct ConfigurationView {
     maximum_packet_size_bytes: Option<u64>,
 }
 
-fn view(device: &Device) -> DeviceView {
-    let now = Instant::now();
-    let now_ms = unix_ms();
+fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
     let state = device.state();
     let nidd = state.nidd.clone();
     let mt = &state.mt;
@@ -158,21 +166,26 @@ fn view(device: &Device) -> DeviceView {
     }
 }
 
-async fn list_devices(State(shared): State<Arc<Shared>>) -> Json<Vec<DeviceView>> {
-    let mut devices: Vec<DeviceView> = shared.devices.iter().map(|d| view(d)).collect();
+async fn list_devices(State(shared): State<AdminState>) -> Json<Vec<DeviceView>> {
+    let (now, now_ms) = (clock::now(), clock::unix_ms());
+    let mut devices: Vec<DeviceView> = shared
+        .devices
+        .iter()
+        .map(|d| view(d, now, now_ms))
+        .collect();
     devices.sort_by(|a, b| a.id.cmp(&b.id));
     Json(devices)
 }
 
-async fn show_device(State(shared): State<Arc<Shared>>, Path(device): Path<String>) -> Response {
+async fn show_device(State(shared): State<AdminState>, Path(device): Path<String>) -> Response {
     let id: DeviceId = match device.parse() {
         Ok(id) => id,
         Err(error) => {
             return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string());
         }
     };
-    match shared.device(&id) {
-        Some(device) => Json(view(device)).into_response(),
+    match shared.devices.get(&id) {
+        Some(device) => Json(view(device, clock::now(), clock::unix_ms())).into_response(),
         None => problem_response(
             StatusCode::NOT_FOUND,
             "UNKNOWN_DEVICE",
@@ -189,32 +202,57 @@ struct Purged {
 
 /// Drops every datagram queued for a device (pending ones at the SCEF included), counted as
 /// `purged`.
-async fn purge_queue(State(shared): State<Arc<Shared>>, Path(device): Path<String>) -> Response {
+async fn purge_queue(State(shared): State<AdminState>, Path(device): Path<String>) -> Response {
     let id: DeviceId = match device.parse() {
         Ok(id) => id,
         Err(error) => {
             return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string());
         }
     };
-    let Some(device) = shared.device(&id) else {
+    let Some(device) = shared.devices.get(&id) else {
         return problem_response(
             StatusCode::NOT_FOUND,
             "UNKNOWN_DEVICE",
             format!("device {id} is not configured"),
         );
     };
-    let purged = device.state().mt.queue.drain_all();
-    let count = purged.len();
-    shared.record_queue_drops(
-        device,
-        purged
-            .into_iter()
-            .map(|item| (item, DropReason::Purged))
-            .collect(),
-    );
-    if let Err(error) = shared.mt_store.flush().await {
-        tracing::error!(%error, "cannot flush the MT queue");
-    }
+    let count = shared.downlinks.purge(device).await;
     tracing::info!(device = %id, purged = count, "MT queue purged by the operator");
     Json(Purged { purged: count }).into_response()
+}
+
+/// Queue and reachability gauges over all devices (set when metrics are scraped).
+#[derive(Debug, Default, PartialEq)]
+struct Gauges {
+    queue_depth: i64,
+    pending_deliveries: i64,
+    reachable: i64,
+    oldest_queued_age_s: f64,
+}
+
+fn gauges<'a>(devices: impl Iterator<Item = &'a Arc<Device>>, now: Instant, now_ms: u64) -> Gauges {
+    let mut gauges = Gauges::default();
+    let mut oldest = None::<u64>;
+    for device in devices {
+        let state = device.state();
+        gauges.queue_depth += state.mt.queue.waiting().count() as i64;
+        gauges.pending_deliveries += state.mt.queue.pending_count() as i64;
+        gauges.reachable += i64::from(state.mt.reachability.is_reachable(now));
+        if let Some(enqueued) = state.mt.queue.oldest_enqueued_ms() {
+            oldest = Some(oldest.map_or(enqueued, |o| o.min(enqueued)));
+        }
+    }
+    gauges.oldest_queued_age_s = oldest.map_or(0.0, |o| now_ms.saturating_sub(o) as f64 / 1000.0);
+    gauges
+}
+
+fn refresh_gauges(shared: &AdminState, now: Instant, now_ms: u64) {
+    let gauges = gauges(shared.devices.iter(), now, now_ms);
+    let metrics = &shared.metrics;
+    metrics.mt_queue_depth.set(gauges.queue_depth);
+    metrics.mt_pending_deliveries.set(gauges.pending_deliveries);
+    metrics.devices_reachable.set(gauges.reachable);
+    metrics
+        .mt_queue_oldest_age_seconds
+        .set(gauges.oldest_queued_age_s);
 }

@@ -1,11 +1,9 @@
-//! The durable MT queue: per-device FIFO of downlink datagrams waiting for a sleeping device or
-//! for the SCEF, bounded by count, bytes and age with a counted drop policy, mirrored in a sled
-//! tree so nothing accepted is lost on a crash. The queue policy is sans-IO (time in Unix
-//! milliseconds as a parameter); `MtStore` is the persistence.
+//! The MT queue policy (sans-IO): one device's FIFO of downlink datagrams waiting for a
+//! sleeping device or for the SCEF, bounded by count, bytes and age with a counted drop policy.
+//! Time comes in as Unix milliseconds. `mt::durable` mirrors it in sled.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -13,16 +11,13 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{OverflowPolicy, PsmConfig};
-use crate::device::DeviceId;
-use crate::store::StoreError;
 
 /// CoAP NON_LIFETIME (RFC 7252 §4.8.2): a non-confirmable message is stale after it.
 const NON_LIFETIME: Duration = Duration::from_secs(145);
-const MT_QUEUE_TREE: &str = "mt_queue";
 
 /// One queued MT datagram.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueuedDatagram {
+pub(crate) struct QueuedDatagram {
     pub seq: u64,
     /// Index of the LwM2M server that sent it, and its address.
     pub server: usize,
@@ -50,7 +45,7 @@ mod base64_bytes {
 
 /// Why a queued datagram was dropped (metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
+pub(crate) enum DropReason {
     Expired,
     Overflow,
     TooLarge,
@@ -59,7 +54,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Expired => "expired",
             Self::Overflow => "overflow",
@@ -72,7 +67,7 @@ impl DropReason {
 
 /// Bounds of one device's queue.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct QueueLimits {
+pub(crate) struct QueueLimits {
     pub max_datagrams: usize,
     pub max_bytes: usize,
     pub max_age: Duration,
@@ -80,7 +75,7 @@ pub struct QueueLimits {
 }
 
 impl QueueLimits {
-    pub fn from_config(psm: &PsmConfig) -> Self {
+    pub(crate) fn from_config(psm: &PsmConfig) -> Self {
         Self {
             max_datagrams: psm.queue_max_datagrams,
             max_bytes: psm.queue_max_bytes,
@@ -90,7 +85,7 @@ impl QueueLimits {
     }
 
     /// When a datagram enqueued at `now_ms` expires.
-    pub fn expiry(&self, now_ms: u64, confirmable: bool) -> u64 {
+    pub(crate) fn expiry(&self, now_ms: u64, confirmable: bool) -> u64 {
         let age = if confirmable {
             self.max_age
         } else {
@@ -102,7 +97,7 @@ impl QueueLimits {
 
 /// What admitting a datagram did.
 #[derive(Debug, Default, PartialEq)]
-pub struct Admission {
+pub(crate) struct Admission {
     pub accepted: bool,
     pub dropped: Vec<(QueuedDatagram, DropReason)>,
 }
@@ -110,52 +105,59 @@ pub struct Admission {
 /// One device's queue, oldest first. Entries pending at the SCEF stay until their outcome is
 /// known but do not count against the bounds: the SCEF holds them.
 #[derive(Debug, Default, Clone)]
-pub struct DeviceQueue {
+pub(crate) struct DeviceQueue {
     entries: VecDeque<QueuedDatagram>,
 }
 
 impl DeviceQueue {
-    pub fn from_entries(mut entries: Vec<QueuedDatagram>) -> Self {
+    pub(crate) fn from_entries(mut entries: Vec<QueuedDatagram>) -> Self {
         entries.sort_by_key(|e| e.seq);
         Self {
             entries: entries.into(),
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// Datagrams waiting to be sent (not pending at the SCEF).
-    pub fn waiting(&self) -> impl Iterator<Item = &QueuedDatagram> {
+    pub(crate) fn waiting(&self) -> impl Iterator<Item = &QueuedDatagram> {
         self.entries.iter().filter(|e| e.pending.is_none())
     }
 
-    pub fn waiting_bytes(&self) -> usize {
+    pub(crate) fn waiting_bytes(&self) -> usize {
         self.waiting().map(|e| e.data.len()).sum()
     }
 
-    pub fn pending_count(&self) -> usize {
+    pub(crate) fn pending_count(&self) -> usize {
         self.entries.iter().filter(|e| e.pending.is_some()).count()
     }
 
-    pub fn oldest_enqueued_ms(&self) -> Option<u64> {
+    pub(crate) fn oldest_enqueued_ms(&self) -> Option<u64> {
         self.waiting().map(|e| e.enqueued_at_ms).min()
     }
 
     /// A retransmission of something queued or pending: same source, message ID and bytes.
-    pub fn is_retransmission(&self, source: SocketAddr, message_id: u16, data: &[u8]) -> bool {
+    pub(crate) fn is_retransmission(
+        &self,
+        source: SocketAddr,
+        message_id: u16,
+        data: &[u8],
+    ) -> bool {
         self.entries
             .iter()
             .any(|e| e.source == source && e.message_id == message_id && e.data == data)
     }
 
     /// Drops expired entries.
-    pub fn expire(&mut self, now_ms: u64) -> Vec<(QueuedDatagram, DropReason)> {
+    pub(crate) fn expire(&mut self, now_ms: u64) -> Vec<(QueuedDatagram, DropReason)> {
         let (expired, kept): (Vec<_>, Vec<_>) = self
             .entries
             .drain(..)
@@ -168,7 +170,12 @@ impl DeviceQueue {
     }
 
     /// Adds `item` at the tail, dropping by the limits and the overflow policy.
-    pub fn admit(&mut self, item: QueuedDatagram, limits: &QueueLimits, now_ms: u64) -> Admission {
+    pub(crate) fn admit(
+        &mut self,
+        item: QueuedDatagram,
+        limits: &QueueLimits,
+        now_ms: u64,
+    ) -> Admission {
         let mut dropped = self.expire(now_ms);
         if item.data.len() > limits.max_bytes {
             dropped.push((item, DropReason::TooLarge));
@@ -209,119 +216,42 @@ impl DeviceQueue {
     }
 
     /// The oldest datagram not yet handed to the SCEF.
-    pub fn next_to_send(&self) -> Option<&QueuedDatagram> {
+    pub(crate) fn next_to_send(&self) -> Option<&QueuedDatagram> {
         self.waiting().next()
     }
 
     /// Earliest expiry among waiting entries.
-    pub fn next_expiry_ms(&self) -> Option<u64> {
+    pub(crate) fn next_expiry_ms(&self) -> Option<u64> {
         self.entries.iter().map(|e| e.expires_at_ms).min()
     }
 
-    pub fn remove(&mut self, seq: u64) -> Option<QueuedDatagram> {
+    pub(crate) fn remove(&mut self, seq: u64) -> Option<QueuedDatagram> {
         let index = self.entries.iter().position(|e| e.seq == seq)?;
         self.entries.remove(index)
     }
 
-    pub fn mark_pending(&mut self, seq: u64, location: String) -> Option<&QueuedDatagram> {
+    pub(crate) fn mark_pending(&mut self, seq: u64, location: String) -> Option<&QueuedDatagram> {
         let entry = self.entries.iter_mut().find(|e| e.seq == seq)?;
         entry.pending = Some(location);
         Some(entry)
     }
 
     /// The entry whose pending delivery has this location.
-    pub fn pending_at(&self, location: &str) -> Option<&QueuedDatagram> {
+    pub(crate) fn pending_at(&self, location: &str) -> Option<&QueuedDatagram> {
         self.entries
             .iter()
             .find(|e| e.pending.as_deref() == Some(location))
     }
 
-    pub fn clear_pending(&mut self, seq: u64) -> Option<&QueuedDatagram> {
+    pub(crate) fn clear_pending(&mut self, seq: u64) -> Option<&QueuedDatagram> {
         let entry = self.entries.iter_mut().find(|e| e.seq == seq)?;
         entry.pending = None;
         Some(entry)
     }
 
-    pub fn drain_all(&mut self) -> Vec<QueuedDatagram> {
+    pub(crate) fn drain_all(&mut self) -> Vec<QueuedDatagram> {
         self.entries.drain(..).collect()
     }
-}
-
-/// The sled mirror of every device queue.
-#[derive(Clone)]
-pub struct MtStore {
-    tree: sled::Tree,
-    next_seq: std::sync::Arc<AtomicU64>,
-}
-
-impl MtStore {
-    pub fn open(db: &sled::Db) -> Result<Self, StoreError> {
-        let tree = db.open_tree(MT_QUEUE_TREE)?;
-        let last = match tree.last()? {
-            Some((key, _)) => seq_of(&key).unwrap_or(0),
-            None => 0,
-        };
-        // Keys sort by device first, so scan for the highest sequence number.
-        let mut highest = last;
-        for entry in tree.iter() {
-            let (key, _) = entry?;
-            highest = highest.max(seq_of(&key).unwrap_or(0));
-        }
-        Ok(Self {
-            tree,
-            next_seq: std::sync::Arc::new(AtomicU64::new(highest + 1)),
-        })
-    }
-
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn put(&self, device: &DeviceId, item: &QueuedDatagram) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(item).map_err(StoreError::Encode)?;
-        self.tree.insert(key(device, item.seq), value)?;
-        Ok(())
-    }
-
-    pub fn remove(&self, device: &DeviceId, seq: u64) -> Result<(), StoreError> {
-        self.tree.remove(key(device, seq))?;
-        Ok(())
-    }
-
-    /// Makes every accepted datagram durable.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.tree.flush_async().await?;
-        Ok(())
-    }
-
-    /// Every queued datagram, grouped by canonical device id.
-    pub fn load(&self) -> Result<HashMap<String, Vec<QueuedDatagram>>, StoreError> {
-        let mut all: HashMap<String, Vec<QueuedDatagram>> = HashMap::new();
-        for entry in self.tree.iter() {
-            let (key, value) = entry?;
-            let device = key.split(|b| *b == 0).next().unwrap_or_default();
-            let device = String::from_utf8_lossy(device).into_owned();
-            let item: QueuedDatagram =
-                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
-                    key: device.clone(),
-                    source,
-                })?;
-            all.entry(device).or_default().push(item);
-        }
-        Ok(all)
-    }
-}
-
-fn key(device: &DeviceId, seq: u64) -> Vec<u8> {
-    let mut key = device.canonical().as_bytes().to_vec();
-    key.push(0);
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
-}
-
-fn seq_of(key: &[u8]) -> Option<u64> {
-    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
-    Some(u64::from_be_bytes(tail))
 }
 
 #[cfg(test)]
@@ -403,28 +333,6 @@ mod tests {
         assert_eq!(q.next_to_send().map(|e| e.seq), Some(2));
         assert!(q.is_retransmission("127.0.0.1:5683".parse().unwrap(), 1, &[0x40; 10]));
         assert!(!q.is_retransmission("127.0.0.1:5683".parse().unwrap(), 1, &[0x41; 10]));
-    }
-
-    #[test]
-    fn store_round_trips_and_continues_sequence() {
-        let dir = tempfile::tempdir().unwrap();
-        let id: DeviceId = "a@x".parse().unwrap();
-        let l = limits(OverflowPolicy::DropOldest);
-        {
-            let db = sled::open(dir.path()).unwrap();
-            let store = MtStore::open(&db).unwrap();
-            let seq = store.next_seq();
-            store.put(&id, &item(seq, 5, 0, &l)).unwrap();
-            store.put(&id, &item(store.next_seq(), 6, 0, &l)).unwrap();
-            store.remove(&id, seq).unwrap();
-            db.flush().unwrap();
-        }
-        let db = sled::open(dir.path()).unwrap();
-        let store = MtStore::open(&db).unwrap();
-        let loaded = store.load().unwrap();
-        assert_eq!(loaded["a@x"].len(), 1);
-        assert_eq!(loaded["a@x"][0].data.len(), 6);
-        assert!(store.next_seq() > loaded["a@x"][0].seq);
     }
 
     proptest! {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{PortRange, SocketsConfig};
 
 /// Largest datagram read from a socket; longer ones are reported as oversized.
-pub const RECEIVE_BUFFER_BYTES: usize = 4096;
+pub(crate) const RECEIVE_BUFFER_BYTES: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -27,7 +27,7 @@ pub enum RelayError {
 }
 
 /// Hands out socket addresses from the pool, skipping ones in use.
-pub struct SocketPool {
+pub(crate) struct SocketPool {
     addresses: Vec<IpAddr>,
     ranges: Vec<PortRange>,
     taken: HashSet<SocketAddr>,
@@ -35,7 +35,7 @@ pub struct SocketPool {
 }
 
 impl SocketPool {
-    pub fn new(config: &SocketsConfig) -> Self {
+    pub(crate) fn new(config: &SocketsConfig) -> Self {
         Self {
             addresses: config.bind.iter().copied().collect(),
             ranges: config.ports.iter().copied().collect(),
@@ -44,7 +44,7 @@ impl SocketPool {
         }
     }
 
-    pub fn contains(&self, address: SocketAddr) -> bool {
+    pub(crate) fn contains(&self, address: SocketAddr) -> bool {
         self.addresses.contains(&address.ip())
             && self.ranges.iter().any(|r| r.contains(address.port()))
     }
@@ -63,7 +63,10 @@ impl SocketPool {
     }
 
     /// Binds `address` again if it belongs to the pool and is free.
-    pub fn bind_exact(&mut self, address: SocketAddr) -> Result<std::net::UdpSocket, RelayError> {
+    pub(crate) fn bind_exact(
+        &mut self,
+        address: SocketAddr,
+    ) -> Result<std::net::UdpSocket, RelayError> {
         if !self.contains(address) || self.taken.contains(&address) {
             return Err(RelayError::Socket {
                 address,
@@ -79,7 +82,7 @@ impl SocketPool {
     }
 
     /// Binds the next free address of the pool; addresses another process holds are skipped.
-    pub fn bind_next(&mut self) -> Result<std::net::UdpSocket, RelayError> {
+    pub(crate) fn bind_next(&mut self) -> Result<std::net::UdpSocket, RelayError> {
         while let Some(address) = self.candidate(self.cursor) {
             self.cursor += 1;
             if self.taken.contains(&address) {
@@ -107,13 +110,13 @@ fn bind(address: SocketAddr) -> Result<std::net::UdpSocket, RelayError> {
 }
 
 /// One device's socket.
-pub struct DeviceSocket {
+pub(crate) struct DeviceSocket {
     socket: UdpSocket,
     local: SocketAddr,
 }
 
 impl DeviceSocket {
-    pub fn from_std(socket: std::net::UdpSocket) -> Result<Self, RelayError> {
+    pub(crate) fn from_std(socket: std::net::UdpSocket) -> Result<Self, RelayError> {
         let local = socket.local_addr().map_err(|source| RelayError::Socket {
             address: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
@@ -125,12 +128,12 @@ impl DeviceSocket {
         Ok(Self { socket, local })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local
     }
 
     /// Sends a datagram as this device.
-    pub async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> std::io::Result<()> {
+    pub(crate) async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> std::io::Result<()> {
         let sent = self.socket.send_to(datagram, to).await?;
         if sent != datagram.len() {
             return Err(std::io::Error::other("datagram truncated on send"));
@@ -140,8 +143,11 @@ impl DeviceSocket {
 
     /// Receives datagrams until cancelled and hands each to `handle`, one at a time, so a
     /// device's datagrams keep their order. No buffer is held while the socket is idle.
-    pub async fn receive_loop<F, Fut>(self: Arc<Self>, cancel: CancellationToken, mut handle: F)
-    where
+    pub(crate) async fn receive_loop<F, Fut>(
+        self: Arc<Self>,
+        cancel: CancellationToken,
+        mut handle: F,
+    ) where
         F: FnMut(Vec<u8>, SocketAddr) -> Fut,
         Fut: Future<Output = ()>,
     {

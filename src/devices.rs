@@ -1,0 +1,280 @@
+//! The device table: every configured device with its identity, its UDP socket, its callback
+//! capability token and its mutable state (uplink router, NIDD configuration, MT engine), found
+//! by identity or by token; and the persisted record of each device in step with memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use prometheus::IntGauge;
+use tokio::sync::Notify;
+use url::Url;
+
+use crate::delivery::MtState;
+use crate::identity::DeviceId;
+use crate::routing::Router;
+use crate::socket::DeviceSocket;
+use crate::store::{DeviceRecord, Store, StoreError, StoredConfiguration, StoredSubscription};
+use crate::t8::NiddStatus;
+
+/// A NIDD configuration as the bridge holds it in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NiddState {
+    pub(crate) location: Url,
+    pub(crate) status: Option<NiddStatus>,
+    pub(crate) maximum_packet_size_bits: Option<u64>,
+    /// The callback URL the SCEF calls for this configuration.
+    pub(crate) notification_destination: Option<String>,
+    /// The device's MonitoringEvent subscription, when monitoring is on.
+    pub(crate) monitoring_subscription: Option<StoredSubscription>,
+}
+
+impl NiddState {
+    pub(crate) fn is_usable(&self) -> bool {
+        !self.status.as_ref().is_some_and(NiddStatus::is_terminated)
+    }
+
+    fn stored(&self) -> StoredConfiguration {
+        StoredConfiguration {
+            location: self.location.to_string(),
+            status: self.status.as_ref().map(|s| s.as_str().to_string()),
+            maximum_packet_size_bits: self.maximum_packet_size_bits,
+            notification_destination: self.notification_destination.clone(),
+            monitoring_subscription: self.monitoring_subscription.clone(),
+        }
+    }
+
+    /// The in-memory form of a persisted configuration; `None` if its location is unusable.
+    pub(crate) fn from_stored(stored: StoredConfiguration) -> Option<Self> {
+        Some(Self {
+            location: Url::parse(&stored.location).ok()?,
+            status: stored.status.as_deref().map(NiddStatus::from),
+            maximum_packet_size_bits: stored.maximum_packet_size_bits,
+            notification_destination: stored.notification_destination,
+            monitoring_subscription: stored.monitoring_subscription,
+        })
+    }
+}
+
+/// Mutable per-device state; held only for short, non-async sections.
+#[derive(Debug)]
+pub(crate) struct DeviceState {
+    pub(crate) router: Router,
+    pub(crate) nidd: Option<NiddState>,
+    pub(crate) mt: MtState,
+}
+
+impl DeviceState {
+    /// Largest datagram for this device: the SCEF's `maximumPacketSize` (bits) or `default`.
+    pub(crate) fn max_packet_bytes(&self, default: usize) -> usize {
+        self.nidd
+            .as_ref()
+            .and_then(|n| n.maximum_packet_size_bits)
+            .map(|bits| usize::try_from(bits / 8).unwrap_or(usize::MAX))
+            .filter(|bytes| *bytes > 0)
+            .unwrap_or(default)
+    }
+
+    /// Whether MT may go to the SCEF: a configuration exists and is not terminated.
+    pub(crate) fn is_configured(&self) -> bool {
+        self.nidd.as_ref().is_some_and(NiddState::is_usable)
+    }
+}
+
+/// What the bridge was told about a device that makes it reachable now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WakeSource {
+    /// It sent an uplink.
+    Uplink,
+    /// The network reported it reachable (MonitoringEvent), until the time given, if any.
+    Report(Option<Instant>),
+}
+
+impl WakeSource {
+    /// The `reachability_events_total` label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Uplink => "uplink",
+            Self::Report(_) => "report",
+        }
+    }
+}
+
+/// One configured device.
+pub(crate) struct Device {
+    pub(crate) id: DeviceId,
+    pub(crate) endpoint_name: Option<String>,
+    pub(crate) callback_token: String,
+    pub(crate) socket: Arc<DeviceSocket>,
+    /// Wakes the device's MT flusher (new MT, device awake, delivery outcome).
+    pub(crate) wake: Notify,
+    /// Subscribe to MonitoringEvent reachability reports for this device.
+    pub(crate) monitoring: bool,
+    state: Mutex<DeviceState>,
+}
+
+impl Device {
+    pub(crate) fn new(
+        id: DeviceId,
+        endpoint_name: Option<String>,
+        callback_token: String,
+        socket: Arc<DeviceSocket>,
+        monitoring: bool,
+        state: DeviceState,
+    ) -> Self {
+        Self {
+            id,
+            endpoint_name,
+            callback_token,
+            socket,
+            wake: Notify::new(),
+            monitoring,
+            state: Mutex::new(state),
+        }
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, DeviceState> {
+        // A panic while holding the lock cannot leave the state half-written in a way that
+        // matters more than stopping the device, so a poisoned lock is taken over.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The callback URL of this device's NIDD configuration.
+    pub(crate) fn callback_url(&self, public_url: &Url) -> String {
+        self.capability_url(public_url, "nidd")
+    }
+
+    /// This device's callback URL for one T8 API (`nidd`, `monitoring`, `triggering`).
+    pub(crate) fn capability_url(&self, public_url: &Url, api: &str) -> String {
+        format!(
+            "{}/t8/v1/{api}/{}",
+            public_url.as_str().trim_end_matches('/'),
+            self.callback_token
+        )
+    }
+
+    /// The device is awake (uplink or reachability report): its queue may be flushed now.
+    pub(crate) fn woke(&self, now: Instant, source: WakeSource) {
+        {
+            let mut state = self.state();
+            match source {
+                WakeSource::Uplink => state.mt.reachability.on_uplink(now),
+                WakeSource::Report(until) => state.mt.reachability.on_reachable_report(now, until),
+            }
+            state.mt.on_wake();
+        }
+        self.wake.notify_one();
+    }
+}
+
+/// Every configured device, by identity and by callback token, with the count of devices whose
+/// NIDD configuration is usable kept in step with the store.
+pub(crate) struct DeviceTable {
+    devices: Vec<Arc<Device>>,
+    by_id: HashMap<DeviceId, usize>,
+    by_token: HashMap<String, usize>,
+    store: Store,
+    provisioned: AtomicUsize,
+    provisioned_gauge: IntGauge,
+}
+
+impl DeviceTable {
+    pub(crate) fn new(store: Store, provisioned_gauge: IntGauge) -> Self {
+        Self {
+            devices: Vec::new(),
+            by_id: HashMap::new(),
+            by_token: HashMap::new(),
+            store,
+            provisioned: AtomicUsize::new(0),
+            provisioned_gauge,
+        }
+    }
+
+    /// Adds a device with the configuration persisted for it (if any).
+    pub(crate) fn insert(
+        &mut self,
+        device: Arc<Device>,
+        nidd: Option<NiddState>,
+    ) -> Result<(), StoreError> {
+        let index = self.devices.len();
+        self.by_id.insert(device.id.clone(), index);
+        self.by_token.insert(device.callback_token.clone(), index);
+        self.devices.push(device.clone());
+        self.set_nidd(&device, nidd)
+    }
+
+    pub(crate) fn get(&self, id: &DeviceId) -> Option<&Arc<Device>> {
+        self.by_id.get(id).map(|i| &self.devices[*i])
+    }
+
+    /// The device whose callback URLs carry `token`.
+    pub(crate) fn by_token(&self, token: &str) -> Option<&Arc<Device>> {
+        self.by_token.get(token).map(|i| &self.devices[*i])
+    }
+
+    pub(crate) fn contains(&self, id: &DeviceId) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Device>> {
+        self.devices.iter()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Devices with a usable NIDD configuration.
+    pub(crate) fn provisioned_count(&self) -> usize {
+        self.provisioned.load(Ordering::Relaxed)
+    }
+
+    /// Whether every device has a usable NIDD configuration.
+    pub(crate) fn all_provisioned(&self) -> bool {
+        self.provisioned_count() == self.devices.len()
+    }
+
+    /// The store the device records live in.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Records a device's NIDD configuration in memory and in the store.
+    pub(crate) fn set_nidd(
+        &self,
+        device: &Device,
+        nidd: Option<NiddState>,
+    ) -> Result<(), StoreError> {
+        let record = DeviceRecord {
+            udp_address: Some(device.socket.local_addr()),
+            callback_token: device.callback_token.clone(),
+            nidd: nidd.as_ref().map(NiddState::stored),
+        };
+        self.store.put_device(&device.id, &record)?;
+        let usable = nidd.as_ref().is_some_and(NiddState::is_usable);
+        let was_usable = {
+            let mut state = device.state();
+            let was = state.is_configured();
+            state.nidd = nidd;
+            was
+        };
+        match (was_usable, usable) {
+            (false, true) => self.provisioned.fetch_add(1, Ordering::Relaxed),
+            (true, false) => self.provisioned.fetch_sub(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        self.provisioned_gauge
+            .set(i64::try_from(self.provisioned_count()).unwrap_or(i64::MAX));
+        Ok(())
+    }
+
+    /// Records a change to a device's configuration, logging a store failure.
+    pub(crate) fn update_nidd(&self, device: &Device, nidd: Option<NiddState>) {
+        if let Err(error) = self.set_nidd(device, nidd) {
+            tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
+        }
+    }
+}

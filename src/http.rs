@@ -1,0 +1,25 @@
+//! The bridge's two HTTP listeners: [`callback`] (T8 notifications from the SCEF) and [`admin`]
+//! (metrics, health, readiness, the device API), with RFC 7807 answers from [`problem`].
+
+pub(crate) mod admin;
+pub(crate) mod callback;
+pub(crate) mod problem;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether the bridge is shutting down: callbacks are refused and `/readyz` fails from then on.
+#[derive(Clone, Default)]
+pub(crate) struct Lifecycle {
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Lifecycle {
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+}

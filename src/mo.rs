@@ -1,0 +1,339 @@
+//! The MO (uplink) path: the verdict on one datagram a device sent through the SCEF (whose it
+//! is, whether it fits, whether a Register names this device, which LwM2M server it is for),
+//! decided without I/O by [`judge`], and [`Uplinks`], which carries an accepted datagram byte for
+//! byte from the device's socket to that server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::coap::{CoapError, Datagram};
+use crate::devices::{Device, WakeSource};
+use crate::identity::DeviceId;
+use crate::metrics::Metrics;
+use crate::routing::{Router, ServerIndex};
+
+/// What an uplink must satisfy for one device.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UplinkRules<'a> {
+    /// The device whose configuration the notification arrived for.
+    pub(crate) device: &'a DeviceId,
+    /// The endpoint name configured for it, if any.
+    pub(crate) endpoint_name: Option<&'a str>,
+    /// Refuse an unprotected Register whose `ep=` names another device.
+    pub(crate) check_endpoint_name: bool,
+    /// The NIDD maximum packet size for this device, in bytes.
+    pub(crate) max_packet_bytes: usize,
+}
+
+/// Where an accepted uplink goes, and what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UplinkRoute {
+    pub(crate) server: ServerIndex,
+    pub(crate) oscore: bool,
+    pub(crate) message_id: u16,
+    pub(crate) code: String,
+}
+
+/// Why an uplink datagram is refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UplinkRefusal {
+    #[error("the notification names {named}, which does not belong to this NIDD configuration")]
+    NotThisDevice { named: String },
+    #[error("datagram of {bytes} bytes exceeds the maximum packet size of {limit} bytes")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("payload is not a CoAP message: {0}")]
+    NotCoap(CoapError),
+    #[error("Register names endpoint {0:?}, which is not this device")]
+    EndpointMismatch(String),
+}
+
+impl UplinkRefusal {
+    /// The `datagrams_dropped_total{direction="mo"}` reason, for refusals of the datagram itself.
+    pub(crate) fn drop_reason(&self) -> Option<&'static str> {
+        match self {
+            Self::NotThisDevice { .. } => None,
+            Self::TooLarge { .. } => Some("oversized"),
+            Self::NotCoap(_) => Some("not_coap"),
+            Self::EndpointMismatch(_) => Some("endpoint_mismatch"),
+        }
+    }
+}
+
+/// The verdict on one uplink: the identity the notification names, the size, the `ep=` of an
+/// unprotected Register, and the server it is routed to.
+pub(crate) fn judge(
+    rules: &UplinkRules<'_>,
+    named: &DeviceId,
+    datagram: &[u8],
+    router: &Router,
+) -> Result<UplinkRoute, UplinkRefusal> {
+    if named != rules.device {
+        return Err(UplinkRefusal::NotThisDevice {
+            named: named.to_string(),
+        });
+    }
+    if datagram.len() > rules.max_packet_bytes {
+        return Err(UplinkRefusal::TooLarge {
+            bytes: datagram.len(),
+            limit: rules.max_packet_bytes,
+        });
+    }
+    let view = Datagram::parse(datagram).map_err(UplinkRefusal::NotCoap)?;
+    if rules.check_endpoint_name
+        && let Some(endpoint) = view.registration_endpoint()
+        && !endpoint_matches(rules, endpoint)
+    {
+        return Err(UplinkRefusal::EndpointMismatch(endpoint.to_string()));
+    }
+    Ok(UplinkRoute {
+        server: router.route_uplink(&view),
+        oscore: view.oscore,
+        message_id: view.message_id,
+        code: view.code_string(),
+    })
+}
+
+/// Whether `endpoint` (from `ep=`) names this device, in either NAI spelling.
+fn endpoint_matches(rules: &UplinkRules<'_>, endpoint: &str) -> bool {
+    match rules.endpoint_name {
+        Some(expected) if expected == endpoint => true,
+        _ => match (rules.device, endpoint.parse::<DeviceId>()) {
+            (DeviceId::External(_), Ok(claimed)) => claimed == *rules.device,
+            // An MSISDN device without a configured endpoint name has nothing to check against.
+            (DeviceId::Msisdn(_), _) => rules.endpoint_name.is_none(),
+            _ => false,
+        },
+    }
+}
+
+/// Why an uplink was not forwarded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UplinkError {
+    #[error(transparent)]
+    Refused(#[from] UplinkRefusal),
+    #[error("cannot send to the LwM2M server: {0}")]
+    Send(std::io::Error),
+}
+
+/// A configured LwM2M server as the MO path needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerAddress {
+    pub(crate) name: String,
+    pub(crate) address: SocketAddr,
+}
+
+/// The MO path's handle: forwards accepted uplinks to their server and counts everything.
+#[derive(Clone)]
+pub(crate) struct Uplinks {
+    servers: Arc<[ServerAddress]>,
+    check_endpoint_name: bool,
+    default_max_packet_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Uplinks {
+    pub(crate) fn new(
+        servers: Arc<[ServerAddress]>,
+        check_endpoint_name: bool,
+        default_max_packet_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            servers,
+            check_endpoint_name,
+            default_max_packet_bytes,
+            metrics,
+        }
+    }
+
+    /// Judges one datagram the device sent (as the notification names it) and forwards it, byte
+    /// for byte, to the server it is for; the device is then awake.
+    pub(crate) async fn forward(
+        &self,
+        device: &Device,
+        named: &DeviceId,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Result<(), UplinkError> {
+        let verdict = {
+            let state = device.state();
+            let rules = UplinkRules {
+                device: &device.id,
+                endpoint_name: device.endpoint_name.as_deref(),
+                check_endpoint_name: self.check_endpoint_name,
+                max_packet_bytes: state.max_packet_bytes(self.default_max_packet_bytes),
+            };
+            judge(&rules, named, datagram, &state.router)
+        };
+        let route = verdict.inspect_err(|refusal| {
+            if let Some(reason) = refusal.drop_reason() {
+                self.metrics.drop_datagram("mo", reason);
+            }
+        })?;
+        let server = &self.servers[route.server];
+        device
+            .socket
+            .send_to(datagram, server.address)
+            .await
+            .map_err(|e| {
+                self.metrics.drop_datagram("mo", "udp_send_failed");
+                UplinkError::Send(e)
+            })?;
+        self.metrics.mo_datagrams.inc();
+        self.metrics.mo_bytes.inc_by(datagram.len() as u64);
+        self.metrics.count_coap("mo", route.oscore);
+        device.woke(now, WakeSource::Uplink);
+        self.metrics
+            .reachability_events
+            .with_label_values(&[WakeSource::Uplink.label()])
+            .inc();
+        tracing::debug!(device = %device.id, server = %server.name, code = %route.code, mid = route.message_id, bytes = datagram.len(), "MO forwarded");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router {
+        // Server 0 is the DM server, 1 the bootstrap server.
+        Router::new(0, Some(1), Arc::from(Vec::new()))
+    }
+
+    /// CON POST /{path}?ep=<endpoint>, message ID 0x1234, no token.
+    fn post_with_endpoint(path: &str, endpoint: &str) -> Vec<u8> {
+        let mut datagram = vec![0x40, 0x02, 0x12, 0x34];
+        // Uri-Path (11), then Uri-Query (15): deltas 11 and 4.
+        datagram.push(0xb0 | u8::try_from(path.len()).unwrap());
+        datagram.extend_from_slice(path.as_bytes());
+        let query = format!("ep={endpoint}");
+        match query.len() {
+            len @ 0..13 => datagram.push(0x40 | u8::try_from(len).unwrap()),
+            len => {
+                datagram.push(0x4d);
+                datagram.push(u8::try_from(len - 13).unwrap());
+            }
+        }
+        datagram.extend_from_slice(query.as_bytes());
+        datagram
+    }
+
+    fn register(endpoint: &str) -> Vec<u8> {
+        post_with_endpoint("rd", endpoint)
+    }
+
+    fn rules<'a>(device: &'a DeviceId, endpoint_name: Option<&'a str>) -> UplinkRules<'a> {
+        UplinkRules {
+            device,
+            endpoint_name,
+            check_endpoint_name: true,
+            max_packet_bytes: 100,
+        }
+    }
+
+    #[test]
+    fn a_register_naming_the_device_goes_to_its_server() {
+        let id: DeviceId = "123@iot.example".parse().unwrap();
+        for endpoint in ["urn:nai:123@iot.example", "123@iot.example"] {
+            let route = judge(&rules(&id, None), &id, &register(endpoint), &router()).unwrap();
+            assert_eq!(route.server, 0, "{endpoint}");
+            assert_eq!(route.message_id, 0x1234);
+            assert_eq!(route.code, "0.02");
+            assert!(!route.oscore);
+        }
+    }
+
+    #[test]
+    fn a_register_naming_another_device_is_refused() {
+        let id: DeviceId = "123@iot.example".parse().unwrap();
+        let refusal = judge(
+            &rules(&id, None),
+            &id,
+            &register("urn:nai:999@iot.example"),
+            &router(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(refusal, UplinkRefusal::EndpointMismatch(ref ep) if ep == "urn:nai:999@iot.example")
+        );
+        assert_eq!(refusal.drop_reason(), Some("endpoint_mismatch"));
+        // Not checked when switched off.
+        let unchecked = UplinkRules {
+            check_endpoint_name: false,
+            ..rules(&id, None)
+        };
+        assert!(
+            judge(
+                &unchecked,
+                &id,
+                &register("urn:nai:999@iot.example"),
+                &router()
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_configured_endpoint_name_is_accepted_as_is() {
+        let msisdn: DeviceId = "491701234567".parse().unwrap();
+        assert!(
+            judge(
+                &rules(&msisdn, Some("meter-7")),
+                &msisdn,
+                &register("meter-7"),
+                &router()
+            )
+            .is_ok()
+        );
+        assert!(matches!(
+            judge(
+                &rules(&msisdn, Some("meter-7")),
+                &msisdn,
+                &register("meter-8"),
+                &router()
+            ),
+            Err(UplinkRefusal::EndpointMismatch(_))
+        ));
+        // An MSISDN device without a configured name has nothing to compare against.
+        assert!(
+            judge(
+                &rules(&msisdn, None),
+                &msisdn,
+                &register("anything"),
+                &router()
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn identity_size_and_format_are_checked_first() {
+        let id: DeviceId = "123@iot.example".parse().unwrap();
+        let other: DeviceId = "456@iot.example".parse().unwrap();
+        let refusal = judge(&rules(&id, None), &other, &register("x"), &router()).unwrap_err();
+        assert!(matches!(refusal, UplinkRefusal::NotThisDevice { .. }));
+        assert_eq!(refusal.drop_reason(), None);
+        let big = vec![0x40; 101];
+        let refusal = judge(&rules(&id, None), &id, &big, &router()).unwrap_err();
+        assert!(matches!(
+            refusal,
+            UplinkRefusal::TooLarge {
+                bytes: 101,
+                limit: 100
+            }
+        ));
+        let refusal = judge(&rules(&id, None), &id, &[0x00, 0x01], &router()).unwrap_err();
+        assert!(matches!(refusal, UplinkRefusal::NotCoap(_)));
+        assert_eq!(refusal.drop_reason(), Some("not_coap"));
+    }
+
+    #[test]
+    fn bootstrap_requests_go_to_the_bootstrap_server() {
+        let id: DeviceId = "123@iot.example".parse().unwrap();
+        let datagram = post_with_endpoint("bs", "urn:nai:123@iot.example");
+        let route = judge(&rules(&id, None), &id, &datagram, &router()).unwrap();
+        assert_eq!(route.server, 1);
+    }
+}

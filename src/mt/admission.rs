@@ -1,0 +1,258 @@
+//! MT admission without I/O: whether a datagram that reached a device's socket is taken at all
+//! (source, size, CoAP), whether it is a server retransmission of something already carried,
+//! and what entering the device's queue drops.
+
+use std::net::SocketAddr;
+
+use crate::coap::{CoapError, Datagram, Kind};
+use crate::devices::DeviceState;
+use crate::queue::{Admission, QueueLimits, QueuedDatagram};
+use crate::routing::ServerIndex;
+use crate::socket::RECEIVE_BUFFER_BYTES;
+
+/// Why a datagram that reached a device socket is not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum MtRefusal {
+    #[error("{0} is not a configured LwM2M server")]
+    UnknownSource(SocketAddr),
+    #[error("{bytes} bytes exceed the NIDD maximum packet size of {limit} bytes")]
+    Oversized { bytes: usize, limit: usize },
+    #[error("not CoAP: {0}")]
+    NotCoap(CoapError),
+}
+
+impl MtRefusal {
+    /// The `datagrams_dropped_total{direction="mt"}` reason.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Self::UnknownSource(_) => "unknown_source",
+            Self::Oversized { .. } => "oversized",
+            Self::NotCoap(_) => "not_coap",
+        }
+    }
+}
+
+/// A datagram that may enter the queue: which server sent it, and its CoAP header.
+#[derive(Debug)]
+pub(crate) struct Screened {
+    pub(crate) server: ServerIndex,
+    pub(crate) view: Datagram,
+}
+
+/// The first checks, before the device's state is touched: the source must be a configured
+/// server, the datagram must fit the device's NIDD maximum packet size (and the receive buffer,
+/// or it may have been truncated) and must be CoAP.
+pub(crate) fn screen(
+    servers: &[SocketAddr],
+    from: SocketAddr,
+    datagram: &[u8],
+    max_packet_bytes: usize,
+) -> Result<Screened, MtRefusal> {
+    let server = servers
+        .iter()
+        .position(|s| *s == from)
+        .ok_or(MtRefusal::UnknownSource(from))?;
+    if datagram.len() > max_packet_bytes || datagram.len() >= RECEIVE_BUFFER_BYTES {
+        return Err(MtRefusal::Oversized {
+            bytes: datagram.len(),
+            limit: max_packet_bytes,
+        });
+    }
+    let view = Datagram::parse(datagram).map_err(MtRefusal::NotCoap)?;
+    Ok(Screened { server, view })
+}
+
+/// The queue entry for a screened datagram.
+pub(crate) fn queue_entry(
+    seq: u64,
+    screened: &Screened,
+    from: SocketAddr,
+    data: Vec<u8>,
+    limits: &QueueLimits,
+    now_ms: u64,
+) -> QueuedDatagram {
+    let confirmable = screened.view.kind == Kind::Confirmable;
+    QueuedDatagram {
+        seq,
+        server: screened.server,
+        source: from,
+        message_id: screened.view.message_id,
+        confirmable,
+        enqueued_at_ms: now_ms,
+        expires_at_ms: limits.expiry(now_ms, confirmable),
+        data,
+        pending: None,
+    }
+}
+
+/// What entering the queue did.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Admitted {
+    /// The same source, message ID and bytes are already queued, in flight or pending at the
+    /// SCEF: a server retransmission, not carried again.
+    Suppressed,
+    /// The queue's verdict: accepted or not, and what it dropped to make room or as expired.
+    Queued(Admission),
+}
+
+/// Admits `item` to the device's queue. Answers to the device's requests are remembered for
+/// routing either way.
+pub(crate) fn admit(
+    state: &mut DeviceState,
+    screened: &Screened,
+    item: QueuedDatagram,
+    limits: &QueueLimits,
+    now_ms: u64,
+) -> Admitted {
+    state.router.note_downlink(screened.server, &screened.view);
+    if state
+        .mt
+        .queue
+        .is_retransmission(item.source, item.message_id, &item.data)
+    {
+        return Admitted::Suppressed;
+    }
+    Admitted::Queued(state.mt.queue.admit(item, limits, now_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{BufferOwner, OverflowPolicy};
+    use crate::delivery::MtState;
+    use crate::queue::{DeviceQueue, DropReason};
+    use crate::reachability::Reachability;
+    use crate::routing::Router;
+
+    const SERVER: &str = "127.0.0.1:5683";
+
+    fn servers() -> Vec<SocketAddr> {
+        vec![SERVER.parse().unwrap(), "127.0.0.1:5693".parse().unwrap()]
+    }
+
+    fn limits() -> QueueLimits {
+        QueueLimits {
+            max_datagrams: 2,
+            max_bytes: 1000,
+            max_age: Duration::from_secs(247),
+            overflow: OverflowPolicy::DropOldest,
+        }
+    }
+
+    fn state() -> DeviceState {
+        DeviceState {
+            router: Router::new(0, None, Arc::from(Vec::new())),
+            nidd: None,
+            mt: MtState::new(
+                Reachability::new(Duration::from_secs(20)),
+                DeviceQueue::default(),
+                BufferOwner::Bridge,
+                10.0,
+                (Duration::from_secs(1), Duration::from_secs(8)),
+                None,
+            ),
+        }
+    }
+
+    /// CON GET /3/0/0 with message ID `mid` and a one-byte token.
+    fn read(mid: u16) -> Vec<u8> {
+        let [high, low] = mid.to_be_bytes();
+        vec![
+            0x41, 0x01, high, low, 0x7a, 0xb1, b'3', 0x01, b'0', 0x01, b'0',
+        ]
+    }
+
+    fn offer(state: &mut DeviceState, seq: u64, from: &str, data: Vec<u8>) -> Admitted {
+        let from: SocketAddr = from.parse().unwrap();
+        let screened = screen(&servers(), from, &data, 1358).unwrap();
+        let item = queue_entry(seq, &screened, from, data, &limits(), 1_000);
+        admit(state, &screened, item, &limits(), 1_000)
+    }
+
+    #[test]
+    fn only_configured_servers_may_send() {
+        let stranger: SocketAddr = "127.0.0.9:5683".parse().unwrap();
+        let refusal = screen(&servers(), stranger, &read(1), 1358).unwrap_err();
+        assert_eq!(refusal, MtRefusal::UnknownSource(stranger));
+        assert_eq!(refusal.label(), "unknown_source");
+        let second = screen(
+            &servers(),
+            "127.0.0.1:5693".parse().unwrap(),
+            &read(1),
+            1358,
+        );
+        assert_eq!(second.unwrap().server, 1);
+    }
+
+    #[test]
+    fn size_and_format_are_checked() {
+        let from: SocketAddr = SERVER.parse().unwrap();
+        let refusal = screen(&servers(), from, &read(1), 10).unwrap_err();
+        assert_eq!(
+            refusal,
+            MtRefusal::Oversized {
+                bytes: 11,
+                limit: 10
+            }
+        );
+        let huge = vec![0x40; RECEIVE_BUFFER_BYTES];
+        assert_eq!(
+            screen(&servers(), from, &huge, usize::MAX)
+                .unwrap_err()
+                .label(),
+            "oversized",
+            "a datagram that filled the receive buffer may be truncated"
+        );
+        let refusal = screen(&servers(), from, &[0xff], 1358).unwrap_err();
+        assert_eq!(refusal.label(), "not_coap");
+    }
+
+    #[test]
+    fn entries_carry_the_coap_lifetime() {
+        let from: SocketAddr = SERVER.parse().unwrap();
+        let screened = screen(&servers(), from, &read(7), 1358).unwrap();
+        let item = queue_entry(3, &screened, from, read(7), &limits(), 1_000);
+        assert_eq!((item.seq, item.server, item.message_id), (3, 0, 7));
+        assert!(item.confirmable);
+        assert_eq!(item.expires_at_ms, 1_000 + 247_000);
+        let mut non = read(7);
+        non[0] = 0x51;
+        let screened = screen(&servers(), from, &non, 1358).unwrap();
+        let item = queue_entry(4, &screened, from, non, &limits(), 1_000);
+        assert!(!item.confirmable);
+        assert_eq!(item.expires_at_ms, 1_000 + 145_000);
+    }
+
+    #[test]
+    fn a_retransmission_of_a_queued_datagram_is_suppressed() {
+        let mut state = state();
+        assert!(matches!(
+            offer(&mut state, 1, SERVER, read(1)),
+            Admitted::Queued(Admission { accepted: true, .. })
+        ));
+        assert_eq!(offer(&mut state, 2, SERVER, read(1)), Admitted::Suppressed);
+        // Same message ID from another server, or other bytes: a new datagram.
+        assert!(matches!(
+            offer(&mut state, 3, "127.0.0.1:5693", read(1)),
+            Admitted::Queued(Admission { accepted: true, .. })
+        ));
+        assert_eq!(state.mt.queue.len(), 2);
+    }
+
+    #[test]
+    fn overflow_drops_are_reported() {
+        let mut state = state();
+        offer(&mut state, 1, SERVER, read(1));
+        offer(&mut state, 2, SERVER, read(2));
+        let Admitted::Queued(admission) = offer(&mut state, 3, SERVER, read(3)) else {
+            panic!("queued")
+        };
+        assert!(admission.accepted);
+        assert_eq!(admission.dropped.len(), 1);
+        assert_eq!(admission.dropped[0].0.seq, 1);
+        assert_eq!(admission.dropped[0].1, DropReason::Overflow);
+    }
+}
