@@ -392,6 +392,22 @@ impl BoundBridge {
     }
 }
 
+/// Resolves on SIGTERM or Ctrl-C: what a process running a bridge (or a test-bed peer) stops on.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
 async fn listen(address: SocketAddr) -> Result<TcpListener, BridgeError> {
     TcpListener::bind(address)
         .await

@@ -122,26 +122,11 @@ async fn run(path: PathBuf) -> ExitCode {
         "{}",
         serde_json::json!({"event": "listening", "callback": bridge.callback_addr, "admin": bridge.admin_addr})
     );
-    match bridge.run(shutdown_signal()).await {
+    match bridge.run(nidd_bridge::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("nidd-bridge: {error}");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
     }
 }

@@ -97,21 +97,6 @@ fn main() -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-}
-
 /// What `mock-scef` was asked to run.
 struct MockOptions {
     listen: SocketAddr,
@@ -191,7 +176,7 @@ async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
             }
         });
     }
-    shutdown_signal().await;
+    nidd_bridge::shutdown_signal().await;
     if validating {
         let violations = mock.violations();
         for violation in &violations {
