@@ -16,8 +16,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use nidd_bridge::Bridge;
 use nidd_bridge::DeviceId;
-use nidd_bridge::config::{Config, ProcessSecrets};
-use nidd_testbed::bridge_config::loopback_config;
+use nidd_bridge::config::{ProcessSecrets, ServerRole};
+use nidd_testbed::bed::DM_SERVER;
+use nidd_testbed::bridge_config::BridgeConfigBuilder;
 use nidd_testbed::lwm2m_peer::{self, Lwm2mNodeServer};
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use nidd_testbed::mock_scef::{MockScef, MockScefConfig};
@@ -100,18 +101,17 @@ async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let ids: Vec<DeviceId> = (1..=options.devices)
         .map(|i| format!("urn:nai:35{i:07}@demo.iot.example").parse())
         .collect::<Result<_, _>>()?;
-    let device_lines: Vec<String> = ids
+    let config = ids
         .iter()
-        .map(|id| format!("external_id = \"{id}\""))
-        .collect();
-    let device_lines: Vec<&str> = device_lines.iter().map(String::as_str).collect();
-    let config = Config::parse(&loopback_config(
-        mock.api_root().as_str(),
-        server.address,
-        &store,
-        &device_lines,
-        "",
-    ))?;
+        .fold(
+            BridgeConfigBuilder::loopback(&mock.api_root(), &store).server(
+                DM_SERVER,
+                server.address,
+                ServerRole::Dm,
+            ),
+            |builder, id| builder.device(id),
+        )
+        .build()?;
     let bridge = Bridge::bind(config, &ProcessSecrets).await?;
     println!(
         "      T8 callbacks on http://{}   admin/metrics on http://{}",

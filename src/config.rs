@@ -50,7 +50,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub scef: ScefConfig,
@@ -91,7 +91,7 @@ pub enum OverflowPolicy {
 
 /// PSM-aware MT delivery: reachability, the durable MT queue and its bounds, pacing, retries,
 /// monitoring events and device triggering. Defaults for every device.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PsmConfig {
     #[serde(default = "default_buffer_owner")]
@@ -203,7 +203,7 @@ fn default_trigger_validity_s() -> u64 {
 }
 
 /// The SCEF/NEF T8 endpoint and how to authenticate to it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScefConfig {
     /// T8 `{apiRoot}`, e.g. `https://scef.operator.example`.
@@ -229,7 +229,7 @@ pub struct ScefConfig {
 }
 
 /// The listener the SCEF posts notifications to.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallbackConfig {
     pub listen: SocketAddr,
@@ -240,7 +240,7 @@ pub struct CallbackConfig {
     pub max_body_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
@@ -253,7 +253,7 @@ pub enum ServerRole {
     Bootstrap,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Lwm2mServerConfig {
     pub name: String,
@@ -267,9 +267,15 @@ pub struct Lwm2mServerConfig {
 }
 
 /// Bytes written as hex in the configuration (`"0a1b"`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct HexBytes(pub Vec<u8>);
+
+impl From<HexBytes> for String {
+    fn from(value: HexBytes) -> Self {
+        hex::encode(value.0)
+    }
+}
 
 impl TryFrom<String> for HexBytes {
     type Error = String;
@@ -281,7 +287,7 @@ impl TryFrom<String> for HexBytes {
 }
 
 /// The pool the per-device UDP sockets are taken from: every address times every port range.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SocketsConfig {
     pub bind: OneOrMany<IpAddr>,
@@ -295,7 +301,7 @@ impl SocketsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     One(T),
@@ -312,8 +318,8 @@ impl<T> OneOrMany<T> {
 }
 
 /// An inclusive port range written `"20000-29999"` or a single port `"20000"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct PortRange {
     pub first: u16,
     pub last: u16,
@@ -355,6 +361,12 @@ impl FromStr for PortRange {
     }
 }
 
+impl From<PortRange> for String {
+    fn from(range: PortRange) -> Self {
+        format!("{}-{}", range.first, range.last)
+    }
+}
+
 impl TryFrom<String> for PortRange {
     type Error = String;
     fn try_from(value: String) -> Result<Self, Self::Error> {
@@ -362,7 +374,7 @@ impl TryFrom<String> for PortRange {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// Directory of the sled database (device records, socket allocations, NIDD configurations).
@@ -370,7 +382,7 @@ pub struct StoreConfig {
 }
 
 /// Defaults applied to every NIDD configuration and uplink.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NiddDefaults {
     /// `pdnEstablishmentOption` sent with configurations: WAIT_FOR_UE, INDICATE_ERROR or SEND_TRIGGER.
@@ -398,7 +410,7 @@ impl Default for NiddDefaults {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     /// `local@domain` or `urn:nai:local@domain`.

@@ -1,5 +1,6 @@
-//! Integration tests: the bridge, the mock SCEF and the real npm LwM2M server on loopback.
-//! One test binary (modules below) so the crate links once.
+//! Integration tests: the bridge, the mock SCEF and the real npm LwM2M server on loopback,
+//! each started by the test bed (`nidd_testbed::bed`). One test binary (modules below) so the
+//! crate links once.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -11,7 +12,6 @@
 mod integration {
     pub mod bad_input;
     pub mod cli;
-    pub mod common;
     pub mod conformance;
     pub mod data_path;
     pub mod downlink;

@@ -6,14 +6,22 @@
 //! - [`mock_scef`]: a T8 SCEF emulator (NIDD, MonitoringEvent, DeviceTriggering) with simulated
 //!   UEs (PSM, SCEF buffering, faults), simulated LwM2M 1.1 devices with OSCORE
 //!   ([`mock_scef::sim_device`], [`mock_scef::oscore`]) and real UDP LwM2M clients fronted as UEs.
-//! - [`bridge_config`]: bridge configurations on loopback for tests and the demo.
+//! - [`bed`]: the test bed builder: servers, mock SCEF, devices and the bridge started
+//!   together on loopback, handed out as one running bed.
+//! - [`bridge_config`]: the typed bridge configuration builder (and its TOML text).
+//! - [`probe`]: deadlines, polling, readiness, metrics and conformance checks on a running bed.
 //! - [`lwm2m_peer`]: drivers of the npm `lwm2m-node-lib` LwM2M server and client.
+//! - [`aiocoap`]: driver of the aiocoap OSCORE peer, installed into a virtual environment on
+//!   first use.
 //! - [`schema`]: validation of T8 bodies against the official 3GPP OpenAPI files.
 
 // The test bed is all edge: its simulators and emulators keep their own time.
 #![allow(clippy::disallowed_methods)]
 
+pub mod aiocoap;
+pub mod bed;
 pub mod bridge_config;
 pub mod lwm2m_peer;
 pub mod mock_scef;
+pub mod probe;
 pub mod schema;

@@ -372,7 +372,9 @@ impl MockScef {
         &self.state.faults
     }
 
-    /// A handle on the simulated UE with this identity (created on first use).
+    /// A handle on the simulated UE with this identity (created on first use). The first
+    /// handle (and its clones) receives the UE's MT; later ones only drive it, like
+    /// [`ue_control`](Self::ue_control).
     pub fn ue(&self, id: &DeviceId) -> SimUe {
         let receiver = {
             let mut inner = self.state.inner();
@@ -383,6 +385,13 @@ impl MockScef {
             state: self.state.clone(),
             mt: Arc::new(tokio::sync::Mutex::new(receiver)),
         }
+    }
+
+    /// A handle that drives the UE (sleep, wake, MO) but leaves its MT to whoever takes
+    /// [`ue`](Self::ue).
+    pub fn ue_control(&self, id: &DeviceId) -> SimUe {
+        MockState::ue_channels(&mut self.state.inner(), id);
+        SimUe::attach(&self.state, id)
     }
 
     pub fn recorded(&self) -> Vec<Recorded> {

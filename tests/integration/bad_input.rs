@@ -5,10 +5,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
 use nidd_bridge::DeviceId;
+use nidd_testbed::bed::TestBed;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
+use nidd_testbed::probe::{eventually, metric};
 use serde_json::{Value, json};
-
-use super::common::*;
 
 fn register(endpoint: &str) -> Vec<u8> {
     let mut packet = Packet::new();
@@ -43,7 +43,7 @@ async fn expect_problem(
     assert_eq!(problem["cause"], cause);
     assert_eq!(problem["status"], status);
     assert!(problem["detail"].as_str().is_some_and(|d| !d.is_empty()));
-    if let Some(schemas) = schemas() {
+    if let Some(schemas) = nidd_testbed::schema::for_test("ProblemDetails validation") {
         schemas
             .validate(&schemas.find_component("ProblemDetails").unwrap(), &problem)
             .expect("our problem bodies are T8 ProblemDetails");
@@ -52,16 +52,15 @@ async fn expect_problem(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_counted_and_harmless() {
-    let stack = Stack::start(
-        &[
-            "external_id = \"400000001@iot.example\"",
-            "external_id = \"400000002@iot.example\"",
-        ],
-        "",
-    )
-    .await;
-    let (server, mock, bridge) = (&stack.server, &stack.mock, &stack.bridge);
     let a: DeviceId = "400000001@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .npm_server()
+        .device(&a)
+        .device(&"400000002@iot.example".parse().unwrap())
+        .start()
+        .await
+        .unwrap();
+    let (server, mock, bridge) = (stack.server(), stack.mock(), stack.bridge());
     let url = bridge.callback_url(&a);
     let configuration = mock
         .configurations()

@@ -6,9 +6,13 @@
 use std::path::PathBuf;
 
 use nidd_bridge::t8::NiddNotification;
+use nidd_testbed::bed::TestBed;
+use nidd_testbed::schema::T8Schemas;
 use serde_json::Value;
 
-use super::common::*;
+fn schemas() -> Option<std::sync::Arc<T8Schemas>> {
+    nidd_testbed::schema::for_test("3GPP schema validation of the T8 fixtures")
+}
 
 fn fixtures(folder: &str) -> Vec<(String, Value)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(folder);
@@ -88,16 +92,16 @@ async fn every_exchange_kind_is_checked_against_the_schemas() {
     use nidd_bridge::DeviceId;
     use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 
-    let stack = Stack::start(
-        &[
-            "external_id = \"500000001@iot.example\"",
-            "msisdn = \"491709999999\"",
-        ],
-        "[nidd]\nrequest_test_notification = true",
-    )
-    .await;
-    let (server, mock) = (&stack.server, &stack.mock);
     let id: DeviceId = "500000001@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .npm_server()
+        .device(&id)
+        .device(&"491709999999".parse().unwrap())
+        .nidd(|nidd| nidd.request_test_notification = true)
+        .start()
+        .await
+        .unwrap();
+    let (server, mock) = (stack.server(), stack.mock());
     let sim = SimLwm2mDevice::spawn(
         mock.ue(&id),
         DeviceProfile::new("urn:nai:500000001@iot.example"),

@@ -4,22 +4,28 @@
 use std::sync::atomic::Ordering;
 
 use nidd_bridge::DeviceId;
+use nidd_testbed::bed::TestBed;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
-
-use super::common::*;
+use nidd_testbed::probe::{STEP, metric};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_register_are_read_and_deregister_through_the_bridge() {
-    let stack = Stack::start(
-        &[
-            "external_id = \"urn:nai:100000001@iot.example\"",
-            "external_id = \"100000002@iot.example\"",
-            "msisdn = \"491701234567\"\nendpoint_name = \"urn:imei:490154203237518\"",
-        ],
-        "",
-    )
-    .await;
-    let (server, mock, bridge) = (&stack.server, &stack.mock, &stack.bridge);
+    let first: DeviceId = "100000001@iot.example".parse().unwrap();
+    let msisdn: DeviceId = "491701234567".parse().unwrap();
+    let stack = TestBed::new()
+        .npm_server()
+        // Both spellings of an External Identifier are accepted in the configuration.
+        .device_with(&first, |d| {
+            d.external_id = Some("urn:nai:100000001@iot.example".into())
+        })
+        .device(&"100000002@iot.example".parse().unwrap())
+        .device_with(&msisdn, |d| {
+            d.endpoint_name = Some("urn:imei:490154203237518".into())
+        })
+        .start()
+        .await
+        .unwrap();
+    let (server, mock, bridge) = (stack.server(), stack.mock(), stack.bridge());
 
     let devices: Vec<(DeviceId, String)> = vec![
         (

@@ -7,11 +7,11 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use nidd_bridge::DeviceId;
-use nidd_testbed::mock_scef::{DownlinkMode, MockScef, MockScefConfig};
+use nidd_bridge::config::ServerRole;
+use nidd_testbed::bed::{DM_SERVER, TestBed};
+use nidd_testbed::mock_scef::DownlinkMode;
+use nidd_testbed::probe::{STEP, eventually, metric};
 use serde_json::json;
-use tokio::net::UdpSocket;
-
-use super::common::*;
 
 /// A confirmable GET /3/0/0 with a 4-byte token.
 fn server_read(message_id: u16) -> Vec<u8> {
@@ -21,31 +21,16 @@ fn server_read(message_id: u16) -> Vec<u8> {
     ]
 }
 
-async fn recv(socket: &UdpSocket) -> (Vec<u8>, std::net::SocketAddr) {
-    let mut buffer = vec![0u8; 2048];
-    let (length, from) = tokio::time::timeout(STEP, socket.recv_from(&mut buffer))
-        .await
-        .unwrap()
-        .unwrap();
-    buffer.truncate(length);
-    (buffer, from)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_answers_are_handled_and_bytes_pass_unchanged() {
-    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    let config = config_text(
-        mock.api_root().as_str(),
-        server.local_addr().unwrap(),
-        store.path(),
-        &["external_id = \"600000001@iot.example\""],
-        "",
-    );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
     let id: DeviceId = "600000001@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .device(&id)
+        .start()
+        .await
+        .unwrap();
+    let (server, mock, bridge) = (stack.raw_server(DM_SERVER), stack.mock(), stack.bridge());
     let device_address = bridge.device_address(&id);
     let ue = mock.ue(&id);
 
@@ -100,7 +85,7 @@ async fn delivery_answers_are_handled_and_bytes_pass_unchanged() {
     // The device's next uplink wakes it: the kept datagram goes out.
     ue.send_mo(&[0x50, 0x02, 0x00, 0x42]).await.unwrap();
     assert_eq!(ue.recv_mt(STEP).await.unwrap(), server_read(3));
-    let _ = recv(&server).await;
+    let _ = server.recv().await;
 
     let text = bridge.metrics().await;
     assert_eq!(
@@ -127,45 +112,31 @@ async fn delivery_answers_are_handled_and_bytes_pass_unchanged() {
         0x64, 0x45, 0x00, 0x01, 0xa1, 0xb2, 0xc3, 0xd4, 0xff, b'h', b'i',
     ];
     ue.send_mo(&response).await.unwrap();
-    let (bytes, from) = recv(&server).await;
+    let (bytes, from) = server.recv().await;
     assert_eq!(bytes, response);
     assert_eq!(from, device_address);
     // The device's own retransmission (same bytes, same MID) is passed through unchanged:
     // only server retransmissions of MT are suppressed.
     ue.send_mo(&response).await.unwrap();
-    assert_eq!(recv(&server).await.0, response);
+    assert_eq!(server.recv().await.0, response);
     assert_eq!(
         metric(&bridge.metrics().await, "nidd_bridge_mo_datagrams_total"),
         3.0
     );
-    assert_conformant(&mock);
-    bridge.stop().await;
+    stack.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scefs_maximum_packet_size_is_read_in_bits_and_enforced() {
-    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mock = MockScef::start(
-        ([127, 0, 0, 1], 0).into(),
-        MockScefConfig {
-            maximum_packet_size_bits: Some(100 * 8),
-            schemas: schemas(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let store = tempfile::tempdir().unwrap();
-    let config = config_text(
-        mock.api_root().as_str(),
-        server.local_addr().unwrap(),
-        store.path(),
-        &["external_id = \"600000002@iot.example\""],
-        "",
-    );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
     let id: DeviceId = "600000002@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .mock_scef(|mock| mock.maximum_packet_size_bits = Some(100 * 8))
+        .device(&id)
+        .start()
+        .await
+        .unwrap();
+    let (server, mock, bridge) = (stack.raw_server(DM_SERVER), stack.mock(), stack.bridge());
     let view: serde_json::Value = reqwest::get(format!(
         "http://{}/api/v1/devices/urn:nai:600000002@iot.example",
         bridge.admin_addr
@@ -217,6 +188,5 @@ async fn the_scefs_maximum_packet_size_is_read_in_bits_and_enforced() {
         .unwrap();
     assert_eq!(ue.recv_mt(STEP).await.unwrap(), server_read(7));
     assert!(ue.recv_mt(Duration::from_millis(1)).await.is_none());
-    assert_conformant(&mock);
-    bridge.stop().await;
+    stack.finish().await;
 }

@@ -5,6 +5,7 @@
 //! its cancellation, queue mode, Send and a Block1 firmware push.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -12,11 +13,12 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use nidd_bridge::DeviceId;
+use nidd_bridge::config::ServerRole;
+use nidd_testbed::bed::{DM_SERVER, RunningBed, TestBed};
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice, firmware_package};
+use nidd_testbed::probe::{STEP, eventually, metric};
 use serde_json::json;
 use tokio::net::UdpSocket;
-
-use super::common::*;
 
 fn profile(endpoint: &str) -> DeviceProfile {
     let mut profile = DeviceProfile::new(endpoint);
@@ -43,9 +45,14 @@ fn uplinks(mock: &nidd_testbed::mock_scef::MockScef) -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sleeping_device_serves_the_npm_lwm2m_server() {
-    let stack = Stack::start(&["external_id = \"910000001@iot.example\""], "").await;
-    let (server, mock) = (&stack.server, &stack.mock);
     let id: DeviceId = "910000001@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .npm_server()
+        .device(&id)
+        .start()
+        .await
+        .unwrap();
+    let (server, mock) = (stack.server(), stack.mock());
     let endpoint = "urn:nai:910000001@iot.example";
     let ue = mock.ue(&id);
     ue.wait_configured(STEP).await.unwrap();
@@ -209,7 +216,7 @@ async fn a_sleeping_device_serves_the_npm_lwm2m_server() {
 
 /// A raw UDP socket playing an LwM2M server.
 struct RawServer {
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     device: SocketAddr,
     message_id: u16,
 }
@@ -373,50 +380,36 @@ const ENDPOINT: &str = "urn:nai:910000002@iot.example";
 struct RawStack {
     dm: RawServer,
     bootstrap: RawServer,
-    mock: nidd_testbed::mock_scef::MockScef,
-    bridge: RunningBridge,
+    bed: RunningBed,
     ue: nidd_testbed::mock_scef::SimUe,
-    _store: tempfile::TempDir,
 }
 
 async fn raw_stack() -> RawStack {
-    let dm = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let bootstrap = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[psm]\ndevice_rate_per_s = 100\n\
-         [[lwm2m_servers]]\nname = \"bs\"\naddress = \"{}\"\nrole = \"bootstrap\"\n",
-        bootstrap.local_addr().unwrap()
-    );
-    let config = config_text(
-        mock.api_root().as_str(),
-        dm.local_addr().unwrap(),
-        store.path(),
-        &["external_id = \"910000002@iot.example\""],
-        &extra,
-    );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
     let id: DeviceId = "910000002@iot.example".parse().unwrap();
-    let ue = mock.ue(&id);
+    let bed = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .raw_server("bs", ServerRole::Bootstrap)
+        .device(&id)
+        .psm(|psm| psm.device_rate_per_s = 100.0)
+        .start()
+        .await
+        .unwrap();
+    let ue = bed.ue(&id);
     ue.wait_configured(STEP).await.unwrap();
-    let device = bridge.device_address(&id);
+    let device = bed.bridge().device_address(&id);
     RawStack {
         dm: RawServer {
-            socket: dm,
+            socket: bed.raw_server(DM_SERVER).socket(),
             device,
             message_id: 0x3000,
         },
         bootstrap: RawServer {
-            socket: bootstrap,
+            socket: bed.raw_server("bs").socket(),
             device,
             message_id: 0x5000,
         },
-        mock,
-        bridge,
+        bed,
         ue,
-        _store: store,
     }
 }
 
@@ -425,10 +418,8 @@ async fn lwm2m_1_1_operations_byte_for_byte_through_the_bridge() {
     let RawStack {
         mut dm,
         mut bootstrap,
-        mock,
-        bridge,
+        bed,
         ue,
-        _store,
     } = raw_stack().await;
     let mut device = profile(ENDPOINT);
     device.max_datagram_bytes = 300;
@@ -777,7 +768,7 @@ async fn lwm2m_1_1_operations_byte_for_byte_through_the_bridge() {
         dm.answer(&request, ResponseType::Deleted, &[]).await;
     });
     assert_eq!(gone.unwrap(), "rd/7");
-    let text = bridge.metrics().await;
+    let text = bed.metrics().await;
     assert_eq!(
         metric(
             &text,
@@ -786,6 +777,5 @@ async fn lwm2m_1_1_operations_byte_for_byte_through_the_bridge() {
         0.0,
         "{text}"
     );
-    assert_conformant(&mock);
-    bridge.stop().await;
+    bed.finish().await;
 }

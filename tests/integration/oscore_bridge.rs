@@ -7,80 +7,33 @@ use std::time::Duration;
 
 use coap_lite::{MessageType, Packet};
 use nidd_bridge::DeviceId;
+use nidd_testbed::aiocoap::{AiocoapClient, device_config};
+use nidd_testbed::bed::TestBed;
 use nidd_testbed::mock_scef::oscore::{OscoreContext, OscoreWorker};
+use nidd_testbed::probe::{STEP, eventually, metric};
 
-use super::common::*;
-use super::oscore_interop::{
-    AiocoapServer, CONTENT, GET, device_config, get_3_0_0, run_aiocoap_client_from,
-};
-
-/// aiocoap as the LwM2M server behind a bridge with one device, plus a second configured
-/// server entry for the port aiocoap's client requests come from (an LwM2M server sends its
-/// requests from its own socket).
-pub struct AiocoapStack {
-    pub aiocoap: AiocoapServer,
-    pub mock: nidd_testbed::mock_scef::MockScef,
-    pub bridge: RunningBridge,
-    pub client_port: u16,
-    _store: tempfile::TempDir,
-}
-
-impl AiocoapStack {
-    pub async fn start(test: &'static str, device: &str, extra: &str) -> Self {
-        let aiocoap = tokio::task::spawn_blocking(move || AiocoapServer::start(test))
-            .await
-            .unwrap();
-        let mock = mock_scef().await;
-        let store = tempfile::tempdir().unwrap();
-        let client_port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = config_text(
-            mock.api_root().as_str(),
-            format!("127.0.0.1:{}", aiocoap.port).parse().unwrap(),
-            store.path(),
-            &[device],
-            &format!(
-                "{extra}\n[[lwm2m_servers]]\nname = \"aiocoap-client\"\naddress = \"127.0.0.1:{client_port}\"\nrole = \"dm\""
-            ),
-        );
-        let bridge = RunningBridge::start(&config).await;
-        bridge.wait_ready().await;
-        Self {
-            aiocoap,
-            mock,
-            bridge,
-            client_port,
-            _store: store,
-        }
-    }
-
-    /// Checks conformance and stops the bridge and aiocoap.
-    pub async fn finish(self) {
-        assert_conformant(&self.mock);
-        self.bridge.stop().await;
-    }
-}
+use super::oscore_interop::{CONTENT, GET, get_3_0_0};
 
 const TEST: &str = "through-the-bridge";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oscore_crosses_mock_scef_and_bridge_in_both_directions() {
-    let stack = AiocoapStack::start(
-        TEST,
-        "external_id = \"820000001@iot.example\"",
-        "[psm]\nactive_window_s = 2",
-    )
-    .await;
-    let (aiocoap, mock, bridge, client_port) = (
-        &stack.aiocoap,
-        &stack.mock,
-        &stack.bridge,
-        stack.client_port,
-    );
     let id: DeviceId = "820000001@iot.example".parse().unwrap();
+    // aiocoap as the LwM2M server behind the bridge, plus a second configured server entry for
+    // the port aiocoap's client requests come from.
+    let stack = TestBed::new()
+        .aiocoap(TEST)
+        .device(&id)
+        .psm(|psm| psm.active_window_s = 2)
+        .start()
+        .await
+        .unwrap();
+    let (aiocoap, mock, bridge, client_port) = (
+        stack.aiocoap(),
+        stack.mock(),
+        stack.bridge(),
+        stack.aiocoap_client_port(),
+    );
     let ue = mock.ue(&id);
     let device = OscoreWorker::spawn(device_config(TEST), None).unwrap();
 
@@ -151,7 +104,13 @@ async fn oscore_crosses_mock_scef_and_bridge_in_both_directions() {
     ue.sleep();
     let device_address = bridge.device_address(&id);
     let client = tokio::task::spawn_blocking(move || {
-        run_aiocoap_client_from(TEST, device_address.port(), 0, Some(client_port))
+        AiocoapClient {
+            test: TEST,
+            port: device_address.port(),
+            observe: 0,
+            bind_port: client_port,
+        }
+        .run()
     });
     eventually(
         "aiocoap's request to be queued for the sleeping device",
@@ -192,7 +151,7 @@ async fn oscore_crosses_mock_scef_and_bridge_in_both_directions() {
         .unwrap()
         .unwrap();
     ue.send_mo(&response).await.unwrap();
-    let answers = client.await.unwrap();
+    let answers = client.await.unwrap().unwrap();
     assert_eq!(answers.len(), 1, "{answers:?}");
     assert_eq!(answers[0]["code"], "2.05");
     assert_eq!(answers[0]["payload"], "rust device behind NIDD");

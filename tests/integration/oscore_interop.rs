@@ -2,215 +2,48 @@
 //! the simulated device as client of an aiocoap server and as server for an aiocoap client,
 //! tampering, Observe, and sequence numbers across a device restart.
 //!
-//! Needs Python with `aiocoap[oscore]` installed; `AIOCOAP_PYTHON` names the interpreter
-//! (default `python3`). Every peer runs on a free loopback port and every wait has a deadline.
+//! aiocoap comes from `nidd_testbed::aiocoap`, which installs `aiocoap[oscore]` into a virtual
+//! environment under the target directory on first use (or runs `AIOCOAP_PYTHON`). Every peer
+//! runs on a free loopback port and every wait has a deadline.
 
-use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use coap_lite::{MessageType, Packet};
-use nidd_testbed::mock_scef::oscore::{
-    AES_CCM_16_64_128, FileSequenceStore, OscoreConfig, OscoreContext, OscoreError,
-};
+use nidd_testbed::aiocoap::{AiocoapClient, AiocoapServer, DEVICE_ID, PEER_START, device_config};
+use nidd_testbed::mock_scef::oscore::{FileSequenceStore, OscoreContext, OscoreError};
 
-const PEER_START: Duration = Duration::from_secs(30);
 const ANSWER: Duration = Duration::from_secs(5);
 pub const GET: u8 = 0x01;
 pub const CONTENT: u8 = 0x45;
 const URI_PATH: u16 = 11;
 const OBSERVE: u16 = 6;
-pub const DEVICE_ID: [u8; 1] = [0x01];
-pub const SERVER_ID: [u8; 1] = [0x02];
-const SALT: [u8; 8] = [0x9e, 0x7c, 0xa9, 0x22, 0x23, 0x78, 0x63, 0x40];
 
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Key material distinct per test, so no two tests ever share a nonce.
-pub fn secret(test: &str) -> Vec<u8> {
-    let mut secret = [0u8; 16];
-    for (i, b) in test.bytes().enumerate() {
-        secret[i % 16] = secret[i % 16].wrapping_mul(31).wrapping_add(b);
-    }
-    secret.to_vec()
-}
-
-/// The ID context of the tests that use one (the aiocoap side gets it when the test name ends
-/// in "-idctx").
-const ID_CONTEXT: [u8; 4] = [0x37, 0xcb, 0xf3, 0x21];
-
-pub fn id_context(test: &str) -> Option<Vec<u8>> {
-    test.ends_with("-idctx").then(|| ID_CONTEXT.to_vec())
-}
-
-pub fn device_config(test: &str) -> OscoreConfig {
-    OscoreConfig {
-        master_secret: secret(test),
-        master_salt: SALT.to_vec(),
-        sender_id: DEVICE_ID.to_vec(),
-        recipient_id: SERVER_ID.to_vec(),
-        id_context: id_context(test),
-        aead_algorithm: AES_CCM_16_64_128,
-    }
-}
-
-/// The Python that runs aiocoap: `AIOCOAP_PYTHON`, else a virtual environment under the
-/// test target directory, created and filled from `testbed/peers/aiocoap/requirements.txt` on
-/// first use (as the npm peer is installed with `npm ci`).
-pub fn python() -> String {
-    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PYTHON
-        .get_or_init(|| {
-            if let Ok(python) = std::env::var("AIOCOAP_PYTHON") {
-                return python;
-            }
-            let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("aiocoap-venv");
-            let python = venv.join("bin/python");
-            let ready = |python: &std::path::Path| {
-                Command::new(python)
-                    .args(["-c", "import aiocoap.oscore"])
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            };
-            if !ready(&python) {
-                let created = Command::new("python3")
-                    .arg("-m")
-                    .arg("venv")
-                    .arg(&venv)
-                    .status();
-                assert!(
-                    created.is_ok_and(|s| s.success()),
-                    "python3 -m venv {} failed (Debian: apt-get install python3-venv)",
-                    venv.display()
-                );
-                let requirements = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                    .join("testbed/peers/aiocoap/requirements.txt");
-                let installed = Command::new(&python)
-                    .args([
-                        "-m",
-                        "pip",
-                        "install",
-                        "--quiet",
-                        "--disable-pip-version-check",
-                        "-r",
-                    ])
-                    .arg(&requirements)
-                    .status();
-                assert!(
-                    installed.is_ok_and(|s| s.success()),
-                    "pip install -r {} failed",
-                    requirements.display()
-                );
-                assert!(
-                    ready(&python),
-                    "aiocoap[oscore] is not importable from {}",
-                    python.display()
-                );
-            }
-            python.to_string_lossy().into_owned()
-        })
-        .clone()
-}
-
-pub fn peer_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testbed/peers/aiocoap/oscore_peer.py")
-}
-
-/// `oscore_peer.py <command>` with the aiocoap side's view of the test's key material.
-pub fn peer_command(command: &str, test: &str, dir: &std::path::Path) -> Command {
-    let mut cmd = Command::new(python());
-    cmd.arg(peer_script())
-        .arg(command)
-        .arg("--dir")
-        .arg(dir)
-        .arg("--secret-hex")
-        .arg(to_hex(&secret(test)))
-        .arg("--salt-hex")
-        .arg(to_hex(&SALT))
-        .arg("--sender-id-hex")
-        .arg(to_hex(&SERVER_ID))
-        .arg("--recipient-id-hex")
-        .arg(to_hex(&DEVICE_ID));
-    if let Some(id_context) = id_context(test) {
-        cmd.arg("--id-context-hex").arg(to_hex(&id_context));
-    }
-    cmd
-}
-
-/// Lines of a child's stdout, read on a thread so waits can have deadlines.
-pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// An aiocoap OSCORE server; killed on drop (and it exits by itself when its stdin closes).
-pub struct AiocoapServer {
-    child: Child,
-    pub port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl AiocoapServer {
-    pub fn start(test: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = peer_command("server", test, dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python()));
-        let lines = stdout_lines(&mut child);
-        let mut server = Self {
-            child,
-            port: 0,
-            dir,
-        };
-        match lines.recv_timeout(PEER_START) {
-            Ok(line) if line.starts_with("ready ") => server.port = line[6..].parse().unwrap(),
-            other => panic!(
-                "aiocoap server did not start ({other:?}); is aiocoap[oscore] installed for {}? \
-                 log:\n{}",
-                python(),
-                server.log()
-            ),
-        }
-        server
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    /// Sends one datagram from `socket` and returns the answer.
-    fn exchange(&self, socket: &UdpSocket, datagram: &[u8]) -> Vec<u8> {
-        socket.send_to(datagram, ("127.0.0.1", self.port)).unwrap();
-        let mut buffer = [0u8; 1500];
-        let (len, _) = socket
+/// Sends one datagram from `socket` to the aiocoap server and returns the answer. A server
+/// that is slow to answer (a loaded machine) first sends an empty ACK and later the response as
+/// a separate CON message: the empty ACK is skipped and the separate response acknowledged.
+fn exchange(server: &AiocoapServer, socket: &UdpSocket, datagram: &[u8]) -> Vec<u8> {
+    const ACK: u8 = 0b10;
+    const CON: u8 = 0b00;
+    socket.send_to(datagram, server.address()).unwrap();
+    let mut buffer = [0u8; 1500];
+    loop {
+        let (len, from) = socket
             .recv_from(&mut buffer)
-            .unwrap_or_else(|e| panic!("no answer from aiocoap: {e}; log:\n{}", self.log()));
-        buffer[..len].to_vec()
-    }
-}
-
-impl Drop for AiocoapServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            .unwrap_or_else(|e| panic!("no answer from aiocoap: {e}; log:\n{}", server.log()));
+        let answer = buffer[..len].to_vec();
+        let kind = answer.first().map(|b| (b >> 4) & 0b11);
+        let empty = answer.get(1) == Some(&0);
+        if kind == Some(ACK) && empty {
+            continue;
+        }
+        if kind == Some(CON) && !empty {
+            let empty_ack = [0x60, 0x00, answer[2], answer[3]];
+            socket.send_to(&empty_ack, from).unwrap();
+        }
+        return answer;
     }
 }
 
@@ -250,7 +83,7 @@ fn protected_get(
             b"",
         )
         .unwrap();
-    let answer = server.exchange(socket, &request);
+    let answer = exchange(server, socket, &request);
     let inner = device.unprotect_response(&answer, &mut correlation);
     (request, answer, inner)
 }
@@ -270,7 +103,7 @@ fn device_get_with_id_context_is_verified() {
 }
 
 fn device_get_round_trip(test: &str) {
-    let server = AiocoapServer::start(test);
+    let server = AiocoapServer::start(test).unwrap();
     let socket = client_socket();
     let mut device = OscoreContext::new(&device_config(test), None).unwrap();
 
@@ -298,7 +131,7 @@ fn device_get_round_trip(test: &str) {
     for segment in ["3", "0", "0"] {
         plain.add_option(coap_lite::CoapOption::UriPath, segment.as_bytes().to_vec());
     }
-    let answer = server.exchange(&socket, &plain.to_bytes().unwrap());
+    let answer = exchange(&server, &socket, &plain.to_bytes().unwrap());
     let answer = Packet::from_bytes(&answer).unwrap();
     assert_eq!(answer.payload, b"unprotected");
     assert!(answer.get_option(coap_lite::CoapOption::Oscore).is_none());
@@ -306,7 +139,7 @@ fn device_get_round_trip(test: &str) {
 
 #[test]
 fn flipped_ciphertext_byte_is_rejected_by_aiocoap() {
-    let server = AiocoapServer::start("b");
+    let server = AiocoapServer::start("b").unwrap();
     let socket = client_socket();
     let mut device = OscoreContext::new(&device_config("b"), None).unwrap();
 
@@ -315,7 +148,7 @@ fn flipped_ciphertext_byte_is_rejected_by_aiocoap() {
         .unwrap();
     let last = request.len() - 1;
     request[last - 9] ^= 0x01; // inside the ciphertext (before the 8-byte tag)
-    let answer = server.exchange(&socket, &request);
+    let answer = exchange(&server, &socket, &request);
     assert_eq!(
         code_of(&answer),
         0x80,
@@ -338,7 +171,7 @@ fn flipped_ciphertext_byte_is_rejected_by_aiocoap() {
 
 #[test]
 fn restarted_device_never_reuses_sequence_numbers() {
-    let server = AiocoapServer::start("d");
+    let server = AiocoapServer::start("d").unwrap();
     let socket = client_socket();
     let state_dir = tempfile::tempdir().unwrap();
     let store_path = state_dir.path().join("oscore-sequence");
@@ -493,53 +326,15 @@ fn serve_device(test: &str, notifications: u8) -> DeviceServer {
 }
 
 /// Runs the aiocoap client against the device and returns its JSON lines.
-pub fn run_aiocoap_client(test: &str, port: u16, observe: u8) -> Vec<serde_json::Value> {
-    run_aiocoap_client_from(test, port, observe, None)
-}
-
-/// As [`run_aiocoap_client`], sending from local port `bind_port` when given.
-pub fn run_aiocoap_client_from(
-    test: &str,
-    port: u16,
-    observe: u8,
-    bind_port: Option<u16>,
-) -> Vec<serde_json::Value> {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = peer_command("client", test, dir.path())
-        .arg("--uri")
-        .arg(format!("coap://127.0.0.1:{port}/3/0/0"))
-        .arg("--observe")
-        .arg(observe.to_string())
-        .arg("--bind-port")
-        .arg(bind_port.unwrap_or(0).to_string())
-        .arg("--timeout")
-        .arg("20")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python()));
-    let lines = stdout_lines(&mut child);
-    let mut values = Vec::new();
-    let deadline = Instant::now() + PEER_START;
-    loop {
-        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => values.push(serde_json::from_str(&line).unwrap()),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                panic!("aiocoap client timed out; got {values:?}");
-            }
-        }
+fn run_aiocoap_client(test: &str, port: u16, observe: u8) -> Vec<serde_json::Value> {
+    AiocoapClient {
+        test,
+        port,
+        observe,
+        bind_port: 0,
     }
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(
-        status.success(),
-        "aiocoap client failed: {values:?}\n{stderr}"
-    );
-    values
+    .run()
+    .unwrap()
 }
 
 #[test]

@@ -5,28 +5,26 @@ use std::sync::atomic::Ordering;
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::t8::NiddStatus;
-
-use super::common::*;
+use nidd_testbed::bed::TestBed;
+use nidd_testbed::probe::{STEP, eventually, metric};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_until_the_scef_accepts_every_configuration() {
-    let mock = mock_scef().await;
-    mock.faults().fail_status.store(503, Ordering::SeqCst);
-    mock.faults()
-        .fail_configuration_creations
-        .store(u32::MAX, Ordering::SeqCst);
-    let store = tempfile::tempdir().unwrap();
-    let config = config_text(
-        mock.api_root().as_str(),
-        "127.0.0.1:5683".parse().unwrap(),
-        store.path(),
-        &[
-            "external_id = \"300000001@iot.example\"",
-            "external_id = \"300000002@iot.example\"",
-        ],
-        "",
-    );
-    let bridge = RunningBridge::start(&config).await;
+    // No LwM2M server is needed: the bed's DM entry is a loopback socket nobody reads.
+    let stack = TestBed::new()
+        .device(&"300000001@iot.example".parse().unwrap())
+        .device(&"300000002@iot.example".parse().unwrap())
+        .faults(|faults| {
+            faults.fail_status.store(503, Ordering::SeqCst);
+            faults
+                .fail_configuration_creations
+                .store(u32::MAX, Ordering::SeqCst);
+        })
+        .without_waiting_for_ready()
+        .start()
+        .await
+        .unwrap();
+    let (mock, bridge) = (stack.mock(), stack.bridge());
     let readyz = format!("http://{}/readyz", bridge.admin_addr);
     // Wait until the bridge has been refused at least twice, then check it is not ready.
     eventually("retried configuration requests", || async {
@@ -44,24 +42,14 @@ async fn not_ready_until_the_scef_accepts_every_configuration() {
         .store(0, Ordering::SeqCst);
     bridge.wait_ready().await;
     assert_eq!(mock.configurations().len(), 2);
-    assert_conformant(&mock);
-    bridge.stop().await;
+    stack.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_configuration_is_created_again() {
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    let config = config_text(
-        mock.api_root().as_str(),
-        "127.0.0.1:5683".parse().unwrap(),
-        store.path(),
-        &["external_id = \"300000003@iot.example\""],
-        "",
-    );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
     let id: DeviceId = "300000003@iot.example".parse().unwrap();
+    let stack = TestBed::new().device(&id).start().await.unwrap();
+    let (mock, bridge) = (stack.mock(), stack.bridge());
     assert_eq!(mock.configurations_created(), 1);
     mock.notify_status(&id, NiddStatus::Terminated)
         .await
@@ -89,6 +77,5 @@ async fn a_terminated_configuration_is_created_again() {
             "nidd_bridge_nidd_configuration_status_total{status=\"TERMINATED\"}"
         ) >= 1.0
     );
-    assert_conformant(&mock);
-    bridge.stop().await;
+    stack.finish().await;
 }

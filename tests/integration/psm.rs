@@ -6,12 +6,11 @@
 use std::sync::atomic::Ordering;
 
 use nidd_bridge::DeviceId;
+use nidd_bridge::config::{BufferOwner, PsmConfig, ServerRole};
+use nidd_testbed::bed::{DM_SERVER, RawServer, RunningBed, RunningBridge, TestBed};
 use nidd_testbed::mock_scef::SimUe;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
-use tokio::net::UdpSocket;
-
-use super::common::*;
-use super::restart::BridgeProcess;
+use nidd_testbed::probe::{STEP, eventually, metric};
 
 /// MT datagrams the UE received that are CoAP GET requests.
 fn gets_received(ue: &SimUe) -> usize {
@@ -21,14 +20,22 @@ fn gets_received(ue: &SimUe) -> usize {
         .count()
 }
 
-async fn sleeping_read(owner: &str) {
-    let extra = format!("[psm]\nbuffer_owner = \"{owner}\"\nactive_window_s = 2");
-    let stack = Stack::start(&["external_id = \"700000001@iot.example\""], &extra).await;
-    let (server, mock, bridge) = (&stack.server, &stack.mock, &stack.bridge);
+async fn sleeping_read(owner: BufferOwner) {
     let id: DeviceId = "700000001@iot.example".parse().unwrap();
     let endpoint = "urn:nai:700000001@iot.example";
+    let stack = TestBed::new()
+        .npm_server()
+        .sim_device(&id, DeviceProfile::new(endpoint))
+        .psm(move |psm| {
+            psm.buffer_owner = owner;
+            psm.active_window_s = 2;
+        })
+        .start()
+        .await
+        .unwrap();
+    let (server, mock, bridge) = (stack.server(), stack.mock(), stack.bridge());
     let ue = mock.ue(&id);
-    let sim = SimLwm2mDevice::spawn(ue.clone(), DeviceProfile::new(endpoint));
+    let sim = stack.sim(&id);
     sim.register().await.unwrap();
     let registration = server
         .wait_event("registration", STEP, |e| {
@@ -63,7 +70,7 @@ async fn sleeping_read(owner: &str) {
     );
     let text = bridge.metrics().await;
     assert!(metric(&text, "nidd_bridge_airtime_saved_bytes_total") > 0.0);
-    if owner == "scef" {
+    if owner == BufferOwner::Scef {
         // The SCEF buffered it (201) and reported the delivery later.
         assert!(
             metric(
@@ -85,12 +92,12 @@ async fn sleeping_read(owner: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_buffered_read_reaches_a_sleeping_device_once() {
-    sleeping_read("bridge").await;
+    sleeping_read(BufferOwner::Bridge).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scef_buffered_read_reaches_a_sleeping_device_once() {
-    sleeping_read("scef").await;
+    sleeping_read(BufferOwner::Scef).await;
 }
 
 /// A confirmable GET with a distinct message ID and token.
@@ -100,48 +107,44 @@ fn request(n: u8) -> Vec<u8> {
 
 /// A raw UDP "LwM2M server" and a bridge whose device is asleep.
 struct RawStack {
-    server: UdpSocket,
-    mock: nidd_testbed::mock_scef::MockScef,
-    bridge: RunningBridge,
+    bed: RunningBed,
     ue: SimUe,
     device: std::net::SocketAddr,
-    _store: tempfile::TempDir,
 }
 
-async fn raw_stack(extra: &str) -> RawStack {
-    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    let config = config_text(
-        mock.api_root().as_str(),
-        server.local_addr().unwrap(),
-        store.path(),
-        &["external_id = \"700000002@iot.example\""],
-        extra,
-    );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
+async fn raw_stack(psm: impl FnOnce(&mut PsmConfig) + Send + 'static) -> RawStack {
     let id: DeviceId = "700000002@iot.example".parse().unwrap();
-    let ue = mock.ue(&id);
-    let device = bridge.device_address(&id);
-    RawStack {
-        server,
-        mock,
-        bridge,
-        ue,
-        device,
-        _store: store,
-    }
+    let bed = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .device(&id)
+        .psm(psm)
+        .start()
+        .await
+        .unwrap();
+    let ue = bed.ue(&id);
+    let device = bed.bridge().device_address(&id);
+    RawStack { bed, ue, device }
 }
 
 impl RawStack {
+    fn server(&self) -> &RawServer {
+        self.bed.raw_server(DM_SERVER)
+    }
+
+    fn bridge(&self) -> &RunningBridge {
+        self.bed.bridge()
+    }
+
     /// Puts the device to sleep as the bridge sees it: the SCEF refuses an MT as not reachable.
     async fn put_to_sleep(&self) {
         self.ue.sleep();
-        self.server.send_to(&request(0), self.device).await.unwrap();
+        self.server()
+            .send_to(&request(0), self.device)
+            .await
+            .unwrap();
         eventually("the bridge to learn the device sleeps", || async {
             metric(
-                &self.bridge.metrics().await,
+                &self.bridge().metrics().await,
                 "nidd_bridge_mt_delivery_attempts_total{outcome=\"not_reachable\"}",
             ) >= 1.0
         })
@@ -149,28 +152,32 @@ impl RawStack {
     }
 
     async fn queue_depth(&self) -> f64 {
-        metric(&self.bridge.metrics().await, "nidd_bridge_mt_queue_depth")
+        metric(&self.bridge().metrics().await, "nidd_bridge_mt_queue_depth")
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_datagrams_arrive_in_order_and_bounds_are_enforced() {
-    let stack = raw_stack("[psm]\nqueue_max_datagrams = 4\nqueue_max_bytes = 1000").await;
+    let stack = raw_stack(|psm| {
+        psm.queue_max_datagrams = 4;
+        psm.queue_max_bytes = 1000;
+    })
+    .await;
     stack.put_to_sleep().await;
     for n in 1..=6 {
         stack
-            .server
+            .server()
             .send_to(&request(n), stack.device)
             .await
             .unwrap();
     }
     eventually("six more datagrams handled", || async {
-        let text = stack.bridge.metrics().await;
+        let text = stack.bridge().metrics().await;
         metric(&text, "nidd_bridge_mt_queue_accepted_total") == 7.0
     })
     .await;
     // 7 offered to a queue of 4 (drop oldest): request(0), (1) and (2) are dropped.
-    let text = stack.bridge.metrics().await;
+    let text = stack.bridge().metrics().await;
     assert_eq!(
         metric(
             &text,
@@ -182,7 +189,7 @@ async fn queued_datagrams_arrive_in_order_and_bounds_are_enforced() {
     assert_eq!(stack.queue_depth().await, 4.0);
     let view: serde_json::Value = reqwest::get(format!(
         "http://{}/api/v1/devices/700000002@iot.example",
-        stack.bridge.admin_addr
+        stack.bridge().admin_addr
     ))
     .await
     .unwrap()
@@ -197,10 +204,10 @@ async fn queued_datagrams_arrive_in_order_and_bounds_are_enforced() {
     let mut big = request(9);
     big.push(0xff); // payload marker
     big.resize(1001, b'x');
-    stack.server.send_to(&big, stack.device).await.unwrap();
+    stack.server().send_to(&big, stack.device).await.unwrap();
     eventually("the too-large datagram to be counted", || async {
         metric(
-            &stack.bridge.metrics().await,
+            &stack.bridge().metrics().await,
             "nidd_bridge_mt_queue_dropped_total{reason=\"too_large\"}",
         ) == 1.0
     })
@@ -219,16 +226,15 @@ async fn queued_datagrams_arrive_in_order_and_bounds_are_enforced() {
         stack.queue_depth().await == 0.0
     })
     .await;
-    assert_conformant(&stack.mock);
-    stack.bridge.stop().await;
+    stack.bed.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_can_purge_a_queue() {
-    let stack = raw_stack("").await;
+    let stack = raw_stack(|_| {}).await;
     stack.put_to_sleep().await;
     stack
-        .server
+        .server()
         .send_to(&request(1), stack.device)
         .await
         .unwrap();
@@ -236,7 +242,7 @@ async fn an_operator_can_purge_a_queue() {
     let answer: serde_json::Value = reqwest::Client::new()
         .delete(format!(
             "http://{}/api/v1/devices/urn:nai:700000002@iot.example/queue",
-            stack.bridge.admin_addr
+            stack.bridge().admin_addr
         ))
         .send()
         .await
@@ -245,7 +251,7 @@ async fn an_operator_can_purge_a_queue() {
         .await
         .unwrap();
     assert_eq!(answer["purged"], 2);
-    let text = stack.bridge.metrics().await;
+    let text = stack.bridge().metrics().await;
     assert_eq!(
         metric(
             &text,
@@ -262,25 +268,30 @@ async fn an_operator_can_purge_a_queue() {
             .is_none(),
         "nothing left to deliver"
     );
-    stack.bridge.stop().await;
+    stack.bed.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_scef_outage_delays_mt_and_retry_after_is_honoured() {
-    let stack = raw_stack("[psm]\nbuffer_owner = \"scef\"\nretry_initial_ms = 200").await;
-    let faults = stack.mock.faults();
+    let stack = raw_stack(|psm| {
+        psm.buffer_owner = BufferOwner::Scef;
+        psm.retry_initial_ms = 200;
+    })
+    .await;
+    let faults = stack.bed.mock().faults();
     faults.fail_downlink_status.store(429, Ordering::SeqCst);
     faults.retry_after_s.store(1, Ordering::SeqCst);
     faults.fail_downlinks.store(2, Ordering::SeqCst);
     stack
-        .server
+        .server()
         .send_to(&request(1), stack.device)
         .await
         .unwrap();
     assert_eq!(stack.ue.recv_mt(STEP).await.unwrap(), request(1));
     let deliveries = || {
         stack
-            .mock
+            .bed
+            .mock()
             .recorded()
             .into_iter()
             .filter(|r| r.method == "POST" && r.path.ends_with("downlink-data-deliveries"))
@@ -309,12 +320,12 @@ async fn an_scef_outage_delays_mt_and_retry_after_is_honoured() {
     faults.fail_downlink_status.store(503, Ordering::SeqCst);
     faults.fail_downlinks.store(1, Ordering::SeqCst);
     stack
-        .server
+        .server()
         .send_to(&request(2), stack.device)
         .await
         .unwrap();
     assert_eq!(stack.ue.recv_mt(STEP).await.unwrap(), request(2));
-    let text = stack.bridge.metrics().await;
+    let text = stack.bridge().metrics().await;
     assert_eq!(
         metric(
             &text,
@@ -326,13 +337,13 @@ async fn an_scef_outage_delays_mt_and_retry_after_is_honoured() {
     // An SCEF slower than the bridge's request timeout: the attempt times out and is retried.
     faults.downlink_delay_ms.store(1_500, Ordering::SeqCst);
     stack
-        .server
+        .server()
         .send_to(&request(3), stack.device)
         .await
         .unwrap();
     eventually("a timed-out delivery", || async {
         metric(
-            &stack.bridge.metrics().await,
+            &stack.bridge().metrics().await,
             "nidd_bridge_t8_requests_total{api=\"nidd\",operation=\"create_downlink_delivery\",outcome=\"timeout\"}",
         ) >= 1.0
     })
@@ -342,7 +353,10 @@ async fn an_scef_outage_delays_mt_and_retry_after_is_honoured() {
     // that gets an answer delivers it again, as CoAP deduplication at the device expects.
     assert_eq!(stack.ue.recv_mt(STEP).await.unwrap(), request(3));
     eventually("the retry after the timeout", || async {
-        metric(&stack.bridge.metrics().await, "nidd_bridge_mt_queue_depth") == 0.0
+        metric(
+            &stack.bridge().metrics().await,
+            "nidd_bridge_mt_queue_depth",
+        ) == 0.0
     })
     .await;
     assert_eq!(
@@ -352,16 +366,16 @@ async fn an_scef_outage_delays_mt_and_retry_after_is_honoured() {
         ),
         0.0
     );
-    assert_conformant(&stack.mock);
-    stack.bridge.stop().await;
+    stack.bed.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reachability_report_flushes_the_queue() {
-    let stack = raw_stack("[psm]\nmonitoring = true").await;
+    let stack = raw_stack(|psm| psm.monitoring = true).await;
     eventually("a subscription", || async {
         stack
-            .mock
+            .bed
+            .mock()
             .recorded()
             .iter()
             .any(|r| r.path.ends_with("/subscriptions") && r.status == 201)
@@ -371,7 +385,7 @@ async fn a_reachability_report_flushes_the_queue() {
     // The UE wakes without sending anything: only the SCEF's UE_REACHABILITY report tells.
     stack.ue.wake().await;
     assert_eq!(stack.ue.recv_mt(STEP).await.unwrap(), request(0));
-    let text = stack.bridge.metrics().await;
+    let text = stack.bridge().metrics().await;
     assert_eq!(
         metric(
             &text,
@@ -387,26 +401,24 @@ async fn a_reachability_report_flushes_the_queue() {
         ),
         1.0
     );
-    assert_conformant(&stack.mock);
-    stack.bridge.stop().await;
+    stack.bed.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_sleeping_device_is_triggered() {
-    let server = lwm2m_server().await;
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    let config = config_text(
-        mock.api_root().as_str(),
-        server.address,
-        store.path(),
-        &["external_id = \"700000003@iot.example\"\ntrigger_after_s = 0"],
-        "[psm]\nactive_window_s = 2\ntrigger_payload_base64 = \"AQI=\"",
-    );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
     let id: DeviceId = "700000003@iot.example".parse().unwrap();
     let endpoint = "urn:nai:700000003@iot.example";
+    let stack = TestBed::new()
+        .npm_server()
+        .device_with(&id, |device| device.trigger_after_s = Some(0))
+        .psm(|psm| {
+            psm.active_window_s = 2;
+            psm.trigger_payload_base64 = "AQI=".into();
+        })
+        .start()
+        .await
+        .unwrap();
+    let (server, mock, bridge) = (stack.server(), stack.mock(), stack.bridge());
     let ue = mock.ue(&id);
     let sim = SimLwm2mDevice::spawn(ue.clone(), DeviceProfile::new(endpoint));
     sim.register().await.unwrap();
@@ -429,31 +441,22 @@ async fn a_long_sleeping_device_is_triggered() {
         ) >= 1.0
     })
     .await;
-    assert_conformant(&mock);
-    bridge.stop().await;
-    server.stop().await;
+    stack.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_mt_survives_sigkill() {
-    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mock = mock_scef().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = config_text(
-        mock.api_root().as_str(),
-        server.local_addr().unwrap(),
-        &dir.path().join("store"),
-        &["external_id = \"700000004@iot.example\""],
-        "",
-    );
-    let config_path = dir.path().join("bridge.toml");
-    std::fs::write(&config_path, config).unwrap();
     let id: DeviceId = "700000004@iot.example".parse().unwrap();
-    let ue = mock.ue(&id);
-
-    let bridge = BridgeProcess::start(&config_path).await;
-    wait_ready(bridge.admin).await;
-    let device: std::net::SocketAddr = bridge.devices().await[0]["udpAddress"]
+    let mut stack = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .device(&id)
+        .bridge_process(env!("CARGO_BIN_EXE_nidd-bridge"))
+        .start()
+        .await
+        .unwrap();
+    let server = stack.raw_server(DM_SERVER).socket();
+    let ue = stack.ue(&id);
+    let device: std::net::SocketAddr = stack.process().devices().await[0]["udpAddress"]
         .as_str()
         .unwrap()
         .parse()
@@ -464,15 +467,14 @@ async fn queued_mt_survives_sigkill() {
     }
     eventually("three accepted datagrams", || async {
         metric(
-            &bridge.metrics().await,
+            &stack.process().metrics().await,
             "nidd_bridge_mt_queue_accepted_total",
         ) == 3.0
     })
     .await;
-    bridge.kill().await;
+    stack.kill_process().await;
 
-    let bridge = BridgeProcess::start(&config_path).await;
-    wait_ready(bridge.admin).await;
+    stack.restart_process().await.unwrap();
     ue.send_mo(&[0x50, 0x02, 0x00, 0x01]).await.unwrap();
     for n in 0..3 {
         assert_eq!(
@@ -482,28 +484,30 @@ async fn queued_mt_survives_sigkill() {
         );
     }
     assert_eq!(ue.mt_log().len(), 3, "each exactly once");
-    assert_conformant(&mock);
-    bridge.terminate().await;
+    // Checks conformance, then SIGTERM with a clean exit.
+    stack.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_uplink_callback_is_recovered_by_the_devices_retransmission() {
-    let stack = Stack::start(&["external_id = \"700000005@iot.example\""], "").await;
     let id: DeviceId = "700000005@iot.example".parse().unwrap();
-    let sim = SimLwm2mDevice::spawn(
-        stack.mock.ue(&id),
-        DeviceProfile::new("urn:nai:700000005@iot.example"),
-    );
+    let stack = TestBed::new()
+        .npm_server()
+        .sim_device(&id, DeviceProfile::new("urn:nai:700000005@iot.example"))
+        .start()
+        .await
+        .unwrap();
+    let sim = stack.sim(&id);
     // The SCEF loses the Register's uplink notification; CoAP retransmission carries it.
     stack
-        .mock
+        .mock()
         .faults()
         .drop_callbacks
         .store(1, Ordering::SeqCst);
     sim.register().await.unwrap();
     assert!(sim.stats().retransmissions.load(Ordering::Relaxed) >= 1);
     stack
-        .server
+        .server()
         .wait_event("registration", STEP, |e| {
             e["event"] == "registration" && e["endpoint"] == "urn:nai:700000005@iot.example"
         })

@@ -3,23 +3,23 @@
 //! through the bridge.
 
 use nidd_bridge::DeviceId;
-use nidd_testbed::lwm2m_peer::{Lwm2mNodeClient, default_peer_dir};
-
-use super::common::*;
+use nidd_testbed::bed::TestBed;
+use nidd_testbed::probe::STEP;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_udp_client_registers_through_mock_scef_and_bridge() {
-    let stack = Stack::start(&["external_id = \"810000001@iot.example\""], "").await;
-    let (server, mock, bridge) = (&stack.server, &stack.mock, &stack.bridge);
     let id: DeviceId = "810000001@iot.example".parse().unwrap();
     let endpoint = "urn:nai:810000001@iot.example";
-    let radio = mock
-        .attach_real_device(&id, "127.0.0.1:0".parse().unwrap())
+    // The bed fronts the npm client with the mock SCEF and points it at the mock's radio side.
+    let stack = TestBed::new()
+        .npm_server()
+        .real_device(&id)
+        .start()
         .await
         .unwrap();
-    let client = Lwm2mNodeClient::start(&default_peer_dir(), radio, endpoint)
-        .await
-        .unwrap();
+    let (server, bridge) = (stack.server(), stack.bridge());
+    let client = stack.real_client(&id);
+    assert_eq!(stack.endpoint_name(&id), endpoint);
 
     client.register().await.unwrap();
     let registration = server
@@ -63,6 +63,6 @@ async fn a_real_udp_client_registers_through_mock_scef_and_bridge() {
         })
         .await
         .unwrap();
-    client.stop().await;
+    // finish() stops the client.
     stack.finish().await;
 }

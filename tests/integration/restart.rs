@@ -2,117 +2,28 @@
 //! started again; every device keeps its UDP address, reads still reach it, and no NIDD
 //! configuration is created twice.
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
-
 use nidd_bridge::DeviceId;
+use nidd_testbed::bed::TestBed;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-use super::common::*;
-
-pub struct BridgeProcess {
-    child: Child,
-    pub admin: SocketAddr,
-}
-
-impl BridgeProcess {
-    pub async fn start(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nidd-bridge"))
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("bridge process starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(STEP, lines.next_line())
-            .await
-            .expect("bridge prints its addresses")
-            .unwrap()
-            .unwrap();
-        let listening: Value = serde_json::from_str(&line).unwrap();
-        let admin = listening["admin"].as_str().unwrap().parse().unwrap();
-        Self { child, admin }
-    }
-
-    pub fn pid(&self) -> String {
-        self.child.id().expect("running").to_string()
-    }
-
-    /// Sends SIGTERM and waits for a clean exit.
-    pub async fn terminate(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid()])
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success());
-        let exit = tokio::time::timeout(STEP, self.child.wait())
-            .await
-            .expect("bridge exits after SIGTERM")
-            .unwrap();
-        assert!(exit.success(), "graceful shutdown exits 0, got {exit}");
-    }
-
-    /// SIGKILL: no shutdown, no flush.
-    pub async fn kill(mut self) {
-        let status = Command::new("kill")
-            .args(["-KILL", &self.pid()])
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success());
-        tokio::time::timeout(STEP, self.child.wait())
-            .await
-            .expect("bridge dies")
-            .unwrap();
-    }
-
-    pub async fn metrics(&self) -> String {
-        metrics(self.admin).await
-    }
-
-    pub async fn devices(&self) -> Vec<Value> {
-        reqwest::get(format!("http://{}/api/v1/devices", self.admin))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-}
+use nidd_testbed::probe::STEP;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_bridge_keeps_addresses_and_configurations() {
-    let server = lwm2m_server().await;
-    let mock = mock_scef().await;
-    let dir = tempfile::tempdir().unwrap();
     let ids: Vec<DeviceId> = ["200000001@iot.example", "200000002@iot.example"]
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
-    let config = config_text(
-        mock.api_root().as_str(),
-        server.address,
-        &dir.path().join("store"),
-        &[
-            "external_id = \"200000001@iot.example\"",
-            "external_id = \"200000002@iot.example\"",
-        ],
-        "",
-    );
-    let config_path = dir.path().join("bridge.toml");
-    std::fs::write(&config_path, config).unwrap();
-
-    let bridge = BridgeProcess::start(&config_path).await;
-    wait_ready(bridge.admin).await;
-    let before = bridge.devices().await;
+    // The bridge runs as its own process on the TOML the typed configuration writes.
+    let mut stack = TestBed::new()
+        .npm_server()
+        .device(&ids[0])
+        .device(&ids[1])
+        .bridge_process(env!("CARGO_BIN_EXE_nidd-bridge"))
+        .start()
+        .await
+        .unwrap();
+    let before = stack.process().devices().await;
+    let (server, mock) = (stack.server(), stack.mock());
     let mut sims = Vec::new();
     for id in &ids {
         let ue = mock.ue(id);
@@ -129,11 +40,11 @@ async fn a_restarted_bridge_keeps_addresses_and_configurations() {
         );
     }
     assert_eq!(mock.configurations_created(), 2);
-    bridge.terminate().await;
+    stack.terminate_process().await;
 
-    let bridge = BridgeProcess::start(&config_path).await;
-    wait_ready(bridge.admin).await;
-    let after = bridge.devices().await;
+    stack.restart_process().await.unwrap();
+    let after = stack.process().devices().await;
+    let (server, mock) = (stack.server(), stack.mock());
     for (old, new) in before.iter().zip(&after) {
         assert_eq!(old["id"], new["id"]);
         assert_eq!(
@@ -175,7 +86,6 @@ async fn a_restarted_bridge_keeps_addresses_and_configurations() {
     for (_, sim) in &sims {
         sim.deregister().await.unwrap();
     }
-    assert_conformant(&mock);
-    bridge.terminate().await;
-    server.stop().await;
+    // Checks conformance, then SIGTERM with a clean exit and the server stopped.
+    stack.finish().await;
 }

@@ -5,9 +5,9 @@
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use nidd_bridge::DeviceId;
-use tokio::net::UdpSocket;
-
-use super::common::*;
+use nidd_bridge::config::ServerRole;
+use nidd_testbed::bed::{RawServer, TestBed};
+use nidd_testbed::probe::{STEP, metric};
 
 fn request(path: &str, query: Option<&str>, message_id: u16) -> Vec<u8> {
     let mut packet = Packet::new();
@@ -35,52 +35,40 @@ fn protected(kid: u8, message_id: u16) -> Vec<u8> {
     packet.to_bytes().unwrap()
 }
 
-async fn recv(socket: &UdpSocket) -> Vec<u8> {
-    let mut buffer = vec![0u8; 2048];
-    let (length, _) = tokio::time::timeout(STEP, socket.recv_from(&mut buffer))
-        .await
-        .unwrap()
-        .unwrap();
-    buffer.truncate(length);
-    buffer
+async fn recv(server: &RawServer) -> Vec<u8> {
+    server.recv().await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_and_dm_traffic_find_their_servers_by_path_and_by_kid() {
-    let dm = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let bootstrap = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let second_dm = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mock = mock_scef().await;
-    let store = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[[lwm2m_servers]]\nname = \"bs\"\naddress = \"{}\"\nrole = \"bootstrap\"\noscore_kids = [\"01\"]\n\
-         [[lwm2m_servers]]\nname = \"dm2\"\naddress = \"{}\"\nrole = \"dm\"\noscore_kids = [\"02\"]\n",
-        bootstrap.local_addr().unwrap(),
-        second_dm.local_addr().unwrap()
-    );
-    let config = config_text(
-        mock.api_root().as_str(),
-        dm.local_addr().unwrap(),
-        store.path(),
-        &["external_id = \"800000001@iot.example\""],
-        &extra,
-    );
-    let bridge = RunningBridge::start(&config).await;
-    bridge.wait_ready().await;
     let id: DeviceId = "800000001@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .raw_server("dm", ServerRole::Dm)
+        .raw_server_with_kids("bs", ServerRole::Bootstrap, &[&[0x01]])
+        .raw_server_with_kids("dm2", ServerRole::Dm, &[&[0x02]])
+        .device(&id)
+        .start()
+        .await
+        .unwrap();
+    let (dm, bootstrap, second_dm) = (
+        stack.raw_server("dm"),
+        stack.raw_server("bs"),
+        stack.raw_server("dm2"),
+    );
+    let (mock, bridge) = (stack.mock(), stack.bridge());
     let ue = mock.ue(&id);
     let device = bridge.device_address(&id);
 
     // Unprotected: by path.
     let bootstrap_request = request("bs", Some("ep=urn:nai:800000001@iot.example"), 1);
     ue.send_mo(&bootstrap_request).await.unwrap();
-    assert_eq!(recv(&bootstrap).await, bootstrap_request);
+    assert_eq!(recv(bootstrap).await, bootstrap_request);
     let register = request("rd", Some("ep=urn:nai:800000001@iot.example"), 2);
     ue.send_mo(&register).await.unwrap();
-    assert_eq!(recv(&dm).await, register);
+    assert_eq!(recv(dm).await, register);
 
     // Protected: by kid; an unknown kid goes to the device's default server.
-    for (kid, server) in [(0x01, &bootstrap), (0x02, &second_dm), (0x03, &dm)] {
+    for (kid, server) in [(0x01, bootstrap), (0x02, second_dm), (0x03, dm)] {
         let datagram = protected(kid, 10 + u16::from(kid));
         ue.send_mo(&datagram).await.unwrap();
         assert_eq!(recv(server).await, datagram, "kid {kid:02x}");
@@ -107,7 +95,7 @@ async fn bootstrap_and_dm_traffic_find_their_servers_by_path_and_by_kid() {
     let answer = answer.to_bytes().unwrap();
     ue.send_mo(&answer).await.unwrap();
     assert_eq!(
-        recv(&second_dm).await,
+        recv(second_dm).await,
         answer,
         "answer goes to the server that asked"
     );
@@ -135,6 +123,5 @@ async fn bootstrap_and_dm_traffic_find_their_servers_by_path_and_by_kid() {
         ),
         1.0
     );
-    assert_conformant(&mock);
-    bridge.stop().await;
+    stack.finish().await;
 }

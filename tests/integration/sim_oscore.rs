@@ -6,24 +6,28 @@
 use std::sync::atomic::Ordering;
 
 use nidd_bridge::DeviceId;
+use nidd_testbed::aiocoap::{AiocoapClient, device_config};
+use nidd_testbed::bed::TestBed;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
-
-use super::common::*;
-use super::oscore_bridge::AiocoapStack;
-use super::oscore_interop::{device_config, run_aiocoap_client_from};
+use nidd_testbed::probe::STEP;
 
 const TEST: &str = "simulator-over-oscore";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_device_registers_and_serves_over_oscore_across_a_restart() {
-    let stack = AiocoapStack::start(TEST, "external_id = \"830000001@iot.example\"", "").await;
-    let (aiocoap, mock, bridge, client_port) = (
-        &stack.aiocoap,
-        &stack.mock,
-        &stack.bridge,
-        stack.client_port,
-    );
     let id: DeviceId = "830000001@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .aiocoap(TEST)
+        .device(&id)
+        .start()
+        .await
+        .unwrap();
+    let (aiocoap, mock, bridge, client_port) = (
+        stack.aiocoap(),
+        stack.mock(),
+        stack.bridge(),
+        stack.aiocoap_client_port(),
+    );
     let ue = mock.ue(&id);
     ue.wait_configured(STEP).await.unwrap();
 
@@ -54,9 +58,16 @@ async fn simulated_device_registers_and_serves_over_oscore_across_a_restart() {
     // aiocoap reads the device's manufacturer through the bridge; it verifies the answer.
     let device_address = bridge.device_address(&id);
     let answers = tokio::task::spawn_blocking(move || {
-        run_aiocoap_client_from(TEST, device_address.port(), 0, Some(client_port))
+        AiocoapClient {
+            test: TEST,
+            port: device_address.port(),
+            observe: 0,
+            bind_port: client_port,
+        }
+        .run()
     })
     .await
+    .unwrap()
     .unwrap();
     assert_eq!(answers.len(), 1, "{answers:?}");
     assert_eq!(answers[0]["code"], "2.05", "{answers:?}");

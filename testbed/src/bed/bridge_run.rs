@@ -1,0 +1,209 @@
+//! The bridge under test, run two ways: in this process on its public API (`Bridge::bind` and
+//! `run`), or as the `nidd-bridge` binary in its own process (for restarts and SIGKILL).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+
+use nidd_bridge::config::ProcessSecrets;
+use nidd_bridge::{BoundBridge, Bridge, BridgeError, BridgeHandle, Config, DeviceId};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::BedError;
+use crate::probe::{self, STEP};
+
+/// A bridge running in this process, on its own task.
+pub struct RunningBridge {
+    pub callback_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub handle: BridgeHandle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), BridgeError>>>,
+}
+
+impl RunningBridge {
+    /// Binds every listener of `config` and runs the bridge until [`stop`](Self::stop).
+    pub async fn start(config: Config) -> Result<Self, BridgeError> {
+        let bound: BoundBridge = Bridge::bind(config, &ProcessSecrets).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let callback_addr = bound.callback_addr;
+        let admin_addr = bound.admin_addr;
+        let handle = bound.handle();
+        let task = tokio::spawn(bound.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            callback_addr,
+            admin_addr,
+            handle,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// The device's virtual UDP socket on the bridge.
+    ///
+    /// # Panics
+    ///
+    /// When `id` is not configured.
+    pub fn device_address(&self, id: &DeviceId) -> SocketAddr {
+        self.handle
+            .device_address(id)
+            .unwrap_or_else(|| panic!("device {id} is not configured"))
+    }
+
+    /// The device's T8 callback URL (where the SCEF posts its uplinks).
+    ///
+    /// # Panics
+    ///
+    /// When `id` is not configured.
+    pub fn callback_url(&self, id: &DeviceId) -> String {
+        self.handle
+            .callback_url(id)
+            .unwrap_or_else(|| panic!("device {id} is not configured"))
+    }
+
+    /// Waits until `/readyz` answers 200 (panics after [`STEP`]).
+    pub async fn wait_ready(&self) {
+        probe::wait_ready(self.admin_addr).await
+    }
+
+    /// The Prometheus text (panics when it cannot be read).
+    pub async fn metrics(&self) -> String {
+        probe::metrics(self.admin_addr).await
+    }
+
+    /// One sample of the Prometheus text, 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        probe::metric(&self.metrics().await, sample)
+    }
+
+    /// Shuts the bridge down gracefully.
+    ///
+    /// # Panics
+    ///
+    /// When it does not stop within [`STEP`] or ends with an error.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            match tokio::time::timeout(STEP, task).await {
+                Err(_) => panic!("the bridge did not stop within {STEP:?}"),
+                Ok(Err(join)) => panic!("the bridge task failed: {join}"),
+                Ok(Ok(Err(error))) => panic!("the bridge did not run cleanly: {error}"),
+                Ok(Ok(Ok(()))) => {}
+            }
+        }
+    }
+}
+
+/// The `nidd-bridge` binary running with a configuration file; killed when dropped.
+pub struct BridgeProcess {
+    child: Child,
+    /// The admin listener it printed at start-up.
+    pub admin: SocketAddr,
+}
+
+impl BridgeProcess {
+    /// Runs `binary run --config <config>` and reads the addresses it prints.
+    pub async fn start(binary: &Path, config: &Path) -> Result<Self, BedError> {
+        let mut child = Command::new(binary)
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| BedError::Process(format!("cannot run {}: {e}", binary.display())))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| BedError::Process("no stdout".into()))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(STEP, lines.next_line())
+            .await
+            .map_err(|_| BedError::Timeout("the bridge process to print its addresses"))?
+            .map_err(|e| BedError::Process(e.to_string()))?
+            .ok_or_else(|| BedError::Process("exited before printing its addresses".into()))?;
+        let admin = serde_json::from_str::<Value>(&line)
+            .ok()
+            .and_then(|listening| listening["admin"].as_str()?.parse().ok())
+            .ok_or_else(|| BedError::Process(format!("printed {line:?}, no admin address")))?;
+        Ok(Self { child, admin })
+    }
+
+    fn signal(&self, signal: &str) -> Result<(), BedError> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| BedError::Process("already exited".into()))?;
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .map_err(|e| BedError::Process(format!("kill {signal}: {e}")))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(BedError::Process(format!("kill {signal} {pid}: {status}")))
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    ///
+    /// # Panics
+    ///
+    /// When the process does not exit with status 0 within [`STEP`].
+    pub async fn terminate(mut self) {
+        if let Err(error) = self.signal("-TERM") {
+            panic!("cannot stop the bridge process: {error}");
+        }
+        match tokio::time::timeout(STEP, self.child.wait()).await {
+            Ok(Ok(exit)) => assert!(exit.success(), "graceful shutdown exits 0, got {exit}"),
+            Ok(Err(error)) => panic!("bridge process: {error}"),
+            Err(_) => panic!("the bridge process did not exit within {STEP:?} of SIGTERM"),
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    ///
+    /// # Panics
+    ///
+    /// When the process cannot be killed or does not die within [`STEP`].
+    pub async fn kill(mut self) {
+        if let Err(error) = self.signal("-KILL") {
+            panic!("cannot kill the bridge process: {error}");
+        }
+        match tokio::time::timeout(STEP, self.child.wait()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => panic!("bridge process: {error}"),
+            Err(_) => panic!("the bridge process did not die within {STEP:?} of SIGKILL"),
+        }
+    }
+
+    /// Waits until `/readyz` answers 200 (panics after [`STEP`]).
+    pub async fn wait_ready(&self) {
+        probe::wait_ready(self.admin).await
+    }
+
+    /// The Prometheus text (panics when it cannot be read).
+    pub async fn metrics(&self) -> String {
+        probe::metrics(self.admin).await
+    }
+
+    /// The admin API's device list (`GET /api/v1/devices`).
+    ///
+    /// # Panics
+    ///
+    /// When the admin API does not answer with JSON.
+    pub async fn devices(&self) -> Vec<Value> {
+        let url = format!("http://{}/api/v1/devices", self.admin);
+        let answer = match reqwest::get(&url).await {
+            Ok(answer) => answer.json().await,
+            Err(error) => Err(error),
+        };
+        answer.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+    }
+}
