@@ -4,6 +4,8 @@
 pub(crate) mod admin;
 pub(crate) mod callback;
 pub(crate) mod problem;
+#[cfg(test)]
+mod test_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -256,3 +256,317 @@ fn refresh_gauges(shared: &AdminState, now: Instant, now_ms: u64) {
         .mt_queue_oldest_age_seconds
         .set(gauges.oldest_queued_age_s);
 }
+
+#[cfg(test)]
+mod tests {
+    //! The admin router driven in process over the fixtures' devices A (External Identifier)
+    //! and B (MSISDN); see `test_support`.
+
+    use axum::http::{Method, StatusCode};
+    use serde_json::json;
+
+    use super::*;
+    use crate::delivery::{Decision, Outcome};
+    use crate::devices::NiddState;
+    use crate::http::test_support::{
+        CONFIGURATION_A, CONFIGURATION_B, DEVICE_A, DEVICE_B, Harness, MAX_PACKET_BITS_A,
+        active_configuration, assert_problem, fixture_datagram, read,
+    };
+    use crate::t8::NiddStatus;
+
+    const READ: &str = "NiddDownlinkDataTransfer.request-read.json";
+    const REGISTER_ACK: &str = "NiddDownlinkDataTransfer.request.json";
+
+    /// The LwM2M server stand-in sends `fixture`'s datagram to `device`'s socket at `now_ms`.
+    async fn server_sends(harness: &Harness, device: &Device, fixture: &str, now_ms: u64) {
+        let from = harness.server.local_addr().unwrap();
+        harness
+            .downlinks
+            .receive(device, fixture_datagram(fixture), from, now_ms)
+            .await;
+    }
+
+    async fn get(harness: &Harness, path: &str) -> (StatusCode, serde_json::Value) {
+        let (status, _, body) = read(harness.admin(Method::GET, path).await).await;
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_ok() {
+        let harness = Harness::new().await;
+        let (status, _, body) = read(harness.admin(Method::GET, "/healthz").await).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, json!("ok"));
+    }
+
+    #[tokio::test]
+    async fn readyz_waits_for_every_usable_configuration_and_fails_when_shutting_down() {
+        let harness = Harness::new().await;
+        let (a, b) = (harness.device(DEVICE_A), harness.device(DEVICE_B));
+        harness.devices.set_nidd(&a, None).unwrap();
+        harness.devices.set_nidd(&b, None).unwrap();
+        let readiness = |ready: bool, with: usize| json!({"ready": ready, "devices": 2, "devicesWithConfiguration": with});
+
+        assert_eq!(
+            get(&harness, "/readyz").await,
+            (StatusCode::SERVICE_UNAVAILABLE, readiness(false, 0))
+        );
+        let configuration_a = active_configuration(CONFIGURATION_A, None);
+        harness
+            .devices
+            .set_nidd(&a, Some(configuration_a.clone()))
+            .unwrap();
+        assert_eq!(
+            get(&harness, "/readyz").await,
+            (StatusCode::SERVICE_UNAVAILABLE, readiness(false, 1))
+        );
+        harness
+            .devices
+            .set_nidd(&b, Some(active_configuration(CONFIGURATION_B, None)))
+            .unwrap();
+        assert_eq!(
+            get(&harness, "/readyz").await,
+            (StatusCode::OK, readiness(true, 2))
+        );
+
+        // A terminated configuration is not usable.
+        let terminated = NiddState {
+            status: Some(NiddStatus::Terminated),
+            ..configuration_a.clone()
+        };
+        harness.devices.set_nidd(&a, Some(terminated)).unwrap();
+        assert_eq!(
+            get(&harness, "/readyz").await,
+            (StatusCode::SERVICE_UNAVAILABLE, readiness(false, 1))
+        );
+        harness.devices.set_nidd(&a, Some(configuration_a)).unwrap();
+        assert_eq!(get(&harness, "/readyz").await.0, StatusCode::OK);
+
+        harness.lifecycle.begin_shutdown();
+        assert_eq!(
+            get(&harness, "/readyz").await,
+            (StatusCode::SERVICE_UNAVAILABLE, readiness(false, 2))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_device_list_shows_every_device() {
+        let harness = Harness::new().await;
+        let (status, body) = get(&harness, "/api/v1/devices").await;
+        assert_eq!(status, StatusCode::OK);
+        let devices = body.as_array().unwrap();
+        assert_eq!(devices.len(), 2);
+
+        let a = &devices[0];
+        assert_eq!(a["id"], DEVICE_A);
+        assert_eq!(a["externalId"], DEVICE_A);
+        assert!(a.get("msisdn").is_none());
+        assert_eq!(a["endpointName"], format!("urn:nai:{DEVICE_A}"));
+        assert_eq!(
+            a["udpAddress"],
+            harness.device(DEVICE_A).socket.local_addr().to_string()
+        );
+        assert_eq!(
+            a["niddConfiguration"],
+            json!({
+                "self": CONFIGURATION_A,
+                "status": "ACTIVE",
+                "maximumPacketSizeBytes": MAX_PACKET_BITS_A / 8,
+            })
+        );
+        assert_eq!(a["mt"]["bufferOwner"], "bridge");
+        assert_eq!(a["mt"]["reachability"], "unknown");
+        assert_eq!(a["mt"]["queueDepth"], 0);
+        assert_eq!(a["mt"]["pendingDeliveries"], 0);
+
+        let b = &devices[1];
+        assert_eq!(b["id"], DEVICE_B);
+        assert_eq!(b["msisdn"], DEVICE_B);
+        assert!(b.get("externalId").is_none());
+        assert_eq!(b["endpointName"], serde_json::Value::Null);
+        assert_eq!(b["niddConfiguration"]["self"], CONFIGURATION_B);
+        assert_eq!(
+            b["niddConfiguration"]["maximumPacketSizeBytes"],
+            serde_json::Value::Null
+        );
+    }
+
+    #[tokio::test]
+    async fn one_device_is_found_by_any_spelling_of_its_identity() {
+        let harness = Harness::new().await;
+        let (status, by_urn) = get(&harness, &format!("/api/v1/devices/urn:nai:{DEVICE_A}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(by_urn["id"], DEVICE_A);
+        let (status, bare) = get(&harness, &format!("/api/v1/devices/{DEVICE_A}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(bare, by_urn);
+
+        let (status, by_msisdn) = get(&harness, &format!("/api/v1/devices/{DEVICE_B}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(by_msisdn["id"], DEVICE_B);
+        assert_eq!(by_msisdn["msisdn"], DEVICE_B);
+        let (status, international) =
+            get(&harness, &format!("/api/v1/devices/%2B{DEVICE_B}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(international["id"], DEVICE_B);
+    }
+
+    #[tokio::test]
+    async fn bad_and_unknown_device_ids_are_problems() {
+        let harness = Harness::new().await;
+        for method in [Method::GET, Method::DELETE] {
+            let suffix = if method == Method::DELETE {
+                "/queue"
+            } else {
+                ""
+            };
+            assert_problem(
+                harness
+                    .admin(
+                        method.clone(),
+                        &format!("/api/v1/devices/not-a-device{suffix}"),
+                    )
+                    .await,
+                StatusCode::BAD_REQUEST,
+                "BAD_DEVICE_ID",
+            )
+            .await;
+            assert_problem(
+                harness
+                    .admin(
+                        method.clone(),
+                        &format!("/api/v1/devices/987654321@iot.example{suffix}"),
+                    )
+                    .await,
+                StatusCode::NOT_FOUND,
+                "UNKNOWN_DEVICE",
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn deleting_the_queue_purges_queued_datagrams() {
+        let harness = Harness::new().await;
+        let device = harness.device(DEVICE_A);
+        let now_ms = clock::unix_ms();
+        server_sends(&harness, &device, READ, now_ms).await;
+        server_sends(&harness, &device, REGISTER_ACK, now_ms).await;
+        let path = format!("/api/v1/devices/{DEVICE_A}");
+        let (_, view) = get(&harness, &path).await;
+        assert_eq!(view["mt"]["queueDepth"], 2);
+        assert_eq!(
+            view["mt"]["queueBytes"],
+            fixture_datagram(READ).len() + fixture_datagram(REGISTER_ACK).len()
+        );
+        assert_eq!(harness.mt_store.load().unwrap()[DEVICE_A].len(), 2);
+
+        let (status, _, body) = read(
+            harness
+                .admin(Method::DELETE, &format!("{path}/queue"))
+                .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, json!({"purged": 2}));
+        assert_eq!(
+            harness
+                .metrics
+                .mt_queue_dropped
+                .with_label_values(&["purged"])
+                .get(),
+            2
+        );
+        assert!(!harness.mt_store.load().unwrap().contains_key(DEVICE_A));
+        let (_, view) = get(&harness, &path).await;
+        assert_eq!(view["mt"]["queueDepth"], 0);
+
+        // Nothing left, nothing purged; device B's queue was never touched.
+        let (_, _, body) = read(
+            harness
+                .admin(Method::DELETE, &format!("{path}/queue"))
+                .await,
+        )
+        .await;
+        assert_eq!(body, json!({"purged": 0}));
+    }
+
+    #[tokio::test]
+    async fn metrics_render_the_gauges() {
+        let harness = Harness::new().await;
+        server_sends(&harness, &harness.device(DEVICE_A), READ, clock::unix_ms()).await;
+        harness
+            .device(DEVICE_B)
+            .state()
+            .mt
+            .reachability
+            .on_not_reachable(clock::now());
+
+        let (status, content_type, body) = read(harness.admin(Method::GET, "/metrics").await).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type.as_deref(), Some("text/plain; version=0.0.4"));
+        let text = body.as_str().unwrap();
+        for line in [
+            "nidd_bridge_mt_queue_depth 1",
+            "nidd_bridge_mt_pending_deliveries 0",
+            "nidd_bridge_devices_reachable 1",
+            "nidd_bridge_devices_provisioned 2",
+            "nidd_bridge_mt_queue_accepted_total 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("nidd_bridge_mt_queue_oldest_age_seconds ")),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn gauges_sum_over_every_device() {
+        let harness = Harness::new().await;
+        let (a, b) = (harness.device(DEVICE_A), harness.device(DEVICE_B));
+        let now = clock::now();
+        assert_eq!(
+            gauges(harness.devices.iter(), now, 0),
+            Gauges {
+                reachable: 2,
+                ..Gauges::default()
+            },
+            "nothing heard yet: MT is tried"
+        );
+
+        server_sends(&harness, &a, READ, 1_000_000).await;
+        server_sends(&harness, &a, REGISTER_ACK, 1_001_000).await;
+        server_sends(&harness, &b, READ, 1_002_000).await;
+        {
+            // A's Read goes to the SCEF, which holds it (201).
+            let mut state = a.state();
+            let (Decision::Send(item), _) = state.mt.decide(now, 1_001_500, true) else {
+                panic!("A's Read is not sent");
+            };
+            state
+                .mt
+                .on_outcome(item.seq, Outcome::Pending("http://scef/d/1".into()), now);
+        }
+        b.state().mt.reachability.on_not_reachable(now);
+
+        assert_eq!(
+            gauges(harness.devices.iter(), now, 1_010_000),
+            Gauges {
+                queue_depth: 2,
+                pending_deliveries: 1,
+                reachable: 1,
+                // The oldest waiting datagram is A's ACK: the pending Read is the SCEF's.
+                oldest_queued_age_s: 9.0,
+            }
+        );
+        assert_eq!(
+            gauges(std::iter::empty(), now, 1_010_000),
+            Gauges::default()
+        );
+    }
+}

@@ -397,3 +397,1072 @@ async fn triggering_notification(
     .await;
     answer(&shared, "trigger_report", result)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The callback router driven in process against the golden bodies in `fixtures/t8`, for
+    //! the fixtures' devices A (External Identifier) and B (MSISDN); see `test_support`.
+
+    use std::time::Duration;
+
+    use axum::http::StatusCode;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use serde_json::json;
+
+    use super::*;
+    use crate::delivery::{Decision, Outcome};
+    use crate::http::test_support::{
+        CONFIGURATION_A, DEADLINE, DEVICE_A, DEVICE_B, Harness, MAX_BODY_BYTES, MAX_PACKET_BITS_A,
+        TOKEN_A, TOKEN_B, active_configuration, assert_no_content, assert_problem, fixture,
+        fixture_datagram, fixture_json,
+    };
+    use crate::reachability::State as Reachable;
+    use crate::store::StoredSubscription;
+    use crate::t8::{NiddConfigurationStatusNotification, NiddUplinkDataNotification};
+
+    const REGISTER: &str = "NiddUplinkDataNotification.register.json";
+    const UPDATE_BY_MSISDN: &str = "NiddUplinkDataNotification.msisdn.json";
+    const READ: &str = "NiddDownlinkDataTransfer.request-read.json";
+    const PENDING_DELIVERY: &str = "http://127.0.0.1:8080/3gpp-nidd/v1/bridge-1/configurations/7c4e2a91/downlink-data-deliveries/0d41b8e2";
+
+    fn nidd_url(token: &str) -> String {
+        format!("/t8/v1/nidd/{token}")
+    }
+
+    fn monitoring_url(token: &str) -> String {
+        format!("/t8/v1/monitoring/{token}")
+    }
+
+    fn triggering_url(token: &str) -> String {
+        format!("/t8/v1/triggering/{token}")
+    }
+
+    /// An uplink notification for device A carrying `datagram`.
+    fn uplink_body(datagram: &[u8]) -> Vec<u8> {
+        let mut body = fixture_json(REGISTER);
+        body["data"] = json!(BASE64.encode(datagram));
+        body.to_string().into_bytes()
+    }
+
+    /// A valid CoAP NON POST without options of exactly `length` bytes (payload filler).
+    fn coap_of_length(length: usize) -> Vec<u8> {
+        let mut datagram = vec![0x50, 0x02, 0x3b, 0x10, 0xff];
+        datagram.resize(length, b'x');
+        datagram
+    }
+
+    fn nidd_of(harness: &Harness, id: &str) -> Option<NiddState> {
+        harness.device(id).state().nidd.clone()
+    }
+
+    fn stored_nidd_status(harness: &Harness, id: &str) -> Option<Option<String>> {
+        let id: DeviceId = id.parse().unwrap();
+        let record = harness.devices.store().device(&id).unwrap().unwrap();
+        record.nidd.map(|n| n.status)
+    }
+
+    /// Waits for the wake-up the device's flusher would get.
+    async fn woken(device: &Device) {
+        tokio::time::timeout(DEADLINE, device.wake.notified())
+            .await
+            .expect("the device's flusher was not woken");
+    }
+
+    /// Queues the Read of the fixtures for device A as the LwM2M server stand-in sent it, and
+    /// hands it to the SCEF, which accepts it as pending at `PENDING_DELIVERY` (201): what the
+    /// flusher does.
+    async fn pending_read(harness: &Harness) -> u64 {
+        let device = harness.device(DEVICE_A);
+        let from = harness.server.local_addr().unwrap();
+        harness
+            .downlinks
+            .receive(&device, fixture_datagram(READ), from, clock::unix_ms())
+            .await;
+        woken(&device).await;
+        let now = clock::now();
+        let mut state = device.state();
+        let (decision, _) = state.mt.decide(now, clock::unix_ms(), true);
+        let Decision::Send(item) = decision else {
+            panic!("the queued Read is not sent: {decision:?}");
+        };
+        let effect = state
+            .mt
+            .on_outcome(item.seq, Outcome::Pending(PENDING_DELIVERY.into()), now);
+        harness.downlinks.apply(&device, &effect);
+        assert_eq!(state.mt.queue.pending_count(), 1);
+        item.seq
+    }
+
+    fn stored_queue(harness: &Harness, id: &str) -> Vec<crate::queue::QueuedDatagram> {
+        harness
+            .mt_store
+            .load()
+            .unwrap()
+            .remove(id)
+            .unwrap_or_default()
+    }
+
+    // --- pure helpers ---
+
+    #[test]
+    fn named_device_takes_exactly_one_identity() {
+        let by_external_id: NiddUplinkDataNotification =
+            serde_json::from_slice(&fixture(REGISTER)).unwrap();
+        assert_eq!(
+            named_device(&by_external_id).unwrap(),
+            DEVICE_A.parse::<DeviceId>().unwrap()
+        );
+        let by_msisdn: NiddUplinkDataNotification =
+            serde_json::from_slice(&fixture(UPDATE_BY_MSISDN)).unwrap();
+        assert_eq!(
+            named_device(&by_msisdn).unwrap(),
+            DEVICE_B.parse::<DeviceId>().unwrap()
+        );
+        for broken in [
+            "invalid/NiddUplinkDataNotification.both-externalId-and-msisdn.json",
+            "invalid/NiddUplinkDataNotification.no-device-id.json",
+        ] {
+            let notification: NiddUplinkDataNotification =
+                serde_json::from_slice(&fixture(broken)).unwrap();
+            assert!(
+                matches!(
+                    named_device(&notification),
+                    Err(CallbackError::InvalidNotification(_))
+                ),
+                "{broken}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn check_identity_accepts_only_the_device_of_the_url() {
+        let harness = Harness::new().await;
+        let active: NiddConfigurationStatusNotification =
+            serde_json::from_slice(&fixture("NiddConfigurationStatusNotification.active.json"))
+                .unwrap();
+        assert!(check_identity(&harness.device(DEVICE_A), &active).is_ok());
+        let refused = check_identity(&harness.device(DEVICE_B), &active).unwrap_err();
+        assert!(
+            matches!(&refused, CallbackError::DeviceNotInConfiguration { named } if named == DEVICE_A)
+        );
+        assert_eq!(
+            refused.status_and_cause(),
+            (StatusCode::FORBIDDEN, "DEVICE_NOT_IN_CONFIGURATION")
+        );
+        // The `urn:nai:` spelling names the same device.
+        let mut urn = fixture_json("NiddConfigurationStatusNotification.active.json");
+        urn["externalId"] = json!(format!("urn:nai:{DEVICE_A}"));
+        let urn: NiddConfigurationStatusNotification = serde_json::from_value(urn).unwrap();
+        assert!(check_identity(&harness.device(DEVICE_A), &urn).is_ok());
+    }
+
+    #[test]
+    fn status_change_updates_keeps_or_forgets_the_configuration() {
+        let mut current = active_configuration(CONFIGURATION_A, Some(MAX_PACKET_BITS_A));
+        current.notification_destination =
+            Some(format!("http://127.0.0.1:8081/t8/v1/nidd/{TOKEN_A}"));
+        current.monitoring_subscription = Some(StoredSubscription {
+            location:
+                "http://127.0.0.1:8080/3gpp-monitoring-event/v1/bridge-1/subscriptions/e5a2917c"
+                    .into(),
+            expires_at_ms: 1,
+        });
+
+        // A new status keeps everything else the bridge knows of the configuration.
+        let suspended = NiddStatus::from("SUSPENDED");
+        let StatusChange::Update(updated) =
+            status_change(Some(&current), CONFIGURATION_A, suspended.clone())
+        else {
+            panic!("an unknown status is an update");
+        };
+        assert_eq!(
+            updated,
+            NiddState {
+                status: Some(suspended),
+                ..current.clone()
+            }
+        );
+        assert_eq!(
+            status_change(Some(&current), CONFIGURATION_A, NiddStatus::Active),
+            StatusChange::Update(current.clone())
+        );
+
+        // Both terminations end it.
+        for terminated in [
+            NiddStatus::Terminated,
+            NiddStatus::TerminatedUeNotAuthorized,
+        ] {
+            assert_eq!(
+                status_change(Some(&current), CONFIGURATION_A, terminated),
+                StatusChange::Terminated
+            );
+        }
+
+        // Without a configuration, the link becomes its location ...
+        assert_eq!(
+            status_change(None, CONFIGURATION_A, NiddStatus::Active),
+            StatusChange::Update(NiddState {
+                location: url::Url::parse(CONFIGURATION_A).unwrap(),
+                status: Some(NiddStatus::Active),
+                maximum_packet_size_bits: None,
+                notification_destination: None,
+                monitoring_subscription: None,
+            })
+        );
+        // ... unless it is not a URL.
+        assert_eq!(
+            status_change(None, "7c4e2a91", NiddStatus::Active),
+            StatusChange::Ignore
+        );
+    }
+
+    #[test]
+    fn every_error_has_its_status_and_cause() {
+        let cases = [
+            (CallbackError::UnknownCallback, 404, "UNKNOWN_CALLBACK"),
+            (
+                CallbackError::BodyTooLarge { limit: 1 },
+                413,
+                "BODY_TOO_LARGE",
+            ),
+            (
+                CallbackError::UnsupportedMediaType,
+                415,
+                "UNSUPPORTED_MEDIA_TYPE",
+            ),
+            (
+                CallbackError::MalformedJson(String::new()),
+                400,
+                "MALFORMED_JSON",
+            ),
+            (
+                CallbackError::InvalidNotification(String::new()),
+                400,
+                "INVALID_NOTIFICATION",
+            ),
+            (CallbackError::BadBase64(String::new()), 400, "BAD_BASE64"),
+            (
+                CallbackError::DeviceNotInConfiguration {
+                    named: String::new(),
+                },
+                403,
+                "DEVICE_NOT_IN_CONFIGURATION",
+            ),
+            (
+                CallbackError::Uplink(UplinkError::Send(std::io::Error::other("down"))),
+                502,
+                "FORWARD_FAILED",
+            ),
+            (CallbackError::ShuttingDown, 503, "SHUTTING_DOWN"),
+        ];
+        for (error, status, cause) in cases {
+            assert_eq!(
+                error.status_and_cause(),
+                (StatusCode::from_u16(status).unwrap(), cause)
+            );
+            assert_eq!(error.outcome(), cause.to_ascii_lowercase());
+        }
+    }
+
+    // --- NIDD notifications that are accepted ---
+
+    #[tokio::test]
+    async fn uplink_by_external_id_reaches_the_server_byte_for_byte() {
+        let harness = Harness::new().await;
+        let device = harness.device(DEVICE_A);
+        assert_no_content(harness.notify(&nidd_url(TOKEN_A), fixture(REGISTER)).await).await;
+
+        let (datagram, from) = harness.server_receives().await;
+        assert_eq!(datagram, fixture_datagram(REGISTER));
+        assert_eq!(
+            from,
+            device.socket.local_addr(),
+            "sent from the device's own socket"
+        );
+        assert_eq!(harness.callbacks("uplink", "accepted"), 1);
+        assert_eq!(harness.metrics.mo_datagrams.get(), 1);
+        assert_eq!(harness.metrics.mo_bytes.get(), datagram.len() as u64);
+        let now = clock::now();
+        assert_eq!(device.state().mt.reachability.state(now), Reachable::Awake);
+        woken(&device).await;
+    }
+
+    #[tokio::test]
+    async fn uplink_by_msisdn_reaches_the_server_byte_for_byte() {
+        let harness = Harness::new().await;
+        let device = harness.device(DEVICE_B);
+        assert_no_content(
+            harness
+                .notify(&nidd_url(TOKEN_B), fixture(UPDATE_BY_MSISDN))
+                .await,
+        )
+        .await;
+
+        let (datagram, from) = harness.server_receives().await;
+        assert_eq!(datagram, fixture_datagram(UPDATE_BY_MSISDN));
+        assert_eq!(from, device.socket.local_addr());
+        assert_eq!(harness.callbacks("uplink", "accepted"), 1);
+        assert_eq!(
+            device.state().mt.reachability.state(clock::now()),
+            Reachable::Awake
+        );
+    }
+
+    #[tokio::test]
+    async fn an_uplink_of_exactly_the_maximum_packet_size_is_forwarded() {
+        let harness = Harness::new().await;
+        let datagram = coap_of_length((MAX_PACKET_BITS_A / 8) as usize);
+        assert_no_content(
+            harness
+                .notify(&nidd_url(TOKEN_A), uplink_body(&datagram))
+                .await,
+        )
+        .await;
+        assert_eq!(harness.server_receives().await.0, datagram);
+    }
+
+    #[tokio::test]
+    async fn configuration_status_active_keeps_the_configuration() {
+        let harness = Harness::new().await;
+        let before = nidd_of(&harness, DEVICE_A);
+        assert_no_content(
+            harness
+                .notify(
+                    &nidd_url(TOKEN_A),
+                    fixture("NiddConfigurationStatusNotification.active.json"),
+                )
+                .await,
+        )
+        .await;
+        assert_eq!(nidd_of(&harness, DEVICE_A), before);
+        assert_eq!(
+            stored_nidd_status(&harness, DEVICE_A),
+            Some(Some("ACTIVE".into()))
+        );
+        assert!(harness.devices.all_provisioned());
+        assert_eq!(harness.callbacks("configuration_status", "accepted"), 1);
+        assert_eq!(
+            harness
+                .metrics
+                .configuration_statuses
+                .with_label_values(&["ACTIVE"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn configuration_status_terminated_clears_the_configuration() {
+        let harness = Harness::new().await;
+        assert_eq!(harness.devices.provisioned_count(), 2);
+        assert_no_content(
+            harness
+                .notify(
+                    &nidd_url(TOKEN_A),
+                    fixture("NiddConfigurationStatusNotification.terminated.json"),
+                )
+                .await,
+        )
+        .await;
+        assert_eq!(nidd_of(&harness, DEVICE_A), None);
+        assert_eq!(stored_nidd_status(&harness, DEVICE_A), None);
+        assert_eq!(harness.devices.provisioned_count(), 1);
+        assert!(!harness.devices.all_provisioned());
+        assert_eq!(harness.metrics.devices_provisioned.get(), 1);
+        // Device B is untouched.
+        assert!(nidd_of(&harness, DEVICE_B).is_some());
+        assert_eq!(harness.callbacks("configuration_status", "accepted"), 1);
+        assert_eq!(
+            harness
+                .metrics
+                .configuration_statuses
+                .with_label_values(&["TERMINATED"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn configuration_status_unknown_is_kept_as_the_status() {
+        let harness = Harness::new().await;
+        assert_no_content(
+            harness
+                .notify(
+                    &nidd_url(TOKEN_A),
+                    fixture("NiddConfigurationStatusNotification.unknown-status.json"),
+                )
+                .await,
+        )
+        .await;
+        let nidd = nidd_of(&harness, DEVICE_A).unwrap();
+        assert_eq!(nidd.status, Some(NiddStatus::Other("SUSPENDED".into())));
+        assert_eq!(nidd.location.as_str(), CONFIGURATION_A);
+        assert_eq!(nidd.maximum_packet_size_bits, Some(MAX_PACKET_BITS_A));
+        assert_eq!(
+            stored_nidd_status(&harness, DEVICE_A),
+            Some(Some("SUSPENDED".into()))
+        );
+        // Not a termination: the configuration stays usable.
+        assert!(harness.devices.all_provisioned());
+        assert_eq!(
+            harness
+                .metrics
+                .configuration_statuses
+                .with_label_values(&["OTHER"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn delivery_status_success_settles_the_pending_delivery() {
+        let harness = Harness::new().await;
+        pending_read(&harness).await;
+        assert_eq!(stored_queue(&harness, DEVICE_A).len(), 1);
+        let device = harness.device(DEVICE_A);
+
+        assert_no_content(
+            harness
+                .notify(
+                    &nidd_url(TOKEN_A),
+                    fixture("NiddDownlinkDataDeliveryStatusNotification.success.json"),
+                )
+                .await,
+        )
+        .await;
+        {
+            let state = device.state();
+            assert_eq!(state.mt.queue.pending_count(), 0);
+            assert_eq!(state.mt.queue.waiting().count(), 0);
+        }
+        assert!(
+            stored_queue(&harness, DEVICE_A).is_empty(),
+            "removed from sled too"
+        );
+        woken(&device).await;
+        assert_eq!(harness.callbacks("delivery_status", "accepted"), 1);
+        assert_eq!(
+            harness
+                .metrics
+                .mt_deliveries
+                .with_label_values(&["SUCCESS"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn delivery_status_failure_returns_the_datagram_to_the_queue() {
+        let harness = Harness::new().await;
+        let seq = pending_read(&harness).await;
+        let device = harness.device(DEVICE_A);
+
+        assert_no_content(
+            harness
+                .notify(
+                    &nidd_url(TOKEN_A),
+                    fixture("NiddDownlinkDataDeliveryStatusNotification.failure.json"),
+                )
+                .await,
+        )
+        .await;
+        {
+            let state = device.state();
+            assert_eq!(state.mt.queue.pending_count(), 0);
+            let waiting: Vec<_> = state.mt.queue.waiting().map(|e| e.seq).collect();
+            assert_eq!(waiting, vec![seq], "back in the queue for another attempt");
+            assert!(
+                state.mt.retry_at.is_some(),
+                "waits for requestedRetransmissionTime"
+            );
+            assert_eq!(state.mt.reachability.state(clock::now()), Reachable::Asleep);
+        }
+        let stored = stored_queue(&harness, DEVICE_A);
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].pending, None);
+        woken(&device).await;
+        assert_eq!(
+            harness
+                .metrics
+                .mt_deliveries
+                .with_label_values(&["FAILURE_TEMPORARILY_NOT_REACHABLE"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn delivery_status_for_no_pending_delivery_changes_nothing() {
+        let harness = Harness::new().await;
+        let device = harness.device(DEVICE_A);
+        let from = harness.server.local_addr().unwrap();
+        harness
+            .downlinks
+            .receive(&device, fixture_datagram(READ), from, clock::unix_ms())
+            .await;
+        assert_no_content(
+            harness
+                .notify(
+                    &nidd_url(TOKEN_A),
+                    fixture("NiddDownlinkDataDeliveryStatusNotification.success.json"),
+                )
+                .await,
+        )
+        .await;
+        assert_eq!(device.state().mt.queue.waiting().count(), 1);
+        assert_eq!(stored_queue(&harness, DEVICE_A).len(), 1);
+        assert_eq!(harness.callbacks("delivery_status", "accepted"), 1);
+    }
+
+    #[tokio::test]
+    async fn group_delivery_results_are_counted() {
+        let harness = Harness::new().await;
+        assert_no_content(
+            harness
+                .notify(
+                    &nidd_url(TOKEN_A),
+                    fixture("GmdNiddDownlinkDataDeliveryNotification.example.json"),
+                )
+                .await,
+        )
+        .await;
+        let deliveries = |status: &str| {
+            harness
+                .metrics
+                .mt_deliveries
+                .with_label_values(&[status])
+                .get()
+        };
+        assert_eq!(deliveries("SUCCESS"), 1);
+        assert_eq!(deliveries("FAILURE_TEMPORARILY_NOT_REACHABLE"), 1);
+        assert_eq!(harness.callbacks("group_delivery", "accepted"), 1);
+    }
+
+    #[tokio::test]
+    async fn manage_port_and_test_notifications_are_accepted_and_ignored() {
+        let harness = Harness::new().await;
+        let before = nidd_of(&harness, DEVICE_A);
+        for (name, kind) in [
+            ("ManagePortNotification.example.json", "manage_port"),
+            ("TestNotification.example.json", "test"),
+        ] {
+            assert_no_content(harness.notify(&nidd_url(TOKEN_A), fixture(name)).await).await;
+            assert_eq!(harness.callbacks(kind, "accepted"), 1, "{name}");
+        }
+        assert_eq!(nidd_of(&harness, DEVICE_A), before);
+    }
+
+    #[tokio::test]
+    async fn json_content_types_and_a_missing_one_are_accepted() {
+        let harness = Harness::new().await;
+        let body = fixture("TestNotification.example.json");
+        for content_type in [
+            Some("application/json; charset=utf-8"),
+            Some("Application/JSON"),
+            Some("application/merge-patch+json"),
+            None,
+        ] {
+            assert_no_content(
+                harness
+                    .post(&nidd_url(TOKEN_A), content_type, body.clone())
+                    .await,
+            )
+            .await;
+        }
+        assert_eq!(harness.callbacks("test", "accepted"), 4);
+    }
+
+    #[tokio::test]
+    async fn a_body_of_exactly_the_limit_is_read() {
+        let harness = Harness::new().await;
+        let mut body = fixture("TestNotification.example.json");
+        body.resize(MAX_BODY_BYTES, b' ');
+        assert_no_content(harness.notify(&nidd_url(TOKEN_A), body).await).await;
+    }
+
+    // --- NIDD notifications that are refused ---
+
+    #[tokio::test]
+    async fn an_unknown_token_is_refused() {
+        let harness = Harness::new().await;
+        assert_problem(
+            harness
+                .notify(
+                    &nidd_url("00000000000000000000000000000000"),
+                    fixture(REGISTER),
+                )
+                .await,
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_CALLBACK",
+        )
+        .await;
+        assert_eq!(harness.callbacks("unknown", "unknown_callback"), 1);
+        // A path that is no callback URL at all.
+        assert_problem(
+            harness.notify("/t8/v1/other/x", fixture(REGISTER)).await,
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_CALLBACK",
+        )
+        .await;
+        assert_eq!(harness.metrics.mo_datagrams.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_content_type_other_than_json_is_refused() {
+        let harness = Harness::new().await;
+        assert_problem(
+            harness
+                .post(&nidd_url(TOKEN_A), Some("text/plain"), fixture(REGISTER))
+                .await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+        )
+        .await;
+        assert_eq!(harness.callbacks("unknown", "unsupported_media_type"), 1);
+        assert_eq!(harness.metrics.mo_datagrams.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused() {
+        let harness = Harness::new().await;
+        let mut body = fixture("TestNotification.example.json");
+        body.resize(MAX_BODY_BYTES + 1, b' ');
+        assert_problem(
+            harness.notify(&nidd_url(TOKEN_A), body).await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "BODY_TOO_LARGE",
+        )
+        .await;
+        assert_eq!(harness.callbacks("unknown", "body_too_large"), 1);
+    }
+
+    #[tokio::test]
+    async fn malformed_json_is_refused() {
+        let harness = Harness::new().await;
+        let mut truncated = fixture(REGISTER);
+        truncated.truncate(truncated.len() / 2);
+        assert_problem(
+            harness.notify(&nidd_url(TOKEN_A), truncated).await,
+            StatusCode::BAD_REQUEST,
+            "MALFORMED_JSON",
+        )
+        .await;
+        assert_eq!(harness.callbacks("unknown", "malformed_json"), 1);
+    }
+
+    #[tokio::test]
+    async fn every_invalid_notification_fixture_is_refused() {
+        let harness = Harness::new().await;
+        let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/t8/invalid");
+        let mut names: Vec<String> = std::fs::read_dir(folder)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            // `<Schema>.<what-is-wrong>.json`: the notifications are the schemas named so.
+            .filter(|name| {
+                name.split('.')
+                    .next()
+                    .is_some_and(|schema| schema.ends_with("Notification"))
+            })
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 5, "{names:?}");
+        for name in &names {
+            assert_problem(
+                harness
+                    .notify(&nidd_url(TOKEN_A), fixture(&format!("invalid/{name}")))
+                    .await,
+                StatusCode::BAD_REQUEST,
+                "INVALID_NOTIFICATION",
+            )
+            .await;
+        }
+        assert_eq!(
+            harness.callbacks("unknown", "invalid_notification"),
+            names.len() as u64
+        );
+        assert_eq!(harness.metrics.mo_datagrams.get(), 0);
+        assert!(harness.devices.all_provisioned());
+    }
+
+    #[tokio::test]
+    async fn bad_base64_is_refused() {
+        let harness = Harness::new().await;
+        // Not base64 at all, and base64 without its canonical padding.
+        for data in ["not base64!", "QQ"] {
+            let mut body = fixture_json(REGISTER);
+            body["data"] = json!(data);
+            assert_problem(
+                harness.notify(&nidd_url(TOKEN_A), body.to_string()).await,
+                StatusCode::BAD_REQUEST,
+                "BAD_BASE64",
+            )
+            .await;
+        }
+        assert_eq!(harness.callbacks("uplink", "bad_base64"), 2);
+    }
+
+    #[tokio::test]
+    async fn a_datagram_over_the_maximum_packet_size_is_refused() {
+        let harness = Harness::new().await;
+        let datagram = coap_of_length((MAX_PACKET_BITS_A / 8) as usize + 1);
+        assert_problem(
+            harness
+                .notify(&nidd_url(TOKEN_A), uplink_body(&datagram))
+                .await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+        )
+        .await;
+        assert_eq!(harness.callbacks("uplink", "payload_too_large"), 1);
+        assert_eq!(harness.dropped("mo", "oversized"), 1);
+        assert_eq!(harness.metrics.mo_datagrams.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_notification_naming_another_device_is_refused() {
+        let harness = Harness::new().await;
+        // B's uplink on A's URL.
+        assert_problem(
+            harness
+                .notify(&nidd_url(TOKEN_A), fixture(UPDATE_BY_MSISDN))
+                .await,
+            StatusCode::FORBIDDEN,
+            "DEVICE_NOT_IN_CONFIGURATION",
+        )
+        .await;
+        assert_eq!(
+            harness.callbacks("uplink", "device_not_in_configuration"),
+            1
+        );
+        // A's termination on B's URL ends nothing.
+        assert_problem(
+            harness
+                .notify(
+                    &nidd_url(TOKEN_B),
+                    fixture("NiddConfigurationStatusNotification.terminated.json"),
+                )
+                .await,
+            StatusCode::FORBIDDEN,
+            "DEVICE_NOT_IN_CONFIGURATION",
+        )
+        .await;
+        assert_eq!(
+            harness.callbacks("configuration_status", "device_not_in_configuration"),
+            1
+        );
+        assert!(harness.devices.all_provisioned());
+        // Not a refusal of the datagram itself: no drop is counted.
+        for reason in ["oversized", "not_coap", "endpoint_mismatch"] {
+            assert_eq!(harness.dropped("mo", reason), 0, "{reason}");
+        }
+        assert_eq!(harness.metrics.mo_datagrams.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_datagram_that_is_not_coap_is_refused() {
+        let harness = Harness::new().await;
+        assert_problem(
+            harness
+                .notify(&nidd_url(TOKEN_A), uplink_body(&[0x00, 0x01]))
+                .await,
+            StatusCode::BAD_REQUEST,
+            "NOT_COAP",
+        )
+        .await;
+        assert_eq!(harness.callbacks("uplink", "not_coap"), 1);
+        assert_eq!(harness.dropped("mo", "not_coap"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_register_for_another_endpoint_is_refused() {
+        let harness = Harness::new().await;
+        // The fixture's Register with `ep=urn:nai:987654321@iot.example` (same length).
+        let register = fixture_datagram(REGISTER);
+        let at = register.windows(9).position(|w| w == b"123456789").unwrap();
+        let mut foreign = register.clone();
+        foreign[at..at + 9].copy_from_slice(b"987654321");
+        assert_problem(
+            harness
+                .notify(&nidd_url(TOKEN_A), uplink_body(&foreign))
+                .await,
+            StatusCode::FORBIDDEN,
+            "ENDPOINT_MISMATCH",
+        )
+        .await;
+        assert_eq!(harness.callbacks("uplink", "endpoint_mismatch"), 1);
+        assert_eq!(harness.dropped("mo", "endpoint_mismatch"), 1);
+
+        // Nothing was forwarded: the next datagram at the server is the genuine Register.
+        assert_no_content(harness.notify(&nidd_url(TOKEN_A), fixture(REGISTER)).await).await;
+        assert_eq!(harness.server_receives().await.0, register);
+        assert_eq!(harness.metrics.mo_datagrams.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn every_callback_is_refused_while_shutting_down() {
+        let harness = Harness::new().await;
+        harness.lifecycle.begin_shutdown();
+        for (url, body, kind) in [
+            (nidd_url(TOKEN_A), fixture(REGISTER), "unknown"),
+            (
+                monitoring_url(TOKEN_A),
+                fixture("MonitoringNotification.ue-reachability.json"),
+                "monitoring",
+            ),
+            (
+                triggering_url(TOKEN_A),
+                fixture("DeviceTriggeringDeliveryReportNotification.success.json"),
+                "trigger_report",
+            ),
+            // Checked before the token.
+            (nidd_url("unknown"), fixture(REGISTER), "unknown"),
+        ] {
+            assert_problem(
+                harness.notify(&url, body).await,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SHUTTING_DOWN",
+            )
+            .await;
+            assert!(harness.callbacks(kind, "shutting_down") >= 1, "{url}");
+        }
+        assert_eq!(harness.callbacks("unknown", "shutting_down"), 2);
+        assert_eq!(harness.metrics.mo_datagrams.get(), 0);
+    }
+
+    // --- monitoring and triggering ---
+
+    #[tokio::test]
+    async fn a_reachability_report_wakes_the_device() {
+        let harness = Harness::new().await;
+        let device = harness.device(DEVICE_A);
+        let now = clock::now();
+        {
+            let mut state = device.state();
+            state.mt.reachability.on_not_reachable(now);
+            state.mt.retry_at = Some(now + Duration::from_secs(600));
+            assert_eq!(state.mt.reachability.state(now), Reachable::Asleep);
+        }
+        assert_no_content(
+            harness
+                .notify(
+                    &monitoring_url(TOKEN_A),
+                    fixture("MonitoringNotification.ue-reachability.json"),
+                )
+                .await,
+        )
+        .await;
+        {
+            let state = device.state();
+            assert_eq!(state.mt.reachability.state(clock::now()), Reachable::Awake);
+            assert_eq!(state.mt.retry_at, None, "the retry wait ends");
+        }
+        woken(&device).await;
+        assert_eq!(
+            harness
+                .metrics
+                .reachability_events
+                .with_label_values(&["report"])
+                .get(),
+            1
+        );
+        assert_eq!(harness.callbacks("monitoring", "accepted"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reachability_report_keeps_the_device_awake_until_max_ue_availability_time() {
+        let in_an_hour = clock::system_now() + Duration::from_secs(3600);
+        let in_an_hour = humantime::format_rfc3339_seconds(in_an_hour).to_string();
+        // Read as UTC: `Z`, `+00:00` or no offset.
+        let utc = in_an_hour.trim_end_matches('Z');
+        for spelling in [in_an_hour.clone(), format!("{utc}+00:00"), utc.to_string()] {
+            let harness = Harness::new().await;
+            let device = harness.device(DEVICE_A);
+            let mut body = fixture_json("MonitoringNotification.ue-reachability.json");
+            body["monitoringEventReports"][0]["maxUEAvailabilityTime"] = json!(spelling);
+            assert_no_content(
+                harness
+                    .notify(&monitoring_url(TOKEN_A), body.to_string())
+                    .await,
+            )
+            .await;
+            let now = clock::now();
+            let until = device.state().mt.reachability.awake_until(now).unwrap();
+            assert!(
+                until > now + Duration::from_secs(3000),
+                "{spelling}: awake for the hour, not the 20 s active window"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn loss_of_connectivity_marks_the_device_lost() {
+        let harness = Harness::new().await;
+        let device = harness.device(DEVICE_A);
+        let mut body = fixture_json("MonitoringNotification.ue-reachability.json");
+        body["monitoringEventReports"][0]["monitoringType"] = json!("LOSS_OF_CONNECTIVITY");
+        assert_no_content(
+            harness
+                .notify(&monitoring_url(TOKEN_A), body.to_string())
+                .await,
+        )
+        .await;
+        assert_eq!(
+            device.state().mt.reachability.state(clock::now()),
+            Reachable::Lost
+        );
+        assert_eq!(
+            harness
+                .metrics
+                .reachability_events
+                .with_label_values(&["loss_of_connectivity"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_ind_drops_the_monitoring_subscription() {
+        let harness = Harness::new().await;
+        let device = harness.device(DEVICE_A);
+        let subscription =
+            fixture_json("MonitoringNotification.ue-reachability.json")["subscription"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        let mut nidd = nidd_of(&harness, DEVICE_A).unwrap();
+        nidd.monitoring_subscription = Some(StoredSubscription {
+            location: subscription.clone(),
+            expires_at_ms: clock::unix_ms() + 86_400_000,
+        });
+        harness.devices.set_nidd(&device, Some(nidd)).unwrap();
+
+        let body = json!({"subscription": subscription, "cancelInd": true});
+        assert_no_content(
+            harness
+                .notify(&monitoring_url(TOKEN_A), body.to_string())
+                .await,
+        )
+        .await;
+        let nidd = nidd_of(&harness, DEVICE_A).unwrap();
+        assert_eq!(nidd.monitoring_subscription, None);
+        assert_eq!(
+            nidd.location.as_str(),
+            CONFIGURATION_A,
+            "the configuration stays"
+        );
+        let id: DeviceId = DEVICE_A.parse().unwrap();
+        let stored = harness.devices.store().device(&id).unwrap().unwrap();
+        assert_eq!(stored.nidd.unwrap().monitoring_subscription, None);
+        assert!(harness.devices.all_provisioned());
+    }
+
+    #[tokio::test]
+    async fn a_monitoring_report_for_another_device_changes_nothing() {
+        let harness = Harness::new().await;
+        let device = harness.device(DEVICE_B);
+        // A's report on B's URL.
+        assert_problem(
+            harness
+                .notify(
+                    &monitoring_url(TOKEN_B),
+                    fixture("MonitoringNotification.ue-reachability.json"),
+                )
+                .await,
+            StatusCode::FORBIDDEN,
+            "DEVICE_NOT_IN_CONFIGURATION",
+        )
+        .await;
+        assert_eq!(
+            device.state().mt.reachability.state(clock::now()),
+            Reachable::Unknown
+        );
+        assert_eq!(
+            harness.callbacks("monitoring", "device_not_in_configuration"),
+            1
+        );
+        // A report naming no device is about the device of the URL.
+        let mut body = fixture_json("MonitoringNotification.ue-reachability.json");
+        body["monitoringEventReports"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("externalId");
+        assert_no_content(
+            harness
+                .notify(&monitoring_url(TOKEN_B), body.to_string())
+                .await,
+        )
+        .await;
+        assert_eq!(
+            device.state().mt.reachability.state(clock::now()),
+            Reachable::Awake
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_monitoring_notification_is_refused() {
+        let harness = Harness::new().await;
+        let mut both = fixture_json("MonitoringNotification.ue-reachability.json");
+        both["monitoringEventReports"][0]["msisdn"] = json!(DEVICE_B);
+        for body in [json!({"monitoringEventReports": []}), both] {
+            assert_problem(
+                harness
+                    .notify(&monitoring_url(TOKEN_A), body.to_string())
+                    .await,
+                StatusCode::BAD_REQUEST,
+                "INVALID_NOTIFICATION",
+            )
+            .await;
+        }
+        assert_eq!(harness.callbacks("monitoring", "invalid_notification"), 2);
+    }
+
+    #[tokio::test]
+    async fn a_trigger_delivery_report_is_counted() {
+        let harness = Harness::new().await;
+        assert_no_content(
+            harness
+                .notify(
+                    &triggering_url(TOKEN_A),
+                    fixture("DeviceTriggeringDeliveryReportNotification.success.json"),
+                )
+                .await,
+        )
+        .await;
+        let triggers = |outcome: &str| {
+            harness
+                .metrics
+                .device_triggers
+                .with_label_values(&[outcome])
+                .get()
+        };
+        assert_eq!(triggers("report_success"), 1);
+        assert_eq!(harness.callbacks("trigger_report", "accepted"), 1);
+
+        let mut unknown = fixture_json("DeviceTriggeringDeliveryReportNotification.success.json");
+        unknown["result"] = json!("SOMETHING_NEW");
+        assert_no_content(
+            harness
+                .notify(&triggering_url(TOKEN_A), unknown.to_string())
+                .await,
+        )
+        .await;
+        assert_eq!(triggers("report_other"), 1);
+
+        assert_problem(
+            harness
+                .notify(
+                    &triggering_url(TOKEN_A),
+                    json!({"transaction": "t"}).to_string(),
+                )
+                .await,
+            StatusCode::BAD_REQUEST,
+            "INVALID_NOTIFICATION",
+        )
+        .await;
+        assert_eq!(
+            harness.callbacks("trigger_report", "invalid_notification"),
+            1
+        );
+    }
+}

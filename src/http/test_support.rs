@@ -1,0 +1,366 @@
+//! What the HTTP handler tests share: the real callback and admin routers over real state, on
+//! loopback only, for the deployment `fixtures/t8/README.md` describes (device A by External
+//! Identifier, device B by MSISDN), driven in process with `tower::ServiceExt::oneshot`.
+//!
+//! Nothing here leaves loopback: the store is a temporary sled directory, each device socket
+//! and the LwM2M server stand-in are UDP sockets on `127.0.0.1:0`, and the T8 client points at
+//! a loopback port nobody serves (only a terminated configuration with a monitoring
+//! subscription makes it send anything, and that request is refused at once).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use axum::response::Response;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use tokio::net::UdpSocket;
+use tower::ServiceExt;
+use url::Url;
+
+use crate::config::{BufferOwner, NiddDefaults, PsmConfig, ScefConfig};
+use crate::delivery::MtState;
+use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
+use crate::http::Lifecycle;
+use crate::http::admin::{self, AdminState};
+use crate::http::callback::{self, CallbackState};
+use crate::identity::DeviceId;
+use crate::metrics::Metrics;
+use crate::mo::{ServerAddress, Uplinks};
+use crate::mt::Downlinks;
+use crate::mt::durable::MtStore;
+use crate::provision::Provisioner;
+use crate::queue::{DeviceQueue, QueueLimits};
+use crate::reachability::Reachability;
+use crate::routing::Router;
+use crate::socket::DeviceSocket;
+use crate::store::Store;
+use crate::t8::{NiddStatus, T8Client};
+
+/// Device A of the fixtures: its External Identifier, callback token and configuration.
+pub(crate) const DEVICE_A: &str = "123456789@iot.example";
+pub(crate) const TOKEN_A: &str = "9f2c4e7a1b3d5f60718293a4b5c6d7e8";
+pub(crate) const CONFIGURATION_A: &str =
+    "http://127.0.0.1:8080/3gpp-nidd/v1/bridge-1/configurations/7c4e2a91";
+/// The SCEF's `maximumPacketSize` for A (`NiddConfiguration.created.json`): 1358 bytes.
+pub(crate) const MAX_PACKET_BITS_A: u64 = 10864;
+
+/// Device B of the fixtures: its MSISDN, callback token and configuration.
+pub(crate) const DEVICE_B: &str = "491701234567";
+pub(crate) const TOKEN_B: &str = "4d8e1f0a2c3b5d6e7f8091a2b3c4d5e6";
+pub(crate) const CONFIGURATION_B: &str =
+    "http://127.0.0.1:8080/3gpp-nidd/v1/bridge-1/configurations/2b9f6d03";
+
+/// `callback.max_body_bytes` of the test bridge.
+pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// How long a test waits for anything from the network.
+pub(crate) const DEADLINE: Duration = Duration::from_secs(5);
+
+/// A golden T8 body from `fixtures/t8/` (`invalid/...` for the broken ones).
+pub(crate) fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/fixtures/t8/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+}
+
+/// A golden T8 body as JSON, to derive a variant from in memory.
+pub(crate) fn fixture_json(name: &str) -> serde_json::Value {
+    serde_json::from_slice(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The datagram a fixture's `data` carries.
+pub(crate) fn fixture_datagram(name: &str) -> Vec<u8> {
+    let json = fixture_json(name);
+    let data = json["data"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} has no data"));
+    BASE64
+        .decode(data)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The usable configuration a device of the fixtures starts with.
+pub(crate) fn active_configuration(location: &str, max_packet_bits: Option<u64>) -> NiddState {
+    NiddState {
+        location: Url::parse(location).unwrap_or_else(|e| panic!("{location}: {e}")),
+        status: Some(NiddStatus::Active),
+        maximum_packet_size_bits: max_packet_bits,
+        notification_destination: None,
+        monitoring_subscription: None,
+    }
+}
+
+/// One bridge's HTTP edge and the state behind it.
+pub(crate) struct Harness {
+    pub(crate) devices: Arc<DeviceTable>,
+    pub(crate) downlinks: Arc<Downlinks>,
+    /// The durable MT queue, to see what the handlers left in sled.
+    pub(crate) mt_store: MtStore,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) lifecycle: Lifecycle,
+    /// The LwM2M server stand-in: uplinks are forwarded here, MT is "sent" from here.
+    pub(crate) server: UdpSocket,
+    callback: CallbackState,
+    admin: AdminState,
+    _store_dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// Devices A and B with their fixture tokens and ACTIVE configurations (A with the
+    /// SCEF's maximum packet size), so the bridge is ready.
+    pub(crate) async fn new() -> Self {
+        let store_dir = tempfile::tempdir().expect("temporary store directory");
+        let store = Store::open(store_dir.path()).expect("store");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let server = UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("server stand-in");
+        let server_address = server.local_addr().expect("server stand-in address");
+
+        let psm = PsmConfig::default();
+        let mut devices = DeviceTable::new(store.clone(), metrics.devices_provisioned.clone());
+        for (id, token, nidd) in [
+            (
+                DEVICE_A,
+                TOKEN_A,
+                active_configuration(CONFIGURATION_A, Some(MAX_PACKET_BITS_A)),
+            ),
+            (
+                DEVICE_B,
+                TOKEN_B,
+                active_configuration(CONFIGURATION_B, None),
+            ),
+        ] {
+            let id: DeviceId = id.parse().expect("fixture identity");
+            let device = Device::new(
+                id.clone(),
+                id.default_endpoint_name(),
+                token.to_string(),
+                Arc::new(device_socket()),
+                false,
+                device_state(&psm),
+            );
+            devices
+                .insert(Arc::new(device), Some(nidd))
+                .expect("device record");
+        }
+        let devices = Arc::new(devices);
+
+        let nidd = NiddDefaults::default();
+        let uplinks = Uplinks::new(
+            Arc::from(vec![ServerAddress {
+                name: "dm".into(),
+                address: server_address,
+            }]),
+            nidd.check_endpoint_name,
+            nidd.max_packet_bytes,
+            metrics.clone(),
+        );
+        let mt_store = MtStore::open(&store).expect("MT store");
+        let downlinks = Arc::new(Downlinks::new(
+            Arc::from(vec![server_address]),
+            nidd.max_packet_bytes,
+            mt_store.clone(),
+            QueueLimits::from_config(&psm),
+            metrics.clone(),
+        ));
+        let scef = ScefConfig {
+            base_url: unserved_loopback_url(),
+            scs_as_id: "bridge-1".into(),
+            bearer_token_file: None,
+            bearer_token_env: None,
+            mtc_provider_id: None,
+            request_timeout_ms: 1_000,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 60_000,
+            provisioning_concurrency: 1,
+        };
+        let t8 = Arc::new(
+            T8Client::new(
+                scef.base_url.clone(),
+                scef.scs_as_id.clone(),
+                None,
+                Duration::from_millis(scef.request_timeout_ms),
+                metrics.clone(),
+            )
+            .expect("T8 client"),
+        );
+        let provisioner = Provisioner::new(
+            devices.clone(),
+            t8,
+            scef,
+            nidd,
+            Duration::from_secs(psm.monitoring_duration_s),
+            Url::parse("http://127.0.0.1:8081").expect("public URL"),
+            metrics.clone(),
+        );
+        let lifecycle = Lifecycle::default();
+        let callback = CallbackState {
+            devices: devices.clone(),
+            uplinks,
+            downlinks: downlinks.clone(),
+            reprovision: provisioner.reprovision(),
+            metrics: metrics.clone(),
+            max_body_bytes: MAX_BODY_BYTES,
+            lifecycle: lifecycle.clone(),
+        };
+        let admin = AdminState {
+            devices: devices.clone(),
+            downlinks: downlinks.clone(),
+            metrics: metrics.clone(),
+            lifecycle: lifecycle.clone(),
+        };
+        Self {
+            devices,
+            downlinks,
+            mt_store,
+            metrics,
+            lifecycle,
+            server,
+            callback,
+            admin,
+            _store_dir: store_dir,
+        }
+    }
+
+    pub(crate) fn device(&self, id: &str) -> Arc<Device> {
+        let id: DeviceId = id.parse().expect("device identity");
+        self.devices.get(&id).cloned().expect("configured device")
+    }
+
+    /// POSTs `body` to the callback router with `Content-Type: application/json`.
+    pub(crate) async fn notify(&self, path: &str, body: impl Into<Body>) -> Response {
+        self.post(path, Some("application/json"), body).await
+    }
+
+    /// POSTs `body` to the callback router with the given content type, if any.
+    pub(crate) async fn post(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<Body>,
+    ) -> Response {
+        let mut request = Request::builder().method(Method::POST).uri(path);
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        let request = request.body(body.into()).expect("request");
+        callback::router(self.callback.clone())
+            .oneshot(request)
+            .await
+            .expect("the router is infallible")
+    }
+
+    /// Sends a request without a body to the admin router.
+    pub(crate) async fn admin(&self, method: Method, path: &str) -> Response {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .expect("request");
+        admin::router(self.admin.clone())
+            .oneshot(request)
+            .await
+            .expect("the router is infallible")
+    }
+
+    /// The next datagram the LwM2M server stand-in receives, and who sent it.
+    pub(crate) async fn server_receives(&self) -> (Vec<u8>, SocketAddr) {
+        let mut buffer = vec![0u8; 4096];
+        let (length, from) = tokio::time::timeout(DEADLINE, self.server.recv_from(&mut buffer))
+            .await
+            .expect("no datagram reached the LwM2M server stand-in in time")
+            .expect("receive at the LwM2M server stand-in");
+        buffer.truncate(length);
+        (buffer, from)
+    }
+
+    /// `nidd_bridge_callbacks_total{kind, outcome}`.
+    pub(crate) fn callbacks(&self, kind: &str, outcome: &str) -> u64 {
+        self.metrics
+            .callbacks
+            .with_label_values(&[kind, outcome])
+            .get()
+    }
+
+    /// `nidd_bridge_dropped_datagrams_total{direction, reason}`.
+    pub(crate) fn dropped(&self, direction: &str, reason: &str) -> u64 {
+        self.metrics
+            .dropped_datagrams
+            .with_label_values(&[direction, reason])
+            .get()
+    }
+}
+
+/// A response's status, `Content-Type` and body as JSON (`Null` for an empty body).
+pub(crate) async fn read(response: Response) -> (StatusCode, Option<String>, serde_json::Value) {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("response body");
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        })
+    };
+    (status, content_type, json)
+}
+
+/// Asserts an RFC 7807 answer with this status and `cause`.
+pub(crate) async fn assert_problem(response: Response, status: StatusCode, cause: &str) {
+    let (actual, content_type, body) = read(response).await;
+    assert_eq!(actual, status, "{body}");
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    assert_eq!(body["cause"], cause, "{body}");
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert_eq!(body["type"], "about:blank", "{body}");
+    assert!(body["detail"].is_string(), "{body}");
+}
+
+/// Asserts a 204 without body.
+pub(crate) async fn assert_no_content(response: Response) {
+    let (status, _, body) = read(response).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(body, serde_json::Value::Null);
+}
+
+fn device_socket() -> DeviceSocket {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("device socket");
+    socket.set_nonblocking(true).expect("non-blocking socket");
+    DeviceSocket::from_std(socket).expect("device socket")
+}
+
+fn device_state(psm: &PsmConfig) -> DeviceState {
+    DeviceState {
+        router: Router::new(0, None, Arc::from(Vec::new())),
+        nidd: None,
+        mt: MtState::new(
+            Reachability::new(Duration::from_secs(psm.active_window_s)),
+            DeviceQueue::default(),
+            BufferOwner::Bridge,
+            psm.device_rate_per_s,
+            (
+                Duration::from_millis(psm.retry_initial_ms),
+                Duration::from_millis(psm.retry_max_ms),
+            ),
+            None,
+        ),
+    }
+}
+
+/// `http://127.0.0.1:<port>` on a port that was free a moment ago and that nobody serves.
+fn unserved_loopback_url() -> Url {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free loopback port");
+    let port = listener.local_addr().expect("loopback address").port();
+    drop(listener);
+    Url::parse(&format!("http://127.0.0.1:{port}")).expect("loopback URL")
+}
