@@ -317,17 +317,7 @@ mod tests {
 
     fn enqueue(mt: &mut MtState, seq: u64, now_ms: u64) {
         let l = limits();
-        let item = QueuedDatagram {
-            seq,
-            server: 0,
-            source: "127.0.0.1:5683".parse().unwrap(),
-            message_id: seq as u16,
-            confirmable: true,
-            enqueued_at_ms: now_ms,
-            expires_at_ms: l.expiry(now_ms, true),
-            data: vec![0x40, 1, 0, seq as u8],
-            pending: None,
-        };
+        let item = QueuedDatagram::sample(seq, vec![0x40, 1, 0, seq as u8], now_ms, &l);
         assert!(mt.queue.admit(item, &l, now_ms).accepted);
     }
 

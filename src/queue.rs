@@ -254,23 +254,31 @@ impl DeviceQueue {
     }
 }
 
+/// A confirmable datagram from server 0 at 127.0.0.1:5683, message ID = `seq`, for tests.
+#[cfg(test)]
+impl QueuedDatagram {
+    pub(crate) fn sample(seq: u64, data: Vec<u8>, now_ms: u64, limits: &QueueLimits) -> Self {
+        Self {
+            seq,
+            server: 0,
+            source: SocketAddr::from(([127, 0, 0, 1], 5683)),
+            message_id: u16::try_from(seq % 65_536).unwrap_or_default(),
+            confirmable: true,
+            enqueued_at_ms: now_ms,
+            expires_at_ms: limits.expiry(now_ms, true),
+            data,
+            pending: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     fn item(seq: u64, len: usize, now_ms: u64, limits: &QueueLimits) -> QueuedDatagram {
-        QueuedDatagram {
-            seq,
-            server: 0,
-            source: "127.0.0.1:5683".parse().unwrap(),
-            message_id: seq as u16,
-            confirmable: true,
-            enqueued_at_ms: now_ms,
-            expires_at_ms: limits.expiry(now_ms, true),
-            data: vec![0x40; len],
-            pending: None,
-        }
+        QueuedDatagram::sample(seq, vec![0x40; len], now_ms, limits)
     }
 
     fn limits(overflow: OverflowPolicy) -> QueueLimits {

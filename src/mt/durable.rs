@@ -103,17 +103,7 @@ mod tests {
             max_age: Duration::from_secs(247),
             overflow: OverflowPolicy::DropOldest,
         };
-        QueuedDatagram {
-            seq,
-            server: 0,
-            source: "127.0.0.1:5683".parse().unwrap(),
-            message_id: seq as u16,
-            confirmable: true,
-            enqueued_at_ms: 0,
-            expires_at_ms: limits.expiry(0, true),
-            data: vec![0x40; len],
-            pending: None,
-        }
+        QueuedDatagram::sample(seq, vec![0x40; len], 0, &limits)
     }
 
     #[test]
