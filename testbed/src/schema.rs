@@ -853,12 +853,18 @@ pub fn for_test(what: &str) -> Option<Arc<T8Schemas>> {
         Ok(schemas) => Some(schemas.clone()),
         Err((true, error)) if !schemas_required() => {
             use std::io::Write;
+            // One line per test, however often it asks.
+            static TOLD: Mutex<Vec<String>> = Mutex::new(Vec::new());
             let thread = std::thread::current();
-            let test = thread.name().unwrap_or("a test");
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipped {what} in {test}: {error}; set {SCHEMA_DIR_VAR}=DIR or put the 3GPP T8 OpenAPI files in ../shared/3gpp-t8 ({REQUIRE_SCHEMAS_VAR}=1 makes this a failure)"
-            );
+            let test = thread.name().unwrap_or("a test").to_string();
+            let mut told = TOLD.lock().unwrap_or_else(PoisonError::into_inner);
+            if !told.contains(&test) {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "skipped {what} in {test}: {error}; set {SCHEMA_DIR_VAR}=DIR or put the 3GPP T8 OpenAPI files in ../shared/3gpp-t8 ({REQUIRE_SCHEMAS_VAR}=1 makes this a failure)"
+                );
+                told.push(test);
+            }
             None
         }
         Err((_, error)) => panic!(
