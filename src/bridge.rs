@@ -192,6 +192,7 @@ impl Bridge {
                 .as_ref()
                 .map(|r| r.callback_token.clone())
                 .unwrap_or_else(mint_capability_token);
+            let queue_mode = record.as_ref().map(|r| r.queue_mode).unwrap_or_default();
             let nidd = record.and_then(|r| r.nidd).and_then(NiddState::from_stored);
             let endpoint_name = device_config
                 .endpoint_name
@@ -205,9 +206,12 @@ impl Bridge {
                 ),
                 nidd: None,
                 mt: MtState::new(
-                    Reachability::new(Duration::from_secs(
-                        device_config.active_window_s.unwrap_or(psm.active_window_s),
-                    )),
+                    Reachability::with_queue_mode(
+                        Duration::from_secs(
+                            device_config.active_window_s.unwrap_or(psm.active_window_s),
+                        ),
+                        queue_mode,
+                    ),
                     DeviceQueue::from_entries(queued.remove(id.canonical()).unwrap_or_default()),
                     device_config.buffer_owner.unwrap_or(psm.buffer_owner),
                     psm.device_rate_per_s,
@@ -219,6 +223,7 @@ impl Bridge {
                         .trigger_after_s
                         .or(psm.trigger_after_s)
                         .map(Duration::from_secs),
+                    Duration::from_secs(psm.guess_hold_s),
                 ),
             };
             let device = Device::new(
@@ -244,6 +249,7 @@ impl Bridge {
             .collect();
         let server_addresses: Arc<[SocketAddr]> = servers.iter().map(|s| s.address).collect();
         let uplinks = Uplinks::new(
+            devices.clone(),
             servers,
             config.nidd.check_endpoint_name,
             config.nidd.max_packet_bytes,

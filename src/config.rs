@@ -97,8 +97,14 @@ pub struct PsmConfig {
     #[serde(default = "default_buffer_owner")]
     pub buffer_owner: BufferOwner,
     /// How long a device stays reachable after an uplink (NB-IoT T3324: 2 s to 186 min).
+    /// Only a device that registered in LwM2M queue mode is taken to sleep when it ends.
     #[serde(default = "default_active_window_s")]
     pub active_window_s: u64,
+    /// Longest an MT datagram is held for a queue-mode device only because its active window
+    /// ended (a guess, not a refusal from the SCEF); then it is tried and the SCEF's answer
+    /// decides. Keep it below how long the LwM2M server waits for an answer.
+    #[serde(default = "default_guess_hold_s")]
+    pub guess_hold_s: u64,
     #[serde(default = "default_queue_max_datagrams")]
     pub queue_max_datagrams: usize,
     #[serde(default = "default_queue_max_bytes")]
@@ -143,6 +149,7 @@ impl Default for PsmConfig {
         Self {
             buffer_owner: default_buffer_owner(),
             active_window_s: default_active_window_s(),
+            guess_hold_s: default_guess_hold_s(),
             queue_max_datagrams: default_queue_max_datagrams(),
             queue_max_bytes: default_queue_max_bytes(),
             queue_max_age_s: default_queue_max_age_s(),
@@ -166,6 +173,10 @@ fn default_buffer_owner() -> BufferOwner {
 }
 fn default_active_window_s() -> u64 {
     20
+}
+fn default_guess_hold_s() -> u64 {
+    // Within Wakaama's 15 s after an empty ACK and far within Leshan's and ThingsBoard's 2 min.
+    10
 }
 fn default_queue_max_datagrams() -> usize {
     32

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::BufferOwner;
 use crate::queue::{DeviceQueue, DropReason, QueuedDatagram};
-use crate::reachability::Reachability;
+use crate::reachability::{Hold, QueueMode, Reachability};
 use crate::t8::DeliveryStatus;
 
 /// Evenly spaced slots at a given rate (a leaky bucket without burst).
@@ -88,6 +88,8 @@ pub(crate) struct MtState {
     trigger_after: Option<Duration>,
     /// The sleep (by its start) a trigger was already sent for.
     triggered_sleep: Option<Instant>,
+    /// Longest a datagram is held on a guess (a queue-mode device's window ended).
+    guess_hold: Duration,
 }
 
 impl MtState {
@@ -98,6 +100,7 @@ impl MtState {
         device_rate_per_s: f64,
         retry: (Duration, Duration),
         trigger_after: Option<Duration>,
+        guess_hold: Duration,
     ) -> Self {
         Self {
             reachability,
@@ -111,6 +114,7 @@ impl MtState {
             pacer: Pacer::new(device_rate_per_s),
             trigger_after,
             triggered_sleep: None,
+            guess_hold,
         }
     }
 
@@ -141,17 +145,29 @@ impl MtState {
         if let Some(retry_at) = self.retry_at.filter(|t| *t > now) {
             return (wait(Some(retry_at)), expired);
         }
-        // Asleep: wait for a wake-up, unless the SCEF named a retry time that has come.
+        // Asleep: wait for a wake-up, unless the SCEF named a retry time that has come. A
+        // guess (a queue-mode device's window ended) holds a datagram for `guess_hold` at most;
+        // then it is tried and the SCEF's answer decides.
         let scef_retry_due = self.retry_at.is_some_and(|t| t <= now);
+        // `Some(until)`: hold, until a wake-up or `until`.
+        let hold = match self.reachability.hold(now) {
+            Hold::No => None,
+            Hold::Evidence => Some(None),
+            Hold::WindowEnded => {
+                let held_ms = now_ms.saturating_sub(next.enqueued_at_ms);
+                let guess_ms = u64::try_from(self.guess_hold.as_millis()).unwrap_or(u64::MAX);
+                (held_ms < guess_ms).then(|| Some(now + Duration::from_millis(guess_ms - held_ms)))
+            }
+        };
         if self.owner == BufferOwner::Bridge
-            && !self.reachability.is_reachable(now)
+            && let Some(until) = hold
             && !scef_retry_due
         {
             if self.trigger_due(now) {
                 self.triggered_sleep = self.reachability.asleep_since(now);
                 return (Decision::Trigger, expired);
             }
-            return (wait(None), expired);
+            return (wait(until), expired);
         }
         let ready = self.pacer.ready_at(now);
         if ready > now {
@@ -200,11 +216,13 @@ impl MtState {
             }
             Outcome::NotReachable { retry_at } => {
                 self.reachability.on_not_reachable(now);
+                let sleeps = self.reachability.queue_mode() == QueueMode::On;
                 self.retry_at = match (retry_at, self.owner) {
                     (Some(at), _) => Some(at),
-                    // The bridge waits for the device to wake; the SCEF mode retries on a timer.
-                    (None, BufferOwner::Bridge) => None,
-                    (None, BufferOwner::Scef) => Some(now + self.next_backoff()),
+                    // A queue-mode device is waited for in bridge mode: it says when it wakes.
+                    (None, BufferOwner::Bridge) if sleeps => None,
+                    // Any other device is tried again on a timer, as in SCEF mode.
+                    (None, _) => Some(now + self.next_backoff()),
                 };
                 QueueEffect::Keep
             }
@@ -294,6 +312,7 @@ mod tests {
     use crate::queue::QueueLimits;
 
     const WINDOW: Duration = Duration::from_secs(10);
+    const GUESS_HOLD: Duration = Duration::from_secs(300);
 
     fn limits() -> QueueLimits {
         QueueLimits {
@@ -304,14 +323,22 @@ mod tests {
         }
     }
 
+    /// A PSM device that registered in LwM2M queue mode.
+    fn queue_mode(window: Duration) -> Reachability {
+        let mut reachability = Reachability::new(window);
+        reachability.set_queue_mode(QueueMode::On);
+        reachability
+    }
+
     fn state(owner: BufferOwner) -> MtState {
         MtState::new(
-            Reachability::new(WINDOW),
+            queue_mode(WINDOW),
             DeviceQueue::default(),
             owner,
             1000.0,
             (Duration::from_secs(1), Duration::from_secs(8)),
             None,
+            GUESS_HOLD,
         )
     }
 
@@ -453,12 +480,13 @@ mod tests {
     fn trigger_once_per_long_sleep() {
         let t0 = crate::clock::now();
         let mut mt = MtState::new(
-            Reachability::new(WINDOW),
+            queue_mode(WINDOW),
             DeviceQueue::default(),
             BufferOwner::Bridge,
             1000.0,
             (Duration::from_secs(1), Duration::from_secs(8)),
             Some(Duration::from_secs(60)),
+            GUESS_HOLD,
         );
         mt.reachability.on_uplink(t0);
         enqueue(&mut mt, 1, 0);
@@ -529,5 +557,75 @@ mod tests {
             pacer.ready_at(t0 + Duration::from_secs(1)),
             t0 + Duration::from_secs(1)
         );
+    }
+
+    #[test]
+    fn a_device_not_in_queue_mode_is_tried_long_after_its_last_uplink() {
+        let t0 = crate::clock::now();
+        for mode in [QueueMode::Off, QueueMode::Unknown] {
+            let mut mt = state(BufferOwner::Bridge);
+            mt.reachability.set_queue_mode(mode);
+            mt.reachability.on_uplink(t0);
+            let much_later = t0 + Duration::from_secs(3600);
+            enqueue(&mut mt, 1, 3_600_000);
+            let Decision::Send(item) = mt.decide(much_later, 3_600_000, true).0 else {
+                panic!("{mode:?}: an always-on device gets its MT at once")
+            };
+            // The SCEF cannot reach it: kept, and tried again after a backoff, not held until
+            // the next uplink.
+            mt.on_outcome(
+                item.seq,
+                Outcome::NotReachable { retry_at: None },
+                much_later,
+            );
+            assert_eq!(
+                mt.decide(much_later, 3_600_000, true).0,
+                Decision::Wait(Some(much_later + Duration::from_secs(1)))
+            );
+            assert!(matches!(
+                mt.decide(much_later + Duration::from_secs(1), 3_601_000, true)
+                    .0,
+                Decision::Send(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn a_guess_holds_a_queue_mode_device_for_the_guess_hold_at_most() {
+        let t0 = crate::clock::now();
+        let mut mt = MtState::new(
+            queue_mode(WINDOW),
+            DeviceQueue::default(),
+            BufferOwner::Bridge,
+            1000.0,
+            (Duration::from_secs(1), Duration::from_secs(8)),
+            None,
+            Duration::from_secs(10),
+        );
+        mt.reachability.on_uplink(t0);
+        let asleep = t0 + Duration::from_secs(30);
+        enqueue(&mut mt, 1, 30_000);
+        assert_eq!(
+            mt.decide(asleep, 30_000, true).0,
+            Decision::Wait(Some(asleep + Duration::from_secs(10))),
+            "held on the window's guess, for the guess hold"
+        );
+        let tried = asleep + Duration::from_secs(10);
+        let Decision::Send(item) = mt.decide(tried, 40_000, true).0 else {
+            panic!("tried once the guess hold is over")
+        };
+        // The SCEF confirms the sleep: now evidence holds it until a wake-up (or expiry).
+        mt.on_outcome(item.seq, Outcome::NotReachable { retry_at: None }, tried);
+        assert_eq!(
+            mt.decide(tried + Duration::from_secs(60), 100_000, true).0,
+            Decision::Wait(Some(t0 + Duration::from_secs(277))),
+            "only the expiry (EXCHANGE_LIFETIME after it was queued) bounds the wait"
+        );
+        mt.reachability.on_uplink(tried + Duration::from_secs(61));
+        mt.on_wake();
+        assert!(matches!(
+            mt.decide(tried + Duration::from_secs(61), 101_000, true).0,
+            Decision::Send(_)
+        ));
     }
 }

@@ -13,6 +13,7 @@ use url::Url;
 
 use crate::delivery::MtState;
 use crate::identity::DeviceId;
+use crate::reachability::QueueMode;
 use crate::routing::Router;
 use crate::socket::DeviceSocket;
 use crate::store::{DeviceRecord, Store, StoreError, StoredConfiguration, StoredSubscription};
@@ -248,12 +249,9 @@ impl DeviceTable {
         device: &Device,
         nidd: Option<NiddState>,
     ) -> Result<(), StoreError> {
-        let record = DeviceRecord {
-            udp_address: Some(device.socket.local_addr()),
-            callback_token: device.callback_token.clone(),
-            nidd: nidd.as_ref().map(NiddState::stored),
-        };
-        self.store.put_device(&device.id, &record)?;
+        let queue_mode = device.state().mt.reachability.queue_mode();
+        self.store
+            .put_device(&device.id, &record(device, nidd.as_ref(), queue_mode))?;
         let usable = nidd.as_ref().is_some_and(NiddState::is_usable);
         let was_usable = {
             let mut state = device.state();
@@ -271,10 +269,37 @@ impl DeviceTable {
         Ok(())
     }
 
+    /// The device stated its LwM2M queue mode (Register, Update): remembered, and persisted
+    /// when it changed.
+    pub(crate) fn set_queue_mode(&self, device: &Device, mode: QueueMode) {
+        let (changed, nidd) = {
+            let mut state = device.state();
+            let changed = state.mt.reachability.set_queue_mode(mode);
+            (changed, state.nidd.clone())
+        };
+        if changed
+            && let Err(error) = self
+                .store
+                .put_device(&device.id, &record(device, nidd.as_ref(), mode))
+        {
+            tracing::error!(device = %device.id, %error, "cannot persist the queue mode");
+        }
+    }
+
     /// Records a change to a device's configuration, logging a store failure.
     pub(crate) fn update_nidd(&self, device: &Device, nidd: Option<NiddState>) {
         if let Err(error) = self.set_nidd(device, nidd) {
             tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
         }
+    }
+}
+
+/// The persisted record of a device.
+fn record(device: &Device, nidd: Option<&NiddState>, queue_mode: QueueMode) -> DeviceRecord {
+    DeviceRecord {
+        udp_address: Some(device.socket.local_addr()),
+        callback_token: device.callback_token.clone(),
+        nidd: nidd.map(NiddState::stored),
+        queue_mode,
     }
 }

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::coap::{CoapError, Datagram};
-use crate::devices::{Device, WakeSource};
+use crate::devices::{Device, DeviceTable, WakeSource};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
+use crate::reachability::{QueueMode, stated_queue_mode};
 use crate::routing::{Router, ServerIndex};
 
 /// What an uplink must satisfy for one device.
@@ -33,6 +34,8 @@ pub(crate) struct UplinkRoute {
     pub(crate) oscore: bool,
     pub(crate) message_id: u16,
     pub(crate) code: String,
+    /// The LwM2M queue mode a Register or Update states, if it states one.
+    pub(crate) queue_mode: Option<QueueMode>,
 }
 
 /// Why an uplink datagram is refused.
@@ -91,6 +94,7 @@ pub(crate) fn judge(
         oscore: view.oscore,
         message_id: view.message_id,
         code: view.code_string(),
+        queue_mode: stated_queue_mode(&view),
     })
 }
 
@@ -126,6 +130,7 @@ pub(crate) struct ServerAddress {
 /// The MO path's handle: forwards accepted uplinks to their server and counts everything.
 #[derive(Clone)]
 pub(crate) struct Uplinks {
+    devices: Arc<DeviceTable>,
     servers: Arc<[ServerAddress]>,
     check_endpoint_name: bool,
     default_max_packet_bytes: usize,
@@ -134,12 +139,14 @@ pub(crate) struct Uplinks {
 
 impl Uplinks {
     pub(crate) fn new(
+        devices: Arc<DeviceTable>,
         servers: Arc<[ServerAddress]>,
         check_endpoint_name: bool,
         default_max_packet_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            devices,
             servers,
             check_endpoint_name,
             default_max_packet_bytes,
@@ -183,6 +190,9 @@ impl Uplinks {
         self.metrics.mo_datagrams.inc();
         self.metrics.mo_bytes.inc_by(datagram.len() as u64);
         self.metrics.count_coap("mo", route.oscore);
+        if let Some(mode) = route.queue_mode {
+            self.devices.set_queue_mode(device, mode);
+        }
         device.woke(now, WakeSource::Uplink);
         self.metrics
             .reachability_events
@@ -242,6 +252,11 @@ mod tests {
             assert_eq!(route.message_id, 0x1234);
             assert_eq!(route.code, "0.02");
             assert!(!route.oscore);
+            assert_eq!(
+                route.queue_mode,
+                Some(QueueMode::Off),
+                "a Register without Q"
+            );
         }
     }
 

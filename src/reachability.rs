@@ -1,10 +1,59 @@
-//! Sans-IO reachability of one PSM device: awake for an active window after each uplink or
-//! reachability report, asleep after it; the next wake-up estimated from the device's own
-//! rhythm. Time is always a parameter, so the logic is tested without sleeping.
+//! Sans-IO reachability of one device, built from evidence: its LwM2M queue mode (learned from
+//! its Register and Update), its uplinks, the network's reports and the SCEF's answers. A device
+//! is awake for an active window after each uplink or report; only a queue-mode device is taken
+//! to sleep when the window ends, and a refusal from the SCEF or a loss of connectivity puts any
+//! device to sleep until it is heard from again. The next wake-up is estimated from the
+//! device's own rhythm. Time is always a parameter, so the logic is tested without sleeping.
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::coap::Datagram;
+
+/// Whether a device registered in LwM2M queue mode (it sleeps between exchanges).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum QueueMode {
+    /// Not learned yet (no Register seen, or it was OSCORE-protected).
+    #[default]
+    Unknown,
+    /// Registered without queue mode: always reachable as far as LwM2M goes.
+    Off,
+    /// Registered with `Q` (1.1) or a binding with `Q` (1.0, e.g. `b=UQ`).
+    On,
+}
+
+/// The queue mode a Register (`POST /rd?...`) or Update (`POST /rd/{location}?...`) states, if
+/// it states one. A Register always does (no `Q` means off); an Update only when it carries
+/// `b=` or `Q`. Protected messages carry their query inside the ciphertext: nothing is learned.
+pub(crate) fn stated_queue_mode(view: &Datagram) -> Option<QueueMode> {
+    if view.oscore || !view.is_post() || view.uri_path.first().map(String::as_str) != Some("rd") {
+        return None;
+    }
+    let q_parameter = view.uri_query.iter().any(|q| q == "Q");
+    let binding = view.uri_query.iter().find_map(|q| q.strip_prefix("b="));
+    let queued_binding = binding.is_some_and(|b| b.contains('Q'));
+    let register = view.uri_path.len() == 1;
+    if q_parameter || queued_binding {
+        Some(QueueMode::On)
+    } else if register || binding.is_some() {
+        Some(QueueMode::Off)
+    } else {
+        None
+    }
+}
+
+/// Why MT for a device waits instead of going to the SCEF now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// Nothing says the device sleeps: try now.
+    No,
+    /// A queue-mode device's window ended: a guess, bounded by `guess_hold_s`.
+    WindowEnded,
+    /// The SCEF said it cannot reach the device, or the network reported it lost.
+    Evidence,
+}
 
 /// What the bridge believes about a device right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -21,8 +70,11 @@ pub(crate) enum State {
 #[derive(Debug, Clone)]
 pub(crate) struct Reachability {
     active_window: Duration,
+    mode: QueueMode,
     awake_until: Option<Instant>,
     asleep_since: Option<Instant>,
+    /// The SCEF said the device cannot be reached, and nothing was heard from it since.
+    refused: bool,
     lost: bool,
     /// Start of the latest awake period that followed a sleep.
     last_wake: Option<Instant>,
@@ -34,8 +86,10 @@ impl Reachability {
     pub(crate) fn new(active_window: Duration) -> Self {
         Self {
             active_window,
+            mode: QueueMode::Unknown,
             awake_until: None,
             asleep_since: None,
+            refused: false,
             lost: false,
             last_wake: None,
             wake_interval: None,
@@ -47,16 +101,52 @@ impl Reachability {
             State::Lost
         } else if self.awake_until.is_some_and(|until| now < until) {
             State::Awake
-        } else if self.awake_until.is_some() || self.asleep_since.is_some() {
+        } else if self.refused {
+            State::Asleep
+        } else if self.awake_until.is_none() && self.asleep_since.is_none() {
+            State::Unknown
+        } else if self.mode == QueueMode::On {
             State::Asleep
         } else {
-            State::Unknown
+            // Heard from, not in queue mode, never refused: an always-on device.
+            State::Awake
         }
     }
 
     /// Whether MT may be sent now (bridge-owned buffering holds it otherwise).
     pub(crate) fn is_reachable(&self, now: Instant) -> bool {
         matches!(self.state(now), State::Awake | State::Unknown)
+    }
+
+    /// A device whose queue mode is already known (from the store).
+    pub(crate) fn with_queue_mode(active_window: Duration, mode: QueueMode) -> Self {
+        Self {
+            mode,
+            ..Self::new(active_window)
+        }
+    }
+
+    /// Why MT would wait for a wake-up now, if it would.
+    pub(crate) fn hold(&self, now: Instant) -> Hold {
+        match self.state(now) {
+            State::Unknown | State::Awake => Hold::No,
+            State::Lost => Hold::Evidence,
+            State::Asleep if self.refused => Hold::Evidence,
+            State::Asleep => Hold::WindowEnded,
+        }
+    }
+
+    /// The queue mode learned so far.
+    pub(crate) fn queue_mode(&self) -> QueueMode {
+        self.mode
+    }
+
+    /// The device stated its queue mode (Register, Update) or it was loaded from the store.
+    /// Returns whether it changed.
+    pub(crate) fn set_queue_mode(&mut self, mode: QueueMode) -> bool {
+        let changed = self.mode != mode;
+        self.mode = mode;
+        changed
     }
 
     /// The device sent something: it is awake for the active window.
@@ -85,6 +175,7 @@ impl Reachability {
         if self.state(now) != State::Asleep {
             self.asleep_since = Some(now);
         }
+        self.refused = true;
         self.awake_until = Some(now.min(self.awake_until.unwrap_or(now)));
     }
 
@@ -102,6 +193,7 @@ impl Reachability {
             self.last_wake = Some(now);
         }
         self.lost = false;
+        self.refused = false;
         self.asleep_since = None;
         self.awake_until = Some(self.awake_until.filter(|u| *u > until).unwrap_or(until));
     }
@@ -139,10 +231,106 @@ mod tests {
 
     const WINDOW: Duration = Duration::from_secs(10);
 
+    /// A PSM device that registered in queue mode.
+    fn queue_mode_device() -> Reachability {
+        let mut r = Reachability::new(WINDOW);
+        r.set_queue_mode(QueueMode::On);
+        r
+    }
+
+    /// CON POST with the given Uri-Path segments and Uri-Query values.
+    fn post(path: &[&str], queries: &[&str]) -> Datagram {
+        let mut bytes = vec![0x40, 0x02, 0x00, 0x01];
+        let mut last = 0u16;
+        let mut option = |number: u16, value: &[u8], bytes: &mut Vec<u8>| {
+            let delta = u8::try_from(number - last).unwrap();
+            last = number;
+            assert!(delta < 13 && value.len() < 13);
+            bytes.push(delta << 4 | u8::try_from(value.len()).unwrap());
+            bytes.extend_from_slice(value);
+        };
+        for segment in path {
+            option(11, segment.as_bytes(), &mut bytes);
+        }
+        for query in queries {
+            option(15, query.as_bytes(), &mut bytes);
+        }
+        Datagram::parse(&bytes).unwrap()
+    }
+
+    #[test]
+    fn queue_mode_is_read_from_register_and_update() {
+        // LwM2M 1.1: the Q parameter; 1.0: Q in the binding.
+        assert_eq!(
+            stated_queue_mode(&post(&["rd"], &["ep=a", "lwm2m=1.1", "b=N", "Q"])),
+            Some(QueueMode::On)
+        );
+        assert_eq!(
+            stated_queue_mode(&post(&["rd"], &["ep=a", "b=UQ"])),
+            Some(QueueMode::On)
+        );
+        // A Register without Q is not in queue mode.
+        assert_eq!(
+            stated_queue_mode(&post(&["rd"], &["ep=a", "b=U"])),
+            Some(QueueMode::Off)
+        );
+        assert_eq!(
+            stated_queue_mode(&post(&["rd"], &["ep=a"])),
+            Some(QueueMode::Off)
+        );
+        // An Update states it only with b= or Q.
+        assert_eq!(stated_queue_mode(&post(&["rd", "5"], &[])), None);
+        assert_eq!(
+            stated_queue_mode(&post(&["rd", "5"], &["b=U"])),
+            Some(QueueMode::Off)
+        );
+        assert_eq!(
+            stated_queue_mode(&post(&["rd", "5"], &["Q"])),
+            Some(QueueMode::On)
+        );
+        // Other requests say nothing.
+        assert_eq!(stated_queue_mode(&post(&["bs"], &["ep=a"])), None);
+        assert_eq!(stated_queue_mode(&post(&["dp"], &[])), None);
+    }
+
+    #[test]
+    fn a_device_not_in_queue_mode_stays_reachable_after_its_window() {
+        let t0 = crate::clock::now();
+        for mode in [QueueMode::Off, QueueMode::Unknown] {
+            let mut r = Reachability::new(WINDOW);
+            r.set_queue_mode(mode);
+            r.on_uplink(t0);
+            let much_later = t0 + Duration::from_secs(3600);
+            assert_eq!(r.state(much_later), State::Awake, "{mode:?}");
+            assert_eq!(r.hold(much_later), Hold::No, "{mode:?}");
+            // The SCEF's refusal is evidence, for any device, until it is heard from again.
+            r.on_not_reachable(much_later);
+            assert_eq!(r.hold(much_later), Hold::Evidence, "{mode:?}");
+            r.on_uplink(much_later + Duration::from_secs(1));
+            assert_eq!(r.hold(much_later + Duration::from_secs(1)), Hold::No);
+        }
+    }
+
+    #[test]
+    fn a_queue_mode_device_is_held_on_a_guess_after_its_window_and_on_evidence_after_a_refusal() {
+        let t0 = crate::clock::now();
+        let mut r = queue_mode_device();
+        assert_eq!(r.hold(t0), Hold::No, "unknown until heard");
+        r.on_uplink(t0);
+        assert_eq!(r.hold(t0 + Duration::from_secs(9)), Hold::No);
+        assert_eq!(r.hold(t0 + WINDOW), Hold::WindowEnded);
+        r.on_not_reachable(t0 + WINDOW);
+        assert_eq!(r.hold(t0 + WINDOW), Hold::Evidence);
+        r.on_loss_of_connectivity(t0 + WINDOW);
+        assert_eq!(r.hold(t0 + WINDOW), Hold::Evidence);
+        r.on_reachable_report(t0 + WINDOW * 2, None);
+        assert_eq!(r.hold(t0 + WINDOW * 2), Hold::No);
+    }
+
     #[test]
     fn unknown_until_heard_then_awake_for_the_window() {
         let t0 = crate::clock::now();
-        let mut r = Reachability::new(WINDOW);
+        let mut r = queue_mode_device();
         assert_eq!(r.state(t0), State::Unknown);
         assert!(r.is_reachable(t0));
         r.on_uplink(t0);
@@ -158,7 +346,7 @@ mod tests {
     #[test]
     fn reports_wake_and_may_name_their_end() {
         let t0 = crate::clock::now();
-        let mut r = Reachability::new(WINDOW);
+        let mut r = queue_mode_device();
         r.on_uplink(t0);
         let later = t0 + Duration::from_secs(100);
         r.on_reachable_report(later, Some(later + Duration::from_secs(3)));
@@ -184,7 +372,7 @@ mod tests {
     #[test]
     fn next_wake_follows_the_rhythm() {
         let t0 = crate::clock::now();
-        let mut r = Reachability::new(WINDOW);
+        let mut r = queue_mode_device();
         r.on_uplink(t0);
         assert_eq!(r.next_expected_wake(t0 + Duration::from_secs(30)), None);
         r.on_uplink(t0 + Duration::from_secs(100));
@@ -202,7 +390,7 @@ mod tests {
     #[test]
     fn delivery_wakes_a_sleeping_device() {
         let t0 = crate::clock::now();
-        let mut r = Reachability::new(WINDOW);
+        let mut r = queue_mode_device();
         r.on_uplink(t0);
         let later = t0 + Duration::from_secs(60);
         assert!(!r.is_reachable(later));

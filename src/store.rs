@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::DeviceId;
+use crate::reachability::QueueMode;
 
 /// sled tree holding `DeviceRecord`s keyed by the canonical device identity.
 const DEVICES_TREE: &str = "devices";
@@ -61,6 +62,9 @@ pub(crate) struct DeviceRecord {
     /// Capability token of this device's NIDD callback URL.
     pub callback_token: String,
     pub nidd: Option<StoredConfiguration>,
+    /// The LwM2M queue mode the device last stated (Register, Update).
+    #[serde(default)]
+    pub queue_mode: QueueMode,
 }
 
 #[derive(Clone)]
@@ -183,6 +187,7 @@ mod tests {
                 notification_destination: Some("http://127.0.0.1:8081/t8/v1/nidd/x".into()),
                 monitoring_subscription: None,
             }),
+            queue_mode: QueueMode::On,
         };
         {
             let store = Store::open(dir.path()).unwrap();

@@ -20,7 +20,7 @@ use crate::http::problem::problem_response;
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mt::Downlinks;
-use crate::reachability::State as Reachable;
+use crate::reachability::{QueueMode, State as Reachable};
 
 /// What the admin API needs of the rest of the bridge.
 #[derive(Clone)]
@@ -95,6 +95,7 @@ struct DeviceView {
 struct MtView {
     buffer_owner: BufferOwner,
     reachability: Reachable,
+    queue_mode: QueueMode,
     /// Seconds the current awake window still lasts.
     awake_for_s: Option<f64>,
     /// Seconds since the device went to sleep.
@@ -126,6 +127,7 @@ fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
     let mt = MtView {
         buffer_owner: mt.owner,
         reachability: mt.reachability.state(now),
+        queue_mode: mt.reachability.queue_mode(),
         awake_for_s: mt.reachability.awake_until(now).map(|t| seconds(t - now)),
         asleep_for_s: mt
             .reachability
@@ -376,6 +378,7 @@ mod tests {
         );
         assert_eq!(a["mt"]["bufferOwner"], "bridge");
         assert_eq!(a["mt"]["reachability"], "unknown");
+        assert_eq!(a["mt"]["queueMode"], "unknown");
         assert_eq!(a["mt"]["queueDepth"], 0);
         assert_eq!(a["mt"]["pendingDeliveries"], 0);
 

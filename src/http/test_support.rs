@@ -150,6 +150,7 @@ impl Harness {
 
         let nidd = NiddDefaults::default();
         let uplinks = Uplinks::new(
+            devices.clone(),
             Arc::from(vec![ServerAddress {
                 name: "dm".into(),
                 address: server_address,
@@ -353,6 +354,7 @@ fn device_state(psm: &PsmConfig) -> DeviceState {
                 Duration::from_millis(psm.retry_max_ms),
             ),
             None,
+            Duration::from_secs(psm.guess_hold_s),
         ),
     }
 }

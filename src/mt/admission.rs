@@ -153,6 +153,7 @@ mod tests {
                 10.0,
                 (Duration::from_secs(1), Duration::from_secs(8)),
                 None,
+                Duration::from_secs(10),
             ),
         }
     }

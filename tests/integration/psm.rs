@@ -4,6 +4,7 @@
 //! and device triggering.
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{BufferOwner, PsmConfig, ServerRole};
@@ -98,6 +99,81 @@ async fn bridge_buffered_read_reaches_a_sleeping_device_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scef_buffered_read_reaches_a_sleeping_device_once() {
     sleeping_read(BufferOwner::Scef).await;
+}
+
+/// A device that registers without queue mode (binding `N`, no `Q`), behind a SCEF that never
+/// refuses MT, with the default configuration: long after its last uplink (past the default
+/// active window) a server read still reaches it at once, over one NIDD transmission.
+async fn always_on_read(owner: BufferOwner) {
+    let id: DeviceId = "700000009@iot.example".parse().unwrap();
+    let endpoint = "urn:nai:700000009@iot.example";
+    let mut profile = DeviceProfile::new(endpoint);
+    profile.queue_mode = false;
+    let bed = TestBed::new()
+        .npm_server()
+        .sim_device(&id, profile)
+        .psm(move |psm| psm.buffer_owner = owner)
+        .start()
+        .await
+        .unwrap();
+    let defaults = PsmConfig::default();
+    assert_eq!(
+        bed.config().psm.active_window_s,
+        defaults.active_window_s,
+        "the default active window"
+    );
+    let ue = bed.mock().ue(&id);
+    bed.sim(&id).register().await.unwrap();
+    let view_url = format!("http://{}/api/v1/devices/{id}", bed.admin_addr());
+    let view = || async {
+        reqwest::get(&view_url)
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    // Past the active window: the bridge no longer counts on the device being in one.
+    let window = Duration::from_secs(defaults.active_window_s);
+    let registered = Instant::now();
+    eventually("the device's active window to end", || async {
+        registered.elapsed() > window && view().await["mt"]["awakeForS"].is_null()
+    })
+    .await;
+    let mt = view().await["mt"].clone();
+    assert_eq!(mt["queueMode"], "off", "{mt}");
+    assert_eq!(mt["reachability"], "awake", "an always-on device: {mt}");
+    let reads_before = gets_received(&ue);
+    let asked = Instant::now();
+    let value = tokio::time::timeout(STEP, bed.server().read(endpoint, "/3/0/0"))
+        .await
+        .expect("the read is answered")
+        .unwrap();
+    assert_eq!(value, "nidd-bridge simulator");
+    // Not held for a wake-up that an always-on device never announces (that would outlast the
+    // server's patience); the bound is loose so a loaded machine does not fail it.
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "read answered after {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        gets_received(&ue) - reads_before,
+        1,
+        "one NIDD transmission"
+    );
+    bed.sim(&id).deregister().await.unwrap();
+    bed.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_always_on_device_is_read_long_after_its_last_uplink_with_bridge_buffering() {
+    always_on_read(BufferOwner::Bridge).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_always_on_device_is_read_long_after_its_last_uplink_with_scef_buffering() {
+    always_on_read(BufferOwner::Scef).await;
 }
 
 /// A confirmable GET with a distinct message ID and token.
