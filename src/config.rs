@@ -572,6 +572,11 @@ impl Config {
                 "active_window_s must be between 2 and 11160 seconds (NB-IoT T3324)".into(),
             );
         }
+        if psm.guess_hold_s > psm.queue_max_age_s.min(3600) {
+            return invalid(
+                "psm.guess_hold_s must not exceed psm.queue_max_age_s (nor 3600 seconds)".into(),
+            );
+        }
         if psm.monitoring_duration_s < 60 {
             return invalid("psm.monitoring_duration_s must be at least 60".into());
         }
@@ -772,6 +777,20 @@ mod tests {
         );
         let both = minimal("[[devices]]\nexternal_id = \"a@x\"\nmsisdn = \"4912345\"");
         assert!(Config::parse(&both).is_err());
+    }
+
+    #[test]
+    fn a_guess_may_not_hold_mt_beyond_the_queue_age() {
+        let ok = minimal("[psm]\nguess_hold_s = 30");
+        assert_eq!(Config::parse(&ok).unwrap().psm.guess_hold_s, 30);
+        assert_eq!(Config::parse(&minimal("")).unwrap().psm.guess_hold_s, 10);
+        for bad in [
+            "[psm]\nguess_hold_s = 248",
+            "[psm]\nguess_hold_s = 18446744073709551615",
+        ] {
+            let err = Config::parse(&minimal(bad)).unwrap_err();
+            assert!(err.to_string().contains("guess_hold_s"), "{err}");
+        }
     }
 
     #[test]
