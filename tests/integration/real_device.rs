@@ -42,6 +42,16 @@ async fn a_real_udp_client_registers_through_mock_scef_and_bridge() {
         server.read(endpoint, "/3/0/0").await.unwrap(),
         "npm lwm2m-node-lib client"
     );
+    // The npm client registers with `b=U`, no queue mode: the bridge learned that from the
+    // Register and will not hold MT for it when its active window ends.
+    let view: serde_json::Value =
+        reqwest::get(format!("http://{}/api/v1/devices/{id}", stack.admin_addr()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(view["mt"]["queueMode"], "off", "{view}");
 
     // The client sends its Update from a new source port; the mock follows it.
     client.update().await.unwrap();
