@@ -176,7 +176,11 @@ impl Bridge {
             });
         }
         let psm = &config.psm;
-        let mut devices = DeviceTable::new(store.clone(), metrics.devices_provisioned.clone());
+        let mut devices = DeviceTable::new(
+            store.clone(),
+            metrics.devices_provisioned.clone(),
+            metrics.store_errors.clone(),
+        );
         for ((device_config, id), (record, socket)) in config
             .devices
             .iter()

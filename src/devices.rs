@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use prometheus::IntGauge;
+use prometheus::{IntCounterVec, IntGauge};
 use tokio::sync::Notify;
 use url::Url;
 
@@ -180,10 +180,15 @@ pub(crate) struct DeviceTable {
     store: Store,
     provisioned: AtomicUsize,
     provisioned_gauge: IntGauge,
+    store_errors: IntCounterVec,
 }
 
 impl DeviceTable {
-    pub(crate) fn new(store: Store, provisioned_gauge: IntGauge) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        provisioned_gauge: IntGauge,
+        store_errors: IntCounterVec,
+    ) -> Self {
         Self {
             devices: Vec::new(),
             by_id: HashMap::new(),
@@ -191,6 +196,7 @@ impl DeviceTable {
             store,
             provisioned: AtomicUsize::new(0),
             provisioned_gauge,
+            store_errors,
         }
     }
 
@@ -251,7 +257,12 @@ impl DeviceTable {
     ) -> Result<(), StoreError> {
         let queue_mode = device.state().mt.reachability.queue_mode();
         self.store
-            .put_device(&device.id, &record(device, nidd.as_ref(), queue_mode))?;
+            .put_device(&device.id, &record(device, nidd.as_ref(), queue_mode))
+            .inspect_err(|_| {
+                self.store_errors
+                    .with_label_values(&["device_record"])
+                    .inc()
+            })?;
         let usable = nidd.as_ref().is_some_and(NiddState::is_usable);
         let was_usable = {
             let mut state = device.state();
@@ -282,6 +293,9 @@ impl DeviceTable {
                 .store
                 .put_device(&device.id, &record(device, nidd.as_ref(), mode))
         {
+            self.store_errors
+                .with_label_values(&["device_record"])
+                .inc();
             tracing::error!(device = %device.id, %error, "cannot persist the queue mode");
         }
     }

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub devices_reachable: IntGauge,
     pub reachability_events: IntCounterVec,
     pub device_triggers: IntCounterVec,
+    /// Failed writes, removals and flushes of the store, by operation.
+    pub store_errors: IntCounterVec,
     pub coap_messages: IntCounterVec,
 }
 
@@ -172,6 +174,11 @@ impl Metrics {
                 "T8 device triggers by outcome (sent, failed, and reported delivery results)",
                 &["outcome"],
             )?,
+            store_errors: counter_vec(
+                "store_errors_total",
+                "Store operations that failed (device records, MT queue writes, removals, flushes)",
+                &["operation"],
+            )?,
             registry,
         })
     }
@@ -192,6 +199,11 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// Counts a failed store operation (`device_record`, `mt_put`, `mt_remove`, `mt_flush`, ...).
+    pub fn store_error(&self, operation: &str) {
+        self.store_errors.with_label_values(&[operation]).inc();
+    }
+
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
         let encoder = TextEncoder::new();
@@ -221,6 +233,53 @@ mod tests {
             .filter(|l| !l.starts_with('#') && !l.is_empty())
         {
             assert!(line.starts_with("nidd_bridge_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn store_errors_are_counted_by_operation() {
+        let metrics = Metrics::new().unwrap();
+        metrics.store_error("mt_put");
+        metrics.store_error("mt_put");
+        assert!(
+            metrics
+                .render()
+                .contains("nidd_bridge_store_errors_total{operation=\"mt_put\"} 2")
+        );
+    }
+
+    /// The shipped alert rules and dashboard only name metrics this registry has.
+    #[test]
+    fn alerts_and_dashboard_name_existing_metrics() {
+        let source = include_str!("metrics.rs");
+        for (file, text) in [
+            (
+                "deploy/prometheus/nidd-bridge.rules.yml",
+                include_str!("../deploy/prometheus/nidd-bridge.rules.yml"),
+            ),
+            (
+                "deploy/grafana/nidd-bridge.dashboard.json",
+                include_str!("../deploy/grafana/nidd-bridge.dashboard.json"),
+            ),
+        ] {
+            let mut named = 0;
+            for (at, _) in text.match_indices("nidd_bridge_") {
+                let name: String = text[at + "nidd_bridge_".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                // Histograms are exposed with suffixes.
+                let base = name
+                    .trim_end_matches("_bucket")
+                    .trim_end_matches("_count")
+                    .trim_end_matches("_sum");
+                assert!(
+                    source.contains(&format!("\"{base}\"")),
+                    "{file} names nidd_bridge_{name}, which is not registered"
+                );
+                named += 1;
+            }
+            assert!(named > 5, "{file} names metrics");
         }
     }
 }

@@ -90,10 +90,12 @@ impl Downlinks {
                 if admission.accepted
                     && let Err(error) = self.store.put(&device.id, &persisted)
                 {
+                    self.metrics.store_error("mt_put");
                     tracing::error!(device = %device.id, %error, "cannot persist an MT datagram");
                 }
                 for (dropped, _) in &admission.dropped {
                     if let Err(error) = self.store.remove(&device.id, dropped.seq) {
+                        self.metrics.store_error("mt_remove");
                         tracing::error!(device = %device.id, %error, "cannot remove a dropped MT datagram");
                     }
                 }
@@ -119,6 +121,7 @@ impl Downlinks {
         self.metrics.mt_queue_accepted.inc();
         // Accepted means durable: flushed before the flusher is told.
         if let Err(error) = self.store.flush().await {
+            self.metrics.store_error("mt_flush");
             tracing::error!(device = %device.id, %error, "cannot flush the MT queue");
         }
         device.wake.notify_one();
@@ -138,6 +141,7 @@ impl Downlinks {
         for (item, reason) in &dropped {
             tracing::debug!(device = %device.id, seq = item.seq, reason = reason.label(), "MT datagram dropped from the queue");
             if let Err(error) = self.store.remove(&device.id, item.seq) {
+                self.metrics.store_error("mt_remove");
                 tracing::error!(device = %device.id, %error, "cannot remove a dropped MT datagram");
             }
         }
@@ -152,6 +156,7 @@ impl Downlinks {
             QueueEffect::Keep => Ok(()),
         };
         if let Err(error) = result {
+            self.metrics.store_error("mt_update");
             tracing::error!(device = %device.id, %error, "cannot update the MT queue in the store");
         }
     }
@@ -189,6 +194,7 @@ impl Downlinks {
                 .collect(),
         );
         if let Err(error) = self.store.flush().await {
+            self.metrics.store_error("mt_flush");
             tracing::error!(%error, "cannot flush the MT queue");
         }
         count

@@ -131,6 +131,7 @@ impl Provisioner {
                 .await;
             let next_renewal = self.ensure_subscriptions().await;
             if let Err(error) = self.devices.store().flush().await {
+                self.metrics.store_error("flush");
                 tracing::error!(%error, "cannot flush the store");
             }
             let timer = async {
@@ -280,6 +281,7 @@ impl Provisioner {
         let stored = match self.devices.store().devices() {
             Ok(stored) => stored,
             Err(error) => {
+                self.metrics.store_error("device_list");
                 tracing::error!(%error, "cannot list stored devices");
                 return;
             }
@@ -312,6 +314,7 @@ impl Provisioner {
                 }
             }
             if let Err(error) = self.devices.store().remove_device(&id) {
+                self.metrics.store_error("device_remove");
                 tracing::error!(device = %id, %error, "cannot remove the record of a removed device");
             }
         }

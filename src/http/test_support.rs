@@ -120,7 +120,11 @@ impl Harness {
         let server_address = server.local_addr().expect("server stand-in address");
 
         let psm = PsmConfig::default();
-        let mut devices = DeviceTable::new(store.clone(), metrics.devices_provisioned.clone());
+        let mut devices = DeviceTable::new(
+            store.clone(),
+            metrics.devices_provisioned.clone(),
+            metrics.store_errors.clone(),
+        );
         for (id, token, nidd) in [
             (
                 DEVICE_A,
