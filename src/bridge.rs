@@ -343,11 +343,7 @@ impl BoundBridge {
                     .receive_loop(cancel, |datagram, from| {
                         let downlinks = downlinks.clone();
                         let device = device.clone();
-                        async move {
-                            downlinks
-                                .receive(&device, datagram, from, clock::unix_ms())
-                                .await
-                        }
+                        async move { downlinks.receive(&device, datagram, from, clock::unix_ms()) }
                     })
                     .await;
             });
@@ -355,6 +351,7 @@ impl BoundBridge {
         for device in devices.iter().cloned() {
             tasks.spawn(flusher.clone().run(device, cancel.clone()));
         }
+        tasks.spawn(downlinks.clone().run_commits(cancel.clone()));
         tasks.spawn(provisioner.run(cancel.clone()));
         let callback_app = callback::router(CallbackState {
             devices: devices.clone(),

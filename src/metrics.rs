@@ -26,6 +26,8 @@ pub struct Metrics {
     pub devices_provisioned: IntGauge,
     pub socket_reallocations: IntCounter,
     pub mt_queue_accepted: IntCounter,
+    /// Flushes of the MT queue, each covering every datagram written since the one before.
+    pub mt_queue_commits: IntCounter,
     pub mt_queue_dropped: IntCounterVec,
     pub suppressed_retransmissions: IntCounter,
     pub airtime_saved_bytes: IntCounter,
@@ -123,6 +125,10 @@ impl Metrics {
             mt_queue_accepted: counter(
                 "mt_queue_accepted_total",
                 "MT datagrams accepted into the durable queue",
+            )?,
+            mt_queue_commits: counter(
+                "mt_queue_commits_total",
+                "Group commits of the MT queue (one flush for every datagram written since the last)",
             )?,
             mt_queue_dropped: counter_vec(
                 "mt_queue_dropped_total",

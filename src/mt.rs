@@ -1,16 +1,23 @@
 //! The MT (downlink) path: a datagram an LwM2M server sent to a device's socket is screened and
-//! admitted ([`admission`], sans-IO), made durable ([`durable`]) and handed to the device's
-//! flusher ([`flusher`]), which delivers it through T8 when the device can take it. [`Downlinks`]
-//! is the handle the sockets, the callback server and the admin API use to change a queue; every
-//! change is mirrored in the store.
+//! admitted ([`admission`], sans-IO), made durable ([`durable`]) by group commit and then handed
+//! to the device's flusher ([`flusher`]), which delivers it through T8 when the device can take
+//! it. [`Downlinks`] is the handle the sockets, the callback server and the admin API use to
+//! change a queue; every change is mirrored in the store.
+//!
+//! Group commit: a receive loop never waits for the disk. It writes the datagram to the store
+//! and leaves it to [`Downlinks::run_commits`], which flushes once for every datagram written
+//! since its last flush; only then are they counted as accepted and their flushers woken.
 
 pub(crate) mod admission;
 pub(crate) mod durable;
 pub(crate) mod flusher;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::delivery::QueueEffect;
 use crate::devices::Device;
@@ -20,6 +27,16 @@ use crate::t8::DeliveryStatus;
 use admission::{Admitted, MtRefusal};
 use durable::MtStore;
 
+/// How long the committer waits before flushing again after a failed flush.
+const COMMIT_RETRY: Duration = Duration::from_millis(100);
+
+/// A datagram written to the store and waiting for the next flush to count as accepted.
+struct Uncommitted {
+    device: Arc<Device>,
+    bytes: u64,
+    oscore: bool,
+}
+
 /// The MT queues' handle: admission of new datagrams and every later change to a queue.
 pub(crate) struct Downlinks {
     /// Addresses of the configured LwM2M servers, by server index.
@@ -28,6 +45,8 @@ pub(crate) struct Downlinks {
     store: MtStore,
     limits: QueueLimits,
     metrics: Arc<Metrics>,
+    uncommitted: Mutex<Vec<Uncommitted>>,
+    commit_due: Notify,
 }
 
 impl Downlinks {
@@ -44,14 +63,17 @@ impl Downlinks {
             store,
             limits,
             metrics,
+            uncommitted: Mutex::new(Vec::new()),
+            commit_due: Notify::new(),
         }
     }
 
     /// One datagram that arrived on a device's socket: dropped (counted), suppressed as a
-    /// retransmission (counted), or queued durably and the flusher woken.
-    pub(crate) async fn receive(
+    /// retransmission (counted), or written to the store for the next group commit, which
+    /// counts it as accepted and wakes the flusher. Never waits for the disk.
+    pub(crate) fn receive(
         &self,
-        device: &Device,
+        device: &Arc<Device>,
         datagram: Vec<u8>,
         from: SocketAddr,
         now_ms: u64,
@@ -82,16 +104,24 @@ impl Downlinks {
             now_ms,
         );
         let persisted = item.clone();
+        let mut store_refused = false;
         let admitted = {
             let mut state = device.state();
-            let admitted = admission::admit(&mut state, &screened, item, &self.limits, now_ms);
-            if let Admitted::Queued(admission) = &admitted {
+            let mut admitted = admission::admit(&mut state, &screened, item, &self.limits, now_ms);
+            if let Admitted::Queued(admission) = &mut admitted {
                 // Written under the device lock so the flusher can never remove it first.
-                if admission.accepted
-                    && let Err(error) = self.store.put(&device.id, &persisted)
-                {
-                    self.metrics.store_error("mt_put");
-                    tracing::error!(device = %device.id, %error, "cannot persist an MT datagram");
+                if admission.accepted {
+                    match self.store.put(&device.id, &persisted) {
+                        Ok(()) => {}
+                        Err(error) => {
+                            // Not durable, so not accepted: taken out of the queue again.
+                            self.metrics.store_error("mt_put");
+                            tracing::error!(device = %device.id, %error, "cannot persist an MT datagram; dropped");
+                            state.mt.queue.remove(persisted.seq);
+                            admission.accepted = false;
+                            store_refused = true;
+                        }
+                    }
                 }
                 for (dropped, _) in &admission.dropped {
                     if let Err(error) = self.store.remove(&device.id, dropped.seq) {
@@ -112,19 +142,80 @@ impl Downlinks {
             Admitted::Queued(admission) => admission,
         };
         self.count_drops(admission.dropped.iter().map(|(_, reason)| *reason));
+        if store_refused {
+            self.metrics.drop_datagram("mt", "store_error");
+        }
         if !admission.accepted {
             return;
         }
-        self.metrics.mt_datagrams.inc();
-        self.metrics.mt_bytes.inc_by(length);
-        self.metrics.count_coap("mt", screened.view.oscore);
-        self.metrics.mt_queue_accepted.inc();
-        // Accepted means durable: flushed before the flusher is told.
+        self.uncommitted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Uncommitted {
+                device: device.clone(),
+                bytes: length,
+                oscore: screened.view.oscore,
+            });
+        self.commit_due.notify_one();
+    }
+
+    /// Flushes the store once for every datagram written since the last flush, then counts
+    /// them as accepted and wakes their flushers. Returns how many were committed; after a
+    /// failed flush none are, and they wait for the next one.
+    pub(crate) async fn commit(&self) -> usize {
+        let batch = std::mem::take(
+            &mut *self
+                .uncommitted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if batch.is_empty() {
+            return 0;
+        }
         if let Err(error) = self.store.flush().await {
             self.metrics.store_error("mt_flush");
-            tracing::error!(device = %device.id, %error, "cannot flush the MT queue");
+            tracing::error!(%error, waiting = batch.len(), "cannot flush the MT queue; retrying");
+            let mut uncommitted = self
+                .uncommitted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let newer = std::mem::replace(&mut *uncommitted, batch);
+            uncommitted.extend(newer);
+            return 0;
         }
-        device.wake.notify_one();
+        self.metrics.mt_queue_commits.inc();
+        for datagram in &batch {
+            self.metrics.mt_datagrams.inc();
+            self.metrics.mt_bytes.inc_by(datagram.bytes);
+            self.metrics.count_coap("mt", datagram.oscore);
+            self.metrics.mt_queue_accepted.inc();
+            datagram.device.wake.notify_one();
+        }
+        batch.len()
+    }
+
+    /// The group committer: commits whenever datagrams were written, until cancelled; then
+    /// once more, so nothing written is left uncounted.
+    pub(crate) async fn run_commits(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    self.commit().await;
+                    return;
+                }
+                _ = self.commit_due.notified() => {}
+            }
+            let waiting = !self
+                .uncommitted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty();
+            if waiting && self.commit().await == 0 {
+                // The flush failed: try again shortly, without waiting for new datagrams.
+                tokio::time::sleep(COMMIT_RETRY).await;
+                self.commit_due.notify_one();
+            }
+        }
     }
 
     fn count_drops(&self, reasons: impl Iterator<Item = DropReason>) {
@@ -198,5 +289,136 @@ impl Downlinks {
             tracing::error!(%error, "cannot flush the MT queue");
         }
         count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BufferOwner, OverflowPolicy};
+    use crate::delivery::MtState;
+    use crate::devices::DeviceState;
+    use crate::queue::DeviceQueue;
+    use crate::reachability::Reachability;
+    use crate::routing::Router;
+    use crate::socket::DeviceSocket;
+    use crate::store::Store;
+
+    const SERVER: &str = "127.0.0.1:5683";
+
+    fn downlinks(store: &Store, metrics: &Arc<Metrics>) -> Arc<Downlinks> {
+        let limits = QueueLimits {
+            max_datagrams: 64,
+            max_bytes: 64 * 1024,
+            max_age: Duration::from_secs(247),
+            overflow: OverflowPolicy::DropOldest,
+        };
+        Arc::new(Downlinks::new(
+            Arc::from(vec![SERVER.parse::<SocketAddr>().unwrap()]),
+            1358,
+            MtStore::open(store).unwrap(),
+            limits,
+            metrics.clone(),
+        ))
+    }
+
+    fn device() -> Arc<Device> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = DeviceState {
+            router: Router::new(0, None, Arc::from(Vec::new())),
+            nidd: None,
+            mt: MtState::new(
+                Reachability::new(Duration::from_secs(20)),
+                DeviceQueue::default(),
+                BufferOwner::Bridge,
+                10.0,
+                (Duration::from_secs(1), Duration::from_secs(8)),
+                None,
+                Duration::from_secs(10),
+            ),
+        };
+        Arc::new(Device::new(
+            "123@iot.example".parse().unwrap(),
+            None,
+            "token".into(),
+            Arc::new(DeviceSocket::from_std(socket).unwrap()),
+            false,
+            state,
+        ))
+    }
+
+    /// CON GET /3/0/0 with message ID `mid`.
+    fn read(mid: u16) -> Vec<u8> {
+        let [high, low] = mid.to_be_bytes();
+        vec![0x40, 0x01, high, low, 0xb1, b'3', 0x01, b'0', 0x01, b'0']
+    }
+
+    #[tokio::test]
+    async fn one_flush_commits_every_datagram_written_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let downlinks = downlinks(&store, &metrics);
+        let device = device();
+        let from: SocketAddr = SERVER.parse().unwrap();
+        for mid in 1..=20 {
+            downlinks.receive(&device, read(mid), from, 1_000);
+        }
+        // Written and queued, but not yet durable: not counted as accepted.
+        assert_eq!(device.state().mt.queue.len(), 20);
+        assert_eq!(metrics.mt_queue_accepted.get(), 0);
+        assert_eq!(downlinks.commit().await, 20);
+        assert_eq!(
+            metrics.mt_queue_commits.get(),
+            1,
+            "one flush for all twenty"
+        );
+        assert_eq!(metrics.mt_queue_accepted.get(), 20);
+        assert_eq!(metrics.mt_datagrams.get(), 20);
+        tokio::time::timeout(Duration::from_secs(5), device.wake.notified())
+            .await
+            .expect("the flusher is woken once they are durable");
+        assert_eq!(downlinks.commit().await, 0, "nothing left to commit");
+        assert_eq!(metrics.mt_queue_commits.get(), 1);
+        // Durable: a store opened again holds them.
+        drop(downlinks);
+        let reopened = MtStore::open(&store).unwrap().load().unwrap();
+        assert_eq!(reopened["123@iot.example"].len(), 20);
+    }
+
+    #[tokio::test]
+    async fn the_committer_commits_as_datagrams_arrive_and_once_more_when_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let downlinks = downlinks(&store, &metrics);
+        let device = device();
+        let cancel = CancellationToken::new();
+        let committer = tokio::spawn(downlinks.clone().run_commits(cancel.clone()));
+        let from: SocketAddr = SERVER.parse().unwrap();
+        downlinks.receive(&device, read(1), from, 1_000);
+        tokio::time::timeout(Duration::from_secs(5), device.wake.notified())
+            .await
+            .expect("committed and woken without anyone asking");
+        assert_eq!(metrics.mt_queue_accepted.get(), 1);
+        // Suppressed retransmissions and drops are never committed.
+        downlinks.receive(&device, read(1), from, 1_000);
+        downlinks.receive(&device, vec![0xff], from, 1_000);
+        downlinks.receive(&device, read(2), "127.0.0.9:5683".parse().unwrap(), 1_000);
+        cancel.cancel();
+        committer.await.unwrap();
+        assert_eq!(metrics.mt_queue_accepted.get(), 1);
+        assert_eq!(metrics.suppressed_retransmissions.get(), 1);
+        assert_eq!(
+            metrics
+                .dropped_datagrams
+                .with_label_values(&["mt", "not_coap"])
+                .get()
+                + metrics
+                    .dropped_datagrams
+                    .with_label_values(&["mt", "unknown_source"])
+                    .get(),
+            2
+        );
     }
 }

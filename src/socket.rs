@@ -121,6 +121,13 @@ impl DeviceSocket {
             address: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
+        // tokio takes only non-blocking sockets (a blocking one is a panic in tokio).
+        socket
+            .set_nonblocking(true)
+            .map_err(|source| RelayError::Socket {
+                address: local,
+                source,
+            })?;
         let socket = UdpSocket::from_std(socket).map_err(|source| RelayError::Socket {
             address: local,
             source,

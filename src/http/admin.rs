@@ -280,12 +280,14 @@ mod tests {
     const REGISTER_ACK: &str = "NiddDownlinkDataTransfer.request.json";
 
     /// The LwM2M server stand-in sends `fixture`'s datagram to `device`'s socket at `now_ms`.
-    async fn server_sends(harness: &Harness, device: &Device, fixture: &str, now_ms: u64) {
+    /// The LwM2M server stand-in sends a datagram to the device, and the group commit that
+    /// follows makes it durable.
+    async fn server_sends(harness: &Harness, device: &Arc<Device>, fixture: &str, now_ms: u64) {
         let from = harness.server.local_addr().unwrap();
         harness
             .downlinks
-            .receive(device, fixture_datagram(fixture), from, now_ms)
-            .await;
+            .receive(device, fixture_datagram(fixture), from, now_ms);
+        harness.downlinks.commit().await;
     }
 
     async fn get(harness: &Harness, path: &str) -> (StatusCode, serde_json::Value) {

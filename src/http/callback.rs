@@ -477,8 +477,8 @@ mod tests {
         let from = harness.server.local_addr().unwrap();
         harness
             .downlinks
-            .receive(&device, fixture_datagram(READ), from, clock::unix_ms())
-            .await;
+            .receive(&device, fixture_datagram(READ), from, clock::unix_ms());
+        harness.downlinks.commit().await;
         woken(&device).await;
         let now = clock::now();
         let mut state = device.state();
@@ -899,8 +899,8 @@ mod tests {
         let from = harness.server.local_addr().unwrap();
         harness
             .downlinks
-            .receive(&device, fixture_datagram(READ), from, clock::unix_ms())
-            .await;
+            .receive(&device, fixture_datagram(READ), from, clock::unix_ms());
+        harness.downlinks.commit().await;
         assert_no_content(
             harness
                 .notify(
