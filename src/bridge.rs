@@ -334,13 +334,17 @@ impl BoundBridge {
         let reprovision = provisioner.reprovision();
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let kernel_drops = metrics
+            .dropped_datagrams
+            .with_label_values(&["mt", "receive_buffer"]);
         for device in devices.iter().cloned() {
             let downlinks = downlinks.clone();
             let cancel = cancel.clone();
+            let kernel_drops = kernel_drops.clone();
             tasks.spawn(async move {
                 let socket = device.socket.clone();
                 socket
-                    .receive_loop(cancel, |datagram, from| {
+                    .receive_loop(cancel, kernel_drops, |datagram, from| {
                         let downlinks = downlinks.clone();
                         let device = device.clone();
                         async move { downlinks.receive(&device, datagram, from, clock::unix_ms()) }

@@ -1,5 +1,6 @@
 //! The per-device virtual UDP sockets: allocation from the configured pool (addresses × port
-//! ranges), rebinding persisted addresses, and the receive loop of each socket. This is the
+//! ranges), rebinding persisted addresses, and the receive loop of each socket, which also
+//! counts what the kernel dropped from a full receive buffer (`SO_RXQ_OVFL`). This is the
 //! narrow "send as device / receive for device" layer a TUN-based backend could replace.
 
 use std::collections::HashSet;
@@ -7,6 +8,13 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
+};
+use prometheus::IntCounter;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
@@ -128,6 +136,11 @@ impl DeviceSocket {
                 address: local,
                 source,
             })?;
+        // Every datagram read then says how many the kernel dropped so far on this socket.
+        setsockopt(&socket, sockopt::RxqOvfl, &1).map_err(|errno| RelayError::Socket {
+            address: local,
+            source: errno.into(),
+        })?;
         let socket = UdpSocket::from_std(socket).map_err(|source| RelayError::Socket {
             address: local,
             source,
@@ -149,15 +162,20 @@ impl DeviceSocket {
     }
 
     /// Receives datagrams until cancelled and hands each to `handle`, one at a time, so a
-    /// device's datagrams keep their order. No buffer is held while the socket is idle.
+    /// device's datagrams keep their order. What the kernel dropped from the socket's full
+    /// receive buffer meanwhile is added to `kernel_drops`. No buffer is held while the socket
+    /// is idle.
     pub(crate) async fn receive_loop<F, Fut>(
         self: Arc<Self>,
         cancel: CancellationToken,
+        kernel_drops: IntCounter,
         mut handle: F,
     ) where
         F: FnMut(Vec<u8>, SocketAddr) -> Fut,
         Fut: Future<Output = ()>,
     {
+        // The kernel's count is cumulative per socket (and wraps at u32).
+        let mut dropped_so_far = 0u32;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -169,8 +187,20 @@ impl DeviceSocket {
                 }
             }
             let mut buffer = vec![0u8; RECEIVE_BUFFER_BYTES];
-            match self.socket.try_recv_from(&mut buffer) {
-                Ok((length, from)) => {
+            let received = self.socket.try_io(Interest::READABLE, || {
+                receive_counting_drops(self.socket.as_raw_fd(), &mut buffer)
+            });
+            match received {
+                Ok((length, from, dropped)) => {
+                    if let Some(dropped) = dropped {
+                        let new = dropped.wrapping_sub(dropped_so_far);
+                        dropped_so_far = dropped;
+                        if new > 0 {
+                            kernel_drops.inc_by(u64::from(new));
+                            tracing::warn!(socket = %self.local, dropped = new, "the kernel dropped MT datagrams from a full receive buffer");
+                        }
+                    }
+                    let Some(from) = from else { continue };
                     buffer.truncate(length);
                     handle(buffer, from).await;
                 }
@@ -180,6 +210,30 @@ impl DeviceSocket {
             }
         }
     }
+}
+
+/// One `recvmsg`: the datagram's length and source, and the socket's cumulative kernel drop
+/// count when the kernel reported it.
+fn receive_counting_drops(
+    fd: std::os::fd::RawFd,
+    buffer: &mut [u8],
+) -> std::io::Result<(usize, Option<SocketAddr>, Option<u32>)> {
+    let mut control = nix::cmsg_space!(u32);
+    let mut iov = [std::io::IoSliceMut::new(buffer)];
+    let message = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut control), MsgFlags::empty())?;
+    let dropped = message.cmsgs()?.find_map(|c| match c {
+        ControlMessageOwned::RxqOvfl(count) => Some(count),
+        _ => None,
+    });
+    let from = message.address.and_then(|a| {
+        a.as_sockaddr_in()
+            .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+            .or_else(|| {
+                a.as_sockaddr_in6()
+                    .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+            })
+    });
+    Ok((message.bytes, from, dropped))
 }
 
 #[cfg(test)]
@@ -222,5 +276,63 @@ mod tests {
             p.bind_exact(SocketAddr::new([127, 0, 0, 1].into(), busy))
                 .is_err()
         );
+    }
+
+    /// Every datagram offered is either handed on or counted as dropped by the kernel.
+    #[tokio::test]
+    async fn datagrams_the_kernel_drops_from_a_full_buffer_are_counted() {
+        const OFFERED: usize = 2_000;
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // A small receive buffer, flooded before the loop reads anything.
+        setsockopt(&std_socket, sockopt::RcvBuf, &4096).unwrap();
+        let socket = Arc::new(DeviceSocket::from_std(std_socket).unwrap());
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for n in 0..OFFERED {
+            sender
+                .send_to(&(n as u32).to_be_bytes(), socket.local_addr())
+                .unwrap();
+        }
+        let kernel_drops = IntCounter::new("drops", "drops").unwrap();
+        let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(socket.clone().receive_loop(
+            cancel.clone(),
+            kernel_drops.clone(),
+            {
+                let received = received.clone();
+                move |_, _| {
+                    received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    std::future::ready(())
+                }
+            },
+        ));
+        let counted =
+            || received.load(std::sync::atomic::Ordering::Relaxed) + kernel_drops.get() as usize;
+        // The kernel reports its drop count with the next datagram it queues after the drops:
+        // one more datagram, once there is room, brings the count in.
+        let mut offered = OFFERED;
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while counted() < offered {
+                if received.load(std::sync::atomic::Ordering::Relaxed) > 0 && offered < OFFERED + 50
+                {
+                    sender.send_to(b"late", socket.local_addr()).unwrap();
+                    offered += 1;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "received {} and counted {} kernel drops of {offered}",
+                received.load(std::sync::atomic::Ordering::Relaxed),
+                kernel_drops.get()
+            )
+        });
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(counted(), offered, "each datagram counted once");
+        assert!(kernel_drops.get() > 0, "the buffer overflowed");
+        assert!(received.load(std::sync::atomic::Ordering::Relaxed) > 0);
     }
 }
