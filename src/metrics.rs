@@ -37,6 +37,8 @@ pub struct Metrics {
     pub reachability_events: IntCounterVec,
     pub device_triggers: IntCounterVec,
     pub coap_messages: IntCounterVec,
+    pub t8_credential_refreshes: IntCounterVec,
+    pub devices_forbidden: IntGauge,
 }
 
 impl Metrics {
@@ -137,7 +139,7 @@ impl Metrics {
             )?,
             mt_delivery_attempts: counter_vec(
                 "mt_delivery_attempts_total",
-                "MT delivery attempts by outcome (delivered, pending, not_reachable, retry, rejected)",
+                "MT delivery attempts by outcome (delivered, pending, not_reachable, retry, unauthorized, configuration_gone, forbidden, rejected)",
                 &["outcome"],
             )?,
             mt_queue_depth: gauge(
@@ -171,6 +173,15 @@ impl Metrics {
                 "device_triggers_total",
                 "T8 device triggers by outcome (sent, failed, and reported delivery results)",
                 &["outcome"],
+            )?,
+            t8_credential_refreshes: counter_vec(
+                "t8_credential_refreshes_total",
+                "T8 credentials asked for again after a 401, by outcome (refreshed, unchanged, failed)",
+                &["outcome"],
+            )?,
+            devices_forbidden: gauge(
+                "devices_forbidden",
+                "Devices whose last MT delivery the SCEF refused with 403 (not ready)",
             )?,
             registry,
         })
