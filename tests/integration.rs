@@ -22,6 +22,7 @@ mod integration {
     pub mod provisioning;
     pub mod psm;
     pub mod real_device;
+    pub mod refusals;
     pub mod restart;
     pub mod routing;
     pub mod sim_oscore;
