@@ -539,3 +539,87 @@ async fn status_error(operation: &'static str, response: reqwest::Response) -> T
         retry_after,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    /// A token "file" whose content a test rotates.
+    struct RotatingFile(Mutex<String>);
+
+    impl SecretSource for RotatingFile {
+        fn env(&self, _: &str) -> Option<String> {
+            None
+        }
+        fn file(&self, _: &Path) -> std::io::Result<String> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+    }
+
+    fn scef() -> ScefConfig {
+        ScefConfig {
+            base_url: Url::parse("http://127.0.0.1:1/").unwrap(),
+            scs_as_id: "bridge-1".into(),
+            bearer_token_file: Some("/run/secrets/t8-token".into()),
+            bearer_token_env: None,
+            mtc_provider_id: None,
+            request_timeout_ms: 1_000,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 60_000,
+            provisioning_concurrency: 1,
+        }
+    }
+
+    #[test]
+    fn configured_credentials_are_read_again_on_every_refresh() {
+        let file: &'static RotatingFile =
+            Box::leak(Box::new(RotatingFile(Mutex::new("first\n".into()))));
+        let credentials = ConfiguredCredentials::new(scef(), file);
+        assert_eq!(credentials.bearer_token(), Ok(Some(Secret::new("first"))));
+        *file.0.lock().unwrap() = "second".into();
+        assert_eq!(credentials.bearer_token(), Ok(Some(Secret::new("second"))));
+        *file.0.lock().unwrap() = "  \n".into();
+        assert!(
+            credentials.bearer_token().is_err(),
+            "an empty token is refused"
+        );
+    }
+
+    #[test]
+    fn a_refresh_counts_whether_the_token_changed() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let file: &'static RotatingFile =
+            Box::leak(Box::new(RotatingFile(Mutex::new("first".into()))));
+        let client = T8Client::new(
+            Url::parse("http://127.0.0.1:1/").unwrap(),
+            "bridge-1".into(),
+            Some(Secret::new("first")),
+            Duration::from_secs(1),
+            metrics.clone(),
+        )
+        .unwrap()
+        .with_credentials(Arc::new(ConfiguredCredentials::new(scef(), file)));
+        assert!(!client.refresh_credentials("op"), "same token: no retry");
+        *file.0.lock().unwrap() = "second".into();
+        assert!(client.refresh_credentials("op"));
+        assert_eq!(client.current_bearer(), Some(Secret::new("second")));
+        *file.0.lock().unwrap() = String::new();
+        assert!(!client.refresh_credentials("op"));
+        assert_eq!(
+            client.current_bearer(),
+            Some(Secret::new("second")),
+            "a failed refresh keeps the last token"
+        );
+        let text = metrics.render();
+        for outcome in ["refreshed", "unchanged", "failed"] {
+            assert!(
+                text.contains(&format!(
+                    "nidd_bridge_t8_credential_refreshes_total{{outcome=\"{outcome}\"}} 1"
+                )),
+                "{text}"
+            );
+        }
+    }
+}
