@@ -10,6 +10,7 @@
 )]
 
 mod integration {
+    pub mod accounting;
     pub mod bad_input;
     pub mod cli;
     pub mod conformance;
