@@ -32,6 +32,7 @@ use crate::routing::Router;
 use crate::socket::{DeviceSocket, RelayError, SocketPool};
 use crate::store::{DeviceRecord, Store, StoreError};
 use crate::t8::T8Client;
+use crate::t8::client::ConfiguredCredentials;
 
 /// How long shutdown waits for in-flight HTTP requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -116,21 +117,28 @@ impl BridgeHandle {
 
 impl Bridge {
     /// Opens the store, binds every device socket (persisted addresses first) and both HTTP
-    /// listeners. Nothing is sent to the SCEF before `run`.
+    /// listeners. Nothing is sent to the SCEF before `run`. `secrets` stays in use while the
+    /// bridge runs: the T8 client reads its bearer token again when the SCEF answers 401.
     pub async fn bind(
         config: Config,
-        secrets: &dyn SecretSource,
+        secrets: &'static (dyn SecretSource + Send + Sync),
     ) -> Result<BoundBridge, BridgeError> {
         ensure_file_descriptors(config.devices.len())?;
         let metrics = Arc::new(Metrics::new()?);
         let bearer = config.bearer_token(secrets)?;
-        let t8 = Arc::new(T8Client::new(
-            config.scef.base_url.clone(),
-            config.scef.scs_as_id.clone(),
-            bearer,
-            Duration::from_millis(config.scef.request_timeout_ms),
-            metrics.clone(),
-        )?);
+        let t8 = Arc::new(
+            T8Client::new(
+                config.scef.base_url.clone(),
+                config.scef.scs_as_id.clone(),
+                bearer,
+                Duration::from_millis(config.scef.request_timeout_ms),
+                metrics.clone(),
+            )?
+            .with_credentials(Arc::new(ConfiguredCredentials::new(
+                config.scef.clone(),
+                secrets,
+            ))),
+        );
         let store = Store::open(&config.store.path)?;
         let callback_listener = listen(config.callback.listen).await?;
         let admin_listener = listen(config.admin.listen).await?;
@@ -266,23 +274,26 @@ impl Bridge {
             QueueLimits::from_config(psm),
             metrics.clone(),
         ));
-        let flusher = Arc::new(Flusher::new(
-            downlinks.clone(),
-            t8.clone(),
-            psm.global_rate_per_s,
-            TriggerSettings::from_config(psm),
-            public_url.clone(),
-            metrics.clone(),
-        ));
         let provisioner = Provisioner::new(
             devices.clone(),
-            t8,
+            t8.clone(),
             config.scef.clone(),
             config.nidd.clone(),
             Duration::from_secs(psm.monitoring_duration_s),
             public_url.clone(),
             metrics.clone(),
         );
+        // A 404 on an MT delivery: the flusher hands the device to the provisioner.
+        let reprovision = provisioner.reprovision();
+        let flusher = Arc::new(Flusher::new(
+            downlinks.clone(),
+            t8,
+            psm.global_rate_per_s,
+            TriggerSettings::from_config(psm),
+            public_url.clone(),
+            metrics.clone(),
+            Arc::new(move |device: &Device| reprovision.configuration_terminated(device)),
+        ));
         tracing::info!(devices = devices.len(), %callback_addr, %admin_addr, "bridge bound");
         Ok(BoundBridge {
             parts: Parts {

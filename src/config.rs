@@ -482,6 +482,28 @@ pub trait SecretSource {
     fn file(&self, path: &Path) -> std::io::Result<String>;
 }
 
+impl ScefConfig {
+    /// Reads the T8 bearer token, if one is configured (again on every call: the T8 client
+    /// asks once more when the SCEF refuses a token).
+    pub fn bearer_token(&self, source: &dyn SecretSource) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.bearer_token_file {
+            let text = source.file(path).map_err(|e| ConfigError::Secret {
+                what: "scef.bearer_token_file",
+                detail: format!("{}: {e}", path.display()),
+            })?;
+            return non_empty_secret("scef.bearer_token_file", text).map(Some);
+        }
+        if let Some(name) = &self.bearer_token_env {
+            let value = source.env(name).ok_or_else(|| ConfigError::Secret {
+                what: "scef.bearer_token_env",
+                detail: format!("environment variable {name} is not set"),
+            })?;
+            return non_empty_secret("scef.bearer_token_env", value).map(Some);
+        }
+        Ok(None)
+    }
+}
+
 /// Secrets from the process environment and the file system.
 pub struct ProcessSecrets;
 
@@ -645,21 +667,7 @@ impl Config {
 
     /// Reads the T8 bearer token, if one is configured.
     pub fn bearer_token(&self, source: &dyn SecretSource) -> Result<Option<Secret>, ConfigError> {
-        if let Some(path) = &self.scef.bearer_token_file {
-            let text = source.file(path).map_err(|e| ConfigError::Secret {
-                what: "scef.bearer_token_file",
-                detail: format!("{}: {e}", path.display()),
-            })?;
-            return non_empty_secret("scef.bearer_token_file", text).map(Some);
-        }
-        if let Some(name) = &self.scef.bearer_token_env {
-            let value = source.env(name).ok_or_else(|| ConfigError::Secret {
-                what: "scef.bearer_token_env",
-                detail: format!("environment variable {name} is not set"),
-            })?;
-            return non_empty_secret("scef.bearer_token_env", value).map(Some);
-        }
-        Ok(None)
+        self.scef.bearer_token(source)
     }
 
     /// Routes for protected requests: each server's kids (with its kid context).

@@ -61,8 +61,52 @@ pub(crate) enum Outcome {
     Retry {
         after: Option<Duration>,
     },
-    /// The SCEF refused it for good (4xx).
+    /// The SCEF refused our credentials (401) even after they were refreshed: kept, retried
+    /// with backoff.
+    Unauthorized,
+    /// The SCEF does not know the NIDD configuration (404): kept until a new one exists.
+    ConfigurationGone,
+    /// The SCEF forbids MT for this device (403): kept, retried at the slowest pace, and the
+    /// device counts as not ready.
+    Forbidden,
+    /// The SCEF refused it for good (400, 411, 413, 415, other 4xx): dropped.
     Rejected,
+}
+
+impl Outcome {
+    /// The outcome of a 200 or 201 answer by its `deliveryStatus` (TS 29.122 §5.6; see
+    /// ARCHITECTURE.md, MT): `SUCCESS*` (and `SENDING`, and no status on a 200) is delivered;
+    /// `FAILURE*` is a failed delivery kept for retry like a 500, at `retry_at` when the SCEF
+    /// named one; `BUFFERING*` / `TRIGGERED` (and no status on a 201) is pending at the SCEF
+    /// when the answer carries a `Location`, else the datagram is kept for retry as not
+    /// delivered. An unknown status on a 200 counts as delivered (200 means handled), on a 201
+    /// as pending.
+    pub(crate) fn of_answer(
+        created: bool,
+        status: Option<&DeliveryStatus>,
+        location: Option<String>,
+        retry_at: Option<Instant>,
+    ) -> Self {
+        let Some(status) = status else {
+            return match (created, location) {
+                (true, Some(location)) => Self::Pending(location),
+                (true, None) => Self::NotReachable { retry_at },
+                (false, _) => Self::Delivered,
+            };
+        };
+        if is_success(status) {
+            return Self::Delivered;
+        }
+        if is_failure(status) {
+            return Self::NotReachable { retry_at };
+        }
+        let held = is_buffering(status) || created;
+        match (held, location) {
+            (true, Some(location)) => Self::Pending(location),
+            (true, None) => Self::NotReachable { retry_at },
+            (false, _) => Self::Delivered,
+        }
+    }
 }
 
 /// What the shell must do to the durable queue after an outcome.
@@ -90,6 +134,8 @@ pub(crate) struct MtState {
     triggered_sleep: Option<Instant>,
     /// Longest a datagram is held on a guess (a queue-mode device's window ended).
     guess_hold: Duration,
+    /// The SCEF answered the last MT delivery with 403: the device is not ready.
+    pub forbidden: bool,
 }
 
 impl MtState {
@@ -115,7 +161,23 @@ impl MtState {
             trigger_after,
             triggered_sleep: None,
             guess_hold,
+            forbidden: false,
         }
+    }
+
+    /// `decide`, with the datagram it sends marked in flight in the queue, under the same
+    /// lock, so no admission or expiry can drop it before its outcome is known.
+    pub(crate) fn next_step(
+        &mut self,
+        now: Instant,
+        now_ms: u64,
+        configured: bool,
+    ) -> (Decision, Vec<(QueuedDatagram, DropReason)>) {
+        let (decision, dropped) = self.decide(now, now_ms, configured);
+        if let Decision::Send(item) = &decision {
+            self.queue.set_in_flight(Some(item.seq));
+        }
+        (decision, dropped)
     }
 
     /// Decides the next step; also returns what expired meanwhile.
@@ -194,9 +256,22 @@ impl MtState {
         }
     }
 
-    /// Applies the outcome of delivering `seq`.
+    /// Applies the outcome of delivering `seq`. Only an entry still in the queue is removed
+    /// as delivered or rejected (`QueueEffect::Remove`): a datagram is counted once.
     pub(crate) fn on_outcome(&mut self, seq: u64, outcome: Outcome, now: Instant) -> QueueEffect {
         self.in_flight = None;
+        if self.queue.in_flight() == Some(seq) {
+            self.queue.set_in_flight(None);
+        }
+        // A 403 makes the device not ready until the SCEF takes or answers an MT otherwise.
+        match outcome {
+            Outcome::Forbidden => self.forbidden = true,
+            Outcome::Delivered
+            | Outcome::Pending(_)
+            | Outcome::NotReachable { .. }
+            | Outcome::Rejected => self.forbidden = false,
+            Outcome::Retry { .. } | Outcome::Unauthorized | Outcome::ConfigurationGone => {}
+        }
         match outcome {
             Outcome::Delivered => {
                 self.backoff = self.retry_initial;
@@ -229,6 +304,22 @@ impl MtState {
             Outcome::Retry { after } => {
                 let delay = after.unwrap_or_else(|| self.next_backoff());
                 self.retry_at = Some(now + delay);
+                QueueEffect::Keep
+            }
+            Outcome::Unauthorized => {
+                self.retry_at = Some(now + self.next_backoff());
+                QueueEffect::Keep
+            }
+            Outcome::ConfigurationGone => {
+                // Sending waits for the new configuration (`decide` needs one); its creation
+                // wakes the flusher.
+                self.retry_at = None;
+                QueueEffect::Keep
+            }
+            Outcome::Forbidden => {
+                // A refusal may be lifted at the operator: ask again at the slowest pace.
+                self.backoff = self.retry_max;
+                self.retry_at = Some(now + self.retry_max);
                 QueueEffect::Keep
             }
             Outcome::Rejected => {
@@ -291,6 +382,12 @@ pub(crate) fn is_success(status: &DeliveryStatus) -> bool {
 
 pub(crate) fn is_failure(status: &DeliveryStatus) -> bool {
     status.as_str().starts_with("FAILURE")
+}
+
+/// The SCEF holds the datagram for later delivery (`BUFFERING*`, `TRIGGERED`).
+pub(crate) fn is_buffering(status: &DeliveryStatus) -> bool {
+    let status = status.as_str();
+    status.starts_with("BUFFERING") || status == "TRIGGERED"
 }
 
 /// An RFC 3339 time from the SCEF as an `Instant` (past times become now); `now` and
@@ -545,6 +642,289 @@ mod tests {
         );
         assert_eq!(instant_of(Some("not a time"), now, system_now), None);
         assert_eq!(instant_of(None, now, system_now), None);
+    }
+
+    #[test]
+    fn answers_are_read_by_their_delivery_status() {
+        let now = crate::clock::now();
+        let at = Some(now + Duration::from_secs(30));
+        let loc = || Some("http://scef/d/1".to_string());
+        use DeliveryStatus as S;
+        // 200
+        assert_eq!(
+            Outcome::of_answer(false, None, None, None),
+            Outcome::Delivered
+        );
+        for status in [S::Success, S::SuccessNextHopAcknowledged, S::Sending] {
+            assert_eq!(
+                Outcome::of_answer(false, Some(&status), None, None),
+                Outcome::Delivered
+            );
+        }
+        for status in [
+            S::Failure,
+            S::FailureTimeout,
+            S::FailureTemporarilyNotReachable,
+        ] {
+            assert_eq!(
+                Outcome::of_answer(false, Some(&status), None, at),
+                Outcome::NotReachable { retry_at: at },
+                "{status:?}"
+            );
+        }
+        for status in [
+            S::Buffering,
+            S::BufferingTemporarilyNotReachable,
+            S::Triggered,
+        ] {
+            assert_eq!(
+                Outcome::of_answer(false, Some(&status), loc(), None),
+                Outcome::Pending("http://scef/d/1".into())
+            );
+            assert_eq!(
+                Outcome::of_answer(false, Some(&status), None, at),
+                Outcome::NotReachable { retry_at: at },
+                "no Location: kept for retry"
+            );
+        }
+        let unknown = S::from("SOMETHING_NEW");
+        assert_eq!(
+            Outcome::of_answer(false, Some(&unknown), None, None),
+            Outcome::Delivered
+        );
+        // 201
+        assert_eq!(
+            Outcome::of_answer(true, None, loc(), None),
+            Outcome::Pending("http://scef/d/1".into())
+        );
+        assert_eq!(
+            Outcome::of_answer(true, Some(&S::Success), loc(), None),
+            Outcome::Delivered
+        );
+        assert_eq!(
+            Outcome::of_answer(true, Some(&S::FailureNextHop), loc(), at),
+            Outcome::NotReachable { retry_at: at }
+        );
+        assert_eq!(
+            Outcome::of_answer(true, Some(&unknown), loc(), None),
+            Outcome::Pending("http://scef/d/1".into())
+        );
+    }
+
+    #[test]
+    fn refusals_keep_the_datagram_and_pace_retries() {
+        let t0 = crate::clock::now();
+        let mut mt = state(BufferOwner::Scef);
+        enqueue(&mut mt, 1, 0);
+        let send = |mt: &mut MtState, at: Instant| {
+            let ms = at.duration_since(t0).as_millis() as u64;
+            matches!(mt.next_step(at, ms, true).0, Decision::Send(ref e) if e.seq == 1)
+        };
+        assert!(send(&mut mt, t0));
+        // 401 after a refresh: kept, retried with backoff (1 s, then 2 s).
+        assert_eq!(
+            mt.on_outcome(1, Outcome::Unauthorized, t0),
+            QueueEffect::Keep
+        );
+        assert_eq!(mt.retry_at, Some(t0 + Duration::from_secs(1)));
+        assert!(send(&mut mt, t0 + Duration::from_secs(1)));
+        let t1 = t0 + Duration::from_secs(1);
+        mt.on_outcome(1, Outcome::Unauthorized, t1);
+        assert_eq!(mt.retry_at, Some(t1 + Duration::from_secs(2)));
+        // 403: kept, the device is not ready, retried at the slowest pace (8 s).
+        let t2 = t1 + Duration::from_secs(2);
+        assert!(send(&mut mt, t2));
+        assert_eq!(mt.on_outcome(1, Outcome::Forbidden, t2), QueueEffect::Keep);
+        assert!(mt.forbidden);
+        assert_eq!(mt.retry_at, Some(t2 + Duration::from_secs(8)));
+        assert!(!send(&mut mt, t2 + Duration::from_secs(7)));
+        let t3 = t2 + Duration::from_secs(8);
+        assert!(send(&mut mt, t3));
+        // A 5xx says nothing about the refusal: still not ready.
+        mt.on_outcome(
+            1,
+            Outcome::Retry {
+                after: Some(Duration::ZERO),
+            },
+            t3,
+        );
+        assert!(mt.forbidden);
+        // 404: kept; nothing goes until a configuration exists again.
+        let t4 = t3 + Duration::from_millis(10);
+        assert!(send(&mut mt, t4));
+        assert_eq!(
+            mt.on_outcome(1, Outcome::ConfigurationGone, t4),
+            QueueEffect::Keep
+        );
+        assert_eq!(mt.retry_at, None);
+        let t5 = t4 + Duration::from_millis(10);
+        let ms = t5.duration_since(t0).as_millis() as u64;
+        assert!(
+            matches!(mt.next_step(t5, ms, false).0, Decision::Wait(_)),
+            "no configuration"
+        );
+        assert!(matches!(mt.next_step(t5, ms, true).0, Decision::Send(_)));
+        // Delivered at last: removed once, and the device is ready again.
+        assert_eq!(
+            mt.on_outcome(1, Outcome::Delivered, t5),
+            QueueEffect::Remove(1)
+        );
+        assert!(!mt.forbidden);
+        assert!(mt.queue.is_empty());
+        // Other 4xx: dropped.
+        enqueue(&mut mt, 2, ms);
+        let t6 = t5 + Duration::from_millis(10);
+        assert!(matches!(
+            mt.next_step(t6, ms + 10, true).0,
+            Decision::Send(_)
+        ));
+        assert_eq!(
+            mt.on_outcome(2, Outcome::Rejected, t6),
+            QueueEffect::Remove(2)
+        );
+    }
+
+    /// One step of a device's MT life.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Admit(u8),
+        Step,
+        Answer(u8),
+        Status(bool),
+        Advance(u64),
+        Purge,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => any::<u8>().prop_map(Op::Admit),
+            4 => Just(Op::Step),
+            3 => (0u8..8).prop_map(Op::Answer),
+            1 => any::<bool>().prop_map(Op::Status),
+            2 => (0u64..20_000).prop_map(Op::Advance),
+            1 => Just(Op::Purge),
+        ]
+    }
+
+    fn answer(kind: u8, seq: u64, now: Instant) -> Outcome {
+        match kind {
+            0 => Outcome::Delivered,
+            1 => Outcome::Pending(format!("loc-{seq}")),
+            2 => Outcome::NotReachable {
+                retry_at: Some(now),
+            },
+            3 => Outcome::Retry {
+                after: Some(Duration::ZERO),
+            },
+            4 => Outcome::Unauthorized,
+            5 => Outcome::ConfigurationGone,
+            6 => Outcome::Forbidden,
+            _ => Outcome::Rejected,
+        }
+    }
+
+    proptest::proptest! {
+        /// Over random admit / send / outcome / status / expire / purge sequences through
+        /// `MtState`, every offered datagram ends counted exactly once: delivered, dropped
+        /// with a reason, or still queued; never delivered and dropped.
+        #[test]
+        fn every_datagram_is_counted_exactly_once(
+            ops in proptest::collection::vec(op(), 1..100),
+            max_datagrams in 1usize..4,
+            drop_oldest in proptest::prelude::any::<bool>(),
+        ) {
+            let t0 = crate::clock::now();
+            let l = QueueLimits {
+                max_datagrams,
+                max_bytes: 40,
+                max_age: Duration::from_secs(30),
+                overflow: if drop_oldest { OverflowPolicy::DropOldest } else { OverflowPolicy::DropNewest },
+            };
+            let mut mt = state(BufferOwner::Scef);
+            let mut elapsed_ms = 0u64;
+            let mut offered = 0u64;
+            let mut in_flight: Option<u64> = None;
+            let mut delivered: Vec<u64> = Vec::new();
+            let mut dropped: Vec<(u64, DropReason)> = Vec::new();
+            let mut pending: Vec<String> = Vec::new();
+            for op in ops {
+                let now = t0 + Duration::from_millis(elapsed_ms);
+                // A failed pending delivery comes back even over the bounds (the SCEF gave it
+                // back); nothing else grows the queue past them.
+                let before = mt.queue.waiting().count().max(max_datagrams);
+                let settling = matches!(op, Op::Status(_));
+                match op {
+                    Op::Admit(len) => {
+                        offered += 1;
+                        let data = vec![0x40; usize::from(len % 30) + 1];
+                        let item = QueuedDatagram::sample(offered, data, elapsed_ms, &l);
+                        let admission = mt.queue.admit(item, &l, elapsed_ms);
+                        dropped.extend(admission.dropped.iter().map(|(e, r)| (e.seq, *r)));
+                        if admission.accepted {
+                            proptest::prop_assert!(mt.queue.waiting().count() <= max_datagrams);
+                            proptest::prop_assert!(mt.queue.waiting_bytes() <= l.max_bytes);
+                        }
+                    }
+                    Op::Step => {
+                        if in_flight.is_none() {
+                            let (decision, expired) = mt.next_step(now, elapsed_ms, true);
+                            dropped.extend(expired.iter().map(|(e, r)| (e.seq, *r)));
+                            if let Decision::Send(item) = decision {
+                                in_flight = Some(item.seq);
+                            }
+                        }
+                    }
+                    Op::Answer(kind) => {
+                        if let Some(seq) = in_flight.take() {
+                            let outcome = answer(kind, seq, now);
+                            if let Outcome::Pending(location) = &outcome {
+                                pending.push(location.clone());
+                            }
+                            let effect = mt.on_outcome(seq, outcome.clone(), now);
+                            match outcome {
+                                Outcome::Delivered => {
+                                    proptest::prop_assert_eq!(&effect, &QueueEffect::Remove(seq), "in flight is never dropped");
+                                    delivered.push(seq);
+                                }
+                                Outcome::Rejected => {
+                                    proptest::prop_assert_eq!(&effect, &QueueEffect::Remove(seq));
+                                    dropped.push((seq, DropReason::Rejected));
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    Op::Status(success) => {
+                        if let Some(location) = pending.pop() {
+                            let status = if success { DeliveryStatus::Success } else { DeliveryStatus::FailureTimeout };
+                            let seq = mt.queue.pending_at(&location).map(|e| e.seq);
+                            let effect = mt.on_delivery_status(&location, &status, None, now);
+                            if let (true, Some(seq)) = (success, seq) {
+                                proptest::prop_assert_eq!(&effect, &QueueEffect::Remove(seq));
+                                delivered.push(seq);
+                            }
+                        }
+                    }
+                    Op::Advance(ms) => elapsed_ms += ms,
+                    Op::Purge => {
+                        dropped.extend(mt.queue.drain_all().iter().map(|e| (e.seq, DropReason::Purged)));
+                    }
+                }
+                if !settling {
+                    proptest::prop_assert!(mt.queue.waiting().count() <= before);
+                }
+                if let Some(seq) = in_flight {
+                    proptest::prop_assert!(mt.queue.contains(seq), "the datagram in flight stays queued");
+                }
+            }
+            for seq in 1..=offered {
+                let times_delivered = delivered.iter().filter(|s| **s == seq).count();
+                let times_dropped = dropped.iter().filter(|(s, _)| *s == seq).count();
+                let queued = usize::from(mt.queue.contains(seq));
+                proptest::prop_assert_eq!(times_delivered + times_dropped + queued, 1, "datagram {}", seq);
+            }
+        }
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct Metrics {
     /// Failed writes, removals and flushes of the store, by operation.
     pub store_errors: IntCounterVec,
     pub coap_messages: IntCounterVec,
+    pub t8_credential_refreshes: IntCounterVec,
+    pub devices_forbidden: IntGauge,
 }
 
 impl Metrics {
@@ -145,7 +147,7 @@ impl Metrics {
             )?,
             mt_delivery_attempts: counter_vec(
                 "mt_delivery_attempts_total",
-                "MT delivery attempts by outcome (delivered, pending, not_reachable, retry, rejected)",
+                "MT delivery attempts by outcome (delivered, pending, not_reachable, retry, unauthorized, configuration_gone, forbidden, rejected)",
                 &["outcome"],
             )?,
             mt_queue_depth: gauge(
@@ -184,6 +186,15 @@ impl Metrics {
                 "store_errors_total",
                 "Store operations that failed (device records, MT queue writes, removals, flushes)",
                 &["operation"],
+            )?,
+            t8_credential_refreshes: counter_vec(
+                "t8_credential_refreshes_total",
+                "T8 credentials asked for again after a 401, by outcome (refreshed, unchanged, failed)",
+                &["outcome"],
+            )?,
+            devices_forbidden: gauge(
+                "devices_forbidden",
+                "Devices whose last MT delivery the SCEF refused with 403 (not ready)",
             )?,
             registry,
         })

@@ -273,7 +273,8 @@ impl Downlinks {
     }
 
     /// Drops every datagram queued for a device (pending ones at the SCEF included), counted as
-    /// `purged`; returns how many.
+    /// `purged`; returns how many. The one in flight is left to its T8 answer, so it is never
+    /// counted both purged and delivered.
     pub(crate) async fn purge(&self, device: &Device) -> usize {
         let purged = device.state().mt.queue.drain_all();
         let count = purged.len();

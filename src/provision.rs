@@ -32,8 +32,9 @@ pub(crate) struct Reprovision {
 }
 
 impl Reprovision {
-    /// The SCEF terminated the device's configuration: forget it (deleting its monitoring
-    /// subscription, so none is leaked) and create a new one.
+    /// The SCEF terminated the device's configuration, or no longer knows it (404 on an MT
+    /// delivery): forget it (deleting its monitoring subscription, so none is leaked) and
+    /// create a new one at once.
     pub(crate) fn configuration_terminated(&self, device: &Device) {
         let old = device
             .state()
@@ -174,6 +175,8 @@ impl Provisioner {
                     if let Err(error) = self.devices.set_nidd(device, Some(nidd)) {
                         tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
                     }
+                    // MT held for want of a configuration may go now.
+                    device.wake.notify_one();
                     return;
                 }
                 Err(error) => {

@@ -103,10 +103,15 @@ pub(crate) struct Admission {
 }
 
 /// One device's queue, oldest first. Entries pending at the SCEF stay until their outcome is
-/// known but do not count against the bounds: the SCEF holds them.
+/// known but do not count against the bounds: the SCEF holds them. The entry in flight (handed
+/// to the SCEF, T8 request outstanding) counts against the bounds but is never dropped for
+/// overflow nor for age: its outcome decides what becomes of it, so a datagram is never both
+/// dropped and delivered.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct DeviceQueue {
     entries: VecDeque<QueuedDatagram>,
+    /// Sequence number of the entry whose T8 delivery request is outstanding.
+    in_flight: Option<u64>,
 }
 
 impl DeviceQueue {
@@ -114,7 +119,28 @@ impl DeviceQueue {
         entries.sort_by_key(|e| e.seq);
         Self {
             entries: entries.into(),
+            in_flight: None,
         }
+    }
+
+    /// Marks `seq` as handed to the SCEF (or, with `None`, its outcome as known).
+    pub(crate) fn set_in_flight(&mut self, seq: Option<u64>) {
+        self.in_flight = seq;
+    }
+
+    pub(crate) fn in_flight(&self) -> Option<u64> {
+        self.in_flight
+    }
+
+    /// Whether the queue holds an entry with this sequence number.
+    #[cfg(test)]
+    pub(crate) fn contains(&self, seq: u64) -> bool {
+        self.entries.iter().any(|e| e.seq == seq)
+    }
+
+    /// An entry overflow may drop: waiting (not pending at the SCEF) and not in flight.
+    fn droppable(&self, entry: &QueuedDatagram) -> bool {
+        entry.pending.is_none() && Some(entry.seq) != self.in_flight
     }
 
     #[cfg(test)]
@@ -156,12 +182,13 @@ impl DeviceQueue {
             .any(|e| e.source == source && e.message_id == message_id && e.data == data)
     }
 
-    /// Drops expired entries.
+    /// Drops expired entries; the one in flight waits for its outcome.
     pub(crate) fn expire(&mut self, now_ms: u64) -> Vec<(QueuedDatagram, DropReason)> {
+        let in_flight = self.in_flight;
         let (expired, kept): (Vec<_>, Vec<_>) = self
             .entries
             .drain(..)
-            .partition(|e| e.expires_at_ms <= now_ms);
+            .partition(|e| e.expires_at_ms <= now_ms && Some(e.seq) != in_flight);
         self.entries = kept.into();
         expired
             .into_iter()
@@ -169,7 +196,9 @@ impl DeviceQueue {
             .collect()
     }
 
-    /// Adds `item` at the tail, dropping by the limits and the overflow policy.
+    /// Adds `item` at the tail, dropping by the limits and the overflow policy. `drop_oldest`
+    /// never drops the entry in flight nor one pending at the SCEF: when only those are left,
+    /// the newcomer is dropped instead (overflow), so the bounds hold.
     pub(crate) fn admit(
         &mut self,
         item: QueuedDatagram,
@@ -199,8 +228,12 @@ impl DeviceQueue {
                     };
                 }
                 OverflowPolicy::DropOldest => {
-                    let Some(oldest) = self.entries.iter().position(|e| e.pending.is_none()) else {
-                        break;
+                    let Some(oldest) = self.entries.iter().position(|e| self.droppable(e)) else {
+                        dropped.push((item, DropReason::Overflow));
+                        return Admission {
+                            accepted: false,
+                            dropped,
+                        };
                     };
                     if let Some(entry) = self.entries.remove(oldest) {
                         dropped.push((entry, DropReason::Overflow));
@@ -220,13 +253,20 @@ impl DeviceQueue {
         self.waiting().next()
     }
 
-    /// Earliest expiry among waiting entries.
+    /// Earliest expiry among entries that can expire (not the one in flight).
     pub(crate) fn next_expiry_ms(&self) -> Option<u64> {
-        self.entries.iter().map(|e| e.expires_at_ms).min()
+        self.entries
+            .iter()
+            .filter(|e| Some(e.seq) != self.in_flight)
+            .map(|e| e.expires_at_ms)
+            .min()
     }
 
     pub(crate) fn remove(&mut self, seq: u64) -> Option<QueuedDatagram> {
         let index = self.entries.iter().position(|e| e.seq == seq)?;
+        if self.in_flight == Some(seq) {
+            self.in_flight = None;
+        }
         self.entries.remove(index)
     }
 
@@ -249,8 +289,15 @@ impl DeviceQueue {
         Some(entry)
     }
 
+    /// Takes every entry out of the queue except the one in flight, whose outcome decides.
     pub(crate) fn drain_all(&mut self) -> Vec<QueuedDatagram> {
-        self.entries.drain(..).collect()
+        let in_flight = self.in_flight;
+        let (kept, drained): (Vec<_>, Vec<_>) = self
+            .entries
+            .drain(..)
+            .partition(|e| Some(e.seq) == in_flight);
+        self.entries = kept.into();
+        drained
     }
 }
 
@@ -341,6 +388,183 @@ mod tests {
         assert_eq!(q.next_to_send().map(|e| e.seq), Some(2));
         assert!(q.is_retransmission("127.0.0.1:5683".parse().unwrap(), 1, &[0x40; 10]));
         assert!(!q.is_retransmission("127.0.0.1:5683".parse().unwrap(), 1, &[0x41; 10]));
+    }
+
+    #[test]
+    fn drop_oldest_never_drops_the_entry_in_flight() {
+        let l = limits(OverflowPolicy::DropOldest);
+        let mut q = DeviceQueue::default();
+        for seq in 1..=3 {
+            assert!(q.admit(item(seq, 10, 0, &l), &l, 0).accepted);
+        }
+        q.set_in_flight(Some(1));
+        let admission = q.admit(item(4, 10, 0, &l), &l, 0);
+        assert!(admission.accepted);
+        assert_eq!(
+            admission
+                .dropped
+                .iter()
+                .map(|(e, r)| (e.seq, *r))
+                .collect::<Vec<_>>(),
+            vec![(2, DropReason::Overflow)]
+        );
+        assert_eq!(
+            q.waiting().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 3, 4]
+        );
+    }
+
+    #[test]
+    fn only_undroppable_entries_left_drops_the_newcomer() {
+        let l = QueueLimits {
+            max_datagrams: 2,
+            ..limits(OverflowPolicy::DropOldest)
+        };
+        let mut q = DeviceQueue::default();
+        assert!(q.admit(item(1, 10, 0, &l), &l, 0).accepted);
+        assert!(q.admit(item(2, 10, 0, &l), &l, 0).accepted);
+        q.mark_pending(1, "http://scef/d/1".into());
+        q.set_in_flight(Some(2));
+        // Pending does not count: one waiting (in flight), room for one more.
+        assert!(q.admit(item(3, 10, 0, &l), &l, 0).accepted);
+        q.remove(3);
+        let l1 = QueueLimits {
+            max_datagrams: 1,
+            ..l
+        };
+        let refused = q.admit(item(4, 10, 0, &l1), &l1, 0);
+        assert!(!refused.accepted);
+        assert_eq!(refused.dropped.len(), 1);
+        assert_eq!(refused.dropped[0].0.seq, 4);
+        assert_eq!(refused.dropped[0].1, DropReason::Overflow);
+        assert!(q.contains(1) && q.contains(2));
+        assert!(q.waiting().count() <= l1.max_datagrams);
+    }
+
+    #[test]
+    fn expiry_of_the_entry_in_flight_waits_for_its_outcome() {
+        let l = limits(OverflowPolicy::DropOldest);
+        let mut q = DeviceQueue::default();
+        q.admit(item(1, 10, 0, &l), &l, 0);
+        q.admit(item(2, 10, 0, &l), &l, 0);
+        q.set_in_flight(Some(1));
+        let expired = q.expire(247_000);
+        assert_eq!(expired.iter().map(|(e, _)| e.seq).collect::<Vec<_>>(), [2]);
+        assert!(q.contains(1));
+        assert_eq!(q.next_expiry_ms(), None, "the entry in flight has no timer");
+        q.set_in_flight(None);
+        assert_eq!(q.expire(247_000).len(), 1);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_purge_leaves_the_entry_in_flight_to_its_outcome() {
+        let l = limits(OverflowPolicy::DropOldest);
+        let mut q = DeviceQueue::default();
+        q.admit(item(1, 10, 0, &l), &l, 0);
+        q.admit(item(2, 10, 0, &l), &l, 0);
+        q.set_in_flight(Some(1));
+        let purged = q.drain_all();
+        assert_eq!(purged.iter().map(|e| e.seq).collect::<Vec<_>>(), [2]);
+        assert_eq!(q.remove(1).map(|e| e.seq), Some(1));
+        assert_eq!(
+            q.in_flight(),
+            None,
+            "removing the entry in flight clears the mark"
+        );
+    }
+
+    /// One step of the queue's life as the flusher and the sockets drive it.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Admit(usize),
+        Send,
+        Delivered,
+        Retry,
+        Pending,
+        PendingSettled,
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1usize..50).prop_map(Op::Admit),
+            3 => Just(Op::Send),
+            2 => Just(Op::Delivered),
+            1 => Just(Op::Retry),
+            1 => Just(Op::Pending),
+            1 => Just(Op::PendingSettled),
+            2 => (0u64..40_000).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        /// Over any admit / send / outcome / expire sequence, every offered datagram ends
+        /// exactly once delivered, dropped (with its reason) or still queued.
+        #[test]
+        fn every_datagram_is_delivered_dropped_or_queued_exactly_once(
+            ops in proptest::collection::vec(op(), 1..80),
+            max_datagrams in 1usize..4,
+            drop_oldest in any::<bool>(),
+        ) {
+            let l = QueueLimits {
+                max_datagrams,
+                max_bytes: 100,
+                max_age: Duration::from_secs(60),
+                overflow: if drop_oldest { OverflowPolicy::DropOldest } else { OverflowPolicy::DropNewest },
+            };
+            let mut q = DeviceQueue::default();
+            let mut now_ms = 0u64;
+            let mut offered = 0u64;
+            let mut delivered: Vec<u64> = Vec::new();
+            let mut dropped: Vec<(u64, DropReason)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Admit(len) => {
+                        offered += 1;
+                        let admission = q.admit(item(offered, len, now_ms, &l), &l, now_ms);
+                        dropped.extend(admission.dropped.iter().map(|(e, r)| (e.seq, *r)));
+                    }
+                    Op::Send => {
+                        dropped.extend(q.expire(now_ms).iter().map(|(e, r)| (e.seq, *r)));
+                        if q.in_flight().is_none() {
+                            let next = q.next_to_send().map(|e| e.seq);
+                            q.set_in_flight(next);
+                        }
+                    }
+                    Op::Delivered => {
+                        if let Some(seq) = q.in_flight() {
+                            prop_assert!(q.remove(seq).is_some(), "the entry in flight is still queued");
+                            delivered.push(seq);
+                        }
+                    }
+                    Op::Retry => q.set_in_flight(None),
+                    Op::Pending => {
+                        if let Some(seq) = q.in_flight() {
+                            q.set_in_flight(None);
+                            let location = format!("loc{seq}");
+                            prop_assert!(q.mark_pending(seq, location).is_some());
+                        }
+                    }
+                    Op::PendingSettled => {
+                        let settled = q.entries.iter().find(|e| e.pending.is_some()).map(|e| e.seq);
+                        if let Some(seq) = settled {
+                            prop_assert!(q.remove(seq).is_some());
+                            delivered.push(seq);
+                        }
+                    }
+                    Op::Advance(ms) => now_ms += ms,
+                }
+                prop_assert!(q.waiting().count() <= max_datagrams);
+                prop_assert!(q.waiting_bytes() <= l.max_bytes);
+            }
+            for seq in 1..=offered {
+                let times_delivered = delivered.iter().filter(|s| **s == seq).count();
+                let times_dropped = dropped.iter().filter(|(s, _)| *s == seq).count();
+                let queued = usize::from(q.contains(seq));
+                prop_assert_eq!(times_delivered + times_dropped + queued, 1, "datagram {}", seq);
+            }
+        }
     }
 
     proptest! {

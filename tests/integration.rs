@@ -10,6 +10,7 @@
 )]
 
 mod integration {
+    pub mod accounting;
     pub mod bad_input;
     pub mod cli;
     pub mod conformance;
@@ -22,6 +23,7 @@ mod integration {
     pub mod provisioning;
     pub mod psm;
     pub mod real_device;
+    pub mod refusals;
     pub mod restart;
     pub mod routing;
     pub mod sim_oscore;

@@ -60,13 +60,40 @@ struct Readiness {
     ready: bool,
     devices: usize,
     devices_with_configuration: usize,
+    /// Devices whose last MT delivery the SCEF refused with 403 (shown when there are any).
+    #[serde(skip_serializing_if = "is_zero")]
+    devices_forbidden: usize,
 }
 
+fn is_zero(count: &usize) -> bool {
+    *count == 0
+}
+
+/// Devices the SCEF forbids MT for (403 on the last delivery); also sets the gauge.
+fn forbidden_count(shared: &AdminState) -> usize {
+    let count = shared
+        .devices
+        .iter()
+        .filter(|d| d.state().mt.forbidden)
+        .count();
+    shared
+        .metrics
+        .devices_forbidden
+        .set(i64::try_from(count).unwrap_or(i64::MAX));
+    count
+}
+
+/// Ready when not shutting down, every device has a usable NIDD configuration and the SCEF
+/// forbids none of them.
 async fn readyz(State(shared): State<AdminState>) -> Response {
+    let forbidden = forbidden_count(&shared);
     let body = Readiness {
-        ready: !shared.lifecycle.is_shutting_down() && shared.devices.all_provisioned(),
+        ready: !shared.lifecycle.is_shutting_down()
+            && shared.devices.all_provisioned()
+            && forbidden == 0,
         devices: shared.devices.len(),
         devices_with_configuration: shared.devices.provisioned_count(),
+        devices_forbidden: forbidden,
     };
     let status = if body.ready {
         StatusCode::OK
@@ -249,6 +276,7 @@ fn gauges<'a>(devices: impl Iterator<Item = &'a Arc<Device>>, now: Instant, now_
 }
 
 fn refresh_gauges(shared: &AdminState, now: Instant, now_ms: u64) {
+    forbidden_count(shared);
     let gauges = gauges(shared.devices.iter(), now, now_ms);
     let metrics = &shared.metrics;
     metrics.mt_queue_depth.set(gauges.queue_depth);
@@ -301,6 +329,38 @@ mod tests {
         let (status, _, body) = read(harness.admin(Method::GET, "/healthz").await).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body, json!("ok"));
+    }
+
+    #[tokio::test]
+    async fn readyz_counts_devices_the_scef_forbids() {
+        let harness = Harness::new().await;
+        let a = harness.device(DEVICE_A);
+        for (device, location) in [(DEVICE_A, CONFIGURATION_A), (DEVICE_B, CONFIGURATION_B)] {
+            let device = harness.device(device);
+            harness
+                .devices
+                .set_nidd(&device, Some(active_configuration(location, None)))
+                .unwrap();
+        }
+        assert_eq!(get(&harness, "/readyz").await.0, StatusCode::OK);
+        let now = clock::now();
+        a.state().mt.on_outcome(1, Outcome::Forbidden, now);
+        assert_eq!(
+            get(&harness, "/readyz").await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ready": false, "devices": 2, "devicesWithConfiguration": 2, "devicesForbidden": 1})
+            )
+        );
+        let (_, _, text) = read(harness.admin(Method::GET, "/metrics").await).await;
+        assert!(
+            text.as_str()
+                .is_some_and(|t| t.contains("nidd_bridge_devices_forbidden 1")),
+            "{text}"
+        );
+        // The SCEF takes an MT again: ready.
+        a.state().mt.on_outcome(1, Outcome::Delivered, now);
+        assert_eq!(get(&harness, "/readyz").await.0, StatusCode::OK);
     }
 
     #[tokio::test]

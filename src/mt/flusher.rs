@@ -1,6 +1,8 @@
 //! The per-device MT flusher: a thin task that asks the device's `MtState` what to do next and
 //! does it — deliver the head of the queue through T8 (paced over all devices), ask the SCEF to
 //! wake the device (T8 device triggering), or wait for a wake-up, a new datagram or a timer.
+//! Each T8 answer becomes an [`Outcome`] (the table is in ARCHITECTURE.md, MT); a 404 hands the
+//! device to the provisioner through a narrow callback (`mt` does not use `provision`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +41,10 @@ impl TriggerSettings {
     }
 }
 
+/// Called when the SCEF no longer knows a device's NIDD configuration (404 on an MT
+/// delivery): forget it and have a new one created. Wired in `bridge` to the provisioner.
+pub(crate) type ConfigurationGone = Arc<dyn Fn(&Device) + Send + Sync>;
+
 /// What every device's flusher shares: the queues, the T8 client and the global pacer.
 pub(crate) struct Flusher {
     downlinks: Arc<Downlinks>,
@@ -48,6 +54,7 @@ pub(crate) struct Flusher {
     triggers: TriggerSettings,
     public_url: Url,
     metrics: Arc<Metrics>,
+    configuration_gone: ConfigurationGone,
 }
 
 impl Flusher {
@@ -58,6 +65,7 @@ impl Flusher {
         triggers: TriggerSettings,
         public_url: Url,
         metrics: Arc<Metrics>,
+        configuration_gone: ConfigurationGone,
     ) -> Self {
         Self {
             downlinks,
@@ -66,6 +74,7 @@ impl Flusher {
             triggers,
             public_url,
             metrics,
+            configuration_gone,
         }
     }
 
@@ -76,7 +85,7 @@ impl Flusher {
             let (decision, dropped) = {
                 let mut state = device.state();
                 let configured = state.is_configured();
-                state.mt.decide(now, clock::unix_ms(), configured)
+                state.mt.next_step(now, clock::unix_ms(), configured)
             };
             self.downlinks.record_drops(&device, dropped);
             match decision {
@@ -137,31 +146,92 @@ impl Flusher {
         };
         let result = self.t8.deliver_downlink(&configuration, &transfer).await;
         let now = clock::now();
+        let outcome = self.outcome_of(device, result, now);
         let metrics = &self.metrics;
-        let outcome = match result {
-            Ok(DownlinkOutcome::Delivered { status }) => {
+        metrics
+            .mt_delivery_attempts
+            .with_label_values(&[outcome_label(&outcome)])
+            .inc();
+        if matches!(outcome, Outcome::NotReachable { .. }) {
+            metrics
+                .reachability_events
+                .with_label_values(&["not_reachable"])
+                .inc();
+        }
+        let gone = matches!(outcome, Outcome::ConfigurationGone);
+        let rejected = matches!(outcome, Outcome::Rejected);
+        let forget = {
+            let mut state = device.state();
+            let effect = state.mt.on_outcome(seq, outcome, now);
+            self.downlinks.apply(device, &effect);
+            // Counted once: only when the datagram was still queued.
+            if rejected && effect == crate::delivery::QueueEffect::Remove(seq) {
+                metrics
+                    .mt_queue_dropped
+                    .with_label_values(&[DropReason::Rejected.label()])
+                    .inc();
+            }
+            // A configuration replaced meanwhile is not forgotten again.
+            gone && state
+                .nidd
+                .as_ref()
+                .is_some_and(|n| n.location == configuration)
+        };
+        if forget {
+            tracing::warn!(device = %device.id, %configuration, "the SCEF no longer knows the NIDD configuration; creating a new one");
+            (self.configuration_gone)(device);
+        } else if gone {
+            device.wake.notify_one();
+        }
+    }
+
+    /// What a T8 answer means for the datagram (counted by reported status).
+    fn outcome_of(
+        &self,
+        device: &Device,
+        result: Result<DownlinkOutcome, crate::t8::T8Error>,
+        now: std::time::Instant,
+    ) -> Outcome {
+        let metrics = &self.metrics;
+        let retry_at = |time: Option<&str>| instant_of(time, now, clock::system_now());
+        match result {
+            Ok(DownlinkOutcome::Delivered {
+                status,
+                location,
+                requested_retransmission_time,
+            }) => {
                 metrics
                     .mt_deliveries
                     .with_label_values(&[status.as_ref().map_or("SUCCESS", |s| s.label())])
                     .inc();
-                Outcome::Delivered
+                Outcome::of_answer(
+                    false,
+                    status.as_ref(),
+                    location.map(|l| l.to_string()),
+                    retry_at(requested_retransmission_time.as_deref()),
+                )
             }
-            Ok(DownlinkOutcome::Pending { location, status }) => {
+            Ok(DownlinkOutcome::Pending {
+                location,
+                status,
+                requested_retransmission_time,
+            }) => {
                 metrics
                     .mt_deliveries
                     .with_label_values(&[status.as_ref().map_or("PENDING", |s| s.label())])
                     .inc();
-                Outcome::Pending(location.to_string())
+                Outcome::of_answer(
+                    true,
+                    status.as_ref(),
+                    Some(location.to_string()),
+                    retry_at(requested_retransmission_time.as_deref()),
+                )
             }
             Ok(DownlinkOutcome::Failed { failure }) => {
                 metrics.mt_deliveries.with_label_values(&["FAILED"]).inc();
                 tracing::debug!(device = %device.id, cause = ?failure.problem_detail.cause, "SCEF could not deliver; kept for retry");
                 Outcome::NotReachable {
-                    retry_at: instant_of(
-                        failure.requested_retransmission_time.as_deref(),
-                        now,
-                        clock::system_now(),
-                    ),
+                    retry_at: retry_at(failure.requested_retransmission_time.as_deref()),
                 }
             }
             Err(error) if error.is_retryable() => {
@@ -171,28 +241,18 @@ impl Flusher {
                 }
             }
             Err(error) => {
-                tracing::warn!(device = %device.id, %error, "SCEF refused MT datagram; dropped");
-                Outcome::Rejected
+                let outcome = refusal(error.status().map(|s| s.as_u16()), error.cause());
+                match outcome {
+                    Outcome::Rejected => {
+                        tracing::warn!(device = %device.id, %error, "SCEF refused MT datagram; dropped")
+                    }
+                    _ => {
+                        tracing::warn!(device = %device.id, %error, "SCEF refused MT datagram; kept")
+                    }
+                }
+                outcome
             }
-        };
-        metrics
-            .mt_delivery_attempts
-            .with_label_values(&[outcome_label(&outcome)])
-            .inc();
-        match &outcome {
-            Outcome::Rejected => metrics
-                .mt_queue_dropped
-                .with_label_values(&[DropReason::Rejected.label()])
-                .inc(),
-            Outcome::NotReachable { .. } => metrics
-                .reachability_events
-                .with_label_values(&["not_reachable"])
-                .inc(),
-            _ => {}
         }
-        let mut state = device.state();
-        let effect = state.mt.on_outcome(seq, outcome, now);
-        self.downlinks.apply(device, &effect);
     }
 
     /// Asks the SCEF to wake a sleeping device that has MT waiting (T8 device triggering).
@@ -226,12 +286,53 @@ impl Flusher {
     }
 }
 
+/// A non-retryable T8 refusal of an MT delivery (its status and ProblemDetails cause): 401
+/// (after one credential refresh) and 403 keep the datagram, 404 keeps it for the next
+/// configuration; a datagram the SCEF will never take (400, 411, 413, 415, 403
+/// `DATA_TOO_LARGE`, other 4xx, or an answer the bridge cannot read) is dropped.
+fn refusal(status: Option<u16>, cause: Option<&str>) -> Outcome {
+    match status {
+        Some(401) => Outcome::Unauthorized,
+        Some(403) if cause == Some("DATA_TOO_LARGE") => Outcome::Rejected,
+        Some(403) => Outcome::Forbidden,
+        Some(404) => Outcome::ConfigurationGone,
+        _ => Outcome::Rejected,
+    }
+}
+
 fn outcome_label(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Delivered => "delivered",
         Outcome::Pending(_) => "pending",
         Outcome::NotReachable { .. } => "not_reachable",
         Outcome::Retry { .. } => "retry",
+        Outcome::Unauthorized => "unauthorized",
+        Outcome::ConfigurationGone => "configuration_gone",
+        Outcome::Forbidden => "forbidden",
         Outcome::Rejected => "rejected",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_keep_what_the_scef_may_take_later() {
+        assert_eq!(refusal(Some(401), None), Outcome::Unauthorized);
+        assert_eq!(
+            refusal(Some(403), Some("NOT_AUTHORIZED")),
+            Outcome::Forbidden
+        );
+        assert_eq!(refusal(Some(403), None), Outcome::Forbidden);
+        assert_eq!(
+            refusal(Some(403), Some("DATA_TOO_LARGE")),
+            Outcome::Rejected
+        );
+        assert_eq!(refusal(Some(404), None), Outcome::ConfigurationGone);
+        for status in [400, 405, 409, 411, 413, 415] {
+            assert_eq!(refusal(Some(status), None), Outcome::Rejected, "{status}");
+        }
+        assert_eq!(refusal(None, None), Outcome::Rejected, "unreadable answer");
     }
 }

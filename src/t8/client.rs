@@ -1,8 +1,9 @@
 //! HTTP client for the T8 NIDD API of the SCEF/NEF: configuration create/fetch/delete and MT
-//! downlink delivery, with bearer authentication, redirects (307/308) followed, metrics and
-//! latency histograms per operation.
+//! downlink delivery, with bearer authentication (credentials asked again from a
+//! [`CredentialSource`] when the SCEF answers 401, then the request retried once), redirects
+//! (307/308) followed, metrics and latency histograms per operation.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -14,7 +15,7 @@ use super::types::{
     DeliveryStatus, DeviceTriggering, MonitoringEventSubscription, NiddConfiguration,
     NiddDownlinkDataDeliveryFailure, NiddDownlinkDataTransfer, ProblemDetails,
 };
-use crate::config::Secret;
+use crate::config::{ScefConfig, Secret, SecretSource};
 use crate::metrics::Metrics;
 
 /// Redirects followed per request (the SCEF may answer 307/308 with `Location`).
@@ -70,6 +71,22 @@ impl T8Error {
         }
     }
 
+    /// The HTTP status the SCEF answered, if it answered with an error status.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The `cause` of the SCEF's ProblemDetails, if any.
+    pub fn cause(&self) -> Option<&str> {
+        match self {
+            Self::Status { problem, .. } => problem.as_ref()?.cause.as_deref(),
+            _ => None,
+        }
+    }
+
     /// `Retry-After` the SCEF asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -86,15 +103,58 @@ pub struct CreatedConfiguration {
     pub body: NiddConfiguration,
 }
 
+/// Where the T8 client's credentials come from. The client asks once at start and again
+/// whenever the SCEF answers 401; an OAuth2 client-credentials source plugs in here.
+pub trait CredentialSource: Send + Sync {
+    /// The bearer token to send now, if any.
+    fn bearer_token(&self) -> Result<Option<Secret>, String>;
+}
+
+/// Credentials that never change (or none).
+pub struct FixedCredentials(pub Option<Secret>);
+
+impl CredentialSource for FixedCredentials {
+    fn bearer_token(&self) -> Result<Option<Secret>, String> {
+        Ok(self.0.clone())
+    }
+}
+
+/// The bearer token of `[scef]` (`bearer_token_file` or `bearer_token_env`), read again
+/// through the secret source on every refresh, so a rotated token file is picked up.
+pub struct ConfiguredCredentials {
+    scef: ScefConfig,
+    secrets: &'static (dyn SecretSource + Send + Sync),
+}
+
+impl ConfiguredCredentials {
+    pub fn new(scef: ScefConfig, secrets: &'static (dyn SecretSource + Send + Sync)) -> Self {
+        Self { scef, secrets }
+    }
+}
+
+impl CredentialSource for ConfiguredCredentials {
+    fn bearer_token(&self) -> Result<Option<Secret>, String> {
+        self.scef
+            .bearer_token(self.secrets)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// What became of one MT datagram.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DownlinkOutcome {
-    /// 200: handed on immediately.
-    Delivered { status: Option<DeliveryStatus> },
+    /// 200: handled immediately; `status` says how (a `FAILURE*` or `BUFFERING*` status on a
+    /// 200 is not a delivery), with the `Location` and `requestedRetransmissionTime` if given.
+    Delivered {
+        status: Option<DeliveryStatus>,
+        location: Option<Url>,
+        requested_retransmission_time: Option<String>,
+    },
     /// 201: pending at the SCEF; a delivery-status notification for `location` follows.
     Pending {
         location: Url,
         status: Option<DeliveryStatus>,
+        requested_retransmission_time: Option<String>,
     },
     /// 500 with `NiddDownlinkDataDeliveryFailure`: not delivered.
     Failed {
@@ -106,7 +166,9 @@ pub struct T8Client {
     http: reqwest::Client,
     api_root: Url,
     scs_as_id: String,
-    bearer: Option<Secret>,
+    credentials: Arc<dyn CredentialSource>,
+    /// The bearer token sent now (from `credentials`, refreshed on 401).
+    bearer: RwLock<Option<Secret>>,
     metrics: Arc<Metrics>,
 }
 
@@ -128,9 +190,56 @@ impl T8Client {
             http,
             api_root,
             scs_as_id,
-            bearer,
+            credentials: Arc::new(FixedCredentials(bearer.clone())),
+            bearer: RwLock::new(bearer),
             metrics,
         })
+    }
+
+    /// Asks `credentials` again whenever the SCEF answers 401 (the token given to `new` stays
+    /// the first one sent).
+    pub fn with_credentials(mut self, credentials: Arc<dyn CredentialSource>) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    fn current_bearer(&self) -> Option<Secret> {
+        self.bearer
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Asks the credential source again after a 401; whether the token changed (counted).
+    fn refresh_credentials(&self, operation: &'static str) -> bool {
+        let (changed, outcome) = match self.credentials.bearer_token() {
+            Ok(fresh) => {
+                let mut bearer = self
+                    .bearer
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if *bearer == fresh {
+                    (false, "unchanged")
+                } else {
+                    *bearer = fresh;
+                    (true, "refreshed")
+                }
+            }
+            Err(error) => {
+                tracing::warn!(operation, %error, "cannot refresh the T8 credentials");
+                (false, "failed")
+            }
+        };
+        tracing::info!(
+            operation,
+            outcome,
+            "the SCEF refused the T8 credentials; asked for new ones"
+        );
+        self.metrics
+            .t8_credential_refreshes
+            .with_label_values(&[outcome])
+            .inc();
+        changed
     }
 
     /// `{apiRoot}/3gpp-nidd/v1/{scsAsId}/configurations`.
@@ -225,9 +334,12 @@ impl T8Client {
         let response = self.send(OP, self.http.post(url).json(body)).await?;
         match response.status() {
             StatusCode::OK => {
+                let location = location(OP, &response).ok();
                 let answer: NiddDownlinkDataTransfer = read_json(OP, response).await?;
                 Ok(DownlinkOutcome::Delivered {
                     status: answer.delivery_status,
+                    location,
+                    requested_retransmission_time: answer.requested_retransmission_time,
                 })
             }
             StatusCode::CREATED => {
@@ -236,6 +348,7 @@ impl T8Client {
                 Ok(DownlinkOutcome::Pending {
                     location,
                     status: answer.delivery_status,
+                    requested_retransmission_time: answer.requested_retransmission_time,
                 })
             }
             StatusCode::INTERNAL_SERVER_ERROR => {
@@ -325,13 +438,34 @@ impl T8Client {
         }
     }
 
+    /// Sends with the current credentials; on 401 asks for new ones and, if they changed,
+    /// sends once more.
     async fn send_api(
         &self,
         api: &'static str,
         operation: &'static str,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, T8Error> {
-        let request = match &self.bearer {
+        let again = request.try_clone();
+        let response = self.send_once(api, operation, request).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        match again {
+            Some(again) if self.refresh_credentials(operation) => {
+                self.send_once(api, operation, again).await
+            }
+            _ => Ok(response),
+        }
+    }
+
+    async fn send_once(
+        &self,
+        api: &'static str,
+        operation: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, T8Error> {
+        let request = match &self.current_bearer() {
             Some(token) => request.header(AUTHORIZATION, format!("Bearer {}", token.expose())),
             None => request,
         };
@@ -403,5 +537,89 @@ async fn status_error(operation: &'static str, response: reqwest::Response) -> T
         status,
         problem,
         retry_after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    /// A token "file" whose content a test rotates.
+    struct RotatingFile(Mutex<String>);
+
+    impl SecretSource for RotatingFile {
+        fn env(&self, _: &str) -> Option<String> {
+            None
+        }
+        fn file(&self, _: &Path) -> std::io::Result<String> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+    }
+
+    fn scef() -> ScefConfig {
+        ScefConfig {
+            base_url: Url::parse("http://127.0.0.1:1/").unwrap(),
+            scs_as_id: "bridge-1".into(),
+            bearer_token_file: Some("/run/secrets/t8-token".into()),
+            bearer_token_env: None,
+            mtc_provider_id: None,
+            request_timeout_ms: 1_000,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 60_000,
+            provisioning_concurrency: 1,
+        }
+    }
+
+    #[test]
+    fn configured_credentials_are_read_again_on_every_refresh() {
+        let file: &'static RotatingFile =
+            Box::leak(Box::new(RotatingFile(Mutex::new("first\n".into()))));
+        let credentials = ConfiguredCredentials::new(scef(), file);
+        assert_eq!(credentials.bearer_token(), Ok(Some(Secret::new("first"))));
+        *file.0.lock().unwrap() = "second".into();
+        assert_eq!(credentials.bearer_token(), Ok(Some(Secret::new("second"))));
+        *file.0.lock().unwrap() = "  \n".into();
+        assert!(
+            credentials.bearer_token().is_err(),
+            "an empty token is refused"
+        );
+    }
+
+    #[test]
+    fn a_refresh_counts_whether_the_token_changed() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let file: &'static RotatingFile =
+            Box::leak(Box::new(RotatingFile(Mutex::new("first".into()))));
+        let client = T8Client::new(
+            Url::parse("http://127.0.0.1:1/").unwrap(),
+            "bridge-1".into(),
+            Some(Secret::new("first")),
+            Duration::from_secs(1),
+            metrics.clone(),
+        )
+        .unwrap()
+        .with_credentials(Arc::new(ConfiguredCredentials::new(scef(), file)));
+        assert!(!client.refresh_credentials("op"), "same token: no retry");
+        *file.0.lock().unwrap() = "second".into();
+        assert!(client.refresh_credentials("op"));
+        assert_eq!(client.current_bearer(), Some(Secret::new("second")));
+        *file.0.lock().unwrap() = String::new();
+        assert!(!client.refresh_credentials("op"));
+        assert_eq!(
+            client.current_bearer(),
+            Some(Secret::new("second")),
+            "a failed refresh keeps the last token"
+        );
+        let text = metrics.render();
+        for outcome in ["refreshed", "unchanged", "failed"] {
+            assert!(
+                text.contains(&format!(
+                    "nidd_bridge_t8_credential_refreshes_total{{outcome=\"{outcome}\"}} 1"
+                )),
+                "{text}"
+            );
+        }
     }
 }

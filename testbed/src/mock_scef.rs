@@ -131,6 +131,16 @@ pub struct Faults {
     /// a corrupted or tampered frame would arrive.
     pub corrupt_uplinks: AtomicU32,
     pub corrupt_downlinks: AtomicU32,
+    /// Answer MT deliveries 401 unless they carry `Authorization: Bearer <this>` (a rotated
+    /// credential the bridge must read again); `None` checks nothing.
+    pub downlink_bearer: Mutex<Option<String>>,
+    /// Forget the configuration of this many MT deliveries and answer them 404, so the bridge
+    /// must create a new one.
+    pub lose_configurations: AtomicU32,
+    /// Answer this many MT deliveries 200 with `deliveryStatus`
+    /// FAILURE_TEMPORARILY_NOT_REACHABLE and a `requestedRetransmissionTime` one second later;
+    /// nothing is delivered.
+    pub failure_status_downlinks: AtomicU32,
 }
 
 /// How the mock answers a downlink delivery.
@@ -149,6 +159,21 @@ impl Faults {
     pub fn set_downlink_mode(&self, mode: DownlinkMode) {
         self.downlink_mode.store(mode as u8, Ordering::SeqCst);
     }
+
+    /// Requires `Bearer <token>` on MT deliveries from now on (`None`: no check).
+    pub fn require_downlink_bearer(&self, token: Option<&str>) {
+        *self
+            .downlink_bearer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = token.map(str::to_string);
+    }
+}
+
+/// Takes one from a fault counter; whether one was left.
+fn take_one(counter: &AtomicU32) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 #[derive(Default)]
@@ -861,8 +886,27 @@ async fn create_downlink(
     Path((scs, id)): Path<(String, String)>,
     method: Method,
     OriginalUri(uri): OriginalUri,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
+    let wanted = state
+        .faults
+        .downlink_bearer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(token) = wanted {
+        let sent = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if sent != Some(format!("Bearer {token}").as_str()) {
+            return problem_response(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "the bearer token is not (or no longer) valid".into(),
+            );
+        }
+    }
     if state.faults.redirect_downlinks.load(Ordering::SeqCst)
         && !uri.path().starts_with("/redirected")
     {
@@ -918,6 +962,26 @@ async fn create_downlink(
     };
     if configuration.ue != ue {
         return bad_request(format!("{ue} does not belong to configuration {id}"));
+    }
+    if take_one(&state.faults.lose_configurations) {
+        state.inner().configurations.remove(&id);
+        state.bump();
+        return problem_response(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_NOT_FOUND",
+            format!("no configuration {id} (forgotten by fault injection)"),
+        );
+    }
+    if take_one(&state.faults.failure_status_downlinks) {
+        let retry = std::time::SystemTime::now() + Duration::from_secs(1);
+        let answer = NiddDownlinkDataTransfer {
+            delivery_status: Some(DeliveryStatus::FailureTemporarilyNotReachable),
+            requested_retransmission_time: Some(
+                humantime::format_rfc3339_seconds(retry).to_string(),
+            ),
+            ..request
+        };
+        return json_response(StatusCode::OK, &answer, None);
     }
     let datagram = match BASE64.decode(&request.data) {
         Ok(datagram) => datagram,
