@@ -3,7 +3,7 @@
 //! by identity or by token; and the persisted record of each device in step with memory.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -179,6 +179,8 @@ pub(crate) struct DeviceTable {
     by_token: HashMap<String, usize>,
     store: Store,
     provisioned: AtomicUsize,
+    /// Persisted configurations were checked with the SCEF after start.
+    verified: AtomicBool,
     provisioned_gauge: IntGauge,
     store_errors: IntCounterVec,
 }
@@ -195,6 +197,7 @@ impl DeviceTable {
             by_token: HashMap::new(),
             store,
             provisioned: AtomicUsize::new(0),
+            verified: AtomicBool::new(false),
             provisioned_gauge,
             store_errors,
         }
@@ -239,9 +242,15 @@ impl DeviceTable {
         self.provisioned.load(Ordering::Relaxed)
     }
 
-    /// Whether every device has a usable NIDD configuration.
+    /// Whether every device has a usable NIDD configuration, and the configurations persisted
+    /// from an earlier run were checked with the SCEF (and pointed at this run's callback URL).
     pub(crate) fn all_provisioned(&self) -> bool {
-        self.provisioned_count() == self.devices.len()
+        self.verified.load(Ordering::Relaxed) && self.provisioned_count() == self.devices.len()
+    }
+
+    /// The configurations persisted from an earlier run were checked with the SCEF.
+    pub(crate) fn mark_verified(&self) {
+        self.verified.store(true, Ordering::Relaxed);
     }
 
     /// The store the device records live in.

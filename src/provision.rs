@@ -114,6 +114,9 @@ impl Provisioner {
         let this = &self;
         this.remove_departed_devices().await;
         self.verify_persisted().await;
+        // Only now is this instance ready: until then the SCEF may still call an earlier run's
+        // callback URL.
+        self.devices.mark_verified();
         loop {
             let missing: Vec<Arc<Device>> = self
                 .devices

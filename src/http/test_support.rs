@@ -150,6 +150,8 @@ impl Harness {
                 .insert(Arc::new(device), Some(nidd))
                 .expect("device record");
         }
+        // As after start-up: persisted configurations checked with the SCEF.
+        devices.mark_verified();
         let devices = Arc::new(devices);
 
         let nidd = NiddDefaults::default();
