@@ -83,6 +83,34 @@ impl DeviceState {
     }
 }
 
+/// A device in bridge mode with the default PSM settings, routed to server 0, for tests.
+#[cfg(test)]
+impl Default for DeviceState {
+    fn default() -> Self {
+        use crate::config::{BufferOwner, PsmConfig};
+        use crate::queue::DeviceQueue;
+        use crate::reachability::Reachability;
+        use std::time::Duration;
+        let psm = PsmConfig::default();
+        Self {
+            router: Router::new(0, None, Arc::from(Vec::new())),
+            nidd: None,
+            mt: MtState::new(
+                Reachability::new(Duration::from_secs(psm.active_window_s)),
+                DeviceQueue::default(),
+                BufferOwner::Bridge,
+                psm.device_rate_per_s,
+                (
+                    Duration::from_millis(psm.retry_initial_ms),
+                    Duration::from_millis(psm.retry_max_ms),
+                ),
+                None,
+                Duration::from_secs(psm.guess_hold_s),
+            ),
+        }
+    }
+}
+
 /// What the bridge was told about a device that makes it reachable now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum WakeSource {

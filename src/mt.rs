@@ -296,12 +296,10 @@ impl Downlinks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BufferOwner, OverflowPolicy};
-    use crate::delivery::MtState;
+    use crate::config::OverflowPolicy;
+
     use crate::devices::DeviceState;
-    use crate::queue::DeviceQueue;
-    use crate::reachability::Reachability;
-    use crate::routing::Router;
+
     use crate::socket::DeviceSocket;
     use crate::store::Store;
 
@@ -325,19 +323,7 @@ mod tests {
 
     fn device() -> Arc<Device> {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let state = DeviceState {
-            router: Router::new(0, None, Arc::from(Vec::new())),
-            nidd: None,
-            mt: MtState::new(
-                Reachability::new(Duration::from_secs(20)),
-                DeviceQueue::default(),
-                BufferOwner::Bridge,
-                10.0,
-                (Duration::from_secs(1), Duration::from_secs(8)),
-                None,
-                Duration::from_secs(10),
-            ),
-        };
+        let state = DeviceState::default();
         Arc::new(Device::new(
             "123@iot.example".parse().unwrap(),
             None,

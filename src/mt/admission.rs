@@ -117,15 +117,13 @@ pub(crate) fn admit(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+
     use std::time::Duration;
 
     use super::*;
-    use crate::config::{BufferOwner, OverflowPolicy};
-    use crate::delivery::MtState;
-    use crate::queue::{DeviceQueue, DropReason};
-    use crate::reachability::Reachability;
-    use crate::routing::Router;
+    use crate::config::OverflowPolicy;
+
+    use crate::queue::DropReason;
 
     const SERVER: &str = "127.0.0.1:5683";
 
@@ -143,19 +141,7 @@ mod tests {
     }
 
     fn state() -> DeviceState {
-        DeviceState {
-            router: Router::new(0, None, Arc::from(Vec::new())),
-            nidd: None,
-            mt: MtState::new(
-                Reachability::new(Duration::from_secs(20)),
-                DeviceQueue::default(),
-                BufferOwner::Bridge,
-                10.0,
-                (Duration::from_secs(1), Duration::from_secs(8)),
-                None,
-                Duration::from_secs(10),
-            ),
-        }
+        DeviceState::default()
     }
 
     /// CON GET /3/0/0 with message ID `mid` and a one-byte token.
