@@ -20,8 +20,7 @@ use tokio::net::UdpSocket;
 use tower::ServiceExt;
 use url::Url;
 
-use crate::config::{BufferOwner, NiddDefaults, PsmConfig, ScefConfig};
-use crate::delivery::MtState;
+use crate::config::{NiddDefaults, PsmConfig, ScefConfig};
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
 use crate::http::Lifecycle;
 use crate::http::admin::{self, AdminState};
@@ -32,9 +31,7 @@ use crate::mo::{ServerAddress, Uplinks};
 use crate::mt::Downlinks;
 use crate::mt::durable::MtStore;
 use crate::provision::Provisioner;
-use crate::queue::{DeviceQueue, QueueLimits};
-use crate::reachability::Reachability;
-use crate::routing::Router;
+use crate::queue::QueueLimits;
 use crate::socket::DeviceSocket;
 use crate::store::Store;
 use crate::t8::{NiddStatus, T8Client};
@@ -144,7 +141,7 @@ impl Harness {
                 token.to_string(),
                 Arc::new(device_socket()),
                 false,
-                device_state(&psm),
+                DeviceState::default(),
             );
             devices
                 .insert(Arc::new(device), Some(nidd))
@@ -344,25 +341,6 @@ fn device_socket() -> DeviceSocket {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("device socket");
     socket.set_nonblocking(true).expect("non-blocking socket");
     DeviceSocket::from_std(socket).expect("device socket")
-}
-
-fn device_state(psm: &PsmConfig) -> DeviceState {
-    DeviceState {
-        router: Router::new(0, None, Arc::from(Vec::new())),
-        nidd: None,
-        mt: MtState::new(
-            Reachability::new(Duration::from_secs(psm.active_window_s)),
-            DeviceQueue::default(),
-            BufferOwner::Bridge,
-            psm.device_rate_per_s,
-            (
-                Duration::from_millis(psm.retry_initial_ms),
-                Duration::from_millis(psm.retry_max_ms),
-            ),
-            None,
-            Duration::from_secs(psm.guess_hold_s),
-        ),
-    }
 }
 
 /// `http://127.0.0.1:<port>` on a port that was free a moment ago and that nobody serves.
