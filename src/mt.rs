@@ -5,18 +5,23 @@
 //! change a queue; every change is mirrored in the store.
 //!
 //! Group commit: a receive loop never waits for the disk. It writes the datagram to the store
-//! and leaves it to [`Downlinks::run_commits`], which flushes once for every datagram written
-//! since its last flush; only then are they counted as accepted and their flushers woken.
+//! and leaves it to [`Downlinks::run_commits`], which flushes once for every change written
+//! since its last flush; only then are new datagrams counted as accepted and their flushers
+//! woken. Removals (delivered, rejected, dropped) and pending marks (201 BUFFERING) go into the
+//! same commits: each store change gets a [`Generation`], and whoever must not go on before a
+//! change is durable (a flusher before its next delivery, a delivery-status callback before
+//! its answer) awaits [`Downlinks::durable`]. So a crash resends at most the datagram in flight.
 
 pub(crate) mod admission;
 pub(crate) mod durable;
 pub(crate) mod flusher;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::QueueEffect;
@@ -29,6 +34,16 @@ use durable::MtStore;
 
 /// How long the committer waits before flushing again after a failed flush.
 const COMMIT_RETRY: Duration = Duration::from_millis(100);
+
+/// The number of a store change, in the order changes were written; a commit makes every
+/// change up to some generation durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Generation(u64);
+
+/// A flush of the MT queue failed; what it covered waits for the next one.
+#[derive(Debug, thiserror::Error)]
+#[error("the MT queue could not be flushed")]
+pub(crate) struct CommitFailed;
 
 /// A datagram written to the store and waiting for the next flush to count as accepted.
 struct Uncommitted {
@@ -47,6 +62,10 @@ pub(crate) struct Downlinks {
     metrics: Arc<Metrics>,
     uncommitted: Mutex<Vec<Uncommitted>>,
     commit_due: Notify,
+    /// Generation of the last store change written (not necessarily durable).
+    written: AtomicU64,
+    /// Generation up to which every change is durable.
+    durable: watch::Sender<u64>,
 }
 
 impl Downlinks {
@@ -65,7 +84,27 @@ impl Downlinks {
             metrics,
             uncommitted: Mutex::new(Vec::new()),
             commit_due: Notify::new(),
+            written: AtomicU64::new(0),
+            durable: watch::Sender::new(0),
         }
+    }
+
+    /// Notes a store change just written and asks for a commit; returns its generation.
+    fn written(&self) -> Generation {
+        let generation = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        self.commit_due.notify_one();
+        Generation(generation)
+    }
+
+    /// Waits until the change of `generation` (and every one before it) is durable.
+    pub(crate) async fn durable(&self, generation: Generation) {
+        let mut durable = self.durable.subscribe();
+        // The sender lives as long as `self`, so this only ends when the change is durable.
+        let _ = durable.wait_for(|done| *done >= generation.0).await;
+    }
+
+    fn has_unflushed_changes(&self) -> bool {
+        self.written.load(Ordering::SeqCst) > *self.durable.borrow()
     }
 
     /// One datagram that arrived on a device's socket: dropped (counted), suppressed as a
@@ -112,7 +151,9 @@ impl Downlinks {
                 // Written under the device lock so the flusher can never remove it first.
                 if admission.accepted {
                     match self.store.put(&device.id, &persisted) {
-                        Ok(()) => {}
+                        Ok(()) => {
+                            self.written();
+                        }
                         Err(error) => {
                             // Not durable, so not accepted: taken out of the queue again.
                             self.metrics.store_error("mt_put");
@@ -124,10 +165,7 @@ impl Downlinks {
                     }
                 }
                 for (dropped, _) in &admission.dropped {
-                    if let Err(error) = self.store.remove(&device.id, dropped.seq) {
-                        self.metrics.store_error("mt_remove");
-                        tracing::error!(device = %device.id, %error, "cannot remove a dropped MT datagram");
-                    }
+                    self.remove_dropped(device, dropped.seq);
                 }
             }
             admitted
@@ -159,18 +197,21 @@ impl Downlinks {
         self.commit_due.notify_one();
     }
 
-    /// Flushes the store once for every datagram written since the last flush, then counts
-    /// them as accepted and wakes their flushers. Returns how many were committed; after a
-    /// failed flush none are, and they wait for the next one.
-    pub(crate) async fn commit(&self) -> usize {
+    /// Flushes the store once for every change written since the last flush, then counts the
+    /// new datagrams among them as accepted, wakes their flushers and releases whoever awaits
+    /// [`durable`](Self::durable). Returns how many datagrams were accepted; after a failed
+    /// flush nothing is, and everything waits for the next one.
+    pub(crate) async fn commit(&self) -> Result<usize, CommitFailed> {
+        // Read before the flush: every change up to it was written before the flush starts.
+        let target = self.written.load(Ordering::SeqCst);
         let batch = std::mem::take(
             &mut *self
                 .uncommitted
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         );
-        if batch.is_empty() {
-            return 0;
+        if batch.is_empty() && target <= *self.durable.borrow() {
+            return Ok(0);
         }
         if let Err(error) = self.store.flush().await {
             self.metrics.store_error("mt_flush");
@@ -181,9 +222,14 @@ impl Downlinks {
                 .unwrap_or_else(PoisonError::into_inner);
             let newer = std::mem::replace(&mut *uncommitted, batch);
             uncommitted.extend(newer);
-            return 0;
+            return Err(CommitFailed);
         }
         self.metrics.mt_queue_commits.inc();
+        self.durable.send_if_modified(|done| {
+            let advanced = target > *done;
+            *done = (*done).max(target);
+            advanced
+        });
         for datagram in &batch {
             self.metrics.mt_datagrams.inc();
             self.metrics.mt_bytes.inc_by(datagram.bytes);
@@ -191,27 +237,31 @@ impl Downlinks {
             self.metrics.mt_queue_accepted.inc();
             datagram.device.wake.notify_one();
         }
-        batch.len()
+        Ok(batch.len())
     }
 
-    /// The group committer: commits whenever datagrams were written, until cancelled; then
+    /// The group committer: commits whenever changes were written, until cancelled; then
     /// once more, so nothing written is left uncounted.
     pub(crate) async fn run_commits(self: Arc<Self>, cancel: CancellationToken) {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => {
-                    self.commit().await;
+                    let _ = self.commit().await;
+                    // Nobody waits for a commit that will not come: the bridge's final flush,
+                    // after every task stopped, makes the rest durable.
+                    self.durable.send_replace(u64::MAX);
                     return;
                 }
                 _ = self.commit_due.notified() => {}
             }
-            let waiting = !self
-                .uncommitted
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_empty();
-            if waiting && self.commit().await == 0 {
-                // The flush failed: try again shortly, without waiting for new datagrams.
+            let waiting = self.has_unflushed_changes()
+                || !self
+                    .uncommitted
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .is_empty();
+            if waiting && self.commit().await.is_err() {
+                // Try again shortly, without waiting for new changes.
                 tokio::time::sleep(COMMIT_RETRY).await;
                 self.commit_due.notify_one();
             }
@@ -231,29 +281,45 @@ impl Downlinks {
     pub(crate) fn record_drops(&self, device: &Device, dropped: Vec<(QueuedDatagram, DropReason)>) {
         for (item, reason) in &dropped {
             tracing::debug!(device = %device.id, seq = item.seq, reason = reason.label(), "MT datagram dropped from the queue");
-            if let Err(error) = self.store.remove(&device.id, item.seq) {
-                self.metrics.store_error("mt_remove");
-                tracing::error!(device = %device.id, %error, "cannot remove a dropped MT datagram");
-            }
+            self.remove_dropped(device, item.seq);
         }
         self.count_drops(dropped.into_iter().map(|(_, reason)| reason));
     }
 
-    /// Mirrors a queue change in the store (called with the device lock held).
-    pub(crate) fn apply(&self, device: &Device, effect: &QueueEffect) {
-        let result = match effect {
-            QueueEffect::Remove(seq) => self.store.remove(&device.id, *seq),
-            QueueEffect::Persist(item) => self.store.put(&device.id, item),
-            QueueEffect::Keep => Ok(()),
-        };
-        if let Err(error) = result {
-            self.metrics.store_error("mt_update");
-            tracing::error!(device = %device.id, %error, "cannot update the MT queue in the store");
+    /// Removes a dropped datagram from the store, in the next commit.
+    fn remove_dropped(&self, device: &Device, seq: u64) {
+        match self.store.remove(&device.id, seq) {
+            Ok(()) => {
+                self.written();
+            }
+            Err(error) => {
+                self.metrics.store_error("mt_remove");
+                tracing::error!(device = %device.id, %error, "cannot remove a dropped MT datagram");
+            }
         }
     }
 
-    /// A delivery-status notification for a delivery pending at the SCEF settles its entry.
-    pub(crate) fn settle(
+    /// Mirrors a queue change in the store (called with the device lock held); the change is
+    /// durable once [`durable`](Self::durable) of the returned generation is.
+    pub(crate) fn apply(&self, device: &Device, effect: &QueueEffect) -> Option<Generation> {
+        let result = match effect {
+            QueueEffect::Remove(seq) => self.store.remove(&device.id, *seq),
+            QueueEffect::Persist(item) => self.store.put(&device.id, item),
+            QueueEffect::Keep => return None,
+        };
+        match result {
+            Ok(()) => Some(self.written()),
+            Err(error) => {
+                self.metrics.store_error("mt_update");
+                tracing::error!(device = %device.id, %error, "cannot update the MT queue in the store");
+                None
+            }
+        }
+    }
+
+    /// A delivery-status notification for a delivery pending at the SCEF settles its entry;
+    /// returns once that is durable, so the SCEF is answered only for what a crash keeps.
+    pub(crate) async fn settle(
         &self,
         device: &Device,
         delivery: &str,
@@ -261,14 +327,14 @@ impl Downlinks {
         retry_at: Option<Instant>,
         now: Instant,
     ) {
-        let effect = {
+        let change = {
             let mut state = device.state();
             let effect = state.mt.on_delivery_status(delivery, status, retry_at, now);
-            self.apply(device, &effect);
-            effect
+            self.apply(device, &effect)
         };
-        if effect != QueueEffect::Keep {
+        if let Some(generation) = change {
             device.wake.notify_one();
+            self.durable(generation).await;
         }
     }
 
@@ -285,10 +351,8 @@ impl Downlinks {
                 .map(|item| (item, DropReason::Purged))
                 .collect(),
         );
-        if let Err(error) = self.store.flush().await {
-            self.metrics.store_error("mt_flush");
-            tracing::error!(%error, "cannot flush the MT queue");
-        }
+        let generation = Generation(self.written.load(Ordering::SeqCst));
+        self.durable(generation).await;
         count
     }
 }
@@ -354,7 +418,7 @@ mod tests {
         // Written and queued, but not yet durable: not counted as accepted.
         assert_eq!(device.state().mt.queue.len(), 20);
         assert_eq!(metrics.mt_queue_accepted.get(), 0);
-        assert_eq!(downlinks.commit().await, 20);
+        assert_eq!(downlinks.commit().await.unwrap(), 20);
         assert_eq!(
             metrics.mt_queue_commits.get(),
             1,
@@ -365,7 +429,11 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), device.wake.notified())
             .await
             .expect("the flusher is woken once they are durable");
-        assert_eq!(downlinks.commit().await, 0, "nothing left to commit");
+        assert_eq!(
+            downlinks.commit().await.unwrap(),
+            0,
+            "nothing left to commit"
+        );
         assert_eq!(metrics.mt_queue_commits.get(), 1);
         // Durable: a store opened again holds them.
         drop(downlinks);
@@ -407,5 +475,57 @@ mod tests {
                     .get(),
             2
         );
+    }
+
+    #[tokio::test]
+    async fn a_removal_is_durable_only_after_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let downlinks = downlinks(&store, &metrics);
+        let device = device();
+        let from: SocketAddr = SERVER.parse().unwrap();
+        downlinks.receive(&device, read(1), from, 1_000);
+        downlinks.commit().await.unwrap();
+        let seq = {
+            let mut state = device.state();
+            let seq = state.mt.queue.next_to_send().unwrap().seq;
+            state.mt.queue.remove(seq);
+            seq
+        };
+        let removal = downlinks
+            .apply(&device, &QueueEffect::Remove(seq))
+            .expect("a removal is a store change");
+        let waiting = tokio::time::timeout(Duration::from_millis(50), downlinks.durable(removal));
+        assert!(waiting.await.is_err(), "not durable before a commit");
+        assert_eq!(downlinks.commit().await.unwrap(), 0, "no new datagram");
+        assert_eq!(
+            metrics.mt_queue_commits.get(),
+            2,
+            "but a flush of the removal"
+        );
+        tokio::time::timeout(Duration::from_secs(5), downlinks.durable(removal))
+            .await
+            .expect("durable after the commit");
+        assert_eq!(downlinks.apply(&device, &QueueEffect::Keep), None);
+        assert!(MtStore::open(&store).unwrap().load().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn waiters_are_released_when_the_committer_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let downlinks = downlinks(&store, &metrics);
+        let device = device();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        downlinks.clone().run_commits(cancel).await;
+        let late = downlinks
+            .apply(&device, &QueueEffect::Remove(7))
+            .expect("a store change");
+        tokio::time::timeout(Duration::from_secs(5), downlinks.durable(late))
+            .await
+            .expect("a change after the last commit does not block shutdown");
     }
 }

@@ -315,7 +315,7 @@ mod tests {
         harness
             .downlinks
             .receive(device, fixture_datagram(fixture), from, now_ms);
-        harness.downlinks.commit().await;
+        harness.downlinks.commit().await.expect("committed");
     }
 
     async fn get(harness: &Harness, path: &str) -> (StatusCode, serde_json::Value) {

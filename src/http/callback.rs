@@ -209,13 +209,16 @@ async fn handle(
                 now,
                 clock::system_now(),
             );
-            shared.downlinks.settle(
-                &device,
-                &notification.nidd_downlink_data_transfer,
-                &notification.delivery_status,
-                retry_at,
-                now,
-            );
+            shared
+                .downlinks
+                .settle(
+                    &device,
+                    &notification.nidd_downlink_data_transfer,
+                    &notification.delivery_status,
+                    retry_at,
+                    now,
+                )
+                .await;
         }
         NiddNotification::GroupDelivery(notification) => {
             for result in &notification.gmd_results {
@@ -478,7 +481,7 @@ mod tests {
         harness
             .downlinks
             .receive(&device, fixture_datagram(READ), from, clock::unix_ms());
-        harness.downlinks.commit().await;
+        harness.downlinks.commit().await.expect("committed");
         woken(&device).await;
         let now = clock::now();
         let mut state = device.state();
@@ -900,7 +903,7 @@ mod tests {
         harness
             .downlinks
             .receive(&device, fixture_datagram(READ), from, clock::unix_ms());
-        harness.downlinks.commit().await;
+        harness.downlinks.commit().await.expect("committed");
         assert_no_content(
             harness
                 .notify(

@@ -101,6 +101,8 @@ pub(crate) struct Harness {
     pub(crate) server: UdpSocket,
     callback: CallbackState,
     admin: AdminState,
+    /// Stops the group committer (which the bridge runs too) when the harness goes.
+    _committer: tokio_util::sync::DropGuard,
     _store_dir: tempfile::TempDir,
 }
 
@@ -200,6 +202,8 @@ impl Harness {
             Url::parse("http://127.0.0.1:8081").expect("public URL"),
             metrics.clone(),
         );
+        let committer = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(downlinks.clone().run_commits(committer.clone()));
         let lifecycle = Lifecycle::default();
         let callback = CallbackState {
             devices: devices.clone(),
@@ -225,6 +229,7 @@ impl Harness {
             server,
             callback,
             admin,
+            _committer: committer.drop_guard(),
             _store_dir: store_dir,
         }
     }

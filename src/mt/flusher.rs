@@ -80,7 +80,7 @@ impl Flusher {
 
     /// One device's flusher: carries out `MtState::decide` until cancelled.
     pub(crate) async fn run(self: Arc<Self>, device: Arc<Device>, cancel: CancellationToken) {
-        loop {
+        while !cancel.is_cancelled() {
             let now = clock::now();
             let (decision, dropped) = {
                 let mut state = device.state();
@@ -160,10 +160,10 @@ impl Flusher {
         }
         let gone = matches!(outcome, Outcome::ConfigurationGone);
         let rejected = matches!(outcome, Outcome::Rejected);
-        let forget = {
+        let (forget, change) = {
             let mut state = device.state();
             let effect = state.mt.on_outcome(seq, outcome, now);
-            self.downlinks.apply(device, &effect);
+            let change = self.downlinks.apply(device, &effect);
             // Counted once: only when the datagram was still queued.
             if rejected && effect == crate::delivery::QueueEffect::Remove(seq) {
                 metrics
@@ -172,11 +172,18 @@ impl Flusher {
                     .inc();
             }
             // A configuration replaced meanwhile is not forgotten again.
-            gone && state
-                .nidd
-                .as_ref()
-                .is_some_and(|n| n.location == configuration)
+            let forget = gone
+                && state
+                    .nidd
+                    .as_ref()
+                    .is_some_and(|n| n.location == configuration);
+            (forget, change)
         };
+        // The next datagram goes out only once this one's removal or pending mark is durable,
+        // so a crash resends at most the datagram in flight.
+        if let Some(generation) = change {
+            self.downlinks.durable(generation).await;
+        }
         if forget {
             tracing::warn!(device = %device.id, %configuration, "the SCEF no longer knows the NIDD configuration; creating a new one");
             (self.configuration_gone)(device);
