@@ -217,6 +217,7 @@ impl Bridge {
                     kid_routes.clone(),
                 ),
                 nidd: None,
+                superseded: Vec::new(),
                 mt: MtState::new(
                     Reachability::with_queue_mode(
                         Duration::from_secs(

@@ -63,8 +63,14 @@ impl NiddState {
 pub(crate) struct DeviceState {
     pub(crate) router: Router,
     pub(crate) nidd: Option<NiddState>,
+    /// Locations of configurations this device had before (newest last, at most
+    /// [`SUPERSEDED_KEPT`]): their late notifications are ignored, not refused.
+    pub(crate) superseded: Vec<Url>,
     pub(crate) mt: MtState,
 }
+
+/// How many replaced configuration locations a device remembers (in memory only).
+pub(crate) const SUPERSEDED_KEPT: usize = 4;
 
 impl DeviceState {
     /// Largest datagram for this device: the SCEF's `maximumPacketSize` (bits) or `default`.
@@ -95,6 +101,7 @@ impl Default for DeviceState {
         Self {
             router: Router::new(0, None, Arc::from(Vec::new())),
             nidd: None,
+            superseded: Vec::new(),
             mt: MtState::new(
                 Reachability::new(Duration::from_secs(psm.active_window_s)),
                 DeviceQueue::default(),
@@ -304,6 +311,19 @@ impl DeviceTable {
         let was_usable = {
             let mut state = device.state();
             let was = state.is_configured();
+            let replaced = match (&state.nidd, &nidd) {
+                (Some(old), Some(new)) if old.location != new.location => {
+                    Some(old.location.clone())
+                }
+                (Some(old), None) => Some(old.location.clone()),
+                _ => None,
+            };
+            if let Some(replaced) = replaced {
+                state.superseded.retain(|known| *known != replaced);
+                state.superseded.push(replaced);
+                let excess = state.superseded.len().saturating_sub(SUPERSEDED_KEPT);
+                state.superseded.drain(..excess);
+            }
             state.nidd = nidd;
             was
         };

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub dropped_datagrams: IntCounterVec,
     pub mt_deliveries: IntCounterVec,
     pub configuration_statuses: IntCounterVec,
+    /// Termination notifications by what the SCEF said when asked.
+    pub reported_terminations: IntCounterVec,
     pub devices_configured: IntGauge,
     pub devices_provisioned: IntGauge,
     pub socket_reallocations: IntCounter,
@@ -114,6 +116,11 @@ impl Metrics {
                 "nidd_configuration_status_total",
                 "NIDD configuration statuses seen (201 bodies and notifications)",
                 &["status"],
+            )?,
+            reported_terminations: counter_vec(
+                "reported_terminations_total",
+                "NIDD configuration terminations reported by notification, by whether the SCEF confirmed them (confirmed, not_confirmed, unverified, superseded)",
+                &["outcome"],
             )?,
             devices_configured: gauge("devices_configured", "Devices in the configuration")?,
             devices_provisioned: gauge(

@@ -29,9 +29,65 @@ pub(crate) struct Reprovision {
     devices: Arc<DeviceTable>,
     t8: Arc<T8Client>,
     wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
+/// How often a reported termination is checked with the SCEF before giving up on knowing.
+const TERMINATION_CHECKS: u32 = 3;
+const TERMINATION_CHECK_RETRY: Duration = Duration::from_secs(1);
+
 impl Reprovision {
+    /// A notification reported that the configuration at `location` ended. Whoever holds the
+    /// device's callback URL can send one, so it is believed only when the SCEF confirms it (a
+    /// GET answers 404 or a terminated status); until then, and when the SCEF cannot be asked,
+    /// the configuration is kept (an MT delivery's 404, or the next start-up, still finds a
+    /// configuration that really ended).
+    pub(crate) fn termination_reported(&self, device: Arc<Device>, location: Url) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let outcome = this.check_termination(&device, &location).await;
+            this.metrics
+                .reported_terminations
+                .with_label_values(&[outcome])
+                .inc();
+        });
+    }
+
+    async fn check_termination(&self, device: &Device, location: &Url) -> &'static str {
+        let mut delay = TERMINATION_CHECK_RETRY;
+        for attempt in 1..=TERMINATION_CHECKS {
+            let ended = match self.t8.fetch_nidd_configuration(location).await {
+                Ok(None) => true,
+                Ok(Some(body)) => body.status.as_ref().is_some_and(NiddStatus::is_terminated),
+                Err(error) => {
+                    tracing::warn!(device = %device.id, %error, attempt, "cannot confirm a reported termination with the SCEF");
+                    if attempt < TERMINATION_CHECKS {
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                    continue;
+                }
+            };
+            // The configuration may have been replaced while the SCEF was asked.
+            let still_current = device
+                .state()
+                .nidd
+                .as_ref()
+                .is_some_and(|nidd| nidd.location == *location);
+            if !still_current {
+                return "superseded";
+            }
+            if ended {
+                tracing::warn!(device = %device.id, %location, "the SCEF terminated the NIDD configuration; creating a new one");
+                self.configuration_terminated(device);
+                return "confirmed";
+            }
+            tracing::warn!(device = %device.id, %location, "a termination notification the SCEF does not confirm; the configuration is kept");
+            return "not_confirmed";
+        }
+        "unverified"
+    }
+
     /// The SCEF terminated the device's configuration, or no longer knows it (404 on an MT
     /// delivery): forget it (deleting its monitoring subscription, so none is leaked) and
     /// create a new one at once.
@@ -106,6 +162,7 @@ impl Provisioner {
             devices: self.devices.clone(),
             t8: self.t8.clone(),
             wake: self.wake.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 

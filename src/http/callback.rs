@@ -57,6 +57,8 @@ pub(crate) enum CallbackError {
     BadBase64(String),
     #[error("the notification names {named}, which does not belong to this NIDD configuration")]
     DeviceNotInConfiguration { named: String },
+    #[error("the notification names configuration {named}, which is not this device's")]
+    ForeignConfiguration { named: String },
     #[error(transparent)]
     Uplink(#[from] UplinkError),
     #[error("the bridge is shutting down")]
@@ -77,6 +79,7 @@ impl CallbackError {
             Self::DeviceNotInConfiguration { .. } => {
                 (StatusCode::FORBIDDEN, "DEVICE_NOT_IN_CONFIGURATION")
             }
+            Self::ForeignConfiguration { .. } => (StatusCode::FORBIDDEN, "FOREIGN_CONFIGURATION"),
             Self::Uplink(UplinkError::Refused(refusal)) => match refusal {
                 UplinkRefusal::NotThisDevice { .. } => {
                     (StatusCode::FORBIDDEN, "DEVICE_NOT_IN_CONFIGURATION")
@@ -171,7 +174,7 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
     kind: &mut &'static str,
-) -> Result<(), CallbackError> {
+) -> Result<&'static str, CallbackError> {
     let (device, json) = read_notification(shared, token, headers, body).await?;
     let notification = NiddNotification::from_json(json)
         .map_err(|e| CallbackError::InvalidNotification(e.to_string()))?;
@@ -189,7 +192,7 @@ async fn handle(
         }
         NiddNotification::ConfigurationStatus(notification) => {
             check_identity(&device, &notification)?;
-            configuration_status(
+            return configuration_status(
                 shared,
                 &device,
                 &notification.nidd_configuration,
@@ -231,7 +234,7 @@ async fn handle(
         }
         NiddNotification::ManagePort(_) | NiddNotification::Test(_) => {}
     }
-    Ok(())
+    Ok(ACCEPTED)
 }
 
 /// The device a notification names: exactly one of `externalId` and `msisdn`.
@@ -259,60 +262,110 @@ fn check_identity(
     Ok(())
 }
 
+/// The outcome label of a notification that was taken.
+const ACCEPTED: &str = "accepted";
+
 /// What a configuration status notification does to the device's configuration.
 #[derive(Debug, Clone, PartialEq)]
 enum StatusChange {
-    /// Nothing known to update (no configuration, and the link is not a URL).
-    Ignore,
     /// The SCEF ended the configuration: forget it and create a new one.
     Terminated,
     /// Keep the configuration with the new status.
     Update(NiddState),
+    /// It names a configuration this device had before: too late to matter.
+    Superseded,
+    /// The device has no configuration now (one is being created): the location only ever
+    /// comes from the SCEF's answer to the bridge's own request, never from a notification.
+    NoConfiguration,
+    /// It names a configuration that was never this device's.
+    Foreign,
 }
 
-/// Decides what a status notification for `link` does, given the configuration held now.
-fn status_change(current: Option<&NiddState>, link: &str, status: NiddStatus) -> StatusChange {
-    let location = match (current, url::Url::parse(link)) {
-        (Some(current), _) => current.location.clone(),
-        (None, Ok(location)) => location,
-        (None, Err(_)) => return StatusChange::Ignore,
+/// Decides what a status notification for `link` does, given the configuration held now and
+/// the ones it replaced. Links are compared as parsed URLs (scheme and host case, default
+/// port, dot segments normalised).
+fn status_change(
+    current: Option<&NiddState>,
+    superseded: &[url::Url],
+    link: &url::Url,
+    status: NiddStatus,
+) -> StatusChange {
+    if superseded.contains(link) {
+        return StatusChange::Superseded;
+    }
+    let Some(current) = current else {
+        return StatusChange::NoConfiguration;
     };
+    if current.location != *link {
+        return StatusChange::Foreign;
+    }
     if status.is_terminated() {
         return StatusChange::Terminated;
     }
     StatusChange::Update(NiddState {
-        location,
         status: Some(status),
-        maximum_packet_size_bits: current.and_then(|c| c.maximum_packet_size_bits),
-        notification_destination: current.and_then(|c| c.notification_destination.clone()),
-        monitoring_subscription: current.and_then(|c| c.monitoring_subscription.clone()),
+        ..current.clone()
     })
 }
 
-fn configuration_status(shared: &CallbackState, device: &Device, link: &str, status: NiddStatus) {
-    shared
-        .metrics
-        .configuration_statuses
-        .with_label_values(&[status_label(&status)])
-        .inc();
-    let current = device.state().nidd.clone();
-    match status_change(current.as_ref(), link, status) {
-        StatusChange::Ignore => {}
+fn configuration_status(
+    shared: &CallbackState,
+    device: &Arc<Device>,
+    link: &str,
+    status: NiddStatus,
+) -> Result<&'static str, CallbackError> {
+    let foreign = || CallbackError::ForeignConfiguration {
+        named: link.to_string(),
+    };
+    let link = url::Url::parse(link).map_err(|_| foreign())?;
+    let (current, superseded) = {
+        let state = device.state();
+        (state.nidd.clone(), state.superseded.clone())
+    };
+    let change = status_change(current.as_ref(), &superseded, &link, status.clone());
+    if !matches!(change, StatusChange::Foreign) {
+        shared
+            .metrics
+            .configuration_statuses
+            .with_label_values(&[status_label(&status)])
+            .inc();
+    }
+    match change {
         StatusChange::Terminated => {
-            tracing::warn!(device = %device.id, "the SCEF terminated the NIDD configuration; creating a new one");
-            shared.reprovision.configuration_terminated(device);
+            tracing::info!(device = %device.id, %link, "termination notified; asking the SCEF");
+            shared
+                .reprovision
+                .termination_reported(device.clone(), link);
+            Ok(ACCEPTED)
         }
         StatusChange::Update(nidd) => {
             tracing::info!(device = %device.id, status = ?nidd.status, "NIDD configuration status");
             shared.devices.update_nidd(device, Some(nidd));
+            Ok(ACCEPTED)
+        }
+        StatusChange::Superseded => {
+            tracing::info!(device = %device.id, %link, status = %status_label(&status), "status of a superseded NIDD configuration ignored");
+            Ok("ignored_superseded")
+        }
+        StatusChange::NoConfiguration => {
+            tracing::info!(device = %device.id, %link, status = %status_label(&status), "status notification while the device has no NIDD configuration ignored");
+            Ok("ignored_no_configuration")
+        }
+        StatusChange::Foreign => {
+            tracing::warn!(device = %device.id, %link, "status notification for a configuration that is not the device's refused");
+            Err(foreign())
         }
     }
 }
 
 /// Counts a notification's outcome and turns it into the HTTP answer.
-fn answer(shared: &CallbackState, kind: &str, result: Result<(), CallbackError>) -> Response {
+fn answer(
+    shared: &CallbackState,
+    kind: &str,
+    result: Result<&'static str, CallbackError>,
+) -> Response {
     let outcome = match &result {
-        Ok(()) => "accepted".to_string(),
+        Ok(outcome) => (*outcome).to_string(),
         Err(error) => error.outcome(),
     };
     shared
@@ -321,7 +374,7 @@ fn answer(shared: &CallbackState, kind: &str, result: Result<(), CallbackError>)
         .with_label_values(&[kind, &outcome])
         .inc();
     match result {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(error) => {
             tracing::debug!(%error, kind, "notification refused");
             error.into_response()
@@ -372,7 +425,7 @@ async fn monitoring_notification(
             tracing::warn!(device = %device.id, "the SCEF cancelled the monitoring subscription; subscribing again");
             shared.reprovision.subscription_ended(&device);
         }
-        Ok(())
+        Ok(ACCEPTED)
     }
     .await;
     answer(&shared, "monitoring", result)
@@ -395,7 +448,7 @@ async fn triggering_notification(
         };
         shared.metrics.device_triggers.with_label_values(&[&label]).inc();
         tracing::info!(device = %device.id, result = %report.result, "device trigger delivery report");
-        Ok(())
+        Ok(ACCEPTED)
     }
     .await;
     answer(&shared, "trigger_report", result)
@@ -561,7 +614,7 @@ mod tests {
     }
 
     #[test]
-    fn status_change_updates_keeps_or_forgets_the_configuration() {
+    fn status_change_applies_only_to_the_configuration_it_names() {
         let mut current = active_configuration(CONFIGURATION_A, Some(MAX_PACKET_BITS_A));
         current.notification_destination =
             Some(format!("http://127.0.0.1:8081/t8/v1/nidd/{TOKEN_A}"));
@@ -571,11 +624,17 @@ mod tests {
                     .into(),
             expires_at_ms: 1,
         });
+        let this = url::Url::parse(CONFIGURATION_A).unwrap();
+        let old = url::Url::parse("http://127.0.0.1:8080/3gpp-nidd/v1/bridge-1/configurations/0ld")
+            .unwrap();
+        let foreign =
+            url::Url::parse("http://attacker.example/3gpp-nidd/v1/x/configurations/1").unwrap();
+        let superseded = [old.clone()];
 
         // A new status keeps everything else the bridge knows of the configuration.
         let suspended = NiddStatus::from("SUSPENDED");
         let StatusChange::Update(updated) =
-            status_change(Some(&current), CONFIGURATION_A, suspended.clone())
+            status_change(Some(&current), &superseded, &this, suspended.clone())
         else {
             panic!("an unknown status is an update");
         };
@@ -587,36 +646,51 @@ mod tests {
             }
         );
         assert_eq!(
-            status_change(Some(&current), CONFIGURATION_A, NiddStatus::Active),
+            status_change(Some(&current), &superseded, &this, NiddStatus::Active),
+            StatusChange::Update(current.clone())
+        );
+        // Links are compared normalised: scheme case and dot segments do not matter.
+        let spelled_otherwise = url::Url::parse(
+            &CONFIGURATION_A.replace("http://127.0.0.1:8080/", "HTTP://127.0.0.1:8080/./"),
+        )
+        .unwrap();
+        assert_eq!(
+            status_change(Some(&current), &[], &spelled_otherwise, NiddStatus::Active),
             StatusChange::Update(current.clone())
         );
 
-        // Both terminations end it.
+        // Both terminations end it, when they name it.
         for terminated in [
             NiddStatus::Terminated,
             NiddStatus::TerminatedUeNotAuthorized,
         ] {
             assert_eq!(
-                status_change(Some(&current), CONFIGURATION_A, terminated),
+                status_change(Some(&current), &superseded, &this, terminated.clone()),
                 StatusChange::Terminated
             );
+            // A late one for the configuration this one replaced changes nothing.
+            assert_eq!(
+                status_change(Some(&current), &superseded, &old, terminated.clone()),
+                StatusChange::Superseded
+            );
+            assert_eq!(
+                status_change(Some(&current), &superseded, &foreign, terminated),
+                StatusChange::Foreign
+            );
         }
-
-        // Without a configuration, the link becomes its location ...
+        // A notification never names the location: not another one ...
         assert_eq!(
-            status_change(None, CONFIGURATION_A, NiddStatus::Active),
-            StatusChange::Update(NiddState {
-                location: url::Url::parse(CONFIGURATION_A).unwrap(),
-                status: Some(NiddStatus::Active),
-                maximum_packet_size_bits: None,
-                notification_destination: None,
-                monitoring_subscription: None,
-            })
+            status_change(Some(&current), &superseded, &foreign, NiddStatus::Active),
+            StatusChange::Foreign
         );
-        // ... unless it is not a URL.
+        // ... and not one for a device that has none (it comes from the SCEF's 201).
         assert_eq!(
-            status_change(None, "7c4e2a91", NiddStatus::Active),
-            StatusChange::Ignore
+            status_change(None, &superseded, &foreign, NiddStatus::Active),
+            StatusChange::NoConfiguration
+        );
+        assert_eq!(
+            status_change(None, &superseded, &old, NiddStatus::Active),
+            StatusChange::Superseded
         );
     }
 
@@ -755,10 +829,13 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn configuration_status_terminated_clears_the_configuration() {
+    /// Whoever holds a callback URL can send a TERMINATED: it is only believed once the SCEF
+    /// confirms it, and the harness's SCEF cannot be reached, so the configuration is kept.
+    /// (tests/integration/provisioning.rs shows a confirmed one re-created.)
+    #[tokio::test(start_paused = true)]
+    async fn configuration_status_terminated_is_checked_with_the_scef_first() {
         let harness = Harness::new().await;
-        assert_eq!(harness.devices.provisioned_count(), 2);
+        let before = nidd_of(&harness, DEVICE_A);
         assert_no_content(
             harness
                 .notify(
@@ -768,13 +845,6 @@ mod tests {
                 .await,
         )
         .await;
-        assert_eq!(nidd_of(&harness, DEVICE_A), None);
-        assert_eq!(stored_nidd_status(&harness, DEVICE_A), None);
-        assert_eq!(harness.devices.provisioned_count(), 1);
-        assert!(!harness.devices.all_provisioned());
-        assert_eq!(harness.metrics.devices_provisioned.get(), 1);
-        // Device B is untouched.
-        assert!(nidd_of(&harness, DEVICE_B).is_some());
         assert_eq!(harness.callbacks("configuration_status", "accepted"), 1);
         assert_eq!(
             harness
@@ -784,6 +854,46 @@ mod tests {
                 .get(),
             1
         );
+        let unverified = harness
+            .metrics
+            .reported_terminations
+            .with_label_values(&["unverified"]);
+        while unverified.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(nidd_of(&harness, DEVICE_A), before, "kept");
+        assert_eq!(harness.devices.provisioned_count(), 2);
+        assert!(harness.devices.all_provisioned());
+    }
+
+    /// The pipelined take-over: a TERMINATED naming the device's configuration, then an ACTIVE
+    /// naming a URL of the attacker's; the first is checked with the SCEF, the second refused,
+    /// and the configuration stays the SCEF's.
+    #[tokio::test(start_paused = true)]
+    async fn a_notification_never_replaces_the_configuration_location() {
+        let harness = Harness::new().await;
+        let before = nidd_of(&harness, DEVICE_A).expect("configured");
+        let terminated = fixture("NiddConfigurationStatusNotification.terminated.json");
+        assert_no_content(harness.notify(&nidd_url(TOKEN_A), terminated).await).await;
+        let mut active: serde_json::Value =
+            serde_json::from_slice(&fixture("NiddConfigurationStatusNotification.active.json"))
+                .unwrap();
+        active["niddConfiguration"] =
+            "http://attacker.example/3gpp-nidd/v1/x/configurations/1".into();
+        let response = harness.notify(&nidd_url(TOKEN_A), active.to_string()).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            harness.callbacks("configuration_status", "foreign_configuration"),
+            1
+        );
+        let answered = harness
+            .metrics
+            .reported_terminations
+            .with_label_values(&["unverified"]);
+        while answered.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(nidd_of(&harness, DEVICE_A), Some(before));
     }
 
     #[tokio::test]
