@@ -22,6 +22,10 @@ pub struct Metrics {
     pub dropped_datagrams: IntCounterVec,
     pub mt_deliveries: IntCounterVec,
     pub configuration_statuses: IntCounterVec,
+    /// Listed NIDD configurations no device's record referenced, by what was done with them.
+    pub configurations_reconciled: IntCounterVec,
+    /// Attempts to list the SCEF's NIDD configurations, by outcome.
+    pub configuration_listings: IntCounterVec,
     pub devices_configured: IntGauge,
     pub devices_provisioned: IntGauge,
     pub socket_reallocations: IntCounter,
@@ -114,6 +118,16 @@ impl Metrics {
                 "nidd_configuration_status_total",
                 "NIDD configuration statuses seen (201 bodies and notifications)",
                 &["status"],
+            )?,
+            configurations_reconciled: counter_vec(
+                "configurations_reconciled_total",
+                "Listed NIDD configurations no stored record referenced, by action (adopted, deleted, foreign, failed, unaddressable, unreadable)",
+                &["action"],
+            )?,
+            configuration_listings: counter_vec(
+                "configuration_listings_total",
+                "Lists of this SCS/AS's NIDD configurations asked of the SCEF, by outcome (listed, error, unsupported)",
+                &["outcome"],
             )?,
             devices_configured: gauge("devices_configured", "Devices in the configuration")?,
             devices_provisioned: gauge(

@@ -14,6 +14,7 @@ mod integration {
     pub mod bad_input;
     pub mod cli;
     pub mod conformance;
+    pub mod crash;
     pub mod data_path;
     pub mod downlink;
     pub mod layout;
