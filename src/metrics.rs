@@ -24,6 +24,10 @@ pub struct Metrics {
     pub configuration_statuses: IntCounterVec,
     /// Termination notifications by what the SCEF said when asked.
     pub reported_terminations: IntCounterVec,
+    /// Listed NIDD configurations no device's record referenced, by what was done with them.
+    pub configurations_reconciled: IntCounterVec,
+    /// Attempts to list the SCEF's NIDD configurations, by outcome.
+    pub configuration_listings: IntCounterVec,
     pub devices_configured: IntGauge,
     pub devices_provisioned: IntGauge,
     pub socket_reallocations: IntCounter,
@@ -120,6 +124,16 @@ impl Metrics {
             reported_terminations: counter_vec(
                 "reported_terminations_total",
                 "NIDD configuration terminations reported by notification, by whether the SCEF confirmed them (confirmed, not_confirmed, unverified, superseded)",
+                &["outcome"],
+            )?,
+            configurations_reconciled: counter_vec(
+                "configurations_reconciled_total",
+                "Listed NIDD configurations no stored record referenced, by action (adopted, deleted, foreign, failed, unaddressable, unreadable)",
+                &["action"],
+            )?,
+            configuration_listings: counter_vec(
+                "configuration_listings_total",
+                "Lists of this SCS/AS's NIDD configurations asked of the SCEF, by outcome (listed, error, unsupported)",
                 &["outcome"],
             )?,
             devices_configured: gauge("devices_configured", "Devices in the configuration")?,

@@ -1,9 +1,17 @@
-//! Keeps every configured device provisioned at the SCEF: checks persisted NIDD
-//! configurations at start-up, creates missing ones with exponential backoff (honouring
-//! `Retry-After`), deletes the ones of devices removed from the configuration, and re-creates a
+//! Keeps every configured device provisioned at the SCEF: makes every device's record (with its
+//! callback capability token) durable before any configuration is asked for, checks persisted
+//! NIDD configurations at start-up, reconciles the SCEF's list of this scsAsId's configurations
+//! with the store (adopting the ones a crash orphaned, deleting the ones of ours nobody uses,
+//! leaving others' alone; see `reconcile`), creates missing ones with exponential backoff
+//! (honouring `Retry-After`, and never asking again while an earlier request may have created
+//! one), deletes the ones of devices removed from the configuration, and re-creates a
 //! configuration the SCEF terminated.
 
+mod reconcile;
+
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,10 +25,12 @@ use crate::devices::{Device, DeviceTable, NiddState};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::store::StoredSubscription;
+use crate::t8::client::ListedConfiguration;
 use crate::t8::{
     MonitoringEventSubscription, MonitoringType, NiddConfiguration, NiddStatus,
-    PdnEstablishmentOption, T8Client,
+    PdnEstablishmentOption, T8Client, T8Error,
 };
+use reconcile::{Listed, Owner, Verdict};
 
 /// What the SCEF said about a device's configuration that asks for provisioning again; the
 /// callback server's handle on the provisioner.
@@ -132,6 +142,8 @@ pub(crate) struct Provisioner {
     public_url: Url,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// Cleared when the SCEF refused to list configurations: no look-up is tried again.
+    can_list: AtomicBool,
 }
 
 impl Provisioner {
@@ -153,6 +165,7 @@ impl Provisioner {
             public_url,
             wake: Arc::new(Notify::new()),
             metrics,
+            can_list: AtomicBool::new(true),
         }
     }
 
@@ -169,11 +182,21 @@ impl Provisioner {
     /// Provisions until cancelled; woken early by a terminated configuration or subscription.
     pub(crate) async fn run(self, cancel: CancellationToken) {
         let this = &self;
+        // Every device's record (and so its callback token) was written when the bridge was
+        // bound; once it is on disk, anything the SCEF creates from here on carries a token a
+        // restarted bridge recognises.
+        self.flush_store().await;
         this.remove_departed_devices().await;
         self.verify_persisted().await;
         // Only now is this instance ready: until then the SCEF may still call an earlier run's
         // callback URL.
         self.devices.mark_verified();
+        // Before anything is created: the SCEF may hold configurations of ours that no record
+        // names (a crash between its 201 and the store's flush).
+        self.reconcile(&cancel).await;
+        if cancel.is_cancelled() {
+            return;
+        }
         loop {
             let missing: Vec<Arc<Device>> = self
                 .devices
@@ -191,10 +214,7 @@ impl Provisioner {
                 })
                 .await;
             let next_renewal = self.ensure_subscriptions().await;
-            if let Err(error) = self.devices.store().flush().await {
-                self.metrics.store_error("flush");
-                tracing::error!(%error, "cannot flush the store");
-            }
+            self.flush_store().await;
             let timer = async {
                 match next_renewal {
                     Some(delay) => tokio::time::sleep(delay).await,
@@ -210,49 +230,79 @@ impl Provisioner {
     }
 
     /// Creates the device's NIDD configuration, retrying until it exists or the bridge stops.
+    /// After a failure that may have created it anyway (a timeout, say), the SCEF's list is
+    /// searched for it before asking again.
     async fn provision_device(&self, device: &Device, cancel: &CancellationToken) {
         let scef = &self.scef;
         let mut backoff = Duration::from_millis(scef.retry_initial_ms);
         let body = self.configuration_request(device);
+        let mut unsure = false;
         loop {
-            match self.t8.create_nidd_configuration(&body).await {
-                Ok(created) => {
-                    let status = created.body.status.clone();
-                    if let Some(status) = &status {
-                        self.metrics
-                            .configuration_statuses
-                            .with_label_values(&[status_label(status)])
-                            .inc();
+            let attempt = if unsure {
+                match self.look_for_own(device).await {
+                    Ok(true) => return,
+                    Ok(false) => {
+                        unsure = false;
+                        self.create(device, &body).await
                     }
-                    let nidd = NiddState {
-                        location: created.location,
-                        status,
-                        maximum_packet_size_bits: created.body.maximum_packet_size,
-                        notification_destination: Some(body.notification_destination.clone()),
-                        monitoring_subscription: None,
-                    };
-                    tracing::info!(device = %device.id, location = %nidd.location, status = ?nidd.status, "NIDD configuration created");
-                    if let Err(error) = self.devices.set_nidd(device, Some(nidd)) {
-                        tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
-                    }
-                    // MT held for want of a configuration may go now.
-                    device.wake.notify_one();
-                    return;
+                    Err(error) => Err(error),
                 }
-                Err(error) => {
-                    let delay = error.retry_after().unwrap_or(backoff);
-                    tracing::warn!(device = %device.id, %error, retry_in_ms = delay.as_millis() as u64, "NIDD configuration not created");
-                    if !error.is_retryable() {
-                        // A refusal may be fixed at the operator; ask again at the slowest pace.
-                        backoff = Duration::from_millis(scef.retry_max_ms);
-                    }
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(jitter(delay)) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_millis(scef.retry_max_ms));
-                }
+            } else {
+                self.create(device, &body).await
+            };
+            let Err(error) = attempt else { return };
+            unsure = unsure || error.may_have_taken_effect();
+            let delay = error.retry_after().unwrap_or(backoff);
+            tracing::warn!(device = %device.id, %error, retry_in_ms = delay.as_millis() as u64, may_exist = unsure, "NIDD configuration not created");
+            if !error.is_retryable() && !unsure {
+                // A refusal may be fixed at the operator; ask again at the slowest pace.
+                backoff = Duration::from_millis(scef.retry_max_ms);
             }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(jitter(delay)) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_millis(scef.retry_max_ms));
+        }
+    }
+
+    /// POSTs the configuration and, on 201, stores and flushes its location at once.
+    async fn create(&self, device: &Device, body: &NiddConfiguration) -> Result<(), T8Error> {
+        let created = self.t8.create_nidd_configuration(body).await?;
+        let status = created.body.status.clone();
+        if let Some(status) = &status {
+            self.metrics
+                .configuration_statuses
+                .with_label_values(&[status_label(status)])
+                .inc();
+        }
+        let nidd = NiddState {
+            location: created.location,
+            status,
+            maximum_packet_size_bits: created.body.maximum_packet_size,
+            notification_destination: Some(body.notification_destination.clone()),
+            monitoring_subscription: None,
+        };
+        tracing::info!(device = %device.id, location = %nidd.location, status = ?nidd.status, "NIDD configuration created");
+        self.keep(device, nidd).await;
+        Ok(())
+    }
+
+    /// Records a configuration the device now has, flushes it, and lets held MT go.
+    async fn keep(&self, device: &Device, nidd: NiddState) {
+        if let Err(error) = self.devices.set_nidd(device, Some(nidd)) {
+            tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
+        }
+        // Durable at once, not at the end of the round: a crash now must not orphan it.
+        self.flush_store().await;
+        // MT held for want of a configuration may go now.
+        device.wake.notify_one();
+    }
+
+    async fn flush_store(&self) {
+        if let Err(error) = self.devices.store().flush().await {
+            self.metrics.store_error("flush");
+            tracing::error!(%error, "cannot flush the store");
         }
     }
 
@@ -337,6 +387,251 @@ impl Provisioner {
                 None
             }
         }
+    }
+
+    /// Lists the SCEF's configurations for this scsAsId (retrying with backoff while it fails)
+    /// and settles each that no device's record references: a configuration carrying a
+    /// device's callback token and naming its UE is adopted by that device if it has none (and
+    /// moved to this run's callback URL), deleted if it has one; one under this instance's
+    /// callback URL that no device has the token of is deleted; every other one belongs to
+    /// another instance or application under the same scsAsId and is left alone. An SCEF that
+    /// does not list configurations is logged and counted, and provisioning goes on without.
+    async fn reconcile(&self, cancel: &CancellationToken) {
+        let Some(listed) = self.list_with_retry(cancel).await else {
+            return;
+        };
+        let (entries, verdicts) = self.judge(&listed);
+        let (mut adopted, mut deleted) = (0, 0);
+        for ((entry, body), verdict) in entries.iter().zip(&listed).zip(verdicts) {
+            match self.settle(entry, body, verdict).await {
+                Some(Settled::Adopted) => adopted += 1,
+                Some(Settled::Deleted) => deleted += 1,
+                None => {}
+            }
+        }
+        tracing::info!(
+            listed = listed.len(),
+            adopted,
+            deleted,
+            "NIDD configurations at the SCEF reconciled with the store"
+        );
+    }
+
+    /// Judges the listed configurations against the devices as they are now.
+    fn judge(&self, listed: &[ListedConfiguration]) -> (Vec<Listed>, Vec<Verdict>) {
+        let referenced: HashSet<Url> = self
+            .devices
+            .iter()
+            .filter_map(|d| d.state().nidd.as_ref().map(|n| n.location.clone()))
+            .collect();
+        let entries: Vec<Listed> = listed
+            .iter()
+            .map(|item| match &item.body {
+                Ok(body) => Listed {
+                    location: item.location.clone(),
+                    ue: named_ue(body),
+                    notification_destination: body.notification_destination.clone(),
+                    terminated: body.status.as_ref().is_some_and(NiddStatus::is_terminated),
+                },
+                // Unreadable: judged as a foreign entry (and counted as unreadable).
+                Err(_) => Listed {
+                    location: None,
+                    ue: None,
+                    notification_destination: String::new(),
+                    terminated: false,
+                },
+            })
+            .collect();
+        let verdicts = reconcile::plan(&entries, &referenced, &self.public_url, |token| {
+            self.devices.by_token(token).map(|device| Owner {
+                id: &device.id,
+                has_configuration: device.state().nidd.is_some(),
+            })
+        });
+        (entries, verdicts)
+    }
+
+    /// Carries out one verdict; what became of the configuration, if it was ours to act on.
+    async fn settle(
+        &self,
+        entry: &Listed,
+        item: &ListedConfiguration,
+        verdict: Verdict,
+    ) -> Option<Settled> {
+        let count = |action: &str| {
+            self.metrics
+                .configurations_reconciled
+                .with_label_values(&[action])
+                .inc();
+        };
+        let body = match &item.body {
+            Ok(body) => body,
+            Err(error) => {
+                count("unreadable");
+                tracing::warn!(%error, "the SCEF listed a NIDD configuration that cannot be read; left alone");
+                return None;
+            }
+        };
+        match (verdict, &entry.location) {
+            (Verdict::Referenced, _) => None,
+            (Verdict::Foreign, _) => {
+                count("foreign");
+                tracing::debug!(location = ?entry.location, "a NIDD configuration of another instance or application; left alone");
+                None
+            }
+            (Verdict::Unaddressable, _) | (_, None) => {
+                count("unaddressable");
+                tracing::warn!(destination = %body.notification_destination, "the SCEF listed a NIDD configuration without a usable self link; left alone");
+                None
+            }
+            (Verdict::Adopt(id), Some(location)) => {
+                let device = self.devices.get(&id)?.clone();
+                if self.adopt(&device, location.clone(), body).await {
+                    count("adopted");
+                    Some(Settled::Adopted)
+                } else {
+                    count("failed");
+                    None
+                }
+            }
+            (Verdict::Stray { reason, device }, Some(location)) => {
+                let device = device.map(|d| d.to_string());
+                match self.t8.delete_nidd_configuration(location).await {
+                    Ok(()) => {
+                        count("deleted");
+                        tracing::info!(%location, reason = reason.as_str(), device = ?device, "deleted a NIDD configuration of ours that no device uses");
+                        Some(Settled::Deleted)
+                    }
+                    Err(error) => {
+                        count("failed");
+                        tracing::warn!(%location, reason = reason.as_str(), device = ?device, %error, "cannot delete a NIDD configuration of ours that no device uses; will try at next start");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a listed configuration as the device's own, moved to this run's callback URL.
+    /// Whether the device has it now (if it cannot be moved, it is deleted and a new one will
+    /// be created).
+    async fn adopt(&self, device: &Device, location: Url, body: &NiddConfiguration) -> bool {
+        let wanted = device.callback_url(&self.public_url);
+        let mut nidd = NiddState {
+            location,
+            status: body.status.clone(),
+            maximum_packet_size_bits: body.maximum_packet_size,
+            notification_destination: Some(body.notification_destination.clone()),
+            monitoring_subscription: None,
+        };
+        if body.notification_destination != wanted {
+            match self
+                .t8
+                .update_notification_destination(&nidd.location, &wanted)
+                .await
+            {
+                Ok(updated) => {
+                    nidd.notification_destination = Some(wanted);
+                    nidd.status = updated.status.or(nidd.status);
+                    nidd.maximum_packet_size_bits = updated
+                        .maximum_packet_size
+                        .or(nidd.maximum_packet_size_bits);
+                }
+                Err(error) => {
+                    tracing::warn!(device = %device.id, %error, "cannot move an orphaned NIDD configuration to this callback URL; replacing it");
+                    if let Err(error) = self.t8.delete_nidd_configuration(&nidd.location).await {
+                        tracing::warn!(device = %device.id, %error, "cannot delete the orphaned NIDD configuration");
+                    }
+                    return false;
+                }
+            }
+        }
+        tracing::info!(device = %device.id, location = %nidd.location, "adopted a NIDD configuration the store did not know (created before a crash)");
+        self.keep(device, nidd).await;
+        true
+    }
+
+    /// Lists the SCEF's configurations, retrying with backoff while that fails and may work
+    /// later; `None` when the SCEF does not list them (or the bridge stops).
+    async fn list_with_retry(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Option<Vec<ListedConfiguration>> {
+        let scef = &self.scef;
+        let mut backoff = Duration::from_millis(scef.retry_initial_ms);
+        loop {
+            match self.list().await {
+                Ok(listed) => return listed,
+                Err(error) => {
+                    let delay = error.retry_after().unwrap_or(backoff);
+                    tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot list the NIDD configurations at the SCEF; creating none until it answers");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(jitter(delay)) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(scef.retry_max_ms));
+                }
+            }
+        }
+    }
+
+    /// One list request: `Ok(None)` when the SCEF does not offer the list (it is then not asked
+    /// again), `Err` for a failure worth retrying.
+    async fn list(&self) -> Result<Option<Vec<ListedConfiguration>>, T8Error> {
+        if !self.can_list.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let count = |outcome: &str| {
+            self.metrics
+                .configuration_listings
+                .with_label_values(&[outcome])
+                .inc();
+        };
+        match self.t8.list_nidd_configurations().await {
+            Ok(listed) => {
+                count("listed");
+                Ok(Some(listed))
+            }
+            Err(error)
+                if error.is_retryable()
+                    && error.status() != Some(reqwest::StatusCode::NOT_IMPLEMENTED) =>
+            {
+                count("error");
+                Err(error)
+            }
+            Err(error) => {
+                count("unsupported");
+                self.can_list.store(false, Ordering::Relaxed);
+                tracing::warn!(%error, "the SCEF does not list NIDD configurations: configurations a crash orphaned cannot be found and are left to the SCEF");
+                Ok(None)
+            }
+        }
+    }
+
+    /// After a creation that may have succeeded unseen: looks for the device's configuration
+    /// in the SCEF's list and adopts it (deleting any second one). `Ok(false)` when there is
+    /// none, or the SCEF cannot say.
+    async fn look_for_own(&self, device: &Device) -> Result<bool, T8Error> {
+        let Some(listed) = self.list().await? else {
+            return Ok(false);
+        };
+        let (entries, verdicts) = self.judge(&listed);
+        let mut found = false;
+        for ((entry, item), verdict) in entries.iter().zip(&listed).zip(verdicts) {
+            let concerns_device = match &verdict {
+                Verdict::Adopt(id) => id == &device.id,
+                Verdict::Stray {
+                    device: Some(id), ..
+                } => id == &device.id,
+                _ => false,
+            };
+            if concerns_device
+                && let Some(Settled::Adopted) = self.settle(entry, item, verdict).await
+            {
+                found = true;
+            }
+        }
+        Ok(found)
     }
 
     /// Deletes the configurations of devices that were removed from the configuration file.
@@ -503,6 +798,21 @@ impl Provisioner {
                 tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
             }
         }
+    }
+}
+
+/// What reconciliation did with a listed configuration of ours.
+enum Settled {
+    Adopted,
+    Deleted,
+}
+
+/// The one UE a configuration names (`externalId` or `msisdn`), if it names exactly one.
+fn named_ue(body: &NiddConfiguration) -> Option<DeviceId> {
+    match (&body.external_id, &body.msisdn) {
+        (Some(external_id), None) => Some(DeviceId::External(external_id.clone())),
+        (None, Some(msisdn)) => Some(DeviceId::Msisdn(msisdn.clone())),
+        _ => None,
     }
 }
 

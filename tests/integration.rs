@@ -19,6 +19,7 @@ mod integration {
     pub mod downlink;
     pub mod layout;
     pub mod lwm2m_ops;
+    pub mod mt_crash;
     pub mod oscore_bridge;
     pub mod oscore_interop;
     pub mod provisioning;

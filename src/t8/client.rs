@@ -1,5 +1,5 @@
-//! HTTP client for the T8 NIDD API of the SCEF/NEF: configuration create/fetch/delete and MT
-//! downlink delivery, with bearer authentication (credentials asked again from a
+//! HTTP client for the T8 NIDD API of the SCEF/NEF: configuration create/list/fetch/delete and
+//! MT downlink delivery, with bearer authentication (credentials asked again from a
 //! [`CredentialSource`] when the SCEF answers 401, then the request retried once), redirects
 //! (307/308) followed, metrics and latency histograms per operation.
 
@@ -71,6 +71,19 @@ impl T8Error {
         }
     }
 
+    /// Whether the SCEF may have carried the request out although the bridge did not get (or
+    /// could not read) its answer: a timeout or a connection lost after sending, a gateway's
+    /// 502/504, or an unreadable success answer. A refused connection is not.
+    pub fn may_have_taken_effect(&self) -> bool {
+        match self {
+            Self::Transport { source, .. } => !source.is_connect(),
+            Self::Status { status, .. } => {
+                *status == StatusCode::BAD_GATEWAY || *status == StatusCode::GATEWAY_TIMEOUT
+            }
+            Self::Protocol { .. } => true,
+        }
+    }
+
     /// The HTTP status the SCEF answered, if it answered with an error status.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
@@ -101,6 +114,16 @@ impl T8Error {
 pub struct CreatedConfiguration {
     pub location: Url,
     pub body: NiddConfiguration,
+}
+
+/// One entry of the SCEF's list of this SCS/AS's configurations.
+#[derive(Debug, Clone)]
+pub struct ListedConfiguration {
+    /// Its `self` link, resolved against the URL that answered; `None` when absent, not a URL,
+    /// or on another origin than the answer (credentials go only to the SCEF's origin).
+    pub location: Option<Url>,
+    /// The entry, or why it is not a readable `NiddConfiguration`.
+    pub body: Result<NiddConfiguration, String>,
 }
 
 /// Where the T8 client's credentials come from. The client asks once at start and again
@@ -267,6 +290,36 @@ impl T8Client {
         let location = location(OP, &response)?;
         let body = read_json(OP, response).await?;
         Ok(CreatedConfiguration { location, body })
+    }
+
+    /// Reads every NIDD configuration of this SCS/AS (GET on the collection; T8 defines no
+    /// paging, so the answer is the whole array). An entry that is not a readable
+    /// configuration is returned as such rather than failing the whole list (other AFs' entries
+    /// under the same scsAsId may use what this bridge does not parse). 204 is read as empty.
+    pub async fn list_nidd_configurations(&self) -> Result<Vec<ListedConfiguration>, T8Error> {
+        const OP: &str = "list_configurations";
+        let response = self
+            .send(OP, self.http.get(self.configurations_url()))
+            .await?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::NO_CONTENT => return Ok(Vec::new()),
+            _ => return Err(status_error(OP, response).await),
+        }
+        let answered = response.url().clone();
+        let entries: Vec<serde_json::Value> = read_json(OP, response).await?;
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                let location = entry
+                    .get("self")
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(|link| answered.join(link).ok())
+                    .filter(|link| link.origin() == answered.origin());
+                let body = serde_json::from_value(entry).map_err(|e| e.to_string());
+                ListedConfiguration { location, body }
+            })
+            .collect())
     }
 
     /// Reads a configuration; `None` when the SCEF no longer has it (404).

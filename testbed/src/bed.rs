@@ -92,6 +92,7 @@ struct RawServerSpec {
 type DeviceOptions = Box<dyn FnOnce(&mut DeviceConfig) + Send>;
 type ConfigOptions = Box<dyn FnOnce(BridgeConfigBuilder) -> BridgeConfigBuilder + Send>;
 type FaultSetting = Box<dyn FnOnce(&Faults) + Send>;
+type MockSetup = Box<dyn FnOnce(&MockScef) + Send>;
 
 /// How a configured device is played.
 enum DevicePlayer {
@@ -123,6 +124,7 @@ pub struct TestBed {
     devices: Vec<DeviceSpec>,
     mock: MockScefConfig,
     faults: Vec<FaultSetting>,
+    mock_setup: Vec<MockSetup>,
     config: Vec<ConfigOptions>,
     run: BridgeRun,
     wait_ready: bool,
@@ -147,6 +149,7 @@ impl TestBed {
                 ..Default::default()
             },
             faults: Vec::new(),
+            mock_setup: Vec::new(),
             config: Vec::new(),
             run: BridgeRun::InProcess,
             wait_ready: true,
@@ -258,6 +261,13 @@ impl TestBed {
         self
     }
 
+    /// Prepares the running mock SCEF before the bridge starts (e.g. configurations someone
+    /// else created: [`MockScef::insert_configuration`]).
+    pub fn before_bridge(mut self, setup: impl FnOnce(&MockScef) + Send + 'static) -> Self {
+        self.mock_setup.push(Box::new(setup));
+        self
+    }
+
     /// Sets the bridge's `[psm]` defaults.
     pub fn psm(self, options: impl FnOnce(&mut PsmConfig) + Send + 'static) -> Self {
         self.bridge_config(|c| c.psm(options))
@@ -355,6 +365,9 @@ impl TestBed {
         let mock = MockScef::start(([127, 0, 0, 1], 0).into(), self.mock).await?;
         for fault in self.faults {
             fault(mock.faults());
+        }
+        for setup in self.mock_setup {
+            setup(&mock);
         }
 
         let mut builder = BridgeConfigBuilder::loopback(&mock.api_root(), &store);

@@ -103,6 +103,8 @@ pub struct Recorded {
 #[derive(Debug, Clone)]
 pub struct MockConfiguration {
     pub id: String,
+    /// The `{scsAsId}` it was created under; the list answers only that SCS/AS's.
+    pub scs_as_id: String,
     pub ue: DeviceId,
     pub notification_destination: String,
     pub self_link: String,
@@ -114,6 +116,18 @@ pub struct Faults {
     /// Answer this many configuration creations with `fail_status`.
     pub fail_configuration_creations: AtomicU32,
     pub fail_status: AtomicU32,
+    /// Create this many configurations but hold their 201 answer (and their ACTIVE
+    /// notification) until [`release_held_answers`](Self::release_held_answers), as an SCEF
+    /// does whose answer is lost or slow: a test can kill the bridge, or let its request time
+    /// out, while the configuration exists at the SCEF and the bridge does not know it.
+    pub hold_configuration_answers: AtomicU32,
+    /// Answers currently held.
+    pub held_answers: AtomicU32,
+    release_held: tokio::sync::Notify,
+    /// Answer this many GETs of the configuration list with `fail_list_status` (e.g. 503 to be
+    /// retried, 405 or 501 for an SCEF that does not offer the list).
+    pub fail_configuration_listings: AtomicU32,
+    pub fail_list_status: AtomicU32,
     /// Answer downlink deliveries with 307 to an equivalent URL.
     pub redirect_downlinks: AtomicBool,
     /// How downlink deliveries are answered (a `DownlinkMode` as u8).
@@ -158,6 +172,12 @@ pub enum DownlinkMode {
 impl Faults {
     pub fn set_downlink_mode(&self, mode: DownlinkMode) {
         self.downlink_mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// Sends every held configuration answer now.
+    pub fn release_held_answers(&self) {
+        self.hold_configuration_answers.store(0, Ordering::SeqCst);
+        self.release_held.notify_waiters();
     }
 
     /// Requires `Bearer <token>` on MT deliveries from now on (`None`: no check).
@@ -435,6 +455,37 @@ impl MockScef {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// Adds a configuration as if someone had created it earlier (another instance or AF under
+    /// the same scsAsId, or a bridge run that crashed before storing it); not counted in
+    /// [`configurations_created`](Self::configurations_created).
+    pub fn insert_configuration(
+        &self,
+        scs_as_id: &str,
+        ue: &DeviceId,
+        notification_destination: &str,
+    ) -> MockConfiguration {
+        let configuration = {
+            let mut inner = self.state.inner();
+            inner.next_id += 1;
+            let id = format!("cfg{}", inner.next_id);
+            let configuration = MockConfiguration {
+                self_link: format!(
+                    "{}3gpp-nidd/v1/{scs_as_id}/configurations/{id}",
+                    self.state.api_root
+                ),
+                id: id.clone(),
+                scs_as_id: scs_as_id.into(),
+                ue: ue.clone(),
+                notification_destination: notification_destination.into(),
+            };
+            inner.configurations.insert(id, configuration.clone());
+            MockState::ue_channels(&mut inner, ue);
+            configuration
+        };
+        self.state.bump();
+        configuration
     }
 
     /// Configurations created since start (deleted ones included).
@@ -759,6 +810,7 @@ async fn create_configuration(
         let self_link = format!("{}3gpp-nidd/v1/{scs}/configurations/{id}", state.api_root);
         let configuration = MockConfiguration {
             id: id.clone(),
+            scs_as_id: scs.clone(),
             ue: ue.clone(),
             notification_destination: request.notification_destination.clone(),
             self_link: self_link.clone(),
@@ -773,6 +825,16 @@ async fn create_configuration(
         };
         (configuration, answer)
     };
+    state.bump();
+    if take_one(&state.faults.hold_configuration_answers) {
+        let faults = &state.faults;
+        let released = faults.release_held.notified();
+        faults.held_answers.fetch_add(1, Ordering::SeqCst);
+        state.bump();
+        // Bounded, so a forgotten hold cannot wedge a test for ever.
+        let _ = tokio::time::timeout(Duration::from_secs(120), released).await;
+        faults.held_answers.fetch_sub(1, Ordering::SeqCst);
+    }
     if state.config.send_active_notification {
         let state = state.clone();
         let configuration = configuration.clone();
@@ -793,15 +855,29 @@ async fn create_configuration(
             }
         });
     }
-    state.bump();
     json_response(StatusCode::CREATED, &answer, Some(&configuration.self_link))
 }
 
-async fn list_configurations(State(state): State<Arc<MockState>>) -> Response {
+/// `FetchAllNIDDConfigurations`: every configuration of the SCS/AS, each with its `self`.
+async fn list_configurations(
+    State(state): State<Arc<MockState>>,
+    Path(scs): Path<String>,
+) -> Response {
+    if take_one(&state.faults.fail_configuration_listings) {
+        let status =
+            StatusCode::from_u16(state.faults.fail_list_status.load(Ordering::SeqCst) as u16)
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return problem_response(
+            status,
+            "INJECTED_FAULT",
+            "fault injected by the mock SCEF".into(),
+        );
+    }
     let all: Vec<serde_json::Value> = state
         .inner()
         .configurations
         .values()
+        .filter(|c| c.scs_as_id == scs)
         .map(|c| configuration_body(&state, c))
         .collect();
     json_response(StatusCode::OK, &all, None)

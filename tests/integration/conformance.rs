@@ -136,6 +136,14 @@ async fn every_exchange_kind_is_checked_against_the_schemas() {
         seen("request", "POST", "/downlink-data-deliveries", "data"),
         "MT delivery"
     );
+    assert!(
+        recorded.iter().any(|r| r.direction == "request"
+            && r.method == "GET"
+            && r.path.ends_with("/configurations")
+            && r.status == 200
+            && r.response_body.as_ref().is_some_and(|b| b.is_array())),
+        "the list of configurations (its answer checked as NiddConfiguration[])"
+    );
     assert!(seen("callback", "POST", "", "data"), "uplink notification");
     assert!(
         seen("callback", "POST", "", "status"),

@@ -1,147 +1,158 @@
-//! SIGKILL under MT load: the bridge process is killed at random moments while an LwM2M server
-//! stand-in sends to a device and the SCEF is slow enough that a queue builds; after each
-//! restart on the same store, every datagram the killed process had accepted is delivered, and
-//! at most the one in flight at each kill is delivered twice (issue 8: removals and pending
-//! marks go into the group commits).
+//! Crash windows of provisioning: a configuration the SCEF created but whose answer the bridge
+//! never stored (SIGKILL while the 201 is on its way, or a request that timed out) is found in
+//! the SCEF's list and adopted, never created a second time.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::ServerRole;
 use nidd_testbed::bed::{DM_SERVER, TestBed};
-use nidd_testbed::probe::{STEP, eventually};
+use nidd_testbed::probe::{STEP, eventually, metric};
 
-/// How often the bridge is killed before the last run drains the queue.
-const KILLS: usize = 5;
-/// The server stand-in's pace: faster than the SCEF below takes them, so a queue builds.
-const SEND_INTERVAL: Duration = Duration::from_millis(2);
-/// The SCEF's time to answer each delivery.
-const SCEF_DELAY_MS: u32 = 4;
-/// Most datagrams one run offers (bounds the load loop).
-const MAX_PER_RUN: usize = 600;
-
-/// A non-confirmable POST whose message ID and token name it.
-fn datagram(n: u16) -> Vec<u8> {
-    let [high, low] = n.to_be_bytes();
-    vec![0x52, 0x02, high, low, high, low, 0xb1, b'3']
+/// A confirmable `POST /dp` with a 4-byte token (an LwM2M Send, as a device would uplink).
+fn device_send(message_id: u16) -> Vec<u8> {
+    let [high, low] = message_id.to_be_bytes();
+    vec![
+        0x44, 0x02, high, low, 0x11, 0x22, 0x33, 0x44, 0xb2, b'd', b'p',
+    ]
 }
 
-fn name_of(datagram: &[u8]) -> u16 {
-    u16::from_be_bytes([datagram[2], datagram[3]])
+/// A confirmable `GET /3/0/0` from the server with a 4-byte token.
+fn server_read(message_id: u16) -> Vec<u8> {
+    let [high, low] = message_id.to_be_bytes();
+    vec![
+        0x44, 0x01, high, low, 0xa1, 0xb2, 0xc3, 0xd4, 0xb1, b'3', 0x01, b'0', 0x01, b'0',
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_under_mt_load_loses_no_accepted_datagram_and_resends_at_most_the_one_in_flight() {
-    let id: DeviceId = "700000099@iot.example".parse().unwrap();
-    let mut bed = TestBed::new()
+async fn a_configuration_created_just_before_a_crash_is_adopted_after_restart() {
+    let ids: Vec<DeviceId> = ["800000001@iot.example", "491768000002"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let mut stack = TestBed::new()
         .raw_server(DM_SERVER, ServerRole::Dm)
-        .device(&id)
-        .psm(|psm| {
-            psm.queue_max_datagrams = 10_000;
-            psm.queue_max_bytes = 1 << 20;
-            // Paced by the SCEF's answers and the commits, not by the default radio pace.
-            psm.device_rate_per_s = 10_000.0;
-            psm.global_rate_per_s = 10_000.0;
-        })
+        .device(&ids[0])
+        .device(&ids[1])
+        // The bridge waits for the held answers rather than giving up on them.
+        .scef(|scef| scef.request_timeout_ms = 60_000)
+        .faults(|faults| faults.hold_configuration_answers.store(2, Ordering::SeqCst))
         .bridge_process(env!("CARGO_BIN_EXE_nidd-bridge"))
+        .without_waiting_for_ready()
         .start()
         .await
         .unwrap();
-    bed.mock()
-        .faults()
-        .downlink_delay_ms
-        .store(SCEF_DELAY_MS, Ordering::SeqCst);
-    let device: std::net::SocketAddr = bed.process().devices().await[0]["udpAddress"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let next_name = Arc::new(AtomicU32::new(1));
-    // What each run's process accepted at least: the first `accepted` datagrams it was sent
-    // (one socket on loopback receives in order; nothing is dropped or suppressed here).
-    let mut must_arrive: Vec<u16> = Vec::new();
-    for run in 0..=KILLS {
-        let sending = Arc::new(AtomicBool::new(true));
-        let sent = {
-            let server = bed.raw_server(DM_SERVER).socket();
-            let (sending, next_name) = (sending.clone(), next_name.clone());
-            tokio::spawn(async move {
-                let mut sent = Vec::new();
-                while sending.load(Ordering::SeqCst) && sent.len() < MAX_PER_RUN {
-                    let name = next_name.fetch_add(1, Ordering::SeqCst) as u16;
-                    if server.send_to(&datagram(name), device).await.is_err() {
-                        break;
-                    }
-                    sent.push(name);
-                    tokio::time::sleep(SEND_INTERVAL).await;
-                }
-                sent
-            })
-        };
-        if run < KILLS {
-            let after = Duration::from_millis(rand::random_range(150..700));
-            tokio::time::sleep(after).await;
-            let accepted = bed.metric("nidd_bridge_mt_queue_accepted_total").await as usize;
-            bed.kill_process().await;
-            sending.store(false, Ordering::SeqCst);
-            let sent = sent.await.unwrap();
-            assert!(accepted <= sent.len());
-            must_arrive.extend(&sent[..accepted]);
-            eprintln!(
-                "run {run}: killed after {after:?}, {} sent, {accepted} accepted",
-                sent.len()
-            );
-            bed.restart_process().await.unwrap();
-        } else {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            sending.store(false, Ordering::SeqCst);
-            let sent = sent.await.unwrap();
-            eventually("the last run accepted all it was sent", || async {
-                bed.metric("nidd_bridge_mt_queue_accepted_total").await as usize == sent.len()
-            })
-            .await;
-            must_arrive.extend(&sent);
-        }
+
+    // The SCEF has created both configurations; the bridge has stored neither.
+    let mock = stack.mock();
+    eventually("both creations held at the SCEF", || async {
+        mock.faults().held_answers.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let orphans = mock.configurations();
+    assert_eq!(orphans.len(), 2);
+    for device in stack.process().devices().await {
+        assert!(device["niddConfiguration"].is_null(), "{device}");
     }
-    let deadline = tokio::time::Instant::now() + 4 * STEP;
-    loop {
-        let depth = bed.metric("nidd_bridge_mt_queue_depth").await;
-        if depth == 0.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the queue did not drain: {depth} left"
+    stack.kill_process().await;
+    stack.mock().faults().release_held_answers();
+
+    stack.restart_process().await.unwrap();
+    let (mock, process) = (stack.mock(), stack.process());
+    let live = format!("http://{}/t8/v1/nidd/", process.callback);
+    let after = mock.configurations();
+    assert_eq!(
+        mock.configurations_created(),
+        2,
+        "no configuration created a second time"
+    );
+    assert_eq!(after.len(), 2, "exactly one configuration per device");
+    assert_eq!(
+        after.iter().map(|c| &c.ue).collect::<HashSet<_>>(),
+        ids.iter().collect::<HashSet<_>>()
+    );
+    for configuration in &after {
+        let orphan = orphans.iter().find(|o| o.id == configuration.id).unwrap();
+        let token = orphan.notification_destination.rsplit('/').next().unwrap();
+        assert_eq!(
+            configuration.notification_destination,
+            format!("{live}{token}"),
+            "moved to the live callback URL, same capability token"
         );
-
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-
-    let mut received: HashMap<u16, usize> = HashMap::new();
-    for datagram in bed.ue(&id).mt_log() {
-        *received.entry(name_of(&datagram)).or_default() += 1;
+    let devices = process.devices().await;
+    for device in &devices {
+        let stored = device["niddConfiguration"]["self"].as_str().unwrap();
+        assert!(after.iter().any(|c| c.self_link == stored), "{device}");
     }
-    let lost: Vec<u16> = must_arrive
-        .iter()
-        .copied()
-        .filter(|name| !received.contains_key(name))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "accepted and never delivered: {lost:?} ({} accepted)",
-        must_arrive.len()
+    // Counted once the adoption is on disk, which may be just after the bridge says ready.
+    eventually("both adoptions counted", || async {
+        metric(
+            &process.metrics().await,
+            "nidd_bridge_configurations_reconciled_total{action=\"adopted\"}",
+        ) == 2.0
+    })
+    .await;
+
+    // MO and MT flow through the adopted configurations.
+    let server = stack.raw_server(DM_SERVER);
+    for (n, id) in ids.iter().enumerate() {
+        let address: std::net::SocketAddr = devices
+            .iter()
+            .find(|d| d["id"] == id.canonical())
+            .and_then(|d| d["udpAddress"].as_str())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ue = mock.ue(id);
+        let message_id = 100 + n as u16;
+        ue.send_mo(&device_send(message_id)).await.unwrap();
+        let (datagram, from) = server.recv().await;
+        assert_eq!(datagram, device_send(message_id));
+        assert_eq!(from, address, "from the device's own socket");
+        server
+            .send_to(&server_read(message_id), address)
+            .await
+            .unwrap();
+        assert_eq!(ue.recv_mt(STEP).await.unwrap(), server_read(message_id));
+    }
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_that_timed_out_is_found_instead_of_made_twice() {
+    let id: DeviceId = "800000003@iot.example".parse().unwrap();
+    // The loopback configuration times T8 requests out after a second.
+    let stack = TestBed::new()
+        .device(&id)
+        .faults(|faults| faults.hold_configuration_answers.store(1, Ordering::SeqCst))
+        .start()
+        .await
+        .unwrap();
+    let (mock, bridge) = (stack.mock(), stack.bridge());
+    assert_eq!(mock.configurations_created(), 1);
+    let configurations = mock.configurations();
+    assert_eq!(configurations.len(), 1);
+    assert_eq!(
+        configurations[0].notification_destination,
+        bridge.callback_url(&id)
     );
-    let twice: Vec<(u16, usize)> = received
-        .iter()
-        .filter(|(_, count)| **count > 1)
-        .map(|(name, count)| (*name, *count))
-        .collect();
+    let text = bridge.metrics().await;
     assert!(
-        twice.len() <= KILLS && twice.iter().all(|(_, count)| *count == 2),
-        "more than the one in flight at each of {KILLS} kills was resent: {twice:?}"
+        metric(
+            &text,
+            "nidd_bridge_t8_requests_total{api=\"nidd\",operation=\"create_configuration\",outcome=\"timeout\"}"
+        ) >= 1.0
     );
-    bed.finish().await;
+    eventually("the adoption counted", || async {
+        metric(
+            &bridge.metrics().await,
+            "nidd_bridge_configurations_reconciled_total{action=\"adopted\"}",
+        ) == 1.0
+    })
+    .await;
+    mock.faults().release_held_answers();
+    stack.finish().await;
 }

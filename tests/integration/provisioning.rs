@@ -1,11 +1,13 @@
 //! Provisioning at the SCEF: retries with backoff while the SCEF fails, readiness that follows
-//! it, and re-creation of a configuration the SCEF terminated.
+//! it, re-creation of a configuration the SCEF terminated, and the start-up reconciliation with
+//! the SCEF's list (strays of ours deleted, others' left alone, an SCEF without the list).
 
 use std::sync::atomic::Ordering;
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::t8::NiddStatus;
 use nidd_testbed::bed::TestBed;
+use nidd_testbed::bridge_config::LOOPBACK_SCS_AS_ID;
 use nidd_testbed::probe::{STEP, eventually, metric};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,5 +79,126 @@ async fn a_terminated_configuration_is_created_again() {
             "nidd_bridge_nidd_configuration_status_total{status=\"TERMINATED\"}"
         ) >= 1.0
     );
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strays_under_our_callback_url_are_deleted_and_foreign_ones_left_alone() {
+    let id: DeviceId = "300000004@iot.example".parse().unwrap();
+    let departed: DeviceId = "300000099@iot.example".parse().unwrap();
+    // A callback address known before the bridge starts, so the strays can point under it.
+    let callback = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let ours = format!("http://{callback}/t8/v1/nidd/");
+    let stray_destination = format!("{ours}{}", "5a".repeat(16));
+    let (device, gone) = (id.clone(), departed.clone());
+    let stack = TestBed::new()
+        .device(&id)
+        .bridge_config(move |c| c.callback(|cb| cb.listen = callback))
+        .before_bridge(move |mock| {
+            // A departed device's configuration whose record was lost: under our URL, unknown
+            // token.
+            mock.insert_configuration(LOOPBACK_SCS_AS_ID, &gone, &stray_destination);
+            // Another application (or shard) configured our own device under the same scsAsId.
+            mock.insert_configuration(
+                LOOPBACK_SCS_AS_ID,
+                &device,
+                "http://192.0.2.10:8080/other-af/nidd",
+            );
+            // Under our URL, but of another SCS/AS: not even listed to us.
+            mock.insert_configuration("another-as", &gone, &stray_destination);
+        })
+        .start()
+        .await
+        .unwrap();
+    let (mock, bridge) = (stack.mock(), stack.bridge());
+    let configurations = mock.configurations();
+    assert!(
+        !configurations
+            .iter()
+            .any(|c| c.scs_as_id == LOOPBACK_SCS_AS_ID && c.ue == departed),
+        "the stray of ours is deleted: {configurations:?}"
+    );
+    assert!(
+        configurations
+            .iter()
+            .any(|c| c.scs_as_id == "another-as" && c.ue == departed),
+        "another SCS/AS's configuration is not touched"
+    );
+    assert!(
+        configurations
+            .iter()
+            .any(|c| c.notification_destination == "http://192.0.2.10:8080/other-af/nidd"),
+        "the foreign configuration is left alone"
+    );
+    let mine: Vec<_> = configurations
+        .iter()
+        .filter(|c| {
+            c.scs_as_id == LOOPBACK_SCS_AS_ID && c.notification_destination.starts_with(&ours)
+        })
+        .collect();
+    assert_eq!(mine.len(), 1, "{configurations:?}");
+    assert_eq!(mine[0].ue, id);
+    assert_eq!(mine[0].notification_destination, bridge.callback_url(&id));
+    assert_eq!(mock.configurations_created(), 1);
+    let text = bridge.metrics().await;
+    for (action, count) in [("deleted", 1.0), ("foreign", 1.0), ("adopted", 0.0)] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!("nidd_bridge_configurations_reconciled_total{{action=\"{action}\"}}")
+            ),
+            count,
+            "{action}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_configuration_listings_total{outcome=\"listed\"}"
+        ),
+        1.0
+    );
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_is_retried_while_it_fails_and_skipped_when_unsupported() {
+    let id: DeviceId = "300000005@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .device(&id)
+        .faults(|faults| {
+            faults.fail_list_status.store(503, Ordering::SeqCst);
+            faults
+                .fail_configuration_listings
+                .store(u32::MAX, Ordering::SeqCst);
+        })
+        .without_waiting_for_ready()
+        .start()
+        .await
+        .unwrap();
+    let (mock, bridge) = (stack.mock(), stack.bridge());
+    let listings = |outcome: &'static str| async move {
+        metric(
+            &bridge.metrics().await,
+            &format!("nidd_bridge_configuration_listings_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    eventually("the list retried", || async {
+        listings("error").await >= 2.0
+    })
+    .await;
+    assert_eq!(
+        mock.configurations_created(),
+        0,
+        "nothing is created while the SCEF cannot say what it has"
+    );
+    // Now the SCEF says it does not offer the list: provisioning goes on without it.
+    mock.faults().fail_list_status.store(405, Ordering::SeqCst);
+    bridge.wait_ready().await;
+    assert_eq!(listings("unsupported").await, 1.0);
+    assert_eq!(mock.configurations().len(), 1);
     stack.finish().await;
 }

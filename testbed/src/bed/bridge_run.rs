@@ -105,6 +105,8 @@ pub struct BridgeProcess {
     child: Child,
     /// The admin listener it printed at start-up.
     pub admin: SocketAddr,
+    /// The callback listener it printed at start-up.
+    pub callback: SocketAddr,
 }
 
 impl BridgeProcess {
@@ -128,11 +130,19 @@ impl BridgeProcess {
             .map_err(|_| BedError::Timeout("the bridge process to print its addresses"))?
             .map_err(|e| BedError::Process(e.to_string()))?
             .ok_or_else(|| BedError::Process("exited before printing its addresses".into()))?;
-        let admin = serde_json::from_str::<Value>(&line)
-            .ok()
-            .and_then(|listening| listening["admin"].as_str()?.parse().ok())
-            .ok_or_else(|| BedError::Process(format!("printed {line:?}, no admin address")))?;
-        Ok(Self { child, admin })
+        let listening = serde_json::from_str::<Value>(&line).unwrap_or_default();
+        let address = |name: &str| -> Result<SocketAddr, BedError> {
+            listening[name]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| BedError::Process(format!("printed {line:?}, no {name} address")))
+        };
+        let (admin, callback) = (address("admin")?, address("callback")?);
+        Ok(Self {
+            child,
+            admin,
+            callback,
+        })
     }
 
     fn signal(&self, signal: &str) -> Result<(), BedError> {
