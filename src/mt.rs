@@ -23,6 +23,7 @@ use crate::delivery::QueueEffect;
 use crate::devices::Device;
 use crate::metrics::Metrics;
 use crate::queue::{DropReason, QueueLimits, QueuedDatagram};
+use crate::store::StoreError;
 use crate::t8::DeliveryStatus;
 use admission::{Admitted, MtRefusal};
 use durable::MtStore;
@@ -250,6 +251,20 @@ impl Downlinks {
             self.metrics.store_error("mt_update");
             tracing::error!(device = %device.id, %error, "cannot update the MT queue in the store");
         }
+    }
+
+    /// Writes every device's queue, as it is in memory, into the store again (after the store
+    /// reopened its database: what the failed one did not flush is gone). Under each device's
+    /// lock, so no change to a queue is lost in between.
+    pub(crate) fn rewrite<'a>(
+        &self,
+        devices: impl Iterator<Item = &'a Arc<Device>>,
+    ) -> Result<(), StoreError> {
+        for device in devices {
+            let state = device.state();
+            self.store.rewrite(&device.id, state.mt.queue.entries())?;
+        }
+        Ok(())
     }
 
     /// A delivery-status notification for a delivery pending at the SCEF settles its entry.

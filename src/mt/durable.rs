@@ -2,36 +2,33 @@
 //! `mt_queue`, keyed by device and sequence number, so nothing accepted is lost on a crash and a
 //! restart reloads each device's queue in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::identity::DeviceId;
 use crate::queue::QueuedDatagram;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreTree};
 
 const MT_QUEUE_TREE: &str = "mt_queue";
 
 /// The sled mirror of every device queue.
 #[derive(Clone)]
 pub(crate) struct MtStore {
-    tree: sled::Tree,
+    tree: StoreTree,
     next_seq: Arc<AtomicU64>,
 }
 
 impl MtStore {
     pub(crate) fn open(store: &Store) -> Result<Self, StoreError> {
         let tree = store.tree(MT_QUEUE_TREE)?;
-        let last = match tree.last()? {
-            Some((key, _)) => seq_of(&key).unwrap_or(0),
-            None => 0,
-        };
         // Keys sort by device first, so scan for the highest sequence number.
-        let mut highest = last;
-        for entry in tree.iter() {
-            let (key, _) = entry?;
-            highest = highest.max(seq_of(&key).unwrap_or(0));
-        }
+        let highest = tree
+            .entries()?
+            .iter()
+            .filter_map(|(key, _)| seq_of(key))
+            .max()
+            .unwrap_or(0);
         Ok(Self {
             tree,
             next_seq: Arc::new(AtomicU64::new(highest + 1)),
@@ -44,36 +41,59 @@ impl MtStore {
 
     pub(crate) fn put(&self, device: &DeviceId, item: &QueuedDatagram) -> Result<(), StoreError> {
         let value = serde_json::to_vec(item).map_err(StoreError::Encode)?;
-        self.tree.insert(key(device, item.seq), value)?;
-        Ok(())
+        self.tree.insert(&key(device, item.seq), value)
     }
 
     pub(crate) fn remove(&self, device: &DeviceId, seq: u64) -> Result<(), StoreError> {
-        self.tree.remove(key(device, seq))?;
-        Ok(())
+        self.tree.remove(&key(device, seq))
     }
 
     /// Makes every accepted datagram durable.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
-        self.tree.flush_async().await?;
-        Ok(())
+        self.tree.flush().await
     }
 
-    /// Every queued datagram, grouped by canonical device id.
+    /// Every queued datagram, grouped by canonical device id. An entry that cannot be decoded
+    /// is quarantined (counted, logged) and the rest loads.
     pub(crate) fn load(&self) -> Result<HashMap<String, Vec<QueuedDatagram>>, StoreError> {
         let mut all: HashMap<String, Vec<QueuedDatagram>> = HashMap::new();
-        for entry in self.tree.iter() {
-            let (key, value) = entry?;
+        for (key, value) in self.tree.entries()? {
             let device = key.split(|b| *b == 0).next().unwrap_or_default();
             let device = String::from_utf8_lossy(device).into_owned();
-            let item: QueuedDatagram =
-                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
-                    key: device.clone(),
-                    source,
-                })?;
-            all.entry(device).or_default().push(item);
+            match serde_json::from_slice::<QueuedDatagram>(&value) {
+                Ok(item) => all.entry(device).or_default().push(item),
+                Err(error) => {
+                    if let Err(store_error) = self.tree.quarantine(&key, &value, &error) {
+                        tracing::error!(%device, error = %store_error, "cannot quarantine a corrupt MT queue entry; it is skipped");
+                    }
+                }
+            }
         }
         Ok(all)
+    }
+
+    /// Makes the stored queue of `device` exactly `items` (after the store was reopened: what
+    /// the failed database did not flush is gone, and removals may not have reached it).
+    pub(crate) fn rewrite<'a>(
+        &self,
+        device: &DeviceId,
+        items: impl Iterator<Item = &'a QueuedDatagram>,
+    ) -> Result<(), StoreError> {
+        let mut kept = HashSet::new();
+        for item in items {
+            self.put(device, item)?;
+            kept.insert(item.seq);
+        }
+        let mut prefix = device.canonical().as_bytes().to_vec();
+        prefix.push(0);
+        for stale in self.tree.keys_with_prefix(&prefix)? {
+            if seq_of(&stale).is_some_and(|seq| !kept.contains(&seq))
+                && stale.len() == prefix.len() + 8
+            {
+                self.tree.remove(&stale)?;
+            }
+        }
+        Ok(())
     }
 }
 
