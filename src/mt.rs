@@ -423,4 +423,91 @@ mod tests {
             2
         );
     }
+
+    fn faulty_store(
+        dir: &std::path::Path,
+        metrics: &Arc<Metrics>,
+    ) -> (Store, crate::store::StoreFaults) {
+        let faults = crate::store::StoreFaults::new();
+        let store = Store::open_with(
+            dir,
+            crate::store::StoreOptions {
+                metrics: Some(metrics.clone()),
+                faults: Some(faults.clone()),
+            },
+        )
+        .unwrap();
+        (store, faults)
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_is_dropped_and_a_failed_flush_is_not_counted_as_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (store, faults) = faulty_store(dir.path(), &metrics);
+        let downlinks = downlinks(&store, &metrics);
+        let device = device();
+        let from: SocketAddr = SERVER.parse().unwrap();
+
+        faults.fail_writes(true);
+        downlinks.receive(&device, read(1), from, 1_000);
+        assert_eq!(device.state().mt.queue.len(), 0, "taken out of the queue");
+        assert_eq!(downlinks.commit().await, 0);
+        assert_eq!(metrics.mt_queue_accepted.get(), 0);
+        assert_eq!(
+            metrics
+                .dropped_datagrams
+                .with_label_values(&["mt", "store_error"])
+                .get(),
+            1
+        );
+        assert_eq!(metrics.store_errors.with_label_values(&["mt_put"]).get(), 1);
+        assert!(!store.health().healthy);
+
+        faults.fail_writes(false);
+        faults.fail_flushes(true);
+        downlinks.receive(&device, read(2), from, 1_000);
+        assert_eq!(downlinks.commit().await, 0, "not durable, not accepted");
+        assert_eq!(metrics.mt_queue_accepted.get(), 0);
+        assert_eq!(
+            metrics.store_errors.with_label_values(&["mt_flush"]).get(),
+            1
+        );
+        assert_eq!(device.state().mt.queue.len(), 1, "kept for the next flush");
+
+        faults.clear();
+        assert_eq!(downlinks.commit().await, 1);
+        assert_eq!(metrics.mt_queue_accepted.get(), 1);
+        assert!(store.health().healthy);
+        assert_eq!(metrics.store_healthy.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn after_a_reopen_the_queues_are_rewritten_before_anything_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (store, faults) = faulty_store(dir.path(), &metrics);
+        let downlinks = downlinks(&store, &metrics);
+        let device = device();
+        let from: SocketAddr = SERVER.parse().unwrap();
+        downlinks.receive(&device, read(1), from, 1_000);
+        assert_eq!(downlinks.commit().await, 1);
+
+        faults.poison_until_reopened(true);
+        faults.fail_flushes(true);
+        downlinks.receive(&device, read(2), from, 1_000);
+        assert_eq!(downlinks.commit().await, 0);
+        faults.clear();
+        assert_eq!(downlinks.commit().await, 0, "poisoned until reopened");
+
+        let devices = [device.clone()];
+        let rewrite = || downlinks.rewrite(devices.iter());
+        store.recover(&rewrite).await;
+        assert_eq!(faults.reopened(), 1);
+        assert!(store.health().healthy, "{:?}", store.health());
+        assert_eq!(downlinks.commit().await, 1);
+        assert_eq!(metrics.mt_queue_accepted.get(), 2);
+        let stored = MtStore::open(&store).unwrap().load().unwrap();
+        assert_eq!(stored["123@iot.example"].len(), 2, "nothing accepted lost");
+    }
 }

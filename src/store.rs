@@ -284,7 +284,7 @@ impl Store {
         });
         match &result {
             Ok(_) => self.inner.health.wrote(),
-            Err(error) => self.inner.health.failed(error),
+            Err(error) => self.inner.health.write_failed(error),
         }
         result
     }
@@ -456,7 +456,7 @@ impl Store {
         };
         match &result {
             Ok(()) => self.inner.health.flushed(ticket),
-            Err(error) => self.inner.health.failed(error),
+            Err(error) => self.inner.health.flush_failed(error),
         }
         result
     }
@@ -561,7 +561,7 @@ impl Store {
         }
         if let Err(error) = self.reopen().await {
             self.count_error("reopen");
-            self.inner.health.failed(&error);
+            self.inner.health.write_failed(&error);
             tracing::error!(%error, "cannot reopen the store; retrying");
             return;
         }
@@ -614,5 +614,210 @@ mod tests {
         assert_eq!(store.devices().unwrap().len(), 1);
         store.remove_device(&id).unwrap();
         assert_eq!(store.device(&id).unwrap(), None);
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    //! The store's health and quarantine, driven through `StoreFaults`.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn record(token: &str) -> DeviceRecord {
+        DeviceRecord {
+            udp_address: Some("127.0.0.1:20001".parse().unwrap()),
+            callback_token: token.into(),
+            nidd: None,
+            queue_mode: QueueMode::default(),
+        }
+    }
+
+    fn faulty_store(dir: &Path) -> (Store, StoreFaults, Arc<Metrics>) {
+        let faults = StoreFaults::new();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let store = Store::open_with(
+            dir,
+            StoreOptions {
+                metrics: Some(metrics.clone()),
+                faults: Some(faults.clone()),
+            },
+        )
+        .unwrap();
+        (store, faults, metrics)
+    }
+
+    fn is_enospc(error: &StoreError) -> bool {
+        matches!(error, StoreError::Sled(sled::Error::Io(e)) if e.raw_os_error() == Some(28))
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_makes_the_store_unhealthy_until_a_later_write_is_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, metrics) = faulty_store(dir.path());
+        let id: DeviceId = "a@x".parse().unwrap();
+        assert!(store.health().healthy);
+        assert_eq!(metrics.store_healthy.get(), 1);
+
+        faults.fail_writes(true);
+        let error = store.put_device(&id, &record("t1")).unwrap_err();
+        assert!(is_enospc(&error), "a real StoreError: {error}");
+        let health = store.health();
+        assert!(!health.healthy);
+        assert!(health.error.unwrap().contains("No space left"));
+        assert_eq!(metrics.store_healthy.get(), 0);
+        // Nothing was written, so a flush proves nothing.
+        store.flush().await.unwrap();
+        assert!(!store.health().healthy);
+
+        faults.clear();
+        store.put_device(&id, &record("t2")).unwrap();
+        assert!(!store.health().healthy, "a write alone is not on disk yet");
+        store.flush().await.unwrap();
+        assert!(store.health().healthy);
+        assert_eq!(metrics.store_healthy.get(), 1);
+        assert_eq!(store.device(&id).unwrap(), Some(record("t2")));
+        assert_eq!(faults.injected(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_makes_the_store_unhealthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, _) = faulty_store(dir.path());
+        let id: DeviceId = "a@x".parse().unwrap();
+        store.put_device(&id, &record("t")).unwrap();
+        faults.fail_flushes(true);
+        assert!(is_enospc(&store.flush().await.unwrap_err()));
+        assert!(!store.health().healthy);
+        faults.clear();
+        // The probe of the health task writes and flushes.
+        store.recover(&|| Ok(())).await;
+        assert!(store.health().healthy);
+        assert_eq!(faults.reopened(), 0, "a store that writes is not reopened");
+    }
+
+    #[tokio::test]
+    async fn a_poisoned_store_recovers_by_reopening_and_rewriting_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, metrics) = faulty_store(dir.path());
+        let durable: DeviceId = "durable@x".parse().unwrap();
+        let lost: DeviceId = "lost@x".parse().unwrap();
+        store.put_device(&durable, &record("d")).unwrap();
+        store.flush().await.unwrap();
+
+        faults.poison_until_reopened(true);
+        faults.disk_full(true);
+        assert!(store.put_device(&lost, &record("l")).is_err());
+        // Room again, but like sled the open database keeps the error.
+        faults.disk_full(false);
+        assert!(faults.is_poisoned());
+        assert!(store.put_device(&lost, &record("l")).is_err());
+        assert!(store.flush().await.is_err());
+
+        let rewrites = AtomicUsize::new(0);
+        let rewrite = || {
+            rewrites.fetch_add(1, Ordering::SeqCst);
+            store.put_device(&lost, &record("l"))
+        };
+        store.recover(&rewrite).await;
+        assert_eq!(faults.reopened(), 1);
+        assert_eq!(rewrites.load(Ordering::SeqCst), 1);
+        assert!(store.health().healthy, "{:?}", store.health());
+        assert_eq!(store.device(&durable).unwrap(), Some(record("d")));
+        assert_eq!(store.device(&lost).unwrap(), Some(record("l")));
+        assert_eq!(
+            metrics
+                .store_errors
+                .with_label_values(&["health_probe"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_reopen_is_closed_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, metrics) = faulty_store(dir.path());
+        let id: DeviceId = "a@x".parse().unwrap();
+        faults.poison_until_reopened(true);
+        faults.disk_full(true);
+        assert!(store.put_device(&id, &record("t")).is_err());
+
+        store.recover(&|| Ok(())).await;
+        assert!(store.put_device(&id, &record("t")).is_err());
+        assert!(matches!(store.device(&id), Err(StoreError::Closed { .. })));
+        let health = store.health();
+        assert!(!health.healthy && health.recovering);
+        assert!(matches!(store.flush().await, Err(StoreError::Recovering)));
+        assert_eq!(metrics.store_errors.with_label_values(&["reopen"]).get(), 1);
+
+        faults.disk_full(false);
+        store.recover(&|| Ok(())).await;
+        assert!(store.health().healthy, "{:?}", store.health());
+        store.put_device(&id, &record("t")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_health_task_recovers_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, _) = faulty_store(dir.path());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(store.clone().run_health(cancel.clone(), || Ok(())));
+        faults.poison_until_reopened(true);
+        faults.fail_writes(true);
+        let id: DeviceId = "a@x".parse().unwrap();
+        assert!(store.put_device(&id, &record("t")).is_err());
+        faults.clear();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !store.health().healthy {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("healthy again without anyone writing");
+        assert_eq!(faults.reopened(), 1);
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn corrupt_device_records_are_quarantined_and_the_rest_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, metrics) = faulty_store(dir.path());
+        let good: DeviceId = "good@x".parse().unwrap();
+        let bad: DeviceId = "bad@x".parse().unwrap();
+        let departed = b"departed@x";
+        store.put_device(&good, &record("g")).unwrap();
+        let devices = store.tree(DEVICES_TREE).unwrap();
+        devices
+            .insert(bad.canonical().as_bytes(), b"\x00junk".to_vec())
+            .unwrap();
+        devices
+            .insert(departed, b"{\"not\":\"a record\"}".to_vec())
+            .unwrap();
+
+        assert_eq!(store.load_device(&good).unwrap(), Some(record("g")));
+        assert_eq!(store.load_device(&bad).unwrap(), None, "treated as new");
+        assert_eq!(store.devices().unwrap().len(), 1, "departed@x quarantined");
+        let quarantined = store.quarantined().unwrap();
+        assert_eq!(quarantined.len(), 2);
+        let bad_record = quarantined.iter().find(|q| q.key == "bad@x").unwrap();
+        assert_eq!(bad_record.tree, "devices");
+        assert_eq!(bad_record.value_hex, hex::encode(b"\x00junk"));
+        assert_eq!(bad_record.key_hex, hex::encode(b"bad@x"));
+        assert!(!bad_record.reason.is_empty());
+        assert!(bad_record.quarantined_at_ms > 0);
+        assert_eq!(
+            metrics
+                .store_quarantined
+                .with_label_values(&["devices"])
+                .get(),
+            2
+        );
+        // Moved, not copied: the next start finds nothing to quarantine.
+        assert_eq!(store.load_device(&bad).unwrap(), None);
+        assert_eq!(store.devices().unwrap().len(), 1);
+        assert_eq!(store.quarantined().unwrap().len(), 2);
     }
 }

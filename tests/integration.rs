@@ -27,4 +27,5 @@ mod integration {
     pub mod restart;
     pub mod routing;
     pub mod sim_oscore;
+    pub mod store_health;
 }

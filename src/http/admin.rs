@@ -405,6 +405,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn readyz_is_503_while_the_store_cannot_write_and_200_when_it_can() {
+        let harness = Harness::new().await;
+        let a = harness.device(DEVICE_A);
+        assert_eq!(get(&harness, "/readyz").await.0, StatusCode::OK);
+        harness.store_faults.disk_full(true);
+        // Any write of the store fails: here the queue mode a Register stated.
+        harness.devices.set_queue_mode(&a, QueueMode::On);
+        let (status, body) = get(&harness, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["ready"], false);
+        let unhealthy = &body["storeUnhealthy"];
+        assert!(
+            unhealthy["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("No space left on device")),
+            "{body}"
+        );
+        assert!(unhealthy["forS"].as_f64().is_some(), "{body}");
+        assert_eq!(unhealthy["recovering"], false);
+        let (_, _, text) = read(harness.admin(Method::GET, "/metrics").await).await;
+        assert!(
+            text.as_str()
+                .is_some_and(|t| t.contains("nidd_bridge_store_healthy 0")),
+            "{text}"
+        );
+
+        // Room again: the next write, once flushed, makes it ready.
+        harness.store_faults.disk_full(false);
+        harness.devices.set_queue_mode(&a, QueueMode::Off);
+        harness.devices.store().flush().await.unwrap();
+        let (status, body) = get(&harness, "/readyz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.get("storeUnhealthy").is_none(), "{body}");
+    }
+
+    #[tokio::test]
+    async fn the_quarantine_lists_records_that_could_not_be_decoded() {
+        let harness = Harness::new().await;
+        let (status, body) = get(&harness, "/api/v1/store/quarantine").await;
+        assert_eq!((status, body), (StatusCode::OK, json!([])));
+        let store = harness.devices.store();
+        store
+            .tree(crate::store::DEVICES_TREE)
+            .unwrap()
+            .insert(b"999@iot.example", b"not json".to_vec())
+            .unwrap();
+        assert_eq!(store.devices().unwrap().len(), 2);
+        let (status, body) = get(&harness, "/api/v1/store/quarantine").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body[0]["tree"], "devices");
+        assert_eq!(body[0]["key"], "999@iot.example");
+        assert_eq!(body[0]["valueHex"], hex::encode(b"not json"));
+        assert!(body[0]["reason"].is_string());
+        assert!(body[0]["quarantinedAtMs"].is_u64());
+    }
+
+    #[tokio::test]
     async fn readyz_waits_for_every_usable_configuration_and_fails_when_shutting_down() {
         let harness = Harness::new().await;
         let (a, b) = (harness.device(DEVICE_A), harness.device(DEVICE_B));

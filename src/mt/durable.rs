@@ -147,3 +147,66 @@ mod tests {
         assert!(store.next_seq() > loaded["a@x"][0].seq);
     }
 }
+
+#[cfg(test)]
+mod quarantine_tests {
+    use super::*;
+    use crate::config::OverflowPolicy;
+    use crate::queue::QueueLimits;
+    use std::time::Duration;
+
+    fn item(seq: u64) -> QueuedDatagram {
+        let limits = QueueLimits {
+            max_datagrams: 3,
+            max_bytes: 100,
+            max_age: Duration::from_secs(247),
+            overflow: OverflowPolicy::DropOldest,
+        };
+        QueuedDatagram::sample(seq, vec![0x40; 4], 0, &limits)
+    }
+
+    #[test]
+    fn a_corrupt_entry_is_quarantined_and_the_rest_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Store::open(dir.path()).unwrap();
+        let store = MtStore::open(&db).unwrap();
+        let a: DeviceId = "a@x".parse().unwrap();
+        let b: DeviceId = "b@x".parse().unwrap();
+        store.put(&a, &item(1)).unwrap();
+        store.put(&b, &item(3)).unwrap();
+        db.tree(MT_QUEUE_TREE)
+            .unwrap()
+            .insert(&key(&a, 2), b"garbage".to_vec())
+            .unwrap();
+
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded["a@x"].len(), 1);
+        assert_eq!(loaded["b@x"].len(), 1);
+        let quarantined = db.quarantined().unwrap();
+        assert_eq!(quarantined.len(), 1);
+        assert_eq!(quarantined[0].tree, "mt_queue");
+        assert_eq!(quarantined[0].key_hex, hex::encode(key(&a, 2)));
+        assert_eq!(quarantined[0].value_hex, hex::encode(b"garbage"));
+        // Moved out of the queue tree.
+        assert_eq!(store.load().unwrap()["a@x"].len(), 1);
+        assert_eq!(db.quarantined().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn rewrite_makes_the_stored_queue_what_memory_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Store::open(dir.path()).unwrap();
+        let store = MtStore::open(&db).unwrap();
+        let a: DeviceId = "a@x".parse().unwrap();
+        let b: DeviceId = "b@x".parse().unwrap();
+        store.put(&a, &item(1)).unwrap();
+        store.put(&a, &item(2)).unwrap();
+        store.put(&b, &item(3)).unwrap();
+        let memory = [item(2), item(4)];
+        store.rewrite(&a, memory.iter()).unwrap();
+        let loaded = store.load().unwrap();
+        let seqs: Vec<u64> = loaded["a@x"].iter().map(|i| i.seq).collect();
+        assert_eq!(seqs, [2, 4]);
+        assert_eq!(loaded["b@x"].len(), 1, "other devices untouched");
+    }
+}

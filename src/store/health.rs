@@ -1,6 +1,6 @@
 //! Whether the store can write, as its writes and flushes show: any failure makes it unhealthy
 //! (keeping the error and since when); it is healthy again once a write made after the last
-//! failure has been flushed. A reopened database is unhealthy until its owners have written
+//! failed write has been flushed, with no failure in between. A reopened database is unhealthy until its owners have written
 //! their state into it again (see `Store::run_health`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,11 +87,24 @@ impl Health {
         }
     }
 
-    /// A write or flush failed.
-    pub(super) fn failed(&self, error: &dyn std::fmt::Display) {
+    /// A write failed: what was written before it may not be on disk, so only a later write,
+    /// flushed, proves the store writes again.
+    pub(super) fn write_failed(&self, error: &dyn std::fmt::Display) {
+        self.failed(error, true);
+    }
+
+    /// A flush failed: the writes it should have made durable wait for the next one, which
+    /// proves the store writes again if it succeeds.
+    pub(super) fn flush_failed(&self, error: &dyn std::fmt::Display) {
+        self.failed(error, false);
+    }
+
+    fn failed(&self, error: &dyn std::fmt::Display, write: bool) {
         let mut state = self.state();
         state.failures += 1;
-        state.wrote_since_failure = false;
+        if write {
+            state.wrote_since_failure = false;
+        }
         state.error = Some(error.to_string());
         if self.healthy.swap(false, Ordering::SeqCst) {
             state.since_ms = Some(clock::unix_ms());
@@ -170,7 +183,7 @@ mod tests {
         let health = Health::new(Some(gauge.clone()));
         assert!(health.is_healthy());
         assert_eq!(gauge.get(), 1);
-        health.failed(&"no space left on device");
+        health.write_failed(&"no space left on device");
         assert!(!health.is_healthy());
         assert_eq!(gauge.get(), 0);
         let snapshot = health.snapshot();
@@ -185,9 +198,15 @@ mod tests {
         // A write, then a failure during the flush: still unhealthy.
         health.wrote();
         let ticket = health.ticket();
-        health.failed(&"again");
+        health.flush_failed(&"again");
         health.flushed(ticket);
         assert!(!health.is_healthy());
+
+        // The write waits for the next flush, which proves it.
+        let ticket = health.ticket();
+        health.flushed(ticket);
+        assert!(health.is_healthy());
+        health.write_failed(&"and again");
 
         health.wrote();
         let ticket = health.ticket();
@@ -200,7 +219,7 @@ mod tests {
     #[test]
     fn a_reopened_store_is_unhealthy_until_rewritten_and_flushed() {
         let health = Health::new(None);
-        health.failed(&"poisoned");
+        health.write_failed(&"poisoned");
         health.reopening();
         assert!(health.is_recovering());
         health.wrote();
