@@ -30,7 +30,7 @@ use crate::queue::{DeviceQueue, QueueLimits};
 use crate::reachability::Reachability;
 use crate::routing::Router;
 use crate::socket::{DeviceSocket, RelayError, SocketPool};
-use crate::store::{DeviceRecord, Store, StoreError};
+use crate::store::{DeviceRecord, Store, StoreError, StoreOptions};
 use crate::t8::T8Client;
 use crate::t8::client::ConfiguredCredentials;
 
@@ -123,6 +123,30 @@ impl Bridge {
         config: Config,
         secrets: &'static (dyn SecretSource + Send + Sync),
     ) -> Result<BoundBridge, BridgeError> {
+        Self::bind_with(config, secrets, StoreOptions::default()).await
+    }
+
+    /// As [`bind`](Self::bind), with every write and flush of the store passing `faults`
+    /// first, so tests can make them fail and succeed again (feature `store-faults`, which the
+    /// test bed enables; the product build does not have it).
+    #[cfg(feature = "store-faults")]
+    pub async fn bind_with_store_faults(
+        config: Config,
+        secrets: &'static (dyn SecretSource + Send + Sync),
+        faults: crate::store::StoreFaults,
+    ) -> Result<BoundBridge, BridgeError> {
+        let options = StoreOptions {
+            faults: Some(faults),
+            ..StoreOptions::default()
+        };
+        Self::bind_with(config, secrets, options).await
+    }
+
+    async fn bind_with(
+        config: Config,
+        secrets: &'static (dyn SecretSource + Send + Sync),
+        store_options: StoreOptions,
+    ) -> Result<BoundBridge, BridgeError> {
         ensure_file_descriptors(config.devices.len())?;
         let metrics = Arc::new(Metrics::new()?);
         let bearer = config.bearer_token(secrets)?;
@@ -139,7 +163,9 @@ impl Bridge {
                 secrets,
             ))),
         );
-        let store = Store::open(&config.store.path)?;
+        let mut store_options = store_options;
+        store_options.metrics = Some(metrics.clone());
+        let store = Store::open_with(&config.store.path, store_options)?;
         let callback_listener = listen(config.callback.listen).await?;
         let admin_listener = listen(config.admin.listen).await?;
         let callback_addr = local_addr(&callback_listener, config.callback.listen)?;
@@ -159,9 +185,10 @@ impl Bridge {
             .iter()
             .map(|d| d.device_id())
             .collect::<Result<_, _>>()?;
+        // A record that cannot be decoded is quarantined: that device starts as a new one.
         let records: Vec<Option<DeviceRecord>> = ids
             .iter()
-            .map(|id| store.device(id))
+            .map(|id| store.load_device(id))
             .collect::<Result<_, _>>()?;
 
         let kid_routes: Arc<[crate::routing::KidRoute]> = Arc::from(config.kid_routes());
@@ -368,6 +395,14 @@ impl BoundBridge {
             tasks.spawn(flusher.clone().run(device, cancel.clone()));
         }
         tasks.spawn(downlinks.clone().run_commits(cancel.clone()));
+        {
+            // A reopened store gets every device record and queue written again from memory.
+            let (devices, downlinks) = (devices.clone(), downlinks.clone());
+            tasks.spawn(devices.store().clone().run_health(cancel.clone(), move || {
+                devices.rewrite()?;
+                downlinks.rewrite(devices.iter())
+            }));
+        }
         tasks.spawn(provisioner.run(cancel.clone()));
         let callback_app = callback::router(CallbackState {
             devices: devices.clone(),

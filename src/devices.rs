@@ -357,6 +357,20 @@ impl DeviceTable {
         }
     }
 
+    /// Writes every device's record, as it is in memory, into the store again (after the
+    /// store reopened its database).
+    pub(crate) fn rewrite(&self) -> Result<(), StoreError> {
+        for device in &self.devices {
+            let (nidd, queue_mode) = {
+                let state = device.state();
+                (state.nidd.clone(), state.mt.reachability.queue_mode())
+            };
+            self.store
+                .put_device(&device.id, &record(device, nidd.as_ref(), queue_mode))?;
+        }
+        Ok(())
+    }
+
     /// Records a change to a device's configuration, logging a store failure.
     pub(crate) fn update_nidd(&self, device: &Device, nidd: Option<NiddState>) {
         if let Err(error) = self.set_nidd(device, nidd) {

@@ -39,3 +39,5 @@ pub use bridge::{BoundBridge, Bridge, BridgeError, BridgeHandle, shutdown_signal
 pub use config::Config;
 pub use identity::{DeviceId, ExternalId, Msisdn};
 pub use store::StoreError;
+#[cfg(any(test, feature = "store-faults"))]
+pub use store::StoreFaults;

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub devices_reachable: IntGauge,
     pub reachability_events: IntCounterVec,
     pub device_triggers: IntCounterVec,
+    /// 1 while the store can write, 0 from a failed write or flush until it writes again.
+    pub store_healthy: IntGauge,
+    /// Records that could not be decoded, moved to the quarantine tree, by the tree they were in.
+    pub store_quarantined: IntCounterVec,
     /// Failed writes, removals and flushes of the store, by operation.
     pub store_errors: IntCounterVec,
     pub coap_messages: IntCounterVec,
@@ -207,6 +211,15 @@ impl Metrics {
                 "store_errors_total",
                 "Store operations that failed (device records, MT queue writes, removals, flushes)",
                 &["operation"],
+            )?,
+            store_healthy: gauge(
+                "store_healthy",
+                "1 while the store can write; 0 from a failed write or flush until a later write is flushed (/readyz is 503 meanwhile)",
+            )?,
+            store_quarantined: counter_vec(
+                "store_quarantined_records_total",
+                "Records that could not be decoded, moved to the quarantine tree, by the tree they were in",
+                &["tree"],
             )?,
             t8_credential_refreshes: counter_vec(
                 "t8_credential_refreshes_total",

@@ -28,6 +28,7 @@ use crate::delivery::QueueEffect;
 use crate::devices::Device;
 use crate::metrics::Metrics;
 use crate::queue::{DropReason, QueueLimits, QueuedDatagram};
+use crate::store::StoreError;
 use crate::t8::DeliveryStatus;
 use admission::{Admitted, MtRefusal};
 use durable::MtStore;
@@ -299,6 +300,20 @@ impl Downlinks {
         }
     }
 
+    /// Writes every device's queue, as it is in memory, into the store again (after the store
+    /// reopened its database: what the failed one did not flush is gone). Under each device's
+    /// lock, so no change to a queue is lost in between.
+    pub(crate) fn rewrite<'a>(
+        &self,
+        devices: impl Iterator<Item = &'a Arc<Device>>,
+    ) -> Result<(), StoreError> {
+        for device in devices {
+            let state = device.state();
+            self.store.rewrite(&device.id, state.mt.queue.entries())?;
+        }
+        Ok(())
+    }
+
     /// Mirrors a queue change in the store (called with the device lock held); the change is
     /// durable once [`durable`](Self::durable) of the returned generation is.
     pub(crate) fn apply(&self, device: &Device, effect: &QueueEffect) -> Option<Generation> {
@@ -527,5 +542,98 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), downlinks.durable(late))
             .await
             .expect("a change after the last commit does not block shutdown");
+    }
+
+    fn faulty_store(
+        dir: &std::path::Path,
+        metrics: &Arc<Metrics>,
+    ) -> (Store, crate::store::StoreFaults) {
+        let faults = crate::store::StoreFaults::new();
+        let store = Store::open_with(
+            dir,
+            crate::store::StoreOptions {
+                metrics: Some(metrics.clone()),
+                faults: Some(faults.clone()),
+            },
+        )
+        .unwrap();
+        (store, faults)
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_is_dropped_and_a_failed_flush_is_not_counted_as_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (store, faults) = faulty_store(dir.path(), &metrics);
+        let downlinks = downlinks(&store, &metrics);
+        let device = device();
+        let from: SocketAddr = SERVER.parse().unwrap();
+
+        faults.fail_writes(true);
+        downlinks.receive(&device, read(1), from, 1_000);
+        assert_eq!(device.state().mt.queue.len(), 0, "taken out of the queue");
+        assert_eq!(downlinks.commit().await.unwrap(), 0);
+        assert_eq!(metrics.mt_queue_accepted.get(), 0);
+        assert_eq!(
+            metrics
+                .dropped_datagrams
+                .with_label_values(&["mt", "store_error"])
+                .get(),
+            1
+        );
+        assert_eq!(metrics.store_errors.with_label_values(&["mt_put"]).get(), 1);
+        assert!(!store.health().healthy);
+
+        faults.fail_writes(false);
+        faults.fail_flushes(true);
+        downlinks.receive(&device, read(2), from, 1_000);
+        assert!(
+            downlinks.commit().await.is_err(),
+            "not durable, not accepted"
+        );
+        assert_eq!(metrics.mt_queue_accepted.get(), 0);
+        assert_eq!(
+            metrics.store_errors.with_label_values(&["mt_flush"]).get(),
+            1
+        );
+        assert_eq!(device.state().mt.queue.len(), 1, "kept for the next flush");
+
+        faults.clear();
+        assert_eq!(downlinks.commit().await.unwrap(), 1);
+        assert_eq!(metrics.mt_queue_accepted.get(), 1);
+        assert!(store.health().healthy);
+        assert_eq!(metrics.store_healthy.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn after_a_reopen_the_queues_are_rewritten_before_anything_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (store, faults) = faulty_store(dir.path(), &metrics);
+        let downlinks = downlinks(&store, &metrics);
+        let device = device();
+        let from: SocketAddr = SERVER.parse().unwrap();
+        downlinks.receive(&device, read(1), from, 1_000);
+        assert_eq!(downlinks.commit().await.unwrap(), 1);
+
+        faults.poison_until_reopened(true);
+        faults.fail_flushes(true);
+        downlinks.receive(&device, read(2), from, 1_000);
+        assert!(downlinks.commit().await.is_err());
+        faults.clear();
+        assert!(
+            downlinks.commit().await.is_err(),
+            "poisoned until reopened"
+        );
+
+        let devices = [device.clone()];
+        let rewrite = || downlinks.rewrite(devices.iter());
+        store.recover(&rewrite).await;
+        assert_eq!(faults.reopened(), 1);
+        assert!(store.health().healthy, "{:?}", store.health());
+        assert_eq!(downlinks.commit().await.unwrap(), 1);
+        assert_eq!(metrics.mt_queue_accepted.get(), 2);
+        let stored = MtStore::open(&store).unwrap().load().unwrap();
+        assert_eq!(stored["123@iot.example"].len(), 2, "nothing accepted lost");
     }
 }

@@ -153,6 +153,11 @@ impl DeviceQueue {
         self.entries.is_empty()
     }
 
+    /// Every entry, waiting or pending at the SCEF, oldest first (what the store mirrors).
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &QueuedDatagram> {
+        self.entries.iter()
+    }
+
     /// Datagrams waiting to be sent (not pending at the SCEF).
     pub(crate) fn waiting(&self) -> impl Iterator<Item = &QueuedDatagram> {
         self.entries.iter().filter(|e| e.pending.is_none())

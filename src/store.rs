@@ -1,21 +1,55 @@
 //! Durable state in sled: one record per device (its UDP address, its callback capability
 //! token, its NIDD configuration at the SCEF). What is written here survives a restart, so a
 //! restarted bridge keeps every device's address and creates no configuration twice.
+//!
+//! [`Store`] is a handle on the database, not the database: every read, write and flush of every
+//! tree goes through it (other modules' trees are [`StoreTree`]s), so it knows whether the store
+//! can write ([`health`]) and can replace the database after a failure. That is needed because
+//! sled 0.34 keeps the first I/O error of its log writer as a global error in the open database:
+//! every later write and flush fails with it, even once the disk has room again, and only
+//! opening the database anew clears it. [`Store::run_health`] probes an unhealthy store every
+//! second, reopens the database when the probe fails, has the owners of the in-memory state
+//! write it into the reopened database (what the failed database held but had not flushed is
+//! gone) and only then, after a flush, calls the store healthy again.
+//!
+//! A record that cannot be decoded at start-up is moved to the `quarantine` tree (raw key, raw
+//! bytes, reason, time), counted and logged; the rest of the store loads as usual.
+
+mod health;
+
+#[cfg(any(test, feature = "store-faults"))]
+mod faults;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
+#[cfg(any(test, feature = "store-faults"))]
+pub use faults::StoreFaults;
+use health::Health;
+pub(crate) use health::StoreHealth;
+
+use crate::clock;
 use crate::identity::DeviceId;
+use crate::metrics::Metrics;
 use crate::reachability::QueueMode;
 
 /// sled tree holding `DeviceRecord`s keyed by the canonical device identity.
-const DEVICES_TREE: &str = "devices";
+pub(crate) const DEVICES_TREE: &str = "devices";
+/// sled tree of records that could not be decoded (`QuarantinedRecord`s).
+pub(crate) const QUARANTINE_TREE: &str = "quarantine";
+/// sled tree the health probe writes to.
+const HEALTH_TREE: &str = "health";
 
 /// How long `open` waits for the file lock of a database that is still being closed.
 const LOCK_ATTEMPTS: u32 = 100;
-const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+const LOCK_RETRY: Duration = Duration::from_millis(20);
+/// How often an unhealthy store is probed (and reopened when the probe fails).
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -30,6 +64,10 @@ pub enum StoreError {
     },
     #[error("store: cannot encode record: {0}")]
     Encode(serde_json::Error),
+    #[error("store {path} is closed: reopening it after a failure failed (retried every second)")]
+    Closed { path: std::path::PathBuf },
+    #[error("store was reopened after a failure and is not durable until it has been rewritten")]
+    Recovering,
 }
 
 /// A NIDD configuration the SCEF created for a device.
@@ -67,45 +105,219 @@ pub(crate) struct DeviceRecord {
     pub queue_mode: QueueMode,
 }
 
+/// A record moved out of its tree because it could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct QuarantinedRecord {
+    /// The tree it was read from.
+    pub tree: String,
+    /// Its key, as text where it is UTF-8 (lossy otherwise).
+    pub key: String,
+    pub key_hex: String,
+    /// Its bytes, unchanged.
+    pub value_hex: String,
+    /// Why it could not be decoded.
+    pub reason: String,
+    pub quarantined_at_ms: u64,
+}
+
+/// What a store is opened with besides its path.
+#[derive(Clone, Default)]
+pub(crate) struct StoreOptions {
+    /// Where the health gauge and the quarantine counter go.
+    pub(crate) metrics: Option<Arc<Metrics>>,
+    /// Faults injected into every write and flush (tests only).
+    #[cfg(any(test, feature = "store-faults"))]
+    pub(crate) faults: Option<StoreFaults>,
+}
+
+/// The handle on the sled database; clones share it.
 #[derive(Clone)]
 pub(crate) struct Store {
-    db: sled::Db,
-    devices: sled::Tree,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// `None` after a reopen that failed, until the next one succeeds.
+    db: RwLock<Option<sled::Db>>,
+    health: Health,
+    metrics: Option<Arc<Metrics>>,
+    #[cfg(any(test, feature = "store-faults"))]
+    faults: Option<StoreFaults>,
+}
+
+/// One tree of the store, for state other modules own (the MT queue); every operation goes
+/// through the store, so it always reaches the database the store has open now.
+#[derive(Clone)]
+pub(crate) struct StoreTree {
+    store: Store,
+    name: &'static str,
+}
+
+impl StoreTree {
+    pub(crate) fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
+        self.store
+            .write(self.name, |tree| tree.insert(key, value).map(|_| ()))
+    }
+
+    pub(crate) fn remove(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.store
+            .write(self.name, |tree| tree.remove(key).map(|_| ()))
+    }
+
+    /// Every entry, in key order.
+    pub(crate) fn entries(&self) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+        self.store
+            .read(self.name, |tree| tree.iter().collect::<Result<Vec<_>, _>>())
+    }
+
+    /// Every key starting with `prefix`.
+    pub(crate) fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<sled::IVec>, StoreError> {
+        self.store.read(self.name, |tree| {
+            tree.scan_prefix(prefix)
+                .keys()
+                .collect::<Result<Vec<_>, _>>()
+        })
+    }
+
+    /// Moves an entry that cannot be decoded to the quarantine tree.
+    pub(crate) fn quarantine(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        reason: &dyn std::fmt::Display,
+    ) -> Result<(), StoreError> {
+        self.store.quarantine(self.name, key, value, reason)
+    }
+
+    /// Makes every write to any tree durable.
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
+}
+
+/// Opens the database at `path`, waiting briefly for the file lock of one that is still being
+/// closed (sled releases its file lock from a background thread).
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    let mut attempts = 0;
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::LowSpace)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(error))
+                if error.kind() == std::io::ErrorKind::WouldBlock && attempts < LOCK_ATTEMPTS =>
+            {
+                attempts += 1;
+                std::thread::sleep(LOCK_RETRY);
+            }
+            Err(sled::Error::Io(error)) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(StoreError::Locked {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
 
 impl Store {
     /// Opens (or creates) the store. A store still locked by a database that is being closed
-    /// (sled releases its file lock from a background thread) is waited for, briefly.
+    /// is waited for, briefly.
+    #[cfg(test)]
     pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
-        let mut attempts = 0;
-        let db = loop {
-            match sled::Config::new()
-                .path(path)
-                .mode(sled::Mode::LowSpace)
-                .open()
-            {
-                Ok(db) => break db,
-                Err(sled::Error::Io(error))
-                    if error.kind() == std::io::ErrorKind::WouldBlock
-                        && attempts < LOCK_ATTEMPTS =>
-                {
-                    attempts += 1;
-                    std::thread::sleep(LOCK_RETRY);
-                }
-                Err(sled::Error::Io(error)) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Err(StoreError::Locked {
-                        path: path.to_path_buf(),
-                    });
-                }
-                Err(error) => return Err(error.into()),
-            }
-        };
-        let devices = db.open_tree(DEVICES_TREE)?;
-        Ok(Self { db, devices })
+        Self::open_with(path, StoreOptions::default())
     }
 
+    pub(crate) fn open_with(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        #[cfg(any(test, feature = "store-faults"))]
+        if let Some(faults) = &options.faults {
+            faults.opened(false);
+        }
+        let db = open_db(path)?;
+        let gauge = options.metrics.as_ref().map(|m| m.store_healthy.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                db: RwLock::new(Some(db)),
+                health: Health::new(gauge),
+                metrics: options.metrics,
+                #[cfg(any(test, feature = "store-faults"))]
+                faults: options.faults,
+            }),
+        })
+    }
+
+    /// The database open now.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        self.inner
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| StoreError::Closed {
+                path: self.inner.path.clone(),
+            })
+    }
+
+    fn read<T>(
+        &self,
+        tree: &str,
+        op: impl FnOnce(&sled::Tree) -> sled::Result<T>,
+    ) -> Result<T, StoreError> {
+        let tree = self.db()?.open_tree(tree)?;
+        Ok(op(&tree)?)
+    }
+
+    /// Every write of every tree: faults first (tests), then sled; the outcome feeds health.
+    fn write<T>(
+        &self,
+        tree: &str,
+        op: impl FnOnce(&sled::Tree) -> sled::Result<T>,
+    ) -> Result<T, StoreError> {
+        let result = self.check_write().and_then(|()| {
+            let tree = self.db()?.open_tree(tree)?;
+            Ok(op(&tree)?)
+        });
+        match &result {
+            Ok(_) => self.inner.health.wrote(),
+            Err(error) => self.inner.health.write_failed(error),
+        }
+        result
+    }
+
+    #[cfg(any(test, feature = "store-faults"))]
+    fn check_write(&self) -> Result<(), StoreError> {
+        self.inner
+            .faults
+            .as_ref()
+            .map_or(Ok(()), StoreFaults::check_write)
+    }
+
+    #[cfg(not(any(test, feature = "store-faults")))]
+    fn check_write(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    #[cfg(any(test, feature = "store-faults"))]
+    fn check_flush(&self) -> Result<(), StoreError> {
+        self.inner
+            .faults
+            .as_ref()
+            .map_or(Ok(()), StoreFaults::check_flush)
+    }
+
+    #[cfg(not(any(test, feature = "store-faults")))]
+    fn check_flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    #[cfg(test)]
     pub(crate) fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        match self.devices.get(id.canonical().as_bytes())? {
+        match self.read(DEVICES_TREE, |tree| tree.get(id.canonical().as_bytes()))? {
             Some(bytes) => {
                 serde_json::from_slice(&bytes)
                     .map(Some)
@@ -118,54 +330,257 @@ impl Store {
         }
     }
 
+    /// A device's record at start-up: one that cannot be decoded is quarantined and the device
+    /// treated as having none (a new address, a new NIDD configuration).
+    pub(crate) fn load_device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let key = id.canonical().as_bytes();
+        let Some(bytes) = self.read(DEVICES_TREE, |tree| tree.get(key))? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(record) => Ok(Some(record)),
+            Err(error) => {
+                if let Err(store_error) = self.quarantine(DEVICES_TREE, key, &bytes, &error) {
+                    tracing::error!(device = %id, error = %store_error, "cannot quarantine a corrupt device record; it is overwritten");
+                }
+                Ok(None)
+            }
+        }
+    }
+
     pub(crate) fn put_device(
         &self,
         id: &DeviceId,
         record: &DeviceRecord,
     ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(record).map_err(StoreError::Encode)?;
-        self.devices.insert(id.canonical().as_bytes(), bytes)?;
-        Ok(())
+        self.write(DEVICES_TREE, |tree| {
+            tree.insert(id.canonical().as_bytes(), bytes).map(|_| ())
+        })
     }
 
     /// Another tree of the same database, for state other modules own (the MT queue).
-    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.db.open_tree(name)?)
+    pub(crate) fn tree(&self, name: &'static str) -> Result<StoreTree, StoreError> {
+        Ok(StoreTree {
+            store: self.clone(),
+            name,
+        })
     }
 
     pub(crate) fn remove_device(&self, id: &DeviceId) -> Result<(), StoreError> {
-        self.devices.remove(id.canonical().as_bytes())?;
-        Ok(())
+        self.write(DEVICES_TREE, |tree| {
+            tree.remove(id.canonical().as_bytes()).map(|_| ())
+        })
     }
 
-    /// Every stored device, including ones no longer in the configuration.
+    /// Every stored device, including ones no longer in the configuration; records that cannot
+    /// be decoded are quarantined and left out.
     pub(crate) fn devices(&self) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
-        self.devices
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                let key = String::from_utf8_lossy(&key).into_owned();
-                let record =
-                    serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
-                        key: key.clone(),
-                        source,
-                    })?;
-                Ok((key, record))
-            })
-            .collect()
+        let entries = self.read(DEVICES_TREE, |tree| {
+            tree.iter().collect::<Result<Vec<_>, _>>()
+        })?;
+        let mut devices = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            match serde_json::from_slice(&value) {
+                Ok(record) => devices.push((String::from_utf8_lossy(&key).into_owned(), record)),
+                Err(error) => {
+                    if let Err(store_error) = self.quarantine(DEVICES_TREE, &key, &value, &error) {
+                        tracing::error!(error = %store_error, "cannot quarantine a corrupt device record");
+                    }
+                }
+            }
+        }
+        Ok(devices)
     }
 
-    /// Writes everything to disk; called on shutdown and after provisioning.
+    /// Moves a record that cannot be decoded from `tree` to the quarantine tree (raw key, raw
+    /// bytes, reason, time), counts and logs it.
+    pub(crate) fn quarantine(
+        &self,
+        tree: &str,
+        key: &[u8],
+        value: &[u8],
+        reason: &dyn std::fmt::Display,
+    ) -> Result<(), StoreError> {
+        let now_ms = clock::unix_ms();
+        let record = QuarantinedRecord {
+            tree: tree.to_string(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            key_hex: hex::encode(key),
+            value_hex: hex::encode(value),
+            reason: reason.to_string(),
+            quarantined_at_ms: now_ms,
+        };
+        tracing::error!(tree, key = %record.key, key_hex = %record.key_hex, %reason, "corrupt record moved to the quarantine tree");
+        if let Some(metrics) = &self.inner.metrics {
+            metrics.store_quarantined.with_label_values(&[tree]).inc();
+        }
+        let mut quarantine_key = tree.as_bytes().to_vec();
+        quarantine_key.push(0);
+        quarantine_key.extend_from_slice(key);
+        quarantine_key.push(0);
+        quarantine_key.extend_from_slice(&now_ms.to_be_bytes());
+        let bytes = serde_json::to_vec(&record).map_err(StoreError::Encode)?;
+        self.write(QUARANTINE_TREE, |quarantine| {
+            quarantine.insert(quarantine_key, bytes).map(|_| ())
+        })?;
+        self.write(tree, |source| source.remove(key).map(|_| ()))
+    }
+
+    /// Every quarantined record, oldest tree key first.
+    pub(crate) fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, StoreError> {
+        let entries = self.read(QUARANTINE_TREE, |tree| {
+            tree.iter().collect::<Result<Vec<_>, _>>()
+        })?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(_, value)| serde_json::from_slice(&value).ok())
+            .collect())
+    }
+
+    /// Writes everything to disk; called on shutdown, after provisioning and by the MT group
+    /// commit. Refused while a reopened database is being rewritten: what was written before the
+    /// reopen is not in it yet.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        if self.inner.health.is_recovering() {
+            return Err(StoreError::Recovering);
+        }
+        self.flush_now().await
+    }
+
+    async fn flush_now(&self) -> Result<(), StoreError> {
+        let ticket = self.inner.health.ticket();
+        let result = match self.check_flush().and_then(|()| self.db()) {
+            Ok(db) => db.flush_async().await.map(|_| ()).map_err(StoreError::from),
+            Err(error) => Err(error),
+        };
+        match &result {
+            Ok(()) => self.inner.health.flushed(ticket),
+            Err(error) => self.inner.health.flush_failed(error),
+        }
+        result
     }
 
     /// Writes everything to disk from synchronous code.
     #[cfg(test)]
     pub(crate) fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.check_flush()?;
+        let ticket = self.inner.health.ticket();
+        self.db()?.flush()?;
+        self.inner.health.flushed(ticket);
         Ok(())
+    }
+
+    /// Whether the store can write, and the last failure when it cannot.
+    pub(crate) fn health(&self) -> StoreHealth {
+        self.inner.health.snapshot()
+    }
+
+    /// A small write and a flush: proves the store writes (and makes it healthy if it does).
+    async fn probe(&self) -> Result<(), StoreError> {
+        self.write(HEALTH_TREE, |tree| {
+            tree.insert("probe", clock::unix_ms().to_be_bytes().to_vec())
+                .map(|_| ())
+        })?;
+        self.flush_now().await
+    }
+
+    /// Closes the database and opens it again, which clears sled's kept I/O error. Until the
+    /// owners have rewritten their state ([`run_health`](Self::run_health)) the store stays
+    /// unhealthy and refuses flushes.
+    async fn reopen(&self) -> Result<(), StoreError> {
+        self.inner.health.reopening();
+        let old = self
+            .inner
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        // The file lock goes with the last handle on the old database (a flush still running
+        // holds one; `open_db` waits for it).
+        drop(old);
+        #[cfg(any(test, feature = "store-faults"))]
+        if let Some(faults) = &self.inner.faults {
+            faults.check_open()?;
+        }
+        let path = self.inner.path.clone();
+        let db = tokio::task::spawn_blocking(move || open_db(&path))
+            .await
+            .map_err(|error| StoreError::Sled(sled::Error::Io(std::io::Error::other(error))))??;
+        #[cfg(any(test, feature = "store-faults"))]
+        if let Some(faults) = &self.inner.faults {
+            faults.opened(true);
+        }
+        *self
+            .inner
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(db);
+        tracing::warn!(path = %self.inner.path.display(), "store reopened after a failure; rewriting it from memory");
+        Ok(())
+    }
+
+    /// Keeps the store's health until cancelled: once a write or flush failed, probes every
+    /// [`PROBE_INTERVAL`] with a small write and flush. When the probe fails the database is
+    /// reopened (sled keeps an I/O error until then), `rewrite` writes the owners' in-memory
+    /// state into it (device records, MT queues), and a flush makes the store healthy again.
+    pub(crate) async fn run_health(
+        self,
+        cancel: CancellationToken,
+        rewrite: impl Fn() -> Result<(), StoreError> + Send,
+    ) {
+        loop {
+            if self.inner.health.is_healthy() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = self.inner.health.failed.notified() => continue,
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            }
+            self.recover(&rewrite).await;
+        }
+    }
+
+    /// One probe of an unhealthy store, reopening and rewriting it when the probe fails.
+    pub(crate) async fn recover(&self, rewrite: &(impl Fn() -> Result<(), StoreError> + Send)) {
+        if self.inner.health.is_healthy() {
+            return;
+        }
+        // A reopen or rewrite that failed last time is tried again at once.
+        if !self.inner.health.is_recovering() {
+            match self.probe().await {
+                Ok(()) => return,
+                Err(error) => {
+                    self.count_error("health_probe");
+                    tracing::warn!(%error, "store probe failed; reopening the database");
+                }
+            }
+        }
+        if let Err(error) = self.reopen().await {
+            self.count_error("reopen");
+            self.inner.health.write_failed(&error);
+            tracing::error!(%error, "cannot reopen the store; retrying");
+            return;
+        }
+        if let Err(error) = rewrite() {
+            self.count_error("rewrite");
+            tracing::error!(%error, "cannot rewrite the reopened store; retrying");
+            return;
+        }
+        self.inner.health.rewritten();
+        if let Err(error) = self.probe().await {
+            self.count_error("health_probe");
+            tracing::warn!(%error, "the reopened store does not write yet");
+        }
+    }
+
+    fn count_error(&self, operation: &str) {
+        if let Some(metrics) = &self.inner.metrics {
+            metrics.store_error(operation);
+        }
     }
 }
 
@@ -199,5 +614,210 @@ mod tests {
         assert_eq!(store.devices().unwrap().len(), 1);
         store.remove_device(&id).unwrap();
         assert_eq!(store.device(&id).unwrap(), None);
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    //! The store's health and quarantine, driven through `StoreFaults`.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn record(token: &str) -> DeviceRecord {
+        DeviceRecord {
+            udp_address: Some("127.0.0.1:20001".parse().unwrap()),
+            callback_token: token.into(),
+            nidd: None,
+            queue_mode: QueueMode::default(),
+        }
+    }
+
+    fn faulty_store(dir: &Path) -> (Store, StoreFaults, Arc<Metrics>) {
+        let faults = StoreFaults::new();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let store = Store::open_with(
+            dir,
+            StoreOptions {
+                metrics: Some(metrics.clone()),
+                faults: Some(faults.clone()),
+            },
+        )
+        .unwrap();
+        (store, faults, metrics)
+    }
+
+    fn is_enospc(error: &StoreError) -> bool {
+        matches!(error, StoreError::Sled(sled::Error::Io(e)) if e.raw_os_error() == Some(28))
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_makes_the_store_unhealthy_until_a_later_write_is_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, metrics) = faulty_store(dir.path());
+        let id: DeviceId = "a@x".parse().unwrap();
+        assert!(store.health().healthy);
+        assert_eq!(metrics.store_healthy.get(), 1);
+
+        faults.fail_writes(true);
+        let error = store.put_device(&id, &record("t1")).unwrap_err();
+        assert!(is_enospc(&error), "a real StoreError: {error}");
+        let health = store.health();
+        assert!(!health.healthy);
+        assert!(health.error.unwrap().contains("No space left"));
+        assert_eq!(metrics.store_healthy.get(), 0);
+        // Nothing was written, so a flush proves nothing.
+        store.flush().await.unwrap();
+        assert!(!store.health().healthy);
+
+        faults.clear();
+        store.put_device(&id, &record("t2")).unwrap();
+        assert!(!store.health().healthy, "a write alone is not on disk yet");
+        store.flush().await.unwrap();
+        assert!(store.health().healthy);
+        assert_eq!(metrics.store_healthy.get(), 1);
+        assert_eq!(store.device(&id).unwrap(), Some(record("t2")));
+        assert_eq!(faults.injected(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_makes_the_store_unhealthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, _) = faulty_store(dir.path());
+        let id: DeviceId = "a@x".parse().unwrap();
+        store.put_device(&id, &record("t")).unwrap();
+        faults.fail_flushes(true);
+        assert!(is_enospc(&store.flush().await.unwrap_err()));
+        assert!(!store.health().healthy);
+        faults.clear();
+        // The probe of the health task writes and flushes.
+        store.recover(&|| Ok(())).await;
+        assert!(store.health().healthy);
+        assert_eq!(faults.reopened(), 0, "a store that writes is not reopened");
+    }
+
+    #[tokio::test]
+    async fn a_poisoned_store_recovers_by_reopening_and_rewriting_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, metrics) = faulty_store(dir.path());
+        let durable: DeviceId = "durable@x".parse().unwrap();
+        let lost: DeviceId = "lost@x".parse().unwrap();
+        store.put_device(&durable, &record("d")).unwrap();
+        store.flush().await.unwrap();
+
+        faults.poison_until_reopened(true);
+        faults.disk_full(true);
+        assert!(store.put_device(&lost, &record("l")).is_err());
+        // Room again, but like sled the open database keeps the error.
+        faults.disk_full(false);
+        assert!(faults.is_poisoned());
+        assert!(store.put_device(&lost, &record("l")).is_err());
+        assert!(store.flush().await.is_err());
+
+        let rewrites = AtomicUsize::new(0);
+        let rewrite = || {
+            rewrites.fetch_add(1, Ordering::SeqCst);
+            store.put_device(&lost, &record("l"))
+        };
+        store.recover(&rewrite).await;
+        assert_eq!(faults.reopened(), 1);
+        assert_eq!(rewrites.load(Ordering::SeqCst), 1);
+        assert!(store.health().healthy, "{:?}", store.health());
+        assert_eq!(store.device(&durable).unwrap(), Some(record("d")));
+        assert_eq!(store.device(&lost).unwrap(), Some(record("l")));
+        assert_eq!(
+            metrics
+                .store_errors
+                .with_label_values(&["health_probe"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_reopen_is_closed_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, metrics) = faulty_store(dir.path());
+        let id: DeviceId = "a@x".parse().unwrap();
+        faults.poison_until_reopened(true);
+        faults.disk_full(true);
+        assert!(store.put_device(&id, &record("t")).is_err());
+
+        store.recover(&|| Ok(())).await;
+        assert!(store.put_device(&id, &record("t")).is_err());
+        assert!(matches!(store.device(&id), Err(StoreError::Closed { .. })));
+        let health = store.health();
+        assert!(!health.healthy && health.recovering);
+        assert!(matches!(store.flush().await, Err(StoreError::Recovering)));
+        assert_eq!(metrics.store_errors.with_label_values(&["reopen"]).get(), 1);
+
+        faults.disk_full(false);
+        store.recover(&|| Ok(())).await;
+        assert!(store.health().healthy, "{:?}", store.health());
+        store.put_device(&id, &record("t")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_health_task_recovers_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, _) = faulty_store(dir.path());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(store.clone().run_health(cancel.clone(), || Ok(())));
+        faults.poison_until_reopened(true);
+        faults.fail_writes(true);
+        let id: DeviceId = "a@x".parse().unwrap();
+        assert!(store.put_device(&id, &record("t")).is_err());
+        faults.clear();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !store.health().healthy {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("healthy again without anyone writing");
+        assert_eq!(faults.reopened(), 1);
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn corrupt_device_records_are_quarantined_and_the_rest_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, metrics) = faulty_store(dir.path());
+        let good: DeviceId = "good@x".parse().unwrap();
+        let bad: DeviceId = "bad@x".parse().unwrap();
+        let departed = b"departed@x";
+        store.put_device(&good, &record("g")).unwrap();
+        let devices = store.tree(DEVICES_TREE).unwrap();
+        devices
+            .insert(bad.canonical().as_bytes(), b"\x00junk".to_vec())
+            .unwrap();
+        devices
+            .insert(departed, b"{\"not\":\"a record\"}".to_vec())
+            .unwrap();
+
+        assert_eq!(store.load_device(&good).unwrap(), Some(record("g")));
+        assert_eq!(store.load_device(&bad).unwrap(), None, "treated as new");
+        assert_eq!(store.devices().unwrap().len(), 1, "departed@x quarantined");
+        let quarantined = store.quarantined().unwrap();
+        assert_eq!(quarantined.len(), 2);
+        let bad_record = quarantined.iter().find(|q| q.key == "bad@x").unwrap();
+        assert_eq!(bad_record.tree, "devices");
+        assert_eq!(bad_record.value_hex, hex::encode(b"\x00junk"));
+        assert_eq!(bad_record.key_hex, hex::encode(b"bad@x"));
+        assert!(!bad_record.reason.is_empty());
+        assert!(bad_record.quarantined_at_ms > 0);
+        assert_eq!(
+            metrics
+                .store_quarantined
+                .with_label_values(&["devices"])
+                .get(),
+            2
+        );
+        // Moved, not copied: the next start finds nothing to quarantine.
+        assert_eq!(store.load_device(&bad).unwrap(), None);
+        assert_eq!(store.devices().unwrap().len(), 1);
+        assert_eq!(store.quarantined().unwrap().len(), 2);
     }
 }

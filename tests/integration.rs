@@ -29,4 +29,5 @@ mod integration {
     pub mod restart;
     pub mod routing;
     pub mod sim_oscore;
+    pub mod store_health;
 }

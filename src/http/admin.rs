@@ -37,6 +37,7 @@ pub(crate) fn router(shared: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/store/quarantine", get(list_quarantine))
         .route("/api/v1/devices/{device}", get(show_device))
         .route(
             "/api/v1/devices/{device}/queue",
@@ -63,6 +64,31 @@ struct Readiness {
     /// Devices whose last MT delivery the SCEF refused with 403 (shown when there are any).
     #[serde(skip_serializing_if = "is_zero")]
     devices_forbidden: usize,
+    /// Why the store cannot write (shown while it cannot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store_unhealthy: Option<StoreUnhealthy>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StoreUnhealthy {
+    /// The last failure of a write or flush.
+    error: Option<String>,
+    /// Seconds since the first failure of this spell.
+    for_s: Option<f64>,
+    /// The database was reopened and is being written again from memory.
+    recovering: bool,
+}
+
+fn store_unhealthy(shared: &AdminState, now_ms: u64) -> Option<StoreUnhealthy> {
+    let health = shared.devices.store().health();
+    (!health.healthy).then(|| StoreUnhealthy {
+        error: health.error,
+        for_s: health
+            .since_ms
+            .map(|since| now_ms.saturating_sub(since) as f64 / 1000.0),
+        recovering: health.recovering,
+    })
 }
 
 fn is_zero(count: &usize) -> bool {
@@ -83,17 +109,20 @@ fn forbidden_count(shared: &AdminState) -> usize {
     count
 }
 
-/// Ready when not shutting down, every device has a usable NIDD configuration and the SCEF
-/// forbids none of them.
+/// Ready when not shutting down, every device has a usable NIDD configuration, the SCEF
+/// forbids none of them and the store can write.
 async fn readyz(State(shared): State<AdminState>) -> Response {
     let forbidden = forbidden_count(&shared);
+    let store_unhealthy = store_unhealthy(&shared, clock::unix_ms());
     let body = Readiness {
         ready: !shared.lifecycle.is_shutting_down()
             && shared.devices.all_provisioned()
-            && forbidden == 0,
+            && forbidden == 0
+            && store_unhealthy.is_none(),
         devices: shared.devices.len(),
         devices_with_configuration: shared.devices.provisioned_count(),
         devices_forbidden: forbidden,
+        store_unhealthy,
     };
     let status = if body.ready {
         StatusCode::OK
@@ -219,6 +248,18 @@ async fn show_device(State(shared): State<AdminState>, Path(device): Path<String
             StatusCode::NOT_FOUND,
             "UNKNOWN_DEVICE",
             format!("device {id} is not configured"),
+        ),
+    }
+}
+
+/// The records that could not be decoded and were moved out of their trees.
+async fn list_quarantine(State(shared): State<AdminState>) -> Response {
+    match shared.devices.store().quarantined() {
+        Ok(records) => Json(records).into_response(),
+        Err(error) => problem_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "STORE_UNAVAILABLE",
+            error.to_string(),
         ),
     }
 }
@@ -361,6 +402,63 @@ mod tests {
         // The SCEF takes an MT again: ready.
         a.state().mt.on_outcome(1, Outcome::Delivered, now);
         assert_eq!(get(&harness, "/readyz").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_while_the_store_cannot_write_and_200_when_it_can() {
+        let harness = Harness::new().await;
+        let a = harness.device(DEVICE_A);
+        assert_eq!(get(&harness, "/readyz").await.0, StatusCode::OK);
+        harness.store_faults.disk_full(true);
+        // Any write of the store fails: here the queue mode a Register stated.
+        harness.devices.set_queue_mode(&a, QueueMode::On);
+        let (status, body) = get(&harness, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["ready"], false);
+        let unhealthy = &body["storeUnhealthy"];
+        assert!(
+            unhealthy["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("No space left on device")),
+            "{body}"
+        );
+        assert!(unhealthy["forS"].as_f64().is_some(), "{body}");
+        assert_eq!(unhealthy["recovering"], false);
+        let (_, _, text) = read(harness.admin(Method::GET, "/metrics").await).await;
+        assert!(
+            text.as_str()
+                .is_some_and(|t| t.contains("nidd_bridge_store_healthy 0")),
+            "{text}"
+        );
+
+        // Room again: the next write, once flushed, makes it ready.
+        harness.store_faults.disk_full(false);
+        harness.devices.set_queue_mode(&a, QueueMode::Off);
+        harness.devices.store().flush().await.unwrap();
+        let (status, body) = get(&harness, "/readyz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.get("storeUnhealthy").is_none(), "{body}");
+    }
+
+    #[tokio::test]
+    async fn the_quarantine_lists_records_that_could_not_be_decoded() {
+        let harness = Harness::new().await;
+        let (status, body) = get(&harness, "/api/v1/store/quarantine").await;
+        assert_eq!((status, body), (StatusCode::OK, json!([])));
+        let store = harness.devices.store();
+        store
+            .tree(crate::store::DEVICES_TREE)
+            .unwrap()
+            .insert(b"999@iot.example", b"not json".to_vec())
+            .unwrap();
+        assert_eq!(store.devices().unwrap().len(), 2);
+        let (status, body) = get(&harness, "/api/v1/store/quarantine").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body[0]["tree"], "devices");
+        assert_eq!(body[0]["key"], "999@iot.example");
+        assert_eq!(body[0]["valueHex"], hex::encode(b"not json"));
+        assert!(body[0]["reason"].is_string());
+        assert!(body[0]["quarantinedAtMs"].is_u64());
     }
 
     #[tokio::test]

@@ -33,7 +33,7 @@ use crate::mt::durable::MtStore;
 use crate::provision::Provisioner;
 use crate::queue::QueueLimits;
 use crate::socket::DeviceSocket;
-use crate::store::Store;
+use crate::store::{Store, StoreFaults, StoreOptions};
 use crate::t8::{NiddStatus, T8Client};
 
 /// Device A of the fixtures: its External Identifier, callback token and configuration.
@@ -97,6 +97,8 @@ pub(crate) struct Harness {
     pub(crate) mt_store: MtStore,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) lifecycle: Lifecycle,
+    /// Faults of the store's writes and flushes.
+    pub(crate) store_faults: StoreFaults,
     /// The LwM2M server stand-in: uplinks are forwarded here, MT is "sent" from here.
     pub(crate) server: UdpSocket,
     callback: CallbackState,
@@ -111,8 +113,16 @@ impl Harness {
     /// SCEF's maximum packet size), so the bridge is ready.
     pub(crate) async fn new() -> Self {
         let store_dir = tempfile::tempdir().expect("temporary store directory");
-        let store = Store::open(store_dir.path()).expect("store");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let store_faults = StoreFaults::new();
+        let store = Store::open_with(
+            store_dir.path(),
+            StoreOptions {
+                metrics: Some(metrics.clone()),
+                faults: Some(store_faults.clone()),
+            },
+        )
+        .expect("store");
         let server = UdpSocket::bind("127.0.0.1:0")
             .await
             .expect("server stand-in");
@@ -226,6 +236,7 @@ impl Harness {
             mt_store,
             metrics,
             lifecycle,
+            store_faults,
             server,
             callback,
             admin,

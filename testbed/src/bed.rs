@@ -32,7 +32,7 @@ use std::time::Duration;
 use nidd_bridge::config::{
     ConfigError, DeviceConfig, NiddDefaults, PsmConfig, ScefConfig, ServerRole,
 };
-use nidd_bridge::{BridgeError, Config, DeviceId};
+use nidd_bridge::{BridgeError, Config, DeviceId, StoreFaults};
 
 pub use self::bridge_run::{BridgeProcess, RunningBridge};
 pub use self::raw_server::RawServer;
@@ -128,6 +128,7 @@ pub struct TestBed {
     config: Vec<ConfigOptions>,
     run: BridgeRun,
     wait_ready: bool,
+    store_faults: Option<StoreFaults>,
 }
 
 impl Default for TestBed {
@@ -153,6 +154,7 @@ impl TestBed {
             config: Vec::new(),
             run: BridgeRun::InProcess,
             wait_ready: true,
+            store_faults: None,
         }
     }
 
@@ -299,6 +301,13 @@ impl TestBed {
         self
     }
 
+    /// Makes every write and flush of the in-process bridge's store pass `faults` first, so the
+    /// test can make them fail (and succeed again) while the bridge runs.
+    pub fn store_faults(mut self, faults: &StoreFaults) -> Self {
+        self.store_faults = Some(faults.clone());
+        self
+    }
+
     /// Returns as soon as the bridge listens, without waiting for `/readyz`.
     pub fn without_waiting_for_ready(mut self) -> Self {
         self.wait_ready = false;
@@ -389,13 +398,17 @@ impl TestBed {
 
         let bridge = match self.run {
             BridgeRun::InProcess => {
-                let bridge = RunningBridge::start(config.clone()).await?;
+                let bridge = RunningBridge::start_with(config.clone(), self.store_faults).await?;
                 if self.wait_ready {
                     bridge.wait_ready().await;
                 }
                 BridgeUnderTest::InProcess(bridge)
             }
             BridgeRun::Process(binary) => {
+                assert!(
+                    self.store_faults.is_none(),
+                    "store faults need the bridge in this process (not TestBed::bridge_process)"
+                );
                 let process = BridgeProcess::start(&binary, &config_path).await?;
                 if self.wait_ready {
                     process.wait_ready().await;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use nidd_bridge::config::ProcessSecrets;
-use nidd_bridge::{BoundBridge, Bridge, BridgeError, BridgeHandle, Config, DeviceId};
+use nidd_bridge::{BoundBridge, Bridge, BridgeError, BridgeHandle, Config, DeviceId, StoreFaults};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -26,7 +26,18 @@ pub struct RunningBridge {
 impl RunningBridge {
     /// Binds every listener of `config` and runs the bridge until [`stop`](Self::stop).
     pub async fn start(config: Config) -> Result<Self, BridgeError> {
-        let bound: BoundBridge = Bridge::bind(config, &ProcessSecrets).await?;
+        Self::start_with(config, None).await
+    }
+
+    /// As [`start`](Self::start), with every store write and flush passing `faults` first.
+    pub async fn start_with(
+        config: Config,
+        store_faults: Option<StoreFaults>,
+    ) -> Result<Self, BridgeError> {
+        let bound: BoundBridge = match store_faults {
+            Some(faults) => Bridge::bind_with_store_faults(config, &ProcessSecrets, faults).await?,
+            None => Bridge::bind(config, &ProcessSecrets).await?,
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let callback_addr = bound.callback_addr;
         let admin_addr = bound.admin_addr;
