@@ -621,10 +621,7 @@ mod tests {
         downlinks.receive(&device, read(2), from, 1_000);
         assert!(downlinks.commit().await.is_err());
         faults.clear();
-        assert!(
-            downlinks.commit().await.is_err(),
-            "poisoned until reopened"
-        );
+        assert!(downlinks.commit().await.is_err(), "poisoned until reopened");
 
         let devices = [device.clone()];
         let rewrite = || downlinks.rewrite(devices.iter());

@@ -1,7 +1,9 @@
 //! HTTP client for the T8 NIDD API of the SCEF/NEF: configuration create/list/fetch/delete and
 //! MT downlink delivery, with bearer authentication (credentials asked again from a
 //! [`CredentialSource`] when the SCEF answers 401, then the request retried once), redirects
-//! (307/308) followed, metrics and latency histograms per operation.
+//! (307/308) followed on the SCEF's own origin only, metrics and latency histograms per
+//! operation. Credentials only ever go to the origin (scheme, host, port) of `scef.base_url`:
+//! a request for any other URL (a configuration's `Location`, a redirect) is refused unsent.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -41,6 +43,12 @@ pub enum T8Error {
         operation: &'static str,
         detail: String,
     },
+    #[error("T8 {operation}: {url} is not on the SCEF's origin {origin}; refused unsent")]
+    ForeignOrigin {
+        operation: &'static str,
+        url: String,
+        origin: String,
+    },
 }
 
 fn problem_suffix(problem: &Option<Box<ProblemDetails>>) -> String {
@@ -67,7 +75,7 @@ impl T8Error {
                     || *status == StatusCode::TOO_MANY_REQUESTS
                     || *status == StatusCode::REQUEST_TIMEOUT
             }
-            Self::Protocol { .. } => false,
+            Self::Protocol { .. } | Self::ForeignOrigin { .. } => false,
         }
     }
 
@@ -81,6 +89,7 @@ impl T8Error {
                 *status == StatusCode::BAD_GATEWAY || *status == StatusCode::GATEWAY_TIMEOUT
             }
             Self::Protocol { .. } => true,
+            Self::ForeignOrigin { .. } => false,
         }
     }
 
@@ -203,10 +212,21 @@ impl T8Client {
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
+        let origin = api_root.origin();
+        let same_origin_redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+            } else if attempt.url().origin() != origin {
+                let to = attempt.url().to_string();
+                attempt.error(format!("redirect to {to}, off the SCEF's origin"))
+            } else {
+                attempt.follow()
+            }
+        });
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+            .redirect(same_origin_redirects)
             .user_agent(concat!("nidd-bridge/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {
@@ -287,7 +307,7 @@ impl T8Client {
         if response.status() != StatusCode::CREATED {
             return Err(status_error(OP, response).await);
         }
-        let location = location(OP, &response)?;
+        let location = self.own_location(OP, &response)?;
         let body = read_json(OP, response).await?;
         Ok(CreatedConfiguration { location, body })
     }
@@ -387,7 +407,7 @@ impl T8Client {
         let response = self.send(OP, self.http.post(url).json(body)).await?;
         match response.status() {
             StatusCode::OK => {
-                let location = location(OP, &response).ok();
+                let location = self.own_location(OP, &response).ok();
                 let answer: NiddDownlinkDataTransfer = read_json(OP, response).await?;
                 Ok(DownlinkOutcome::Delivered {
                     status: answer.delivery_status,
@@ -396,7 +416,7 @@ impl T8Client {
                 })
             }
             StatusCode::CREATED => {
-                let location = location(OP, &response)?;
+                let location = self.own_location(OP, &response)?;
                 let answer: NiddDownlinkDataTransfer = read_json(OP, response).await?;
                 Ok(DownlinkOutcome::Pending {
                     location,
@@ -454,7 +474,7 @@ impl T8Client {
         if response.status() != StatusCode::CREATED {
             return Err(status_error(OP, response).await);
         }
-        let location = location(OP, &response)?;
+        let location = self.own_location(OP, &response)?;
         Ok((location, read_json(OP, response).await?))
     }
 
@@ -470,7 +490,7 @@ impl T8Client {
             .send_api("monitoring_event", OP, self.http.post(url).json(body))
             .await?;
         match response.status() {
-            StatusCode::CREATED => location(OP, &response).map(Some),
+            StatusCode::CREATED => self.own_location(OP, &response).map(Some),
             StatusCode::OK => Ok(None),
             _ => Err(status_error(OP, response).await),
         }
@@ -522,8 +542,24 @@ impl T8Client {
             Some(token) => request.header(AUTHORIZATION, format!("Bearer {}", token.expose())),
             None => request,
         };
+        let request = request
+            .build()
+            .map_err(|source| T8Error::Transport { operation, source })?;
+        let origin = self.api_root.origin();
+        if request.url().origin() != origin {
+            self.metrics
+                .t8_requests
+                .with_label_values(&[api, operation, "foreign_origin"])
+                .inc();
+            tracing::warn!(url = %request.url(), "T8 request off the SCEF's origin refused");
+            return Err(T8Error::ForeignOrigin {
+                operation,
+                url: request.url().to_string(),
+                origin: origin.ascii_serialization(),
+            });
+        }
         let started = crate::clock::now();
-        let result = request.send().await;
+        let result = self.http.execute(request).await;
         self.metrics
             .t8_request_seconds
             .with_label_values(&[api, operation])
@@ -539,6 +575,28 @@ impl T8Client {
             .with_label_values(&[api, operation, &outcome])
             .inc();
         result.map_err(|source| T8Error::Transport { operation, source })
+    }
+}
+
+impl T8Client {
+    /// The `Location` of an answer, which must be on the SCEF's origin: the bridge sends its
+    /// credentials there later.
+    fn own_location(
+        &self,
+        operation: &'static str,
+        response: &reqwest::Response,
+    ) -> Result<Url, T8Error> {
+        let location = location(operation, response)?;
+        let origin = self.api_root.origin();
+        if location.origin() != origin {
+            tracing::warn!(%location, "the SCEF answered with a Location off its origin; not used");
+            return Err(T8Error::ForeignOrigin {
+                operation,
+                url: location.to_string(),
+                origin: origin.ascii_serialization(),
+            });
+        }
+        Ok(location)
     }
 }
 
@@ -674,5 +732,95 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// Serves `router` on a free loopback port; returns its root URL.
+    async fn serve(router: axum::Router) -> Url {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Url::parse(&format!("http://{addr}/")).unwrap()
+    }
+
+    /// A server that records the `Authorization` of every request it gets.
+    async fn recording() -> (Url, Arc<Mutex<Vec<Option<String>>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let router = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+            let record = record.clone();
+            async move {
+                let authorization = headers
+                    .get(AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                record.lock().unwrap().push(authorization);
+                StatusCode::NOT_FOUND
+            }
+        });
+        (serve(router).await, seen)
+    }
+
+    fn client(api_root: Url) -> T8Client {
+        T8Client::new(
+            api_root,
+            "bridge-1".into(),
+            Some(Secret::new("t8-secret")),
+            Duration::from_secs(5),
+            Arc::new(Metrics::new().unwrap()),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn credentials_go_only_to_the_scefs_origin() {
+        let (elsewhere, seen_elsewhere) = recording().await;
+        let (scef, seen_by_scef) = recording().await;
+        let t8 = client(scef.clone());
+
+        // A URL off the origin (another port of the same host) is refused unsent.
+        let foreign = elsewhere
+            .join("3gpp-nidd/v1/bridge-1/configurations/1")
+            .unwrap();
+        let refused = t8.fetch_nidd_configuration(&foreign).await;
+        assert!(
+            matches!(refused, Err(T8Error::ForeignOrigin { .. })),
+            "{refused:?}"
+        );
+        assert!(!refused.unwrap_err().is_retryable());
+        assert!(seen_elsewhere.lock().unwrap().is_empty(), "nothing sent");
+        assert_eq!(
+            t8.metrics
+                .t8_requests
+                .with_label_values(&["nidd", "fetch_configuration", "foreign_origin"])
+                .get(),
+            1
+        );
+
+        // The SCEF itself gets them.
+        let own = scef.join("3gpp-nidd/v1/bridge-1/configurations/1").unwrap();
+        assert!(matches!(t8.fetch_nidd_configuration(&own).await, Ok(None)));
+        assert_eq!(
+            *seen_by_scef.lock().unwrap(),
+            vec![Some("Bearer t8-secret".to_string())]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_redirect_off_the_origin_is_not_followed() {
+        let (elsewhere, seen_elsewhere) = recording().await;
+        let target = elsewhere.join("stolen").unwrap().to_string();
+        let redirecting = axum::Router::new().fallback(move || {
+            let target = target.clone();
+            async move { (StatusCode::TEMPORARY_REDIRECT, [(LOCATION, target)]) }
+        });
+        let scef = serve(redirecting).await;
+        let t8 = client(scef.clone());
+        let own = scef.join("3gpp-nidd/v1/bridge-1/configurations/1").unwrap();
+        let result = t8.fetch_nidd_configuration(&own).await;
+        assert!(result.is_err(), "{result:?}");
+        assert!(
+            seen_elsewhere.lock().unwrap().is_empty(),
+            "nothing (and no token) sent off the origin"
+        );
     }
 }
