@@ -14,7 +14,7 @@ use url::Url;
 
 use crate::clock;
 use crate::config::{Config, SecretSource, ServerRole};
-use crate::delivery::MtState;
+use crate::delivery::{MtState, ScefTimeLimits};
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
 use crate::http::Lifecycle;
 use crate::http::admin::{self, AdminState};
@@ -300,6 +300,7 @@ impl Bridge {
             config.nidd.max_packet_bytes,
             mt_store,
             QueueLimits::from_config(psm),
+            ScefTimeLimits::from_config(psm),
             metrics.clone(),
         ));
         let provisioner = Provisioner::new(

@@ -126,6 +126,13 @@ pub struct PsmConfig {
     pub retry_initial_ms: u64,
     #[serde(default = "default_mt_retry_max_ms")]
     pub retry_max_ms: u64,
+    /// Longest wait for a `requestedRetransmissionTime` the SCEF names; a later one is
+    /// taken as this.
+    #[serde(default = "default_max_retry_wait_s")]
+    pub max_retry_wait_s: u64,
+    /// Longest a reachability report's `maxUEAvailabilityTime` keeps a device awake.
+    #[serde(default = "default_max_ue_availability_s")]
+    pub max_ue_availability_s: u64,
     /// Subscribe to MonitoringEvent UE_REACHABILITY (reachabilityType DATA) per device;
     /// LOSS_OF_CONNECTIVITY and AVAILABILITY_AFTER_DDN_FAILURE reports are handled when sent.
     #[serde(default)]
@@ -158,6 +165,8 @@ impl Default for PsmConfig {
             global_rate_per_s: default_global_rate(),
             retry_initial_ms: default_mt_retry_initial_ms(),
             retry_max_ms: default_mt_retry_max_ms(),
+            max_retry_wait_s: default_max_retry_wait_s(),
+            max_ue_availability_s: default_max_ue_availability_s(),
             monitoring: false,
             monitoring_duration_s: default_monitoring_duration_s(),
             trigger_after_s: None,
@@ -196,6 +205,15 @@ fn default_device_rate() -> f64 {
 fn default_global_rate() -> f64 {
     500.0
 }
+fn default_max_retry_wait_s() -> u64 {
+    3600
+}
+fn default_max_ue_availability_s() -> u64 {
+    // NB-IoT's longest active time (T3324, 186 min).
+    186 * 60
+}
+/// Longest `psm.queue_max_age_s` (a week): a datagram older than that has no server waiting.
+const MAX_QUEUE_AGE_S: u64 = 7 * 24 * 3600;
 fn default_mt_retry_initial_ms() -> u64 {
     1_000
 }
@@ -594,6 +612,20 @@ impl Config {
                 "active_window_s must be between 2 and 11160 seconds (NB-IoT T3324)".into(),
             );
         }
+        if psm.queue_max_age_s > MAX_QUEUE_AGE_S {
+            return invalid(format!(
+                "psm.queue_max_age_s must not exceed {MAX_QUEUE_AGE_S} seconds (a week)"
+            ));
+        }
+        if psm.max_retry_wait_s == 0
+            || psm.max_retry_wait_s > MAX_QUEUE_AGE_S
+            || psm.max_ue_availability_s == 0
+            || psm.max_ue_availability_s > MAX_QUEUE_AGE_S
+        {
+            return invalid(format!(
+                "psm.max_retry_wait_s and psm.max_ue_availability_s must be between 1 and {MAX_QUEUE_AGE_S} seconds"
+            ));
+        }
         if psm.guess_hold_s > psm.queue_max_age_s.min(3600) {
             return invalid(
                 "psm.guess_hold_s must not exceed psm.queue_max_age_s (nor 3600 seconds)".into(),
@@ -789,6 +821,14 @@ mod tests {
 
     #[test]
     fn a_guess_may_not_hold_mt_beyond_the_queue_age() {
+        for huge in [
+            "[psm]\nqueue_max_age_s = 18446744073709551615",
+            "[psm]\nmax_retry_wait_s = 18446744073709551615",
+            "[psm]\nmax_ue_availability_s = 0",
+        ] {
+            let err = Config::parse(&minimal(huge)).unwrap_err();
+            assert!(err.to_string().contains("psm."), "{huge}: {err}");
+        }
         let ok = minimal("[psm]\nguess_hold_s = 30");
         assert_eq!(Config::parse(&ok).unwrap().psm.guess_hold_s, 30);
         assert_eq!(Config::parse(&minimal("")).unwrap().psm.guess_hold_s, 10);

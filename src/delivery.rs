@@ -390,15 +390,38 @@ pub(crate) fn is_buffering(status: &DeliveryStatus) -> bool {
     status.starts_with("BUFFERING") || status == "TRIGGERED"
 }
 
-/// An RFC 3339 time from the SCEF as an `Instant` (past times become now); `now` and
-/// `system_now` are the same moment on the two clocks.
+/// How far ahead a time the SCEF names is believed: a far-future `requestedRetransmissionTime`
+/// would stall a queue, a far-future `maxUEAvailabilityTime` keep a device "awake", forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ScefTimeLimits {
+    pub(crate) retry_wait: Duration,
+    pub(crate) ue_availability: Duration,
+}
+
+impl ScefTimeLimits {
+    pub(crate) fn from_config(psm: &crate::config::PsmConfig) -> Self {
+        Self {
+            retry_wait: Duration::from_secs(psm.max_retry_wait_s),
+            ue_availability: Duration::from_secs(psm.max_ue_availability_s),
+        }
+    }
+}
+
+/// An RFC 3339 time from the SCEF (any offset, fractional seconds) as an `Instant`, at most
+/// `max` ahead (past times become now); `now` and `system_now` are the same moment on the two
+/// clocks. An unreadable time is `None`.
 pub(crate) fn instant_of(
     time: Option<&str>,
     now: Instant,
     system_now: SystemTime,
+    max: Duration,
 ) -> Option<Instant> {
-    let when = humantime::parse_rfc3339_weak(time?.trim_end_matches('Z')).ok()?;
-    let delay = when.duration_since(system_now).unwrap_or_default();
+    let when =
+        time::OffsetDateTime::parse(time?.trim(), &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    let system_now = time::OffsetDateTime::from(system_now);
+    let ahead = when - system_now;
+    let delay = Duration::try_from(ahead).unwrap_or_default().min(max);
     Some(now + delay)
 }
 
@@ -628,20 +651,36 @@ mod tests {
     }
 
     #[test]
-    fn scef_retry_times_become_instants() {
+    fn scef_times_become_instants_in_any_offset_and_within_the_limit() {
+        const HOUR: Duration = Duration::from_secs(3600);
         let now = crate::clock::now();
+        // 2027-01-15T08:00:00Z.
         let system_now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let in_a_minute =
-            humantime::format_rfc3339_seconds(system_now + Duration::from_secs(60)).to_string();
-        let at = instant_of(Some(&in_a_minute), now, system_now).unwrap();
-        assert_eq!(at, now + Duration::from_secs(60));
+        let at = |time: &str| instant_of(Some(time), now, system_now, HOUR);
+        let in_a_minute = Some(now + Duration::from_secs(60));
+        assert_eq!(at("2027-01-15T08:01:00Z"), in_a_minute);
+        assert_eq!(at("2027-01-15T08:01:00+00:00"), in_a_minute);
         assert_eq!(
-            instant_of(Some("2001-01-01T00:00:00Z"), now, system_now),
-            Some(now),
-            "past times mean now"
+            at("2027-01-15T10:01:00+02:00"),
+            in_a_minute,
+            "another offset"
         );
-        assert_eq!(instant_of(Some("not a time"), now, system_now), None);
-        assert_eq!(instant_of(None, now, system_now), None);
+        assert_eq!(at("2027-01-15T03:01:00-05:00"), in_a_minute);
+        assert_eq!(
+            at("2027-01-15t08:01:00z"),
+            in_a_minute,
+            "lower case, as RFC 3339 allows"
+        );
+        assert_eq!(
+            at("2027-01-15T08:01:00.250Z"),
+            Some(now + Duration::from_millis(60_250)),
+            "fractional seconds"
+        );
+        assert_eq!(at("2001-01-01T00:00:00Z"), Some(now), "past times mean now");
+        assert_eq!(at("9999-12-31T23:59:59Z"), Some(now + HOUR), "clamped");
+        assert_eq!(at("not a time"), None);
+        assert_eq!(at("2027-01-15 08:01:00"), None, "no offset: not RFC 3339");
+        assert_eq!(instant_of(None, now, system_now, HOUR), None);
     }
 
     #[test]

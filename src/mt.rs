@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::QueueEffect;
+use crate::delivery::{QueueEffect, ScefTimeLimits};
 use crate::devices::Device;
 use crate::metrics::Metrics;
 use crate::queue::{DropReason, QueueLimits, QueuedDatagram};
@@ -60,6 +60,8 @@ pub(crate) struct Downlinks {
     default_max_packet_bytes: usize,
     store: MtStore,
     limits: QueueLimits,
+    /// How far ahead the SCEF's retry and availability times are believed.
+    pub(crate) scef_times: ScefTimeLimits,
     metrics: Arc<Metrics>,
     uncommitted: Mutex<Vec<Uncommitted>>,
     commit_due: Notify,
@@ -75,6 +77,7 @@ impl Downlinks {
         default_max_packet_bytes: usize,
         store: MtStore,
         limits: QueueLimits,
+        scef_times: ScefTimeLimits,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -82,6 +85,7 @@ impl Downlinks {
             default_max_packet_bytes,
             store,
             limits,
+            scef_times,
             metrics,
             uncommitted: Mutex::new(Vec::new()),
             commit_due: Notify::new(),
@@ -396,6 +400,7 @@ mod tests {
             1358,
             MtStore::open(store).unwrap(),
             limits,
+            ScefTimeLimits::from_config(&crate::config::PsmConfig::default()),
             metrics.clone(),
         ))
     }

@@ -211,6 +211,7 @@ async fn handle(
                 notification.requested_retransmission_time.as_deref(),
                 now,
                 clock::system_now(),
+                shared.downlinks.scef_times.retry_wait,
             );
             shared
                 .downlinks
@@ -406,6 +407,7 @@ async fn monitoring_notification(
                         report.max_ue_availability_time.as_deref(),
                         now,
                         clock::system_now(),
+                        shared.downlinks.scef_times.ue_availability,
                     );
                     let source = WakeSource::Report(until);
                     device.woke(now, source);
@@ -1385,10 +1387,17 @@ mod tests {
     #[tokio::test]
     async fn a_reachability_report_keeps_the_device_awake_until_max_ue_availability_time() {
         let in_an_hour = clock::system_now() + Duration::from_secs(3600);
-        let in_an_hour = humantime::format_rfc3339_seconds(in_an_hour).to_string();
-        // Read as UTC: `Z`, `+00:00` or no offset.
-        let utc = in_an_hour.trim_end_matches('Z');
-        for spelling in [in_an_hour.clone(), format!("{utc}+00:00"), utc.to_string()] {
+        let utc = humantime::format_rfc3339_seconds(in_an_hour).to_string();
+        let utc = utc.trim_end_matches('Z');
+        // The same moment two hours east of UTC.
+        let east =
+            humantime::format_rfc3339_seconds(in_an_hour + Duration::from_secs(7200)).to_string();
+        let east = east.trim_end_matches('Z');
+        for spelling in [
+            format!("{utc}Z"),
+            format!("{utc}+00:00"),
+            format!("{east}+02:00"),
+        ] {
             let harness = Harness::new().await;
             let device = harness.device(DEVICE_A);
             let mut body = fixture_json("MonitoringNotification.ue-reachability.json");

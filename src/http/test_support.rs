@@ -21,6 +21,7 @@ use tower::ServiceExt;
 use url::Url;
 
 use crate::config::{NiddDefaults, PsmConfig, ScefConfig};
+use crate::delivery::ScefTimeLimits;
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
 use crate::http::Lifecycle;
 use crate::http::admin::{self, AdminState};
@@ -180,6 +181,7 @@ impl Harness {
             nidd.max_packet_bytes,
             mt_store.clone(),
             QueueLimits::from_config(&psm),
+            ScefTimeLimits::from_config(&psm),
             metrics.clone(),
         ));
         let scef = ScefConfig {

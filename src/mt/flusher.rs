@@ -200,7 +200,8 @@ impl Flusher {
         now: std::time::Instant,
     ) -> Outcome {
         let metrics = &self.metrics;
-        let retry_at = |time: Option<&str>| instant_of(time, now, clock::system_now());
+        let max = self.downlinks.scef_times.retry_wait;
+        let retry_at = |time: Option<&str>| instant_of(time, now, clock::system_now(), max);
         match result {
             Ok(DownlinkOutcome::Delivered {
                 status,
