@@ -54,8 +54,15 @@ impl MtStore {
     }
 
     /// Makes every accepted datagram durable.
+    ///
+    /// sled's own `flush_async` hands the flush to sled's thread pool and can miss its wake-up
+    /// (sled issue #1241: the future is never woken; under load here group commits stalled for
+    /// seconds); the blocking flush on tokio's blocking pool has no such hand-off.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
-        self.tree.flush_async().await?;
+        let tree = self.tree.clone();
+        tokio::task::spawn_blocking(move || tree.flush())
+            .await
+            .map_err(|e| StoreError::Sled(sled::Error::Io(std::io::Error::other(e))))??;
         Ok(())
     }
 
