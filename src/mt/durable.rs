@@ -49,6 +49,10 @@ impl MtStore {
     }
 
     /// Makes every accepted datagram durable.
+    ///
+    /// sled's own `flush_async` hands the flush to sled's thread pool and can miss its wake-up
+    /// (sled issue #1241: the future is never woken; under load here group commits stalled for
+    /// seconds); the blocking flush on tokio's blocking pool has no such hand-off.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
         self.tree.flush().await
     }

@@ -14,12 +14,15 @@
 //! - [`aiocoap`]: driver of the aiocoap OSCORE peer, installed into a virtual environment on
 //!   first use.
 //! - [`schema`]: validation of T8 bodies against the official 3GPP OpenAPI files.
+//! - [`bench`]: the load benchmark's minimal SCEF, LwM2M-server stand-in (load generator) and
+//!   minimal relay (the ceiling), and the figures of a run; the `nidd-bench` binary runs them.
 
 // The test bed is all edge: its simulators and emulators keep their own time.
 #![allow(clippy::disallowed_methods)]
 
 pub mod aiocoap;
 pub mod bed;
+pub mod bench;
 pub mod bridge_config;
 pub mod lwm2m_peer;
 pub mod mock_scef;

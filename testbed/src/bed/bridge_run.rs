@@ -123,11 +123,32 @@ pub struct BridgeProcess {
 impl BridgeProcess {
     /// Runs `binary run --config <config>` and reads the addresses it prints.
     pub async fn start(binary: &Path, config: &Path) -> Result<Self, BedError> {
+        Self::start_with(binary, config, &[], None).await
+    }
+
+    /// As [`start`](Self::start), with extra environment variables (e.g. `RUST_LOG`) and its
+    /// log (stderr) appended to `log` instead of this process's stderr.
+    pub async fn start_with(
+        binary: &Path,
+        config: &Path,
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> Result<Self, BedError> {
+        let stderr = match log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+            None => Stdio::inherit(),
+        };
         let mut child = Command::new(binary)
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| BedError::Process(format!("cannot run {}: {e}", binary.display())))?;
@@ -154,6 +175,23 @@ impl BridgeProcess {
             admin,
             callback,
         })
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits up to `deadline` for the process to exit; its exit status.
+    pub async fn try_terminate(
+        mut self,
+        deadline: std::time::Duration,
+    ) -> Result<std::process::ExitStatus, BedError> {
+        self.signal("-TERM")?;
+        tokio::time::timeout(deadline, self.child.wait())
+            .await
+            .map_err(|_| BedError::Timeout("the bridge process to exit after SIGTERM"))?
+            .map_err(BedError::Io)
     }
 
     fn signal(&self, signal: &str) -> Result<(), BedError> {

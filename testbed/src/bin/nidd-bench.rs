@@ -1,0 +1,1043 @@
+//! `nidd-bench`: the load benchmark of issue 8. It runs the release `nidd-bridge` binary in its
+//! own process and, in the same run and on the same machine, the minimal relay (the ceiling,
+//! also in its own process: `nidd-bench relay`), both between the test bed's minimal SCEF and
+//! LwM2M-server stand-in (`nidd_testbed::bench`), and prints side by side: MT throughput and
+//! latency at the offered rate, at the sustainable rate and at 2× and 4× of it, with the
+//! bridge's accounting of every offered datagram; MO throughput and latency; time to ready and
+//! RSS per device at scale; restart time. README "Performance" shows a run.
+
+#![allow(clippy::disallowed_methods)]
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use nidd_bridge::DeviceId;
+use nidd_bridge::config::{OverflowPolicy, ServerRole};
+use nidd_testbed::bed::BridgeProcess;
+use nidd_testbed::bench::figures::{Flow, MtAccounting};
+use nidd_testbed::bench::load::{ServerStandIn, mt_datagram};
+use nidd_testbed::bench::relay::MinimalRelay;
+use nidd_testbed::bench::scef::{MinimalScef, PushReport, device_id};
+use nidd_testbed::bench::{Arrival, Offer, Sent};
+use nidd_testbed::bridge_config::BridgeConfigBuilder;
+use nidd_testbed::probe;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// MT and global pacing of the bridge: high enough that pacing caps nothing.
+const PACING_PER_S: f64 = 1_000_000.0;
+/// Longest wait for a bridge to be ready.
+const READY_DEADLINE: Duration = Duration::from_secs(300);
+/// Longest wait for the arrivals of a run to stop.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+/// Arrivals have stopped when none came for this long.
+const QUIET: Duration = Duration::from_millis(500);
+
+#[derive(Parser)]
+#[command(
+    name = "nidd-bench",
+    version,
+    about = "Load benchmark of nidd-bridge against a minimal relay, measured in the same run",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The minimal relay on its own (started by the benchmark as its ceiling).
+    #[command(hide = true)]
+    Relay(RelayArgs),
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Short runs (1 s) and 2000 devices for the readiness run: under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Devices in the MT and MO runs.
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    /// MT datagrams per second offered in the first run (and MO notifications per second).
+    #[arg(long, default_value_t = 20_000.0)]
+    rate: f64,
+    /// How long each MT and MO run offers load (default 5 s, 1 s with --quick).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Devices of the readiness, RSS and restart run (0: skip it; default 19000, 2000 with
+    /// --quick).
+    #[arg(long)]
+    scale_devices: Option<usize>,
+    /// The `nidd-bridge` binary (default: built with `cargo build --release` and taken from
+    /// beside this one).
+    #[arg(long)]
+    bridge: Option<PathBuf>,
+    /// Requests the relay keeps in flight at most.
+    #[arg(long, default_value_t = 256)]
+    relay_in_flight: usize,
+    /// Concurrent HTTP connections of the minimal SCEF's MO pushes.
+    #[arg(long, default_value_t = 64)]
+    mo_connections: usize,
+    /// Keep the work directory (stores, configurations, the bridge's log).
+    #[arg(long)]
+    keep: bool,
+    /// Where the work directory (and so the bridges' sled stores) is made: the filesystem's
+    /// fsync latency bounds the MT group commit (default: the system's temporary directory;
+    /// e.g. /dev/shm to take the disk out).
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
+    /// The bridge's `psm.overflow` (drop_oldest, the default, or drop_newest).
+    #[arg(long, default_value = "drop_oldest", value_parser = ["drop_oldest", "drop_newest"])]
+    overflow: String,
+}
+
+#[derive(Args)]
+struct RelayArgs {
+    #[arg(long)]
+    scef: url::Url,
+    #[arg(long)]
+    scs_as_id: String,
+    #[arg(long)]
+    server: SocketAddr,
+    #[arg(long)]
+    devices: usize,
+    #[arg(long)]
+    in_flight: usize,
+}
+
+fn main() -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    match cli.command {
+        Some(Command::Relay(args)) => runtime.block_on(relay(args)),
+        None => runtime.block_on(bench(cli.run)),
+    }
+}
+
+/// `nidd-bench relay`: prints `{"devices": [addresses]}` once ready, relays until killed.
+async fn relay(args: RelayArgs) -> Result<()> {
+    let ids: Vec<DeviceId> = (0..args.devices).map(device_id).collect();
+    let relay = MinimalRelay::start(
+        &args.scef,
+        &args.scs_as_id,
+        &ids,
+        args.server,
+        args.in_flight,
+    )
+    .await?;
+    println!(
+        "{}",
+        serde_json::json!({ "devices": relay.device_addresses })
+    );
+    nidd_bridge::shutdown_signal().await;
+    relay.stop();
+    Ok(())
+}
+
+/// The settings of the whole run.
+struct Settings {
+    devices: usize,
+    rate: f64,
+    duration: Duration,
+    search_duration: Duration,
+    scale_devices: usize,
+    relay_in_flight: usize,
+    mo_connections: usize,
+    overflow: OverflowPolicy,
+}
+
+struct Bench {
+    settings: Settings,
+    bridge_binary: PathBuf,
+    scef: MinimalScef,
+    server: ServerStandIn,
+    work: tempfile::TempDir,
+    log: PathBuf,
+    next_id: u32,
+    runs: u32,
+    /// fsync of 4 KiB in the work directory before the run: p50, p99, max.
+    fsync: [Duration; 3],
+    http: reqwest::Client,
+}
+
+/// One MT row: the ceiling (if run) and the bridge at the same offered rate.
+struct MtRow {
+    label: String,
+    ceiling: Option<Flow>,
+    bridge: Flow,
+    accounting: MtAccounting,
+    /// Offered to the bridge, sweep datagrams included.
+    bridge_offered: f64,
+}
+
+struct MoRow {
+    rate: f64,
+    ceiling: (Flow, PushReport),
+    bridge: (Flow, PushReport),
+}
+
+struct ScaleFigures {
+    devices: usize,
+    bound: Duration,
+    ready: Duration,
+    rss_kib: u64,
+    hwm_kib: u64,
+    idle_devices: usize,
+    idle_rss_kib: u64,
+    stop: Duration,
+    restart_bound: Duration,
+    restart_ready: Duration,
+    restart_rss_kib: u64,
+    restart_requests: [u64; 6],
+    first_requests: [u64; 6],
+}
+
+async fn bench(args: RunArgs) -> Result<()> {
+    let wall = Instant::now();
+    let settings = Settings {
+        devices: args.devices.max(1),
+        rate: args.rate,
+        duration: args.duration.unwrap_or(if args.quick {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        }),
+        search_duration: if args.quick {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(2)
+        },
+        scale_devices: args
+            .scale_devices
+            .unwrap_or(if args.quick { 2_000 } else { 19_000 }),
+        relay_in_flight: args.relay_in_flight,
+        mo_connections: args.mo_connections,
+        overflow: if args.overflow == "drop_newest" {
+            OverflowPolicy::DropNewest
+        } else {
+            OverflowPolicy::DropOldest
+        },
+    };
+    let bridge_binary = match &args.bridge {
+        Some(path) => path.clone(),
+        None => build_bridge().await?,
+    };
+    let work = match &args.store_dir {
+        Some(dir) => tempfile::Builder::new()
+            .prefix("nidd-bench-")
+            .tempdir_in(dir)?,
+        None => tempfile::Builder::new().prefix("nidd-bench-").tempdir()?,
+    };
+    let fsync = fsync_latency(work.path())?;
+    let log = work.path().join("bridge.log");
+    let mut bench = Bench {
+        settings,
+        bridge_binary,
+        scef: MinimalScef::start(([127, 0, 0, 1], 0).into()).await?,
+        server: ServerStandIn::bind().await?,
+        log,
+        work,
+        next_id: 1,
+        runs: 0,
+        fsync,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?,
+    };
+    eprintln!(
+        "nidd-bench: bridge {}, work directory {}",
+        bench.bridge_binary.display(),
+        bench.work.path().display()
+    );
+    let (mt, idle) = bench.mt_rows().await?;
+    let mut mo = Vec::new();
+    for factor in [1.0, 2.0] {
+        let rate = bench.settings.rate * factor;
+        mo.push(bench.mo_row(rate).await?);
+    }
+    let scale = if bench.settings.scale_devices > 0 {
+        Some(bench.scale(idle).await?)
+    } else {
+        None
+    };
+    let report = report(&bench, &mt, &mo, scale.as_ref(), wall.elapsed());
+    println!("{report}");
+    if args.keep {
+        let kept = bench.work.keep();
+        eprintln!("nidd-bench: kept {}", kept.display());
+    }
+    Ok(())
+}
+
+/// `cargo build --release --bin nidd-bridge` in this workspace; the binary beside this one.
+async fn build_bridge() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace of the test bed")?;
+    eprintln!("nidd-bench: cargo build --release -p nidd-bridge --bin nidd-bridge");
+    let status = tokio::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "nidd-bridge",
+            "--bin",
+            "nidd-bridge",
+        ])
+        .current_dir(workspace)
+        .status()
+        .await
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo build of nidd-bridge failed: {status}");
+    }
+    let here = std::env::current_exe()?;
+    let binary = here
+        .parent()
+        .context("the directory of nidd-bench")?
+        .join("nidd-bridge");
+    if !binary.exists() {
+        bail!(
+            "{} not found (run nidd-bench from a release build, or pass --bridge)",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// A bridge process of the benchmark and what it needs to be driven.
+struct BenchBridge {
+    process: BridgeProcess,
+    config: PathBuf,
+    scs_as_id: String,
+    bound: Duration,
+    ready: Duration,
+}
+
+/// A relay process of the benchmark.
+struct RelayProcess {
+    child: tokio::process::Child,
+    devices: Vec<SocketAddr>,
+}
+
+impl Bench {
+    fn ids(&mut self, count: u32) -> u32 {
+        let first = self.next_id;
+        self.next_id = self.next_id.wrapping_add(count + 1);
+        first
+    }
+
+    /// Starts a bridge with `devices` devices on a new store, configured so pacing caps
+    /// nothing, and waits until it is ready.
+    async fn start_bridge(&mut self, devices: usize) -> Result<BenchBridge> {
+        self.runs += 1;
+        let dir = self.work.path().join(format!("bridge-{}", self.runs));
+        std::fs::create_dir_all(&dir)?;
+        let scs_as_id = format!("bench-bridge-{}", self.runs);
+        // A fixed callback port, so a restart keeps the callback URLs.
+        let callback = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let overflow = self.settings.overflow;
+        let mut builder = BridgeConfigBuilder::loopback(&self.scef.api_root(), &dir.join("store"))
+            .server("dm", self.server.address(), ServerRole::Dm)
+            .psm(|psm| {
+                psm.device_rate_per_s = PACING_PER_S;
+                psm.global_rate_per_s = PACING_PER_S;
+                psm.monitoring = false;
+                psm.overflow = overflow;
+            })
+            .scef(|scef| {
+                scef.scs_as_id = scs_as_id.clone();
+                scef.request_timeout_ms = 10_000;
+            })
+            .callback(|c| c.listen = callback);
+        for index in 0..devices {
+            builder = builder.device(&device_id(index));
+        }
+        let config = dir.join("bridge.toml");
+        std::fs::write(&config, builder.to_toml()?)?;
+        let (process, bound, ready) = self.run_bridge(&config).await?;
+        Ok(BenchBridge {
+            process,
+            config,
+            scs_as_id,
+            bound,
+            ready,
+        })
+    }
+
+    /// Runs the bridge on `config`; how long it took to bind and to be ready.
+    async fn run_bridge(&self, config: &Path) -> Result<(BridgeProcess, Duration, Duration)> {
+        let started = Instant::now();
+        let process = BridgeProcess::start_with(
+            &self.bridge_binary,
+            config,
+            &[("RUST_LOG", "warn")],
+            Some(&self.log),
+        )
+        .await?;
+        let bound = started.elapsed();
+        let url = format!("http://{}/readyz", process.admin);
+        loop {
+            let ready = self
+                .http
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|a| a.status().is_success());
+            if ready {
+                break;
+            }
+            if started.elapsed() > READY_DEADLINE {
+                bail!("the bridge was not ready within {READY_DEADLINE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok((process, bound, started.elapsed()))
+    }
+
+    async fn device_addresses(&self, bridge: &BenchBridge) -> Result<Vec<SocketAddr>> {
+        let url = format!("http://{}/api/v1/devices", bridge.process.admin);
+        let devices: Vec<serde_json::Value> = self.http.get(&url).send().await?.json().await?;
+        devices
+            .iter()
+            .map(|d| {
+                d["udpAddress"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .context("a device without udpAddress")
+            })
+            .collect()
+    }
+
+    async fn metrics(&self, bridge: &BenchBridge) -> Result<String> {
+        probe::scrape(bridge.process.admin)
+            .await
+            .context("scraping the bridge's /metrics")
+    }
+
+    async fn start_relay(&mut self) -> Result<RelayProcess> {
+        self.runs += 1;
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("relay")
+            .arg("--scef")
+            .arg(self.scef.api_root().as_str())
+            .arg("--scs-as-id")
+            .arg(format!("bench-relay-{}", self.runs))
+            .arg("--server")
+            .arg(self.server.address().to_string())
+            .arg("--devices")
+            .arg(self.settings.devices.to_string())
+            .arg("--in-flight")
+            .arg(self.settings.relay_in_flight.to_string())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the relay")?;
+        let stdout = child.stdout.take().context("relay stdout")?;
+        let line = tokio::time::timeout(
+            Duration::from_secs(30),
+            BufReader::new(stdout).lines().next_line(),
+        )
+        .await
+        .context("the relay did not start in 30 s")??
+        .context("the relay exited")?;
+        let printed: serde_json::Value = serde_json::from_str(&line)?;
+        let devices = serde_json::from_value(printed["devices"].clone())?;
+        Ok(RelayProcess { child, devices })
+    }
+
+    /// Offers MT to `targets` and waits until the deliveries stop.
+    async fn offer_mt(
+        &mut self,
+        targets: &[SocketAddr],
+        rate: f64,
+        duration: Duration,
+    ) -> Result<(Sent, Vec<Arrival>)> {
+        self.scef.take_deliveries();
+        let offer = Offer {
+            rate_per_s: rate,
+            duration,
+            first_id: 0,
+        };
+        let offer = Offer {
+            first_id: self.ids(offer.count()),
+            ..offer
+        };
+        let sent = self.server.offer_mt(targets, &offer).await?;
+        let expected = sent.count();
+        self.wait_quiet(|bench| bench.scef.deliveries(), expected)
+            .await;
+        Ok((sent, self.scef.take_deliveries()))
+    }
+
+    /// Waits until `count` reaches `expected` or stops growing for [`QUIET`].
+    async fn wait_quiet(&self, count: impl Fn(&Self) -> usize, expected: usize) {
+        let deadline = Instant::now() + DRAIN_DEADLINE;
+        let mut last = count(self);
+        let mut since = Instant::now();
+        while Instant::now() < deadline && last < expected {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = count(self);
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= QUIET {
+                break;
+            }
+        }
+    }
+
+    /// The ceiling at `rate`: the relay's deliveries.
+    async fn mt_ceiling(&mut self, rate: f64, duration: Duration) -> Result<Flow> {
+        let mut relay = self.start_relay().await?;
+        let targets = relay.devices.clone();
+        let (sent, arrivals) = self.offer_mt(&targets, rate, duration).await?;
+        let _ = relay.child.start_kill();
+        let _ = relay.child.wait().await;
+        Ok(Flow::of(&sent, &arrivals))
+    }
+
+    /// The bridge at `rate`: its deliveries and where it says every datagram went. After the
+    /// offer, one more datagram per device brings in what the kernel dropped meanwhile (its
+    /// count comes with the next datagram a socket takes); those are offered too.
+    async fn mt_bridge(
+        &mut self,
+        rate: f64,
+        duration: Duration,
+    ) -> Result<(Flow, MtAccounting, f64, u64)> {
+        let bridge = self.start_bridge(self.settings.devices).await?;
+        let idle_rss = memory_kib(&bridge.process).0;
+        let targets = self.device_addresses(&bridge).await?;
+        let before = self.metrics(&bridge).await?;
+        let (sent, arrivals) = self.offer_mt(&targets, rate, duration).await?;
+        let flow = Flow::of(&sent, &arrivals);
+        let mut offered = sent.count() as f64;
+        let settled = self.settle(&bridge, &before, offered).await?;
+        let mut accounting = settled;
+        if accounting.accounted() < offered {
+            let first = self.ids(targets.len() as u32);
+            for (n, target) in targets.iter().enumerate() {
+                self.server
+                    .send(&mt_datagram(first + n as u32), *target)
+                    .await?;
+            }
+            offered += targets.len() as f64;
+            accounting = self.settle(&bridge, &before, offered).await?;
+        }
+        self.scef.take_deliveries();
+        bridge
+            .process
+            .try_terminate(Duration::from_secs(30))
+            .await?;
+        Ok((flow, accounting, offered, idle_rss))
+    }
+
+    /// Waits until the bridge accounts for `offered` datagrams with nothing queued, or its
+    /// counts stop changing.
+    async fn settle(
+        &self,
+        bridge: &BenchBridge,
+        before: &str,
+        offered: f64,
+    ) -> Result<MtAccounting> {
+        let deadline = Instant::now() + DRAIN_DEADLINE;
+        let mut last = MtAccounting::between(before, &self.metrics(bridge).await?);
+        let mut since = Instant::now();
+        loop {
+            if (last.accounted() >= offered && last.still_queued == 0.0)
+                || Instant::now() > deadline
+            {
+                return Ok(last);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = MtAccounting::between(before, &self.metrics(bridge).await?);
+            if now.accounted() != last.accounted() || now.still_queued != last.still_queued {
+                since = Instant::now();
+            } else if since.elapsed() >= QUIET && now.still_queued == 0.0 {
+                return Ok(now);
+            }
+            last = now;
+        }
+    }
+
+    /// MT at the offered rate, the sustainable rate found, and 2× and 4× of it. Also returns
+    /// the idle RSS of a bridge with the MT devices.
+    async fn mt_rows(&mut self) -> Result<(Vec<MtRow>, (usize, u64))> {
+        let rate = self.settings.rate;
+        let duration = self.settings.duration;
+        let mut rows = Vec::new();
+        eprintln!("nidd-bench: MT at {rate:.0}/s, ceiling");
+        let ceiling = self.mt_ceiling(rate, duration).await?;
+        eprintln!("nidd-bench: MT at {rate:.0}/s, bridge");
+        let (bridge, accounting, offered, idle_rss) = self.mt_bridge(rate, duration).await?;
+        // What it delivered in all, over the offer and the drain after it.
+        let saturated = bridge.delivered as f64
+            / (bridge.offered as f64 / bridge.offered_per_s.max(1.0) + bridge.drain.as_secs_f64())
+                .max(0.001);
+        // Sustainable: nothing shed, (nearly) everything delivered.
+        let fits = |flow: &Flow, accounting: &MtAccounting| {
+            flow.delivered_share() >= 0.99
+                && accounting.dropped_before_queue.values().sum::<f64>() == 0.0
+                && accounting.dropped_from_queue.values().sum::<f64>() == 0.0
+        };
+        let mut sustainable = if fits(&bridge, &accounting) {
+            Some(rate)
+        } else {
+            None
+        };
+        rows.push(MtRow {
+            label: format!("offered {rate:.0}/s"),
+            ceiling: Some(ceiling),
+            bridge,
+            accounting,
+            bridge_offered: offered,
+        });
+        // From 0.9 of what it delivered at the offered rate: down by 0.7 until a rate fits,
+        // then up by 1.4 while it fits (at most six short runs, never above the offered rate).
+        let mut candidate = (saturated * 0.9).max(100.0).min(rate);
+        let mut fitted: Option<f64> = sustainable;
+        for _ in 0..6 {
+            if sustainable.is_some() {
+                break;
+            }
+            eprintln!("nidd-bench: MT at {candidate:.0}/s, bridge (sustainable?)");
+            let (flow, accounting, offered, _) = self
+                .mt_bridge(candidate, self.settings.search_duration)
+                .await?;
+            let ok = fits(&flow, &accounting);
+            rows.push(MtRow {
+                label: format!(
+                    "search {candidate:.0}/s {}",
+                    if ok { "fits" } else { "sheds" }
+                ),
+                ceiling: None,
+                bridge: flow,
+                accounting,
+                bridge_offered: offered,
+            });
+            match (ok, fitted) {
+                (true, _) if candidate * 1.4 <= rate => {
+                    fitted = Some(candidate);
+                    candidate *= 1.4;
+                }
+                (true, _) => sustainable = Some(candidate),
+                (false, Some(last)) => sustainable = Some(last),
+                (false, None) => candidate *= 0.7,
+            }
+        }
+        let sustainable = sustainable.or(fitted);
+        let sustainable = sustainable.unwrap_or(candidate);
+        for factor in [2.0, 4.0] {
+            let offered_rate = sustainable * factor;
+            eprintln!("nidd-bench: MT at {factor}× sustainable ({offered_rate:.0}/s)");
+            let ceiling = self.mt_ceiling(offered_rate, duration).await?;
+            let (flow, accounting, offered, _) = self.mt_bridge(offered_rate, duration).await?;
+            rows.push(MtRow {
+                label: format!("{factor}× sustainable {offered_rate:.0}/s"),
+                ceiling: Some(ceiling),
+                bridge: flow,
+                accounting,
+                bridge_offered: offered,
+            });
+        }
+        Ok((rows, (self.settings.devices, idle_rss)))
+    }
+
+    /// Pushes MO at the configured rate to the configurations of `scs_as_id`.
+    async fn push_mo(&mut self, scs_as_id: &str, rate: f64) -> Result<(Flow, PushReport)> {
+        self.server.take_arrivals();
+        let targets = self.scef.configurations(scs_as_id);
+        if targets.is_empty() {
+            bail!("no configurations for {scs_as_id}");
+        }
+        let offer = Offer {
+            rate_per_s: rate,
+            duration: self.settings.duration,
+            first_id: 0,
+        };
+        let offer = Offer {
+            first_id: self.ids(offer.count()),
+            ..offer
+        };
+        let report = self
+            .scef
+            .push_uplinks(&targets, &offer, self.settings.mo_connections)
+            .await?;
+        let expected = report.sent.count();
+        self.wait_quiet(|bench| bench.server.arrivals(), expected)
+            .await;
+        let arrivals = self.server.take_arrivals();
+        Ok((Flow::of(&report.sent, &arrivals), report))
+    }
+
+    async fn mo_row(&mut self, rate: f64) -> Result<MoRow> {
+        eprintln!("nidd-bench: MO at {rate:.0}/s, ceiling");
+        let mut relay = self.start_relay().await?;
+        let relay_scs = format!("bench-relay-{}", self.runs);
+        let ceiling = self.push_mo(&relay_scs, rate).await?;
+        let _ = relay.child.start_kill();
+        let _ = relay.child.wait().await;
+        eprintln!("nidd-bench: MO at {rate:.0}/s, bridge");
+        let bridge = self.start_bridge(self.settings.devices).await?;
+        let scs = bridge.scs_as_id.clone();
+        let flow = self.push_mo(&scs, rate).await?;
+        bridge
+            .process
+            .try_terminate(Duration::from_secs(30))
+            .await?;
+        Ok(MoRow {
+            rate,
+            ceiling,
+            bridge: flow,
+        })
+    }
+
+    /// Time to ready and RSS with many devices, then SIGTERM and a restart on the same store.
+    async fn scale(&mut self, (idle_devices, idle_rss_kib): (usize, u64)) -> Result<ScaleFigures> {
+        let devices = self.settings.scale_devices;
+        eprintln!("nidd-bench: {devices} devices: start, ready, RSS");
+        let before = self.scef.counts();
+        let bridge = self.start_bridge(devices).await?;
+        let first = self.scef.counts();
+        let (rss_kib, hwm_kib) = memory_kib(&bridge.process);
+        let BenchBridge {
+            process,
+            config,
+            bound,
+            ready,
+            ..
+        } = bridge;
+        let stopping = Instant::now();
+        let status = process.try_terminate(Duration::from_secs(60)).await?;
+        let stop = stopping.elapsed();
+        if !status.success() {
+            bail!("the bridge exited with {status} after SIGTERM");
+        }
+        eprintln!("nidd-bench: {devices} devices: restart on the same store");
+        let (process, restart_bound, restart_ready) = self.run_bridge(&config).await?;
+        let (restart_rss_kib, _) = memory_kib(&process);
+        let after = self.scef.counts();
+        process.try_terminate(Duration::from_secs(60)).await?;
+        let delta = |a: [u64; 6], b: [u64; 6]| std::array::from_fn(|i| a[i] - b[i]);
+        Ok(ScaleFigures {
+            devices,
+            bound,
+            ready,
+            rss_kib,
+            hwm_kib,
+            idle_devices,
+            idle_rss_kib,
+            stop,
+            restart_bound,
+            restart_ready,
+            restart_rss_kib,
+            first_requests: delta(first, before),
+            restart_requests: delta(after, first),
+        })
+    }
+}
+
+/// fsync latency of 4 KiB writes in `dir` (p50, p99, max of 50), as the store's disk gives it.
+fn fsync_latency(dir: &Path) -> Result<[Duration; 3]> {
+    use std::io::Write as _;
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        file.write_all(&[0u8; 4096])?;
+        let started = Instant::now();
+        file.sync_data()?;
+        times.push(started.elapsed());
+    }
+    std::fs::remove_file(&path)?;
+    times.sort();
+    Ok([times[24], times[48], times[49]])
+}
+
+/// VmRSS and VmHWM of the bridge process, in KiB (0 when unreadable).
+fn memory_kib(process: &BridgeProcess) -> (u64, u64) {
+    let Some(pid) = process.pid() else {
+        return (0, 0);
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn ms(duration: Duration) -> String {
+    let ms = duration.as_secs_f64() * 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2}ms")
+    } else if ms < 10_000.0 {
+        format!("{ms:.0}ms")
+    } else {
+        format!("{:.1}s", duration.as_secs_f64())
+    }
+}
+
+fn reasons(map: &std::collections::BTreeMap<String, f64>) -> String {
+    if map.is_empty() {
+        return "0".into();
+    }
+    map.iter()
+        .map(|(reason, n)| format!("{reason} {n:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "ok" } else { "SHORT" }
+}
+
+fn report(
+    bench: &Bench,
+    mt: &[MtRow],
+    mo: &[MoRow],
+    scale: Option<&ScaleFigures>,
+    wall: Duration,
+) -> String {
+    let s = &bench.settings;
+    let mut out = String::new();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(
+        out,
+        "\nnidd-bench: {cores} cores, loopback only; bridge and relay each in its own process, \
+         minimal SCEF and LwM2M-server stand-in in this one"
+    );
+    let _ = writeln!(
+        out,
+        "bridge settings: psm.device_rate_per_s = psm.global_rate_per_s = {PACING_PER_S:.0} \
+         (pacing caps nothing), psm.monitoring = false, buffer_owner = bridge, queue_max_datagrams = 32, \
+         queue_max_bytes = 16384, overflow = {}, provisioning_concurrency = 16, RUST_LOG=warn, \
+         store in {} (fsync of 4 KiB there before the run: p50 {}, p99 {}, max {})",
+        match s.overflow {
+            OverflowPolicy::DropOldest => "drop_oldest",
+            OverflowPolicy::DropNewest => "drop_newest",
+        },
+        bench.work.path().display(),
+        ms(bench.fsync[0]),
+        ms(bench.fsync[1]),
+        ms(bench.fsync[2])
+    );
+    let _ = writeln!(
+        out,
+        "relay: datagram -> base64 -> POST, no queue, at most {} requests in flight; MO pushes: {} connections",
+        s.relay_in_flight, s.mo_connections
+    );
+    let _ = writeln!(
+        out,
+        "\nMT: {} devices, CON GET /3/0/0 from the server stand-in, the minimal SCEF answers 200 SUCCESS at once; \
+         {} per run (searches {}); delivered/s = deliveries during the offer / its length; latency = send -> SCEF",
+        s.devices,
+        humantime::format_duration(s.duration),
+        humantime::format_duration(s.search_duration)
+    );
+    let _ = writeln!(
+        out,
+        "{:<30} {:>9} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} {:>8} | {:>6} {:>5}",
+        "run",
+        "offered/s",
+        "ceiling/s",
+        "p50",
+        "p99",
+        "bridge/s",
+        "p50",
+        "p99",
+        "max",
+        "ratio",
+        "≥0.8"
+    );
+    for row in mt {
+        let (ceiling, p50, p99, ratio, ok) = match &row.ceiling {
+            Some(c) => {
+                let ratio = row.bridge.delivered_per_s / c.delivered_per_s.max(1.0);
+                (
+                    format!("{:.0}", c.delivered_per_s),
+                    ms(c.p50),
+                    ms(c.p99),
+                    format!("{ratio:.2}"),
+                    verdict(ratio >= 0.8).to_string(),
+                )
+            }
+            None => ("-".into(), "-".into(), "-".into(), "-".into(), "".into()),
+        };
+        let _ = writeln!(
+            out,
+            "{:<30} {:>9.0} | {:>10} {:>8} {:>8} | {:>10.0} {:>8} {:>8} {:>8} | {:>6} {:>5}",
+            row.label,
+            row.bridge.offered_per_s,
+            ceiling,
+            p50,
+            p99,
+            row.bridge.delivered_per_s,
+            ms(row.bridge.p50),
+            ms(row.bridge.p99),
+            ms(row.bridge.max),
+            ratio,
+            ok
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nMT accounting (bridge /metrics after the run settled; offered includes one sweep datagram per device when needed)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<30} {:>8} {:>8} {:>8} {:>8} {:<34} {:<24} {:>7} {:>7}",
+        "run",
+        "offered",
+        "accepted",
+        "deliver.",
+        "suppr.",
+        "dropped before queue",
+        "dropped from queue",
+        "queued",
+        "counted"
+    );
+    for row in mt {
+        let a = &row.accounting;
+        let share = a.accounted() / row.bridge_offered.max(1.0) * 100.0;
+        let _ = writeln!(
+            out,
+            "{:<30} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:<34} {:<24} {:>7.0} {:>6.2}%",
+            row.label,
+            row.bridge_offered,
+            a.accepted,
+            a.delivered,
+            a.suppressed,
+            reasons(&a.dropped_before_queue),
+            reasons(&a.dropped_from_queue),
+            a.still_queued,
+            share
+        );
+        let _ = writeln!(
+            out,
+            "{:<30} group commits {:.0} ({:.1} datagrams each), mean T8 delivery request {}",
+            "",
+            a.commits,
+            a.accepted / a.commits.max(1.0),
+            ms(Duration::from_secs_f64(a.t8_mean_s))
+        );
+        if !a.other_attempts.is_empty() {
+            let _ = writeln!(
+                out,
+                "{:<30} other delivery attempts: {}",
+                "",
+                reasons(&a.other_attempts)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nMO: {} devices, NON POST /dp as T8 uplink notifications from the minimal SCEF ({} connections) \
+         for {} per run; delivered/s = datagrams at the server stand-in during the push / its length; \
+         latency = POST sent -> datagram at the server",
+        s.devices,
+        s.mo_connections,
+        humantime::format_duration(s.duration)
+    );
+    let _ = writeln!(
+        out,
+        "{:<18} {:>9} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+        "", "sent", "sent/s", "deliver./s", "p50", "p99", "max", "non-2xx", "ratio", "≥0.85"
+    );
+    for row in mo {
+        let (c, c_push) = &row.ceiling;
+        let (b, b_push) = &row.bridge;
+        let ratio = b.delivered_per_s / c.delivered_per_s.max(1.0);
+        for (name, flow, push, ratio) in [
+            ("ceiling", c, c_push, String::new()),
+            ("bridge", b, b_push, format!("{ratio:.2}")),
+        ] {
+            let _ = writeln!(
+                out,
+                "{:<18} {:>9} {:>9.0} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+                format!("{:.0}/s {name}", row.rate),
+                flow.offered,
+                flow.offered_per_s,
+                flow.delivered_per_s,
+                ms(flow.p50),
+                ms(flow.p99),
+                ms(flow.max),
+                push.failed(),
+                ratio,
+                if name == "bridge" {
+                    verdict(b.delivered_per_s >= 0.85 * c.delivered_per_s)
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if let Some(f) = scale {
+        let per_device = (f.rss_kib.saturating_sub(f.idle_rss_kib)) as f64
+            / (f.devices - f.idle_devices).max(1) as f64;
+        let _ = writeln!(
+            out,
+            "\nScale: {} devices (one UDP socket each), a new store, NIDD configurations created at the minimal SCEF",
+            f.devices
+        );
+        let _ = writeln!(
+            out,
+            "  start -> bound (addresses printed) {}, start -> /readyz 200 {}  [SCEF: {} created]",
+            ms(f.bound),
+            ms(f.ready),
+            f.first_requests[0]
+        );
+        let _ = writeln!(
+            out,
+            "  RSS when ready {:.1} MiB (peak {:.1} MiB); idle bridge with {} devices {:.1} MiB; {:.1} KiB per device",
+            f.rss_kib as f64 / 1024.0,
+            f.hwm_kib as f64 / 1024.0,
+            f.idle_devices,
+            f.idle_rss_kib as f64 / 1024.0,
+            per_device
+        );
+        let _ = writeln!(
+            out,
+            "  SIGTERM -> exit {}; restart on the same store: start -> bound {}, start -> /readyz 200 {}, RSS {:.1} MiB  \
+             [SCEF: {} created, {} fetched, {} patched]",
+            ms(f.stop),
+            ms(f.restart_bound),
+            ms(f.restart_ready),
+            f.restart_rss_kib as f64 / 1024.0,
+            f.restart_requests[0],
+            f.restart_requests[1],
+            f.restart_requests[2]
+        );
+    }
+    let log_lines = std::fs::read_to_string(&bench.log)
+        .map(|t| t.lines().count())
+        .unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "\nbridge log: {log_lines} lines at warn and above; whole run {}",
+        humantime::format_duration(Duration::from_secs(wall.as_secs()))
+    );
+    out
+}
