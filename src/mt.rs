@@ -49,6 +49,7 @@ pub(crate) struct CommitFailed;
 /// A datagram written to the store and waiting for the next flush to count as accepted.
 struct Uncommitted {
     device: Arc<Device>,
+    seq: u64,
     bytes: u64,
     oscore: bool,
 }
@@ -196,6 +197,7 @@ impl Downlinks {
             .unwrap_or_else(PoisonError::into_inner)
             .push(Uncommitted {
                 device: device.clone(),
+                seq: persisted.seq,
                 bytes: length,
                 oscore: screened.view.oscore,
             });
@@ -240,6 +242,7 @@ impl Downlinks {
             self.metrics.mt_bytes.inc_by(datagram.bytes);
             self.metrics.count_coap("mt", datagram.oscore);
             self.metrics.mt_queue_accepted.inc();
+            datagram.device.state().mt.queue.mark_durable(datagram.seq);
             datagram.device.wake.notify_one();
         }
         Ok(batch.len())
@@ -637,5 +640,27 @@ mod tests {
         assert_eq!(metrics.mt_queue_accepted.get(), 2);
         let stored = MtStore::open(&store).unwrap().load().unwrap();
         assert_eq!(stored["123@iot.example"].len(), 2, "nothing accepted lost");
+    }
+
+    #[tokio::test]
+    async fn a_datagram_is_sent_only_once_it_is_durable() {
+        use crate::delivery::Decision;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let downlinks = downlinks(&store, &metrics);
+        let device = device();
+        let from: SocketAddr = SERVER.parse().unwrap();
+        downlinks.receive(&device, read(1), from, 1_000);
+        let decide = || {
+            let mut state = device.state();
+            state.mt.decide(crate::clock::now(), 1_000, true).0
+        };
+        assert!(
+            !matches!(decide(), Decision::Send(_)),
+            "not sent before its commit"
+        );
+        downlinks.commit().await.unwrap();
+        assert!(matches!(decide(), Decision::Send(_)), "sent once durable");
     }
 }

@@ -30,6 +30,14 @@ pub(crate) struct QueuedDatagram {
     pub data: Vec<u8>,
     /// Location of a delivery the SCEF accepted as pending (201); it holds the datagram now.
     pub pending: Option<String>,
+    /// Flushed to disk (by a group commit, or loaded from the store): only then may it be
+    /// sent, so nothing is delivered that was never accepted.
+    #[serde(skip, default = "loaded_entries_are_durable")]
+    pub durable: bool,
+}
+
+fn loaded_entries_are_durable() -> bool {
+    true
 }
 
 mod base64_bytes {
@@ -253,9 +261,17 @@ impl DeviceQueue {
         }
     }
 
-    /// The oldest datagram not yet handed to the SCEF.
+    /// The oldest datagram not yet handed to the SCEF, once it is durable (order is kept:
+    /// a newer one never overtakes it).
     pub(crate) fn next_to_send(&self) -> Option<&QueuedDatagram> {
-        self.waiting().next()
+        self.waiting().next().filter(|entry| entry.durable)
+    }
+
+    /// A group commit made the entry `seq` durable.
+    pub(crate) fn mark_durable(&mut self, seq: u64) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.seq == seq) {
+            entry.durable = true;
+        }
     }
 
     /// Earliest expiry among entries that can expire (not the one in flight).
@@ -320,6 +336,7 @@ impl QueuedDatagram {
             expires_at_ms: limits.expiry(now_ms, true),
             data,
             pending: None,
+            durable: true,
         }
     }
 }

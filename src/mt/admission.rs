@@ -82,6 +82,8 @@ pub(crate) fn queue_entry(
         expires_at_ms: limits.expiry(now_ms, confirmable),
         data,
         pending: None,
+        // Until the group commit that covers it.
+        durable: false,
     }
 }
 
