@@ -17,6 +17,7 @@ mod integration {
     pub mod crash;
     pub mod data_path;
     pub mod downlink;
+    pub mod integrity;
     pub mod layout;
     pub mod lwm2m_ops;
     pub mod mt_crash;
