@@ -122,7 +122,7 @@ impl Metrics {
             )?,
             configuration_statuses: counter_vec(
                 "nidd_configuration_status_total",
-                "NIDD configuration statuses seen (201 bodies and notifications)",
+                "NIDD configuration statuses the SCEF notified (status notifications naming the device's configuration)",
                 &["status"],
             )?,
             reported_terminations: counter_vec(

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::delivery::{QueueEffect, ScefTimeLimits};
 use crate::devices::Device;
 use crate::metrics::Metrics;
-use crate::queue::{DropReason, QueueLimits, QueuedDatagram};
+use crate::queue::{DropReason, QueueLimits, QueuedDatagram, Stored};
 use crate::store::StoreError;
 use crate::t8::DeliveryStatus;
 use admission::{Admitted, MtRefusal};
@@ -148,30 +148,16 @@ impl Downlinks {
             &self.limits,
             now_ms,
         );
-        let persisted = item.clone();
-        let mut store_refused = false;
+        let seq = item.seq;
         let admitted = {
             let mut state = device.state();
-            let mut admitted = admission::admit(&mut state, &screened, item, &self.limits, now_ms);
-            if let Admitted::Queued(admission) = &mut admitted {
-                // Written under the device lock so the flusher can never remove it first.
-                if admission.accepted {
-                    match self.store.put(&device.id, &persisted) {
-                        Ok(()) => {
-                            self.written();
-                        }
-                        Err(error) => {
-                            // Not durable, so not accepted: taken out of the queue again.
-                            self.metrics.store_error("mt_put");
-                            tracing::error!(device = %device.id, %error, "cannot persist an MT datagram; dropped");
-                            state.mt.queue.remove(persisted.seq);
-                            admission.accepted = false;
-                            store_refused = true;
-                        }
-                    }
-                }
+            let admitted = admission::admit(&mut state, &screened, item, &self.limits, now_ms);
+            if let Admitted::Queued(admission) = &admitted {
                 for (dropped, _) in &admission.dropped {
-                    self.remove_dropped(device, dropped.seq);
+                    // One pushed out before its commit never reached the store.
+                    if dropped.stored != Stored::Not {
+                        self.remove_dropped(device, dropped.seq);
+                    }
                 }
             }
             admitted
@@ -186,9 +172,6 @@ impl Downlinks {
             Admitted::Queued(admission) => admission,
         };
         self.count_drops(admission.dropped.iter().map(|(_, reason)| *reason));
-        if store_refused {
-            self.metrics.drop_datagram("mt", "store_error");
-        }
         if !admission.accepted {
             return;
         }
@@ -197,7 +180,7 @@ impl Downlinks {
             .unwrap_or_else(PoisonError::into_inner)
             .push(Uncommitted {
                 device: device.clone(),
-                seq: persisted.seq,
+                seq,
                 bytes: length,
                 oscore: screened.view.oscore,
             });
@@ -220,6 +203,9 @@ impl Downlinks {
         if batch.is_empty() && target <= *self.durable.borrow() {
             return Ok(0);
         }
+        // Written here, not on arrival: under overload most newcomers are pushed out again
+        // before their commit and never cost the store a write and a removal.
+        let batch = self.write_batch(batch);
         if let Err(error) = self.store.flush().await {
             self.metrics.store_error("mt_flush");
             tracing::error!(%error, waiting = batch.len(), "cannot flush the MT queue; retrying");
@@ -237,15 +223,61 @@ impl Downlinks {
             *done = (*done).max(target);
             advanced
         });
+        let mut accepted = 0;
         for datagram in &batch {
+            {
+                let mut state = datagram.device.state();
+                match state.mt.queue.get_mut(datagram.seq) {
+                    Some(entry) if entry.stored == Stored::Written => {
+                        entry.stored = Stored::Durable
+                    }
+                    // Dropped (expired, purged, overflow) since it was written: durable and
+                    // gone, counted where it was dropped.
+                    _ => continue,
+                }
+            }
+            accepted += 1;
             self.metrics.mt_datagrams.inc();
             self.metrics.mt_bytes.inc_by(datagram.bytes);
             self.metrics.count_coap("mt", datagram.oscore);
             self.metrics.mt_queue_accepted.inc();
-            datagram.device.state().mt.queue.mark_durable(datagram.seq);
             datagram.device.wake.notify_one();
         }
-        Ok(batch.len())
+        Ok(accepted)
+    }
+
+    /// Writes each datagram of `batch` still queued to the store (under its device's lock, so
+    /// a drop in between sees where it is); one the store refuses is taken out of the queue
+    /// and dropped (`store_error`), never counted as accepted. Returns what was written (and
+    /// what a failed flush had written before), to be counted once flushed.
+    fn write_batch(&self, batch: Vec<Uncommitted>) -> Vec<Uncommitted> {
+        let mut kept = Vec::with_capacity(batch.len());
+        for datagram in batch {
+            let mut state = datagram.device.state();
+            let Some(entry) = state.mt.queue.get_mut(datagram.seq) else {
+                continue;
+            };
+            if entry.stored != Stored::Not {
+                drop(state);
+                kept.push(datagram);
+                continue;
+            }
+            match self.store.put(&datagram.device.id, entry) {
+                Ok(()) => {
+                    entry.stored = Stored::Written;
+                    drop(state);
+                    kept.push(datagram);
+                }
+                Err(error) => {
+                    state.mt.queue.remove(datagram.seq);
+                    drop(state);
+                    self.metrics.store_error("mt_put");
+                    self.metrics.drop_datagram("mt", "store_error");
+                    tracing::error!(device = %datagram.device.id, %error, "cannot persist an MT datagram; dropped");
+                }
+            }
+        }
+        kept
     }
 
     /// The group committer: commits whenever changes were written, until cancelled; then
@@ -316,7 +348,13 @@ impl Downlinks {
     ) -> Result<(), StoreError> {
         for device in devices {
             let state = device.state();
-            self.store.rewrite(&device.id, state.mt.queue.entries())?;
+            // Entries still waiting for their first commit are written by it.
+            let stored = state
+                .mt
+                .queue
+                .entries()
+                .filter(|entry| entry.stored != Stored::Not);
+            self.store.rewrite(&device.id, stored)?;
         }
         Ok(())
     }
@@ -579,8 +617,9 @@ mod tests {
 
         faults.fail_writes(true);
         downlinks.receive(&device, read(1), from, 1_000);
-        assert_eq!(device.state().mt.queue.len(), 0, "taken out of the queue");
+        assert_eq!(device.state().mt.queue.len(), 1, "queued for the commit");
         assert_eq!(downlinks.commit().await.unwrap(), 0);
+        assert_eq!(device.state().mt.queue.len(), 0, "taken out of the queue");
         assert_eq!(metrics.mt_queue_accepted.get(), 0);
         assert_eq!(
             metrics
@@ -662,5 +701,55 @@ mod tests {
         );
         downlinks.commit().await.unwrap();
         assert!(matches!(decide(), Decision::Send(_)), "sent once durable");
+    }
+
+    #[tokio::test]
+    async fn a_datagram_pushed_out_before_its_commit_never_reaches_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let limits = QueueLimits {
+            max_datagrams: 2,
+            max_bytes: 64 * 1024,
+            max_age: Duration::from_secs(247),
+            overflow: OverflowPolicy::DropOldest,
+        };
+        let downlinks = Arc::new(Downlinks::new(
+            Arc::from(vec![SERVER.parse::<SocketAddr>().unwrap()]),
+            1358,
+            MtStore::open(&store).unwrap(),
+            limits,
+            ScefTimeLimits::from_config(&crate::config::PsmConfig::default()),
+            metrics.clone(),
+        ));
+        let device = device();
+        let from: SocketAddr = SERVER.parse().unwrap();
+        for mid in 1..=5 {
+            downlinks.receive(&device, read(mid), from, 1_000);
+        }
+        assert_eq!(
+            metrics
+                .mt_queue_dropped
+                .with_label_values(&["overflow"])
+                .get(),
+            3
+        );
+        assert_eq!(downlinks.commit().await.unwrap(), 2, "only the two left");
+        assert_eq!(metrics.mt_queue_accepted.get(), 2);
+        let stored = MtStore::open(&store).unwrap().load().unwrap();
+        let mids: Vec<u16> = stored["123@iot.example"]
+            .iter()
+            .map(|item| item.message_id)
+            .collect();
+        assert_eq!(mids, [4, 5], "the pushed-out ones were never written");
+        // One pushed out after its commit is removed from the store.
+        downlinks.receive(&device, read(6), from, 1_000);
+        downlinks.commit().await.unwrap();
+        let stored = MtStore::open(&store).unwrap().load().unwrap();
+        let mids: Vec<u16> = stored["123@iot.example"]
+            .iter()
+            .map(|item| item.message_id)
+            .collect();
+        assert_eq!(mids, [5, 6]);
     }
 }

@@ -269,13 +269,9 @@ impl Provisioner {
     /// POSTs the configuration and, on 201, stores and flushes its location at once.
     async fn create(&self, device: &Device, body: &NiddConfiguration) -> Result<(), T8Error> {
         let created = self.t8.create_nidd_configuration(body).await?;
+        // Not counted in `nidd_configuration_status_total`, which counts what the SCEF
+        // notified: the status of a create's answer is the configuration's first state.
         let status = created.body.status.clone();
-        if let Some(status) = &status {
-            self.metrics
-                .configuration_statuses
-                .with_label_values(&[status_label(status)])
-                .inc();
-        }
         let nidd = NiddState {
             location: created.location,
             status,

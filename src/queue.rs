@@ -30,14 +30,26 @@ pub(crate) struct QueuedDatagram {
     pub data: Vec<u8>,
     /// Location of a delivery the SCEF accepted as pending (201); it holds the datagram now.
     pub pending: Option<String>,
-    /// Flushed to disk (by a group commit, or loaded from the store): only then may it be
-    /// sent, so nothing is delivered that was never accepted.
+    /// How far it is in the store; only a durable entry may be sent, so nothing is delivered
+    /// that was never accepted.
     #[serde(skip, default = "loaded_entries_are_durable")]
-    pub durable: bool,
+    pub stored: Stored,
 }
 
-fn loaded_entries_are_durable() -> bool {
-    true
+/// Where a queued datagram is on its way into the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stored {
+    /// Admitted, waiting for the group commit: not in the store yet, so one dropped now
+    /// costs the store nothing.
+    Not,
+    /// Written by a group commit whose flush has not ended.
+    Written,
+    /// Flushed (or loaded from the store).
+    Durable,
+}
+
+fn loaded_entries_are_durable() -> Stored {
+    Stored::Durable
 }
 
 mod base64_bytes {
@@ -264,14 +276,14 @@ impl DeviceQueue {
     /// The oldest datagram not yet handed to the SCEF, once it is durable (order is kept:
     /// a newer one never overtakes it).
     pub(crate) fn next_to_send(&self) -> Option<&QueuedDatagram> {
-        self.waiting().next().filter(|entry| entry.durable)
+        self.waiting()
+            .next()
+            .filter(|entry| entry.stored == Stored::Durable)
     }
 
-    /// A group commit made the entry `seq` durable.
-    pub(crate) fn mark_durable(&mut self, seq: u64) {
-        if let Some(entry) = self.entries.iter_mut().find(|e| e.seq == seq) {
-            entry.durable = true;
-        }
+    /// The entry `seq`, if still queued, for the group commit to move it into the store.
+    pub(crate) fn get_mut(&mut self, seq: u64) -> Option<&mut QueuedDatagram> {
+        self.entries.iter_mut().find(|e| e.seq == seq)
     }
 
     /// Earliest expiry among entries that can expire (not the one in flight).
@@ -336,7 +348,7 @@ impl QueuedDatagram {
             expires_at_ms: limits.expiry(now_ms, true),
             data,
             pending: None,
-            durable: true,
+            stored: Stored::Durable,
         }
     }
 }

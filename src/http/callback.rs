@@ -90,7 +90,10 @@ impl CallbackError {
                 UplinkRefusal::NotCoap(_) => (StatusCode::BAD_REQUEST, "NOT_COAP"),
                 UplinkRefusal::EndpointMismatch(_) => (StatusCode::FORBIDDEN, "ENDPOINT_MISMATCH"),
             },
-            Self::Uplink(UplinkError::Send(_)) => (StatusCode::BAD_GATEWAY, "FORWARD_FAILED"),
+            // 500: the T8 NIDD callback lists 500 and 503 only.
+            Self::Uplink(UplinkError::Send(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "FORWARD_FAILED")
+            }
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
         }
     }
@@ -377,7 +380,13 @@ fn answer(
     match result {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(error) => {
-            tracing::debug!(%error, kind, "notification refused");
+            // A 403 names another device or configuration than the URL's: worth an
+            // operator's look (a misrouted SCEF, or someone holding a callback URL).
+            if error.status_and_cause().0 == StatusCode::FORBIDDEN {
+                tracing::warn!(%error, kind, "notification refused");
+            } else {
+                tracing::debug!(%error, kind, "notification refused");
+            }
             error.into_response()
         }
     }
@@ -730,7 +739,7 @@ mod tests {
             ),
             (
                 CallbackError::Uplink(UplinkError::Send(std::io::Error::other("down"))),
-                502,
+                500,
                 "FORWARD_FAILED",
             ),
             (CallbackError::ShuttingDown, 503, "SHUTTING_DOWN"),

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use crate::coap::{CoapError, Datagram, Kind};
 use crate::devices::DeviceState;
-use crate::queue::{Admission, QueueLimits, QueuedDatagram};
+use crate::queue::{Admission, QueueLimits, QueuedDatagram, Stored};
 use crate::routing::ServerIndex;
 use crate::socket::RECEIVE_BUFFER_BYTES;
 
@@ -82,8 +82,8 @@ pub(crate) fn queue_entry(
         expires_at_ms: limits.expiry(now_ms, confirmable),
         data,
         pending: None,
-        // Until the group commit that covers it.
-        durable: false,
+        // The group commit writes it, if it is still queued then.
+        stored: Stored::Not,
     }
 }
 
