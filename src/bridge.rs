@@ -303,6 +303,15 @@ impl Bridge {
             ScefTimeLimits::from_config(psm),
             metrics.clone(),
         ));
+        // Queues reloaded from the store keep to today's limits, which may be smaller.
+        let limits = QueueLimits::from_config(psm);
+        for device in devices.iter() {
+            let dropped = device.state().mt.queue.enforce(&limits);
+            if !dropped.is_empty() {
+                tracing::warn!(device = %device.id, dropped = dropped.len(), "reloaded MT queue over the configured limits; dropped by the overflow policy");
+                downlinks.record_drops(device, dropped);
+            }
+        }
         let provisioner = Provisioner::new(
             devices.clone(),
             t8.clone(),

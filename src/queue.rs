@@ -159,6 +159,26 @@ impl DeviceQueue {
     }
 
     /// An entry overflow may drop: waiting (not pending at the SCEF) and not in flight.
+    /// Brings a queue loaded from the store within `limits`, which may have shrunk since it
+    /// was stored: by the overflow policy, the oldest (`drop_oldest`) or newest
+    /// (`drop_newest`) waiting entries go; pending ones do not count. Returns what went.
+    pub(crate) fn enforce(&mut self, limits: &QueueLimits) -> Vec<(QueuedDatagram, DropReason)> {
+        let mut dropped = Vec::new();
+        while self.waiting().count() > limits.max_datagrams
+            || self.waiting_bytes() > limits.max_bytes
+        {
+            let candidate = match limits.overflow {
+                OverflowPolicy::DropOldest => self.entries.iter().position(|e| self.droppable(e)),
+                OverflowPolicy::DropNewest => self.entries.iter().rposition(|e| self.droppable(e)),
+            };
+            let Some(entry) = candidate.and_then(|index| self.entries.remove(index)) else {
+                break;
+            };
+            dropped.push((entry, DropReason::Overflow));
+        }
+        dropped
+    }
+
     fn droppable(&self, entry: &QueuedDatagram) -> bool {
         entry.pending.is_none() && Some(entry.seq) != self.in_flight
     }
@@ -357,6 +377,45 @@ impl QueuedDatagram {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_reloaded_queue_is_brought_within_shrunk_limits() {
+        let wide = QueueLimits {
+            max_datagrams: 10,
+            max_bytes: 10_000,
+            max_age: Duration::from_secs(247),
+            overflow: OverflowPolicy::DropOldest,
+        };
+        let entries: Vec<QueuedDatagram> = (1..=6).map(|seq| item(seq, 10, 0, &wide)).collect();
+        for (overflow, kept) in [
+            (OverflowPolicy::DropOldest, [4, 5, 6]),
+            (OverflowPolicy::DropNewest, [1, 2, 3]),
+        ] {
+            let mut queue = DeviceQueue::from_entries(entries.clone());
+            let narrow = QueueLimits {
+                max_datagrams: 3,
+                overflow,
+                ..wide
+            };
+            let dropped = queue.enforce(&narrow);
+            assert_eq!(dropped.len(), 3);
+            assert!(
+                dropped
+                    .iter()
+                    .all(|(_, reason)| *reason == DropReason::Overflow)
+            );
+            let left: Vec<u64> = queue.entries().map(|e| e.seq).collect();
+            assert_eq!(left, kept, "{overflow:?}");
+            assert!(queue.enforce(&narrow).is_empty(), "within the limits now");
+        }
+        // By bytes too.
+        let mut queue = DeviceQueue::from_entries(entries);
+        let dropped = queue.enforce(&QueueLimits {
+            max_bytes: 25,
+            ..wide
+        });
+        assert_eq!(dropped.len(), 4);
+    }
 
     fn item(seq: u64, len: usize, now_ms: u64, limits: &QueueLimits) -> QueuedDatagram {
         QueuedDatagram::sample(seq, vec![0x40; len], now_ms, limits)
