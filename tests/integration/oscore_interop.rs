@@ -120,7 +120,11 @@ fn device_get_round_trip(test: &str) {
     assert_eq!(inner.code, CONTENT);
     assert_eq!(inner.payload, b"nidd-bridge OSCORE peer");
     let answer = Packet::from_bytes(&answer).unwrap();
-    assert_eq!(answer.header.message_id, 0x1234);
+    // Piggybacked on the ACK, or (aiocoap when it is slow, under load) a separate CON
+    // response after an empty ACK, with a message ID of its own: the token matches either way.
+    if answer.header.get_type() == coap_lite::MessageType::Acknowledgement {
+        assert_eq!(answer.header.message_id, 0x1234);
+    }
     assert_eq!(answer.get_token(), 0x1234u16.to_be_bytes());
 
     // Control: the same resource unprotected answers differently and without OSCORE.
