@@ -430,8 +430,17 @@ mod tests {
     const SERVER: &str = "127.0.0.1:5683";
 
     fn downlinks(store: &Store, metrics: &Arc<Metrics>) -> Arc<Downlinks> {
+        downlinks_holding(64, store, metrics)
+    }
+
+    /// Downlinks whose queues hold at most `max_datagrams` (drop oldest).
+    fn downlinks_holding(
+        max_datagrams: usize,
+        store: &Store,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<Downlinks> {
         let limits = QueueLimits {
-            max_datagrams: 64,
+            max_datagrams,
             max_bytes: 64 * 1024,
             max_age: Duration::from_secs(247),
             overflow: OverflowPolicy::DropOldest,
@@ -708,20 +717,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let metrics = Arc::new(Metrics::new().unwrap());
-        let limits = QueueLimits {
-            max_datagrams: 2,
-            max_bytes: 64 * 1024,
-            max_age: Duration::from_secs(247),
-            overflow: OverflowPolicy::DropOldest,
-        };
-        let downlinks = Arc::new(Downlinks::new(
-            Arc::from(vec![SERVER.parse::<SocketAddr>().unwrap()]),
-            1358,
-            MtStore::open(&store).unwrap(),
-            limits,
-            ScefTimeLimits::from_config(&crate::config::PsmConfig::default()),
-            metrics.clone(),
-        ));
+        let downlinks = downlinks_holding(2, &store, &metrics);
         let device = device();
         let from: SocketAddr = SERVER.parse().unwrap();
         for mid in 1..=5 {
