@@ -154,10 +154,7 @@ impl Downlinks {
             let admitted = admission::admit(&mut state, &screened, item, &self.limits, now_ms);
             if let Admitted::Queued(admission) = &admitted {
                 for (dropped, _) in &admission.dropped {
-                    // One pushed out before its commit never reached the store.
-                    if dropped.stored != Stored::Not {
-                        self.remove_dropped(device, dropped.seq);
-                    }
+                    self.remove_dropped(device, dropped);
                 }
             }
             admitted
@@ -321,14 +318,18 @@ impl Downlinks {
     pub(crate) fn record_drops(&self, device: &Device, dropped: Vec<(QueuedDatagram, DropReason)>) {
         for (item, reason) in &dropped {
             tracing::debug!(device = %device.id, seq = item.seq, reason = reason.label(), "MT datagram dropped from the queue");
-            self.remove_dropped(device, item.seq);
+            self.remove_dropped(device, item);
         }
         self.count_drops(dropped.into_iter().map(|(_, reason)| reason));
     }
 
-    /// Removes a dropped datagram from the store, in the next commit.
-    fn remove_dropped(&self, device: &Device, seq: u64) {
-        match self.store.remove(&device.id, seq) {
+    /// Removes a dropped datagram from the store, in the next commit; one dropped before its
+    /// first commit never reached the store and costs it nothing.
+    fn remove_dropped(&self, device: &Device, item: &QueuedDatagram) {
+        if item.stored == Stored::Not {
+            return;
+        }
+        match self.store.remove(&device.id, item.seq) {
             Ok(()) => {
                 self.written();
             }
