@@ -245,6 +245,7 @@ impl Bridge {
                 ),
                 nidd: None,
                 superseded: Vec::new(),
+                checking_termination: false,
                 mt: MtState::new(
                     Reachability::with_queue_mode(
                         Duration::from_secs(

@@ -66,6 +66,9 @@ pub(crate) struct DeviceState {
     /// Locations of configurations this device had before (newest last, at most
     /// [`SUPERSEDED_KEPT`]): their late notifications are ignored, not refused.
     pub(crate) superseded: Vec<Url>,
+    /// A reported termination is being checked with the SCEF: further reports wait for it,
+    /// so a flood of notifications costs the SCEF one GET at a time.
+    pub(crate) checking_termination: bool,
     pub(crate) mt: MtState,
 }
 
@@ -102,6 +105,7 @@ impl Default for DeviceState {
             router: Router::new(0, None, Arc::from(Vec::new())),
             nidd: None,
             superseded: Vec::new(),
+            checking_termination: false,
             mt: MtState::new(
                 Reachability::new(Duration::from_secs(psm.active_window_s)),
                 DeviceQueue::default(),

@@ -127,7 +127,7 @@ impl Metrics {
             )?,
             reported_terminations: counter_vec(
                 "reported_terminations_total",
-                "NIDD configuration terminations reported by notification, by whether the SCEF confirmed them (confirmed, not_confirmed, unverified, superseded)",
+                "NIDD configuration terminations reported by notification, by whether the SCEF confirmed them (confirmed, not_confirmed, unverified, superseded; already_checking while one is checked)",
                 &["outcome"],
             )?,
             configurations_reconciled: counter_vec(

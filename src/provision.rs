@@ -53,9 +53,18 @@ impl Reprovision {
     /// the configuration is kept (an MT delivery's 404, or the next start-up, still finds a
     /// configuration that really ended).
     pub(crate) fn termination_reported(&self, device: Arc<Device>, location: Url) {
+        let already = std::mem::replace(&mut device.state().checking_termination, true);
+        if already {
+            self.metrics
+                .reported_terminations
+                .with_label_values(&["already_checking"])
+                .inc();
+            return;
+        }
         let this = self.clone();
         tokio::spawn(async move {
             let outcome = this.check_termination(&device, &location).await;
+            device.state().checking_termination = false;
             this.metrics
                 .reported_terminations
                 .with_label_values(&[outcome])

@@ -877,6 +877,36 @@ mod tests {
         assert!(harness.devices.all_provisioned());
     }
 
+    /// A flood of TERMINATED notifications costs the SCEF one check at a time.
+    #[tokio::test(start_paused = true)]
+    async fn reported_terminations_are_checked_one_at_a_time() {
+        let harness = Harness::new().await;
+        for _ in 0..3 {
+            assert_no_content(
+                harness
+                    .notify(
+                        &nidd_url(TOKEN_A),
+                        fixture("NiddConfigurationStatusNotification.terminated.json"),
+                    )
+                    .await,
+            )
+            .await;
+        }
+        let outcome = |label: &str| {
+            harness
+                .metrics
+                .reported_terminations
+                .with_label_values(&[label])
+                .get()
+        };
+        assert_eq!(outcome("already_checking"), 2);
+        while outcome("unverified") == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(outcome("unverified"), 1, "one check for the three");
+        assert!(!harness.device(DEVICE_A).state().checking_termination);
+    }
+
     /// The pipelined take-over: a TERMINATED naming the device's configuration, then an ACTIVE
     /// naming a URL of the attacker's; the first is checked with the SCEF, the second refused,
     /// and the configuration stays the SCEF's.
