@@ -15,8 +15,10 @@ use url::Url;
 use crate::clock;
 use crate::config::{Config, SecretSource, ServerRole};
 use crate::delivery::{MtState, ScefTimeLimits};
+use crate::devices::tokens::mint_capability_token;
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
 use crate::http::Lifecycle;
+use crate::http::admin::auth::AdminGuard;
 use crate::http::admin::{self, AdminState};
 use crate::http::callback::{self, CallbackState};
 use crate::identity::DeviceId;
@@ -89,6 +91,7 @@ struct Parts {
     lifecycle: Lifecycle,
     public_url: Url,
     max_body_bytes: usize,
+    admin_guard: AdminGuard,
 }
 
 pub struct Bridge;
@@ -150,6 +153,7 @@ impl Bridge {
         ensure_file_descriptors(config.devices.len())?;
         let metrics = Arc::new(Metrics::new()?);
         let bearer = config.bearer_token(secrets)?;
+        let admin_guard = AdminGuard::new(&config.admin, secrets, metrics.admin_refusals.clone())?;
         let t8 = Arc::new(
             T8Client::new(
                 config.scef.base_url.clone(),
@@ -231,6 +235,9 @@ impl Bridge {
                 .as_ref()
                 .map(|r| r.callback_token.clone())
                 .unwrap_or_else(mint_capability_token);
+            let pending_callback_token = record
+                .as_ref()
+                .and_then(|r| r.pending_callback_token.clone());
             let queue_mode = record.as_ref().map(|r| r.queue_mode).unwrap_or_default();
             let nidd = record.and_then(|r| r.nidd).and_then(NiddState::from_stored);
             let endpoint_name = device_config
@@ -274,7 +281,8 @@ impl Bridge {
                 socket,
                 device_config.monitoring.unwrap_or(psm.monitoring),
                 state,
-            );
+            )
+            .with_pending_callback_token(pending_callback_token);
             devices.insert(Arc::new(device), nidd)?;
         }
         metrics.devices_configured.set(devices.len() as i64);
@@ -345,6 +353,7 @@ impl Bridge {
                 lifecycle: Lifecycle::default(),
                 public_url,
                 max_body_bytes: config.callback.max_body_bytes,
+                admin_guard,
             },
             callback_listener,
             admin_listener,
@@ -380,8 +389,10 @@ impl BoundBridge {
             lifecycle,
             public_url: _,
             max_body_bytes,
+            admin_guard,
         } = self.parts;
         let reprovision = provisioner.reprovision();
+        let rotation = provisioner.callback_rotation();
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let kernel_drops = metrics
@@ -415,6 +426,10 @@ impl BoundBridge {
             }));
         }
         tasks.spawn(provisioner.run(cancel.clone()));
+        tasks.spawn(reload_admin_token_on_sighup(
+            admin_guard.clone(),
+            cancel.clone(),
+        ));
         let callback_app = callback::router(CallbackState {
             devices: devices.clone(),
             uplinks,
@@ -429,6 +444,8 @@ impl BoundBridge {
             downlinks,
             metrics,
             lifecycle: lifecycle.clone(),
+            guard: admin_guard,
+            rotation,
         });
         let stop = cancel.clone();
         let callback_server = axum::serve(self.callback_listener, callback_app)
@@ -477,6 +494,30 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Reads the admin bearer token file again on every SIGHUP until cancelled (a rotated token
+/// also takes effect without it, at its first use; see `http::admin::auth`).
+async fn reload_admin_token_on_sighup(guard: AdminGuard, cancel: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!(
+            "cannot listen for SIGHUP; the admin token is read again only on a mismatch"
+        );
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            received = hangup.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                tracing::info!("SIGHUP: reading the admin bearer token again");
+                guard.reload();
+            }
+        }
+    }
+}
+
 async fn listen(address: SocketAddr) -> Result<TcpListener, BridgeError> {
     TcpListener::bind(address)
         .await
@@ -487,12 +528,6 @@ fn local_addr(listener: &TcpListener, address: SocketAddr) -> Result<SocketAddr,
     listener
         .local_addr()
         .map_err(|source| BridgeError::Listen { address, source })
-}
-
-/// A 128-bit random capability token, hex encoded.
-fn mint_capability_token() -> String {
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One descriptor per device socket: raise the soft limit or refuse to start.

@@ -273,6 +273,69 @@ pub struct CallbackConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// File holding the bearer token every admin request but `/healthz` and `/readyz` must
+    /// carry (`Authorization: Bearer <token>`). Read at start-up, on SIGHUP, and again (at most
+    /// once a second) when a request presents a token that does not match. Without it the
+    /// admin listener may only bind a loopback address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_file: Option<PathBuf>,
+    /// Serve `/metrics` without the bearer token (for a Prometheus that cannot send one; keep
+    /// the port behind a NetworkPolicy or firewall).
+    #[serde(default)]
+    pub metrics_public: bool,
+    /// Host names (without port) admin requests may carry in `Host`, besides IP literals and
+    /// `localhost`; any other Host is refused (421), which defeats DNS rebinding.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
+}
+
+impl AdminConfig {
+    /// An admin listener on `listen` without a token (loopback only), public metrics off and
+    /// no extra host names.
+    pub fn on(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            bearer_token_file: None,
+            metrics_public: false,
+            allowed_hosts: Vec::new(),
+        }
+    }
+
+    /// Reads the admin bearer token, if one is configured (again on every call).
+    pub fn bearer_token(&self, source: &dyn SecretSource) -> Result<Option<Secret>, ConfigError> {
+        let Some(path) = &self.bearer_token_file else {
+            return Ok(None);
+        };
+        let text = source.file(path).map_err(|e| ConfigError::Secret {
+            what: "admin.bearer_token_file",
+            detail: format!("{}: {e}", path.display()),
+        })?;
+        non_empty_secret("admin.bearer_token_file", text).map(Some)
+    }
+
+    /// Why this admin listener is not acceptable, if it is not: without a token it must be
+    /// on loopback, and every allowed host must be a plain host name.
+    fn problem(&self) -> Option<String> {
+        if self.bearer_token_file.is_none() && !self.listen.ip().is_loopback() {
+            return Some(format!(
+                "admin.listen {} is not a loopback address: set admin.bearer_token_file to expose the admin API",
+                self.listen
+            ));
+        }
+        self.allowed_hosts
+            .iter()
+            .find(|host| {
+                host.is_empty()
+                    || !host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            })
+            .map(|host| {
+                format!(
+                    "admin.allowed_hosts entry {host:?} is not a host name (no port, no scheme)"
+                )
+            })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -567,6 +630,9 @@ impl Config {
             return invalid(
                 "set at most one of scef.bearer_token_file and scef.bearer_token_env".into(),
             );
+        }
+        if let Some(problem) = self.admin.problem() {
+            return invalid(problem);
         }
         if self.scef.retry_initial_ms == 0 || self.scef.retry_max_ms < self.scef.retry_initial_ms {
             return invalid("scef.retry_initial_ms must be > 0 and <= scef.retry_max_ms".into());
@@ -867,6 +933,71 @@ mod tests {
         assert_eq!(format!("{token:?}"), "***");
         let missing = config.bearer_token(&FakeSecrets(HashMap::new()));
         assert!(matches!(missing, Err(ConfigError::Secret { .. })));
+    }
+
+    #[test]
+    fn an_admin_listener_off_loopback_needs_a_token() {
+        for listen in ["0.0.0.0:9100", "10.0.0.5:9100", "[::]:9100"] {
+            let text = minimal("").replace(
+                "[admin]\n            listen = \"127.0.0.1:0\"",
+                &format!("[admin]\n            listen = \"{listen}\""),
+            );
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("admin.bearer_token_file") && err.contains(listen),
+                "{listen}: {err}"
+            );
+            assert!(!err.contains('\n'), "one line: {err}");
+            let with_token = text.replace(
+                &format!("listen = \"{listen}\""),
+                &format!("listen = \"{listen}\"\nbearer_token_file = \"/run/admin-token\""),
+            );
+            let config = Config::parse(&with_token).unwrap();
+            assert_eq!(
+                config.admin.bearer_token_file.as_deref(),
+                Some(Path::new("/run/admin-token"))
+            );
+        }
+        for loopback in ["127.0.0.1:9100", "127.3.4.5:9100", "[::1]:9100"] {
+            let text = minimal("").replace(
+                "[admin]\n            listen = \"127.0.0.1:0\"",
+                &format!("[admin]\n            listen = \"{loopback}\""),
+            );
+            assert!(Config::parse(&text).is_ok(), "{loopback}");
+        }
+    }
+
+    #[test]
+    fn allowed_hosts_are_host_names_and_the_token_is_a_secret() {
+        let bad = minimal("").replace(
+            "[admin]\n            listen = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"bridge.example:9100\"]",
+        );
+        let err = Config::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("allowed_hosts"), "{err}");
+        let good = minimal("").replace(
+            "[admin]\n            listen = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"nidd-bridge-0.nidd-bridge\"]\nbearer_token_file = \"/t\"\nmetrics_public = true",
+        );
+        let config = Config::parse(&good).unwrap();
+        assert!(config.admin.metrics_public);
+        let secrets = FakeSecrets(HashMap::from([("/t".into(), "admin-s3cret\n".into())]));
+        let token = config.admin.bearer_token(&secrets).unwrap().unwrap();
+        assert_eq!(token.expose(), "admin-s3cret");
+        assert!(
+            config
+                .admin
+                .bearer_token(&FakeSecrets(HashMap::new()))
+                .is_err()
+        );
+        assert!(
+            Config::parse(&minimal(""))
+                .unwrap()
+                .admin
+                .bearer_token(&FakeSecrets(HashMap::new()))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

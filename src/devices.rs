@@ -1,10 +1,13 @@
 //! The device table: every configured device with its identity, its UDP socket, its callback
-//! capability token and its mutable state (uplink router, NIDD configuration, MT engine), found
-//! by identity or by token; and the persisted record of each device in step with memory.
+//! capability tokens (two during a rotation, see `tokens`) and its mutable state (uplink
+//! router, NIDD configuration, MT engine), found by identity or by token; and the persisted
+//! record of each device in step with memory.
 
-use std::collections::HashMap;
+pub(crate) mod tokens;
+
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Instant;
 
 use prometheus::{IntCounterVec, IntGauge};
@@ -18,6 +21,7 @@ use crate::routing::Router;
 use crate::socket::DeviceSocket;
 use crate::store::{DeviceRecord, Store, StoreError, StoredConfiguration, StoredSubscription};
 use crate::t8::NiddStatus;
+use tokens::CallbackTokens;
 
 /// A NIDD configuration as the bridge holds it in memory.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,7 +149,9 @@ impl WakeSource {
 pub(crate) struct Device {
     pub(crate) id: DeviceId,
     pub(crate) endpoint_name: Option<String>,
-    pub(crate) callback_token: String,
+    /// Also the lock every write of the device's record is made under, so a record written
+    /// from a stale view of the tokens cannot overwrite one with a pending token.
+    callback_tokens: Mutex<CallbackTokens>,
     pub(crate) socket: Arc<DeviceSocket>,
     /// Wakes the device's MT flusher (new MT, device awake, delivery outcome).
     pub(crate) wake: Notify,
@@ -166,12 +172,30 @@ impl Device {
         Self {
             id,
             endpoint_name,
-            callback_token,
+            callback_tokens: Mutex::new(CallbackTokens::new(callback_token, None)),
             socket,
             wake: Notify::new(),
             monitoring,
             state: Mutex::new(state),
         }
+    }
+
+    /// The device as it was mid-rotation: `pending` is accepted besides its active token.
+    pub(crate) fn with_pending_callback_token(self, pending: Option<String>) -> Self {
+        let active = self.tokens().active().to_string();
+        *self.tokens() = CallbackTokens::new(active, pending);
+        self
+    }
+
+    fn tokens(&self) -> MutexGuard<'_, CallbackTokens> {
+        self.callback_tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The device's callback tokens now.
+    pub(crate) fn callback_tokens(&self) -> CallbackTokens {
+        self.tokens().clone()
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, DeviceState> {
@@ -187,13 +211,11 @@ impl Device {
         self.capability_url(public_url, "nidd")
     }
 
-    /// This device's callback URL for one T8 API (`nidd`, `monitoring`, `triggering`).
+    /// This device's callback URL for one T8 API (`nidd`, `monitoring`, `triggering`), with
+    /// its newest token (the pending one during a rotation).
     pub(crate) fn capability_url(&self, public_url: &Url, api: &str) -> String {
-        format!(
-            "{}/t8/v1/{api}/{}",
-            public_url.as_str().trim_end_matches('/'),
-            self.callback_token
-        )
+        let token = self.tokens().newest().to_string();
+        capability_url_with(public_url, api, &token)
     }
 
     /// The device is awake (uplink or reachability report): its queue may be flushed now.
@@ -210,12 +232,46 @@ impl Device {
     }
 }
 
+/// A callback URL for one T8 API with `token`.
+pub(crate) fn capability_url_with(public_url: &Url, api: &str, token: &str) -> String {
+    format!(
+        "{}/t8/v1/{api}/{token}",
+        public_url.as_str().trim_end_matches('/')
+    )
+}
+
+/// How many retired callback tokens are remembered (in memory only), so notifications to a
+/// retired URL can be counted apart from unknown ones.
+const RETIRED_KEPT: usize = 1024;
+
+/// Tokens rotations retired, oldest first.
+#[derive(Default)]
+struct RetiredTokens {
+    order: VecDeque<String>,
+    known: HashSet<String>,
+}
+
+impl RetiredTokens {
+    fn insert(&mut self, token: String) {
+        if self.known.insert(token.clone()) {
+            self.order.push_back(token);
+        }
+        while self.order.len() > RETIRED_KEPT {
+            if let Some(oldest) = self.order.pop_front() {
+                self.known.remove(&oldest);
+            }
+        }
+    }
+}
+
 /// Every configured device, by identity and by callback token, with the count of devices whose
 /// NIDD configuration is usable kept in step with the store.
 pub(crate) struct DeviceTable {
     devices: Vec<Arc<Device>>,
     by_id: HashMap<DeviceId, usize>,
-    by_token: HashMap<String, usize>,
+    /// Every accepted token (two per device during a rotation).
+    by_token: RwLock<HashMap<String, usize>>,
+    retired: Mutex<RetiredTokens>,
     store: Store,
     provisioned: AtomicUsize,
     /// Persisted configurations were checked with the SCEF after start.
@@ -233,7 +289,8 @@ impl DeviceTable {
         Self {
             devices: Vec::new(),
             by_id: HashMap::new(),
-            by_token: HashMap::new(),
+            by_token: RwLock::new(HashMap::new()),
+            retired: Mutex::new(RetiredTokens::default()),
             store,
             provisioned: AtomicUsize::new(0),
             verified: AtomicBool::new(false),
@@ -250,7 +307,15 @@ impl DeviceTable {
     ) -> Result<(), StoreError> {
         let index = self.devices.len();
         self.by_id.insert(device.id.clone(), index);
-        self.by_token.insert(device.callback_token.clone(), index);
+        {
+            let by_token = self
+                .by_token
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner);
+            for token in device.tokens().accepted() {
+                by_token.insert(token.to_string(), index);
+            }
+        }
         self.devices.push(device.clone());
         self.set_nidd(&device, nidd)
     }
@@ -259,9 +324,94 @@ impl DeviceTable {
         self.by_id.get(id).map(|i| &self.devices[*i])
     }
 
-    /// The device whose callback URLs carry `token`.
+    /// The device whose callback URLs carry `token` (its active or its pending one).
     pub(crate) fn by_token(&self, token: &str) -> Option<&Arc<Device>> {
-        self.by_token.get(token).map(|i| &self.devices[*i])
+        let index = *self
+            .by_token
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(token)?;
+        self.devices.get(index)
+    }
+
+    /// Whether `token` was a device's until a rotation retired it.
+    pub(crate) fn is_retired(&self, token: &str) -> bool {
+        self.retired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .known
+            .contains(token)
+    }
+
+    /// Starts (or continues) a rotation of `device`'s callback token: the pending token is
+    /// written to the store before it is accepted or handed out. The pending token, and
+    /// whether it was minted now.
+    pub(crate) fn begin_rotation(&self, device: &Device) -> Result<(String, bool), StoreError> {
+        let index = self.index_of(device);
+        let (nidd, queue_mode) = snapshot(device);
+        let mut tokens = device.tokens();
+        let mut next = tokens.clone();
+        let (pending, minted) = next.begin_rotation(tokens::mint_capability_token);
+        if minted {
+            self.put_record(device, &next, nidd.as_ref(), queue_mode)?;
+            *tokens = next;
+        }
+        if let Some(index) = index {
+            self.by_token
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(pending.clone(), index);
+        }
+        Ok((pending, minted))
+    }
+
+    /// Ends `device`'s rotation: the pending token becomes the active one, in the store first;
+    /// the old token is refused from now on. The retired token, if a rotation was under way.
+    pub(crate) fn complete_rotation(&self, device: &Device) -> Result<Option<String>, StoreError> {
+        let (nidd, queue_mode) = snapshot(device);
+        let mut tokens = device.tokens();
+        let mut next = tokens.clone();
+        let Some(retired) = next.complete_rotation() else {
+            return Ok(None);
+        };
+        self.put_record(device, &next, nidd.as_ref(), queue_mode)?;
+        *tokens = next;
+        drop(tokens);
+        self.by_token
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&retired);
+        self.retired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(retired.clone());
+        Ok(Some(retired))
+    }
+
+    fn index_of(&self, device: &Device) -> Option<usize> {
+        self.by_id.get(&device.id).copied()
+    }
+
+    /// Writes a device's record, under its token lock (see [`Device::callback_tokens`]).
+    fn persist(
+        &self,
+        device: &Device,
+        nidd: Option<&NiddState>,
+        queue_mode: QueueMode,
+    ) -> Result<(), StoreError> {
+        let tokens = device.tokens();
+        self.put_record(device, &tokens, nidd, queue_mode)
+    }
+
+    fn put_record(
+        &self,
+        device: &Device,
+        tokens: &CallbackTokens,
+        nidd: Option<&NiddState>,
+        queue_mode: QueueMode,
+    ) -> Result<(), StoreError> {
+        self.store
+            .put_device(&device.id, &record(device, tokens, nidd, queue_mode))
     }
 
     pub(crate) fn contains(&self, id: &DeviceId) -> bool {
@@ -304,8 +454,7 @@ impl DeviceTable {
         nidd: Option<NiddState>,
     ) -> Result<(), StoreError> {
         let queue_mode = device.state().mt.reachability.queue_mode();
-        self.store
-            .put_device(&device.id, &record(device, nidd.as_ref(), queue_mode))
+        self.persist(device, nidd.as_ref(), queue_mode)
             .inspect_err(|_| {
                 self.store_errors
                     .with_label_values(&["device_record"])
@@ -349,11 +498,7 @@ impl DeviceTable {
             let changed = state.mt.reachability.set_queue_mode(mode);
             (changed, state.nidd.clone())
         };
-        if changed
-            && let Err(error) = self
-                .store
-                .put_device(&device.id, &record(device, nidd.as_ref(), mode))
-        {
+        if changed && let Err(error) = self.persist(device, nidd.as_ref(), mode) {
             self.store_errors
                 .with_label_values(&["device_record"])
                 .inc();
@@ -369,8 +514,7 @@ impl DeviceTable {
                 let state = device.state();
                 (state.nidd.clone(), state.mt.reachability.queue_mode())
             };
-            self.store
-                .put_device(&device.id, &record(device, nidd.as_ref(), queue_mode))?;
+            self.persist(device, nidd.as_ref(), queue_mode)?;
         }
         Ok(())
     }
@@ -383,11 +527,23 @@ impl DeviceTable {
     }
 }
 
+/// A device's configuration and queue mode as they are now.
+fn snapshot(device: &Device) -> (Option<NiddState>, QueueMode) {
+    let state = device.state();
+    (state.nidd.clone(), state.mt.reachability.queue_mode())
+}
+
 /// The persisted record of a device.
-fn record(device: &Device, nidd: Option<&NiddState>, queue_mode: QueueMode) -> DeviceRecord {
+fn record(
+    device: &Device,
+    tokens: &CallbackTokens,
+    nidd: Option<&NiddState>,
+    queue_mode: QueueMode,
+) -> DeviceRecord {
     DeviceRecord {
         udp_address: Some(device.socket.local_addr()),
-        callback_token: device.callback_token.clone(),
+        callback_token: tokens.active().to_string(),
+        pending_callback_token: tokens.pending().map(str::to_string),
         nidd: nidd.map(NiddState::stored),
         queue_mode,
     }

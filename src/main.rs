@@ -94,6 +94,10 @@ fn check_config(path: PathBuf) -> ExitCode {
         eprintln!("nidd-bridge: {}: {error}", path.display());
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
+    if let Err(error) = config.admin.bearer_token(&ProcessSecrets) {
+        eprintln!("nidd-bridge: {}: {error}", path.display());
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
     println!(
         "{}: ok — {} devices, {} LwM2M servers, socket pool of {} addresses, SCEF {}",
         path.display(),

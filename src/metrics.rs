@@ -19,6 +19,12 @@ pub struct Metrics {
     pub t8_requests: IntCounterVec,
     pub t8_request_seconds: HistogramVec,
     pub callbacks: IntCounterVec,
+    /// Admin requests refused, by reason (host_not_allowed, missing_token, wrong_token).
+    pub admin_refusals: IntCounterVec,
+    /// Callback URL rotations asked for on the admin API, by outcome.
+    pub callback_token_rotations: IntCounterVec,
+    /// Notifications to a callback URL whose token a rotation retired (refused as unknown).
+    pub retired_callback_refusals: IntCounter,
     pub dropped_datagrams: IntCounterVec,
     pub mt_deliveries: IntCounterVec,
     pub configuration_statuses: IntCounterVec,
@@ -109,6 +115,20 @@ impl Metrics {
                 "callbacks_total",
                 "T8 notifications received, by kind and outcome",
                 &["kind", "outcome"],
+            )?,
+            admin_refusals: counter_vec(
+                "admin_refusals_total",
+                "Admin API requests refused, by reason (host_not_allowed, missing_token, wrong_token)",
+                &["reason"],
+            )?,
+            callback_token_rotations: counter_vec(
+                "callback_token_rotations_total",
+                "Callback URL rotations, by outcome (completed, store_failed, no_configuration, scef_failed, monitoring_failed)",
+                &["outcome"],
+            )?,
+            retired_callback_refusals: counter(
+                "retired_callback_refusals_total",
+                "T8 notifications to a callback URL whose token a rotation retired (refused as unknown)",
             )?,
             dropped_datagrams: counter_vec(
                 "dropped_datagrams_total",

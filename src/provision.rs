@@ -8,6 +8,7 @@
 //! configuration the SCEF terminated.
 
 mod reconcile;
+mod rotate;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use crate::t8::{
     PdnEstablishmentOption, T8Client, T8Error,
 };
 use reconcile::{Listed, Owner, Verdict};
+pub(crate) use rotate::CallbackRotation;
 
 /// What the SCEF said about a device's configuration that asks for provisioning again; the
 /// callback server's handle on the provisioner.
@@ -186,6 +188,17 @@ impl Provisioner {
             wake: self.wake.clone(),
             metrics: self.metrics.clone(),
         }
+    }
+
+    /// The admin API's handle for rotating callback URLs.
+    pub(crate) fn callback_rotation(&self) -> CallbackRotation {
+        CallbackRotation::new(
+            self.devices.clone(),
+            self.t8.clone(),
+            self.public_url.clone(),
+            self.monitoring_lifetime,
+            self.metrics.clone(),
+        )
     }
 
     /// Provisions until cancelled; woken early by a terminated configuration or subscription.
@@ -744,44 +757,7 @@ impl Provisioner {
 
     /// Subscribes one device to UE_REACHABILITY (reachabilityType DATA); replaces an old one.
     async fn subscribe(&self, device: &Device, lifetime: Duration) -> bool {
-        let expires = clock::system_now() + lifetime;
-        let body = MonitoringEventSubscription {
-            external_id: device.id.external_id().cloned(),
-            msisdn: device.id.msisdn().cloned(),
-            notification_destination: device.capability_url(&self.public_url, "monitoring"),
-            monitoring_type: Some(MonitoringType::UeReachability),
-            reachability_type: Some("DATA".into()),
-            monitor_expire_time: Some(humantime::format_rfc3339_seconds(expires).to_string()),
-            ..Default::default()
-        };
-        let location = match self.t8.create_monitoring_subscription(&body).await {
-            Ok(Some(location)) => location,
-            Ok(None) => {
-                tracing::warn!(device = %device.id, "the SCEF answered the monitoring subscription with a report only");
-                return false;
-            }
-            Err(error) => {
-                tracing::warn!(device = %device.id, %error, "monitoring subscription not created");
-                return false;
-            }
-        };
-        let Some(mut nidd) = device.state().nidd.clone() else {
-            return false;
-        };
-        let old = nidd.monitoring_subscription.replace(StoredSubscription {
-            location: location.to_string(),
-            expires_at_ms: clock::to_unix_ms(expires),
-        });
-        tracing::info!(device = %device.id, %location, "subscribed to UE reachability");
-        if let Err(error) = self.devices.set_nidd(device, Some(nidd)) {
-            tracing::error!(device = %device.id, %error, "cannot persist the monitoring subscription");
-        }
-        if let Some(old) = old.and_then(|o| Url::parse(&o.location).ok())
-            && let Err(error) = self.t8.delete_monitoring_subscription(&old).await
-        {
-            tracing::warn!(device = %device.id, %error, "cannot delete the replaced monitoring subscription");
-        }
-        true
+        subscribe(&self.devices, &self.t8, &self.public_url, device, lifetime).await
     }
 
     /// Deletes the subscriptions of devices whose monitoring was switched off.
@@ -813,6 +789,55 @@ enum Settled {
 }
 
 /// The one UE a configuration names (`externalId` or `msisdn`), if it names exactly one.
+/// Subscribes one device to UE_REACHABILITY (reachabilityType DATA) at its newest monitoring
+/// callback URL, then deletes the subscription it replaces; whether the new one was created.
+async fn subscribe(
+    devices: &DeviceTable,
+    t8: &T8Client,
+    public_url: &Url,
+    device: &Device,
+    lifetime: Duration,
+) -> bool {
+    let expires = clock::system_now() + lifetime;
+    let body = MonitoringEventSubscription {
+        external_id: device.id.external_id().cloned(),
+        msisdn: device.id.msisdn().cloned(),
+        notification_destination: device.capability_url(public_url, "monitoring"),
+        monitoring_type: Some(MonitoringType::UeReachability),
+        reachability_type: Some("DATA".into()),
+        monitor_expire_time: Some(humantime::format_rfc3339_seconds(expires).to_string()),
+        ..Default::default()
+    };
+    let location = match t8.create_monitoring_subscription(&body).await {
+        Ok(Some(location)) => location,
+        Ok(None) => {
+            tracing::warn!(device = %device.id, "the SCEF answered the monitoring subscription with a report only");
+            return false;
+        }
+        Err(error) => {
+            tracing::warn!(device = %device.id, %error, "monitoring subscription not created");
+            return false;
+        }
+    };
+    let Some(mut nidd) = device.state().nidd.clone() else {
+        return false;
+    };
+    let old = nidd.monitoring_subscription.replace(StoredSubscription {
+        location: location.to_string(),
+        expires_at_ms: clock::to_unix_ms(expires),
+    });
+    tracing::info!(device = %device.id, %location, "subscribed to UE reachability");
+    if let Err(error) = devices.set_nidd(device, Some(nidd)) {
+        tracing::error!(device = %device.id, %error, "cannot persist the monitoring subscription");
+    }
+    if let Some(old) = old.and_then(|o| Url::parse(&o.location).ok())
+        && let Err(error) = t8.delete_monitoring_subscription(&old).await
+    {
+        tracing::warn!(device = %device.id, %error, "cannot delete the replaced monitoring subscription");
+    }
+    true
+}
+
 fn named_ue(body: &NiddConfiguration) -> Option<DeviceId> {
     match (&body.external_id, &body.msisdn) {
         (Some(external_id), None) => Some(DeviceId::External(external_id.clone())),

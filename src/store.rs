@@ -99,6 +99,10 @@ pub(crate) struct DeviceRecord {
     pub udp_address: Option<SocketAddr>,
     /// Capability token of this device's NIDD callback URL.
     pub callback_token: String,
+    /// The token a callback URL rotation moves to, until the SCEF took its URL; accepted
+    /// besides `callback_token` meanwhile (so a crash mid-rotation loses neither URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_callback_token: Option<String>,
     pub nidd: Option<StoredConfiguration>,
     /// The LwM2M queue mode the device last stated (Register, Update).
     #[serde(default)]
@@ -603,6 +607,7 @@ mod tests {
         let record = DeviceRecord {
             udp_address: Some("127.0.0.1:20000".parse().unwrap()),
             callback_token: "t".repeat(32),
+            pending_callback_token: None,
             nidd: Some(StoredConfiguration {
                 location: "http://scef/c/1".into(),
                 status: Some("ACTIVE".into()),
@@ -637,6 +642,7 @@ mod fault_tests {
         DeviceRecord {
             udp_address: Some("127.0.0.1:20001".parse().unwrap()),
             callback_token: token.into(),
+            pending_callback_token: None,
             nidd: None,
             queue_mode: QueueMode::default(),
         }

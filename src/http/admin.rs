@@ -1,5 +1,8 @@
-//! The admin listener: Prometheus `/metrics`, `/healthz`, `/readyz` and a read-only device API
-//! (`/api/v1/devices`) for operators.
+//! The admin listener: Prometheus `/metrics`, `/healthz`, `/readyz` and the device API
+//! (`/api/v1/devices`: inspect, purge a queue, rotate callback URLs) for operators, behind the
+//! Host check and bearer token of `auth`.
+
+pub(crate) mod auth;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,7 +12,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Serialize;
 
 use crate::clock;
@@ -20,7 +23,9 @@ use crate::http::problem::problem_response;
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mt::Downlinks;
+use crate::provision::CallbackRotation;
 use crate::reachability::{QueueMode, State as Reachable};
+use auth::AdminGuard;
 
 /// What the admin API needs of the rest of the bridge.
 #[derive(Clone)]
@@ -29,9 +34,13 @@ pub(crate) struct AdminState {
     pub(crate) downlinks: Arc<Downlinks>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) lifecycle: Lifecycle,
+    /// Host check and bearer token, in front of every route.
+    pub(crate) guard: AdminGuard,
+    pub(crate) rotation: CallbackRotation,
 }
 
 pub(crate) fn router(shared: AdminState) -> Router {
+    let guard = shared.guard.clone();
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -43,7 +52,12 @@ pub(crate) fn router(shared: AdminState) -> Router {
             "/api/v1/devices/{device}/queue",
             axum::routing::delete(purge_queue),
         )
+        .route(
+            "/api/v1/devices/{device}/callback-token/rotate",
+            post(rotate_callback_token),
+        )
         .with_state(shared)
+        .layer(axum::middleware::from_fn_with_state(guard, auth::check))
 }
 
 async fn metrics(State(shared): State<AdminState>) -> Response {
@@ -143,6 +157,9 @@ struct DeviceView {
     endpoint_name: Option<String>,
     udp_address: String,
     nidd_configuration: Option<ConfigurationView>,
+    /// A callback URL rotation was begun and not completed: both URLs are accepted.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    callback_rotation_pending: bool,
     mt: MtView,
 }
 
@@ -220,6 +237,7 @@ fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
                 .map_or_else(|| "UNKNOWN".to_string(), |s| s.as_str().to_string()),
             maximum_packet_size_bytes: n.maximum_packet_size_bits.map(|bits| bits / 8),
         }),
+        callback_rotation_pending: device.callback_tokens().pending().is_some(),
         mt,
     }
 }
@@ -289,6 +307,36 @@ async fn purge_queue(State(shared): State<AdminState>, Path(device): Path<String
     let count = shared.downlinks.purge(device).await;
     tracing::info!(device = %id, purged = count, "MT queue purged by the operator");
     Json(Purged { purged: count }).into_response()
+}
+
+/// Gives the device new callback URLs (see `provision::rotate`): 200 with them once the SCEF
+/// took the new one and the old one is retired; a problem (502/503/409) otherwise, with both
+/// URLs still valid and the rotation continued by asking again.
+async fn rotate_callback_token(
+    State(shared): State<AdminState>,
+    Path(device): Path<String>,
+) -> Response {
+    let id: DeviceId = match device.parse() {
+        Ok(id) => id,
+        Err(error) => {
+            return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string());
+        }
+    };
+    let Some(device) = shared.devices.get(&id).cloned() else {
+        return problem_response(
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_DEVICE",
+            format!("device {id} is not configured"),
+        );
+    };
+    match shared.rotation.rotate(&device).await {
+        // The answer carries the new capability URLs: never cached on the way.
+        Ok(rotated) => ([(header::CACHE_CONTROL, "no-store")], Json(rotated)).into_response(),
+        Err(error) => {
+            let (status, cause) = error.status_and_cause();
+            problem_response(status, cause, error.to_string())
+        }
+    }
 }
 
 /// Queue and reachability gauges over all devices (set when metrics are scraped).

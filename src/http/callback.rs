@@ -148,11 +148,13 @@ async fn read_notification(
     if shared.lifecycle.is_shutting_down() {
         return Err(CallbackError::ShuttingDown);
     }
-    let device = shared
-        .devices
-        .by_token(token)
-        .cloned()
-        .ok_or(CallbackError::UnknownCallback)?;
+    let Some(device) = shared.devices.by_token(token).cloned() else {
+        // A retired URL (callback URL rotation) is refused like any unknown one, and counted.
+        if shared.devices.is_retired(token) {
+            shared.metrics.retired_callback_refusals.inc();
+        }
+        return Err(CallbackError::UnknownCallback);
+    };
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
         let content_type = content_type
             .to_str()

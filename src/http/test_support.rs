@@ -20,10 +20,11 @@ use tokio::net::UdpSocket;
 use tower::ServiceExt;
 use url::Url;
 
-use crate::config::{NiddDefaults, PsmConfig, ScefConfig};
+use crate::config::{AdminConfig, NiddDefaults, PsmConfig, ScefConfig};
 use crate::delivery::ScefTimeLimits;
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
 use crate::http::Lifecycle;
+use crate::http::admin::auth::AdminGuard;
 use crate::http::admin::{self, AdminState};
 use crate::http::callback::{self, CallbackState};
 use crate::identity::DeviceId;
@@ -231,6 +232,13 @@ impl Harness {
             downlinks: downlinks.clone(),
             metrics: metrics.clone(),
             lifecycle: lifecycle.clone(),
+            guard: AdminGuard::new(
+                &AdminConfig::on(SocketAddr::from(([127, 0, 0, 1], 0))),
+                &crate::config::ProcessSecrets,
+                metrics.admin_refusals.clone(),
+            )
+            .expect("admin guard without a token"),
+            rotation: provisioner.callback_rotation(),
         };
         Self {
             devices,
@@ -283,6 +291,19 @@ impl Harness {
             .body(Body::empty())
             .expect("request");
         admin::router(self.admin.clone())
+            .oneshot(request)
+            .await
+            .expect("the router is infallible")
+    }
+
+    /// Sends `request` to the admin router behind `guard` instead of the harness's (which
+    /// has no token).
+    pub(crate) async fn admin_behind(&self, guard: AdminGuard, request: Request<Body>) -> Response {
+        let state = AdminState {
+            guard,
+            ..self.admin.clone()
+        };
+        admin::router(state)
             .oneshot(request)
             .await
             .expect("the router is infallible")

@@ -51,7 +51,7 @@ impl BridgeConfigBuilder {
                     public_url: None,
                     max_body_bytes: 16 * 1024,
                 },
-                admin: AdminConfig { listen: any_port },
+                admin: AdminConfig::on(any_port),
                 lwm2m_servers: Vec::new(),
                 sockets: SocketsConfig {
                     bind: OneOrMany::One(loopback),
