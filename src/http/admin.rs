@@ -388,8 +388,8 @@ mod tests {
     use crate::delivery::{Decision, Outcome};
     use crate::devices::NiddState;
     use crate::http::test_support::{
-        CONFIGURATION_A, CONFIGURATION_B, DEVICE_A, DEVICE_B, Harness, MAX_PACKET_BITS_A,
-        active_configuration, assert_problem, fixture_datagram, read,
+        CONFIGURATION_A, CONFIGURATION_B, DEVICE_A, DEVICE_B, Harness, MAX_PACKET_BITS_A, TOKEN_A,
+        active_configuration, assert_no_content, assert_problem, fixture, fixture_datagram, read,
     };
     use crate::t8::NiddStatus;
 
@@ -734,6 +734,259 @@ mod tests {
                 .any(|l| l.starts_with("nidd_bridge_mt_queue_oldest_age_seconds ")),
             "{text}"
         );
+    }
+
+    const UPLINK_A: &str = "NiddUplinkDataNotification.register.json";
+
+    /// A guard that wants `token` (written to a file in `dir`).
+    fn guard(
+        dir: &tempfile::TempDir,
+        token: &str,
+        metrics_public: bool,
+        harness: &Harness,
+    ) -> AdminGuard {
+        let path = dir.path().join("admin-token");
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        let config = crate::config::AdminConfig {
+            bearer_token_file: Some(path),
+            metrics_public,
+            allowed_hosts: vec!["nidd-bridge-0.nidd-bridge".into()],
+            ..crate::config::AdminConfig::on("127.0.0.1:0".parse().unwrap())
+        };
+        AdminGuard::new(
+            &config,
+            &crate::config::ProcessSecrets,
+            harness.metrics.admin_refusals.clone(),
+        )
+        .unwrap()
+    }
+
+    fn request(
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> axum::http::Request<axum::body::Body> {
+        let mut request = axum::http::Request::builder().method(method).uri(path);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(axum::body::Body::empty()).unwrap()
+    }
+
+    fn refusals(harness: &Harness, reason: &str) -> u64 {
+        harness
+            .metrics
+            .admin_refusals
+            .with_label_values(&[reason])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn with_a_token_file_the_api_wants_the_bearer_token() {
+        let harness = Harness::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let guard = guard(&dir, "admin-s3cret", false, &harness);
+        let send = |path: &str, headers: &[(&str, &str)]| {
+            harness.admin_behind(guard.clone(), request(Method::GET, path, headers))
+        };
+
+        for path in ["/api/v1/devices", "/metrics", "/api/v1/store/quarantine"] {
+            let response = send(path, &[]).await;
+            let challenge = response.headers().get(header::WWW_AUTHENTICATE).cloned();
+            assert!(
+                challenge.is_some_and(|c| c.to_str().unwrap().starts_with("Bearer")),
+                "{path}"
+            );
+            assert_problem(response, StatusCode::UNAUTHORIZED, "MISSING_TOKEN").await;
+            let wrong = send(path, &[("authorization", "Bearer admin-s3cres")]).await;
+            assert!(wrong.headers().contains_key(header::WWW_AUTHENTICATE));
+            assert_problem(wrong, StatusCode::UNAUTHORIZED, "INVALID_TOKEN").await;
+            let basic = send(path, &[("authorization", "Basic YWRtaW4tczNjcmV0")]).await;
+            assert_problem(basic, StatusCode::UNAUTHORIZED, "MISSING_TOKEN").await;
+        }
+        assert_eq!(refusals(&harness, "missing_token"), 6);
+        assert_eq!(refusals(&harness, "wrong_token"), 3);
+
+        let (status, _, body) = read(
+            send(
+                "/api/v1/devices",
+                &[("authorization", "Bearer admin-s3cret")],
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.as_array().map(Vec::len), Some(2));
+        let (status, _, _) =
+            read(send("/metrics", &[("authorization", "bearer admin-s3cret")]).await).await;
+        assert_eq!(status, StatusCode::OK);
+        // A refused purge purges nothing.
+        let purge = harness
+            .admin_behind(
+                guard.clone(),
+                request(
+                    Method::DELETE,
+                    &format!("/api/v1/devices/{DEVICE_A}/queue"),
+                    &[],
+                ),
+            )
+            .await;
+        assert_problem(purge, StatusCode::UNAUTHORIZED, "MISSING_TOKEN").await;
+
+        // The probes need no token.
+        for path in ["/healthz", "/readyz"] {
+            assert_eq!(send(path, &[]).await.status(), StatusCode::OK, "{path}");
+        }
+        let (_, _, text) =
+            read(send("/metrics", &[("authorization", "Bearer admin-s3cret")]).await).await;
+        assert!(
+            text.as_str().is_some_and(
+                |t| t.contains("nidd_bridge_admin_refusals_total{reason=\"wrong_token\"} 3")
+            ),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn public_metrics_open_metrics_only() {
+        let harness = Harness::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let guard = guard(&dir, "admin-s3cret", true, &harness);
+        let metrics = harness
+            .admin_behind(guard.clone(), request(Method::GET, "/metrics", &[]))
+            .await;
+        assert_eq!(metrics.status(), StatusCode::OK);
+        let devices = harness
+            .admin_behind(guard, request(Method::GET, "/api/v1/devices", &[]))
+            .await;
+        assert_problem(devices, StatusCode::UNAUTHORIZED, "MISSING_TOKEN").await;
+    }
+
+    #[tokio::test]
+    async fn a_rebound_host_is_refused_and_an_ip_literal_accepted() {
+        let harness = Harness::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let guard = guard(&dir, "admin-s3cret", false, &harness);
+        let token = ("authorization", "Bearer admin-s3cret");
+        for path in ["/api/v1/devices", "/healthz"] {
+            let rebound = harness
+                .admin_behind(
+                    guard.clone(),
+                    request(
+                        Method::GET,
+                        path,
+                        &[("host", "attacker.example:9100"), token],
+                    ),
+                )
+                .await;
+            assert_problem(rebound, StatusCode::MISDIRECTED_REQUEST, "HOST_NOT_ALLOWED").await;
+        }
+        assert_eq!(refusals(&harness, "host_not_allowed"), 2);
+        for host in [
+            "127.0.0.1:9100",
+            "10.42.0.7:9100",
+            "[::1]:9100",
+            "localhost:9100",
+            "nidd-bridge-0.nidd-bridge:9100",
+        ] {
+            let response = harness
+                .admin_behind(
+                    guard.clone(),
+                    request(Method::GET, "/api/v1/devices", &[("host", host), token]),
+                )
+                .await;
+            assert_eq!(response.status(), StatusCode::OK, "{host}");
+        }
+        // Without a token file (loopback), the Host is checked all the same.
+        let open = harness.admin(Method::GET, "/api/v1/devices").await;
+        assert_eq!(open.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_rotation_the_scef_does_not_confirm_keeps_both_urls_and_continues_when_asked_again() {
+        let harness = Harness::new().await;
+        let a = harness.device(DEVICE_A);
+        let path = format!("/api/v1/devices/{DEVICE_A}/callback-token/rotate");
+        // The harness's T8 client refuses the configuration's URL (not on the SCEF's
+        // origin) unsent: the SCEF never confirms.
+        assert_problem(
+            harness.admin(Method::POST, &path).await,
+            StatusCode::BAD_GATEWAY,
+            "SCEF_REFUSED",
+        )
+        .await;
+        let tokens = a.callback_tokens();
+        assert_eq!(tokens.active(), TOKEN_A);
+        let pending = tokens.pending().expect("a pending token").to_string();
+        let stored = harness.devices.store().device(&a.id).unwrap().unwrap();
+        assert_eq!(stored.callback_token, TOKEN_A);
+        assert_eq!(
+            stored.pending_callback_token.as_deref(),
+            Some(pending.as_str())
+        );
+        let (_, view) = get(&harness, &format!("/api/v1/devices/{DEVICE_A}")).await;
+        assert_eq!(view["callbackRotationPending"], true);
+
+        // Both URLs reach the device meanwhile.
+        for token in [TOKEN_A, pending.as_str()] {
+            assert_no_content(
+                harness
+                    .notify(&format!("/t8/v1/nidd/{token}"), fixture(UPLINK_A))
+                    .await,
+            )
+            .await;
+            harness.server_receives().await;
+        }
+
+        // Asking again continues the same rotation.
+        assert_problem(
+            harness.admin(Method::POST, &path).await,
+            StatusCode::BAD_GATEWAY,
+            "SCEF_REFUSED",
+        )
+        .await;
+        assert_eq!(a.callback_tokens().pending(), Some(pending.as_str()));
+        assert_eq!(
+            harness
+                .metrics
+                .callback_token_rotations
+                .with_label_values(&["scef_failed"])
+                .get(),
+            2
+        );
+        // B was never touched.
+        assert_eq!(harness.device(DEVICE_B).callback_tokens().pending(), None);
+    }
+
+    #[tokio::test]
+    async fn a_device_without_a_configuration_keeps_its_new_url_pending() {
+        let harness = Harness::new().await;
+        let b = harness.device(DEVICE_B);
+        harness.devices.set_nidd(&b, None).unwrap();
+        let path = format!("/api/v1/devices/{DEVICE_B}/callback-token/rotate");
+        assert_problem(
+            harness.admin(Method::POST, &path).await,
+            StatusCode::CONFLICT,
+            "NO_CONFIGURATION",
+        )
+        .await;
+        let pending = b.callback_tokens().pending().unwrap().to_string();
+        // The configuration the provisioner creates next is given the new URL.
+        assert!(
+            b.callback_url(&url::Url::parse("http://bridge.example").unwrap())
+                .ends_with(&pending)
+        );
+        assert_problem(
+            harness
+                .admin(
+                    Method::POST,
+                    "/api/v1/devices/987654321@iot.example/callback-token/rotate",
+                )
+                .await,
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_DEVICE",
+        )
+        .await;
     }
 
     #[tokio::test]
