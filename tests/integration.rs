@@ -11,6 +11,7 @@
 
 mod integration {
     pub mod accounting;
+    pub mod admin_security;
     pub mod bad_input;
     pub mod cli;
     pub mod conformance;

@@ -661,7 +661,15 @@ impl RunningBed {
 
     /// The bridge's Prometheus text (panics when it cannot be read).
     pub async fn metrics(&self) -> String {
-        probe::metrics(self.admin_addr()).await
+        probe::metrics_with(self.admin_addr(), self.admin_token()).await
+    }
+
+    /// The admin bearer token the bridge's configuration names, if any.
+    pub fn admin_token(&self) -> Option<&str> {
+        match &self.bridge {
+            BridgeUnderTest::InProcess(bridge) => bridge.admin_token.as_deref(),
+            BridgeUnderTest::Process { .. } => self.process().admin_token.as_deref(),
+        }
     }
 
     /// One sample of the bridge's Prometheus text, 0 when absent.

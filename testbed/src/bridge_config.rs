@@ -124,6 +124,13 @@ impl BridgeConfigBuilder {
         self
     }
 
+    /// Sets the admin listener's options (`[admin]`: bearer token file, public metrics,
+    /// allowed hosts). The default has no token and listens on loopback.
+    pub fn admin(mut self, options: impl FnOnce(&mut AdminConfig)) -> Self {
+        options(&mut self.config.admin);
+        self
+    }
+
     /// Sets the callback listener's options (`[callback]`).
     pub fn callback(mut self, options: impl FnOnce(&mut CallbackConfig)) -> Self {
         options(&mut self.config.callback);

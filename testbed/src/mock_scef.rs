@@ -128,6 +128,10 @@ pub struct Faults {
     /// retried, 405 or 501 for an SCEF that does not offer the list).
     pub fail_configuration_listings: AtomicU32,
     pub fail_list_status: AtomicU32,
+    /// Answer this many PATCHes of a configuration with `fail_patch_status` (503 when 0),
+    /// changing nothing: an SCEF that cannot take a new `notificationDestination` now.
+    pub fail_configuration_patches: AtomicU32,
+    pub fail_patch_status: AtomicU32,
     /// Answer downlink deliveries with 307 to an equivalent URL.
     pub redirect_downlinks: AtomicBool,
     /// How downlink deliveries are answered (a `DownlinkMode` as u8).
@@ -911,13 +915,44 @@ async fn fetch_configuration(
     }
 }
 
+/// ModifyNIDDConfiguration: a JSON merge patch (RFC 7396) of a `NiddConfigurationPatch`;
+/// of its members only `notificationDestination` (Rel-17) changes what the mock does.
 async fn modify_configuration(
     State(state): State<Arc<MockState>>,
     Path((_scs, id)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !content_type
+        .to_ascii_lowercase()
+        .starts_with("application/merge-patch+json")
+    {
+        return problem_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            format!(
+                "PATCH of a NIDD configuration takes application/merge-patch+json, not {content_type:?}"
+            ),
+        );
+    }
+    if take_one(&state.faults.fail_configuration_patches) {
+        let status = match state.faults.fail_patch_status.load(Ordering::SeqCst) {
+            0 => StatusCode::SERVICE_UNAVAILABLE,
+            code => StatusCode::from_u16(code as u16).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        };
+        return problem_response(
+            status,
+            "FAULT_INJECTED",
+            "fault injected by the mock SCEF".into(),
+        );
+    }
     let patch: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(patch) => patch,
+        Ok(patch @ serde_json::Value::Object(_)) => patch,
+        Ok(_) => return bad_request("a NiddConfigurationPatch is a JSON object"),
         Err(error) => return bad_request(error.to_string()),
     };
     let updated = {

@@ -51,7 +51,22 @@ pub async fn wait_ready(admin: SocketAddr) {
 
 /// The admin listener's Prometheus text.
 pub async fn scrape(admin: SocketAddr) -> Result<String, reqwest::Error> {
-    reqwest::get(format!("http://{admin}/metrics"))
+    scrape_with(admin, None).await
+}
+
+/// A GET of the admin API, with `Authorization: Bearer <token>` when a token is given.
+pub fn admin_get(admin: SocketAddr, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
+    let request = reqwest::Client::new().get(format!("http://{admin}{path}"));
+    match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    }
+}
+
+/// The admin listener's Prometheus text, with the admin bearer token if it needs one.
+pub async fn scrape_with(admin: SocketAddr, token: Option<&str>) -> Result<String, reqwest::Error> {
+    admin_get(admin, "/metrics", token)
+        .send()
         .await?
         .error_for_status()?
         .text()
@@ -64,7 +79,16 @@ pub async fn scrape(admin: SocketAddr) -> Result<String, reqwest::Error> {
 ///
 /// When `/metrics` cannot be read.
 pub async fn metrics(admin: SocketAddr) -> String {
-    scrape(admin)
+    metrics_with(admin, None).await
+}
+
+/// As [`metrics`], with the admin bearer token.
+///
+/// # Panics
+///
+/// When `/metrics` cannot be read.
+pub async fn metrics_with(admin: SocketAddr, token: Option<&str>) -> String {
+    scrape_with(admin, token)
         .await
         .unwrap_or_else(|e| panic!("metrics of the bridge at {admin}: {e}"))
 }

@@ -19,6 +19,9 @@ pub struct RunningBridge {
     pub callback_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub handle: BridgeHandle,
+    /// The admin bearer token its configuration names (`admin.bearer_token_file`), which the
+    /// helpers below send; `None` for a loopback admin listener without one.
+    pub admin_token: Option<String>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), BridgeError>>>,
 }
@@ -34,6 +37,7 @@ impl RunningBridge {
         config: Config,
         store_faults: Option<StoreFaults>,
     ) -> Result<Self, BridgeError> {
+        let admin_token = admin_token_of(&config);
         let bound: BoundBridge = match store_faults {
             Some(faults) => Bridge::bind_with_store_faults(config, &ProcessSecrets, faults).await?,
             None => Bridge::bind(config, &ProcessSecrets).await?,
@@ -49,6 +53,7 @@ impl RunningBridge {
             callback_addr,
             admin_addr,
             handle,
+            admin_token,
             stop: Some(stop),
             task: Some(task),
         })
@@ -83,7 +88,12 @@ impl RunningBridge {
 
     /// The Prometheus text (panics when it cannot be read).
     pub async fn metrics(&self) -> String {
-        probe::metrics(self.admin_addr).await
+        probe::metrics_with(self.admin_addr, self.admin_token.as_deref()).await
+    }
+
+    /// A GET of the admin API with the admin token (if any).
+    pub fn admin_get(&self, path: &str) -> reqwest::RequestBuilder {
+        probe::admin_get(self.admin_addr, path, self.admin_token.as_deref())
     }
 
     /// One sample of the Prometheus text, 0 when absent.
@@ -118,6 +128,8 @@ pub struct BridgeProcess {
     pub admin: SocketAddr,
     /// The callback listener it printed at start-up.
     pub callback: SocketAddr,
+    /// The admin bearer token its configuration file names, sent by the helpers below.
+    pub admin_token: Option<String>,
 }
 
 impl BridgeProcess {
@@ -170,10 +182,12 @@ impl BridgeProcess {
                 .ok_or_else(|| BedError::Process(format!("printed {line:?}, no {name} address")))
         };
         let (admin, callback) = (address("admin")?, address("callback")?);
+        let admin_token = Config::load(config).ok().and_then(|c| admin_token_of(&c));
         Ok(Self {
             child,
             admin,
             callback,
+            admin_token,
         })
     }
 
@@ -249,7 +263,7 @@ impl BridgeProcess {
 
     /// The Prometheus text (panics when it cannot be read).
     pub async fn metrics(&self) -> String {
-        probe::metrics(self.admin).await
+        probe::metrics_with(self.admin, self.admin_token.as_deref()).await
     }
 
     /// The admin API's device list (`GET /api/v1/devices`).
@@ -259,10 +273,22 @@ impl BridgeProcess {
     /// When the admin API does not answer with JSON.
     pub async fn devices(&self) -> Vec<Value> {
         let url = format!("http://{}/api/v1/devices", self.admin);
-        let answer = match reqwest::get(&url).await {
+        let request = probe::admin_get(self.admin, "/api/v1/devices", self.admin_token.as_deref());
+        let answer = match request.send().await {
             Ok(answer) => answer.json().await,
             Err(error) => Err(error),
         };
         answer.unwrap_or_else(|e| panic!("GET {url}: {e}"))
     }
+}
+
+/// The admin bearer token `config` names, read from its file (`None` without one, or when it
+/// cannot be read: the bridge then refuses to start anyway).
+fn admin_token_of(config: &Config) -> Option<String> {
+    config
+        .admin
+        .bearer_token(&ProcessSecrets)
+        .ok()
+        .flatten()
+        .map(|secret| secret.expose().to_string())
 }
