@@ -20,6 +20,7 @@ use prometheus::IntCounterVec;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::clock;
 use crate::config::{AdminConfig, ConfigError, Secret, SecretSource};
 use crate::http::problem::problem_response;
 
@@ -188,7 +189,7 @@ impl AdminGuard {
                 config: config.clone(),
                 source,
                 token: RwLock::new(token),
-                last_read: Mutex::new(Instant::now()),
+                last_read: Mutex::new(clock::now()),
                 refusals,
             }),
         })
@@ -200,7 +201,7 @@ impl AdminGuard {
             .inner
             .last_read
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+            .unwrap_or_else(PoisonError::into_inner) = clock::now();
         self.read_token_file();
     }
 
@@ -289,7 +290,7 @@ pub(crate) async fn check(
     next: Next,
 ) -> Response {
     let path = request.uri().path().to_string();
-    let Some(refusal) = guard.judge(&path, request.headers(), Instant::now()) else {
+    let Some(refusal) = guard.judge(&path, request.headers(), clock::now()) else {
         return next.run(request).await;
     };
     guard
@@ -433,7 +434,7 @@ mod tests {
     #[test]
     fn a_changed_token_file_is_read_again_at_most_once_a_second() {
         let (guard, file) = guard_with("old");
-        let start = Instant::now();
+        let start = clock::now();
         assert_eq!(guard.judge("/metrics", &bearer("old"), start), None);
         file.0.lock().unwrap().insert("/token".into(), "new".into());
         // The old token stays valid until the file is read again.
@@ -470,13 +471,13 @@ mod tests {
         let refusals = IntCounterVec::new(prometheus::Opts::new("r", "r"), &["reason"]).unwrap();
         let guard = AdminGuard::new(&config, &crate::config::ProcessSecrets, refusals).unwrap();
         assert_eq!(
-            guard.judge("/api/v1/devices", &HeaderMap::new(), Instant::now()),
+            guard.judge("/api/v1/devices", &HeaderMap::new(), clock::now()),
             None
         );
         let mut rebound = HeaderMap::new();
         rebound.insert(header::HOST, HeaderValue::from_static("evil.example:9100"));
         assert_eq!(
-            guard.judge("/healthz", &rebound, Instant::now()),
+            guard.judge("/healthz", &rebound, clock::now()),
             Some(Refusal::HostNotAllowed)
         );
     }
