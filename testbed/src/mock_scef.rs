@@ -492,6 +492,17 @@ impl MockScef {
         configuration
     }
 
+    /// The `notificationDestination`s of the MonitoringEvent subscriptions held for `ue`.
+    pub fn subscription_destinations(&self, ue: &DeviceId) -> Vec<String> {
+        self.state
+            .inner()
+            .subscriptions
+            .values()
+            .filter(|s| s.ue() == ue)
+            .map(|s| s.notification_destination().to_string())
+            .collect()
+    }
+
     /// Configurations created since start (deleted ones included).
     pub fn configurations_created(&self) -> u64 {
         self.state.inner().configurations_created

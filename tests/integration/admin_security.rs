@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::ServerRole;
 use nidd_testbed::bed::{DM_SERVER, RunningBed, TestBed};
-use nidd_testbed::probe::{STEP, assert_conformant, metric};
+use nidd_testbed::probe::{STEP, assert_conformant, eventually, metric};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -24,15 +24,20 @@ fn id() -> DeviceId {
 
 /// A bridge whose admin API wants [`TOKEN`] (written into `dir`), with one device.
 async fn bed_with_token(dir: &tempfile::TempDir) -> RunningBed {
+    with_token(TestBed::new(), dir).start().await.unwrap()
+}
+
+fn with_token(bed: TestBed, dir: &tempfile::TempDir) -> TestBed {
     let token_file = dir.path().join("admin-token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    TestBed::new()
-        .raw_server(DM_SERVER, ServerRole::Dm)
+    bed.raw_server(DM_SERVER, ServerRole::Dm)
         .device(&id())
         .bridge_config(move |c| c.admin(|admin| admin.bearer_token_file = Some(token_file)))
-        .start()
-        .await
-        .unwrap()
+}
+
+/// The token of a callback URL (its last path segment).
+fn token_of(url: &str) -> &str {
+    url.rsplit('/').next().unwrap()
 }
 
 /// A NON POST with message ID `n`: any datagram the bridge forwards to the DM server.
@@ -319,4 +324,93 @@ async fn a_rotated_callback_url_replaces_the_old_one_once_the_scef_takes_it() {
     );
     assert_conformant(bed.mock());
     bed.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_replaces_the_monitoring_subscription() {
+    let dir = tempfile::tempdir().unwrap();
+    let bed = with_token(TestBed::new(), &dir)
+        .psm(|psm| psm.monitoring = true)
+        .start()
+        .await
+        .unwrap();
+    let mock = bed.mock();
+    eventually("the monitoring subscription", || async {
+        mock.subscription_destinations(&id()).len() == 1
+    })
+    .await;
+    let old = mock.subscription_destinations(&id()).remove(0);
+    assert!(old.contains("/t8/v1/monitoring/"), "{old}");
+
+    let (status, rotated) = rotate(&bed).await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new = rotated["callbackUrls"]["monitoring"].as_str().unwrap();
+    assert_ne!(new, old);
+    assert_eq!(
+        mock.subscription_destinations(&id()),
+        [new.to_string()],
+        "the old subscription is deleted, the new one points at the new URL"
+    );
+    assert_eq!(token_of(new), token_of(&destination_at_scef(&bed)));
+    // A reachability report at the old URL is refused like an unknown one.
+    let report = serde_json::to_vec(&json!({
+        "subscription": "http://127.0.0.1:1/3gpp-monitoring-event/v1/x/subscriptions/1",
+        "monitoringEventReports": [{"monitoringType": "UE_REACHABILITY", "reachabilityType": "DATA"}],
+    }))
+    .unwrap();
+    let (status, _) = mock
+        .post_raw(&old, "application/json", report)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_conformant(bed.mock());
+    bed.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_killed_mid_rotation_accepts_both_urls_and_finishes_when_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bed = with_token(TestBed::new(), &dir)
+        .bridge_process(env!("CARGO_BIN_EXE_nidd-bridge"))
+        .faults(|faults| faults.fail_configuration_patches.store(1, Ordering::SeqCst))
+        .start()
+        .await
+        .unwrap();
+    let old_token = token_of(&destination_at_scef(&bed)).to_string();
+    let (status, problem) = rotate(&bed).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{problem}");
+    bed.kill_process().await;
+
+    // At start-up the bridge points the configuration at its newest URL (the pending one).
+    bed.restart_process().await.unwrap();
+    let new_token = token_of(&destination_at_scef(&bed)).to_string();
+    assert_ne!(new_token, old_token);
+    let callback = bed.process().callback;
+    let url = |token: &str| format!("http://{callback}/t8/v1/nidd/{token}");
+    assert_eq!(
+        notify(&bed, &url(&old_token), 1).await,
+        StatusCode::NO_CONTENT
+    );
+    server_receives(&bed, 1).await;
+    assert_eq!(
+        notify(&bed, &url(&new_token), 2).await,
+        StatusCode::NO_CONTENT
+    );
+    server_receives(&bed, 2).await;
+    let devices = bed.process().devices().await;
+    assert_eq!(devices[0]["callbackRotationPending"], true, "{devices:?}");
+
+    let (status, rotated) = rotate(&bed).await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    assert_eq!(rotated["callbackUrls"]["nidd"], url(&new_token).as_str());
+    assert_eq!(
+        notify(&bed, &url(&old_token), 3).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        notify(&bed, &url(&new_token), 4).await,
+        StatusCode::NO_CONTENT
+    );
+    server_receives(&bed, 4).await;
+    bed.terminate_process().await;
 }

@@ -36,6 +36,16 @@ pub(super) struct MockSubscription {
     self_link: String,
 }
 
+impl MockSubscription {
+    pub(super) fn ue(&self) -> &DeviceId {
+        &self.ue
+    }
+
+    pub(super) fn notification_destination(&self) -> &str {
+        &self.notification_destination
+    }
+}
+
 /// MT for a UE: delivered when awake, otherwise buffered (201) or refused (500).
 pub(super) fn deliver_or_buffer(
     state: &Arc<MockState>,
