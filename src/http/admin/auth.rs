@@ -264,9 +264,19 @@ impl AdminGuard {
         self.inner.config.bearer_token_file.is_some()
     }
 
-    /// The verdict on one request: `None` lets it through.
-    pub(crate) fn judge(&self, path: &str, headers: &HeaderMap, now: Instant) -> Option<Refusal> {
-        let host = headers.get(header::HOST).map(|h| h.to_str().unwrap_or(""));
+    /// The verdict on one request: `None` lets it through. `authority` is the request URI's
+    /// (HTTP/2 may carry the host there instead of in `Host`).
+    pub(crate) fn judge(
+        &self,
+        path: &str,
+        authority: Option<&str>,
+        headers: &HeaderMap,
+        now: Instant,
+    ) -> Option<Refusal> {
+        let host = headers
+            .get(header::HOST)
+            .map(|h| h.to_str().unwrap_or(""))
+            .or(authority);
         let config = &self.inner.config;
         if !host_allowed(host, &config.allowed_hosts) {
             return Some(Refusal::HostNotAllowed);
@@ -290,7 +300,8 @@ pub(crate) async fn check(
     next: Next,
 ) -> Response {
     let path = request.uri().path().to_string();
-    let Some(refusal) = guard.judge(&path, request.headers(), clock::now()) else {
+    let authority = request.uri().authority().map(|a| a.as_str());
+    let Some(refusal) = guard.judge(&path, authority, request.headers(), clock::now()) else {
         return next.run(request).await;
     };
     guard
@@ -435,32 +446,32 @@ mod tests {
     fn a_changed_token_file_is_read_again_at_most_once_a_second() {
         let (guard, file) = guard_with("old");
         let start = clock::now();
-        assert_eq!(guard.judge("/metrics", &bearer("old"), start), None);
+        assert_eq!(guard.judge("/metrics", None, &bearer("old"), start), None);
         file.0.lock().unwrap().insert("/token".into(), "new".into());
         // The old token stays valid until the file is read again.
-        assert_eq!(guard.judge("/metrics", &bearer("old"), start), None);
+        assert_eq!(guard.judge("/metrics", None, &bearer("old"), start), None);
         // A mismatch reads the file again only once the interval has passed.
         assert_eq!(
-            guard.judge("/metrics", &bearer("new"), start),
+            guard.judge("/metrics", None, &bearer("new"), start),
             Some(Refusal::WrongToken)
         );
         let later = start + RELOAD_INTERVAL * 2;
-        assert_eq!(guard.judge("/metrics", &bearer("new"), later), None);
+        assert_eq!(guard.judge("/metrics", None, &bearer("new"), later), None);
         assert_eq!(
-            guard.judge("/metrics", &bearer("old"), later),
+            guard.judge("/metrics", None, &bearer("old"), later),
             Some(Refusal::WrongToken)
         );
         // An unreadable file keeps the token read before; SIGHUP reads it at once.
         file.0.lock().unwrap().clear();
         guard.reload();
-        assert_eq!(guard.judge("/metrics", &bearer("new"), later), None);
+        assert_eq!(guard.judge("/metrics", None, &bearer("new"), later), None);
         file.0
             .lock()
             .unwrap()
             .insert("/token".into(), "newer".into());
         guard.reload();
         assert_eq!(
-            guard.judge("/api/v1/devices", &bearer("newer"), later),
+            guard.judge("/api/v1/devices", None, &bearer("newer"), later),
             None
         );
     }
@@ -471,14 +482,33 @@ mod tests {
         let refusals = IntCounterVec::new(prometheus::Opts::new("r", "r"), &["reason"]).unwrap();
         let guard = AdminGuard::new(&config, &crate::config::ProcessSecrets, refusals).unwrap();
         assert_eq!(
-            guard.judge("/api/v1/devices", &HeaderMap::new(), clock::now()),
+            guard.judge("/api/v1/devices", None, &HeaderMap::new(), clock::now()),
             None
         );
         let mut rebound = HeaderMap::new();
         rebound.insert(header::HOST, HeaderValue::from_static("evil.example:9100"));
         assert_eq!(
-            guard.judge("/healthz", &rebound, clock::now()),
+            guard.judge("/healthz", None, &rebound, clock::now()),
             Some(Refusal::HostNotAllowed)
+        );
+        // Without Host (HTTP/2), the URI's authority is checked instead.
+        assert_eq!(
+            guard.judge(
+                "/healthz",
+                Some("evil.example"),
+                &HeaderMap::new(),
+                clock::now()
+            ),
+            Some(Refusal::HostNotAllowed)
+        );
+        assert_eq!(
+            guard.judge(
+                "/healthz",
+                Some("127.0.0.1:9100"),
+                &HeaderMap::new(),
+                clock::now()
+            ),
+            None
         );
     }
 }
