@@ -35,7 +35,9 @@ mod socket;
 mod store;
 pub mod t8;
 
-pub use bridge::{BoundBridge, Bridge, BridgeError, BridgeHandle, shutdown_signal};
+pub use bridge::{
+    BoundBridge, Bridge, BridgeError, BridgeHandle, TlsReload, reload_on_sighup, shutdown_signal,
+};
 pub use config::Config;
 pub use identity::{DeviceId, ExternalId, Msisdn};
 pub use store::StoreError;

@@ -122,6 +122,8 @@ async fn run(path: PathBuf) -> ExitCode {
         "{}",
         serde_json::json!({"event": "listening", "callback": bridge.callback_addr, "admin": bridge.admin_addr})
     );
+    // SIGHUP reloads the listeners' TLS certificates without dropping a connection.
+    tokio::spawn(nidd_bridge::reload_on_sighup(bridge.tls_reload()));
     match bridge.run(nidd_bridge::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{
-    AdminConfig, CallbackConfig, Config, ConfigError, DeviceConfig, HexBytes, Lwm2mServerConfig,
-    NiddDefaults, OneOrMany, PortRange, PsmConfig, ScefConfig, ServerRole, SocketsConfig,
-    StoreConfig,
+    AdminConfig, CallbackConfig, Config, ConfigError, DeviceConfig, HexBytes, ListenerLimits,
+    Lwm2mServerConfig, NiddDefaults, OneOrMany, PortRange, PsmConfig, ScefConfig, ServerRole,
+    SocketsConfig, StoreConfig, TokenRateLimit,
 };
 use url::Url;
 
@@ -50,8 +50,18 @@ impl BridgeConfigBuilder {
                     listen: any_port,
                     public_url: None,
                     max_body_bytes: 16 * 1024,
+                    tls_cert_file: None,
+                    tls_key_file: None,
+                    client_ca_file: None,
+                    limits: ListenerLimits::default(),
+                    rate_limit: TokenRateLimit::default(),
                 },
-                admin: AdminConfig { listen: any_port },
+                admin: AdminConfig {
+                    listen: any_port,
+                    tls_cert_file: None,
+                    tls_key_file: None,
+                    limits: ListenerLimits::admin(),
+                },
                 lwm2m_servers: Vec::new(),
                 sockets: SocketsConfig {
                     bind: OneOrMany::One(loopback),
