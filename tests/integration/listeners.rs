@@ -1,0 +1,481 @@
+//! The HTTP listeners as an operator meets them: the callback listener over TLS and mTLS (a
+//! real NIDD uplink reaching the LwM2M server side), certificates reloaded (by function and by
+//! SIGHUP) while open connections keep working, a flood of idle connections that locks out no
+//! callback and no health check, the timeouts, the body limit before the body, HTTP/2 refused
+//! and the per-token rate limit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+use nidd_bridge::DeviceId;
+use nidd_bridge::config::ServerRole;
+use nidd_testbed::bed::{RunningBed, TestBed};
+use nidd_testbed::pki::{IssuedCert, TestCa};
+use nidd_testbed::probe::{STEP, eventually, metric};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long a single read in these tests may wait for the bridge.
+const READ: Duration = Duration::from_secs(10);
+
+fn register(endpoint: &str) -> Vec<u8> {
+    let mut packet = Packet::new();
+    packet.header.set_type(MessageType::Confirmable);
+    packet.header.code = MessageClass::Request(RequestType::Post);
+    packet.header.message_id = rand::random();
+    packet.set_token(vec![9, 9, 9, 9]);
+    packet.add_option(CoapOption::UriPath, b"rd".to_vec());
+    packet.add_option(CoapOption::UriQuery, format!("ep={endpoint}").into_bytes());
+    packet.to_bytes().unwrap()
+}
+
+/// The device's configuration at the mock SCEF: (callback URL, configuration self link).
+fn configuration_of(stack: &RunningBed, id: &DeviceId) -> (String, String) {
+    let configuration = stack
+        .mock()
+        .configurations()
+        .into_iter()
+        .find(|c| &c.ue == id)
+        .unwrap();
+    (
+        configuration.notification_destination,
+        configuration.self_link,
+    )
+}
+
+fn uplink_body(self_link: &str, id: &DeviceId, datagram: &[u8]) -> Value {
+    json!({
+        "niddConfiguration": self_link,
+        "externalId": id.to_string(),
+        "data": BASE64.encode(datagram),
+    })
+}
+
+fn pem_of(path: &std::path::Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+/// An HTTPS client trusting `ca`, presenting `identity` when given.
+fn https_client(ca: &TestCa, identity: Option<&IssuedCert>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem_of(ca.cert_path())).unwrap()])
+        .timeout(READ);
+    if let Some(identity) = identity {
+        let mut pem = pem_of(&identity.cert);
+        pem.extend(pem_of(&identity.key));
+        builder = builder.identity(reqwest::Identity::from_pem(&pem).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+/// A rustls client trusting `ca` only.
+fn rustls_client(ca: &TestCa) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.der())).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// A fresh TLS connection: the stream and the leaf certificate the server presented.
+async fn tls_connect(
+    ca: &TestCa,
+    address: SocketAddr,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, Vec<u8>) {
+    let tcp = TcpStream::connect(address).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let stream = tokio::time::timeout(READ, rustls_client(ca).connect(name, tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (stream, leaf)
+}
+
+/// One HTTP/1.1 request on an open connection; the status line and body of its answer.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: bridge\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(READ, async {
+        loop {
+            let n = stream.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(&received));
+            received.extend_from_slice(&buffer[..n]);
+            let text = String::from_utf8_lossy(&received).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return text;
+                }
+            }
+        }
+    })
+    .await
+    .expect("an answer in time")
+}
+
+/// Sends `bytes` on a fresh plain connection and reads until the bridge closes it: what it
+/// answered and how long it took to close.
+async fn send_and_read_to_close(address: SocketAddr, bytes: &[u8]) -> (String, Duration) {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let started = Instant::now();
+    let mut received = Vec::new();
+    tokio::time::timeout(READ, async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the bridge closes the connection");
+    (
+        String::from_utf8_lossy(&received).to_string(),
+        started.elapsed(),
+    )
+}
+
+fn problem_of(answer: &str) -> Value {
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("problem+json in {answer:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_callbacks_need_a_client_certificate_from_the_configured_ca() {
+    let ca = TestCa::new().unwrap();
+    let server_cert = ca.issue_server(&["127.0.0.1", "localhost"]).unwrap();
+    let scef_cert = ca.issue_client("scef").unwrap();
+    let stranger_ca = TestCa::new().unwrap();
+    let stranger_cert = stranger_ca.issue_client("scef").unwrap();
+    let id: DeviceId = "910000001@iot.example".parse().unwrap();
+    let (cert, key, client_ca) = (
+        server_cert.cert.clone(),
+        server_cert.key.clone(),
+        ca.cert_path().to_path_buf(),
+    );
+    let stack = TestBed::new()
+        .raw_server("dm", ServerRole::Dm)
+        .device(&id)
+        .bridge_config(move |c| {
+            c.callback(|callback| {
+                callback.tls_cert_file = Some(cert);
+                callback.tls_key_file = Some(key);
+                callback.client_ca_file = Some(client_ca);
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    stack.mock().ue(&id).wait_configured(STEP).await.unwrap();
+    let (url, self_link) = configuration_of(&stack, &id);
+    assert!(url.starts_with("https://"), "public_url follows TLS: {url}");
+    let datagram = register(&stack.endpoint_name(&id));
+    let body = uplink_body(&self_link, &id, &datagram);
+
+    // No client certificate, or one from another CA: no handshake, nothing forwarded.
+    for client in [
+        https_client(&ca, None),
+        https_client(&ca, Some(&stranger_cert)),
+    ] {
+        let refused = client.post(&url).json(&body).send().await;
+        assert!(refused.is_err(), "refused at the handshake: {refused:?}");
+    }
+    // A certificate from the configured CA: the uplink reaches the LwM2M server byte for byte.
+    let answer = https_client(&ca, Some(&scef_cert))
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 204, "{:?}", answer.text().await);
+    let (forwarded, from) = stack.raw_server("dm").recv().await;
+    assert_eq!(forwarded, datagram);
+    assert_eq!(from, stack.bridge().device_address(&id));
+    let text = stack.metrics().await;
+    assert!(
+        metric(
+            &text,
+            "nidd_bridge_listener_refusals_total{listener=\"callback\",reason=\"tls_handshake_failed\"}"
+        ) >= 2.0,
+        "{text}"
+    );
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_the_new_certificate_while_open_connections_keep_working() {
+    let ca = TestCa::new().unwrap();
+    let first = ca.issue_server(&["127.0.0.1"]).unwrap();
+    let second = ca.issue_server(&["127.0.0.1"]).unwrap();
+    // The configured files are overwritten in place, as a certificate manager renews them.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.pem"), dir.path().join("tls.key"));
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    let (cert_file, key_file) = (cert.clone(), key.clone());
+    let stack = TestBed::new()
+        .raw_server("dm", ServerRole::Dm)
+        .device(&"910000002@iot.example".parse().unwrap())
+        .bridge_config(move |c| {
+            c.callback(|callback| {
+                callback.tls_cert_file = Some(cert_file);
+                callback.tls_key_file = Some(key_file);
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let address = stack.bridge().callback_addr;
+    let (mut open, leaf) = tls_connect(&ca, address).await;
+    assert_eq!(leaf, first.der);
+    assert!(exchange(&mut open, "/nowhere").await.starts_with("HTTP/1.1 404"));
+
+    // A reload that fails (a half-written file) keeps the old certificate.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    assert!(stack.bridge().handle.reload_tls().is_err());
+    assert_eq!(tls_connect(&ca, address).await.1, first.der);
+
+    std::fs::copy(&second.cert, &cert).unwrap();
+    std::fs::copy(&second.key, &key).unwrap();
+    stack.bridge().handle.reload_tls().unwrap();
+    assert_eq!(tls_connect(&ca, address).await.1, second.der, "a fresh client sees the new certificate");
+    assert!(
+        exchange(&mut open, "/still-here").await.starts_with("HTTP/1.1 404"),
+        "the connection opened before the reload keeps working"
+    );
+    let text = stack.metrics().await;
+    for (outcome, count) in [("reloaded", 1.0), ("failed", 1.0)] {
+        let sample =
+            format!("nidd_bridge_tls_reloads_total{{listener=\"callback\",outcome=\"{outcome}\"}}");
+        assert_eq!(metric(&text, &sample), count, "{sample} in\n{text}");
+    }
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificates_of_a_bridge_process() {
+    let ca = TestCa::new().unwrap();
+    let first = ca.issue_server(&["127.0.0.1"]).unwrap();
+    let second = ca.issue_server(&["127.0.0.1"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.pem"), dir.path().join("tls.key"));
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    let (cert_file, key_file) = (cert.clone(), key.clone());
+    let stack = TestBed::new()
+        .raw_server("dm", ServerRole::Dm)
+        .device(&"910000003@iot.example".parse().unwrap())
+        .bridge_config(move |c| {
+            c.callback(|callback| {
+                callback.tls_cert_file = Some(cert_file);
+                callback.tls_key_file = Some(key_file);
+            })
+        })
+        .bridge_process(env!("CARGO_BIN_EXE_nidd-bridge"))
+        .start()
+        .await
+        .unwrap();
+    let address = stack.process().callback;
+    let (mut open, leaf) = tls_connect(&ca, address).await;
+    assert_eq!(leaf, first.der);
+
+    std::fs::copy(&second.cert, &cert).unwrap();
+    std::fs::copy(&second.key, &key).unwrap();
+    let pid = stack.process().pid().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    eventually("the reload to be counted", || async {
+        metric(
+            &stack.metrics().await,
+            "nidd_bridge_tls_reloads_total{listener=\"callback\",outcome=\"reloaded\"}",
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(tls_connect(&ca, address).await.1, second.der);
+    assert!(exchange(&mut open, "/still-here").await.starts_with("HTTP/1.1 404"));
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_lock_out_neither_callbacks_nor_health_checks() {
+    const IDLE_CONNECTIONS: usize = 10_000;
+    // The flood lives in this process: room for it beside the other tests' descriptors.
+    let limit = rlimit::increase_nofile_limit(IDLE_CONNECTIONS as u64 + 4096).unwrap();
+    assert!(limit >= IDLE_CONNECTIONS as u64 + 1024, "NOFILE limit {limit}");
+    let id: DeviceId = "910000004@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .raw_server("dm", ServerRole::Dm)
+        .device(&id)
+        .bridge_config(|c| c.callback(|callback| callback.limits.max_connections = 256))
+        .bridge_process(env!("CARGO_BIN_EXE_nidd-bridge"))
+        .start()
+        .await
+        .unwrap();
+    let callback = stack.process().callback;
+    let started = Instant::now();
+    let mut idle = Vec::with_capacity(IDLE_CONNECTIONS);
+    for _ in 0..IDLE_CONNECTIONS / 500 {
+        let batch = futures::future::join_all((0..500).map(|_| async {
+            tokio::time::timeout(READ, TcpStream::connect(callback)).await
+        }))
+        .await;
+        for connected in batch {
+            idle.push(connected.expect("connect in time").expect("connected"));
+        }
+    }
+    assert_eq!(idle.len(), IDLE_CONNECTIONS);
+
+    // A real uplink gets through, and the admin listener answers.
+    stack.mock().ue(&id).wait_configured(STEP).await.unwrap();
+    let datagram = register(&stack.endpoint_name(&id));
+    let status = stack.mock().ue(&id).send_mo(&datagram).await.unwrap();
+    assert_eq!(status, 204);
+    assert_eq!(stack.raw_server("dm").recv().await.0, datagram);
+    for path in ["/healthz", "/readyz"] {
+        let answer = reqwest::Client::new()
+            .get(format!("http://{}{path}", stack.process().admin))
+            .timeout(READ)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{path}");
+    }
+    eventually("the flood to displace itself", || async {
+        let evicted = metric(
+            &stack.metrics().await,
+            "nidd_bridge_listener_refusals_total{listener=\"callback\",reason=\"evicted_idle\"}",
+        );
+        evicted >= (IDLE_CONNECTIONS - 256) as f64
+    })
+    .await;
+    let text = stack.metrics().await;
+    assert!(
+        metric(&text, "nidd_bridge_listener_connections{listener=\"callback\"}") <= 256.0,
+        "{text}"
+    );
+    drop(idle);
+    assert!(started.elapsed() < Duration::from_secs(45), "{:?}", started.elapsed());
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_oversized_http2_and_too_frequent_requests_are_refused() {
+    let (a, b): (DeviceId, DeviceId) = (
+        "910000005@iot.example".parse().unwrap(),
+        "910000006@iot.example".parse().unwrap(),
+    );
+    let stack = TestBed::new()
+        .raw_server("dm", ServerRole::Dm)
+        .device(&a)
+        .device(&b)
+        .bridge_config(|c| {
+            c.callback(|callback| {
+                callback.limits.header_read_timeout_ms = 300;
+                callback.limits.body_read_timeout_ms = 300;
+                callback.rate_limit.requests_per_s = 1;
+                callback.rate_limit.burst = 2;
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let bridge = stack.bridge();
+    let address = bridge.callback_addr;
+    let path_of = |id: &DeviceId| {
+        let url = bridge.callback_url(id);
+        url::Url::parse(&url).unwrap().path().to_string()
+    };
+    let path_a = path_of(&a);
+
+    // A body that stalls: 408 within the body timeout, then the connection closes.
+    let head = format!(
+        "POST {path_a} HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"da"
+    );
+    let (answer, took) = send_and_read_to_close(address, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(problem_of(&answer)["cause"], "BODY_TIMEOUT");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+
+    // A head that never completes: dropped within the header timeout.
+    let (answer, took) =
+        send_and_read_to_close(address, format!("POST {path_a} HTTP/1.1\r\nHost: b").as_bytes()).await;
+    assert!(!answer.contains(" 2"), "no answer to half a head: {answer}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+
+    // A declared length over the limit: 413 before any body byte is sent.
+    let head = format!(
+        "POST {path_a} HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+    );
+    let (answer, _) = send_and_read_to_close(address, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("application/problem+json"), "{answer}");
+    assert_eq!(problem_of(&answer)["cause"], "BODY_TOO_LARGE");
+
+    // HTTP/2 with prior knowledge: no HTTP/2 is spoken back.
+    let (answer, _) =
+        send_and_read_to_close(address, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await;
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 "), "{answer:?}");
+
+    // The rate limit: a's third request at once gets 429 with Retry-After; b is unaffected.
+    // (The requests above for a counted too, so its bucket is already spent.)
+    let client = reqwest::Client::new();
+    let post = |url: String| {
+        let client = client.clone();
+        async move {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .body("{}")
+                .timeout(READ)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let mut limited = None;
+    for _ in 0..3 {
+        let answer = post(bridge.callback_url(&a)).await;
+        if answer.status() == 429 {
+            limited = Some(answer);
+            break;
+        }
+    }
+    let limited = limited.expect("a 429 within three requests");
+    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1, "{retry_after}");
+    let problem: Value = limited.json().await.unwrap();
+    assert_eq!(problem["cause"], "RATE_LIMITED");
+    assert_eq!(problem["status"], 429);
+    let other = post(bridge.callback_url(&b)).await;
+    assert_eq!(other.status(), 400, "another token is not limited");
+
+    let text = stack.metrics().await;
+    for reason in ["body_timeout", "header_timeout", "body_too_large", "rate_limited"] {
+        let sample = format!(
+            "nidd_bridge_listener_refusals_total{{listener=\"callback\",reason=\"{reason}\"}}"
+        );
+        assert!(metric(&text, &sample) >= 1.0, "{sample} in\n{text}");
+    }
+    stack.finish().await;
+}
