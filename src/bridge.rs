@@ -269,7 +269,7 @@ impl Bridge {
                     "http"
                 }
             ))
-                .map_err(|e| crate::config::ConfigError::Invalid(format!("callback URL: {e}")))?,
+            .map_err(|e| crate::config::ConfigError::Invalid(format!("callback URL: {e}")))?,
         };
 
         let bootstrap = config

@@ -1140,14 +1140,25 @@ mod tests {
 
     #[test]
     fn listener_limits_default_safely_and_are_bounded() {
+        // The shipped example documents the defaults themselves.
+        let example = Config::parse(EXAMPLE_CONFIG).unwrap();
+        assert_eq!(example.callback.limits, ListenerLimits::default());
+        assert_eq!(example.admin.limits, ListenerLimits::admin());
+        assert_eq!(example.callback.rate_limit, TokenRateLimit::default());
         let config = Config::parse(&minimal("")).unwrap();
         assert_eq!(config.callback.limits, ListenerLimits::default());
         assert_eq!(config.admin.limits, ListenerLimits::admin());
         assert!(config.admin.limits.max_connections < config.callback.limits.max_connections);
         let err = Config::parse(&minimal("[callback.limits]\nmax_connections = 0")).unwrap_err();
-        assert!(err.to_string().contains("callback.limits.max_connections"), "{err}");
+        assert!(
+            err.to_string().contains("callback.limits.max_connections"),
+            "{err}"
+        );
         let err = Config::parse(&minimal("[admin.limits]\nidle_timeout_ms = 0")).unwrap_err();
-        assert!(err.to_string().contains("admin.limits.idle_timeout_ms"), "{err}");
+        assert!(
+            err.to_string().contains("admin.limits.idle_timeout_ms"),
+            "{err}"
+        );
         let err = Config::parse(&minimal("[callback.rate_limit]\nburst = 0")).unwrap_err();
         assert!(err.to_string().contains("rate_limit"), "{err}");
         let tuned = Config::parse(&minimal(

@@ -8,9 +8,9 @@ pub(crate) mod callback;
 pub(crate) mod listener;
 pub(crate) mod problem;
 pub(crate) mod rate_limit;
-pub(crate) mod tls;
 #[cfg(test)]
 mod test_support;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -611,7 +611,10 @@ async fn gate(server: &Server, request: Request<Incoming>) -> Response<Body> {
         }
         Err(_) => {
             settings.refuse(Refusal::BodyTimeout);
-            tracing::debug!(listener = settings.name, "request body not received in time");
+            tracing::debug!(
+                listener = settings.name,
+                "request body not received in time"
+            );
             return closing(problem_response(
                 StatusCode::REQUEST_TIMEOUT,
                 "BODY_TIMEOUT",
@@ -632,14 +635,14 @@ async fn gate(server: &Server, request: Request<Incoming>) -> Response<Body> {
 
 fn body_too_large(settings: &ListenerSettings) -> Response<Body> {
     settings.refuse(Refusal::BodyTooLarge);
-    tracing::debug!(listener = settings.name, "request body over the limit refused");
+    tracing::debug!(
+        listener = settings.name,
+        "request body over the limit refused"
+    );
     closing(problem_response(
         StatusCode::PAYLOAD_TOO_LARGE,
         "BODY_TOO_LARGE",
-        format!(
-            "request body exceeds {} bytes",
-            settings.max_body_bytes
-        ),
+        format!("request body exceeds {} bytes", settings.max_body_bytes),
     ))
 }
 

@@ -100,8 +100,14 @@ mod tests {
         assert!(limiter.check("/t8/v1/nidd/known-a").is_ok());
         assert!(limiter.check("/t8/v1/monitoring/known-a").is_ok());
         let wait = limiter.check("/t8/v1/nidd/known-a").unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
-        assert!(limiter.check("/t8/v1/nidd/known-b").is_ok(), "another token is unaffected");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(
+            limiter.check("/t8/v1/nidd/known-b").is_ok(),
+            "another token is unaffected"
+        );
     }
 
     #[test]

@@ -10,9 +10,9 @@ use prometheus::IntCounterVec;
 use rustls::RootCertStore;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
 /// The PEM files one listener serves TLS from.
@@ -92,9 +92,7 @@ pub(crate) fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(rustls_error)?;
+    let mut config = builder.with_single_cert(chain, key).map_err(rustls_error)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -186,9 +184,6 @@ mod tests {
             client_ca: None,
         };
         let error = server_config("callback", &files).err().unwrap();
-        assert!(
-            matches!(error, TlsError::NoCertificate { .. }),
-            "{error}"
-        );
+        assert!(matches!(error, TlsError::NoCertificate { .. }), "{error}");
     }
 }
