@@ -657,6 +657,168 @@ fn closing(mut answer: Response<Body>) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::routing::{get, post};
+    use prometheus::Opts;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn settings(limits: ListenerLimits) -> ListenerSettings {
+        ListenerSettings {
+            name: "callback",
+            limits,
+            max_body_bytes: 1024,
+            tls: None,
+            rate_limit: None,
+            refusals: IntCounterVec::new(Opts::new("r", "r"), &["listener", "reason"]).unwrap(),
+            connections: IntGaugeVec::new(Opts::new("c", "c"), &["listener"]).unwrap(),
+        }
+    }
+
+    /// Everything the server sends until it closes the connection.
+    async fn read_to_close(stream: &mut TcpStream) -> String {
+        let mut received = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut received))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        String::from_utf8_lossy(&received).to_string()
+    }
+
+    async fn start(
+        app: Router,
+        limits: ListenerLimits,
+    ) -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        IntCounterVec,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let settings = settings(limits);
+        let refusals = settings.refusals.clone();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, app, settings, stop.clone()));
+        (address, stop, refusals, task)
+    }
+
+    #[tokio::test]
+    async fn an_in_flight_request_finishes_when_the_listener_stops() {
+        let entered = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        let app = {
+            let (entered, release) = (entered.clone(), release.clone());
+            Router::new().route(
+                "/slow",
+                get(move || async move {
+                    entered.notify_one();
+                    release.notified().await;
+                    "done"
+                }),
+            )
+        };
+        let (address, stop, _, server) = start(app, ListenerLimits::default()).await;
+        let mut idle = TcpStream::connect(address).await.unwrap();
+        let mut busy = TcpStream::connect(address).await.unwrap();
+        busy.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        entered.notified().await;
+        stop.cancel();
+        assert_eq!(
+            read_to_close(&mut idle).await,
+            "",
+            "an idle connection closes at once"
+        );
+        release.notify_one();
+        let answer = read_to_close(&mut busy).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("done"), "{answer}");
+        tokio::time::timeout(WAIT, server)
+            .await
+            .expect("the listener stops once its requests are answered")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+        let limits = ListenerLimits {
+            idle_timeout_ms: 50,
+            ..ListenerLimits::default()
+        };
+        let app = Router::new().route("/", get(|| async { "hello" }));
+        let (address, stop, refusals, _) = start(app, limits).await;
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        // One request keeps it alive; then it idles out.
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(
+            refusals
+                .with_label_values(&["callback", "idle_timeout"])
+                .get(),
+            1
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_cut_off_at_the_limit() {
+        let app = Router::new().route("/t8/v1/nidd/x", post(|| async { "read" }));
+        let (address, stop, refusals, _) = start(app, ListenerLimits::default()).await;
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        let chunk = "a".repeat(2000);
+        let request = format!(
+            "POST /t8/v1/nidd/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n",
+            chunk.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_to_close(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("BODY_TOO_LARGE"), "{answer}");
+        assert_eq!(
+            refusals
+                .with_label_values(&["callback", "body_too_large"])
+                .get(),
+            1
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_a_new_connection_displaces_the_idle_one() {
+        let limits = ListenerLimits {
+            max_connections: 1,
+            ..ListenerLimits::default()
+        };
+        let app = Router::new().route("/", get(|| async { "hello" }));
+        let (address, stop, refusals, _) = start(app, limits).await;
+        let mut idle = TcpStream::connect(address).await.unwrap();
+        let mut real = TcpStream::connect(address).await.unwrap();
+        assert_eq!(
+            read_to_close(&mut idle).await,
+            "",
+            "the idle connection is closed"
+        );
+        real.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut real).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(
+            refusals
+                .with_label_values(&["callback", "evicted_idle"])
+                .get(),
+            1
+        );
+        stop.cancel();
+    }
 
     fn at(base: Instant, ms: u64) -> Instant {
         base + Duration::from_millis(ms)

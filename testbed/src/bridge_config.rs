@@ -140,6 +140,12 @@ impl BridgeConfigBuilder {
         self
     }
 
+    /// Changes the admin listener's settings (TLS, limits).
+    pub fn admin(mut self, options: impl FnOnce(&mut AdminConfig)) -> Self {
+        options(&mut self.config.admin);
+        self
+    }
+
     /// Moves the sled store.
     pub fn store(mut self, path: &Path) -> Self {
         self.config.store.path = path.to_path_buf();

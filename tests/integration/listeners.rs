@@ -550,3 +550,45 @@ async fn slow_oversized_http2_and_too_frequent_requests_are_refused() {
     }
     stack.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_https_with_its_own_certificate() {
+    let ca = TestCa::new().unwrap();
+    let admin_cert = ca.issue_server(&["127.0.0.1"]).unwrap();
+    let (cert, key) = (admin_cert.cert.clone(), admin_cert.key.clone());
+    let stack = TestBed::new()
+        .raw_server("dm", ServerRole::Dm)
+        .device(&"910000007@iot.example".parse().unwrap())
+        .bridge_config(move |c| {
+            c.admin(|admin| {
+                admin.tls_cert_file = Some(cert);
+                admin.tls_key_file = Some(key);
+            })
+        })
+        // The bed's own readiness probe speaks plain HTTP.
+        .without_waiting_for_ready()
+        .start()
+        .await
+        .unwrap();
+    let admin = stack.bridge().admin_addr;
+    let client = https_client(&ca, None);
+    eventually("/readyz over HTTPS", || async {
+        client
+            .get(format!("https://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|answer| answer.status() == 200)
+    })
+    .await;
+    assert_eq!(tls_connect(&ca, admin).await.1, admin_cert.der);
+    let plain = reqwest::Client::new()
+        .get(format!("http://{admin}/healthz"))
+        .timeout(READ)
+        .send()
+        .await;
+    assert!(
+        plain.map_or(true, |answer| answer.status() != 200),
+        "plain HTTP gets no answer from a TLS listener"
+    );
+    stack.finish().await;
+}
