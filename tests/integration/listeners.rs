@@ -5,6 +5,7 @@
 //! and the per-token rate limit.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,9 @@ use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::ServerRole;
 use nidd_testbed::bed::{RunningBed, TestBed};
-use nidd_testbed::pki::{IssuedCert, TestCa};
+use nidd_testbed::pki::TestCa;
 use nidd_testbed::probe::{STEP, eventually, metric};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -57,14 +59,76 @@ fn uplink_body(self_link: &str, id: &DeviceId, datagram: &[u8]) -> Value {
     })
 }
 
+/// A test CA with its files in a directory of its own.
+struct Pki {
+    ca: TestCa,
+    dir: tempfile::TempDir,
+    ca_file: PathBuf,
+}
+
+/// A certificate the test CA issued: its PEM files and DER.
+struct Issued {
+    cert: PathBuf,
+    key: PathBuf,
+    der: Vec<u8>,
+}
+
+fn der_of(path: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(path).unwrap().to_vec()
+}
+
+impl Pki {
+    fn new() -> Self {
+        let ca = TestCa::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = ca.write_ca(dir.path());
+        Self { ca, dir, ca_file }
+    }
+
+    fn der(&self) -> Vec<u8> {
+        der_of(&self.ca_file)
+    }
+
+    /// A directory of its own for each certificate: the CA names its files by kind.
+    fn fresh_dir(&self) -> PathBuf {
+        let dir = self
+            .dir
+            .path()
+            .join(format!("{:08x}", rand::random::<u32>()));
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    }
+
+    fn server(&self) -> Issued {
+        let (cert, key) = self
+            .ca
+            .issue_server(&self.fresh_dir(), &["127.0.0.1", "localhost"])
+            .unwrap();
+        Issued {
+            der: der_of(&cert),
+            cert,
+            key,
+        }
+    }
+
+    fn client(&self, name: &str) -> Issued {
+        let (cert, key) = self.ca.issue_client(&self.fresh_dir(), name).unwrap();
+        Issued {
+            der: der_of(&cert),
+            cert,
+            key,
+        }
+    }
+}
+
 fn pem_of(path: &std::path::Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
 /// An HTTPS client trusting `ca`, presenting `identity` when given.
-fn https_client(ca: &TestCa, identity: Option<&IssuedCert>) -> reqwest::Client {
+fn https_client(ca: &Pki, identity: Option<&Issued>) -> reqwest::Client {
     let mut builder = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&pem_of(ca.cert_path())).unwrap()])
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem_of(&ca.ca_file)).unwrap()])
         .timeout(READ);
     if let Some(identity) = identity {
         let mut pem = pem_of(&identity.cert);
@@ -75,7 +139,7 @@ fn https_client(ca: &TestCa, identity: Option<&IssuedCert>) -> reqwest::Client {
 }
 
 /// A rustls client trusting `ca` only.
-fn rustls_client(ca: &TestCa) -> tokio_rustls::TlsConnector {
+fn rustls_client(ca: &Pki) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca.der())).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -89,7 +153,7 @@ fn rustls_client(ca: &TestCa) -> tokio_rustls::TlsConnector {
 
 /// A fresh TLS connection: the stream and the leaf certificate the server presented.
 async fn tls_connect(
-    ca: &TestCa,
+    ca: &Pki,
     address: SocketAddr,
 ) -> (tokio_rustls::client::TlsStream<TcpStream>, Vec<u8>) {
     let tcp = TcpStream::connect(address).await.unwrap();
@@ -171,16 +235,16 @@ fn problem_of(answer: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_callbacks_need_a_client_certificate_from_the_configured_ca() {
-    let ca = TestCa::new().unwrap();
-    let server_cert = ca.issue_server(&["127.0.0.1", "localhost"]).unwrap();
-    let scef_cert = ca.issue_client("scef").unwrap();
-    let stranger_ca = TestCa::new().unwrap();
-    let stranger_cert = stranger_ca.issue_client("scef").unwrap();
+    let ca = Pki::new();
+    let server_cert = ca.server();
+    let scef_cert = ca.client("scef");
+    let stranger_ca = Pki::new();
+    let stranger_cert = stranger_ca.client("scef");
     let id: DeviceId = "910000001@iot.example".parse().unwrap();
     let (cert, key, client_ca) = (
         server_cert.cert.clone(),
         server_cert.key.clone(),
-        ca.cert_path().to_path_buf(),
+        ca.ca_file.clone(),
     );
     let stack = TestBed::new()
         .raw_server("dm", ServerRole::Dm)
@@ -233,9 +297,9 @@ async fn mtls_callbacks_need_a_client_certificate_from_the_configured_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_serves_the_new_certificate_while_open_connections_keep_working() {
-    let ca = TestCa::new().unwrap();
-    let first = ca.issue_server(&["127.0.0.1"]).unwrap();
-    let second = ca.issue_server(&["127.0.0.1"]).unwrap();
+    let ca = Pki::new();
+    let first = ca.server();
+    let second = ca.server();
     // The configured files are overwritten in place, as a certificate manager renews them.
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("tls.pem"), dir.path().join("tls.key"));
@@ -293,9 +357,9 @@ async fn a_reload_serves_the_new_certificate_while_open_connections_keep_working
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_certificates_of_a_bridge_process() {
-    let ca = TestCa::new().unwrap();
-    let first = ca.issue_server(&["127.0.0.1"]).unwrap();
-    let second = ca.issue_server(&["127.0.0.1"]).unwrap();
+    let ca = Pki::new();
+    let first = ca.server();
+    let second = ca.server();
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("tls.pem"), dir.path().join("tls.key"));
     std::fs::copy(&first.cert, &cert).unwrap();
@@ -553,8 +617,8 @@ async fn slow_oversized_http2_and_too_frequent_requests_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_serves_https_with_its_own_certificate() {
-    let ca = TestCa::new().unwrap();
-    let admin_cert = ca.issue_server(&["127.0.0.1"]).unwrap();
+    let ca = Pki::new();
+    let admin_cert = ca.server();
     let (cert, key) = (admin_cert.cert.clone(), admin_cert.key.clone());
     let stack = TestBed::new()
         .raw_server("dm", ServerRole::Dm)
