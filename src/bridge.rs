@@ -199,35 +199,16 @@ impl Bridge {
             config.callback.limits.max_connections + config.admin.limits.max_connections,
         )?;
         let metrics = Arc::new(Metrics::new()?);
-        let tls = |listener: &'static str,
-                   cert: &Option<std::path::PathBuf>,
-                   key: &Option<std::path::PathBuf>,
-                   client_ca: &Option<std::path::PathBuf>|
-         -> Result<Option<Arc<ReloadableTls>>, BridgeError> {
-            let (Some(cert), Some(key)) = (cert, key) else {
-                return Ok(None);
-            };
-            let files = TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: client_ca.clone(),
-            };
-            ReloadableTls::load(listener, files, metrics.tls_reloads.clone())
-                .map(|tls| Some(Arc::new(tls)))
+        let [callback_files, admin_files] = listener_tls_files(&config);
+        let tls = |(listener, files): (&'static str, Option<TlsFiles>)| {
+            files
+                .map(|files| ReloadableTls::load(listener, files, metrics.tls_reloads.clone()))
+                .transpose()
+                .map(|tls| tls.map(Arc::new))
                 .map_err(|e| BridgeError::Tls(e.to_string()))
         };
-        let callback_tls = tls(
-            "callback",
-            &config.callback.tls_cert_file,
-            &config.callback.tls_key_file,
-            &config.callback.client_ca_file,
-        )?;
-        let admin_tls = tls(
-            "admin",
-            &config.admin.tls_cert_file,
-            &config.admin.tls_key_file,
-            &None,
-        )?;
+        let callback_tls = tls(callback_files)?;
+        let admin_tls = tls(admin_files)?;
         let listener_parts = ListenerParts {
             callback_limits: config.callback.limits,
             admin_limits: config.admin.limits,
@@ -609,6 +590,49 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
     }
+}
+
+/// Each listener's TLS files, when it serves TLS.
+fn listener_tls_files(config: &Config) -> [(&'static str, Option<TlsFiles>); 2] {
+    let files = |cert: &Option<std::path::PathBuf>,
+                 key: &Option<std::path::PathBuf>,
+                 client_ca: &Option<std::path::PathBuf>| {
+        Some(TlsFiles {
+            cert: cert.clone()?,
+            key: key.clone()?,
+            client_ca: client_ca.clone(),
+        })
+    };
+    [
+        (
+            "callback",
+            files(
+                &config.callback.tls_cert_file,
+                &config.callback.tls_key_file,
+                &config.callback.client_ca_file,
+            ),
+        ),
+        (
+            "admin",
+            files(
+                &config.admin.tls_cert_file,
+                &config.admin.tls_key_file,
+                &None,
+            ),
+        ),
+    ]
+}
+
+/// Reads every listener's certificate, key and client CA as `bind` would, so `check-config`
+/// refuses files that would not start the bridge (not PEM, key not matching the certificate).
+pub fn check_tls(config: &Config) -> Result<(), BridgeError> {
+    for (listener, files) in listener_tls_files(config) {
+        if let Some(files) = files {
+            crate::http::tls::server_config(listener, &files)
+                .map_err(|e| BridgeError::Tls(e.to_string()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Reloads `tls` on every SIGHUP, for as long as the process runs: what `nidd-bridge run`

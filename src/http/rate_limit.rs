@@ -5,6 +5,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -18,10 +19,15 @@ pub(crate) type KnownToken = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 /// The bucket key shared by every path that carries no known token.
 const UNKNOWN_TOKEN_KEY: &str = "";
 
+/// Every this many checks, buckets that are full again are dropped, so tokens of devices
+/// removed since do not stay in the map for the life of the process.
+const PRUNE_EVERY: u64 = 10_000;
+
 pub(crate) struct TokenRateLimiter {
     limiter: DefaultKeyedRateLimiter<String>,
     clock: DefaultClock,
     known: KnownToken,
+    checks: AtomicU64,
 }
 
 /// The capability token of a callback path, if it has the shape of one.
@@ -42,11 +48,16 @@ impl TokenRateLimiter {
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             clock: DefaultClock::default(),
             known,
+            checks: AtomicU64::new(0),
         }
     }
 
     /// `Ok` when a request to `path` may proceed, else how long until it could.
     pub(crate) fn check(&self, path: &str) -> Result<(), Duration> {
+        if self.checks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
+            // A full bucket is the same as no bucket: dropping it changes no answer.
+            self.limiter.retain_recent();
+        }
         let key = match token_of(path) {
             Some(token) if (self.known)(token) => token,
             _ => UNKNOWN_TOKEN_KEY,

@@ -656,3 +656,47 @@ async fn the_admin_listener_serves_https_with_its_own_certificate() {
     );
     stack.finish().await;
 }
+
+#[test]
+fn check_config_refuses_tls_files_that_would_not_serve() {
+    let example = nidd_bridge::config::EXAMPLE_CONFIG;
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let garbage = garbage.display();
+    for (keys, expected) in [
+        (
+            "tls_key_file = \"/nonexistent/callback.key\"".to_string(),
+            "callback.tls_key_file needs tls_cert_file",
+        ),
+        (
+            "client_ca_file = \"/nonexistent/ca.pem\"".to_string(),
+            "callback.client_ca_file needs TLS",
+        ),
+        (
+            format!("tls_cert_file = \"{garbage}\"\ntls_key_file = \"{garbage}\""),
+            "garbage.pem",
+        ),
+    ] {
+        let text = example.replacen(
+            "max_body_bytes = 16384",
+            &format!("max_body_bytes = 16384\npublic_url = \"https://127.0.0.1:8081\"\n{keys}"),
+            1,
+        );
+        // The example names an http:// public_url: drop it for this one.
+        let text = text.replacen("public_url = \"http://127.0.0.1:8081\"\n", "", 1);
+        let path = dir.path().join("bridge.toml");
+        std::fs::write(&path, text).unwrap();
+        for command in ["check-config", "run"] {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_nidd-bridge"))
+                .args([command, "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(64), "{command} {keys}: {stderr}");
+            assert!(stderr.contains(expected), "{command} {keys}: {stderr}");
+            assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        }
+    }
+}
