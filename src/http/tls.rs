@@ -186,4 +186,44 @@ mod tests {
         let error = server_config("callback", &files).err().unwrap();
         assert!(matches!(error, TlsError::NoCertificate { .. }), "{error}");
     }
+
+    #[test]
+    fn a_failed_reload_keeps_the_configuration_and_a_good_one_swaps_it() {
+        let ca = nidd_testbed::pki::TestCa::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+        std::fs::create_dir(&first).unwrap();
+        std::fs::create_dir(&second).unwrap();
+        let (cert, key) = ca.issue_server(&first, &["127.0.0.1"]).unwrap();
+        let (_, other_key) = ca.issue_server(&second, &["127.0.0.1"]).unwrap();
+        let counted = reloads();
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: Some(ca.write_ca(dir.path())),
+        };
+        let tls = ReloadableTls::load("callback", files, counted.clone()).unwrap();
+        let before = tls.acceptor().config().clone();
+
+        // A key that does not belong to the certificate: refused, the old configuration stays.
+        let good_key = std::fs::read(&key).unwrap();
+        std::fs::copy(&other_key, &key).unwrap();
+        let error = tls.reload().unwrap_err();
+        assert!(error.to_string().contains("callback"), "{error}");
+        assert!(Arc::ptr_eq(&before, tls.acceptor().config()));
+        assert_eq!(counted.with_label_values(&["callback", "failed"]).get(), 1);
+
+        std::fs::write(&key, good_key).unwrap();
+        tls.reload().unwrap();
+        assert!(!Arc::ptr_eq(&before, tls.acceptor().config()));
+        assert_eq!(
+            counted.with_label_values(&["callback", "reloaded"]).get(),
+            1
+        );
+        assert_eq!(
+            tls.acceptor().config().alpn_protocols,
+            vec![b"http/1.1".to_vec()],
+            "HTTP/1.1 only"
+        );
+    }
 }
