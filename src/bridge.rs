@@ -650,10 +650,24 @@ pub async fn reload_on_sighup(tls: TlsReload) {
     }
 }
 
+/// Connections the kernel may hold completed but not yet accepted (capped by
+/// `net.core.somaxconn`). Deeper than tokio's 1024 so a burst of connections waits for the
+/// accept loop, which sheds idle ones, instead of having its handshakes dropped.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn listen(address: SocketAddr) -> Result<TcpListener, BridgeError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| BridgeError::Listen { address, source })
+    let listen = || {
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind` does: a restarted bridge binds its port again at once.
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| BridgeError::Listen { address, source })
 }
 
 fn local_addr(listener: &TcpListener, address: SocketAddr) -> Result<SocketAddr, BridgeError> {
