@@ -636,17 +636,20 @@ pub fn check_tls(config: &Config) -> Result<(), BridgeError> {
 }
 
 /// Reloads `tls` on every SIGHUP, for as long as the process runs: what `nidd-bridge run`
-/// spawns beside the bridge.
-pub async fn reload_on_sighup(tls: TlsReload) {
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        tracing::warn!("cannot listen for SIGHUP; TLS certificates are not reloaded");
-        return;
-    };
-    while hangups.recv().await.is_some() {
-        tracing::info!("SIGHUP: reloading TLS certificates");
-        // A failure is logged and counted where it happens; the old certificates stay.
-        let _ = tls.reload();
+/// spawns beside the bridge. The handler is installed when this is called (within the
+/// runtime), not when the future first runs, so a SIGHUP right after start-up is not fatal.
+pub fn reload_on_sighup(tls: TlsReload) -> impl Future<Output = ()> + Send + 'static {
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        let Ok(mut hangups) = hangups else {
+            tracing::warn!("cannot listen for SIGHUP; TLS certificates are not reloaded");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading TLS certificates");
+            // A failure is logged and counted where it happens; the old certificates stay.
+            let _ = tls.reload();
+        }
     }
 }
 

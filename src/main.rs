@@ -121,13 +121,14 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // SIGHUP reloads the listeners' TLS certificates without dropping a connection; handled
+    // from before the process says it listens.
+    tokio::spawn(nidd_bridge::reload_on_sighup(bridge.tls_reload()));
     // One machine-readable line for supervisors and tests that start the bridge on port 0.
     println!(
         "{}",
         serde_json::json!({"event": "listening", "callback": bridge.callback_addr, "admin": bridge.admin_addr})
     );
-    // SIGHUP reloads the listeners' TLS certificates without dropping a connection.
-    tokio::spawn(nidd_bridge::reload_on_sighup(bridge.tls_reload()));
     match bridge.run(nidd_bridge::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
