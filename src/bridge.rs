@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::clock;
-use crate::config::{Config, SecretSource, ServerRole};
+use crate::config::{Config, ListenerLimits, SecretSource, ServerRole, TokenRateLimit};
 use crate::delivery::{MtState, ScefTimeLimits};
 use crate::devices::tokens::mint_capability_token;
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
@@ -21,6 +21,9 @@ use crate::http::Lifecycle;
 use crate::http::admin::auth::AdminGuard;
 use crate::http::admin::{self, AdminState};
 use crate::http::callback::{self, CallbackState};
+use crate::http::listener::{self, ListenerSettings};
+use crate::http::rate_limit::TokenRateLimiter;
+use crate::http::tls::{ReloadableTls, TlsFiles};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mo::{ServerAddress, Uplinks};
@@ -42,6 +45,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Descriptors kept free for listeners, the store and outgoing HTTP connections.
 const SPARE_FILE_DESCRIPTORS: u64 = 512;
 
+/// Largest request body on the admin listener (device lists and changes).
+const ADMIN_MAX_BODY_BYTES: usize = 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     #[error(transparent)]
@@ -56,7 +62,7 @@ pub enum BridgeError {
         source: std::io::Error,
     },
     #[error(
-        "{needed} file descriptors are needed ({devices} device sockets + spare) but the limit is {limit}; raise `ulimit -n` or shrink the device list"
+        "{needed} file descriptors are needed ({devices} device sockets + the listeners' connection caps + spare) but the limit is {limit}; raise `ulimit -n`, lower callback.limits.max_connections or shrink the device list"
     )]
     FileDescriptors {
         needed: u64,
@@ -69,6 +75,8 @@ pub enum BridgeError {
     HttpClient(#[from] reqwest::Error),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A bridge whose listeners and sockets are bound; `run` serves until shutdown.
@@ -82,6 +90,7 @@ pub struct BoundBridge {
 
 /// Every part's handle, built once by `bind`.
 struct Parts {
+    listeners: ListenerParts,
     devices: Arc<DeviceTable>,
     uplinks: Uplinks,
     downlinks: Arc<Downlinks>,
@@ -96,18 +105,56 @@ struct Parts {
 
 pub struct Bridge;
 
+/// How each HTTP listener is served, from the configuration.
+struct ListenerParts {
+    callback_limits: ListenerLimits,
+    admin_limits: ListenerLimits,
+    rate_limit: TokenRateLimit,
+    tls: TlsReload,
+    callback_tls: Option<Arc<ReloadableTls>>,
+    admin_tls: Option<Arc<ReloadableTls>>,
+}
+
+/// Reloads the listeners' TLS certificates (and client CA) from their files: what SIGHUP does.
+/// New handshakes use the new files; open connections keep theirs; a listener whose files do
+/// not load keeps its old certificates (logged at warn, counted in
+/// `nidd_bridge_tls_reloads_total{outcome="failed"}`).
+#[derive(Clone, Default)]
+pub struct TlsReload {
+    listeners: Arc<[Arc<ReloadableTls>]>,
+}
+
+impl TlsReload {
+    /// Reloads every TLS listener; the first failure, if any (the others are still tried).
+    pub fn reload(&self) -> Result<(), BridgeError> {
+        let mut first_failure = None;
+        for listener in self.listeners.iter() {
+            if let Err(error) = listener.reload() {
+                first_failure.get_or_insert(BridgeError::Tls(error.to_string()));
+            }
+        }
+        first_failure.map_or(Ok(()), Err)
+    }
+}
+
 /// What a caller beside a running bridge may ask of it: where each device's traffic leaves
 /// from and which callback URL the SCEF is given for it.
 #[derive(Clone)]
 pub struct BridgeHandle {
     devices: Arc<DeviceTable>,
     public_url: Url,
+    tls: TlsReload,
 }
 
 impl BridgeHandle {
     /// The UDP address a device's traffic leaves from.
     pub fn device_address(&self, id: &DeviceId) -> Option<SocketAddr> {
         self.devices.get(id).map(|d| d.socket.local_addr())
+    }
+
+    /// Reloads the listeners' TLS certificates, as SIGHUP does.
+    pub fn reload_tls(&self) -> Result<(), BridgeError> {
+        self.tls.reload()
     }
 
     /// The NIDD callback URL of a device's configuration.
@@ -150,8 +197,31 @@ impl Bridge {
         secrets: &'static (dyn SecretSource + Send + Sync),
         store_options: StoreOptions,
     ) -> Result<BoundBridge, BridgeError> {
-        ensure_file_descriptors(config.devices.len())?;
+        ensure_file_descriptors(
+            config.devices.len(),
+            config.callback.limits.max_connections + config.admin.limits.max_connections,
+        )?;
         let metrics = Arc::new(Metrics::new()?);
+        let [callback_files, admin_files] = listener_tls_files(&config);
+        let tls = |(listener, files): (&'static str, Option<TlsFiles>)| {
+            files
+                .map(|files| ReloadableTls::load(listener, files, metrics.tls_reloads.clone()))
+                .transpose()
+                .map(|tls| tls.map(Arc::new))
+                .map_err(|e| BridgeError::Tls(e.to_string()))
+        };
+        let callback_tls = tls(callback_files)?;
+        let admin_tls = tls(admin_files)?;
+        let listener_parts = ListenerParts {
+            callback_limits: config.callback.limits,
+            admin_limits: config.admin.limits,
+            rate_limit: config.callback.rate_limit,
+            tls: TlsReload {
+                listeners: callback_tls.iter().chain(&admin_tls).cloned().collect(),
+            },
+            callback_tls,
+            admin_tls,
+        };
         let bearer = config.bearer_token(secrets)?;
         let admin_guard = AdminGuard::new(&config.admin, secrets, metrics.admin_refusals.clone())?;
         let t8 = Arc::new(
@@ -176,8 +246,15 @@ impl Bridge {
         let admin_addr = local_addr(&admin_listener, config.admin.listen)?;
         let public_url = match &config.callback.public_url {
             Some(url) => url.clone(),
-            None => Url::parse(&format!("http://{callback_addr}"))
-                .map_err(|e| crate::config::ConfigError::Invalid(format!("callback URL: {e}")))?,
+            None => Url::parse(&format!(
+                "{}://{callback_addr}",
+                if listener_parts.callback_tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            ))
+            .map_err(|e| crate::config::ConfigError::Invalid(format!("callback URL: {e}")))?,
         };
 
         let bootstrap = config
@@ -344,6 +421,7 @@ impl Bridge {
         tracing::info!(devices = devices.len(), %callback_addr, %admin_addr, "bridge bound");
         Ok(BoundBridge {
             parts: Parts {
+                listeners: listener_parts,
                 devices,
                 uplinks,
                 downlinks,
@@ -369,17 +447,24 @@ impl BoundBridge {
         self.handle().device_address(id)
     }
 
+    /// Reloads the listeners' TLS certificates; [`reload_on_sighup`] drives it from SIGHUP.
+    pub fn tls_reload(&self) -> TlsReload {
+        self.parts.listeners.tls.clone()
+    }
+
     /// A handle that stays valid while the bridge runs.
     pub fn handle(&self) -> BridgeHandle {
         BridgeHandle {
             devices: self.parts.devices.clone(),
             public_url: self.parts.public_url.clone(),
+            tls: self.parts.listeners.tls.clone(),
         }
     }
 
     /// Serves until `shutdown` completes, then stops every task and flushes the store.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BridgeError> {
         let Parts {
+            listeners: listener_parts,
             devices,
             uplinks,
             downlinks,
@@ -430,6 +515,31 @@ impl BoundBridge {
             admin_guard.clone(),
             cancel.clone(),
         ));
+        let known_tokens = {
+            let devices = devices.clone();
+            Arc::new(move |token: &str| devices.by_token(token).is_some())
+        };
+        let callback_settings = ListenerSettings {
+            name: "callback",
+            limits: listener_parts.callback_limits,
+            max_body_bytes,
+            tls: listener_parts.callback_tls,
+            rate_limit: Some(TokenRateLimiter::new(
+                listener_parts.rate_limit,
+                known_tokens,
+            )),
+            refusals: metrics.listener_refusals.clone(),
+            connections: metrics.listener_connections.clone(),
+        };
+        let admin_settings = ListenerSettings {
+            name: "admin",
+            limits: listener_parts.admin_limits,
+            max_body_bytes: ADMIN_MAX_BODY_BYTES,
+            tls: listener_parts.admin_tls,
+            rate_limit: None,
+            refusals: metrics.listener_refusals.clone(),
+            connections: metrics.listener_connections.clone(),
+        };
         let callback_app = callback::router(CallbackState {
             devices: devices.clone(),
             uplinks,
@@ -447,14 +557,19 @@ impl BoundBridge {
             guard: admin_guard,
             rotation,
         });
-        let stop = cancel.clone();
-        let callback_server = axum::serve(self.callback_listener, callback_app)
-            .with_graceful_shutdown(async move { stop.cancelled().await });
-        let stop = cancel.clone();
-        let admin_server = axum::serve(self.admin_listener, admin_app)
-            .with_graceful_shutdown(async move { stop.cancelled().await });
-        let servers =
-            async { tokio::try_join!(callback_server.into_future(), admin_server.into_future()) };
+        let callback_server = listener::serve(
+            self.callback_listener,
+            callback_app,
+            callback_settings,
+            cancel.clone(),
+        );
+        let admin_server = listener::serve(
+            self.admin_listener,
+            admin_app,
+            admin_settings,
+            cancel.clone(),
+        );
+        let servers = async { tokio::try_join!(callback_server, admin_server) };
         tokio::pin!(servers);
         let finished_early = tokio::select! {
             result = &mut servers => Some(result),
@@ -518,10 +633,85 @@ async fn reload_admin_token_on_sighup(guard: AdminGuard, cancel: CancellationTok
     }
 }
 
+/// Each listener's TLS files, when it serves TLS.
+fn listener_tls_files(config: &Config) -> [(&'static str, Option<TlsFiles>); 2] {
+    let files = |cert: &Option<std::path::PathBuf>,
+                 key: &Option<std::path::PathBuf>,
+                 client_ca: &Option<std::path::PathBuf>| {
+        Some(TlsFiles {
+            cert: cert.clone()?,
+            key: key.clone()?,
+            client_ca: client_ca.clone(),
+        })
+    };
+    [
+        (
+            "callback",
+            files(
+                &config.callback.tls_cert_file,
+                &config.callback.tls_key_file,
+                &config.callback.client_ca_file,
+            ),
+        ),
+        (
+            "admin",
+            files(
+                &config.admin.tls_cert_file,
+                &config.admin.tls_key_file,
+                &None,
+            ),
+        ),
+    ]
+}
+
+/// Reads every listener's certificate, key and client CA as `bind` would, so `check-config`
+/// refuses files that would not start the bridge (not PEM, key not matching the certificate).
+pub fn check_tls(config: &Config) -> Result<(), BridgeError> {
+    for (listener, files) in listener_tls_files(config) {
+        if let Some(files) = files {
+            crate::http::tls::server_config(listener, &files)
+                .map_err(|e| BridgeError::Tls(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reloads `tls` on every SIGHUP, for as long as the process runs: what `nidd-bridge run`
+/// spawns beside the bridge. The handler is installed when this is called (within the
+/// runtime), not when the future first runs, so a SIGHUP right after start-up is not fatal.
+pub fn reload_on_sighup(tls: TlsReload) -> impl Future<Output = ()> + Send + 'static {
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        let Ok(mut hangups) = hangups else {
+            tracing::warn!("cannot listen for SIGHUP; TLS certificates are not reloaded");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading TLS certificates");
+            // A failure is logged and counted where it happens; the old certificates stay.
+            let _ = tls.reload();
+        }
+    }
+}
+
+/// Connections the kernel may hold completed but not yet accepted (capped by
+/// `net.core.somaxconn`). Deeper than tokio's 1024 so a burst of connections waits for the
+/// accept loop, which sheds idle ones, instead of having its handshakes dropped.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn listen(address: SocketAddr) -> Result<TcpListener, BridgeError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| BridgeError::Listen { address, source })
+    let listen = || {
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind` does: a restarted bridge binds its port again at once.
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| BridgeError::Listen { address, source })
 }
 
 fn local_addr(listener: &TcpListener, address: SocketAddr) -> Result<SocketAddr, BridgeError> {
@@ -530,9 +720,11 @@ fn local_addr(listener: &TcpListener, address: SocketAddr) -> Result<SocketAddr,
         .map_err(|source| BridgeError::Listen { address, source })
 }
 
-/// One descriptor per device socket: raise the soft limit or refuse to start.
-fn ensure_file_descriptors(devices: usize) -> Result<(), BridgeError> {
-    let needed = devices as u64 + SPARE_FILE_DESCRIPTORS;
+/// One descriptor per device socket and per connection the listeners may hold, plus a spare
+/// reserve, so a saturated callback listener cannot take the descriptors `/healthz`, the store
+/// or the T8 client need: raise the soft limit or refuse to start.
+fn ensure_file_descriptors(devices: usize, connections: usize) -> Result<(), BridgeError> {
+    let needed = devices as u64 + connections as u64 + SPARE_FILE_DESCRIPTORS;
     let limit = rlimit::increase_nofile_limit(needed).unwrap_or(0);
     if limit < needed {
         return Err(BridgeError::FileDescriptors {

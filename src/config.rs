@@ -262,11 +262,30 @@ pub struct ScefConfig {
 #[serde(deny_unknown_fields)]
 pub struct CallbackConfig {
     pub listen: SocketAddr,
-    /// Base URL the SCEF is told to call; defaults to `http://<bound listen address>`.
+    /// Base URL the SCEF is told to call; defaults to `http://<bound listen address>`, or
+    /// `https://` when this listener serves TLS.
     pub public_url: Option<Url>,
     /// Largest accepted notification body.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// PEM certificate chain to serve HTTPS with (together with `tls_key_file`); re-read on
+    /// SIGHUP.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: when set, every client must present a certificate signed by one
+    /// of them (mTLS). Needs `tls_cert_file`; re-read on SIGHUP.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Timeouts and the connection cap of this listener.
+    #[serde(default)]
+    pub limits: ListenerLimits,
+    /// Requests per capability token, so one leaked or misbehaving callback URL cannot starve
+    /// the others.
+    #[serde(default)]
+    pub rate_limit: TokenRateLimit,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -287,6 +306,16 @@ pub struct AdminConfig {
     /// `localhost`; any other Host is refused (421), which defeats DNS rebinding.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_hosts: Vec<String>,
+    /// PEM certificate chain to serve the admin API over HTTPS (with `tls_key_file`); re-read
+    /// on SIGHUP.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// Timeouts and the connection cap of this listener.
+    #[serde(default = "ListenerLimits::admin")]
+    pub limits: ListenerLimits,
 }
 
 impl AdminConfig {
@@ -298,6 +327,9 @@ impl AdminConfig {
             bearer_token_file: None,
             metrics_public: false,
             allowed_hosts: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            limits: ListenerLimits::admin(),
         }
     }
 
@@ -336,6 +368,158 @@ impl AdminConfig {
                 )
             })
     }
+}
+
+/// Connection management of one HTTP listener: how long a client may take at each step and
+/// how many connections it may hold open. Every refusal is counted in
+/// `nidd_bridge_listener_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerLimits {
+    /// Most connections open at once (TLS handshakes included). When full, a new connection
+    /// closes the one idle longest (not inside a request); when none is idle it is refused.
+    /// Each one is a file descriptor, reserved at start-up.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Longest a request head may take from its first byte to its last.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Longest a request body may take once its head has arrived; a stalled body gets 408 and
+    /// the connection is closed.
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Longest a connection may wait, idle, for its first or next request.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Longest a TLS handshake may take (only with TLS on).
+    #[serde(default = "default_tls_handshake_timeout_ms")]
+    pub tls_handshake_timeout_ms: u64,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            tls_handshake_timeout_ms: default_tls_handshake_timeout_ms(),
+        }
+    }
+}
+
+impl ListenerLimits {
+    /// The admin listener's defaults: few operators and scrapers, so fewer connections.
+    pub fn admin() -> Self {
+        Self {
+            max_connections: 64,
+            ..Self::default()
+        }
+    }
+
+    fn validate(&self, table: &str) -> Result<(), ConfigError> {
+        if !(1..=MAX_LISTENER_CONNECTIONS).contains(&self.max_connections) {
+            return Err(ConfigError::Invalid(format!(
+                "{table}.max_connections must be between 1 and {MAX_LISTENER_CONNECTIONS}"
+            )));
+        }
+        for (name, value) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
+        ] {
+            if !(10..=MAX_LISTENER_TIMEOUT_MS).contains(&value) {
+                return Err(ConfigError::Invalid(format!(
+                    "{table}.{name} must be between 10 and {MAX_LISTENER_TIMEOUT_MS}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Most connections one listener may be configured to hold.
+const MAX_LISTENER_CONNECTIONS: usize = 1_000_000;
+/// Longest any listener timeout may be: an hour.
+const MAX_LISTENER_TIMEOUT_MS: u64 = 3_600_000;
+
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_body_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_tls_handshake_timeout_ms() -> u64 {
+    10_000
+}
+
+/// A token bucket per callback capability token (`/t8/v1/{api}/{token}`). Tokens no device
+/// holds share one bucket, so probing cannot grow the bridge's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRateLimit {
+    /// Sustained requests per second per token; more get 429 with `Retry-After`.
+    #[serde(default = "default_token_requests_per_s")]
+    pub requests_per_s: u32,
+    /// Requests a token may send at once above the sustained rate.
+    #[serde(default = "default_token_burst")]
+    pub burst: u32,
+}
+
+impl Default for TokenRateLimit {
+    fn default() -> Self {
+        Self {
+            requests_per_s: default_token_requests_per_s(),
+            burst: default_token_burst(),
+        }
+    }
+}
+
+fn default_token_requests_per_s() -> u32 {
+    20
+}
+fn default_token_burst() -> u32 {
+    100
+}
+
+/// Checks one listener's TLS files: a key only with a certificate, a client CA only with TLS,
+/// and every named file readable.
+fn validate_tls_files(
+    table: &str,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    client_ca: Option<&Path>,
+) -> Result<(), ConfigError> {
+    let invalid = |m: String| Err(ConfigError::Invalid(m));
+    match (cert, key) {
+        (Some(_), None) => return invalid(format!("{table}.tls_cert_file needs tls_key_file")),
+        (None, Some(_)) => return invalid(format!("{table}.tls_key_file needs tls_cert_file")),
+        _ => {}
+    }
+    if client_ca.is_some() && cert.is_none() {
+        return invalid(format!(
+            "{table}.client_ca_file needs TLS (tls_cert_file and tls_key_file)"
+        ));
+    }
+    for (name, path) in [
+        ("tls_cert_file", cert),
+        ("tls_key_file", key),
+        ("client_ca_file", client_ca),
+    ] {
+        if let Some(path) = path
+            && let Err(error) = std::fs::File::open(path)
+        {
+            return invalid(format!("{table}.{name} {}: {error}", path.display()));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -639,6 +823,33 @@ impl Config {
         }
         if self.scef.provisioning_concurrency == 0 {
             return invalid("scef.provisioning_concurrency must be at least 1".into());
+        }
+        validate_tls_files(
+            "callback",
+            self.callback.tls_cert_file.as_deref(),
+            self.callback.tls_key_file.as_deref(),
+            self.callback.client_ca_file.as_deref(),
+        )?;
+        validate_tls_files(
+            "admin",
+            self.admin.tls_cert_file.as_deref(),
+            self.admin.tls_key_file.as_deref(),
+            None,
+        )?;
+        self.callback.limits.validate("callback.limits")?;
+        self.admin.limits.validate("admin.limits")?;
+        if self.callback.rate_limit.requests_per_s == 0 || self.callback.rate_limit.burst == 0 {
+            return invalid(
+                "callback.rate_limit.requests_per_s and burst must be at least 1".into(),
+            );
+        }
+        if let Some(url) = &self.callback.public_url
+            && url.scheme() == "http"
+            && self.callback.tls_cert_file.is_some()
+        {
+            return invalid(
+                "callback.public_url is http:// but the callback listener serves TLS".into(),
+            );
         }
         if !(64..=1024 * 1024).contains(&self.callback.max_body_bytes) {
             return invalid("callback.max_body_bytes must be between 64 and 1048576".into());
@@ -1007,5 +1218,89 @@ mod tests {
         assert!("9-7".parse::<PortRange>().is_err());
         assert!("0-7".parse::<PortRange>().is_err());
         assert!("x".parse::<PortRange>().is_err());
+    }
+
+    /// `minimal` with `keys` added to its `[callback]` table.
+    fn with_callback_keys(keys: &str) -> String {
+        minimal("").replacen("[admin]", &format!("{keys}\n[admin]"), 1)
+    }
+
+    #[test]
+    fn listener_tls_needs_both_files_and_a_client_ca_needs_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("present.pem");
+        std::fs::write(&file, "-").unwrap();
+        let file = file.display();
+        for (keys, expected) in [
+            (
+                format!("tls_key_file = \"{file}\""),
+                "callback.tls_key_file needs tls_cert_file",
+            ),
+            (
+                format!("tls_cert_file = \"{file}\""),
+                "callback.tls_cert_file needs tls_key_file",
+            ),
+            (
+                format!("client_ca_file = \"{file}\""),
+                "callback.client_ca_file needs TLS",
+            ),
+            (
+                format!("tls_cert_file = \"{file}\"\ntls_key_file = \"/nonexistent/key.pem\""),
+                "callback.tls_key_file /nonexistent/key.pem",
+            ),
+            (
+                format!(
+                    "tls_cert_file = \"{file}\"\ntls_key_file = \"{file}\"\npublic_url = \"http://x\""
+                ),
+                "public_url is http://",
+            ),
+        ] {
+            let err = Config::parse(&with_callback_keys(&keys)).unwrap_err();
+            assert!(err.to_string().contains(expected), "{keys}: {err}");
+            assert!(!err.to_string().contains('\n'), "one line: {err}");
+        }
+        let ok = format!(
+            "tls_cert_file = \"{file}\"\ntls_key_file = \"{file}\"\nclient_ca_file = \"{file}\""
+        );
+        assert!(Config::parse(&with_callback_keys(&ok)).is_ok());
+        let admin_key_only = minimal("").replacen(
+            "[[lwm2m_servers]]",
+            &format!("tls_key_file = \"{file}\"\n[[lwm2m_servers]]"),
+            1,
+        );
+        let err = Config::parse(&admin_key_only).unwrap_err();
+        assert!(err.to_string().contains("admin.tls_key_file"), "{err}");
+    }
+
+    #[test]
+    fn listener_limits_default_safely_and_are_bounded() {
+        // The shipped example documents the defaults themselves.
+        let example = Config::parse(EXAMPLE_CONFIG).unwrap();
+        assert_eq!(example.callback.limits, ListenerLimits::default());
+        assert_eq!(example.admin.limits, ListenerLimits::admin());
+        assert_eq!(example.callback.rate_limit, TokenRateLimit::default());
+        let config = Config::parse(&minimal("")).unwrap();
+        assert_eq!(config.callback.limits, ListenerLimits::default());
+        assert_eq!(config.admin.limits, ListenerLimits::admin());
+        assert!(config.admin.limits.max_connections < config.callback.limits.max_connections);
+        let err = Config::parse(&minimal("[callback.limits]\nmax_connections = 0")).unwrap_err();
+        assert!(
+            err.to_string().contains("callback.limits.max_connections"),
+            "{err}"
+        );
+        let err = Config::parse(&minimal("[admin.limits]\nidle_timeout_ms = 0")).unwrap_err();
+        assert!(
+            err.to_string().contains("admin.limits.idle_timeout_ms"),
+            "{err}"
+        );
+        let err = Config::parse(&minimal("[callback.rate_limit]\nburst = 0")).unwrap_err();
+        assert!(err.to_string().contains("rate_limit"), "{err}");
+        let tuned = Config::parse(&minimal(
+            "[callback.limits]\nmax_connections = 10\n[callback.rate_limit]\nrequests_per_s = 1",
+        ))
+        .unwrap();
+        assert_eq!(tuned.callback.limits.max_connections, 10);
+        assert_eq!(tuned.callback.limits.idle_timeout_ms, 60_000);
+        assert_eq!(tuned.callback.rate_limit.requests_per_s, 1);
     }
 }

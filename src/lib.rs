@@ -5,7 +5,8 @@
 //! up (see ARCHITECTURE.md):
 //!
 //! - wiring: [`bridge`] binds everything (`Bridge::bind`) and runs it (`BoundBridge::run`).
-//! - edges: `http` (the T8 callback server and the admin API, RFC 7807 problems) and
+//! - edges: `http` (the T8 callback server and the admin API, RFC 7807 problems, the
+//!   HTTP/1.1 listener both run on with TLS, timeouts, connection cap and rate limit) and
 //!   `provision` (NIDD configurations and monitoring subscriptions kept in place at the SCEF).
 //! - paths: `mo` (uplink verdict and forwarding to the LwM2M server) and `mt` (downlink
 //!   admission, the durable queue, the per-device flusher delivering through T8).
@@ -35,7 +36,9 @@ mod socket;
 mod store;
 pub mod t8;
 
-pub use bridge::{BoundBridge, Bridge, BridgeError, BridgeHandle, shutdown_signal};
+pub use bridge::{
+    BoundBridge, Bridge, BridgeError, BridgeHandle, TlsReload, reload_on_sighup, shutdown_signal,
+};
 pub use config::Config;
 pub use identity::{DeviceId, ExternalId, Msisdn};
 pub use store::StoreError;

@@ -79,10 +79,14 @@ fn init_logging(format: &str) {
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|error| {
+    let bad = |error: &dyn std::fmt::Display| {
         eprintln!("nidd-bridge: {}: {error}", path.display());
         ExitCode::from(EXIT_BAD_CONFIG)
-    })
+    };
+    let config = Config::load(path).map_err(|error| bad(&error))?;
+    // Certificates that would not load are a bad configuration too, not a failed start.
+    nidd_bridge::bridge::check_tls(&config).map_err(|error| bad(&error))?;
+    Ok(config)
 }
 
 fn check_config(path: PathBuf) -> ExitCode {
@@ -121,6 +125,9 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // SIGHUP reloads the listeners' TLS certificates without dropping a connection; handled
+    // from before the process says it listens.
+    tokio::spawn(nidd_bridge::reload_on_sighup(bridge.tls_reload()));
     // One machine-readable line for supervisors and tests that start the bridge on port 0.
     println!(
         "{}",

@@ -3,8 +3,8 @@
 //! never a device identity.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 const PREFIX: &str = "nidd_bridge";
@@ -59,6 +59,12 @@ pub struct Metrics {
     pub coap_messages: IntCounterVec,
     pub t8_credential_refreshes: IntCounterVec,
     pub devices_forbidden: IntGauge,
+    /// Connections and requests the HTTP listeners refused or closed, by listener and reason.
+    pub listener_refusals: IntCounterVec,
+    /// Open connections per HTTP listener.
+    pub listener_connections: IntGaugeVec,
+    /// TLS certificate reloads (SIGHUP), by listener and outcome.
+    pub tls_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -249,6 +255,24 @@ impl Metrics {
             devices_forbidden: gauge(
                 "devices_forbidden",
                 "Devices whose last MT delivery the SCEF refused with 403 (not ready)",
+            )?,
+            listener_refusals: counter_vec(
+                "listener_refusals_total",
+                "Connections and requests the HTTP listeners refused or closed, by listener and reason",
+                &["listener", "reason"],
+            )?,
+            listener_connections: {
+                let g = IntGaugeVec::new(
+                    Opts::new("listener_connections", "Open connections per HTTP listener"),
+                    &["listener"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            tls_reloads: counter_vec(
+                "tls_reloads_total",
+                "TLS certificate reloads of the HTTP listeners, by listener and outcome",
+                &["listener", "outcome"],
             )?,
             registry,
         })

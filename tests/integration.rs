@@ -20,6 +20,7 @@ mod integration {
     pub mod downlink;
     pub mod integrity;
     pub mod layout;
+    pub mod listeners;
     pub mod lwm2m_ops;
     pub mod mt_crash;
     pub mod oscore_bridge;

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{
-    AdminConfig, CallbackConfig, Config, ConfigError, DeviceConfig, HexBytes, Lwm2mServerConfig,
-    NiddDefaults, OneOrMany, PortRange, PsmConfig, ScefConfig, ServerRole, SocketsConfig,
-    StoreConfig,
+    AdminConfig, CallbackConfig, Config, ConfigError, DeviceConfig, HexBytes, ListenerLimits,
+    Lwm2mServerConfig, NiddDefaults, OneOrMany, PortRange, PsmConfig, ScefConfig, ServerRole,
+    SocketsConfig, StoreConfig, TokenRateLimit,
 };
 use url::Url;
 
@@ -50,6 +50,11 @@ impl BridgeConfigBuilder {
                     listen: any_port,
                     public_url: None,
                     max_body_bytes: 16 * 1024,
+                    tls_cert_file: None,
+                    tls_key_file: None,
+                    client_ca_file: None,
+                    limits: ListenerLimits::default(),
+                    rate_limit: TokenRateLimit::default(),
                 },
                 admin: AdminConfig::on(any_port),
                 lwm2m_servers: Vec::new(),
@@ -125,7 +130,7 @@ impl BridgeConfigBuilder {
     }
 
     /// Sets the admin listener's options (`[admin]`: bearer token file, public metrics,
-    /// allowed hosts). The default has no token and listens on loopback.
+    /// allowed hosts, TLS, limits). The default has no token and listens on loopback.
     pub fn admin(mut self, options: impl FnOnce(&mut AdminConfig)) -> Self {
         options(&mut self.config.admin);
         self

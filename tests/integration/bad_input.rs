@@ -213,7 +213,6 @@ async fn bad_input_is_refused_counted_and_harmless() {
         ("uplink", "device_not_in_configuration"),
         ("uplink", "endpoint_mismatch"),
         ("uplink", "payload_too_large"),
-        ("unknown", "body_too_large"),
         ("uplink", "not_coap"),
     ] {
         let sample =
@@ -224,6 +223,14 @@ async fn bad_input_is_refused_counted_and_harmless() {
         metric(
             &text,
             "nidd_bridge_dropped_datagrams_total{direction=\"mo\",reason=\"endpoint_mismatch\"}"
+        ),
+        1.0
+    );
+    // The body over the limit was refused by the listener before it was read.
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_listener_refusals_total{listener=\"callback\",reason=\"body_too_large\"}"
         ),
         1.0
     );
