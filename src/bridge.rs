@@ -32,7 +32,6 @@ use crate::routing::Router;
 use crate::socket::{DeviceSocket, RelayError, SocketPool};
 use crate::store::{DeviceRecord, Store, StoreError, StoreOptions};
 use crate::t8::T8Client;
-use crate::t8::client::ConfiguredCredentials;
 
 /// How long shutdown waits for in-flight HTTP requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -149,20 +148,12 @@ impl Bridge {
     ) -> Result<BoundBridge, BridgeError> {
         ensure_file_descriptors(config.devices.len())?;
         let metrics = Arc::new(Metrics::new()?);
-        let bearer = config.bearer_token(secrets)?;
-        let t8 = Arc::new(
-            T8Client::new(
-                config.scef.base_url.clone(),
-                config.scef.scs_as_id.clone(),
-                bearer,
-                Duration::from_millis(config.scef.request_timeout_ms),
-                metrics.clone(),
-            )?
-            .with_credentials(Arc::new(ConfiguredCredentials::new(
-                config.scef.clone(),
-                secrets,
-            ))),
-        );
+        // TLS files and secrets are read now: a bad one stops the start with its key named.
+        let t8 = Arc::new(T8Client::from_config(
+            &config.scef,
+            secrets,
+            metrics.clone(),
+        )?);
         let mut store_options = store_options;
         store_options.metrics = Some(metrics.clone());
         let store = Store::open_with(&config.store.path, store_options)?;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use nidd_bridge::Bridge;
 use nidd_bridge::config::{Config, EXAMPLE_CONFIG, ProcessSecrets};
+use nidd_bridge::t8::T8Client;
 
 /// sysexits EX_USAGE / EX_CONFIG-style code for a bad configuration.
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -90,7 +91,8 @@ fn check_config(path: PathBuf) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(error) = config.bearer_token(&ProcessSecrets) {
+    // Reads the TLS files and the secrets, and builds the T8 client, exactly as `run` does.
+    if let Err(error) = T8Client::check_config(&config.scef, &ProcessSecrets) {
         eprintln!("nidd-bridge: {}: {error}", path.display());
         return ExitCode::from(EXIT_BAD_CONFIG);
     }

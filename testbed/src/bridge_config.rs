@@ -45,6 +45,14 @@ impl BridgeConfigBuilder {
                     retry_initial_ms: 50,
                     retry_max_ms: 200,
                     provisioning_concurrency: 16,
+                    // A mock SCEF on loopback may be plain http; an https one is trusted
+                    // through `ca_file` (see `scef`).
+                    allow_insecure_http: api_root.scheme() == "http",
+                    ca_file: None,
+                    use_system_roots: None,
+                    client_cert_file: None,
+                    client_key_file: None,
+                    oauth2: None,
                 },
                 callback: CallbackConfig {
                     listen: any_port,
