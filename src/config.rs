@@ -1060,6 +1060,113 @@ mod tests {
     }
 
     #[test]
+    fn plain_http_to_the_scef_needs_allow_insecure_http() {
+        let text = minimal("").replace("allow_insecure_http = true\n", "");
+        let error = Config::parse(&text).unwrap_err().to_string();
+        assert!(error.contains("allow_insecure_http"), "{error}");
+        assert!(!error.contains('\n'), "one line: {error}");
+        let https = text.replace("http://127.0.0.1:8080", "https://scef.example");
+        assert!(Config::parse(&https).is_ok());
+    }
+
+    fn with_scef(keys: &str) -> String {
+        minimal("").replace(
+            "allow_insecure_http = true\n",
+            &format!("allow_insecure_http = true\n{keys}\n"),
+        )
+    }
+
+    const OAUTH2: &str = "[scef.oauth2]\ntoken_url = \"https://auth.example/token\"\nclient_id = \"bridge\"\nclient_secret_file = \"/run/secrets/client\"";
+
+    #[test]
+    fn oauth2_and_its_exclusions() {
+        // [scef.oauth2] is a sub-table: it must follow the [scef] keys.
+        let text = minimal("").replace("[callback]", &format!("{OAUTH2}\n[callback]"));
+        let config = Config::parse(&text).unwrap();
+        let oauth2 = config.scef.oauth2.as_ref().unwrap();
+        assert_eq!(oauth2.auth_method, OAuth2AuthMethod::ClientSecretBasic);
+        let secrets = FakeSecrets(HashMap::from([(
+            "/run/secrets/client".into(),
+            "client-s3cret\n".into(),
+        )]));
+        let secret = config.scef.oauth2_client_secret(&secrets).unwrap().unwrap();
+        assert_eq!(secret.expose(), "client-s3cret");
+        let debug = format!("{:?} {secret:?}", config.scef);
+        assert!(!debug.contains("client-s3cret"), "{debug}");
+        let missing = config.scef.oauth2_client_secret(&FakeSecrets(HashMap::new()));
+        assert!(
+            missing.unwrap_err().to_string().contains("client_secret_file"),
+            "a missing secret file names its key"
+        );
+
+        for (keys, expected) in [
+            ("bearer_token_env = \"T8\"", "exclude each other"),
+            ("bearer_token_file = \"/t\"", "exclude each other"),
+        ] {
+            let text = with_scef(keys).replace("[callback]", &format!("{OAUTH2}\n[callback]"));
+            let error = Config::parse(&text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{keys}: {error}");
+        }
+        let http_token = minimal("").replace(
+            "[callback]",
+            &format!("{}\n[callback]", OAUTH2.replace("https://auth", "http://auth")),
+        );
+        assert!(Config::parse(&http_token).is_ok(), "allowed with allow_insecure_http");
+        let refused = http_token
+            .replace("allow_insecure_http = true\n", "")
+            .replace("http://127.0.0.1:8080", "https://scef.example");
+        let error = Config::parse(&refused).unwrap_err().to_string();
+        assert!(error.contains("token_url"), "{error}");
+        let both_secrets = minimal("").replace(
+            "[callback]",
+            &format!("{OAUTH2}\nclient_secret_env = \"S\"\n[callback]"),
+        );
+        assert!(Config::parse(&both_secrets).is_err());
+    }
+
+    #[test]
+    fn tls_keys_are_checked_and_their_files_read() {
+        for (keys, expected) in [
+            ("client_cert_file = \"/c.pem\"", "go together"),
+            ("client_key_file = \"/k.pem\"", "go together"),
+            ("use_system_roots = false", "ca_file"),
+        ] {
+            let error = Config::parse(&with_scef(keys)).unwrap_err().to_string();
+            assert!(error.contains(expected), "{keys}: {error}");
+        }
+        let config = Config::parse(&with_scef(
+            "ca_file = \"/ca.pem\"\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/k.pem\"",
+        ))
+        .unwrap();
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+        let files = |entries: &[(&str, &str)]| {
+            FakeSecrets(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let tls = config
+            .scef
+            .tls_files(&files(&[("/ca.pem", cert), ("/c.pem", cert), ("/k.pem", key)]))
+            .unwrap();
+        assert!(tls.ca_pem.is_some() && !tls.use_system_roots, "a CA file alone by default");
+        assert!(!format!("{tls:?}").contains("MIIE"), "the key never prints");
+        for (present, expected) in [
+            (&[("/c.pem", cert), ("/k.pem", key)][..], "scef.ca_file"),
+            (&[("/ca.pem", cert), ("/k.pem", key)][..], "scef.client_cert_file"),
+            (&[("/ca.pem", cert), ("/c.pem", cert)][..], "scef.client_key_file"),
+            (&[("/ca.pem", key), ("/c.pem", cert), ("/k.pem", key)][..], "no PEM certificate"),
+            (&[("/ca.pem", cert), ("/c.pem", cert), ("/k.pem", cert)][..], "no PEM private key"),
+        ] {
+            let error = config.scef.tls_files(&files(present)).unwrap_err().to_string();
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
+    }
+
+    #[test]
     fn port_ranges_parse() {
         assert_eq!("7-9".parse::<PortRange>().unwrap().len(), 3);
         assert_eq!("5".parse::<PortRange>().unwrap().len(), 1);

