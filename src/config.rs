@@ -1093,9 +1093,14 @@ mod tests {
         assert_eq!(secret.expose(), "client-s3cret");
         let debug = format!("{:?} {secret:?}", config.scef);
         assert!(!debug.contains("client-s3cret"), "{debug}");
-        let missing = config.scef.oauth2_client_secret(&FakeSecrets(HashMap::new()));
+        let missing = config
+            .scef
+            .oauth2_client_secret(&FakeSecrets(HashMap::new()));
         assert!(
-            missing.unwrap_err().to_string().contains("client_secret_file"),
+            missing
+                .unwrap_err()
+                .to_string()
+                .contains("client_secret_file"),
             "a missing secret file names its key"
         );
 
@@ -1109,9 +1114,15 @@ mod tests {
         }
         let http_token = minimal("").replace(
             "[callback]",
-            &format!("{}\n[callback]", OAUTH2.replace("https://auth", "http://auth")),
+            &format!(
+                "{}\n[callback]",
+                OAUTH2.replace("https://auth", "http://auth")
+            ),
         );
-        assert!(Config::parse(&http_token).is_ok(), "allowed with allow_insecure_http");
+        assert!(
+            Config::parse(&http_token).is_ok(),
+            "allowed with allow_insecure_http"
+        );
         let refused = http_token
             .replace("allow_insecure_http = true\n", "")
             .replace("http://127.0.0.1:8080", "https://scef.example");
@@ -1150,18 +1161,41 @@ mod tests {
         };
         let tls = config
             .scef
-            .tls_files(&files(&[("/ca.pem", cert), ("/c.pem", cert), ("/k.pem", key)]))
+            .tls_files(&files(&[
+                ("/ca.pem", cert),
+                ("/c.pem", cert),
+                ("/k.pem", key),
+            ]))
             .unwrap();
-        assert!(tls.ca_pem.is_some() && !tls.use_system_roots, "a CA file alone by default");
+        assert!(
+            tls.ca_pem.is_some() && !tls.use_system_roots,
+            "a CA file alone by default"
+        );
         assert!(!format!("{tls:?}").contains("MIIE"), "the key never prints");
         for (present, expected) in [
             (&[("/c.pem", cert), ("/k.pem", key)][..], "scef.ca_file"),
-            (&[("/ca.pem", cert), ("/k.pem", key)][..], "scef.client_cert_file"),
-            (&[("/ca.pem", cert), ("/c.pem", cert)][..], "scef.client_key_file"),
-            (&[("/ca.pem", key), ("/c.pem", cert), ("/k.pem", key)][..], "no PEM certificate"),
-            (&[("/ca.pem", cert), ("/c.pem", cert), ("/k.pem", cert)][..], "no PEM private key"),
+            (
+                &[("/ca.pem", cert), ("/k.pem", key)][..],
+                "scef.client_cert_file",
+            ),
+            (
+                &[("/ca.pem", cert), ("/c.pem", cert)][..],
+                "scef.client_key_file",
+            ),
+            (
+                &[("/ca.pem", key), ("/c.pem", cert), ("/k.pem", key)][..],
+                "no PEM certificate",
+            ),
+            (
+                &[("/ca.pem", cert), ("/c.pem", cert), ("/k.pem", cert)][..],
+                "no PEM private key",
+            ),
         ] {
-            let error = config.scef.tls_files(&files(present)).unwrap_err().to_string();
+            let error = config
+                .scef
+                .tls_files(&files(present))
+                .unwrap_err()
+                .to_string();
             assert!(error.contains(expected), "{expected}: {error}");
         }
     }

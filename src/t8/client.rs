@@ -786,13 +786,14 @@ pub(crate) fn is_tls_error(error: &reqwest::Error) -> bool {
         if error.is::<rustls::Error>() {
             return true;
         }
-        // `io::Error::source` skips the error it wraps; rustls reports through one.
-        if let Some(io) = error.downcast_ref::<std::io::Error>()
-            && io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-        {
-            return true;
+        // `io::Error::source` skips the error it wraps; rustls reports through one, which
+        // the connector may wrap in another.
+        let mut io = error.downcast_ref::<std::io::Error>();
+        while let Some(inner) = io.and_then(std::io::Error::get_ref) {
+            if inner.is::<rustls::Error>() {
+                return true;
+            }
+            io = inner.downcast_ref::<std::io::Error>();
         }
         cause = error.source();
     }

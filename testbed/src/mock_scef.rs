@@ -845,7 +845,8 @@ async fn serve_tls(
 fn server_tls_config(tls: &MockTls) -> Result<rustls::ServerConfig, MockError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |what: &str, error: &dyn std::fmt::Display| MockError::Tls(format!("{what}: {error}"));
+    let bad =
+        |what: &str, error: &dyn std::fmt::Display| MockError::Tls(format!("{what}: {error}"));
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let certificates = CertificateDer::pem_file_iter(&tls.cert_file)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -857,15 +858,19 @@ fn server_tls_config(tls: &MockTls) -> Result<rustls::ServerConfig, MockError> {
     let builder = match &tls.client_ca_file {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for certificate in CertificateDer::pem_file_iter(ca).map_err(|e| bad("client CA", &e))? {
+            for certificate in
+                CertificateDer::pem_file_iter(ca).map_err(|e| bad("client CA", &e))?
+            {
                 roots
                     .add(certificate.map_err(|e| bad("client CA", &e))?)
                     .map_err(|e| bad("client CA", &e))?;
             }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| bad("client verifier", &e))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad("client verifier", &e))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -878,7 +883,11 @@ fn server_tls_config(tls: &MockTls) -> Result<rustls::ServerConfig, MockError> {
 }
 
 /// OAuth2 mode: a T8 request needs `Authorization: Bearer <a token issued and not expired>`.
-async fn require_token(State(state): State<Arc<MockState>>, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(state): State<Arc<MockState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     if state.config.oauth2.is_none() {
         return next.run(request).await;
     }
@@ -971,7 +980,11 @@ async fn issue_token(
         );
     }
     if client != Some((oauth2.client_id.clone(), oauth2.client_secret.clone())) {
-        return refuse(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication failed");
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed",
+        );
     }
     let token = {
         let bytes: [u8; 16] = rand::random();
