@@ -1007,7 +1007,8 @@ mod tests {
             }
         }
         let metrics = Arc::new(Metrics::new().unwrap());
-        let cases: [(&str, fn(&mut ScefConfig)); 4] = [
+        type Change = fn(&mut ScefConfig);
+        let cases: [(&str, Change); 4] = [
             ("scef.ca_file", |s| s.ca_file = Some("/missing.pem".into())),
             ("scef.ca_file", |s| s.ca_file = Some("/text.pem".into())),
             ("scef.ca_file", |s| s.ca_file = Some("/garbled.pem".into())),

@@ -459,7 +459,7 @@ mod tests {
 
     #[test]
     fn a_token_is_fetched_again_when_a_fifth_of_its_life_is_left() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut cache = TokenCache::default();
         assert_eq!(
             cache.need(t0),
@@ -510,7 +510,7 @@ mod tests {
 
     #[test]
     fn a_failed_request_is_not_repeated_at_once() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut cache = TokenCache::default();
         cache.failed(t0);
         assert!(matches!(cache.need(t0), Need::Backoff { .. }));
@@ -537,7 +537,7 @@ mod tests {
 
     #[test]
     fn a_refused_token_is_dropped_unless_another_replaced_it() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut cache = TokenCache::default();
         cache.store(secret("a"), Some(Duration::from_secs(10)), t0);
         assert!(!cache.refused(Some(&secret("a")), t0));
