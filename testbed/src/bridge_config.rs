@@ -277,6 +277,26 @@ mod tests {
     }
 
     #[test]
+    fn only_a_plain_http_mock_is_allowed_insecure_http() {
+        let store = Path::new("/tmp/store");
+        let http: Url = "http://127.0.0.1:8080/".parse().unwrap();
+        let https: Url = "https://127.0.0.1:8443/".parse().unwrap();
+        let dm = "127.0.0.1:5683".parse().unwrap();
+        let plain = BridgeConfigBuilder::loopback(&http, store).server("dm", dm, ServerRole::Dm);
+        assert!(plain.build().unwrap().scef.allow_insecure_http);
+        let tls = BridgeConfigBuilder::loopback(&https, store).server("dm", dm, ServerRole::Dm);
+        assert!(!tls.build().unwrap().scef.allow_insecure_http);
+        let refused = plain
+            .scef(|s| s.allow_insecure_http = false)
+            .build()
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("allow_insecure_http"),
+            "{refused}"
+        );
+    }
+
+    #[test]
     fn a_configuration_without_a_dm_server_is_refused() {
         let api_root: Url = "http://127.0.0.1:8080/".parse().unwrap();
         let error = BridgeConfigBuilder::loopback(&api_root, Path::new("/tmp/store"))

@@ -208,6 +208,8 @@ pub struct Faults {
     /// FAILURE_TEMPORARILY_NOT_REACHABLE and a `requestedRetransmissionTime` one second later;
     /// nothing is delivered.
     pub failure_status_downlinks: AtomicU32,
+    /// Answer this many OAuth2 token requests 503 (an authorization server that is down).
+    pub fail_token_requests: AtomicU32,
 }
 
 /// How the mock answers a downlink delivery.
@@ -934,6 +936,9 @@ async fn issue_token(
     let Some(oauth2) = &state.config.oauth2 else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    if take_one(&state.faults.fail_token_requests) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let form_decode = |text: &str| {
         url::form_urlencoded::parse(format!("v={text}").as_bytes())

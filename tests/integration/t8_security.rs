@@ -323,7 +323,8 @@ async fn tokens_expire_in_the_middle_of_mt_traffic_and_no_datagram_is_lost() {
     let device = bed.bridge().device_address(&id());
 
     // A stream of MT datagrams over several token lifetimes; halfway, the authorization
-    // server revokes every token, so the next delivery is refused (401) and renewed.
+    // server revokes every token, so the next delivery is refused (401) and, once the token
+    // endpoint answers again, renewed.
     let deadline = tokio::time::Instant::now() + STEP;
     let mut sent = Vec::new();
     let mut received = Vec::new();
@@ -339,6 +340,12 @@ async fn tokens_expire_in_the_middle_of_mt_traffic_and_no_datagram_is_lost() {
         sent.push(request(n));
         received.push(ue.recv_mt(STEP).await.expect("each MT datagram arrives"));
         if !revoked && bed.mock().tokens().issued() >= 2 {
+            // The authorization server revokes every token and is down for the next two
+            // token requests: the renewal after the 401 fails, the datagram waits in the queue.
+            bed.mock()
+                .faults()
+                .fail_token_requests
+                .store(2, std::sync::atomic::Ordering::SeqCst);
             bed.mock().revoke_tokens();
             revoked = true;
         }
@@ -364,8 +371,13 @@ async fn tokens_expire_in_the_middle_of_mt_traffic_and_no_datagram_is_lost() {
     let text = bed.bridge().metrics().await;
     for sample in [
         "nidd_bridge_t8_token_requests_total{outcome=\"issued\",reason=\"expiring\"}",
-        "nidd_bridge_t8_token_requests_total{outcome=\"issued\",reason=\"refused\"}",
-        "nidd_bridge_t8_credential_refreshes_total{outcome=\"refreshed\"}",
+        // The renewal after the 401 failed and the delivery was kept; with no token to send
+        // it was kept for retry again, until the token endpoint issued one.
+        "nidd_bridge_t8_credential_refreshes_total{outcome=\"failed\"}",
+        "nidd_bridge_t8_token_requests_total{outcome=\"http_5xx\",reason=\"refused\"}",
+        "nidd_bridge_mt_delivery_attempts_total{outcome=\"unauthorized\"}",
+        "nidd_bridge_mt_delivery_attempts_total{outcome=\"retry\"}",
+        "nidd_bridge_t8_token_requests_total{outcome=\"issued\",reason=\"expired\"}",
     ] {
         assert!(metric(&text, sample) >= 1.0, "{sample} in\n{text}");
     }
