@@ -129,6 +129,8 @@ pub struct TokenRecord {
     pub refused: u64,
     /// T8 requests refused with 401 because their token was missing, unknown or expired.
     pub t8_refusals: u64,
+    /// Every token issued, in order (to check that none of them shows up in a log).
+    pub tokens: Vec<String>,
 }
 
 impl TokenRecord {
@@ -1002,6 +1004,7 @@ async fn issue_token(
         inner
             .tokens
             .insert(token.clone(), now + oauth2.token_lifetime);
+        inner.token_record.tokens.push(token.clone());
         match method {
             "client_secret_basic" => inner.token_record.issued_basic += 1,
             _ => inner.token_record.issued_post += 1,

@@ -3,15 +3,16 @@
 //! fails TLS, counted as `tls_error`), mutual TLS (the bridge's client certificate is needed),
 //! and OAuth2 client credentials (basic and post client authentication, short-lived tokens
 //! renewed in the middle of MT traffic and after a revocation, with every datagram delivered
-//! exactly once).
+//! exactly once), and a bridge process whose log names token requests but no secret or token.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{OAuth2AuthMethod, OAuth2Config, ScefConfig, ServerRole};
-use nidd_testbed::bed::{DM_SERVER, RunningBed, TestBed};
-use nidd_testbed::mock_scef::{MockOAuth2, MockTls, TOKEN_PATH};
+use nidd_testbed::bed::{BridgeProcess, DM_SERVER, RunningBed, TestBed};
+use nidd_testbed::bridge_config::BridgeConfigBuilder;
+use nidd_testbed::mock_scef::{MockOAuth2, MockScef, MockScefConfig, MockTls, TOKEN_PATH};
 use nidd_testbed::pki::TestCa;
 use nidd_testbed::probe::{STEP, eventually, metric};
 
@@ -393,4 +394,64 @@ async fn tokens_expire_in_the_middle_of_mt_traffic_and_no_datagram_is_lost() {
     }
     assert!(!text.contains(CLIENT_SECRET));
     bed.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_process_logs_token_requests_but_no_secret_and_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("client-secret");
+    std::fs::write(&secret_file, CLIENT_SECRET).unwrap();
+    let mock = MockScef::start(
+        ([127, 0, 0, 1], 0).into(),
+        MockScefConfig {
+            oauth2: Some(mock_oauth2(Duration::from_secs(60))),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // The first token request fails: its failure is logged too.
+    mock.faults()
+        .fail_token_requests
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let silent_server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let config = BridgeConfigBuilder::loopback(&mock.api_root(), &dir.path().join("store"))
+        .server(
+            DM_SERVER,
+            silent_server.local_addr().unwrap(),
+            ServerRole::Dm,
+        )
+        .device(&id())
+        .scef(|scef| {
+            scef.oauth2 = Some(oauth2(
+                scef,
+                &secret_file,
+                OAuth2AuthMethod::ClientSecretPost,
+            ))
+        });
+    let config_path = dir.path().join("bridge.toml");
+    std::fs::write(&config_path, config.to_toml().unwrap()).unwrap();
+    let log = dir.path().join("bridge.log");
+    let process = BridgeProcess::start_with(
+        Path::new(env!("CARGO_BIN_EXE_nidd-bridge")),
+        &config_path,
+        &[("RUST_LOG", "nidd_bridge=trace,info")],
+        Some(&log),
+    )
+    .await
+    .unwrap();
+    mock.ue(&id()).wait_configured(STEP).await.unwrap();
+    process.terminate().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("OAuth2 token request failed"), "{text}");
+    assert!(
+        text.contains("OAuth2 access token for T8 obtained"),
+        "{text}"
+    );
+    let tokens = mock.tokens();
+    assert!(!tokens.tokens.is_empty());
+    assert!(!text.contains(CLIENT_SECRET), "{text}");
+    for token in &tokens.tokens {
+        assert!(!text.contains(token.as_str()), "a token in\n{text}");
+    }
 }
