@@ -96,13 +96,33 @@ fn check_config(path: PathBuf) -> ExitCode {
         eprintln!("nidd-bridge: {}: {error}", path.display());
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
+    let scef = &config.scef;
+    let trust = match (&scef.ca_file, scef.use_system_roots) {
+        (None, _) => "system roots",
+        (Some(_), Some(true)) => "ca_file and system roots",
+        (Some(_), _) => "ca_file only",
+    };
+    let credentials = match (
+        &scef.oauth2,
+        &scef.bearer_token_file,
+        &scef.bearer_token_env,
+    ) {
+        (Some(_), _, _) => "OAuth2 client credentials",
+        (None, None, None) => "none",
+        _ => "static bearer token",
+    };
     println!(
-        "{}: ok — {} devices, {} LwM2M servers, socket pool of {} addresses, SCEF {}",
+        "{}: ok — {} devices, {} LwM2M servers, socket pool of {} addresses, SCEF {} (TLS trust: {trust}; client certificate: {}; credentials: {credentials})",
         path.display(),
         config.devices.len(),
         config.lwm2m_servers.len(),
         config.sockets.capacity(),
-        config.scef.base_url
+        scef.base_url,
+        if scef.client_cert_file.is_some() {
+            "yes"
+        } else {
+            "no"
+        },
     );
     ExitCode::SUCCESS
 }
@@ -114,6 +134,12 @@ async fn run(path: PathBuf) -> ExitCode {
     };
     let bridge = match Bridge::bind(config, &ProcessSecrets).await {
         Ok(bridge) => bridge,
+        // A file or secret the configuration names that is missing or unusable (TLS files,
+        // tokens) is a bad configuration, as check-config says.
+        Err(error @ nidd_bridge::BridgeError::Config(_)) => {
+            eprintln!("nidd-bridge: {}: {error}", path.display());
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
         Err(error) => {
             eprintln!("nidd-bridge: {error}");
             return ExitCode::FAILURE;

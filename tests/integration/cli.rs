@@ -162,6 +162,21 @@ fn check_config_refuses_insecure_or_conflicting_t8_settings_in_one_line() {
     assert_eq!(code, Some(0), "{stderr}");
     let (code, stdout, stderr) = check_config(dir.path(), &example_with("", &oauth2));
     assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("OAuth2 client credentials"), "{stdout}");
+    // `run` refuses a configuration whose files are unusable the same way (exit 64).
+    let path = dir.path().join("missing-ca.toml");
+    std::fs::write(
+        &path,
+        example_with(&format!("ca_file = \"{}\"", missing.display()), ""),
+    )
+    .unwrap();
+    let run = bridge()
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("scef.ca_file"));
     assert!(
         !stdout.contains("cli-client-secret-value") && !stderr.contains("cli-client-secret-value")
     );
