@@ -37,7 +37,6 @@ use crate::routing::Router;
 use crate::socket::{DeviceSocket, RelayError, SocketPool};
 use crate::store::{DeviceRecord, Store, StoreError, StoreOptions};
 use crate::t8::T8Client;
-use crate::t8::client::ConfiguredCredentials;
 
 /// How long shutdown waits for in-flight HTTP requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -222,21 +221,13 @@ impl Bridge {
             callback_tls,
             admin_tls,
         };
-        let bearer = config.bearer_token(secrets)?;
         let admin_guard = AdminGuard::new(&config.admin, secrets, metrics.admin_refusals.clone())?;
-        let t8 = Arc::new(
-            T8Client::new(
-                config.scef.base_url.clone(),
-                config.scef.scs_as_id.clone(),
-                bearer,
-                Duration::from_millis(config.scef.request_timeout_ms),
-                metrics.clone(),
-            )?
-            .with_credentials(Arc::new(ConfiguredCredentials::new(
-                config.scef.clone(),
-                secrets,
-            ))),
-        );
+        // TLS files and secrets are read now: a bad one stops the start with its key named.
+        let t8 = Arc::new(T8Client::from_config(
+            &config.scef,
+            secrets,
+            metrics.clone(),
+        )?);
         let mut store_options = store_options;
         store_options.metrics = Some(metrics.clone());
         let store = Store::open_with(&config.store.path, store_options)?;

@@ -255,6 +255,65 @@ pub struct ScefConfig {
     /// How many T8 provisioning requests may be in flight at once.
     #[serde(default = "default_provisioning_concurrency")]
     pub provisioning_concurrency: usize,
+    /// Allow an `http://` `base_url` (and `oauth2.token_url`): credentials and device data
+    /// would cross the network in clear. Off by default; for tests and a loopback SCEF only.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    /// PEM bundle of the CA certificates trusted for the SCEF's (and the token endpoint's)
+    /// TLS certificate. With it, only these CAs are trusted unless `use_system_roots = true`.
+    pub ca_file: Option<PathBuf>,
+    /// Also trust the system's root CAs. Default: true without `ca_file`, false with it (a
+    /// private CA deployment trusts its own CA only).
+    pub use_system_roots: Option<bool>,
+    /// PEM certificate (chain) the bridge presents to the SCEF (mutual TLS); needs
+    /// `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
+    /// OAuth2 client credentials (RFC 6749 §4.4) instead of a static bearer token.
+    pub oauth2: Option<OAuth2Config>,
+}
+
+/// `[scef.oauth2]`: the bridge fetches its T8 access tokens from `token_url` with the client
+/// credentials grant, caches them and fetches a new one before each expires.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Config {
+    /// The authorization server's token endpoint (https unless `scef.allow_insecure_http`).
+    pub token_url: Url,
+    pub client_id: String,
+    /// File holding the client secret (at most one of this and `client_secret_env`).
+    pub client_secret_file: Option<PathBuf>,
+    /// Name of an environment variable holding the client secret.
+    pub client_secret_env: Option<String>,
+    /// Space-separated scopes asked for; none when absent.
+    pub scope: Option<String>,
+    /// How the client authenticates at the token endpoint.
+    #[serde(default)]
+    pub auth_method: OAuth2AuthMethod,
+}
+
+/// Client authentication at the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OAuth2AuthMethod {
+    /// HTTP Basic with the form-encoded client id and secret (what RFC 6749 asks servers to
+    /// support).
+    #[default]
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
+}
+
+/// The TLS material of `[scef]`, read from its files at start (the key is kept as a secret).
+#[derive(Debug, Clone, Default)]
+pub struct ScefTlsFiles {
+    /// PEM text of `ca_file`.
+    pub ca_pem: Option<String>,
+    /// Whether the system's roots are trusted as well.
+    pub use_system_roots: bool,
+    /// `client_cert_file` followed by `client_key_file`, PEM: the mTLS identity.
+    pub identity_pem: Option<Secret>,
 }
 
 /// The listener the SCEF posts notifications to.
@@ -769,6 +828,133 @@ impl ScefConfig {
     }
 }
 
+impl ScefConfig {
+    /// Reads the OAuth2 client secret, if OAuth2 is configured.
+    pub fn oauth2_client_secret(
+        &self,
+        source: &dyn SecretSource,
+    ) -> Result<Option<Secret>, ConfigError> {
+        let Some(oauth2) = &self.oauth2 else {
+            return Ok(None);
+        };
+        if let Some(path) = &oauth2.client_secret_file {
+            let text = source.file(path).map_err(|e| ConfigError::Secret {
+                what: "scef.oauth2.client_secret_file",
+                detail: format!("{}: {e}", path.display()),
+            })?;
+            return non_empty_secret("scef.oauth2.client_secret_file", text).map(Some);
+        }
+        if let Some(name) = &oauth2.client_secret_env {
+            let value = source.env(name).ok_or_else(|| ConfigError::Secret {
+                what: "scef.oauth2.client_secret_env",
+                detail: format!("environment variable {name} is not set"),
+            })?;
+            return non_empty_secret("scef.oauth2.client_secret_env", value).map(Some);
+        }
+        Err(ConfigError::Invalid(
+            "scef.oauth2 needs client_secret_file or client_secret_env".into(),
+        ))
+    }
+
+    /// Reads `ca_file`, `client_cert_file` and `client_key_file` and checks that each holds
+    /// what its name says (PEM certificates, a PEM private key).
+    pub fn tls_files(&self, source: &dyn SecretSource) -> Result<ScefTlsFiles, ConfigError> {
+        let read = |key: &'static str, path: &Path| {
+            source.file(path).map_err(|e| {
+                ConfigError::Invalid(format!("scef.{key} {}: cannot read: {e}", path.display()))
+            })
+        };
+        let ca_pem = match &self.ca_file {
+            Some(path) => {
+                let text = read("ca_file", path)?;
+                if !text.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(ConfigError::Invalid(format!(
+                        "scef.ca_file {}: holds no PEM certificate",
+                        path.display()
+                    )));
+                }
+                Some(text)
+            }
+            None => None,
+        };
+        let identity_pem = match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert), Some(key)) => {
+                let cert_text = read("client_cert_file", cert)?;
+                if !cert_text.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(ConfigError::Invalid(format!(
+                        "scef.client_cert_file {}: holds no PEM certificate",
+                        cert.display()
+                    )));
+                }
+                let key_text = read("client_key_file", key)?;
+                if !key_text.contains("PRIVATE KEY-----") {
+                    return Err(ConfigError::Invalid(format!(
+                        "scef.client_key_file {}: holds no PEM private key",
+                        key.display()
+                    )));
+                }
+                Some(Secret::new(format!("{cert_text}\n{key_text}")))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "scef.client_cert_file and scef.client_key_file go together".into(),
+                ));
+            }
+        };
+        Ok(ScefTlsFiles {
+            use_system_roots: self.use_system_roots.unwrap_or(ca_pem.is_none()),
+            ca_pem,
+            identity_pem,
+        })
+    }
+
+    /// Why this `[scef]` section's transport and credential keys do not fit together, if
+    /// they do not.
+    fn transport_problem(&self) -> Option<String> {
+        if self.base_url.scheme() == "http" && !self.allow_insecure_http {
+            return Some(format!(
+                "scef.base_url {} is plain http: T8 credentials and device data would cross the network in clear; use https, or set scef.allow_insecure_http = true (tests, loopback)",
+                self.base_url
+            ));
+        }
+        if self.use_system_roots == Some(false) && self.ca_file.is_none() {
+            return Some(
+                "scef.use_system_roots = false needs scef.ca_file (no CA would be trusted)".into(),
+            );
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            return Some("scef.client_cert_file and scef.client_key_file go together".into());
+        }
+        let oauth2 = self.oauth2.as_ref()?;
+        if self.bearer_token_file.is_some() || self.bearer_token_env.is_some() {
+            return Some(
+                "scef.oauth2 and a static bearer token (scef.bearer_token_file / bearer_token_env) exclude each other; set one".into(),
+            );
+        }
+        match oauth2.token_url.scheme() {
+            "https" => {}
+            "http" if self.allow_insecure_http => {}
+            "http" => {
+                return Some(format!(
+                    "scef.oauth2.token_url {} is plain http: the client secret would cross the network in clear; use https, or set scef.allow_insecure_http = true (tests, loopback)",
+                    oauth2.token_url
+                ));
+            }
+            _ => return Some("scef.oauth2.token_url must be an https URL".into()),
+        }
+        if oauth2.client_id.is_empty() {
+            return Some("scef.oauth2.client_id must not be empty".into());
+        }
+        if oauth2.client_secret_file.is_some() == oauth2.client_secret_env.is_some() {
+            return Some(
+                "scef.oauth2 needs exactly one of client_secret_file and client_secret_env".into(),
+            );
+        }
+        None
+    }
+}
+
 /// Secrets from the process environment and the file system.
 pub struct ProcessSecrets;
 
@@ -809,6 +995,9 @@ impl Config {
             && !matches!(url.scheme(), "http" | "https")
         {
             return invalid("callback.public_url must be an http or https URL".into());
+        }
+        if let Some(problem) = self.scef.transport_problem() {
+            return invalid(problem);
         }
         if self.scef.bearer_token_file.is_some() && self.scef.bearer_token_env.is_some() {
             return invalid(
@@ -1053,6 +1242,7 @@ mod tests {
             [scef]
             base_url = "http://127.0.0.1:8080"
             scs_as_id = "bridge-1"
+            allow_insecure_http = true
             [callback]
             listen = "127.0.0.1:0"
             [admin]
@@ -1175,6 +1365,147 @@ mod tests {
                 &format!("[admin]\n            listen = \"{loopback}\""),
             );
             assert!(Config::parse(&text).is_ok(), "{loopback}");
+        }
+    }
+
+    #[test]
+    fn plain_http_to_the_scef_needs_allow_insecure_http() {
+        let text = minimal("").replace("allow_insecure_http = true\n", "");
+        let error = Config::parse(&text).unwrap_err().to_string();
+        assert!(error.contains("allow_insecure_http"), "{error}");
+        assert!(!error.contains('\n'), "one line: {error}");
+        let https = text.replace("http://127.0.0.1:8080", "https://scef.example");
+        assert!(Config::parse(&https).is_ok());
+    }
+
+    fn with_scef(keys: &str) -> String {
+        minimal("").replace(
+            "allow_insecure_http = true\n",
+            &format!("allow_insecure_http = true\n{keys}\n"),
+        )
+    }
+
+    const OAUTH2: &str = "[scef.oauth2]\ntoken_url = \"https://auth.example/token\"\nclient_id = \"bridge\"\nclient_secret_file = \"/run/secrets/client\"";
+
+    #[test]
+    fn oauth2_and_its_exclusions() {
+        // [scef.oauth2] is a sub-table: it must follow the [scef] keys.
+        let text = minimal("").replace("[callback]", &format!("{OAUTH2}\n[callback]"));
+        let config = Config::parse(&text).unwrap();
+        let oauth2 = config.scef.oauth2.as_ref().unwrap();
+        assert_eq!(oauth2.auth_method, OAuth2AuthMethod::ClientSecretBasic);
+        let secrets = FakeSecrets(HashMap::from([(
+            "/run/secrets/client".into(),
+            "client-s3cret\n".into(),
+        )]));
+        let secret = config.scef.oauth2_client_secret(&secrets).unwrap().unwrap();
+        assert_eq!(secret.expose(), "client-s3cret");
+        let debug = format!("{:?} {secret:?}", config.scef);
+        assert!(!debug.contains("client-s3cret"), "{debug}");
+        let missing = config
+            .scef
+            .oauth2_client_secret(&FakeSecrets(HashMap::new()));
+        assert!(
+            missing
+                .unwrap_err()
+                .to_string()
+                .contains("client_secret_file"),
+            "a missing secret file names its key"
+        );
+
+        for (keys, expected) in [
+            ("bearer_token_env = \"T8\"", "exclude each other"),
+            ("bearer_token_file = \"/t\"", "exclude each other"),
+        ] {
+            let text = with_scef(keys).replace("[callback]", &format!("{OAUTH2}\n[callback]"));
+            let error = Config::parse(&text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{keys}: {error}");
+        }
+        let http_token = minimal("").replace(
+            "[callback]",
+            &format!(
+                "{}\n[callback]",
+                OAUTH2.replace("https://auth", "http://auth")
+            ),
+        );
+        assert!(
+            Config::parse(&http_token).is_ok(),
+            "allowed with allow_insecure_http"
+        );
+        let refused = http_token
+            .replace("allow_insecure_http = true\n", "")
+            .replace("http://127.0.0.1:8080", "https://scef.example");
+        let error = Config::parse(&refused).unwrap_err().to_string();
+        assert!(error.contains("token_url"), "{error}");
+        let both_secrets = minimal("").replace(
+            "[callback]",
+            &format!("{OAUTH2}\nclient_secret_env = \"S\"\n[callback]"),
+        );
+        assert!(Config::parse(&both_secrets).is_err());
+    }
+
+    #[test]
+    fn tls_keys_are_checked_and_their_files_read() {
+        for (keys, expected) in [
+            ("client_cert_file = \"/c.pem\"", "go together"),
+            ("client_key_file = \"/k.pem\"", "go together"),
+            ("use_system_roots = false", "ca_file"),
+        ] {
+            let error = Config::parse(&with_scef(keys)).unwrap_err().to_string();
+            assert!(error.contains(expected), "{keys}: {error}");
+        }
+        let config = Config::parse(&with_scef(
+            "ca_file = \"/ca.pem\"\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/k.pem\"",
+        ))
+        .unwrap();
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+        let files = |entries: &[(&str, &str)]| {
+            FakeSecrets(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let tls = config
+            .scef
+            .tls_files(&files(&[
+                ("/ca.pem", cert),
+                ("/c.pem", cert),
+                ("/k.pem", key),
+            ]))
+            .unwrap();
+        assert!(
+            tls.ca_pem.is_some() && !tls.use_system_roots,
+            "a CA file alone by default"
+        );
+        assert!(!format!("{tls:?}").contains("MIIE"), "the key never prints");
+        for (present, expected) in [
+            (&[("/c.pem", cert), ("/k.pem", key)][..], "scef.ca_file"),
+            (
+                &[("/ca.pem", cert), ("/k.pem", key)][..],
+                "scef.client_cert_file",
+            ),
+            (
+                &[("/ca.pem", cert), ("/c.pem", cert)][..],
+                "scef.client_key_file",
+            ),
+            (
+                &[("/ca.pem", key), ("/c.pem", cert), ("/k.pem", key)][..],
+                "no PEM certificate",
+            ),
+            (
+                &[("/ca.pem", cert), ("/c.pem", cert), ("/k.pem", cert)][..],
+                "no PEM private key",
+            ),
+        ] {
+            let error = config
+                .scef
+                .tls_files(&files(present))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{expected}: {error}");
         }
     }
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use nidd_bridge::Bridge;
 use nidd_bridge::config::{Config, EXAMPLE_CONFIG, ProcessSecrets};
+use nidd_bridge::t8::T8Client;
 
 /// sysexits EX_USAGE / EX_CONFIG-style code for a bad configuration.
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -94,7 +95,8 @@ fn check_config(path: PathBuf) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(error) = config.bearer_token(&ProcessSecrets) {
+    // Reads the TLS files and the secrets, and builds the T8 client, exactly as `run` does.
+    if let Err(error) = T8Client::check_config(&config.scef, &ProcessSecrets) {
         eprintln!("nidd-bridge: {}: {error}", path.display());
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
@@ -102,13 +104,33 @@ fn check_config(path: PathBuf) -> ExitCode {
         eprintln!("nidd-bridge: {}: {error}", path.display());
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
+    let scef = &config.scef;
+    let trust = match (&scef.ca_file, scef.use_system_roots) {
+        (None, _) => "system roots",
+        (Some(_), Some(true)) => "ca_file and system roots",
+        (Some(_), _) => "ca_file only",
+    };
+    let credentials = match (
+        &scef.oauth2,
+        &scef.bearer_token_file,
+        &scef.bearer_token_env,
+    ) {
+        (Some(_), _, _) => "OAuth2 client credentials",
+        (None, None, None) => "none",
+        _ => "static bearer token",
+    };
     println!(
-        "{}: ok — {} devices, {} LwM2M servers, socket pool of {} addresses, SCEF {}",
+        "{}: ok — {} devices, {} LwM2M servers, socket pool of {} addresses, SCEF {} (TLS trust: {trust}; client certificate: {}; credentials: {credentials})",
         path.display(),
         config.devices.len(),
         config.lwm2m_servers.len(),
         config.sockets.capacity(),
-        config.scef.base_url
+        scef.base_url,
+        if scef.client_cert_file.is_some() {
+            "yes"
+        } else {
+            "no"
+        },
     );
     ExitCode::SUCCESS
 }
@@ -120,6 +142,12 @@ async fn run(path: PathBuf) -> ExitCode {
     };
     let bridge = match Bridge::bind(config, &ProcessSecrets).await {
         Ok(bridge) => bridge,
+        // A file or secret the configuration names that is missing or unusable (TLS files,
+        // tokens) is a bad configuration, as check-config says.
+        Err(error @ nidd_bridge::BridgeError::Config(_)) => {
+            eprintln!("nidd-bridge: {}: {error}", path.display());
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
         Err(error) => {
             eprintln!("nidd-bridge: {error}");
             return ExitCode::FAILURE;

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub coap_messages: IntCounterVec,
     pub t8_credential_refreshes: IntCounterVec,
+    /// OAuth2 token requests to the token endpoint, by why one was needed and how it ended.
+    pub t8_token_requests: IntCounterVec,
     pub devices_forbidden: IntGauge,
     /// Connections and requests the HTTP listeners refused or closed, by listener and reason.
     pub listener_refusals: IntCounterVec,
@@ -251,6 +253,11 @@ impl Metrics {
                 "t8_credential_refreshes_total",
                 "T8 credentials asked for again after a 401, by outcome (refreshed, unchanged, failed)",
                 &["outcome"],
+            )?,
+            t8_token_requests: counter_vec(
+                "t8_token_requests_total",
+                "OAuth2 access token requests, by reason (first, expiring, expired, refused) and outcome (issued, an RFC 6749 error code, http_<status>, transport_error, tls_error, bad_answer)",
+                &["reason", "outcome"],
             )?,
             devices_forbidden: gauge(
                 "devices_forbidden",

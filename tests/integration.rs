@@ -33,4 +33,5 @@ mod integration {
     pub mod routing;
     pub mod sim_oscore;
     pub mod store_health;
+    pub mod t8_security;
 }

@@ -195,6 +195,12 @@ impl Harness {
             retry_initial_ms: 1_000,
             retry_max_ms: 60_000,
             provisioning_concurrency: 1,
+            allow_insecure_http: true,
+            ca_file: None,
+            use_system_roots: None,
+            client_cert_file: None,
+            client_key_file: None,
+            oauth2: None,
         };
         let t8 = Arc::new(
             T8Client::new(

@@ -1,23 +1,27 @@
 //! HTTP client for the T8 NIDD API of the SCEF/NEF: configuration create/list/fetch/delete and
-//! MT downlink delivery, with bearer authentication (credentials asked again from a
-//! [`CredentialSource`] when the SCEF answers 401, then the request retried once), redirects
-//! (307/308) followed on the SCEF's own origin only, metrics and latency histograms per
-//! operation. Credentials only ever go to the origin (scheme, host, port) of `scef.base_url`:
-//! a request for any other URL (a configuration's `Location`, a redirect) is refused unsent.
+//! MT downlink delivery, over TLS with the trusted CAs and client certificate of `[scef]`
+//! ([`T8Client::from_config`]), with bearer authentication (a token from a
+//! [`CredentialSource`]: the static token of `[scef]` or OAuth2 client credentials, renewed
+//! when the SCEF answers 401, then the request retried once), redirects (307/308) followed on
+//! the SCEF's own origin only, metrics and latency histograms per operation. Credentials only
+//! ever go to the origin (scheme, host, port) of `scef.base_url`: a request for any other URL
+//! (a configuration's `Location`, a redirect) is refused unsent.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, LOCATION, RETRY_AFTER};
 use url::Url;
 
 use super::NIDD_API;
+use super::oauth2::OAuth2Credentials;
 use super::types::{
     DeliveryStatus, DeviceTriggering, MonitoringEventSubscription, NiddConfiguration,
     NiddDownlinkDataDeliveryFailure, NiddDownlinkDataTransfer, ProblemDetails,
 };
-use crate::config::{ScefConfig, Secret, SecretSource};
+use crate::config::{ConfigError, ScefConfig, ScefTlsFiles, Secret, SecretSource};
 use crate::metrics::Metrics;
 
 /// Redirects followed per request (the SCEF may answer 307/308 with `Location`).
@@ -25,11 +29,18 @@ const MAX_REDIRECTS: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum T8Error {
-    #[error("T8 {operation}: cannot reach the SCEF: {source}")]
+    #[error("T8 {operation}: cannot reach the SCEF: {}", error_chain(.source))]
     Transport {
         operation: &'static str,
         #[source]
         source: reqwest::Error,
+    },
+    /// No credentials could be had (the OAuth2 token endpoint failed, the token file is
+    /// unreadable): nothing was sent; trying later may succeed.
+    #[error("T8 {operation}: not sent, no credentials: {detail}")]
+    Credentials {
+        operation: &'static str,
+        detail: String,
     },
     #[error("T8 {operation}: SCEF answered {status}{}", problem_suffix(.problem))]
     Status {
@@ -69,7 +80,7 @@ impl T8Error {
     /// Whether trying again later may succeed (transport errors, 408, 429, 5xx).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Transport { .. } => true,
+            Self::Transport { .. } | Self::Credentials { .. } => true,
             Self::Status { status, .. } => {
                 status.is_server_error()
                     || *status == StatusCode::TOO_MANY_REQUESTS
@@ -89,7 +100,7 @@ impl T8Error {
                 *status == StatusCode::BAD_GATEWAY || *status == StatusCode::GATEWAY_TIMEOUT
             }
             Self::Protocol { .. } => true,
-            Self::ForeignOrigin { .. } => false,
+            Self::ForeignOrigin { .. } | Self::Credentials { .. } => false,
         }
     }
 
@@ -135,40 +146,103 @@ pub struct ListedConfiguration {
     pub body: Result<NiddConfiguration, String>,
 }
 
-/// Where the T8 client's credentials come from. The client asks once at start and again
-/// whenever the SCEF answers 401; an OAuth2 client-credentials source plugs in here.
+/// Whether renewing refused credentials gave different ones (worth sending the request again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    Changed,
+    Unchanged,
+}
+
+/// Where the T8 client's credentials come from: the static token of `[scef]`
+/// ([`ConfiguredCredentials`]), OAuth2 client credentials ([`OAuth2Credentials`]), or fixed
+/// ones. The source caches what it hands out; the client asks it before every request and
+/// tells it when the SCEF refused a token (401).
 pub trait CredentialSource: Send + Sync {
     /// The bearer token to send now, if any.
-    fn bearer_token(&self) -> Result<Option<Secret>, String>;
+    fn bearer_token(&self) -> BoxFuture<'_, Result<Option<Secret>, String>>;
+    /// The SCEF answered 401 to a request that carried `refused`: get new credentials.
+    fn renew<'a>(&'a self, refused: Option<&'a Secret>) -> BoxFuture<'a, Result<Renewal, String>>;
 }
 
 /// Credentials that never change (or none).
 pub struct FixedCredentials(pub Option<Secret>);
 
 impl CredentialSource for FixedCredentials {
-    fn bearer_token(&self) -> Result<Option<Secret>, String> {
-        Ok(self.0.clone())
+    fn bearer_token(&self) -> BoxFuture<'_, Result<Option<Secret>, String>> {
+        Box::pin(std::future::ready(Ok(self.0.clone())))
+    }
+    fn renew<'a>(&'a self, _: Option<&'a Secret>) -> BoxFuture<'a, Result<Renewal, String>> {
+        Box::pin(std::future::ready(Ok(Renewal::Unchanged)))
     }
 }
 
-/// The bearer token of `[scef]` (`bearer_token_file` or `bearer_token_env`), read again
-/// through the secret source on every refresh, so a rotated token file is picked up.
+/// The bearer token of `[scef]` (`bearer_token_file` or `bearer_token_env`): read once, then
+/// read again through the secret source whenever the SCEF refuses it, so a rotated token
+/// file is picked up.
 pub struct ConfiguredCredentials {
     scef: ScefConfig,
     secrets: &'static (dyn SecretSource + Send + Sync),
+    current: RwLock<Option<Secret>>,
 }
 
 impl ConfiguredCredentials {
     pub fn new(scef: ScefConfig, secrets: &'static (dyn SecretSource + Send + Sync)) -> Self {
-        Self { scef, secrets }
+        Self {
+            scef,
+            secrets,
+            current: RwLock::new(None),
+        }
+    }
+
+    /// Starts with `first`, the token already read at start.
+    pub fn starting_with(mut self, first: Option<Secret>) -> Self {
+        self.current = RwLock::new(first);
+        self
+    }
+
+    fn read(&self) -> Result<Option<Secret>, String> {
+        self.scef
+            .bearer_token(self.secrets)
+            .map_err(|e| e.to_string())
+    }
+
+    fn cached(&self) -> Option<Secret> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn keep(&self, token: Option<Secret>) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = token;
     }
 }
 
 impl CredentialSource for ConfiguredCredentials {
-    fn bearer_token(&self) -> Result<Option<Secret>, String> {
-        self.scef
-            .bearer_token(self.secrets)
-            .map_err(|e| e.to_string())
+    fn bearer_token(&self) -> BoxFuture<'_, Result<Option<Secret>, String>> {
+        let result = match self.cached() {
+            Some(token) => Ok(Some(token)),
+            None => self.read().inspect(|token| self.keep(token.clone())),
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn renew<'a>(&'a self, refused: Option<&'a Secret>) -> BoxFuture<'a, Result<Renewal, String>> {
+        // Compared with the refused token, not the cached one: a request refused after a
+        // concurrent one renewed it still gets its retry with the new token.
+        let result = self.read().map(|fresh| {
+            let renewal = if fresh.as_ref() == refused {
+                Renewal::Unchanged
+            } else {
+                Renewal::Changed
+            };
+            self.keep(fresh);
+            renewal
+        });
+        Box::pin(std::future::ready(result))
     }
 }
 
@@ -199,12 +273,70 @@ pub struct T8Client {
     api_root: Url,
     scs_as_id: String,
     credentials: Arc<dyn CredentialSource>,
-    /// The bearer token sent now (from `credentials`, refreshed on 401).
-    bearer: RwLock<Option<Secret>>,
     metrics: Arc<Metrics>,
 }
 
 impl T8Client {
+    /// The client `[scef]` describes: its TLS settings (trusted CAs, client certificate),
+    /// read from their files now, and its credentials (OAuth2 client credentials, whose token
+    /// endpoint is reached with the same TLS settings, or the static bearer token, read now).
+    /// Every problem with a file or a secret is a [`ConfigError`] naming the key.
+    pub fn from_config(
+        scef: &ScefConfig,
+        secrets: &'static (dyn SecretSource + Send + Sync),
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
+        let tls = scef.tls_files(secrets)?;
+        let timeout = Duration::from_millis(scef.request_timeout_ms);
+        let credentials: Arc<dyn CredentialSource> = match &scef.oauth2 {
+            Some(oauth2) => {
+                let secret = scef.oauth2_client_secret(secrets)?.ok_or_else(|| {
+                    ConfigError::Invalid("scef.oauth2 has no client secret".into())
+                })?;
+                // The client secret goes to the token endpoint only: no redirect is followed.
+                let token_http = tls_client_builder(&tls)?
+                    .timeout(timeout)
+                    .connect_timeout(timeout.min(Duration::from_secs(5)))
+                    .redirect(reqwest::redirect::Policy::none())
+                    .user_agent(concat!("nidd-bridge/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(tls_settings_error)?;
+                Arc::new(OAuth2Credentials::new(
+                    token_http,
+                    oauth2,
+                    secret,
+                    metrics.clone(),
+                ))
+            }
+            None => Arc::new(
+                ConfiguredCredentials::new(scef.clone(), secrets)
+                    .starting_with(scef.bearer_token(secrets)?),
+            ),
+        };
+        let http = Self::http_builder(&scef.base_url, timeout, tls_client_builder(&tls)?)
+            .build()
+            .map_err(tls_settings_error)?;
+        Ok(Self {
+            http,
+            api_root: scef.base_url.clone(),
+            scs_as_id: scef.scs_as_id.clone(),
+            credentials,
+            metrics,
+        })
+    }
+
+    /// Reads every file and secret `[scef]` names and builds the client from them, as
+    /// [`from_config`](Self::from_config) does at start, sending nothing (`check-config`).
+    pub fn check_config(
+        scef: &ScefConfig,
+        secrets: &'static (dyn SecretSource + Send + Sync),
+    ) -> Result<(), ConfigError> {
+        let metrics =
+            Metrics::new().map_err(|e| ConfigError::Invalid(format!("metrics registry: {e}")))?;
+        Self::from_config(scef, secrets, Arc::new(metrics)).map(drop)
+    }
+
+    /// A client with the default TLS settings and a fixed bearer token (tests, tools).
     pub fn new(
         api_root: Url,
         scs_as_id: String,
@@ -212,6 +344,22 @@ impl T8Client {
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
+        let http = Self::http_builder(&api_root, timeout, reqwest::Client::builder()).build()?;
+        Ok(Self {
+            http,
+            api_root,
+            scs_as_id,
+            credentials: Arc::new(FixedCredentials(bearer)),
+            metrics,
+        })
+    }
+
+    /// Timeouts, the same-origin redirect policy and the user agent on top of `builder`.
+    fn http_builder(
+        api_root: &Url,
+        timeout: Duration,
+        builder: reqwest::ClientBuilder,
+    ) -> reqwest::ClientBuilder {
         let origin = api_root.origin();
         let same_origin_redirects = reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= MAX_REDIRECTS {
@@ -223,51 +371,36 @@ impl T8Client {
                 attempt.follow()
             }
         });
-        let http = reqwest::Client::builder()
+        builder
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .redirect(same_origin_redirects)
             .user_agent(concat!("nidd-bridge/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Self {
-            http,
-            api_root,
-            scs_as_id,
-            credentials: Arc::new(FixedCredentials(bearer.clone())),
-            bearer: RwLock::new(bearer),
-            metrics,
-        })
     }
 
-    /// Asks `credentials` again whenever the SCEF answers 401 (the token given to `new` stays
-    /// the first one sent).
+    /// Takes its bearer tokens from `credentials` instead.
     pub fn with_credentials(mut self, credentials: Arc<dyn CredentialSource>) -> Self {
         self.credentials = credentials;
         self
     }
 
-    fn current_bearer(&self) -> Option<Secret> {
-        self.bearer
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+    /// The token to send now; none to be had is a (retryable) error: nothing is sent.
+    async fn current_bearer(&self, operation: &'static str) -> Result<Option<Secret>, T8Error> {
+        self.credentials
+            .bearer_token()
+            .await
+            .map_err(|detail| {
+                tracing::warn!(operation, error = %detail, "no T8 credentials to send; request not sent");
+                T8Error::Credentials { operation, detail }
+            })
     }
 
-    /// Asks the credential source again after a 401; whether the token changed (counted).
-    fn refresh_credentials(&self, operation: &'static str) -> bool {
-        let (changed, outcome) = match self.credentials.bearer_token() {
-            Ok(fresh) => {
-                let mut bearer = self
-                    .bearer
-                    .write()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                if *bearer == fresh {
-                    (false, "unchanged")
-                } else {
-                    *bearer = fresh;
-                    (true, "refreshed")
-                }
-            }
+    /// Asks the credential source for new credentials after a 401 to a request that carried
+    /// `refused`; whether they changed (counted).
+    async fn refresh_credentials(&self, operation: &'static str, refused: Option<&Secret>) -> bool {
+        let (changed, outcome) = match self.credentials.renew(refused).await {
+            Ok(Renewal::Changed) => (true, "refreshed"),
+            Ok(Renewal::Unchanged) => (false, "unchanged"),
             Err(error) => {
                 tracing::warn!(operation, %error, "cannot refresh the T8 credentials");
                 (false, "failed")
@@ -520,13 +653,17 @@ impl T8Client {
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, T8Error> {
         let again = request.try_clone();
-        let response = self.send_once(api, operation, request).await?;
+        let bearer = self.current_bearer(operation).await?;
+        let response = self
+            .send_once(api, operation, request, bearer.as_ref())
+            .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
         match again {
-            Some(again) if self.refresh_credentials(operation) => {
-                self.send_once(api, operation, again).await
+            Some(again) if self.refresh_credentials(operation, bearer.as_ref()).await => {
+                let bearer = self.current_bearer(operation).await?;
+                self.send_once(api, operation, again, bearer.as_ref()).await
             }
             _ => Ok(response),
         }
@@ -537,8 +674,9 @@ impl T8Client {
         api: &'static str,
         operation: &'static str,
         request: reqwest::RequestBuilder,
+        bearer: Option<&Secret>,
     ) -> Result<reqwest::Response, T8Error> {
-        let request = match &self.current_bearer() {
+        let request = match bearer {
             Some(token) => request.header(AUTHORIZATION, format!("Bearer {}", token.expose())),
             None => request,
         };
@@ -567,6 +705,7 @@ impl T8Client {
         let outcome = match &result {
             Ok(response) => response.status().as_str().to_string(),
             Err(e) if e.is_timeout() => "timeout".into(),
+            Err(e) if is_tls_error(e) => "tls_error".into(),
             Err(e) if e.is_connect() => "connect_error".into(),
             Err(_) => "transport_error".into(),
         };
@@ -574,8 +713,91 @@ impl T8Client {
             .t8_requests
             .with_label_values(&[api, operation, &outcome])
             .inc();
+        if let Err(error) = &result
+            && is_tls_error(error)
+        {
+            tracing::warn!(operation, error = %error_chain(error), "TLS with the SCEF failed (trusted CAs: scef.ca_file / use_system_roots; client certificate: scef.client_cert_file)");
+        }
         result.map_err(|source| T8Error::Transport { operation, source })
     }
+}
+
+/// A reqwest client builder with the TLS settings of `[scef]`: only the CAs of `ca_file`
+/// (plus the system roots when `use_system_roots`), and the client identity for mTLS.
+fn tls_client_builder(tls: &ScefTlsFiles) -> Result<reqwest::ClientBuilder, ConfigError> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(pem) = &tls.ca_pem {
+        let certificates = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "scef.ca_file: not a PEM certificate bundle: {}",
+                error_chain(&e)
+            ))
+        })?;
+        if certificates.is_empty() {
+            return Err(ConfigError::Invalid(
+                "scef.ca_file: holds no certificate".into(),
+            ));
+        }
+        builder = if tls.use_system_roots {
+            builder.tls_certs_merge(certificates)
+        } else {
+            builder.tls_certs_only(certificates)
+        };
+    }
+    if let Some(identity) = &tls.identity_pem {
+        let identity = reqwest::Identity::from_pem(identity.expose().as_bytes()).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "scef.client_cert_file / scef.client_key_file: not a usable certificate and key: {}",
+                error_chain(&e)
+            ))
+        })?;
+        builder = builder.identity(identity);
+    }
+    Ok(builder)
+}
+
+fn tls_settings_error(error: reqwest::Error) -> ConfigError {
+    ConfigError::Invalid(format!(
+        "scef TLS settings (ca_file, client_cert_file, client_key_file): {}",
+        error_chain(&error)
+    ))
+}
+
+/// An error and its causes, one after the other (reqwest's own message names only the URL; the
+/// cause says what went wrong, e.g. an unknown certificate issuer).
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let more = error.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = error.source();
+    }
+    text
+}
+
+/// Whether a request failed in TLS (handshake, certificate, alert) rather than elsewhere.
+pub(crate) fn is_tls_error(error: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps; rustls reports through one, which
+        // the connector may wrap in another.
+        let mut io = error.downcast_ref::<std::io::Error>();
+        while let Some(inner) = io.and_then(std::io::Error::get_ref) {
+            if inner.is::<rustls::Error>() {
+                return true;
+            }
+            io = inner.downcast_ref::<std::io::Error>();
+        }
+        cause = error.source();
+    }
+    false
 }
 
 impl T8Client {
@@ -680,46 +902,78 @@ mod tests {
             retry_initial_ms: 1_000,
             retry_max_ms: 60_000,
             provisioning_concurrency: 1,
+            allow_insecure_http: true,
+            ca_file: None,
+            use_system_roots: None,
+            client_cert_file: None,
+            client_key_file: None,
+            oauth2: None,
         }
     }
 
-    #[test]
-    fn configured_credentials_are_read_again_on_every_refresh() {
+    #[tokio::test]
+    async fn configured_credentials_are_read_again_on_every_renewal() {
         let file: &'static RotatingFile =
             Box::leak(Box::new(RotatingFile(Mutex::new("first\n".into()))));
         let credentials = ConfiguredCredentials::new(scef(), file);
-        assert_eq!(credentials.bearer_token(), Ok(Some(Secret::new("first"))));
+        assert_eq!(
+            credentials.bearer_token().await,
+            Ok(Some(Secret::new("first")))
+        );
         *file.0.lock().unwrap() = "second".into();
-        assert_eq!(credentials.bearer_token(), Ok(Some(Secret::new("second"))));
+        assert_eq!(
+            credentials.bearer_token().await,
+            Ok(Some(Secret::new("first"))),
+            "cached until refused"
+        );
+        let first = Secret::new("first");
+        assert_eq!(credentials.renew(Some(&first)).await, Ok(Renewal::Changed));
+        assert_eq!(
+            credentials.bearer_token().await,
+            Ok(Some(Secret::new("second")))
+        );
         *file.0.lock().unwrap() = "  \n".into();
         assert!(
-            credentials.bearer_token().is_err(),
+            credentials.renew(Some(&first)).await.is_err(),
             "an empty token is refused"
+        );
+        assert_eq!(
+            credentials.bearer_token().await,
+            Ok(Some(Secret::new("second"))),
+            "a failed renewal keeps the last token"
         );
     }
 
-    #[test]
-    fn a_refresh_counts_whether_the_token_changed() {
+    #[tokio::test]
+    async fn a_refresh_counts_whether_the_token_changed() {
         let metrics = Arc::new(Metrics::new().unwrap());
         let file: &'static RotatingFile =
             Box::leak(Box::new(RotatingFile(Mutex::new("first".into()))));
         let client = T8Client::new(
             Url::parse("http://127.0.0.1:1/").unwrap(),
             "bridge-1".into(),
-            Some(Secret::new("first")),
+            None,
             Duration::from_secs(1),
             metrics.clone(),
         )
         .unwrap()
         .with_credentials(Arc::new(ConfiguredCredentials::new(scef(), file)));
-        assert!(!client.refresh_credentials("op"), "same token: no retry");
+        let first = client.current_bearer("op").await.unwrap();
+        assert_eq!(first, Some(Secret::new("first")));
+        assert!(
+            !client.refresh_credentials("op", first.as_ref()).await,
+            "same token: no retry"
+        );
         *file.0.lock().unwrap() = "second".into();
-        assert!(client.refresh_credentials("op"));
-        assert_eq!(client.current_bearer(), Some(Secret::new("second")));
-        *file.0.lock().unwrap() = String::new();
-        assert!(!client.refresh_credentials("op"));
+        assert!(client.refresh_credentials("op", first.as_ref()).await);
         assert_eq!(
-            client.current_bearer(),
+            client.current_bearer("op").await.unwrap(),
+            Some(Secret::new("second"))
+        );
+        *file.0.lock().unwrap() = String::new();
+        assert!(!client.refresh_credentials("op", first.as_ref()).await);
+        assert_eq!(
+            client.current_bearer("op").await.unwrap(),
             Some(Secret::new("second")),
             "a failed refresh keeps the last token"
         );
@@ -731,6 +985,47 @@ mod tests {
                 )),
                 "{text}"
             );
+        }
+    }
+
+    #[test]
+    fn unusable_tls_files_are_refused_naming_the_key() {
+        struct Files;
+        impl SecretSource for Files {
+            fn env(&self, _: &str) -> Option<String> {
+                None
+            }
+            fn file(&self, path: &Path) -> std::io::Result<String> {
+                match path.to_str() {
+                    Some("/garbled.pem") => Ok(
+                        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"
+                            .into(),
+                    ),
+                    Some("/text.pem") => Ok("hello".into()),
+                    _ => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+                }
+            }
+        }
+        let metrics = Arc::new(Metrics::new().unwrap());
+        type Change = fn(&mut ScefConfig);
+        let cases: [(&str, Change); 4] = [
+            ("scef.ca_file", |s| s.ca_file = Some("/missing.pem".into())),
+            ("scef.ca_file", |s| s.ca_file = Some("/text.pem".into())),
+            ("scef.ca_file", |s| s.ca_file = Some("/garbled.pem".into())),
+            ("scef.client_key_file", |s| {
+                s.client_cert_file = Some("/garbled.pem".into());
+                s.client_key_file = Some("/missing.key".into());
+            }),
+        ];
+        for (key, change) in cases {
+            let mut config = scef();
+            config.bearer_token_file = None;
+            change(&mut config);
+            let error = T8Client::from_config(&config, &Files, metrics.clone())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(error.contains(key), "{key}: {error}");
         }
     }
 

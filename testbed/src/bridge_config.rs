@@ -45,6 +45,14 @@ impl BridgeConfigBuilder {
                     retry_initial_ms: 50,
                     retry_max_ms: 200,
                     provisioning_concurrency: 16,
+                    // A mock SCEF on loopback may be plain http; an https one is trusted
+                    // through `ca_file` (see `scef`).
+                    allow_insecure_http: api_root.scheme() == "http",
+                    ca_file: None,
+                    use_system_roots: None,
+                    client_cert_file: None,
+                    client_key_file: None,
+                    oauth2: None,
                 },
                 callback: CallbackConfig {
                     listen: any_port,
@@ -278,6 +286,26 @@ mod tests {
             }
             _ => {}
         }
+    }
+
+    #[test]
+    fn only_a_plain_http_mock_is_allowed_insecure_http() {
+        let store = Path::new("/tmp/store");
+        let http: Url = "http://127.0.0.1:8080/".parse().unwrap();
+        let https: Url = "https://127.0.0.1:8443/".parse().unwrap();
+        let dm = "127.0.0.1:5683".parse().unwrap();
+        let plain = BridgeConfigBuilder::loopback(&http, store).server("dm", dm, ServerRole::Dm);
+        assert!(plain.build().unwrap().scef.allow_insecure_http);
+        let tls = BridgeConfigBuilder::loopback(&https, store).server("dm", dm, ServerRole::Dm);
+        assert!(!tls.build().unwrap().scef.allow_insecure_http);
+        let refused = plain
+            .scef(|s| s.allow_insecure_http = false)
+            .build()
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("allow_insecure_http"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use nidd_bridge::DeviceId;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
-use nidd_testbed::mock_scef::{MockScef, MockScefConfig};
+use nidd_testbed::mock_scef::{MockOAuth2, MockScef, MockScefConfig, MockTls};
 use nidd_testbed::schema::T8Schemas;
 
 #[derive(Parser)]
@@ -47,6 +47,23 @@ struct Cli {
     /// buffering it.
     #[arg(long)]
     no_scef_buffering: bool,
+    /// Serve https with this PEM certificate (e.g. from a private CA) and `--tls-key`.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates issued by the CA in this PEM file (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// OAuth2 mode: `POST /oauth2/token` issues tokens to this client id, whose secret is in
+    /// `--oauth2-client-secret-file`; the T8 endpoints then require them.
+    #[arg(long, requires = "oauth2_client_secret_file")]
+    oauth2_client_id: Option<String>,
+    #[arg(long, requires = "oauth2_client_id")]
+    oauth2_client_secret_file: Option<PathBuf>,
+    /// Lifetime of the issued tokens.
+    #[arg(long, default_value_t = 300)]
+    oauth2_token_lifetime_s: u64,
 }
 
 fn main() -> ExitCode {
@@ -65,7 +82,32 @@ fn main() -> ExitCode {
         psm_sleep_s,
         real_devices,
         no_scef_buffering,
+        tls_cert,
+        tls_key,
+        tls_client_ca,
+        oauth2_client_id,
+        oauth2_client_secret_file,
+        oauth2_token_lifetime_s,
     } = Cli::parse();
+    let tls = tls_cert.zip(tls_key).map(|(cert_file, key_file)| MockTls {
+        cert_file,
+        key_file,
+        client_ca_file: tls_client_ca,
+    });
+    let oauth2 = match oauth2_client_id.zip(oauth2_client_secret_file) {
+        Some((client_id, secret_file)) => match std::fs::read_to_string(&secret_file) {
+            Ok(secret) => Some(MockOAuth2 {
+                client_id,
+                client_secret: secret.trim().to_string(),
+                token_lifetime: Duration::from_secs(oauth2_token_lifetime_s),
+            }),
+            Err(error) => {
+                eprintln!("nidd-mock-scef: {}: {error}", secret_file.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let psm = psm_active_s
         .zip(psm_sleep_s)
         .map(|(a, s)| (Duration::from_secs(a), Duration::from_secs(s)));
@@ -77,6 +119,8 @@ fn main() -> ExitCode {
         real_devices,
         psm,
         scef_buffering: !no_scef_buffering,
+        tls,
+        oauth2,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -106,6 +150,8 @@ struct MockOptions {
     real_devices: Vec<String>,
     psm: Option<(Duration, Duration)>,
     scef_buffering: bool,
+    tls: Option<MockTls>,
+    oauth2: Option<MockOAuth2>,
 }
 
 async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
@@ -117,6 +163,8 @@ async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
         real_devices,
         psm,
         scef_buffering,
+        tls,
+        oauth2,
     } = options;
     let schemas = match schemas {
         Some(dir) => Some(Arc::new(T8Schemas::load(&dir)?)),
@@ -127,6 +175,8 @@ async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
         maximum_packet_size_bits: Some(max_packet_bytes * 8),
         schemas,
         scef_buffering,
+        tls,
+        oauth2,
         ..Default::default()
     };
     let mock = Arc::new(MockScef::start(listen, config).await?);

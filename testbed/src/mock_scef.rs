@@ -1,7 +1,10 @@
 //! A T8 SCEF emulator for tests, benchmarks and the demo: the NIDD configuration and downlink
 //! delivery resources, the uplink/status callbacks as the 3GPP schemas define them, simulated
 //! UEs that tests drive (inject MO, await MT), a record of every exchange, optional validation
-//! of every body against the official schemas, and fault injection.
+//! of every body against the official schemas, and fault injection. It can serve over TLS
+//! (a private CA's certificate, optionally requiring a client certificate) and act as an
+//! OAuth2 authorization server (client credentials) whose short-lived tokens the T8 endpoints
+//! then require.
 
 pub mod oscore;
 mod psm;
@@ -10,6 +13,7 @@ pub mod sim_device;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -57,7 +61,31 @@ pub enum MockError {
     Timeout(&'static str),
     #[error("cannot listen: {0}")]
     Listen(std::io::Error),
+    #[error("TLS settings: {0}")]
+    Tls(String),
 }
+
+/// The mock's TLS listener: its certificate and key (PEM files), and the CA whose client
+/// certificates it requires (none: no client certificate asked for).
+#[derive(Debug, Clone)]
+pub struct MockTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// OAuth2 mode: `POST /oauth2/token` issues tokens (client credentials grant, the client
+/// authenticated by HTTP Basic or in the form) that live `token_lifetime`, and every T8
+/// endpoint refuses a request without a valid one (401).
+#[derive(Debug, Clone)]
+pub struct MockOAuth2 {
+    pub client_id: String,
+    pub client_secret: String,
+    pub token_lifetime: Duration,
+}
+
+/// The path of the mock's token endpoint.
+pub const TOKEN_PATH: &str = "/oauth2/token";
 
 /// How the mock behaves.
 #[derive(Clone)]
@@ -71,6 +99,10 @@ pub struct MockScefConfig {
     /// Buffer MT for a sleeping UE (201 BUFFERING) unless the request says INDICATE_ERROR;
     /// without it such MT is refused with 500 FAILURE_TEMPORARILY_NOT_REACHABLE.
     pub scef_buffering: bool,
+    /// Serve https with this certificate (and require client certificates of its CA).
+    pub tls: Option<MockTls>,
+    /// Be the OAuth2 token endpoint too, and require its tokens on the T8 endpoints.
+    pub oauth2: Option<MockOAuth2>,
 }
 
 impl Default for MockScefConfig {
@@ -80,7 +112,30 @@ impl Default for MockScefConfig {
             send_active_notification: true,
             schemas: None,
             scef_buffering: true,
+            tls: None,
+            oauth2: None,
         }
+    }
+}
+
+/// What the mock's OAuth2 side did (for tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Tokens issued, by client authentication method (`client_secret_basic`,
+    /// `client_secret_post`).
+    pub issued_basic: u64,
+    pub issued_post: u64,
+    /// Token requests refused (unknown client, wrong secret, other grant).
+    pub refused: u64,
+    /// T8 requests refused with 401 because their token was missing, unknown or expired.
+    pub t8_refusals: u64,
+    /// Every token issued, in order (to check that none of them shows up in a log).
+    pub tokens: Vec<String>,
+}
+
+impl TokenRecord {
+    pub fn issued(&self) -> u64 {
+        self.issued_basic + self.issued_post
     }
 }
 
@@ -159,6 +214,8 @@ pub struct Faults {
     /// FAILURE_TEMPORARILY_NOT_REACHABLE and a `requestedRetransmissionTime` one second later;
     /// nothing is delivered.
     pub failure_status_downlinks: AtomicU32,
+    /// Answer this many OAuth2 token requests 503 (an authorization server that is down).
+    pub fail_token_requests: AtomicU32,
 }
 
 /// How the mock answers a downlink delivery.
@@ -212,6 +269,11 @@ struct Inner {
     real_devices: HashMap<DeviceId, Arc<real_device::RealDevice>>,
     triggers: u64,
     configurations_created: u64,
+    /// OAuth2 access tokens issued and when each expires.
+    tokens: HashMap<String, tokio::time::Instant>,
+    token_record: TokenRecord,
+    /// TLS handshakes that failed (an untrusted certificate, a missing client certificate).
+    tls_handshake_failures: u64,
 }
 
 struct UeChannels {
@@ -384,7 +446,14 @@ impl MockScef {
             .await
             .map_err(MockError::Listen)?;
         let addr = listener.local_addr().map_err(MockError::Listen)?;
-        let api_root = Url::parse(&format!("http://{addr}"))
+        let acceptor = match &config.tls {
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                server_tls_config(tls)?,
+            ))),
+            None => None,
+        };
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let api_root = Url::parse(&format!("{scheme}://{addr}"))
             .map_err(|e| MockError::Listen(std::io::Error::other(e)))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -399,11 +468,14 @@ impl MockScef {
             faults: Faults::default(),
         });
         let app = router(state.clone());
-        let task = tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app).await {
-                tracing::error!(%error, "mock SCEF stopped");
-            }
-        });
+        let task = match acceptor {
+            Some(acceptor) => tokio::spawn(serve_tls(listener, acceptor, app, state.clone())),
+            None => tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, app).await {
+                    tracing::error!(%error, "mock SCEF stopped");
+                }
+            }),
+        };
         tracing::info!(%addr, "mock SCEF listening");
         Ok(Self { state, addr, task })
     }
@@ -419,6 +491,29 @@ impl MockScef {
 
     pub fn faults(&self) -> &Faults {
         &self.state.faults
+    }
+
+    /// What the OAuth2 side issued and refused so far.
+    pub fn tokens(&self) -> TokenRecord {
+        self.state.inner().token_record.clone()
+    }
+
+    /// Forgets every issued token, as an authorization server that revoked them: the next
+    /// T8 request with one is refused (401).
+    pub fn revoke_tokens(&self) {
+        self.state.inner().tokens.clear();
+    }
+
+    /// TLS handshakes that failed so far.
+    pub fn tls_handshake_failures(&self) -> u64 {
+        self.state.inner().tls_handshake_failures
+    }
+
+    /// The token endpoint's URL (OAuth2 mode).
+    pub fn token_url(&self) -> Url {
+        let mut url = self.state.api_root.clone();
+        url.set_path(TOKEN_PATH);
+        url
     }
 
     /// A handle on the simulated UE with this identity (created on first use). The first
@@ -715,9 +810,233 @@ fn router(state: Arc<MockState>) -> Router {
         .nest("/redirected/3gpp-nidd/v1", nidd)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            require_token,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             record_and_validate,
         ))
+        // Not a T8 resource: neither recorded with them nor behind their token check.
+        .route(TOKEN_PATH, post(issue_token))
         .with_state(state)
+}
+
+/// Serves `app` over TLS: one task per connection, HTTP/1.1; failed handshakes are counted.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    state: Arc<MockState>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "mock SCEF: accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let (acceptor, app, state) = (acceptor.clone(), app.clone(), state.clone());
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(stream).await {
+                Ok(tls) => tls,
+                Err(error) => {
+                    tracing::info!(%error, "mock SCEF: TLS handshake failed");
+                    state.inner().tls_handshake_failures += 1;
+                    state.bump();
+                    return;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await
+            {
+                // A client certificate refused after the handshake shows up here.
+                tracing::info!(%error, "mock SCEF: TLS connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The rustls server configuration of [`MockTls`].
+fn server_tls_config(tls: &MockTls) -> Result<rustls::ServerConfig, MockError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad =
+        |what: &str, error: &dyn std::fmt::Display| MockError::Tls(format!("{what}: {error}"));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let certificates = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad("certificate", &e))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| bad("key", &e))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("protocol versions", &e))?;
+    let builder = match &tls.client_ca_file {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for certificate in
+                CertificateDer::pem_file_iter(ca).map_err(|e| bad("client CA", &e))?
+            {
+                roots
+                    .add(certificate.map_err(|e| bad("client CA", &e))?)
+                    .map_err(|e| bad("client CA", &e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad("client verifier", &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certificates, key)
+        .map_err(|e| bad("certificate and key", &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// OAuth2 mode: a T8 request needs `Authorization: Bearer <a token issued and not expired>`.
+async fn require_token(
+    State(state): State<Arc<MockState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if state.config.oauth2.is_none() {
+        return next.run(request).await;
+    }
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let valid = {
+        let mut inner = state.inner();
+        let now = tokio::time::Instant::now();
+        let valid = token
+            .as_ref()
+            .and_then(|t| inner.tokens.get(t))
+            .is_some_and(|expires| now < *expires);
+        if !valid {
+            inner.token_record.t8_refusals += 1;
+        }
+        valid
+    };
+    if !valid {
+        let mut response = problem_response(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "no valid access token (missing, unknown or expired)".into(),
+        );
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+        return response;
+    }
+    next.run(request).await
+}
+
+/// `POST /oauth2/token`: the client credentials grant (RFC 6749 §4.4), the client
+/// authenticated by HTTP Basic (its id and secret form-encoded, §2.3.1) or in the form body.
+async fn issue_token(
+    State(state): State<Arc<MockState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(oauth2) = &state.config.oauth2 else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if take_one(&state.faults.fail_token_requests) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let form_decode = |text: &str| {
+        url::form_urlencoded::parse(format!("v={text}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+    };
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|v| BASE64.decode(v.trim()).ok())
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|v| {
+            let (id, secret) = v.split_once(':')?;
+            Some((form_decode(id)?, form_decode(secret)?))
+        });
+    let posted = form
+        .get("client_id")
+        .cloned()
+        .zip(form.get("client_secret").cloned());
+    let (method, client) = match (basic, posted) {
+        (Some(basic), None) => ("client_secret_basic", Some(basic)),
+        (None, Some(posted)) => ("client_secret_post", Some(posted)),
+        // RFC 6749 §2.3: one authentication method per request.
+        _ => ("none", None),
+    };
+    let refuse = |status: StatusCode, error: &str, description: &str| {
+        state.inner().token_record.refused += 1;
+        let body = serde_json::json!({"error": error, "error_description": description});
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"mock-scef\""),
+            );
+        }
+        response
+    };
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "only client_credentials",
+        );
+    }
+    if client != Some((oauth2.client_id.clone(), oauth2.client_secret.clone())) {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed",
+        );
+    }
+    let token = {
+        let bytes: [u8; 16] = rand::random();
+        hex::encode(bytes)
+    };
+    {
+        let mut inner = state.inner();
+        let now = tokio::time::Instant::now();
+        inner.tokens.retain(|_, expires| now < *expires);
+        inner
+            .tokens
+            .insert(token.clone(), now + oauth2.token_lifetime);
+        inner.token_record.tokens.push(token.clone());
+        match method {
+            "client_secret_basic" => inner.token_record.issued_basic += 1,
+            _ => inner.token_record.issued_post += 1,
+        }
+    }
+    state.bump();
+    let answer = serde_json::json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": oauth2.token_lifetime.as_secs().max(1),
+    });
+    (
+        StatusCode::OK,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(answer),
+    )
+        .into_response()
 }
 
 /// Records every request and answer, and validates both bodies against the schemas.

@@ -73,3 +73,111 @@ fn bad_config_exits_64_and_names_the_problem() {
         "run refuses a bad config the same way"
     );
 }
+
+/// The example configuration with `scef_keys` added to `[scef]` and `tables` before
+/// `[callback]`.
+fn example_with(scef_keys: &str, tables: &str) -> String {
+    let example = String::from_utf8(
+        bridge()
+            .arg("print-default-config")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(example.contains("scs_as_id = \"bridge-1\"\n") && example.contains("\n[callback]\n"));
+    example
+        .replace(
+            "scs_as_id = \"bridge-1\"\n",
+            &format!("scs_as_id = \"bridge-1\"\n{scef_keys}\n"),
+        )
+        .replace("\n[callback]\n", &format!("\n{tables}\n[callback]\n"))
+}
+
+fn check_config(dir: &std::path::Path, text: &str) -> (Option<i32>, String, String) {
+    let path = dir.join("t8.toml");
+    std::fs::write(&path, text).unwrap();
+    let output = bridge()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_refuses_insecure_or_conflicting_t8_settings_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, "cli-client-secret-value\n").unwrap();
+    let oauth2 = format!(
+        "[scef.oauth2]\ntoken_url = \"https://auth.example/token\"\nclient_id = \"bridge\"\nclient_secret_file = \"{}\"\nauth_method = \"client_secret_post\"\n",
+        secret.display()
+    );
+    let missing = dir.path().join("missing.pem");
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    for (text, expected) in [
+        (
+            example_with("", "").replace("https://scef.operator.example", "http://127.0.0.1:8080"),
+            "allow_insecure_http",
+        ),
+        (
+            example_with("bearer_token_env = \"T8_TOKEN\"", &oauth2),
+            "exclude each other",
+        ),
+        (
+            example_with(&format!("ca_file = \"{}\"", missing.display()), ""),
+            "scef.ca_file",
+        ),
+        (
+            example_with(&format!("ca_file = \"{}\"", not_pem.display()), ""),
+            "no PEM certificate",
+        ),
+        (
+            example_with(&format!("client_cert_file = \"{}\"", missing.display()), ""),
+            "go together",
+        ),
+        (
+            example_with("", &oauth2.replace("client-secret", "no-such-secret")),
+            "client_secret_file",
+        ),
+    ] {
+        let (code, _, stderr) = check_config(dir.path(), &text);
+        assert_eq!(code, Some(64), "{expected}: {stderr}");
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    }
+    // Plain http is accepted when asked for; OAuth2 with a readable secret is fine, and the
+    // secret is printed nowhere.
+    let (code, _, stderr) = check_config(
+        dir.path(),
+        &example_with("allow_insecure_http = true", "")
+            .replace("https://scef.operator.example", "http://127.0.0.1:8080"),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stdout, stderr) = check_config(dir.path(), &example_with("", &oauth2));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("OAuth2 client credentials"), "{stdout}");
+    // `run` refuses a configuration whose files are unusable the same way (exit 64).
+    let path = dir.path().join("missing-ca.toml");
+    std::fs::write(
+        &path,
+        example_with(&format!("ca_file = \"{}\"", missing.display()), ""),
+    )
+    .unwrap();
+    let run = bridge()
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("scef.ca_file"));
+    assert!(
+        !stdout.contains("cli-client-secret-value") && !stderr.contains("cli-client-secret-value")
+    );
+}
