@@ -55,7 +55,11 @@ impl FromStr for ExternalId {
         let valid_part = |part: &str| {
             !part.is_empty()
                 && !part.contains('@')
-                && part.chars().all(|c| c.is_ascii_graphic() || !c.is_ascii())
+                // No space of any script either: an identity is one token, and the API
+                // schema says so with `\s`.
+                && part
+                    .chars()
+                    .all(|c| (c.is_ascii_graphic() || !c.is_ascii()) && !c.is_whitespace())
         };
         if !valid_part(local) || !valid_part(domain) {
             return Err(bad());

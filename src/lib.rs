@@ -22,6 +22,10 @@ pub mod coap;
 pub mod config;
 mod delivery;
 mod devices;
+/// Oracles for the fuzz targets and the proptest volume tests; not an API.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod identity;
 mod metrics;

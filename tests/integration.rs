@@ -11,6 +11,7 @@
 
 mod integration {
     pub mod accounting;
+    pub mod api_schema;
     pub mod bad_input;
     pub mod cli;
     pub mod conformance;

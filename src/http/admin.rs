@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +17,7 @@ use crate::clock;
 use crate::config::BufferOwner;
 use crate::devices::{Device, DeviceTable};
 use crate::http::Lifecycle;
-use crate::http::problem::problem_response;
+use crate::http::problem::{method_not_allowed, problem_response};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mt::Downlinks;
@@ -43,7 +44,23 @@ pub(crate) fn router(shared: AdminState) -> Router {
             "/api/v1/devices/{device}/queue",
             axum::routing::delete(purge_queue),
         )
+        // Every error answer of this listener is a problem document, axum's own ones too
+        // (after the routes: the 405 fallback applies to the routes already added).
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(|| async {
+            problem_response(StatusCode::NOT_FOUND, "NOT_FOUND", "no such path".into())
+        })
         .with_state(shared)
+}
+
+/// The device a path names, or the 400 problem answer: a segment that is not an identity,
+/// or one axum cannot read (percent-encoded bytes that are not UTF-8).
+fn device_of(path: Result<Path<String>, PathRejection>) -> Result<DeviceId, Response> {
+    let bad = |detail: String| problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", detail);
+    let Path(device) = path.map_err(|rejection| bad(rejection.body_text()))?;
+    device
+        .parse()
+        .map_err(|error: crate::identity::IdentityError| bad(error.to_string()))
 }
 
 async fn metrics(State(shared): State<AdminState>) -> Response {
@@ -235,12 +252,13 @@ async fn list_devices(State(shared): State<AdminState>) -> Json<Vec<DeviceView>>
     Json(devices)
 }
 
-async fn show_device(State(shared): State<AdminState>, Path(device): Path<String>) -> Response {
-    let id: DeviceId = match device.parse() {
+async fn show_device(
+    State(shared): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match device_of(path) {
         Ok(id) => id,
-        Err(error) => {
-            return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string());
-        }
+        Err(refusal) => return refusal,
     };
     match shared.devices.get(&id) {
         Some(device) => Json(view(device, clock::now(), clock::unix_ms())).into_response(),
@@ -272,12 +290,13 @@ struct Purged {
 
 /// Drops every datagram queued for a device (pending ones at the SCEF included), counted as
 /// `purged`.
-async fn purge_queue(State(shared): State<AdminState>, Path(device): Path<String>) -> Response {
-    let id: DeviceId = match device.parse() {
+async fn purge_queue(
+    State(shared): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match device_of(path) {
         Ok(id) => id,
-        Err(error) => {
-            return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string());
-        }
+        Err(refusal) => return refusal,
     };
     let Some(device) = shared.devices.get(&id) else {
         return problem_response(
@@ -603,6 +622,46 @@ mod tests {
                     .await,
                 StatusCode::NOT_FOUND,
                 "UNKNOWN_DEVICE",
+            )
+            .await;
+            // A segment axum cannot decode (not UTF-8) is a bad identity too, as problem+json.
+            assert_problem(
+                harness
+                    .admin(method.clone(), &format!("/api/v1/devices/%FF{suffix}"))
+                    .await,
+                StatusCode::BAD_REQUEST,
+                "BAD_DEVICE_ID",
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_wrong_methods_are_problems() {
+        let harness = Harness::new().await;
+        for path in ["/", "/api/v1", "/api/v1/devices/a@x/queue/1", "/metrics/"] {
+            assert_problem(
+                harness.admin(Method::GET, path).await,
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+            )
+            .await;
+        }
+        for (method, path, allow) in [
+            (Method::POST, "/readyz", "GET,HEAD"),
+            (Method::DELETE, "/api/v1/devices", "GET,HEAD"),
+            (Method::GET, "/api/v1/devices/a@x/queue", "DELETE"),
+        ] {
+            let response = harness.admin(method, path).await;
+            assert_eq!(
+                response.headers().get(header::ALLOW).map(|v| v.as_bytes()),
+                Some(allow.as_bytes()),
+                "{path}"
+            );
+            assert_problem(
+                response,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
             )
             .await;
         }

@@ -1,0 +1,139 @@
+//! The bridge against its own OpenAPI (`openapi/nidd-bridge.yaml`), by schemathesis: a real
+//! bridge with a mock SCEF and a raw LwM2M server stand-in, both listeners, examples and
+//! generated requests, schema-valid and schema-invalid ones (`--mode all`), with the device's
+//! real capability token in the callback URLs so the handlers are reached, not only the 404.
+//!
+//! Checks: no 5xx; every status, content type, header and body as the schema says; every
+//! schema-invalid request refused with a 4xx; wrong methods 405 with `Allow`; and (the project's
+//! hook) no schema-valid request refused as malformed. Bounded: a fixed number of examples per
+//! operation and a time budget per listener.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nidd_bridge::DeviceId;
+use nidd_bridge::config::ServerRole;
+use nidd_testbed::bed::{DM_SERVER, TestBed};
+use nidd_testbed::probe::metric;
+use nidd_testbed::schemathesis;
+
+/// Examples per operation and phase, and the time budget (seconds) of one listener's run.
+const EXAMPLES: &str = "40";
+const MAX_TIME_S: &str = "60";
+
+fn schema() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("openapi/nidd-bridge.yaml")
+}
+
+/// A schemathesis configuration: the device's token for every `{token}`, no report files.
+fn config(dir: &std::path::Path, token: &str) -> PathBuf {
+    let path = dir.join("schemathesis.toml");
+    let text = format!(
+        r#"
+[parameters]
+"path.token" = "{token}"
+
+[output.sanitization]
+enabled = false
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_listeners_keep_to_the_projects_openapi() {
+    // Installing schemathesis (first run only) can take a while; it blocks, so off the runtime.
+    tokio::task::spawn_blocking(schemathesis::st)
+        .await
+        .unwrap()
+        .expect("schemathesis");
+
+    // The device of the OpenAPI examples, so the examples reach the handlers as themselves.
+    let id: DeviceId = "123456789@iot.example".parse().unwrap();
+    let bed = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .device(&id)
+        .start()
+        .await
+        .unwrap();
+    let url = bed.bridge().callback_url(&id);
+    let token = url.rsplit('/').next().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &token);
+    let callback = format!("http://{}", bed.bridge().callback_addr);
+    let admin = format!("http://{}", bed.bridge().admin_addr);
+
+    let common = [
+        "--mode",
+        "all",
+        "--max-examples",
+        EXAMPLES,
+        "--max-time",
+        MAX_TIME_S,
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--workers",
+        "2",
+        "--seed",
+        "8613",
+        "--generation-database",
+        "none",
+        "--request-timeout",
+        "10",
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,\
+         response_headers_conformance,response_schema_conformance,negative_data_rejection,\
+         unsupported_method,allow_header_conformance,schema_valid_input_is_not_refused_as_invalid",
+    ];
+    // The run's own budget, plus its start (schema loading) and the wind-down of its workers.
+    let deadline = Duration::from_secs(MAX_TIME_S.parse::<u64>().unwrap() + 60);
+    let listeners = [
+        ("callback", callback, ["--include-tag", "t8-callbacks"]),
+        ("admin", admin, ["--exclude-tag", "t8-callbacks"]),
+    ];
+    for (name, url, filter) in listeners {
+        let args: Vec<&str> = common.iter().copied().chain(filter).collect();
+        let (config, schema) = (config.clone(), schema());
+        let outcome = tokio::task::spawn_blocking(move || {
+            schemathesis::run(&config, &schema, &url, &args, deadline)
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{name} listener: {e}"));
+        assert!(
+            outcome.success,
+            "{name} listener breaks the project's OpenAPI:\n{}",
+            outcome.output
+        );
+        eprintln!(
+            "{name} listener: {}",
+            outcome.output.lines().last().unwrap_or_default()
+        );
+    }
+
+    // The real token reached the handlers: notifications of each kind were judged, and
+    // some were taken.
+    let metrics = bed.bridge().metrics().await;
+    for kind in [
+        "uplink",
+        "configuration_status",
+        "delivery_status",
+        "group_delivery",
+        "manage_port",
+        "test",
+        "monitoring",
+        "trigger_report",
+    ] {
+        assert!(
+            metrics.contains(&format!("nidd_bridge_callbacks_total{{kind=\"{kind}\"")),
+            "no {kind} notification reached its handler:\n{metrics}"
+        );
+    }
+    let accepted = metric(
+        &metrics,
+        "nidd_bridge_callbacks_total{kind=\"uplink\",outcome=\"accepted\"}",
+    );
+    assert!(accepted >= 1.0, "no uplink was forwarded:\n{metrics}");
+    bed.finish().await;
+}
