@@ -48,6 +48,11 @@ impl FromStr for ExternalId {
     type Err = IdentityError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
+        // The whole value, prefix and spaces included, so the API schema's `maxLength` says
+        // exactly what is taken.
+        if input.chars().count() > MAX_IDENTITY_LEN {
+            return Err(IdentityError::TooLong);
+        }
         let bare = strip_urn_nai(input.trim());
         check_length(bare)?;
         let bad = || IdentityError::BadExternalId(input.to_string());
@@ -55,8 +60,8 @@ impl FromStr for ExternalId {
         let valid_part = |part: &str| {
             !part.is_empty()
                 && !part.contains('@')
-                // No space of any script either: an identity is one token, and the API
-                // schema says so with `\s`.
+                // No space of any script either: an identity is one token (the API schema
+                // lists the same spaces as `char::is_whitespace`).
                 && part
                     .chars()
                     .all(|c| (c.is_ascii_graphic() || !c.is_ascii()) && !c.is_whitespace())
@@ -224,7 +229,7 @@ fn strip_urn_nai(input: &str) -> &str {
 fn check_length(input: &str) -> Result<(), IdentityError> {
     if input.is_empty() {
         Err(IdentityError::Empty)
-    } else if input.len() > MAX_IDENTITY_LEN {
+    } else if input.chars().count() > MAX_IDENTITY_LEN {
         Err(IdentityError::TooLong)
     } else {
         Ok(())

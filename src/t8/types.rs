@@ -746,16 +746,34 @@ pub struct MonitoringEventSubscription {
 #[serde(rename_all = "camelCase")]
 pub struct MonitoringEventReport {
     pub monitoring_type: MonitoringType,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub external_id: Option<ExternalId>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub msisdn: Option<Msisdn>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub event_time: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub reachability_type: Option<String>,
     #[serde(
         rename = "maxUEAvailabilityTime",
+        default,
+        deserialize_with = "non_null",
         skip_serializing_if = "Option::is_none"
     )]
     pub max_ue_availability_time: Option<String>,
@@ -768,7 +786,11 @@ pub struct MonitoringNotification {
     pub subscription: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub monitoring_event_reports: Vec<MonitoringEventReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cancel_ind: Option<bool>,
 }
 
