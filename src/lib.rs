@@ -15,6 +15,8 @@
 //!   `reachability`, `routing`, [`coap`] (read-only datagram inspection), [`config`],
 //!   [`identity`] (External Identifier, MSISDN, `urn:nai`) and [`clock`], the one place the
 //!   clock is read.
+//! - beside the layers: `fuzzing` (tests and feature `fuzzing` only), the oracles the fuzz
+//!   targets in `fuzz/` and the proptest volume tests drive.
 
 pub mod bridge;
 pub mod clock;
