@@ -53,14 +53,18 @@ pub(crate) fn router(shared: AdminState) -> Router {
         .with_state(shared)
 }
 
-/// The device a path names, or the 400 problem answer: a segment that is not an identity,
-/// or one axum cannot read (percent-encoded bytes that are not UTF-8).
-fn device_of(path: Result<Path<String>, PathRejection>) -> Result<DeviceId, Response> {
-    let bad = |detail: String| problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", detail);
-    let Path(device) = path.map_err(|rejection| bad(rejection.body_text()))?;
+/// The device a path names, or why it names none (the `detail` of a 400 `BAD_DEVICE_ID`): a
+/// segment that is not an identity, or one axum cannot read (percent-encoded bytes that are
+/// not UTF-8).
+fn device_of(path: Result<Path<String>, PathRejection>) -> Result<DeviceId, String> {
+    let Path(device) = path.map_err(|rejection| rejection.body_text())?;
     device
         .parse()
-        .map_err(|error: crate::identity::IdentityError| bad(error.to_string()))
+        .map_err(|error: crate::identity::IdentityError| error.to_string())
+}
+
+fn bad_device_id(detail: String) -> Response {
+    problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", detail)
 }
 
 async fn metrics(State(shared): State<AdminState>) -> Response {
@@ -258,7 +262,7 @@ async fn show_device(
 ) -> Response {
     let id = match device_of(path) {
         Ok(id) => id,
-        Err(refusal) => return refusal,
+        Err(detail) => return bad_device_id(detail),
     };
     match shared.devices.get(&id) {
         Some(device) => Json(view(device, clock::now(), clock::unix_ms())).into_response(),
@@ -296,7 +300,7 @@ async fn purge_queue(
 ) -> Response {
     let id = match device_of(path) {
         Ok(id) => id,
-        Err(refusal) => return refusal,
+        Err(detail) => return bad_device_id(detail),
     };
     let Some(device) = shared.devices.get(&id) else {
         return problem_response(
