@@ -162,7 +162,7 @@ async fn read_notification(
     token: &str,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Arc<Device>, Vec<u8>), CallbackError> {
+) -> Result<(Arc<Device>, axum::body::Bytes), CallbackError> {
     if shared.lifecycle.is_shutting_down() {
         return Err(CallbackError::ShuttingDown);
     }
@@ -184,7 +184,7 @@ async fn read_notification(
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| CallbackError::BodyTooLarge { limit })?;
-    Ok((device, bytes.to_vec()))
+    Ok((device, bytes))
 }
 
 /// A body as JSON (any value; the caller checks its shape).
