@@ -274,6 +274,23 @@ mod tests {
     }
 
     #[test]
+    fn external_ids_take_no_space_of_any_script_and_count_characters() {
+        // Spaces around the value are trimmed; inside it, none of Unicode's White_Space.
+        assert!(" a@b.example\n".parse::<ExternalId>().is_ok());
+        for spaced in ["a\u{85}@b", "a@b\u{a0}c", "a\u{2003}b@c", "a\u{3000}@b"] {
+            assert!(spaced.parse::<ExternalId>().is_err(), "{spaced:?} accepted");
+        }
+        // 253 characters in all, whatever their UTF-8 length; a prefix or spaces count too.
+        let wide = format!("{}@{}", "é".repeat(126), "é".repeat(126));
+        assert_eq!(wide.chars().count(), 253);
+        assert!(wide.parse::<ExternalId>().is_ok());
+        assert_eq!(
+            format!("urn:nai:{wide}").parse::<ExternalId>(),
+            Err(IdentityError::TooLong)
+        );
+    }
+
+    #[test]
     fn serde_uses_canonical_string() {
         let id: DeviceId = serde_json::from_str("\"urn:nai:dev@iot.example\"").unwrap();
         assert_eq!(serde_json::to_string(&id).unwrap(), "\"dev@iot.example\"");
