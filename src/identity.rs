@@ -48,6 +48,11 @@ impl FromStr for ExternalId {
     type Err = IdentityError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
+        // The whole value, prefix and spaces included, so the API schema's `maxLength` says
+        // exactly what is taken.
+        if input.chars().count() > MAX_IDENTITY_LEN {
+            return Err(IdentityError::TooLong);
+        }
         let bare = strip_urn_nai(input.trim());
         check_length(bare)?;
         let bad = || IdentityError::BadExternalId(input.to_string());
@@ -55,7 +60,11 @@ impl FromStr for ExternalId {
         let valid_part = |part: &str| {
             !part.is_empty()
                 && !part.contains('@')
-                && part.chars().all(|c| c.is_ascii_graphic() || !c.is_ascii())
+                // No space of any script either: an identity is one token (the API schema
+                // lists the same spaces as `char::is_whitespace`).
+                && part
+                    .chars()
+                    .all(|c| (c.is_ascii_graphic() || !c.is_ascii()) && !c.is_whitespace())
         };
         if !valid_part(local) || !valid_part(domain) {
             return Err(bad());
@@ -220,7 +229,7 @@ fn strip_urn_nai(input: &str) -> &str {
 fn check_length(input: &str) -> Result<(), IdentityError> {
     if input.is_empty() {
         Err(IdentityError::Empty)
-    } else if input.len() > MAX_IDENTITY_LEN {
+    } else if input.chars().count() > MAX_IDENTITY_LEN {
         Err(IdentityError::TooLong)
     } else {
         Ok(())
@@ -260,6 +269,23 @@ mod tests {
         }
         assert_eq!(
             "x".repeat(300).parse::<Msisdn>(),
+            Err(IdentityError::TooLong)
+        );
+    }
+
+    #[test]
+    fn external_ids_take_no_space_of_any_script_and_count_characters() {
+        // Spaces around the value are trimmed; inside it, none of Unicode's White_Space.
+        assert!(" a@b.example\n".parse::<ExternalId>().is_ok());
+        for spaced in ["a\u{85}@b", "a@b\u{a0}c", "a\u{2003}b@c", "a\u{3000}@b"] {
+            assert!(spaced.parse::<ExternalId>().is_err(), "{spaced:?} accepted");
+        }
+        // 253 characters in all, whatever their UTF-8 length; a prefix or spaces count too.
+        let wide = format!("{}@{}", "é".repeat(126), "é".repeat(126));
+        assert_eq!(wide.chars().count(), 253);
+        assert!(wide.parse::<ExternalId>().is_ok());
+        assert_eq!(
+            format!("urn:nai:{wide}").parse::<ExternalId>(),
             Err(IdentityError::TooLong)
         );
     }

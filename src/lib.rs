@@ -16,6 +16,8 @@
 //!   `reachability`, `routing`, [`coap`] (read-only datagram inspection), [`config`],
 //!   [`identity`] (External Identifier, MSISDN, `urn:nai`) and [`clock`], the one place the
 //!   clock is read.
+//! - beside the layers: `fuzzing` (tests and feature `fuzzing` only), the oracles the fuzz
+//!   targets in `fuzz/` and the proptest volume tests drive.
 
 pub mod bridge;
 pub mod clock;
@@ -23,6 +25,10 @@ pub mod coap;
 pub mod config;
 mod delivery;
 mod devices;
+/// Oracles for the fuzz targets and the proptest volume tests; not an API.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod identity;
 mod metrics;

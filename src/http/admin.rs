@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +20,7 @@ use crate::clock;
 use crate::config::BufferOwner;
 use crate::devices::{Device, DeviceTable};
 use crate::http::Lifecycle;
-use crate::http::problem::problem_response;
+use crate::http::problem::{method_not_allowed, problem_response};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mt::Downlinks;
@@ -56,8 +57,28 @@ pub(crate) fn router(shared: AdminState) -> Router {
             "/api/v1/devices/{device}/callback-token/rotate",
             post(rotate_callback_token),
         )
+        // Every error answer of this listener is a problem document, axum's own ones too
+        // (after the routes: the 405 fallback applies to the routes already added).
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(|| async {
+            problem_response(StatusCode::NOT_FOUND, "NOT_FOUND", "no such path".into())
+        })
         .with_state(shared)
         .layer(axum::middleware::from_fn_with_state(guard, auth::check))
+}
+
+/// The device a path names, or why it names none (the `detail` of a 400 `BAD_DEVICE_ID`): a
+/// segment that is not an identity, or one axum cannot read (percent-encoded bytes that are
+/// not UTF-8).
+fn device_of(path: Result<Path<String>, PathRejection>) -> Result<DeviceId, String> {
+    let Path(device) = path.map_err(|rejection| rejection.body_text())?;
+    device
+        .parse()
+        .map_err(|error: crate::identity::IdentityError| error.to_string())
+}
+
+fn bad_device_id(detail: String) -> Response {
+    problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", detail)
 }
 
 async fn metrics(State(shared): State<AdminState>) -> Response {
@@ -253,12 +274,13 @@ async fn list_devices(State(shared): State<AdminState>) -> Json<Vec<DeviceView>>
     Json(devices)
 }
 
-async fn show_device(State(shared): State<AdminState>, Path(device): Path<String>) -> Response {
-    let id: DeviceId = match device.parse() {
+async fn show_device(
+    State(shared): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match device_of(path) {
         Ok(id) => id,
-        Err(error) => {
-            return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string());
-        }
+        Err(detail) => return bad_device_id(detail),
     };
     match shared.devices.get(&id) {
         Some(device) => Json(view(device, clock::now(), clock::unix_ms())).into_response(),
@@ -290,12 +312,13 @@ struct Purged {
 
 /// Drops every datagram queued for a device (pending ones at the SCEF included), counted as
 /// `purged`.
-async fn purge_queue(State(shared): State<AdminState>, Path(device): Path<String>) -> Response {
-    let id: DeviceId = match device.parse() {
+async fn purge_queue(
+    State(shared): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match device_of(path) {
         Ok(id) => id,
-        Err(error) => {
-            return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string());
-        }
+        Err(detail) => return bad_device_id(detail),
     };
     let Some(device) = shared.devices.get(&id) else {
         return problem_response(
@@ -314,13 +337,11 @@ async fn purge_queue(State(shared): State<AdminState>, Path(device): Path<String
 /// URLs still valid and the rotation continued by asking again.
 async fn rotate_callback_token(
     State(shared): State<AdminState>,
-    Path(device): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Response {
-    let id: DeviceId = match device.parse() {
+    let id = match device_of(path) {
         Ok(id) => id,
-        Err(error) => {
-            return problem_response(StatusCode::BAD_REQUEST, "BAD_DEVICE_ID", error.to_string());
-        }
+        Err(detail) => return bad_device_id(detail),
     };
     let Some(device) = shared.devices.get(&id).cloned() else {
         return problem_response(
@@ -651,6 +672,46 @@ mod tests {
                     .await,
                 StatusCode::NOT_FOUND,
                 "UNKNOWN_DEVICE",
+            )
+            .await;
+            // A segment axum cannot decode (not UTF-8) is a bad identity too, as problem+json.
+            assert_problem(
+                harness
+                    .admin(method.clone(), &format!("/api/v1/devices/%FF{suffix}"))
+                    .await,
+                StatusCode::BAD_REQUEST,
+                "BAD_DEVICE_ID",
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_wrong_methods_are_problems() {
+        let harness = Harness::new().await;
+        for path in ["/", "/api/v1", "/api/v1/devices/a@x/queue/1", "/metrics/"] {
+            assert_problem(
+                harness.admin(Method::GET, path).await,
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+            )
+            .await;
+        }
+        for (method, path, allow) in [
+            (Method::POST, "/readyz", "GET,HEAD"),
+            (Method::DELETE, "/api/v1/devices", "GET,HEAD"),
+            (Method::GET, "/api/v1/devices/a@x/queue", "DELETE"),
+        ] {
+            let response = harness.admin(method, path).await;
+            assert_eq!(
+                response.headers().get(header::ALLOW).map(|v| v.as_bytes()),
+                Some(allow.as_bytes()),
+                "{path}"
+            );
+            assert_problem(
+                response,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
             )
             .await;
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +18,7 @@ use crate::clock;
 use crate::delivery::instant_of;
 use crate::devices::{Device, DeviceTable, NiddState, WakeSource};
 use crate::http::Lifecycle;
-use crate::http::problem::problem_response;
+use crate::http::problem::{method_not_allowed, problem_response};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mo::{UplinkError, UplinkRefusal, Uplinks};
@@ -45,6 +46,9 @@ pub(crate) struct CallbackState {
 pub(crate) enum CallbackError {
     #[error("no NIDD configuration has this callback URL")]
     UnknownCallback,
+    /// The token segment cannot be read (e.g. percent-encoded bytes that are not UTF-8).
+    #[error("the callback URL cannot be read: {0}")]
+    BadPath(String),
     #[error("request body exceeds {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("content type must be application/json")]
@@ -66,9 +70,10 @@ pub(crate) enum CallbackError {
 }
 
 impl CallbackError {
-    fn status_and_cause(&self) -> (StatusCode, &'static str) {
+    pub(crate) fn status_and_cause(&self) -> (StatusCode, &'static str) {
         match self {
             Self::UnknownCallback => (StatusCode::NOT_FOUND, "UNKNOWN_CALLBACK"),
+            Self::BadPath(_) => (StatusCode::BAD_REQUEST, "BAD_PATH"),
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "BODY_TOO_LARGE"),
             Self::UnsupportedMediaType => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE")
@@ -116,6 +121,9 @@ pub(crate) fn router(state: CallbackState) -> Router {
         .route("/t8/v1/nidd/{token}", post(nidd_notification))
         .route("/t8/v1/monitoring/{token}", post(monitoring_notification))
         .route("/t8/v1/triggering/{token}", post(triggering_notification))
+        // After the routes: it applies to the routes already added. axum keeps the `Allow`
+        // header; the body becomes a problem document like every other refusal here.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(|| async {
             problem_response(
                 StatusCode::NOT_FOUND,
@@ -126,14 +134,24 @@ pub(crate) fn router(state: CallbackState) -> Router {
         .with_state(state)
 }
 
+/// The token of a callback URL. axum's own rejection (plain text) is replaced by a problem
+/// document: every error answer of this listener is `application/problem+json`.
+fn token_of(path: Result<Path<String>, PathRejection>) -> Result<String, CallbackError> {
+    path.map(|Path(token)| token)
+        .map_err(|rejection| CallbackError::BadPath(rejection.body_text()))
+}
+
 async fn nidd_notification(
     State(shared): State<CallbackState>,
-    Path(token): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let mut kind = "unknown";
-    let result = handle(&shared, &token, &headers, body, &mut kind).await;
+    let result = match token_of(path) {
+        Ok(token) => handle(&shared, &token, &headers, body, &mut kind).await,
+        Err(error) => Err(error),
+    };
     answer(&shared, kind, result)
 }
 
@@ -144,7 +162,7 @@ async fn read_notification(
     token: &str,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Arc<Device>, serde_json::Value), CallbackError> {
+) -> Result<(Arc<Device>, axum::body::Bytes), CallbackError> {
     if shared.lifecycle.is_shutting_down() {
         return Err(CallbackError::ShuttingDown);
     }
@@ -168,9 +186,29 @@ async fn read_notification(
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| CallbackError::BodyTooLarge { limit })?;
-    let json: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| CallbackError::MalformedJson(e.to_string()))?;
-    Ok((device, json))
+    Ok((device, bytes))
+}
+
+/// A body as JSON (any value; the caller checks its shape).
+fn json_of(bytes: &[u8]) -> Result<serde_json::Value, CallbackError> {
+    serde_json::from_slice(bytes).map_err(|e| CallbackError::MalformedJson(e.to_string()))
+}
+
+/// The sans-IO front of the NIDD callback: body bytes to a classified notification, or the
+/// refusal the handler answers with. The fuzz targets drive exactly this.
+pub(crate) fn parse_nidd_body(bytes: &[u8]) -> Result<NiddNotification, CallbackError> {
+    NiddNotification::from_json(json_of(bytes)?)
+        .map_err(|e| CallbackError::InvalidNotification(e.to_string()))
+}
+
+/// The datagram an uplink notification carries: standard base64 with canonical padding,
+/// surrounding whitespace ignored.
+pub(crate) fn uplink_datagram(
+    uplink: &crate::t8::NiddUplinkDataNotification,
+) -> Result<Vec<u8>, CallbackError> {
+    BASE64
+        .decode(uplink.data.trim())
+        .map_err(|e| CallbackError::BadBase64(e.to_string()))
 }
 
 async fn handle(
@@ -180,16 +218,13 @@ async fn handle(
     body: Body,
     kind: &mut &'static str,
 ) -> Result<&'static str, CallbackError> {
-    let (device, json) = read_notification(shared, token, headers, body).await?;
-    let notification = NiddNotification::from_json(json)
-        .map_err(|e| CallbackError::InvalidNotification(e.to_string()))?;
+    let (device, bytes) = read_notification(shared, token, headers, body).await?;
+    let notification = parse_nidd_body(&bytes)?;
     *kind = notification.kind();
     match notification {
         NiddNotification::Uplink(uplink) => {
             let named = named_device(&uplink)?;
-            let datagram = BASE64
-                .decode(uplink.data.trim())
-                .map_err(|e| CallbackError::BadBase64(e.to_string()))?;
+            let datagram = uplink_datagram(&uplink)?;
             shared
                 .uplinks
                 .forward(&device, &named, &datagram, clock::now())
@@ -397,12 +432,14 @@ fn answer(
 /// MonitoringEvent notifications: reachability reports wake the device's MT queue.
 async fn monitoring_notification(
     State(shared): State<CallbackState>,
-    Path(token): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let result = async {
-        let (device, json) = read_notification(&shared, &token, &headers, body).await?;
+        let token = token_of(path)?;
+        let (device, bytes) = read_notification(&shared, &token, &headers, body).await?;
+        let json = json_of(&bytes)?;
         let notification: MonitoringNotification =
             serde_json::from_value(json).map_err(|e| CallbackError::InvalidNotification(e.to_string()))?;
         for report in &notification.monitoring_event_reports {
@@ -447,12 +484,14 @@ async fn monitoring_notification(
 /// DeviceTriggering delivery reports.
 async fn triggering_notification(
     State(shared): State<CallbackState>,
-    Path(token): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let result = async {
-        let (device, json) = read_notification(&shared, &token, &headers, body).await?;
+        let token = token_of(path)?;
+        let (device, bytes) = read_notification(&shared, &token, &headers, body).await?;
+        let json = json_of(&bytes)?;
         let report: DeviceTriggeringDeliveryReportNotification =
             serde_json::from_value(json).map_err(|e| CallbackError::InvalidNotification(e.to_string()))?;
         let label = match &report.result {
@@ -474,7 +513,7 @@ mod tests {
 
     use std::time::Duration;
 
-    use axum::http::StatusCode;
+    use axum::http::{Method, StatusCode};
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD as BASE64;
     use serde_json::json;
@@ -711,6 +750,7 @@ mod tests {
     fn every_error_has_its_status_and_cause() {
         let cases = [
             (CallbackError::UnknownCallback, 404, "UNKNOWN_CALLBACK"),
+            (CallbackError::BadPath(String::new()), 400, "BAD_PATH"),
             (
                 CallbackError::BodyTooLarge { limit: 1 },
                 413,
@@ -1099,14 +1139,68 @@ mod tests {
     async fn manage_port_and_test_notifications_are_accepted_and_ignored() {
         let harness = Harness::new().await;
         let before = nidd_of(&harness, DEVICE_A);
-        for (name, kind) in [
-            ("ManagePortNotification.example.json", "manage_port"),
-            ("TestNotification.example.json", "test"),
+        for (name, kind, count) in [
+            ("ManagePortNotification.example.json", "manage_port", 1),
+            // TS 29.122 requires only niddConfiguration and the UE: managedPorts is optional.
+            (
+                "ManagePortNotification.no-managed-ports.json",
+                "manage_port",
+                2,
+            ),
+            ("TestNotification.example.json", "test", 1),
         ] {
             assert_no_content(harness.notify(&nidd_url(TOKEN_A), fixture(name)).await).await;
-            assert_eq!(harness.callbacks(kind, "accepted"), 1, "{name}");
+            assert_eq!(harness.callbacks(kind, "accepted"), count, "{name}");
         }
         assert_eq!(nidd_of(&harness, DEVICE_A), before);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_token_is_a_problem_document() {
+        let harness = Harness::new().await;
+        // `%FF` decodes to a byte that is not UTF-8: axum's own rejection would be text/plain.
+        for path in [
+            "/t8/v1/nidd/%FF",
+            "/t8/v1/monitoring/%FF%FE",
+            "/t8/v1/triggering/a%C3",
+        ] {
+            assert_problem(
+                harness.notify(path, fixture(REGISTER)).await,
+                StatusCode::BAD_REQUEST,
+                "BAD_PATH",
+            )
+            .await;
+        }
+        assert_eq!(harness.callbacks("unknown", "bad_path"), 1);
+        assert_eq!(harness.metrics.mo_datagrams.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_method_is_a_problem_document_with_allow() {
+        let harness = Harness::new().await;
+        for method in [Method::GET, Method::PUT, Method::DELETE, Method::PATCH] {
+            let response = harness
+                .callback_request(method.clone(), &nidd_url(TOKEN_A))
+                .await;
+            assert_eq!(
+                response.headers().get(header::ALLOW).map(|v| v.as_bytes()),
+                Some(&b"POST"[..]),
+                "{method}"
+            );
+            assert_problem(
+                response,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+            )
+            .await;
+        }
+        // An unknown path is UNKNOWN_CALLBACK whatever the method.
+        assert_problem(
+            harness.callback_request(Method::GET, "/").await,
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_CALLBACK",
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -1222,7 +1316,7 @@ mod tests {
             })
             .collect();
         names.sort();
-        assert_eq!(names.len(), 5, "{names:?}");
+        assert_eq!(names.len(), 7, "{names:?}");
         for name in &names {
             assert_problem(
                 harness

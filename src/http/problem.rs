@@ -24,3 +24,12 @@ pub(crate) fn problem_response(status: StatusCode, cause: &str, detail: String) 
     )
         .into_response()
 }
+
+/// 405 for a method a path does not serve (axum adds the `Allow` header).
+pub(crate) async fn method_not_allowed() -> Response {
+    problem_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "this path does not serve this method (see Allow)".into(),
+    )
+}

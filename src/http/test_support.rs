@@ -289,6 +289,20 @@ impl Harness {
             .expect("the router is infallible")
     }
 
+    /// Sends any request to the callback router (other methods, raw paths).
+    pub(crate) async fn callback_request(&self, method: Method, path: &str) -> Response {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{}"))
+            .expect("request");
+        callback::router(self.callback.clone())
+            .oneshot(request)
+            .await
+            .expect("the router is infallible")
+    }
+
     /// Sends a request without a body to the admin router.
     pub(crate) async fn admin(&self, method: Method, path: &str) -> Response {
         let request = Request::builder()

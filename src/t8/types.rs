@@ -199,16 +199,31 @@ pub struct NiddDownlinkDataDeliveryFailure {
 }
 
 /// `NiddUplinkDataNotification`: one MO datagram.
+///
+/// In this and the other notification bodies an optional field may be absent but not `null`:
+/// the 3GPP schemas declare none of them nullable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NiddUplinkDataNotification {
     pub nidd_configuration: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub external_id: Option<ExternalId>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub msisdn: Option<Msisdn>,
     pub data: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub reliable_data_service: Option<bool>,
 }
 
@@ -217,12 +232,24 @@ pub struct NiddUplinkDataNotification {
 #[serde(rename_all = "camelCase")]
 pub struct NiddConfigurationStatusNotification {
     pub nidd_configuration: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub external_id: Option<ExternalId>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub msisdn: Option<Msisdn>,
     pub status: NiddStatus,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub rds_cap_indication: Option<bool>,
 }
 
@@ -232,7 +259,12 @@ pub struct NiddConfigurationStatusNotification {
 pub struct NiddDownlinkDataDeliveryStatusNotification {
     pub nidd_downlink_data_transfer: String,
     pub delivery_status: DeliveryStatus,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// RFC 3339 (T8 `DateTime`).
+    #[serde(
+        default,
+        deserialize_with = "date_time",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub requested_retransmission_time: Option<String>,
 }
 
@@ -240,12 +272,25 @@ pub struct NiddDownlinkDataDeliveryStatusNotification {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GmdResult {
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub external_id: Option<ExternalId>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub msisdn: Option<Msisdn>,
     pub delivery_status: DeliveryStatus,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// RFC 3339 (T8 `DateTime`).
+    #[serde(
+        default,
+        deserialize_with = "date_time",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub requested_retransmission_time: Option<String>,
 }
 
@@ -258,14 +303,80 @@ pub struct GmdNiddDownlinkDataDeliveryNotification {
 }
 
 /// `ManagePortNotification` (RDS ports); accepted and counted, RDS is not used yet.
+/// `managedPorts` is optional in TS 29.122: only `niddConfiguration` and the UE are required.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagePortNotification {
     pub nidd_configuration: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub external_id: Option<ExternalId>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub msisdn: Option<Msisdn>,
+    /// At least one entry when present.
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub managed_ports: Option<Vec<ManagePort>>,
+}
+
+/// `ManagePort`: one reserved RDS port configuration. Read only to check its shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagePort {
+    #[serde(
+        rename = "self",
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub self_link: Option<String>,
+    pub app_id: String,
+    /// `ManageEntity` (`UE` or `AS`; open).
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub manage_entity: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub skip_ue_inquiry: Option<bool>,
+    /// `SerializationFormat` values (open); at least one entry when present.
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub supported_formats: Option<Vec<String>>,
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub configured_format: Option<String>,
+}
+
+/// `RdsPort`: the ports of a reliable data service exchange. The bridge does not use RDS; the
+/// shape is checked where a notification may carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdsPort {
+    #[serde(rename = "portUE")]
+    pub port_ue: u16,
+    #[serde(rename = "portSCEF")]
+    pub port_scef: u16,
 }
 
 /// `TestNotification` (TS 29.122 CommonData).
@@ -274,8 +385,40 @@ pub struct TestNotification {
     pub subscription: String,
 }
 
+/// Fields of a notification the bridge does not keep but whose shape the schema fixes.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UnusedFields {
+    #[serde(default, deserialize_with = "non_null")]
+    #[serde(rename = "rdsPort")]
+    _rds_port: Option<RdsPort>,
+}
+
+/// An optional field: absent is `None`, `null` is refused (no T8 notification field is
+/// nullable), anything else must be a `T`.
+fn non_null<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+/// An optional T8 `DateTime`: an RFC 3339 date-time, kept as the string received.
+fn date_time<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339).map_err(
+        |e| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 date-time: {e}")),
+    )?;
+    Ok(Some(text))
+}
+
 /// A NIDD notification, told apart by its distinguishing field: the 3GPP `oneOf` has no
-/// discriminator and a valid uplink also matches `ManagePortNotification`.
+/// discriminator, and a valid uplink or configuration status notification also matches
+/// `ManagePortNotification` (which requires only `niddConfiguration` and the UE).
 #[derive(Debug, Clone, PartialEq)]
 pub enum NiddNotification {
     Uplink(NiddUplinkDataNotification),
@@ -286,34 +429,148 @@ pub enum NiddNotification {
     Test(TestNotification),
 }
 
+/// The kinds of [`NiddNotification`], in dispatch order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NiddNotificationKind {
+    Uplink,
+    ConfigurationStatus,
+    DeliveryStatus,
+    GroupDelivery,
+    Test,
+    ManagePort,
+}
+
+impl NiddNotificationKind {
+    /// The kind a body claims to be, from the keys present (whatever their values, `null`
+    /// included), first match wins: `data`, `status`, `deliveryStatus`, `gmdResults`,
+    /// `subscription` without `niddConfiguration`, else `ManagePortNotification`. Each kind's
+    /// distinguishing field is required by its schema and foreign to the kinds before it, so
+    /// a body valid against one 3GPP schema and carrying no earlier kind's field lands on
+    /// that schema; a body with an earlier kind's field is held to that kind.
+    pub fn of(body: &serde_json::Value) -> Self {
+        let has = |field: &str| body.get(field).is_some();
+        if has("data") {
+            Self::Uplink
+        } else if has("status") {
+            Self::ConfigurationStatus
+        } else if has("deliveryStatus") {
+            Self::DeliveryStatus
+        } else if has("gmdResults") {
+            Self::GroupDelivery
+        } else if has("subscription") && !has("niddConfiguration") {
+            Self::Test
+        } else {
+            Self::ManagePort
+        }
+    }
+
+    /// Its 3GPP schema name.
+    pub fn schema(self) -> &'static str {
+        match self {
+            Self::Uplink => "NiddUplinkDataNotification",
+            Self::ConfigurationStatus => "NiddConfigurationStatusNotification",
+            Self::DeliveryStatus => "NiddDownlinkDataDeliveryStatusNotification",
+            Self::GroupDelivery => "GmdNiddDownlinkDataDeliveryNotification",
+            Self::Test => "TestNotification",
+            Self::ManagePort => "ManagePortNotification",
+        }
+    }
+}
+
+/// Why a body is not a NIDD notification.
+#[derive(Debug, thiserror::Error)]
+pub enum NotificationError {
+    #[error("a notification is a JSON object")]
+    NotAnObject,
+    #[error("{schema}: exactly one of externalId and msisdn is required")]
+    Identity { schema: &'static str },
+    #[error("{schema}: {field} must have at least one entry")]
+    Empty {
+        schema: &'static str,
+        field: &'static str,
+    },
+    #[error("{schema}: {source}")]
+    Decode {
+        schema: &'static str,
+        source: serde_json::Error,
+    },
+}
+
 impl NiddNotification {
-    /// Dispatches a parsed JSON body on its distinguishing field, then decodes it strictly.
-    pub fn from_json(body: serde_json::Value) -> Result<Self, serde_json::Error> {
+    /// Classifies a parsed JSON body ([`NiddNotificationKind::of`]), then decodes it strictly
+    /// as that kind: required fields, types, no `null` for optional fields, exactly one UE
+    /// identity where the schema asks for one, non-empty arrays where it says `minItems: 1`.
+    pub fn from_json(body: serde_json::Value) -> Result<Self, NotificationError> {
+        if !body.is_object() {
+            return Err(NotificationError::NotAnObject);
+        }
+        let kind = NiddNotificationKind::of(&body);
+        let schema = kind.schema();
         let has = |field: &str| body.get(field).is_some();
         let names_one_ue = has("externalId") != has("msisdn");
-        if (has("data") || has("status") || has("managedPorts")) && !names_one_ue {
-            return Err(serde::de::Error::custom(
-                "exactly one of externalId and msisdn is required",
-            ));
+        if matches!(
+            kind,
+            NiddNotificationKind::Uplink
+                | NiddNotificationKind::ConfigurationStatus
+                | NiddNotificationKind::ManagePort
+        ) && !names_one_ue
+        {
+            return Err(NotificationError::Identity { schema });
         }
-        Ok(if has("data") {
-            Self::Uplink(serde_json::from_value(body)?)
-        } else if has("status") {
-            Self::ConfigurationStatus(serde_json::from_value(body)?)
-        } else if has("deliveryStatus") {
-            Self::DeliveryStatus(serde_json::from_value(body)?)
-        } else if has("gmdResults") {
-            Self::GroupDelivery(serde_json::from_value(body)?)
-        } else if has("subscription") && !has("niddConfiguration") {
-            Self::Test(serde_json::from_value(body)?)
-        } else if has("managedPorts") {
-            Self::ManagePort(serde_json::from_value(body)?)
-        } else {
-            // ManagePortNotification would match almost any body; without its ports a body
-            // is more likely a broken uplink or status notification than a port report.
-            return Err(serde::de::Error::custom(
-                "no distinguishing field (data, status, deliveryStatus, gmdResults, managedPorts, subscription)",
-            ));
+        let decode_error = |source| NotificationError::Decode { schema, source };
+        if matches!(
+            kind,
+            NiddNotificationKind::Uplink | NiddNotificationKind::ConfigurationStatus
+        ) {
+            serde_json::from_value::<UnusedFields>(body.clone()).map_err(decode_error)?;
+        }
+        let empty = |field| NotificationError::Empty { schema, field };
+        Ok(match kind {
+            NiddNotificationKind::Uplink => {
+                Self::Uplink(serde_json::from_value(body).map_err(decode_error)?)
+            }
+            NiddNotificationKind::ConfigurationStatus => {
+                Self::ConfigurationStatus(serde_json::from_value(body).map_err(decode_error)?)
+            }
+            NiddNotificationKind::DeliveryStatus => {
+                Self::DeliveryStatus(serde_json::from_value(body).map_err(decode_error)?)
+            }
+            NiddNotificationKind::GroupDelivery => {
+                let group: GmdNiddDownlinkDataDeliveryNotification =
+                    serde_json::from_value(body).map_err(decode_error)?;
+                if group.gmd_results.is_empty() {
+                    return Err(empty("gmdResults"));
+                }
+                if group
+                    .gmd_results
+                    .iter()
+                    .any(|r| r.external_id.is_some() == r.msisdn.is_some())
+                {
+                    return Err(NotificationError::Identity {
+                        schema: "GmdResult",
+                    });
+                }
+                Self::GroupDelivery(group)
+            }
+            NiddNotificationKind::Test => {
+                Self::Test(serde_json::from_value(body).map_err(decode_error)?)
+            }
+            NiddNotificationKind::ManagePort => {
+                let ports: ManagePortNotification =
+                    serde_json::from_value(body).map_err(decode_error)?;
+                if let Some(managed) = &ports.managed_ports {
+                    if managed.is_empty() {
+                        return Err(empty("managedPorts"));
+                    }
+                    if managed
+                        .iter()
+                        .any(|p| p.supported_formats.as_ref().is_some_and(Vec::is_empty))
+                    {
+                        return Err(empty("supportedFormats"));
+                    }
+                }
+                Self::ManagePort(ports)
+            }
         })
     }
 
@@ -363,13 +620,50 @@ mod tests {
             NiddNotification::from_json(test),
             Ok(NiddNotification::Test(_))
         ));
-        let port = serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "managedPorts": []});
+        let port = serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "managedPorts": [{"appId": "lwm2m"}]});
         assert!(matches!(
             NiddNotification::from_json(port),
             Ok(NiddNotification::ManagePort(_))
         ));
+        // `managedPorts` is optional (TS 29.122 requires only `niddConfiguration` and the UE).
+        let bare_port =
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "msisdn": "4912345"});
+        assert!(matches!(
+            NiddNotification::from_json(bare_port),
+            Ok(NiddNotification::ManagePort(_))
+        ));
         assert!(NiddNotification::from_json(serde_json::json!({"data": 5})).is_err());
         assert!(NiddNotification::from_json(serde_json::json!([1])).is_err());
+    }
+
+    #[test]
+    fn dispatch_refuses_what_the_chosen_schema_forbids() {
+        let refused = [
+            // `null` is no value of any notification field.
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": null, "msisdn": "4912345", "data": "QAE="}),
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "data": "QAE=", "reliableDataService": null}),
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "status": "ACTIVE", "rdsCapIndication": null}),
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": null}),
+            // rdsPort needs both ports, each 0..65535.
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "data": "QAE=", "rdsPort": {"portUE": 1}}),
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "status": "ACTIVE", "rdsPort": {"portUE": 1, "portSCEF": 65536}}),
+            // minItems 1, and one UE per group result.
+            serde_json::json!({"niddDownlinkDataTransfer": "http://s/d/1", "gmdResults": []}),
+            serde_json::json!({"niddDownlinkDataTransfer": "http://s/d/1", "gmdResults": [{"deliveryStatus": "SUCCESS"}]}),
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "managedPorts": []}),
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "managedPorts": [{"manageEntity": "UE"}]}),
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "managedPorts": [{"appId": "x", "supportedFormats": []}]}),
+            // DateTime is RFC 3339.
+            serde_json::json!({"niddDownlinkDataTransfer": "http://s/d/1", "deliveryStatus": "FAILURE", "requestedRetransmissionTime": "soon"}),
+            // The distinguishing field holds the body to its kind, even when a looser kind would match.
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "data": 5}),
+            serde_json::json!({"niddConfiguration": "http://s/c/1", "externalId": "a@x", "status": null}),
+        ];
+        for body in refused {
+            assert!(NiddNotification::from_json(body.clone()).is_err(), "{body}");
+        }
+        let accepted = serde_json::json!({"niddDownlinkDataTransfer": "http://s/d/1", "deliveryStatus": "FAILURE", "requestedRetransmissionTime": "2026-11-21T10:00:00+01:00"});
+        assert!(NiddNotification::from_json(accepted).is_ok());
     }
 }
 
@@ -452,16 +746,34 @@ pub struct MonitoringEventSubscription {
 #[serde(rename_all = "camelCase")]
 pub struct MonitoringEventReport {
     pub monitoring_type: MonitoringType,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub external_id: Option<ExternalId>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub msisdn: Option<Msisdn>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub event_time: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub reachability_type: Option<String>,
     #[serde(
         rename = "maxUEAvailabilityTime",
+        default,
+        deserialize_with = "non_null",
         skip_serializing_if = "Option::is_none"
     )]
     pub max_ue_availability_time: Option<String>,
@@ -474,7 +786,11 @@ pub struct MonitoringNotification {
     pub subscription: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub monitoring_event_reports: Vec<MonitoringEventReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cancel_ind: Option<bool>,
 }
 

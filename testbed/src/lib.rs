@@ -15,6 +15,8 @@
 //! - [`aiocoap`]: driver of the aiocoap OSCORE peer, installed into a virtual environment on
 //!   first use.
 //! - [`schema`]: validation of T8 bodies against the official 3GPP OpenAPI files.
+//! - [`schemathesis`]: driver of schemathesis (checks a running bridge against the project's
+//!   own OpenAPI), installed into a virtual environment on first use.
 //! - [`bench`]: the load benchmark's minimal SCEF, LwM2M-server stand-in (load generator) and
 //!   minimal relay (the ceiling), and the figures of a run; the `nidd-bench` binary runs them.
 
@@ -30,3 +32,4 @@ pub mod mock_scef;
 pub mod pki;
 pub mod probe;
 pub mod schema;
+pub mod schemathesis;

@@ -7,7 +7,7 @@ use std::path::Path;
 /// The layers of `src/`, top first; a module may use modules of its own layer's lower
 /// neighbours and below, never above. Within a layer, modules do not use each other.
 const LAYERS: &[&[&str]] = &[
-    &["bridge"],
+    &["bridge", "fuzzing"],
     &["http"],
     &["mo", "mt", "provision"],
     &["devices"],
