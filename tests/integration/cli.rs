@@ -181,3 +181,76 @@ fn check_config_refuses_insecure_or_conflicting_t8_settings_in_one_line() {
         !stdout.contains("cli-client-secret-value") && !stderr.contains("cli-client-secret-value")
     );
 }
+
+/// The hardened example (`deploy/nidd-bridge.hardened.toml`) passes `check-config` once its
+/// certificates, keys and secrets exist, and names the first one missing otherwise.
+#[test]
+fn the_hardened_example_passes_check_config_with_its_files_in_place() {
+    use nidd_testbed::pki::TestCa;
+
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    let secrets = dir.path().join("secrets");
+    let tls = etc.join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    std::fs::create_dir_all(&secrets).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/nidd-bridge.hardened.toml"
+    ))
+    .unwrap()
+    .replace("/etc/nidd-bridge/", &format!("{}/", etc.display()))
+    .replace("/run/secrets/", &format!("{}/", secrets.display()));
+    let path = dir.path().join("hardened.toml");
+    std::fs::write(&path, &text).unwrap();
+    let check = || {
+        bridge()
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+
+    let refused = check();
+    assert_eq!(refused.status.code(), Some(64), "nothing in place yet");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+
+    let ca = TestCa::new().unwrap();
+    let ca_pem = ca.write_ca(&tls);
+    std::fs::copy(&ca_pem, tls.join("scef-ca.pem")).unwrap();
+    std::fs::copy(&ca_pem, tls.join("scef-client-ca.pem")).unwrap();
+    let (cert, key) = ca.issue_client(&tls, "t8-client").unwrap();
+    std::fs::rename(key, secrets.join("t8-client.key")).unwrap();
+    assert!(cert.ends_with("t8-client.pem"));
+    for listener in ["callback", "admin"] {
+        let (cert, key) = ca
+            .issue_server(&tls, &["nidd-bridge-1.bridge.operator.example"])
+            .unwrap();
+        std::fs::rename(cert, tls.join(format!("{listener}.pem"))).unwrap();
+        std::fs::rename(key, secrets.join(format!("{listener}.key"))).unwrap();
+    }
+    std::fs::write(secrets.join("t8-oauth2-client-secret"), "client-secret\n").unwrap();
+    std::fs::write(secrets.join("admin-token"), "admin-token\n").unwrap();
+
+    let accepted = check();
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&accepted.stdout);
+    assert!(
+        stdout.contains("ca_file only") && stdout.contains("OAuth2 client credentials"),
+        "{stdout}"
+    );
+
+    std::fs::remove_file(secrets.join("admin-token")).unwrap();
+    let refused = check();
+    assert_eq!(refused.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("admin.bearer_token_file"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
