@@ -89,19 +89,9 @@ pub fn python() -> Result<String, AiocoapError> {
         })
 }
 
-/// `<target dir>/tmp/aiocoap-venv`: the target directory is `CARGO_TARGET_DIR`, else the one
-/// the running binary was built into (marked by cargo's `CACHEDIR.TAG`), else the workspace's.
+/// `<target dir>/tmp/aiocoap-venv` (see `python_venv::venv_dir`).
 pub fn default_venv_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let exe = std::env::current_exe().ok()?;
-            exe.ancestors()
-                .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-                .map(Path::to_path_buf)
-        })
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("tmp/aiocoap-venv")
+    crate::python_venv::venv_dir("aiocoap-venv")
 }
 
 fn peers_dir() -> PathBuf {
@@ -124,34 +114,8 @@ fn install(venv: &Path) -> Result<String, AiocoapError> {
     };
     if !ready(&python) {
         tracing::info!(venv = %venv.display(), "installing aiocoap[oscore] into a virtual environment");
-        let created = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(venv)
-            .status();
-        if !created.is_ok_and(|s| s.success()) {
-            return Err(failed(
-                "python3 -m venv failed (Debian: apt-get install python3-venv)".into(),
-            ));
-        }
-        let requirements = peers_dir().join("requirements.txt");
-        let installed = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "-r",
-            ])
-            .arg(&requirements)
-            .status();
-        if !installed.is_ok_and(|s| s.success()) {
-            return Err(failed(format!(
-                "pip install -r {} failed",
-                requirements.display()
-            )));
-        }
+        crate::python_venv::create_and_install(venv, &peers_dir().join("requirements.txt"))
+            .map_err(failed)?;
         if !ready(&python) {
             return Err(failed("aiocoap[oscore] is not importable".into()));
         }

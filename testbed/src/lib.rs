@@ -31,5 +31,6 @@ pub mod lwm2m_peer;
 pub mod mock_scef;
 pub mod pki;
 pub mod probe;
+mod python_venv;
 pub mod schema;
 pub mod schemathesis;

@@ -35,11 +35,7 @@ pub fn hooks_file() -> PathBuf {
 
 /// `<target dir>/tmp/schemathesis-venv`, beside the aiocoap one.
 pub fn default_venv_dir() -> PathBuf {
-    let aiocoap = crate::aiocoap::default_venv_dir();
-    aiocoap.parent().map_or_else(
-        || PathBuf::from("schemathesis-venv"),
-        |tmp| tmp.join("schemathesis-venv"),
-    )
+    crate::python_venv::venv_dir("schemathesis-venv")
 }
 
 /// The `st` command: [`ST_VAR`], else the virtual environment, created and filled from
@@ -77,34 +73,8 @@ fn install(venv: &Path) -> Result<PathBuf, SchemathesisError> {
         return Ok(st);
     }
     tracing::info!(venv = %venv.display(), "installing schemathesis into a virtual environment");
-    let created = Command::new("python3")
-        .arg("-m")
-        .arg("venv")
-        .arg(venv)
-        .status();
-    if !created.is_ok_and(|s| s.success()) {
-        return Err(failed(
-            "python3 -m venv failed (Debian: apt-get install python3-venv)".into(),
-        ));
-    }
-    let requirements = peers_dir().join("requirements.txt");
-    let installed = Command::new(venv.join("bin/python"))
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-        ])
-        .arg(&requirements)
-        .status();
-    if !installed.is_ok_and(|s| s.success()) {
-        return Err(failed(format!(
-            "pip install -r {} failed",
-            requirements.display()
-        )));
-    }
+    crate::python_venv::create_and_install(venv, &peers_dir().join("requirements.txt"))
+        .map_err(failed)?;
     if !ready(&st) {
         return Err(failed("st --version fails after the install".into()));
     }

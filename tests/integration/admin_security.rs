@@ -120,11 +120,7 @@ fn check_config_refuses_an_admin_listener_off_loopback_without_a_token() {
     assert_ne!(exposed, example, "the example's admin listener moved");
     let path = dir.path().join("exposed.toml");
     std::fs::write(&path, &exposed).unwrap();
-    let check = bridge()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let check = super::cli::check_config_at(&path);
     assert_eq!(check.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&check.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -144,22 +140,14 @@ fn check_config_refuses_an_admin_listener_off_loopback_without_a_token() {
         ),
     );
     std::fs::write(&path, &with_token).unwrap();
-    let check = bridge()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let check = super::cli::check_config_at(&path);
     assert!(
         check.status.success(),
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
     std::fs::remove_file(&token).unwrap();
-    let check = bridge()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let check = super::cli::check_config_at(&path);
     assert_eq!(check.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&check.stderr).contains("admin.bearer_token_file"));
 }

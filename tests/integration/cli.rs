@@ -7,6 +7,15 @@ fn bridge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nidd-bridge"))
 }
 
+/// `nidd-bridge check-config --config path`, run to completion.
+pub fn check_config_at(path: &std::path::Path) -> std::process::Output {
+    bridge()
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn printed_default_config_passes_check_config() {
     let output = bridge().arg("print-default-config").output().unwrap();
@@ -14,11 +23,7 @@ fn printed_default_config_passes_check_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bridge.toml");
     std::fs::write(&path, &output.stdout).unwrap();
-    let check = bridge()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let check = check_config_at(&path);
     assert!(
         check.status.success(),
         "{}",
@@ -36,11 +41,7 @@ fn bad_config_exits_64_and_names_the_problem() {
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
-        let check = bridge()
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
+        let check = check_config_at(&path);
         assert_eq!(check.status.code(), Some(64));
         let stderr = String::from_utf8_lossy(&check.stderr);
         assert!(stderr.contains(expected), "{stderr}");
@@ -55,11 +56,7 @@ fn bad_config_exits_64_and_names_the_problem() {
     .unwrap();
     let path = dir.path().join("typo.toml");
     std::fs::write(&path, example.replace("max_body_bytes", "max_body_size")).unwrap();
-    let check = bridge()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let check = check_config_at(&path);
     assert_eq!(check.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&check.stderr).contains("max_body_size"));
     let run = bridge()
@@ -97,11 +94,7 @@ fn example_with(scef_keys: &str, tables: &str) -> String {
 fn check_config(dir: &std::path::Path, text: &str) -> (Option<i32>, String, String) {
     let path = dir.join("t8.toml");
     std::fs::write(&path, text).unwrap();
-    let output = bridge()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check_config_at(&path);
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -203,13 +196,7 @@ fn the_hardened_example_passes_check_config_with_its_files_in_place() {
     .replace("/run/secrets/", &format!("{}/", secrets.display()));
     let path = dir.path().join("hardened.toml");
     std::fs::write(&path, &text).unwrap();
-    let check = || {
-        bridge()
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap()
-    };
+    let check = || check_config_at(&path);
 
     let refused = check();
     assert_eq!(refused.status.code(), Some(64), "nothing in place yet");
