@@ -30,6 +30,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// MT and global pacing of the bridge: high enough that pacing caps nothing.
 const PACING_PER_S: f64 = 1_000_000.0;
+/// The callback listener's per-token rate limit (sustained and burst): high enough that it
+/// caps nothing either (its default, 20/s per device, is far above what an NB-IoT device
+/// sends but far below what one bench device is offered).
+const CALLBACK_RATE_PER_S: u32 = 1_000_000;
 /// Longest wait for a bridge to be ready.
 const READY_DEADLINE: Duration = Duration::from_secs(300);
 /// Longest wait for the arrivals of a run to stop.
@@ -368,7 +372,11 @@ impl Bench {
                 scef.scs_as_id = scs_as_id.clone();
                 scef.request_timeout_ms = 10_000;
             })
-            .callback(|c| c.listen = callback);
+            .callback(|c| {
+                c.listen = callback;
+                c.rate_limit.requests_per_s = CALLBACK_RATE_PER_S;
+                c.rate_limit.burst = CALLBACK_RATE_PER_S;
+            });
         for index in 0..devices {
             builder = builder.device(&device_id(index));
         }
@@ -832,7 +840,7 @@ fn report(
     let _ = writeln!(
         out,
         "bridge settings: psm.device_rate_per_s = psm.global_rate_per_s = {PACING_PER_S:.0} \
-         (pacing caps nothing), psm.monitoring = false, buffer_owner = bridge, queue_max_datagrams = 32, \
+         (pacing caps nothing), callback.rate_limit = {CALLBACK_RATE_PER_S}/s per token, psm.monitoring = false, buffer_owner = bridge, queue_max_datagrams = 32, \
          queue_max_bytes = 16384, overflow = {}, provisioning_concurrency = 16, RUST_LOG=warn, \
          store in {} (fsync of 4 KiB there before the run: p50 {}, p99 {}, max {})",
         match s.overflow {
