@@ -109,23 +109,27 @@ struct ListenerParts {
     callback_limits: ListenerLimits,
     admin_limits: ListenerLimits,
     rate_limit: TokenRateLimit,
-    tls: TlsReload,
+    reload: Reload,
     callback_tls: Option<Arc<ReloadableTls>>,
     admin_tls: Option<Arc<ReloadableTls>>,
 }
 
-/// Reloads the listeners' TLS certificates (and client CA) from their files: what SIGHUP does.
-/// New handshakes use the new files; open connections keep theirs; a listener whose files do
-/// not load keeps its old certificates (logged at warn, counted in
-/// `nidd_bridge_tls_reloads_total{outcome="failed"}`).
-#[derive(Clone, Default)]
-pub struct TlsReload {
+/// What SIGHUP reloads: the admin bearer token file, and the listeners' TLS certificates (and
+/// client CA) from their files. New handshakes use the new files; open connections keep
+/// theirs; a listener whose files do not load keeps its old certificates (logged at warn,
+/// counted in `nidd_bridge_tls_reloads_total{outcome="failed"}`), and a token file that cannot
+/// be read keeps the token read before.
+#[derive(Clone)]
+pub struct Reload {
     listeners: Arc<[Arc<ReloadableTls>]>,
+    admin_guard: AdminGuard,
 }
 
-impl TlsReload {
-    /// Reloads every TLS listener; the first failure, if any (the others are still tried).
+impl Reload {
+    /// Reloads the admin token and every TLS listener; the first TLS failure, if any (the
+    /// others are still tried).
     pub fn reload(&self) -> Result<(), BridgeError> {
+        self.admin_guard.reload();
         let mut first_failure = None;
         for listener in self.listeners.iter() {
             if let Err(error) = listener.reload() {
@@ -142,7 +146,7 @@ impl TlsReload {
 pub struct BridgeHandle {
     devices: Arc<DeviceTable>,
     public_url: Url,
-    tls: TlsReload,
+    reload: Reload,
 }
 
 impl BridgeHandle {
@@ -151,9 +155,9 @@ impl BridgeHandle {
         self.devices.get(id).map(|d| d.socket.local_addr())
     }
 
-    /// Reloads the listeners' TLS certificates, as SIGHUP does.
-    pub fn reload_tls(&self) -> Result<(), BridgeError> {
-        self.tls.reload()
+    /// Reloads the admin token and the listeners' TLS certificates, as SIGHUP does.
+    pub fn reload(&self) -> Result<(), BridgeError> {
+        self.reload.reload()
     }
 
     /// The NIDD callback URL of a device's configuration.
@@ -211,17 +215,18 @@ impl Bridge {
         };
         let callback_tls = tls(callback_files)?;
         let admin_tls = tls(admin_files)?;
+        let admin_guard = AdminGuard::new(&config.admin, secrets, metrics.admin_refusals.clone())?;
         let listener_parts = ListenerParts {
             callback_limits: config.callback.limits,
             admin_limits: config.admin.limits,
             rate_limit: config.callback.rate_limit,
-            tls: TlsReload {
+            reload: Reload {
                 listeners: callback_tls.iter().chain(&admin_tls).cloned().collect(),
+                admin_guard: admin_guard.clone(),
             },
             callback_tls,
             admin_tls,
         };
-        let admin_guard = AdminGuard::new(&config.admin, secrets, metrics.admin_refusals.clone())?;
         // TLS files and secrets are read now: a bad one stops the start with its key named.
         let t8 = Arc::new(T8Client::from_config(
             &config.scef,
@@ -438,9 +443,10 @@ impl BoundBridge {
         self.handle().device_address(id)
     }
 
-    /// Reloads the listeners' TLS certificates; [`reload_on_sighup`] drives it from SIGHUP.
-    pub fn tls_reload(&self) -> TlsReload {
-        self.parts.listeners.tls.clone()
+    /// Reloads the admin token and the listeners' TLS certificates; [`reload_on_sighup`]
+    /// drives it from SIGHUP.
+    pub fn reload(&self) -> Reload {
+        self.parts.listeners.reload.clone()
     }
 
     /// A handle that stays valid while the bridge runs.
@@ -448,7 +454,7 @@ impl BoundBridge {
         BridgeHandle {
             devices: self.parts.devices.clone(),
             public_url: self.parts.public_url.clone(),
-            tls: self.parts.listeners.tls.clone(),
+            reload: self.parts.listeners.reload.clone(),
         }
     }
 
@@ -502,10 +508,6 @@ impl BoundBridge {
             }));
         }
         tasks.spawn(provisioner.run(cancel.clone()));
-        tasks.spawn(reload_admin_token_on_sighup(
-            admin_guard.clone(),
-            cancel.clone(),
-        ));
         let known_tokens = {
             let devices = devices.clone();
             Arc::new(move |token: &str| devices.by_token(token).is_some())
@@ -600,30 +602,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Reads the admin bearer token file again on every SIGHUP until cancelled (a rotated token
-/// also takes effect without it, at its first use; see `http::admin::auth`).
-async fn reload_admin_token_on_sighup(guard: AdminGuard, cancel: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        tracing::warn!(
-            "cannot listen for SIGHUP; the admin token is read again only on a mismatch"
-        );
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            received = hangup.recv() => {
-                if received.is_none() {
-                    return;
-                }
-                tracing::info!("SIGHUP: reading the admin bearer token again");
-                guard.reload();
-            }
-        }
-    }
-}
-
 /// Each listener's TLS files, when it serves TLS.
 fn listener_tls_files(config: &Config) -> [(&'static str, Option<TlsFiles>); 2] {
     let files = |cert: &Option<std::path::PathBuf>,
@@ -667,20 +645,22 @@ pub fn check_tls(config: &Config) -> Result<(), BridgeError> {
     Ok(())
 }
 
-/// Reloads `tls` on every SIGHUP, for as long as the process runs: what `nidd-bridge run`
+/// Runs `reload` on every SIGHUP, for as long as the process runs: what `nidd-bridge run`
 /// spawns beside the bridge. The handler is installed when this is called (within the
 /// runtime), not when the future first runs, so a SIGHUP right after start-up is not fatal.
-pub fn reload_on_sighup(tls: TlsReload) -> impl Future<Output = ()> + Send + 'static {
+pub fn reload_on_sighup(reload: Reload) -> impl Future<Output = ()> + Send + 'static {
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     async move {
         let Ok(mut hangups) = hangups else {
-            tracing::warn!("cannot listen for SIGHUP; TLS certificates are not reloaded");
+            tracing::warn!(
+                "cannot listen for SIGHUP; TLS certificates are not reloaded, the admin token only on a mismatch"
+            );
             return;
         };
         while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading TLS certificates");
+            tracing::info!("SIGHUP: reloading the admin token and TLS certificates");
             // A failure is logged and counted where it happens; the old certificates stay.
-            let _ = tls.reload();
+            let _ = reload.reload();
         }
     }
 }

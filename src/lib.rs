@@ -43,7 +43,7 @@ mod store;
 pub mod t8;
 
 pub use bridge::{
-    BoundBridge, Bridge, BridgeError, BridgeHandle, TlsReload, reload_on_sighup, shutdown_signal,
+    BoundBridge, Bridge, BridgeError, BridgeHandle, Reload, reload_on_sighup, shutdown_signal,
 };
 pub use config::Config;
 pub use identity::{DeviceId, ExternalId, Msisdn};

@@ -155,7 +155,7 @@ async fn run(path: PathBuf) -> ExitCode {
     };
     // SIGHUP reloads the listeners' TLS certificates without dropping a connection; handled
     // from before the process says it listens.
-    tokio::spawn(nidd_bridge::reload_on_sighup(bridge.tls_reload()));
+    tokio::spawn(nidd_bridge::reload_on_sighup(bridge.reload()));
     // One machine-readable line for supervisors and tests that start the bridge on port 0.
     println!(
         "{}",

@@ -329,12 +329,12 @@ async fn a_reload_serves_the_new_certificate_while_open_connections_keep_working
 
     // A reload that fails (a half-written file) keeps the old certificate.
     std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
-    assert!(stack.bridge().handle.reload_tls().is_err());
+    assert!(stack.bridge().handle.reload().is_err());
     assert_eq!(tls_connect(&ca, address).await.1, first.der);
 
     std::fs::copy(&second.cert, &cert).unwrap();
     std::fs::copy(&second.key, &key).unwrap();
-    stack.bridge().handle.reload_tls().unwrap();
+    stack.bridge().handle.reload().unwrap();
     assert_eq!(
         tls_connect(&ca, address).await.1,
         second.der,
