@@ -379,7 +379,8 @@ impl TestBed {
             setup(&mock);
         }
 
-        let mut builder = BridgeConfigBuilder::loopback(&mock.api_root(), &store);
+        let mut builder = BridgeConfigBuilder::loopback(&mock.api_root(), &store)
+            .device_ports(crate::bridge_config::device_port_block());
         for (name, address, role, kids) in &server_entries {
             let kids: Vec<&[u8]> = kids.iter().map(Vec::as_slice).collect();
             builder = builder.server_with_kids(name, *address, *role, &kids);

@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{
@@ -15,6 +16,32 @@ use url::Url;
 
 /// The SCS/AS identifier loopback configurations use.
 pub const LOOPBACK_SCS_AS_ID: &str = "nidd-bridge-demo";
+
+/// Ports per [`device_port_block`]: more than any test bed has devices.
+const DEVICE_PORT_BLOCK: u16 = 128;
+/// Device port blocks come from below Linux's ephemeral range (32768–60999), so no socket bound
+/// to port 0 anywhere on the machine can take a port a killed bridge is about to bind again.
+const DEVICE_PORT_BLOCKS_FIRST: u16 = 20_000;
+const DEVICE_PORT_BLOCKS: u16 = (32_768 - DEVICE_PORT_BLOCKS_FIRST) / DEVICE_PORT_BLOCK;
+
+/// A device port range no other test bed of this process is handed while this one plausibly
+/// runs (the blocks wrap around after about a hundred), starting at a block picked from the
+/// process id so two test runs on one machine rarely begin on the same one.
+///
+/// Why: a bridge that is killed and started again binds its devices' persisted ports again. With
+/// one shared range, a bridge of a test running beside it could take a freed port in between,
+/// and the restarted device would move to a new port its test never sends to.
+pub fn device_port_block() -> PortRange {
+    static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
+    let start = (std::process::id() % u32::from(DEVICE_PORT_BLOCKS)) as u16;
+    let _ = NEXT.compare_exchange(u16::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
+    let block = NEXT.fetch_add(1, Ordering::SeqCst) % DEVICE_PORT_BLOCKS;
+    let first = DEVICE_PORT_BLOCKS_FIRST + block * DEVICE_PORT_BLOCK;
+    PortRange {
+        first,
+        last: first + DEVICE_PORT_BLOCK - 1,
+    }
+}
 
 /// Builds a bridge [`Config`] with typed setters.
 ///
@@ -119,6 +146,12 @@ impl BridgeConfigBuilder {
         self
     }
 
+    /// The device sockets' port range (on loopback).
+    pub fn device_ports(mut self, range: PortRange) -> Self {
+        self.config.sockets.ports = OneOrMany::One(range);
+        self
+    }
+
     /// Sets the PSM-aware MT defaults (`[psm]`).
     pub fn psm(mut self, options: impl FnOnce(&mut PsmConfig)) -> Self {
         options(&mut self.config.psm);
@@ -220,6 +253,26 @@ mod tests {
             .nidd(|n| n.request_test_notification = true)
             .scef(|s| s.mtc_provider_id = Some("mtc-1".into()))
             .store(Path::new("/tmp/other-store"))
+    }
+
+    #[test]
+    fn device_port_blocks_are_disjoint_below_the_ephemeral_range() {
+        let blocks: Vec<PortRange> = (0..DEVICE_PORT_BLOCKS)
+            .map(|_| device_port_block())
+            .collect();
+        for (n, block) in blocks.iter().enumerate() {
+            assert!(
+                block.first >= DEVICE_PORT_BLOCKS_FIRST && block.last < 32_768,
+                "{block:?}"
+            );
+            assert_eq!(block.last - block.first + 1, DEVICE_PORT_BLOCK);
+            for other in &blocks[n + 1..] {
+                assert!(
+                    block.last < other.first || other.last < block.first,
+                    "{block:?} {other:?}"
+                );
+            }
+        }
     }
 
     #[test]

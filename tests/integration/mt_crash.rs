@@ -95,6 +95,11 @@ async fn sigkill_under_mt_load_loses_no_accepted_datagram_and_resends_at_most_th
                 sent.len()
             );
             bed.restart_process().await.unwrap();
+            assert_eq!(
+                bed.process().devices().await[0]["udpAddress"].as_str(),
+                Some(device.to_string().as_str()),
+                "the restarted bridge must bind the device's persisted address again"
+            );
         } else {
             tokio::time::sleep(Duration::from_millis(300)).await;
             sending.store(false, Ordering::SeqCst);
