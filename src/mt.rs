@@ -347,17 +347,21 @@ impl Downlinks {
         &self,
         devices: impl Iterator<Item = &'a Arc<Device>>,
     ) -> Result<(), StoreError> {
-        for device in devices {
-            let state = device.state();
-            // Entries still waiting for their first commit are written by it.
-            let stored = state
-                .mt
-                .queue
-                .entries()
-                .filter(|entry| entry.stored != Stored::Not);
-            self.store.rewrite(&device.id, stored)?;
-        }
-        Ok(())
+        self.store.rewrite(|snapshot| {
+            for device in devices {
+                let state = device.state();
+                // Entries still waiting for their first commit are written by it.
+                for entry in state
+                    .mt
+                    .queue
+                    .entries()
+                    .filter(|entry| entry.stored != Stored::Not)
+                {
+                    snapshot.put(&device.id, entry)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Mirrors a queue change in the store (called with the device lock held); the change is

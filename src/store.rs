@@ -165,24 +165,31 @@ impl StoreTree {
             .write(self.name, |tree| tree.insert(key, value).map(|_| ()))
     }
 
-    pub(crate) fn remove(&self, key: &[u8]) -> Result<(), StoreError> {
-        self.store
-            .write(self.name, |tree| tree.remove(key).map(|_| ()))
+    /// Applies every insert and removal of `batch` atomically.
+    pub(crate) fn apply_batch(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        self.store.write(self.name, |tree| tree.apply_batch(batch))
+    }
+
+    /// A number the database never hands out again, not even after a crash: increasing, so
+    /// keys made from it sort in the order they were made.
+    pub(crate) fn generate_id(&self) -> Result<u64, StoreError> {
+        Ok(self.store.db()?.generate_id()?)
+    }
+
+    /// Refuses a write before it is staged, when a write made now would fail (tests inject
+    /// that); the refusal counts for the store's health like a failed write.
+    pub(crate) fn check_write(&self) -> Result<(), StoreError> {
+        let result = self.store.check_write();
+        if let Err(error) = &result {
+            self.store.inner.health.write_failed(error);
+        }
+        result
     }
 
     /// Every entry, in key order.
     pub(crate) fn entries(&self) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
         self.store
             .read(self.name, |tree| tree.iter().collect::<Result<Vec<_>, _>>())
-    }
-
-    /// Every key starting with `prefix`.
-    pub(crate) fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<sled::IVec>, StoreError> {
-        self.store.read(self.name, |tree| {
-            tree.scan_prefix(prefix)
-                .keys()
-                .collect::<Result<Vec<_>, _>>()
-        })
     }
 
     /// Moves an entry that cannot be decoded to the quarantine tree.
