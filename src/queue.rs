@@ -230,10 +230,12 @@ impl DeviceQueue {
     /// Drops expired entries; the one in flight waits for its outcome.
     pub(crate) fn expire(&mut self, now_ms: u64) -> Vec<(QueuedDatagram, DropReason)> {
         let in_flight = self.in_flight;
-        let (expired, kept): (Vec<_>, Vec<_>) = self
-            .entries
-            .drain(..)
-            .partition(|e| e.expires_at_ms <= now_ms && Some(e.seq) != in_flight);
+        let is_expired = |e: &QueuedDatagram| e.expires_at_ms <= now_ms && Some(e.seq) != in_flight;
+        // Every admission asks; almost always nothing has expired, and that costs no allocation.
+        if !self.entries.iter().any(is_expired) {
+            return Vec::new();
+        }
+        let (expired, kept): (Vec<_>, Vec<_>) = self.entries.drain(..).partition(|e| is_expired(e));
         self.entries = kept.into();
         expired
             .into_iter()

@@ -176,6 +176,9 @@ impl DeviceSocket {
     {
         // The kernel's count is cumulative per socket (and wraps at u32).
         let mut dropped_so_far = 0u32;
+        // One buffer for every receive; each datagram is copied out at its own length (a
+        // queued datagram then holds its bytes, not 4 KiB).
+        let mut buffer = vec![0u8; RECEIVE_BUFFER_BYTES];
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -186,7 +189,6 @@ impl DeviceSocket {
                     }
                 }
             }
-            let mut buffer = vec![0u8; RECEIVE_BUFFER_BYTES];
             let received = self.socket.try_io(Interest::READABLE, || {
                 receive_counting_drops(self.socket.as_raw_fd(), &mut buffer)
             });
@@ -201,8 +203,8 @@ impl DeviceSocket {
                         }
                     }
                     let Some(from) = from else { continue };
-                    buffer.truncate(length);
-                    handle(buffer, from).await;
+                    let datagram = buffer.get(..length).unwrap_or_default().to_vec();
+                    handle(datagram, from).await;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 // ICMP port-unreachable from an earlier send surfaces here on Linux; not fatal.
