@@ -30,6 +30,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// MT and global pacing of the bridge: high enough that pacing caps nothing.
 const PACING_PER_S: f64 = 1_000_000.0;
+/// The callback listener's connection cap in the bench (see `start_bridge`).
+const CALLBACK_MAX_CONNECTIONS: usize = 256;
 /// The callback listener's per-token rate limit (sustained and burst): high enough that it
 /// caps nothing either (its default, 20/s per device, is far above what an NB-IoT device
 /// sends but far below what one bench device is offered).
@@ -376,6 +378,9 @@ impl Bench {
                 c.listen = callback;
                 c.rate_limit.requests_per_s = CALLBACK_RATE_PER_S;
                 c.rate_limit.burst = CALLBACK_RATE_PER_S;
+                // Each allowed connection is a descriptor reserved at start-up: with the default
+                // 1024, 19 000 device sockets would not fit in 20 000 (the MO pushes use 64).
+                c.limits.max_connections = CALLBACK_MAX_CONNECTIONS;
             });
         for index in 0..devices {
             builder = builder.device(&device_id(index));
@@ -401,7 +406,13 @@ impl Bench {
             &[("RUST_LOG", "warn")],
             Some(&self.log),
         )
-        .await?;
+        .await
+        .with_context(|| {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!("the bridge's log ends:\n{}", tail.join("\n"))
+        })?;
         let bound = started.elapsed();
         let url = format!("http://{}/readyz", process.admin);
         loop {
@@ -840,7 +851,7 @@ fn report(
     let _ = writeln!(
         out,
         "bridge settings: psm.device_rate_per_s = psm.global_rate_per_s = {PACING_PER_S:.0} \
-         (pacing caps nothing), callback.rate_limit = {CALLBACK_RATE_PER_S}/s per token, psm.monitoring = false, buffer_owner = bridge, queue_max_datagrams = 32, \
+         (pacing caps nothing), callback.rate_limit = {CALLBACK_RATE_PER_S}/s per token, callback.limits.max_connections = {CALLBACK_MAX_CONNECTIONS}, psm.monitoring = false, buffer_owner = bridge, queue_max_datagrams = 32, \
          queue_max_bytes = 16384, overflow = {}, provisioning_concurrency = 16, RUST_LOG=warn, \
          store in {} (fsync of 4 KiB there before the run: p50 {}, p99 {}, max {})",
         match s.overflow {
