@@ -160,7 +160,11 @@ pub(crate) struct StoreTree {
 }
 
 impl StoreTree {
-    pub(crate) fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
+    pub(crate) fn insert(
+        &self,
+        key: &[u8],
+        value: impl Into<sled::IVec>,
+    ) -> Result<(), StoreError> {
         self.store
             .write(self.name, |tree| tree.insert(key, value).map(|_| ()))
     }

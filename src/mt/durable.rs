@@ -209,16 +209,19 @@ impl MtStore {
         if staged.count == 0 {
             return Ok(log.needs_compaction());
         }
-        let written = self.inner.tree.generate_id().and_then(|id| {
-            self.inner
-                .tree
-                .insert(&id.to_be_bytes(), staged.entries.clone())
-        });
+        // Shared, not copied: the bytes are needed again only when the write fails.
+        let record = sled::IVec::from(staged.entries);
+        let written = self
+            .inner
+            .tree
+            .generate_id()
+            .and_then(|id| self.inner.tree.insert(&id.to_be_bytes(), record.clone()));
         if let Err(error) = written {
             let mut now = self.staged();
-            let newer = std::mem::replace(&mut *now, staged);
+            let newer = std::mem::take(&mut *now);
+            now.entries = record.to_vec();
             now.entries.extend_from_slice(&newer.entries);
-            now.count += newer.count;
+            now.count = staged.count + newer.count;
             return Err(error);
         }
         log.changes += staged.count;
@@ -479,7 +482,7 @@ mod tests {
     use crate::queue::QueueLimits;
     use std::time::Duration;
 
-    fn item(seq: u64, len: usize) -> QueuedDatagram {
+    pub(super) fn item(seq: u64, len: usize) -> QueuedDatagram {
         let limits = QueueLimits {
             max_datagrams: 3,
             max_bytes: 100,
@@ -641,18 +644,9 @@ mod tests {
 #[cfg(test)]
 mod quarantine_tests {
     use super::*;
-    use crate::config::OverflowPolicy;
-    use crate::queue::QueueLimits;
-    use std::time::Duration;
 
     fn item(seq: u64) -> QueuedDatagram {
-        let limits = QueueLimits {
-            max_datagrams: 3,
-            max_bytes: 100,
-            max_age: Duration::from_secs(247),
-            overflow: OverflowPolicy::DropOldest,
-        };
-        QueuedDatagram::sample(seq, vec![0x40; 4], 0, &limits)
+        tests::item(seq, 4)
     }
 
     fn legacy_key(device: &DeviceId, seq: u64) -> Vec<u8> {
