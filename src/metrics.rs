@@ -40,6 +40,9 @@ pub struct Metrics {
     pub mt_queue_accepted: IntCounter,
     /// Flushes of the MT queue, each covering every datagram written since the one before.
     pub mt_queue_commits: IntCounter,
+    /// How long each group commit took (writing its record and flushing): the wait a
+    /// delivery adds before the device's next one.
+    pub mt_queue_commit_seconds: prometheus::Histogram,
     pub mt_queue_dropped: IntCounterVec,
     pub suppressed_retransmissions: IntCounter,
     pub airtime_saved_bytes: IntCounter,
@@ -99,6 +102,16 @@ impl Metrics {
             &["api", "operation"],
         )?;
         registry.register(Box::new(t8_request_seconds.clone()))?;
+        let mt_queue_commit_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "mt_queue_commit_duration_seconds",
+                "Duration of the MT queue's group commits (record write and flush)",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+            ]),
+        )?;
+        registry.register(Box::new(mt_queue_commit_seconds.clone()))?;
         Ok(Self {
             mo_datagrams: counter(
                 "mo_datagrams_total",
@@ -119,6 +132,7 @@ impl Metrics {
                 &["api", "operation", "outcome"],
             )?,
             t8_request_seconds,
+            mt_queue_commit_seconds,
             callbacks: counter_vec(
                 "callbacks_total",
                 "T8 notifications received, by kind and outcome",

@@ -202,8 +202,13 @@ impl Downlinks {
         }
         // Written here, not on arrival: under overload most newcomers are pushed out again
         // before their commit and never cost the store a write and a removal.
+        let started = crate::clock::now();
         let batch = self.write_batch(batch);
-        if let Err(error) = self.store.flush().await {
+        let flushed = self.store.flush().await;
+        self.metrics
+            .mt_queue_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(error) = flushed {
             self.metrics.store_error("mt_flush");
             tracing::error!(%error, waiting = batch.len(), "cannot flush the MT queue; retrying");
             let mut uncommitted = self

@@ -127,6 +127,8 @@ pub struct MtAccounting {
     pub commits: f64,
     /// Mean duration of the bridge's T8 downlink-delivery requests, in seconds.
     pub t8_mean_s: f64,
+    /// Mean duration of a group commit (`mt_queue_commit_duration_seconds`).
+    pub commit_mean_s: f64,
 }
 
 fn label_value(labels: &str, key: &str) -> String {
@@ -197,6 +199,14 @@ impl MtAccounting {
                 .filter(|(outcome, _)| outcome != "delivered")
                 .collect(),
             commits: delta("nidd_bridge_mt_queue_commits_total"),
+            commit_mean_s: {
+                let count = delta("nidd_bridge_mt_queue_commit_duration_seconds_count");
+                if count > 0.0 {
+                    delta("nidd_bridge_mt_queue_commit_duration_seconds_sum") / count
+                } else {
+                    0.0
+                }
+            },
             t8_mean_s: {
                 let delivery = "{api=\"nidd\",operation=\"create_downlink_delivery\"}";
                 let of = |text: &str, name: &str| {

@@ -191,6 +191,9 @@ struct MtRow {
     accounting: MtAccounting,
     /// Offered to the bridge, sweep datagrams included.
     bridge_offered: f64,
+    /// CPU time (user + system) per delivered datagram, of the relay and of the bridge.
+    ceiling_cpu: Option<Duration>,
+    bridge_cpu: Duration,
 }
 
 struct MoRow {
@@ -525,14 +528,18 @@ impl Bench {
         }
     }
 
-    /// The ceiling at `rate`: the relay's deliveries.
-    async fn mt_ceiling(&mut self, rate: f64, duration: Duration) -> Result<Flow> {
+    /// The ceiling at `rate`: the relay's deliveries, and its CPU time per delivery.
+    async fn mt_ceiling(&mut self, rate: f64, duration: Duration) -> Result<(Flow, Duration)> {
         let mut relay = self.start_relay().await?;
         let targets = relay.devices.clone();
+        let cpu_before = cpu_time(relay.child.id());
         let (sent, arrivals) = self.offer_mt(&targets, rate, duration).await?;
+        let cpu = cpu_time(relay.child.id()).saturating_sub(cpu_before);
         let _ = relay.child.start_kill();
         let _ = relay.child.wait().await;
-        Ok(Flow::of(&sent, &arrivals))
+        let flow = Flow::of(&sent, &arrivals);
+        let per_delivery = cpu.div_f64(flow.delivered.max(1) as f64);
+        Ok((flow, per_delivery))
     }
 
     /// The bridge at `rate`: its deliveries and where it says every datagram went. After the
@@ -542,11 +549,12 @@ impl Bench {
         &mut self,
         rate: f64,
         duration: Duration,
-    ) -> Result<(Flow, MtAccounting, f64, u64)> {
+    ) -> Result<(Flow, MtAccounting, f64, u64, Duration)> {
         let bridge = self.start_bridge(self.settings.devices).await?;
         let idle_rss = memory_kib(&bridge.process).0;
         let targets = self.device_addresses(&bridge).await?;
         let before = self.metrics(&bridge).await?;
+        let cpu_before = cpu_time(bridge.process.pid());
         let (sent, arrivals) = self.offer_mt(&targets, rate, duration).await?;
         let flow = Flow::of(&sent, &arrivals);
         let mut offered = sent.count() as f64;
@@ -562,12 +570,14 @@ impl Bench {
             offered += targets.len() as f64;
             accounting = self.settle(&bridge, &before, offered).await?;
         }
+        let cpu = cpu_time(bridge.process.pid()).saturating_sub(cpu_before);
+        let per_delivery = cpu.div_f64(accounting.delivered.max(1.0));
         self.scef.take_deliveries();
         bridge
             .process
             .try_terminate(Duration::from_secs(30))
             .await?;
-        Ok((flow, accounting, offered, idle_rss))
+        Ok((flow, accounting, offered, idle_rss, per_delivery))
     }
 
     /// Waits until the bridge accounts for `offered` datagrams with nothing queued, or its
@@ -605,9 +615,10 @@ impl Bench {
         let duration = self.settings.duration;
         let mut rows = Vec::new();
         eprintln!("nidd-bench: MT at {rate:.0}/s, ceiling");
-        let ceiling = self.mt_ceiling(rate, duration).await?;
+        let (ceiling, ceiling_cpu) = self.mt_ceiling(rate, duration).await?;
         eprintln!("nidd-bench: MT at {rate:.0}/s, bridge");
-        let (bridge, accounting, offered, idle_rss) = self.mt_bridge(rate, duration).await?;
+        let (bridge, accounting, offered, idle_rss, bridge_cpu) =
+            self.mt_bridge(rate, duration).await?;
         // What it delivered in all, over the offer and the drain after it.
         let saturated = bridge.delivered as f64
             / (bridge.offered as f64 / bridge.offered_per_s.max(1.0) + bridge.drain.as_secs_f64())
@@ -629,6 +640,8 @@ impl Bench {
             bridge,
             accounting,
             bridge_offered: offered,
+            ceiling_cpu: Some(ceiling_cpu),
+            bridge_cpu,
         });
         // From 0.9 of what it delivered at the offered rate: down by 0.7 until a rate fits,
         // then up by 1.4 while it fits (at most six short runs, never above the offered rate).
@@ -639,7 +652,7 @@ impl Bench {
                 break;
             }
             eprintln!("nidd-bench: MT at {candidate:.0}/s, bridge (sustainable?)");
-            let (flow, accounting, offered, _) = self
+            let (flow, accounting, offered, _, bridge_cpu) = self
                 .mt_bridge(candidate, self.settings.search_duration)
                 .await?;
             let ok = fits(&flow, &accounting);
@@ -652,6 +665,8 @@ impl Bench {
                 bridge: flow,
                 accounting,
                 bridge_offered: offered,
+                ceiling_cpu: None,
+                bridge_cpu,
             });
             match (ok, fitted) {
                 (true, _) if candidate * 1.4 <= rate => {
@@ -668,14 +683,17 @@ impl Bench {
         for factor in [2.0, 4.0] {
             let offered_rate = sustainable * factor;
             eprintln!("nidd-bench: MT at {factor}× sustainable ({offered_rate:.0}/s)");
-            let ceiling = self.mt_ceiling(offered_rate, duration).await?;
-            let (flow, accounting, offered, _) = self.mt_bridge(offered_rate, duration).await?;
+            let (ceiling, ceiling_cpu) = self.mt_ceiling(offered_rate, duration).await?;
+            let (flow, accounting, offered, _, bridge_cpu) =
+                self.mt_bridge(offered_rate, duration).await?;
             rows.push(MtRow {
                 label: format!("{factor}× sustainable {offered_rate:.0}/s"),
                 ceiling: Some(ceiling),
                 bridge: flow,
                 accounting,
                 bridge_offered: offered,
+                ceiling_cpu: Some(ceiling_cpu),
+                bridge_cpu,
             });
         }
         Ok((rows, (self.settings.devices, idle_rss)))
@@ -792,6 +810,29 @@ fn fsync_latency(dir: &Path) -> Result<[Duration; 3]> {
     Ok([times[24], times[48], times[49]])
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/PID/stat` (zero when
+/// unreadable). Its resolution is the kernel's clock tick (10 ms at the usual 100 Hz).
+fn cpu_time(pid: Option<u32>) -> Duration {
+    const TICKS_PER_S: f64 = 100.0;
+    let Some(pid) = pid else {
+        return Duration::ZERO;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces; the fields after its ')' are plain.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line; after the name, field 3 is index 0.
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / TICKS_PER_S)
+}
+
 /// VmRSS and VmHWM of the bridge process, in KiB (0 when unreadable).
 fn memory_kib(process: &BridgeProcess) -> (u64, u64) {
     let Some(pid) = process.pid() else {
@@ -806,6 +847,10 @@ fn memory_kib(process: &BridgeProcess) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn micros(duration: Duration) -> String {
+    format!("{:.0}µs", duration.as_secs_f64() * 1e6)
 }
 
 fn ms(duration: Duration) -> String {
@@ -956,11 +1001,16 @@ fn report(
         );
         let _ = writeln!(
             out,
-            "{:<30} group commits {:.0} ({:.1} datagrams each), mean T8 delivery request {}",
+            "{:<30} group commits {:.0} ({:.1} datagrams each, mean {}), mean T8 delivery request {}, CPU per delivery {}{}",
             "",
             a.commits,
             a.accepted / a.commits.max(1.0),
-            ms(Duration::from_secs_f64(a.t8_mean_s))
+            ms(Duration::from_secs_f64(a.commit_mean_s)),
+            ms(Duration::from_secs_f64(a.t8_mean_s)),
+            micros(row.bridge_cpu),
+            row.ceiling_cpu
+                .map(|c| format!(" (relay {})", micros(c)))
+                .unwrap_or_default()
         );
         if !a.other_attempts.is_empty() {
             let _ = writeln!(
