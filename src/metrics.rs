@@ -174,7 +174,7 @@ impl Metrics {
             )?,
             configurations_reconciled: counter_vec(
                 "configurations_reconciled_total",
-                "Listed NIDD configurations no stored record referenced, by action (adopted, deleted, foreign, failed, unaddressable, unreadable)",
+                "Listed NIDD configurations no stored record referenced, by action (adopted, ended, deleted, foreign, failed, unaddressable, unreadable)",
                 &["action"],
             )?,
             configuration_listings: counter_vec(

@@ -504,12 +504,19 @@ impl Provisioner {
             }
             (Verdict::Adopt(id), Some(location)) => {
                 let device = self.devices.get(&id)?.clone();
-                if self.adopt(&device, location.clone(), body).await {
-                    count("adopted");
-                    Some(Settled::Adopted)
-                } else {
-                    count("failed");
-                    None
+                match self.adopt(&device, location.clone(), body).await {
+                    Adoption::Adopted => {
+                        count("adopted");
+                        Some(Settled::Adopted)
+                    }
+                    Adoption::Ended => {
+                        count("ended");
+                        None
+                    }
+                    Adoption::Failed => {
+                        count("failed");
+                        None
+                    }
                 }
             }
             (Verdict::Stray { reason, device }, Some(location)) => {
@@ -531,9 +538,9 @@ impl Provisioner {
     }
 
     /// Takes a listed configuration as the device's own, moved to this run's callback URL.
-    /// Whether the device has it now (if it cannot be moved, it is deleted and a new one will
-    /// be created).
-    async fn adopt(&self, device: &Device, location: Url, body: &NiddConfiguration) -> bool {
+    /// When it cannot be moved it is deleted, and when it ended meanwhile it is left; either
+    /// way a new one will be created.
+    async fn adopt(&self, device: &Device, location: Url, body: &NiddConfiguration) -> Adoption {
         let wanted = device.callback_url(&self.public_url);
         let mut nidd = NiddState {
             location,
@@ -560,13 +567,35 @@ impl Provisioner {
                     if let Err(error) = self.t8.delete_nidd_configuration(&nidd.location).await {
                         tracing::warn!(device = %device.id, %error, "cannot delete the orphaned NIDD configuration");
                     }
-                    return false;
+                    return Adoption::Failed;
+                }
+            }
+        } else {
+            // The list may be older than what happened since it was read (a termination
+            // confirmed meanwhile): the configuration is taken only if the SCEF still has it.
+            // (An answer to the PATCH above proved that already.)
+            match self.t8.fetch_nidd_configuration(&nidd.location).await {
+                Ok(Some(current))
+                    if !current
+                        .status
+                        .as_ref()
+                        .is_some_and(NiddStatus::is_terminated) =>
+                {
+                    nidd.status = current.status.or(nidd.status);
+                }
+                Ok(_) => {
+                    tracing::info!(device = %device.id, location = %nidd.location, "a listed NIDD configuration ended before it could be adopted; a new one will be created");
+                    return Adoption::Ended;
+                }
+                // The list named it a moment ago; taking it risks less than a second one.
+                Err(error) => {
+                    tracing::warn!(device = %device.id, %error, "cannot confirm a listed NIDD configuration; adopting it as listed");
                 }
             }
         }
         tracing::info!(device = %device.id, location = %nidd.location, "adopted a NIDD configuration the store did not know (created before a crash)");
         self.keep(device, nidd).await;
-        true
+        Adoption::Adopted
     }
 
     /// Lists the SCEF's configurations, retrying with backoff while that fails and may work
@@ -780,6 +809,15 @@ impl Provisioner {
             }
         }
     }
+}
+
+/// What became of a listed configuration a device was to adopt.
+enum Adoption {
+    Adopted,
+    /// The SCEF no longer has it (or ended it) now.
+    Ended,
+    /// It could not be moved to this run's callback URL (and was deleted).
+    Failed,
 }
 
 /// What reconciliation did with a listed configuration of ours.

@@ -183,6 +183,13 @@ pub struct Faults {
     /// retried, 405 or 501 for an SCEF that does not offer the list).
     pub fail_configuration_listings: AtomicU32,
     pub fail_list_status: AtomicU32,
+    /// Take the list for this many GETs of the configuration list, then hold the answer until
+    /// [`release_held_listings`](Self::release_held_listings): what the bridge reads is then
+    /// older than what happened meanwhile (a configuration terminated, say).
+    pub hold_configuration_listings: AtomicU32,
+    /// Listing answers currently held.
+    pub held_listings: AtomicU32,
+    release_listings: tokio::sync::Notify,
     /// Answer this many PATCHes of a configuration with `fail_patch_status` (503 when 0),
     /// changing nothing: an SCEF that cannot take a new `notificationDestination` now.
     pub fail_configuration_patches: AtomicU32,
@@ -239,6 +246,12 @@ impl Faults {
     pub fn release_held_answers(&self) {
         self.hold_configuration_answers.store(0, Ordering::SeqCst);
         self.release_held.notify_waiters();
+    }
+
+    /// Sends every held answer to a configuration listing now.
+    pub fn release_held_listings(&self) {
+        self.hold_configuration_listings.store(0, Ordering::SeqCst);
+        self.release_listings.notify_waiters();
     }
 
     /// Requires `Bearer <token>` on MT deliveries from now on (`None`: no check).
@@ -1214,6 +1227,15 @@ async fn list_configurations(
         .filter(|c| c.scs_as_id == scs)
         .map(|c| configuration_body(&state, c))
         .collect();
+    if take_one(&state.faults.hold_configuration_listings) {
+        let faults = &state.faults;
+        let released = faults.release_listings.notified();
+        faults.held_listings.fetch_add(1, Ordering::SeqCst);
+        state.bump();
+        // Bounded, so a forgotten hold cannot wedge a test for ever.
+        let _ = tokio::time::timeout(Duration::from_secs(120), released).await;
+        faults.held_listings.fetch_sub(1, Ordering::SeqCst);
+    }
     json_response(StatusCode::OK, &all, None)
 }
 

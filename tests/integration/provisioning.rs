@@ -83,6 +83,65 @@ async fn a_terminated_configuration_is_created_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_that_ends_while_the_list_is_read_is_not_adopted() {
+    // A restarted bridge is ready once its stored configuration is verified, and reads the
+    // SCEF's list afterwards. A termination confirmed after the list was taken must not let the
+    // stale entry be adopted: the device would be left on a configuration the SCEF no longer has.
+    let id: DeviceId = "300000005@iot.example".parse().unwrap();
+    let mut stack = TestBed::new()
+        .device(&id)
+        .bridge_process(env!("CARGO_BIN_EXE_nidd-bridge"))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(stack.mock().configurations_created(), 1);
+    stack.kill_process().await;
+    stack
+        .mock()
+        .faults()
+        .hold_configuration_listings
+        .store(1, Ordering::SeqCst);
+    stack.restart_process().await.unwrap();
+    let (mock, process) = (stack.mock(), stack.process());
+    eventually("the list taken and its answer held", || async {
+        mock.faults().held_listings.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    mock.notify_status(&id, NiddStatus::Terminated)
+        .await
+        .unwrap();
+    eventually("the termination confirmed", || async {
+        metric(
+            &process.metrics().await,
+            "nidd_bridge_reported_terminations_total{outcome=\"confirmed\"}",
+        ) == 1.0
+    })
+    .await;
+    mock.faults().release_held_listings();
+    mock.wait_for("a new configuration", STEP, |c| c.len() == 1)
+        .await
+        .unwrap();
+    assert_eq!(mock.configurations_created(), 2);
+    let new_location = mock.configurations()[0].self_link.clone();
+    eventually("the device on the new configuration", || async {
+        process
+            .devices()
+            .await
+            .iter()
+            .any(|d| d["niddConfiguration"]["self"].as_str() == Some(new_location.as_str()))
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &process.metrics().await,
+            "nidd_bridge_configurations_reconciled_total{action=\"ended\"}"
+        ),
+        1.0
+    );
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strays_under_our_callback_url_are_deleted_and_foreign_ones_left_alone() {
     let id: DeviceId = "300000004@iot.example".parse().unwrap();
     let departed: DeviceId = "300000099@iot.example".parse().unwrap();
