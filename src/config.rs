@@ -716,6 +716,11 @@ pub struct StoreConfig {
     pub path: PathBuf,
 }
 
+/// Bounds of `nidd.configuration_duration_s`: renewal needs room (a third of the lifetime), and a
+/// `duration` beyond ten years is no lifetime at all.
+const MIN_CONFIGURATION_DURATION_S: u64 = 3;
+const MAX_CONFIGURATION_DURATION_S: u64 = 10 * 365 * 24 * 3600;
+
 /// Defaults applied to every NIDD configuration and uplink.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -732,6 +737,11 @@ pub struct NiddDefaults {
     /// Ask the SCEF for a test notification when creating a configuration.
     #[serde(default)]
     pub request_test_notification: bool,
+    /// Lifetime asked for each NIDD configuration (its `duration`, an absolute expiry), renewed
+    /// with a merge-patch when a third of it is left; unset, none is asked and the SCEF's
+    /// policy decides.
+    #[serde(default)]
+    pub configuration_duration_s: Option<u64>,
 }
 
 impl Default for NiddDefaults {
@@ -741,6 +751,7 @@ impl Default for NiddDefaults {
             max_packet_bytes: default_max_packet_bytes(),
             check_endpoint_name: true,
             request_test_notification: false,
+            configuration_duration_s: None,
         }
     }
 }
@@ -1045,6 +1056,13 @@ impl Config {
         }
         if !(16..=65_507).contains(&self.nidd.max_packet_bytes) {
             return invalid("nidd.max_packet_bytes must be between 16 and 65507".into());
+        }
+        if self.nidd.configuration_duration_s.is_some_and(|s| {
+            !(MIN_CONFIGURATION_DURATION_S..=MAX_CONFIGURATION_DURATION_S).contains(&s)
+        }) {
+            return invalid(format!(
+                "nidd.configuration_duration_s must be between {MIN_CONFIGURATION_DURATION_S} and {MAX_CONFIGURATION_DURATION_S} (ten years)"
+            ));
         }
         if !matches!(
             self.nidd.pdn_establishment_option.as_str(),

@@ -33,6 +33,8 @@ pub(crate) struct NiddState {
     pub(crate) notification_destination: Option<String>,
     /// The device's MonitoringEvent subscription, when monitoring is on.
     pub(crate) monitoring_subscription: Option<StoredSubscription>,
+    /// When the configuration's `duration` runs out (Unix ms); `None` when it has none.
+    pub(crate) expires_at_ms: Option<u64>,
 }
 
 impl NiddState {
@@ -47,6 +49,7 @@ impl NiddState {
             maximum_packet_size_bits: self.maximum_packet_size_bits,
             notification_destination: self.notification_destination.clone(),
             monitoring_subscription: self.monitoring_subscription.clone(),
+            expires_at_ms: self.expires_at_ms,
         }
     }
 
@@ -58,6 +61,7 @@ impl NiddState {
             maximum_packet_size_bits: stored.maximum_packet_size_bits,
             notification_destination: stored.notification_destination,
             monitoring_subscription: stored.monitoring_subscription,
+            expires_at_ms: stored.expires_at_ms,
         })
     }
 }

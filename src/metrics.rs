@@ -30,6 +30,8 @@ pub struct Metrics {
     pub configuration_statuses: IntCounterVec,
     /// Termination notifications by what the SCEF said when asked.
     pub reported_terminations: IntCounterVec,
+    /// Renewals of NIDD configurations' `duration`, by outcome.
+    pub configuration_renewals: IntCounterVec,
     /// Listed NIDD configurations no device's record referenced, by what was done with them.
     pub configurations_reconciled: IntCounterVec,
     /// Attempts to list the SCEF's NIDD configurations, by outcome.
@@ -166,6 +168,11 @@ impl Metrics {
                 "nidd_configuration_status_total",
                 "NIDD configuration statuses the SCEF notified (status notifications naming the device's configuration)",
                 &["status"],
+            )?,
+            configuration_renewals: counter_vec(
+                "configuration_renewals_total",
+                "Renewals of NIDD configurations' duration (nidd.configuration_duration_s), by outcome (renewed, gone: the SCEF no longer knew it and a new one is created, failed: retried, superseded)",
+                &["outcome"],
             )?,
             reported_terminations: counter_vec(
                 "reported_terminations_total",

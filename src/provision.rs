@@ -44,6 +44,9 @@ pub(crate) struct Reprovision {
     metrics: Arc<Metrics>,
 }
 
+/// A configuration's `duration` is renewed when this fraction (1/N) of its lifetime is left.
+const RENEW_WHEN_LEFT: u32 = 3;
+
 /// How often a reported termination is checked with the SCEF before giving up on knowing.
 const TERMINATION_CHECKS: u32 = 3;
 const TERMINATION_CHECK_RETRY: Duration = Duration::from_secs(1);
@@ -235,7 +238,12 @@ impl Provisioner {
                     async move { this.provision_device(&device, &cancel).await }
                 })
                 .await;
-            let next_renewal = self.ensure_subscriptions().await;
+            let next_subscription = self.ensure_subscriptions().await;
+            let next_configuration = self.renew_configurations().await;
+            let next_renewal = match (next_subscription, next_configuration) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             self.flush_store().await;
             let timer = async {
                 match next_renewal {
@@ -290,7 +298,11 @@ impl Provisioner {
 
     /// POSTs the configuration and, on 201, stores and flushes its location at once.
     async fn create(&self, device: &Device, body: &NiddConfiguration) -> Result<(), T8Error> {
-        let created = self.t8.create_nidd_configuration(body).await?;
+        // The expiry is taken now, not when the body was first built: retries can take long.
+        let asked = self.asked_duration();
+        let mut body = body.clone();
+        body.duration = asked.as_ref().map(|(text, _)| text.clone());
+        let created = self.t8.create_nidd_configuration(&body).await?;
         // Not counted in `nidd_configuration_status_total`, which counts what the SCEF
         // notified: the status of a create's answer is the configuration's first state.
         let status = created.body.status.clone();
@@ -300,6 +312,8 @@ impl Provisioner {
             maximum_packet_size_bits: created.body.maximum_packet_size,
             notification_destination: Some(body.notification_destination.clone()),
             monitoring_subscription: None,
+            expires_at_ms: asked
+                .map(|(_, asked_ms)| granted_expiry(created.body.duration.as_deref(), asked_ms)),
         };
         tracing::info!(device = %device.id, location = %nidd.location, status = ?nidd.status, "NIDD configuration created");
         self.keep(device, nidd).await;
@@ -548,6 +562,8 @@ impl Provisioner {
             maximum_packet_size_bits: body.maximum_packet_size,
             notification_destination: Some(body.notification_destination.clone()),
             monitoring_subscription: None,
+            // Renewed at once when it has none and one is wanted.
+            expires_at_ms: body.duration.as_deref().and_then(expiry_ms),
         };
         if body.notification_destination != wanted {
             match self
@@ -725,6 +741,117 @@ impl Provisioner {
         }
     }
 
+    /// The `duration` to ask for now (RFC 3339, and as Unix ms), when configurations have one.
+    fn asked_duration(&self) -> Option<(String, u64)> {
+        let lifetime = Duration::from_secs(self.nidd.configuration_duration_s?);
+        let expires = clock::system_now() + lifetime;
+        // The text has whole seconds: the expiry kept is the one the SCEF reads.
+        Some((
+            humantime::format_rfc3339_seconds(expires).to_string(),
+            clock::to_unix_ms(expires) / 1000 * 1000,
+        ))
+    }
+
+    /// Renews (merge-patches) the `duration` of every configuration with a third of its
+    /// lifetime or less left, or none at all while one is wanted; returns how long until the
+    /// next renewal is due. A configuration the SCEF no longer knows (404) is forgotten and
+    /// created again; a failure is retried at the provisioning pace.
+    async fn renew_configurations(&self) -> Option<Duration> {
+        let lifetime = Duration::from_secs(self.nidd.configuration_duration_s?);
+        let margin_ms = (lifetime / RENEW_WHEN_LEFT).as_millis() as u64;
+        let now_ms = clock::unix_ms();
+        let due: Vec<(Arc<Device>, Url)> = self
+            .devices
+            .iter()
+            .filter_map(|d| {
+                let state = d.state();
+                let nidd = state.nidd.as_ref()?;
+                let due = nidd.is_usable()
+                    && nidd
+                        .expires_at_ms
+                        .is_none_or(|expires| expires <= now_ms + margin_ms);
+                due.then(|| (d.clone(), nidd.location.clone()))
+            })
+            .collect();
+        let failed = AtomicBool::new(false);
+        let reprovision = self.reprovision();
+        futures::stream::iter(due)
+            .for_each_concurrent(self.scef.provisioning_concurrency, |(device, location)| {
+                let (failed, reprovision) = (&failed, &reprovision);
+                async move {
+                    let outcome = self.renew(&device, &location, reprovision).await;
+                    if outcome == "failed" {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    self.metrics
+                        .configuration_renewals
+                        .with_label_values(&[outcome])
+                        .inc();
+                }
+            })
+            .await;
+        let now_ms = clock::unix_ms();
+        let next = self
+            .devices
+            .iter()
+            .filter_map(|d| d.state().nidd.as_ref()?.expires_at_ms)
+            .map(|expires| Duration::from_millis(expires.saturating_sub(now_ms + margin_ms)))
+            .min();
+        let retry = failed
+            .load(Ordering::Relaxed)
+            .then(|| Duration::from_millis(self.scef.retry_max_ms));
+        match (next, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// One renewal; its outcome label (renewed, gone, failed, superseded).
+    async fn renew(
+        &self,
+        device: &Device,
+        location: &Url,
+        reprovision: &Reprovision,
+    ) -> &'static str {
+        let Some((text, asked_ms)) = self.asked_duration() else {
+            return "superseded";
+        };
+        match self.t8.renew_nidd_configuration(location, &text).await {
+            Ok(answer) => {
+                let Some(mut nidd) = device.state().nidd.clone() else {
+                    return "superseded";
+                };
+                if nidd.location != *location {
+                    return "superseded";
+                }
+                nidd.expires_at_ms = Some(granted_expiry(answer.duration.as_deref(), asked_ms));
+                tracing::debug!(device = %device.id, %location, duration = %text, "NIDD configuration renewed");
+                if let Err(error) = self.devices.set_nidd(device, Some(nidd)) {
+                    self.metrics.store_error("device_put");
+                    tracing::error!(device = %device.id, %error, "cannot persist a renewed NIDD configuration");
+                }
+                "renewed"
+            }
+            Err(error) if error.status() == Some(reqwest::StatusCode::NOT_FOUND) => {
+                let current = device
+                    .state()
+                    .nidd
+                    .as_ref()
+                    .is_some_and(|n| n.location == *location);
+                if !current {
+                    return "superseded";
+                }
+                tracing::warn!(device = %device.id, %location, "the SCEF no longer knows the NIDD configuration it was to renew; creating a new one");
+                reprovision.configuration_terminated(device);
+                "gone"
+            }
+            Err(error) => {
+                tracing::warn!(device = %device.id, %location, %error, "cannot renew the NIDD configuration's duration; retrying");
+                "failed"
+            }
+        }
+    }
+
     /// Creates or renews the MonitoringEvent subscriptions of devices that want them; returns how
     /// long until the next one is due.
     async fn ensure_subscriptions(&self) -> Option<Duration> {
@@ -826,7 +953,6 @@ enum Settled {
     Deleted,
 }
 
-/// The one UE a configuration names (`externalId` or `msisdn`), if it names exactly one.
 /// Subscribes one device to UE_REACHABILITY (reachabilityType DATA) at its newest monitoring
 /// callback URL, then deletes the subscription it replaces; whether the new one was created.
 async fn subscribe(
@@ -876,6 +1002,23 @@ async fn subscribe(
     true
 }
 
+/// An RFC 3339 time (any offset) as Unix milliseconds.
+fn expiry_ms(text: &str) -> Option<u64> {
+    let time =
+        time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    u64::try_from(time.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// The expiry an SCEF granted for a `duration` asked for at `asked_ms`: its answer when it
+/// names an earlier one (it may shorten a lifetime), else what was asked.
+fn granted_expiry(answered: Option<&str>, asked_ms: u64) -> u64 {
+    answered
+        .and_then(expiry_ms)
+        .map_or(asked_ms, |granted| granted.min(asked_ms))
+}
+
+/// The one UE a configuration names (`externalId` or `msisdn`), if it names exactly one.
 fn named_ue(body: &NiddConfiguration) -> Option<DeviceId> {
     match (&body.external_id, &body.msisdn) {
         (Some(external_id), None) => Some(DeviceId::External(external_id.clone())),
@@ -925,6 +1068,20 @@ mod tests {
         assert!(subscription_due(None, 0, 10_000));
         assert!(!subscription_due(Some(&subscription), 89_999, 10_000));
         assert!(subscription_due(Some(&subscription), 90_000, 10_000));
+    }
+
+    #[test]
+    fn an_scef_may_shorten_a_duration_but_not_extend_it() {
+        let asked = expiry_ms("2026-12-03T12:00:00Z").unwrap();
+        assert_eq!(asked, 1_796_299_200_000);
+        assert_eq!(expiry_ms("2026-12-03T13:00:00+01:00"), Some(asked));
+        assert_eq!(granted_expiry(None, asked), asked);
+        assert_eq!(granted_expiry(Some("not a time"), asked), asked);
+        assert_eq!(
+            granted_expiry(Some("2026-12-03T11:00:00Z"), asked),
+            asked - 3_600_000
+        );
+        assert_eq!(granted_expiry(Some("2027-01-01T00:00:00Z"), asked), asked);
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub(crate) struct StoredConfiguration {
     pub notification_destination: Option<String>,
     #[serde(default)]
     pub monitoring_subscription: Option<StoredSubscription>,
+    /// The configuration's `duration` (its expiry) as Unix milliseconds, when one was asked
+    /// for (`nidd.configuration_duration_s`); renewed before it passes.
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
 }
 
 /// A MonitoringEvent subscription the SCEF created for a device.
@@ -625,6 +629,7 @@ mod tests {
                 maximum_packet_size_bits: Some(10864),
                 notification_destination: Some("http://127.0.0.1:8081/t8/v1/nidd/x".into()),
                 monitoring_subscription: None,
+                expires_at_ms: Some(1_900_000_000_000),
             }),
             queue_mode: QueueMode::On,
         };

@@ -83,6 +83,7 @@ pub(crate) fn fixture_datagram(name: &str) -> Vec<u8> {
 /// The usable configuration a device of the fixtures starts with.
 pub(crate) fn active_configuration(location: &str, max_packet_bits: Option<u64>) -> NiddState {
     NiddState {
+        expires_at_ms: None,
         location: Url::parse(location).unwrap_or_else(|e| panic!("{location}: {e}")),
         status: Some(NiddStatus::Active),
         maximum_packet_size_bits: max_packet_bits,

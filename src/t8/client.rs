@@ -495,8 +495,32 @@ impl T8Client {
         configuration: &Url,
         notification_destination: &str,
     ) -> Result<NiddConfiguration, T8Error> {
-        const OP: &str = "modify_configuration";
         let body = serde_json::json!({ "notificationDestination": notification_destination });
+        self.patch_nidd_configuration(configuration, &body, notification_destination)
+            .await
+    }
+
+    /// Merge-patches the configuration's `duration` (an RFC 3339 expiry): its renewal. The
+    /// answer carries the duration the SCEF granted, which may be shorter.
+    pub async fn renew_nidd_configuration(
+        &self,
+        configuration: &Url,
+        duration: &str,
+    ) -> Result<NiddConfiguration, T8Error> {
+        let body = serde_json::json!({ "duration": duration });
+        self.patch_nidd_configuration(configuration, &body, "")
+            .await
+    }
+
+    /// A merge-patch of a configuration; a 204 answer is read as the configuration with
+    /// `notification_destination` (what was patched, or nothing) and no other field.
+    async fn patch_nidd_configuration(
+        &self,
+        configuration: &Url,
+        body: &serde_json::Value,
+        notification_destination: &str,
+    ) -> Result<NiddConfiguration, T8Error> {
+        const OP: &str = "modify_configuration";
         let request = self
             .http
             .patch(configuration.clone())

@@ -163,6 +163,18 @@ pub struct MockConfiguration {
     pub ue: DeviceId,
     pub notification_destination: String,
     pub self_link: String,
+    /// Its `duration` as last asked for (RFC 3339); once it has passed the configuration is
+    /// gone, as at an SCEF that honours it.
+    pub duration: Option<String>,
+}
+
+impl MockConfiguration {
+    fn expired(&self, now: std::time::SystemTime) -> bool {
+        self.duration
+            .as_deref()
+            .and_then(|d| humantime::parse_rfc3339_weak(d).ok())
+            .is_some_and(|expiry| expiry <= now)
+    }
 }
 
 /// Faults a test can switch on.
@@ -312,8 +324,14 @@ struct MockState {
 }
 
 impl MockState {
+    /// The state, without the configurations whose `duration` has passed.
     fn inner(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.configurations.values().any(|c| c.duration.is_some()) {
+            let now = std::time::SystemTime::now();
+            inner.configurations.retain(|_, c| !c.expired(now));
+        }
+        inner
     }
 
     fn bump(&self) {
@@ -572,6 +590,17 @@ impl MockScef {
     /// Adds a configuration as if someone had created it earlier (another instance or AF under
     /// the same scsAsId, or a bridge run that crashed before storing it); not counted in
     /// [`configurations_created`](Self::configurations_created).
+    /// Forgets the UE's configuration without telling anyone, as an SCEF that lost it (or
+    /// let it expire) does; whether it had one.
+    pub fn forget_configuration(&self, ue: &DeviceId) -> bool {
+        let Some(configuration) = configuration_of(&self.state, ue) else {
+            return false;
+        };
+        self.state.inner().configurations.remove(&configuration.id);
+        self.state.bump();
+        true
+    }
+
     pub fn insert_configuration(
         &self,
         scs_as_id: &str,
@@ -591,6 +620,7 @@ impl MockScef {
                 scs_as_id: scs_as_id.into(),
                 ue: ue.clone(),
                 notification_destination: notification_destination.into(),
+                duration: None,
             };
             inner.configurations.insert(id, configuration.clone());
             MockState::ue_channels(&mut inner, ue);
@@ -1161,6 +1191,7 @@ async fn create_configuration(
             ue: ue.clone(),
             notification_destination: request.notification_destination.clone(),
             self_link: self_link.clone(),
+            duration: request.duration.clone(),
         };
         inner.configurations.insert(id, configuration.clone());
         MockState::ue_channels(&mut inner, &ue);
@@ -1245,6 +1276,7 @@ fn configuration_body(state: &MockState, c: &MockConfiguration) -> serde_json::V
         external_id: c.ue.external_id().cloned(),
         msisdn: c.ue.msisdn().cloned(),
         notification_destination: c.notification_destination.clone(),
+        duration: c.duration.clone(),
         status: Some(NiddStatus::Active),
         maximum_packet_size: state.config.maximum_packet_size_bits,
         ..Default::default()
@@ -1268,7 +1300,7 @@ async fn fetch_configuration(
 }
 
 /// ModifyNIDDConfiguration: a JSON merge patch (RFC 7396) of a `NiddConfigurationPatch`;
-/// of its members only `notificationDestination` (Rel-17) changes what the mock does.
+/// of its members `notificationDestination` (Rel-17) and `duration` change what the mock does.
 async fn modify_configuration(
     State(state): State<Arc<MockState>>,
     Path((_scs, id)): Path<(String, String)>,
@@ -1321,6 +1353,13 @@ async fn modify_configuration(
             .and_then(|d| d.as_str())
         {
             configuration.notification_destination = destination.to_string();
+        }
+        match patch.get("duration") {
+            Some(serde_json::Value::String(duration)) => {
+                configuration.duration = Some(duration.clone())
+            }
+            Some(serde_json::Value::Null) => configuration.duration = None,
+            _ => {}
         }
         configuration.clone()
     };

@@ -142,6 +142,52 @@ async fn a_configuration_that_ends_while_the_list_is_read_is_not_adopted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_duration_is_asked_for_and_renewed_before_it_runs_out() {
+    // The mock honours `duration`: a configuration whose expiry has passed is gone. With a
+    // 3 s lifetime renewed when a third is left, three renewals span twice the first lifetime.
+    let id: DeviceId = "300000006@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .device(&id)
+        .bridge_config(|c| c.nidd(|n| n.configuration_duration_s = Some(3)))
+        .start()
+        .await
+        .unwrap();
+    let (mock, bridge) = (stack.mock(), stack.bridge());
+    let first = mock.configurations();
+    assert_eq!(first.len(), 1);
+    let first_duration = first[0].duration.clone().expect("a duration asked for");
+    eventually("three renewals", || async {
+        metric(
+            &bridge.metrics().await,
+            "nidd_bridge_configuration_renewals_total{outcome=\"renewed\"}",
+        ) >= 3.0
+    })
+    .await;
+    let now = mock.configurations();
+    assert_eq!(now.len(), 1, "the configuration never ran out");
+    assert_eq!(now[0].id, first[0].id, "the same configuration, renewed");
+    // RFC 3339 in UTC with whole seconds: later is greater.
+    assert!(now[0].duration.clone().unwrap() > first_duration);
+    assert_eq!(mock.configurations_created(), 1);
+
+    // One the SCEF lost is created again at its next renewal.
+    assert!(mock.forget_configuration(&id));
+    mock.wait_for("a new configuration", STEP, |c| c.len() == 1)
+        .await
+        .unwrap();
+    assert_eq!(mock.configurations_created(), 2);
+    assert_eq!(
+        metric(
+            &bridge.metrics().await,
+            "nidd_bridge_configuration_renewals_total{outcome=\"gone\"}"
+        ),
+        1.0
+    );
+    bridge.wait_ready().await;
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strays_under_our_callback_url_are_deleted_and_foreign_ones_left_alone() {
     let id: DeviceId = "300000004@iot.example".parse().unwrap();
     let departed: DeviceId = "300000099@iot.example".parse().unwrap();
