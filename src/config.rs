@@ -720,6 +720,8 @@ pub struct StoreConfig {
 /// `duration` beyond ten years is no lifetime at all.
 const MIN_CONFIGURATION_DURATION_S: u64 = 3;
 const MAX_CONFIGURATION_DURATION_S: u64 = 10 * 365 * 24 * 3600;
+/// RDS ports are four bits (TS 24.250).
+const MAX_RDS_PORT: u16 = 15;
 
 /// Defaults applied to every NIDD configuration and uplink.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -742,6 +744,21 @@ pub struct NiddDefaults {
     /// policy decides.
     #[serde(default)]
     pub configuration_duration_s: Option<u64>,
+    /// Ask for the reliable data service (TS 24.250) in each configuration, so the SCEF reports
+    /// MT the device acknowledged as `SUCCESS_ACKNOWLEDGED`.
+    #[serde(default)]
+    pub reliable_data_service: bool,
+    /// With RDS on: the static port pairs (`rdsPorts`), each `{ ue = N, scef = M }`, 0–15.
+    #[serde(default)]
+    pub rds_ports: Vec<RdsPortPair>,
+}
+
+/// One static RDS port pair of `nidd.rds_ports`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RdsPortPair {
+    pub ue: u16,
+    pub scef: u16,
 }
 
 impl Default for NiddDefaults {
@@ -752,6 +769,8 @@ impl Default for NiddDefaults {
             check_endpoint_name: true,
             request_test_notification: false,
             configuration_duration_s: None,
+            reliable_data_service: false,
+            rds_ports: Vec::new(),
         }
     }
 }
@@ -1064,6 +1083,20 @@ impl Config {
                 "nidd.configuration_duration_s must be between {MIN_CONFIGURATION_DURATION_S} and {MAX_CONFIGURATION_DURATION_S} (ten years)"
             ));
         }
+        if !self.nidd.rds_ports.is_empty() && !self.nidd.reliable_data_service {
+            return invalid("nidd.rds_ports is set but nidd.reliable_data_service is off".into());
+        }
+        if let Some(pair) = self
+            .nidd
+            .rds_ports
+            .iter()
+            .find(|p| p.ue > MAX_RDS_PORT || p.scef > MAX_RDS_PORT)
+        {
+            return invalid(format!(
+                "nidd.rds_ports {{ ue = {}, scef = {} }}: RDS ports are 0 to {MAX_RDS_PORT} (TS 24.250)",
+                pair.ue, pair.scef
+            ));
+        }
         if !matches!(
             self.nidd.pdn_establishment_option.as_str(),
             "WAIT_FOR_UE" | "INDICATE_ERROR" | "SEND_TRIGGER"
@@ -1277,6 +1310,33 @@ mod tests {
             {extra}
             "#
         )
+    }
+
+    #[test]
+    fn rds_ports_and_durations_are_checked() {
+        let ok = minimal(
+            "[nidd]\nreliable_data_service = true\nrds_ports = [{ ue = 3, scef = 5 }]\nconfiguration_duration_s = 86400",
+        );
+        let config = Config::parse(&ok).unwrap();
+        assert_eq!(config.nidd.rds_ports, vec![RdsPortPair { ue: 3, scef: 5 }]);
+        assert_eq!(config.nidd.configuration_duration_s, Some(86400));
+        for (bad, names) in [
+            (
+                "[nidd]\nrds_ports = [{ ue = 3, scef = 5 }]",
+                "reliable_data_service",
+            ),
+            (
+                "[nidd]\nreliable_data_service = true\nrds_ports = [{ ue = 16, scef = 5 }]",
+                "0 to 15",
+            ),
+            (
+                "[nidd]\nconfiguration_duration_s = 1",
+                "configuration_duration_s",
+            ),
+        ] {
+            let err = Config::parse(&minimal(bad)).unwrap_err().to_string();
+            assert!(err.contains(names), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::store::StoredSubscription;
 use crate::t8::client::ListedConfiguration;
 use crate::t8::{
     MonitoringEventSubscription, MonitoringType, NiddConfiguration, NiddStatus,
-    PdnEstablishmentOption, T8Client, T8Error,
+    PdnEstablishmentOption, RdsPort, T8Client, T8Error,
 };
 use reconcile::{Listed, Owner, Verdict};
 pub(crate) use rotate::CallbackRotation;
@@ -348,7 +348,16 @@ impl Provisioner {
             pdn_establishment_option: Some(PdnEstablishmentOption::from(
                 nidd.pdn_establishment_option.as_str(),
             )),
-            reliable_data_service: Some(false),
+            reliable_data_service: Some(nidd.reliable_data_service),
+            rds_ports: (nidd.reliable_data_service && !nidd.rds_ports.is_empty()).then(|| {
+                nidd.rds_ports
+                    .iter()
+                    .map(|p| RdsPort {
+                        port_ue: p.ue,
+                        port_scef: p.scef,
+                    })
+                    .collect()
+            }),
             request_test_notification: nidd.request_test_notification.then_some(true),
             ..Default::default()
         }

@@ -133,6 +133,9 @@ pub struct NiddConfiguration {
     pub request_test_notification: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reliable_data_service: Option<bool>,
+    /// The static RDS port pairs, when `reliableDataService` is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rds_ports: Option<Vec<RdsPort>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pdn_establishment_option: Option<PdnEstablishmentOption>,
     /// Read-only, set by the SCEF. The 3GPP schema says its unit is bits.
@@ -369,8 +372,9 @@ pub struct ManagePort {
     pub configured_format: Option<String>,
 }
 
-/// `RdsPort`: the ports of a reliable data service exchange. The bridge does not use RDS; the
-/// shape is checked where a notification may carry it.
+/// `RdsPort`: the ports of a reliable data service exchange (TS 24.250: 0–15 each); asked for
+/// in configurations when `nidd.reliable_data_service` is on, and checked where a
+/// notification may carry it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RdsPort {
     #[serde(rename = "portUE")]

@@ -188,6 +188,50 @@ async fn a_configuration_duration_is_asked_for_and_renewed_before_it_runs_out() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reliable_data_service_and_its_ports_are_asked_for_when_configured() {
+    let id: DeviceId = "300000007@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .device(&id)
+        .bridge_config(|c| {
+            c.nidd(|n| {
+                n.reliable_data_service = true;
+                n.rds_ports = vec![nidd_bridge::config::RdsPortPair { ue: 3, scef: 5 }];
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let creations: Vec<serde_json::Value> = stack
+        .mock()
+        .recorded()
+        .into_iter()
+        .filter(|r| {
+            r.direction == "request" && r.method == "POST" && r.path.ends_with("/configurations")
+        })
+        .filter_map(|r| r.request_body)
+        .collect();
+    assert_eq!(creations.len(), 1);
+    assert_eq!(creations[0]["reliableDataService"], true);
+    assert_eq!(
+        creations[0]["rdsPorts"],
+        serde_json::json!([{"portUE": 3, "portSCEF": 5}])
+    );
+    // The default asks for none.
+    stack.finish().await;
+    let default = TestBed::new().device(&id).start().await.unwrap();
+    let body = default
+        .mock()
+        .recorded()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path.ends_with("/configurations"))
+        .and_then(|r| r.request_body)
+        .unwrap();
+    assert_eq!(body["reliableDataService"], false);
+    assert!(body.get("rdsPorts").is_none());
+    default.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strays_under_our_callback_url_are_deleted_and_foreign_ones_left_alone() {
     let id: DeviceId = "300000004@iot.example".parse().unwrap();
     let departed: DeviceId = "300000099@iot.example".parse().unwrap();
