@@ -723,6 +723,10 @@ const MAX_CONFIGURATION_DURATION_S: u64 = 10 * 365 * 24 * 3600;
 /// RDS ports are four bits (TS 24.250).
 const MAX_RDS_PORT: u16 = 15;
 
+fn default_check_interval_s() -> u64 {
+    3600
+}
+
 /// Defaults applied to every NIDD configuration and uplink.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -744,6 +748,10 @@ pub struct NiddDefaults {
     /// policy decides.
     #[serde(default)]
     pub configuration_duration_s: Option<u64>,
+    /// How often every NIDD configuration is checked at the SCEF (GETs spread over the
+    /// interval); 0: never after start-up.
+    #[serde(default = "default_check_interval_s")]
+    pub check_interval_s: u64,
     /// Ask for the reliable data service (TS 24.250) in each configuration, so the SCEF reports
     /// MT the device acknowledged as `SUCCESS_ACKNOWLEDGED`.
     #[serde(default)]
@@ -771,6 +779,7 @@ impl Default for NiddDefaults {
             configuration_duration_s: None,
             reliable_data_service: false,
             rds_ports: Vec::new(),
+            check_interval_s: default_check_interval_s(),
         }
     }
 }

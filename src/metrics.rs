@@ -32,6 +32,8 @@ pub struct Metrics {
     pub reported_terminations: IntCounterVec,
     /// Renewals of NIDD configurations' `duration`, by outcome.
     pub configuration_renewals: IntCounterVec,
+    /// Periodic checks of NIDD configurations at the SCEF, by what they found.
+    pub configuration_checks: IntCounterVec,
     /// Listed NIDD configurations no device's record referenced, by what was done with them.
     pub configurations_reconciled: IntCounterVec,
     /// Attempts to list the SCEF's NIDD configurations, by outcome.
@@ -168,6 +170,11 @@ impl Metrics {
                 "nidd_configuration_status_total",
                 "NIDD configuration statuses the SCEF notified (status notifications naming the device's configuration)",
                 &["status"],
+            )?,
+            configuration_checks: counter_vec(
+                "configuration_checks_total",
+                "Periodic GETs of NIDD configurations (nidd.check_interval_s), by what they found (kept, status_changed, destination_restored, gone, terminated, replaced, unchecked)",
+                &["outcome"],
             )?,
             configuration_renewals: counter_vec(
                 "configuration_renewals_total",

@@ -222,6 +222,16 @@ impl Provisioner {
         if cancel.is_cancelled() {
             return;
         }
+        tokio::join!(
+            self.keep_provisioned(&cancel),
+            self.check_configurations(&cancel)
+        );
+    }
+
+    /// Creates missing configurations, renews durations and subscriptions, and waits for the
+    /// next thing due, until cancelled.
+    async fn keep_provisioned(&self, cancel: &CancellationToken) {
+        let this = self;
         loop {
             let missing: Vec<Arc<Device>> = self
                 .devices
@@ -387,27 +397,48 @@ impl Provisioner {
     }
 
     /// The configuration to keep for `device` after asking the SCEF about it.
-    async fn verify_one(&self, device: &Device, mut nidd: NiddState) -> Option<NiddState> {
+    async fn verify_one(&self, device: &Device, nidd: NiddState) -> Option<NiddState> {
+        self.check_one(device, nidd).await.0
+    }
+
+    /// Asks the SCEF about the device's configuration: what to keep (`None`: create a new one)
+    /// and what the check found (`configuration_checks_total{outcome}`).
+    async fn check_one(
+        &self,
+        device: &Device,
+        mut nidd: NiddState,
+    ) -> (Option<NiddState>, &'static str) {
         let body = match self.t8.fetch_nidd_configuration(&nidd.location).await {
             Ok(Some(body)) => body,
             Ok(None) => {
                 tracing::warn!(device = %device.id, location = %nidd.location, "the SCEF no longer has this NIDD configuration; creating a new one");
-                return None;
+                return (None, "gone");
             }
             Err(error) => {
-                tracing::warn!(device = %device.id, %error, "cannot check the persisted NIDD configuration; keeping it");
-                return Some(nidd);
+                tracing::warn!(device = %device.id, %error, "cannot check the NIDD configuration; keeping it");
+                return (Some(nidd), "unchecked");
             }
         };
+        let before = nidd.status.clone();
         nidd.status = body.status.or(nidd.status.take());
         nidd.maximum_packet_size_bits = body.maximum_packet_size.or(nidd.maximum_packet_size_bits);
-        if !nidd.is_usable() {
-            return None;
+        if let Some(expiry) = body.duration.as_deref().and_then(expiry_ms) {
+            nidd.expires_at_ms = Some(nidd.expires_at_ms.map_or(expiry, |e| e.min(expiry)));
         }
+        if !nidd.is_usable() {
+            tracing::warn!(device = %device.id, location = %nidd.location, "the SCEF reports the NIDD configuration terminated; creating a new one");
+            return (None, "terminated");
+        }
+        let changed = if nidd.status != before {
+            tracing::info!(device = %device.id, status = ?nidd.status, "the NIDD configuration's status changed");
+            "status_changed"
+        } else {
+            "kept"
+        };
         let wanted = device.callback_url(&self.public_url);
         if body.notification_destination == wanted {
             nidd.notification_destination = Some(wanted);
-            return Some(nidd);
+            return (Some(nidd), changed);
         }
         match self
             .t8
@@ -415,9 +446,9 @@ impl Provisioner {
             .await
         {
             Ok(_) => {
-                tracing::info!(device = %device.id, "callback URL changed; NIDD configuration updated");
+                tracing::info!(device = %device.id, found = %body.notification_destination, "the NIDD configuration's callback URL was not ours; patched back");
                 nidd.notification_destination = Some(wanted);
-                Some(nidd)
+                (Some(nidd), "destination_restored")
             }
             Err(error) => {
                 // An SCEF without Rel-17 PATCH support: replace the configuration instead.
@@ -425,7 +456,7 @@ impl Provisioner {
                 if let Err(error) = self.t8.delete_nidd_configuration(&nidd.location).await {
                     tracing::warn!(device = %device.id, %error, "cannot delete the old NIDD configuration");
                 }
-                None
+                (None, "replaced")
             }
         }
     }
@@ -746,6 +777,66 @@ impl Provisioner {
             if let Err(error) = self.devices.store().remove_device(&id) {
                 self.metrics.store_error("device_remove");
                 tracing::error!(device = %id, %error, "cannot remove the record of a removed device");
+            }
+        }
+    }
+
+    /// Every `nidd.check_interval_s`, GETs each device's configuration, one at a time spread
+    /// over the interval: one the SCEF lost or terminated is created again, a callback URL
+    /// changed behind the bridge's back is patched back, and status changes are kept. Off
+    /// when the interval is 0.
+    async fn check_configurations(&self, cancel: &CancellationToken) {
+        let interval = Duration::from_secs(self.nidd.check_interval_s);
+        if interval.is_zero() {
+            return;
+        }
+        let reprovision = self.reprovision();
+        loop {
+            let configured: Vec<Arc<Device>> = self
+                .devices
+                .iter()
+                .filter(|d| d.state().nidd.is_some())
+                .cloned()
+                .collect();
+            let gap = interval / u32::try_from(configured.len().max(1)).unwrap_or(u32::MAX);
+            if configured.is_empty() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+            for device in configured {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(gap) => {}
+                }
+                let Some(nidd) = device.state().nidd.clone() else {
+                    continue;
+                };
+                let (checked, outcome) = self.check_one(&device, nidd.clone()).await;
+                self.metrics
+                    .configuration_checks
+                    .with_label_values(&[outcome])
+                    .inc();
+                // Replaced or forgotten meanwhile: this check is about the old one.
+                let current = device
+                    .state()
+                    .nidd
+                    .as_ref()
+                    .is_some_and(|n| n.location == nidd.location);
+                if !current {
+                    continue;
+                }
+                match checked {
+                    Some(checked) if checked == nidd => {}
+                    Some(checked) => {
+                        if let Err(error) = self.devices.set_nidd(&device, Some(checked)) {
+                            self.metrics.store_error("device_put");
+                            tracing::error!(device = %device.id, %error, "cannot persist the checked NIDD configuration");
+                        }
+                    }
+                    None => reprovision.configuration_terminated(&device),
+                }
             }
         }
     }

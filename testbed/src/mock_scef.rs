@@ -601,6 +601,19 @@ impl MockScef {
         true
     }
 
+    /// Points the UE's configuration at another callback URL without telling anyone (an
+    /// operator's mistake, another application's PATCH); whether it had one.
+    pub fn redirect_configuration(&self, ue: &DeviceId, notification_destination: &str) -> bool {
+        let Some(configuration) = configuration_of(&self.state, ue) else {
+            return false;
+        };
+        if let Some(c) = self.state.inner().configurations.get_mut(&configuration.id) {
+            c.notification_destination = notification_destination.into();
+        }
+        self.state.bump();
+        true
+    }
+
     pub fn insert_configuration(
         &self,
         scs_as_id: &str,

@@ -232,6 +232,45 @@ async fn reliable_data_service_and_its_ports_are_asked_for_when_configured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configurations_are_checked_at_the_scef_and_put_right() {
+    // Every second, the one configuration is fetched: what changed behind the bridge's back
+    // is put right without a restart and without waiting for traffic to fail.
+    let id: DeviceId = "300000008@iot.example".parse().unwrap();
+    let stack = TestBed::new()
+        .device(&id)
+        .bridge_config(|c| c.nidd(|n| n.check_interval_s = 1))
+        .start()
+        .await
+        .unwrap();
+    let (mock, bridge) = (stack.mock(), stack.bridge());
+    let ours = bridge.callback_url(&id);
+    assert!(mock.redirect_configuration(&id, "http://192.0.2.10:8080/elsewhere"));
+    mock.wait_for("the callback URL patched back", STEP, |c| {
+        c.len() == 1 && c[0].notification_destination == ours
+    })
+    .await
+    .unwrap();
+    assert_eq!(mock.configurations_created(), 1);
+
+    assert!(mock.forget_configuration(&id));
+    mock.wait_for("a new configuration", STEP, |c| c.len() == 1)
+        .await
+        .unwrap();
+    assert_eq!(mock.configurations_created(), 2);
+    bridge.wait_ready().await;
+    let text = bridge.metrics().await;
+    let checks = |outcome: &str| {
+        metric(
+            &text,
+            &format!("nidd_bridge_configuration_checks_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(checks("destination_restored"), 1.0);
+    assert_eq!(checks("gone"), 1.0);
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strays_under_our_callback_url_are_deleted_and_foreign_ones_left_alone() {
     let id: DeviceId = "300000004@iot.example".parse().unwrap();
     let departed: DeviceId = "300000099@iot.example".parse().unwrap();
