@@ -405,6 +405,26 @@ impl Bridge {
         );
         // A 404 on an MT delivery: the flusher hands the device to the provisioner.
         let reprovision = provisioner.reprovision();
+        {
+            let (t8, metrics) = (t8.clone(), metrics.clone());
+            downlinks.set_pending_canceller(Arc::new(move |device: &Device, location: Url| {
+                let (t8, metrics, id) = (t8.clone(), metrics.clone(), device.id.clone());
+                tokio::spawn(async move {
+                    let outcome = match t8.cancel_downlink_delivery(&location).await {
+                        Ok(true) => "cancelled",
+                        Ok(false) => "already_gone",
+                        Err(error) => {
+                            tracing::warn!(device = %id, %location, %error, "cannot cancel a pending delivery of a dropped MT datagram; the SCEF may still send it");
+                            "failed"
+                        }
+                    };
+                    metrics
+                        .mt_pending_cancellations
+                        .with_label_values(&[outcome])
+                        .inc();
+                });
+            }));
+        }
         let flusher = Arc::new(Flusher::new(
             downlinks.clone(),
             t8,

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub reported_terminations: IntCounterVec,
     /// Renewals of NIDD configurations' `duration`, by outcome.
     pub configuration_renewals: IntCounterVec,
+    /// Pending deliveries (201) cancelled at the SCEF because their datagram was dropped.
+    pub mt_pending_cancellations: IntCounterVec,
     /// Periodic checks of NIDD configurations at the SCEF, by what they found.
     pub configuration_checks: IntCounterVec,
     /// Listed NIDD configurations no device's record referenced, by what was done with them.
@@ -170,6 +172,11 @@ impl Metrics {
                 "nidd_configuration_status_total",
                 "NIDD configuration statuses the SCEF notified (status notifications naming the device's configuration)",
                 &["status"],
+            )?,
+            mt_pending_cancellations: counter_vec(
+                "mt_pending_cancellations_total",
+                "DELETEs of deliveries pending at the SCEF whose datagram was dropped (purged, expired), by outcome (cancelled, already_gone, failed)",
+                &["outcome"],
             )?,
             configuration_checks: counter_vec(
                 "configuration_checks_total",

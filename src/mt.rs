@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use url::Url;
 
 use crate::delivery::{QueueEffect, ScefTimeLimits};
 use crate::devices::Device;
@@ -70,7 +71,13 @@ pub(crate) struct Downlinks {
     written: AtomicU64,
     /// Generation up to which every change is durable.
     durable: watch::Sender<u64>,
+    /// Cancels at the SCEF a delivery still pending there (201) whose datagram was dropped.
+    pending_canceller: std::sync::OnceLock<PendingCanceller>,
 }
+
+/// Asks the SCEF to drop a pending delivery (DELETE on its resource); wired in `bridge` to the
+/// T8 client (`mt` does not reach the SCEF itself outside the flusher).
+pub(crate) type PendingCanceller = Arc<dyn Fn(&Device, Url) + Send + Sync>;
 
 impl Downlinks {
     pub(crate) fn new(
@@ -92,7 +99,13 @@ impl Downlinks {
             commit_due: Notify::new(),
             written: AtomicU64::new(0),
             durable: watch::Sender::new(0),
+            pending_canceller: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets who cancels pending deliveries of dropped datagrams (once; later calls are ignored).
+    pub(crate) fn set_pending_canceller(&self, canceller: PendingCanceller) {
+        let _ = self.pending_canceller.set(canceller);
     }
 
     /// Notes a store change just written and asks for a commit; returns its generation.
@@ -324,6 +337,15 @@ impl Downlinks {
         for (item, reason) in &dropped {
             tracing::debug!(device = %device.id, seq = item.seq, reason = reason.label(), "MT datagram dropped from the queue");
             self.remove_dropped(device, item);
+            // Still waiting at the SCEF: it would reach the device after all when it wakes.
+            if let (Some(location), Some(cancel)) = (&item.pending, self.pending_canceller.get()) {
+                match Url::parse(location) {
+                    Ok(location) => cancel(device, location),
+                    Err(error) => {
+                        tracing::warn!(device = %device.id, %error, "a pending delivery's location is not a URL; not cancelled")
+                    }
+                }
+            }
         }
         self.count_drops(dropped.into_iter().map(|(_, reason)| reason));
     }

@@ -540,6 +540,18 @@ impl T8Client {
         }
     }
 
+    /// DELETEs a pending downlink delivery (`…/downlink-data-deliveries/{id}`), so the SCEF
+    /// drops the datagram it buffers; `false` when it no longer had it (404: sent or expired).
+    pub async fn cancel_downlink_delivery(&self, delivery: &Url) -> Result<bool, T8Error> {
+        const OP: &str = "delete_downlink_delivery";
+        let response = self.send(OP, self.http.delete(delivery.clone())).await?;
+        match response.status() {
+            StatusCode::NO_CONTENT | StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(status_error(OP, response).await),
+        }
+    }
+
     pub async fn delete_nidd_configuration(&self, configuration: &Url) -> Result<(), T8Error> {
         const OP: &str = "delete_configuration";
         let response = self

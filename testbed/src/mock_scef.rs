@@ -848,6 +848,10 @@ fn router(state: Arc<MockState>) -> Router {
         .route(
             "/{scs}/configurations/{id}/downlink-data-deliveries",
             post(create_downlink),
+        )
+        .route(
+            "/{scs}/configurations/{id}/downlink-data-deliveries/{delivery}",
+            axum::routing::delete(psm::delete_buffered_downlink),
         );
     Router::new()
         .route(

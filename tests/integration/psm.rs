@@ -597,3 +597,48 @@ async fn a_lost_uplink_callback_is_recovered_by_the_devices_retransmission() {
         .unwrap();
     stack.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_datagram_pending_at_the_scef_is_cancelled_there() {
+    // The SCEF buffers MT for the sleeping UE (201): purging the queue must also take the
+    // datagram back from the SCEF, or it reaches the device when it wakes after all.
+    let stack = raw_stack(|psm| psm.buffer_owner = BufferOwner::Scef).await;
+    stack.ue.sleep();
+    stack
+        .server()
+        .send_to(&request(1), stack.device)
+        .await
+        .unwrap();
+    eventually("the delivery pending at the SCEF", || async {
+        metric(
+            &stack.bridge().metrics().await,
+            "nidd_bridge_mt_pending_deliveries",
+        ) == 1.0
+    })
+    .await;
+    let answer: serde_json::Value = reqwest::Client::new()
+        .delete(format!(
+            "http://{}/api/v1/devices/urn:nai:700000002@iot.example/queue",
+            stack.bridge().admin_addr
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["purged"], 1);
+    eventually("the pending delivery cancelled", || async {
+        metric(
+            &stack.bridge().metrics().await,
+            "nidd_bridge_mt_pending_cancellations_total{outcome=\"cancelled\"}",
+        ) == 1.0
+    })
+    .await;
+    stack.ue.wake().await;
+    assert!(
+        stack.ue.recv_mt(Duration::from_millis(500)).await.is_none(),
+        "the SCEF no longer holds it"
+    );
+    stack.bed.finish().await;
+}

@@ -324,3 +324,32 @@ pub(super) async fn create_trigger(
     });
     json_response(StatusCode::CREATED, &answer, Some(&location))
 }
+
+/// DeleteIndDownlinkDataDelivery: drops MT the SCEF still buffers (204); 404 once it went out
+/// or never was.
+pub(super) async fn delete_buffered_downlink(
+    State(state): State<Arc<MockState>>,
+    Path((_scs, _id, delivery)): Path<(String, String, String)>,
+) -> Response {
+    let suffix = format!("/downlink-data-deliveries/{delivery}");
+    let removed = {
+        let mut inner = state.inner();
+        let mut removed = false;
+        for channels in inner.ues.values_mut() {
+            let before = channels.buffered.len();
+            channels.buffered.retain(|b| !b.location.ends_with(&suffix));
+            removed |= channels.buffered.len() != before;
+        }
+        removed
+    };
+    state.bump();
+    if removed {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        problem_response(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_NOT_FOUND",
+            format!("no pending delivery {delivery}"),
+        )
+    }
+}
