@@ -250,10 +250,7 @@ impl Provisioner {
                 .await;
             let next_subscription = self.ensure_subscriptions().await;
             let next_configuration = self.renew_configurations().await;
-            let next_renewal = match (next_subscription, next_configuration) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let next_renewal = earliest(next_subscription, next_configuration);
             self.flush_store().await;
             let timer = async {
                 match next_renewal {
@@ -900,10 +897,7 @@ impl Provisioner {
         let retry = failed
             .load(Ordering::Relaxed)
             .then(|| Duration::from_millis(self.scef.retry_max_ms));
-        match (next, retry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(next, retry)
     }
 
     /// One renewal; its outcome label (renewed, gone, failed, superseded).
@@ -1005,10 +999,7 @@ impl Provisioner {
         let retry = failed
             .load(std::sync::atomic::Ordering::Relaxed)
             .then(|| Duration::from_millis(self.scef.retry_max_ms));
-        match (next_renewal, retry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(next_renewal, retry)
     }
 
     /// Subscribes one device to UE_REACHABILITY (reachabilityType DATA); replaces an old one.
@@ -1100,6 +1091,14 @@ async fn subscribe(
         tracing::warn!(device = %device.id, %error, "cannot delete the replaced monitoring subscription");
     }
     true
+}
+
+/// The sooner of two optional waits (`None`: nothing due).
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// An RFC 3339 time (any offset) as Unix milliseconds.

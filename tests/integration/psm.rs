@@ -227,6 +227,21 @@ impl RawStack {
         .await;
     }
 
+    /// Purges the device's queue through the admin API; the answer's body.
+    async fn purge(&self) -> serde_json::Value {
+        reqwest::Client::new()
+            .delete(format!(
+                "http://{}/api/v1/devices/urn:nai:700000002@iot.example/queue",
+                self.bridge().admin_addr
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     async fn queue_depth(&self) -> f64 {
         metric(&self.bridge().metrics().await, "nidd_bridge_mt_queue_depth")
     }
@@ -321,17 +336,7 @@ async fn an_operator_can_purge_a_queue() {
         .await
         .unwrap();
     eventually("two queued", || async { stack.queue_depth().await == 2.0 }).await;
-    let answer: serde_json::Value = reqwest::Client::new()
-        .delete(format!(
-            "http://{}/api/v1/devices/urn:nai:700000002@iot.example/queue",
-            stack.bridge().admin_addr
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = stack.purge().await;
     assert_eq!(answer["purged"], 2);
     let text = stack.bridge().metrics().await;
     assert_eq!(
@@ -616,17 +621,7 @@ async fn a_purged_datagram_pending_at_the_scef_is_cancelled_there() {
         ) == 1.0
     })
     .await;
-    let answer: serde_json::Value = reqwest::Client::new()
-        .delete(format!(
-            "http://{}/api/v1/devices/urn:nai:700000002@iot.example/queue",
-            stack.bridge().admin_addr
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = stack.purge().await;
     assert_eq!(answer["purged"], 1);
     eventually("the pending delivery cancelled", || async {
         metric(
