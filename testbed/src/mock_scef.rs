@@ -1223,12 +1223,7 @@ async fn create_configuration(
     state.bump();
     if take_one(&state.faults.hold_configuration_answers) {
         let faults = &state.faults;
-        let released = faults.release_held.notified();
-        faults.held_answers.fetch_add(1, Ordering::SeqCst);
-        state.bump();
-        // Bounded, so a forgotten hold cannot wedge a test for ever.
-        let _ = tokio::time::timeout(Duration::from_secs(120), released).await;
-        faults.held_answers.fetch_sub(1, Ordering::SeqCst);
+        hold_answer(&state, &faults.held_answers, &faults.release_held).await;
     }
     if state.config.send_active_notification {
         let state = state.clone();
@@ -1277,14 +1272,19 @@ async fn list_configurations(
         .collect();
     if take_one(&state.faults.hold_configuration_listings) {
         let faults = &state.faults;
-        let released = faults.release_listings.notified();
-        faults.held_listings.fetch_add(1, Ordering::SeqCst);
-        state.bump();
-        // Bounded, so a forgotten hold cannot wedge a test for ever.
-        let _ = tokio::time::timeout(Duration::from_secs(120), released).await;
-        faults.held_listings.fetch_sub(1, Ordering::SeqCst);
+        hold_answer(&state, &faults.held_listings, &faults.release_listings).await;
     }
     json_response(StatusCode::OK, &all, None)
+}
+
+/// Holds an answer until `release` is notified, counted in `held` meanwhile.
+async fn hold_answer(state: &MockState, held: &AtomicU32, release: &tokio::sync::Notify) {
+    let released = release.notified();
+    held.fetch_add(1, Ordering::SeqCst);
+    state.bump();
+    // Bounded, so a forgotten hold cannot wedge a test for ever.
+    let _ = tokio::time::timeout(Duration::from_secs(120), released).await;
+    held.fetch_sub(1, Ordering::SeqCst);
 }
 
 fn configuration_body(state: &MockState, c: &MockConfiguration) -> serde_json::Value {
