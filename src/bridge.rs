@@ -12,14 +12,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::clock;
-use crate::config::{Config, ListenerLimits, SecretSource, ServerRole, TokenRateLimit};
-use crate::delivery::{MtState, ScefTimeLimits};
-use crate::devices::tokens::mint_capability_token;
-use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
+use crate::config::{Config, DeviceConfig, ListenerLimits, SecretSource, TokenRateLimit};
+use crate::delivery::ScefTimeLimits;
+use crate::devices::{Device, DeviceTable};
+use crate::fleet::{DeviceFactory, Fleet, FleetParts};
 use crate::http::Lifecycle;
 use crate::http::admin::auth::AdminGuard;
-use crate::http::admin::{self, AdminState};
+use crate::http::admin::{self, ADMIN_MAX_BODY_BYTES, AdminState};
 use crate::http::callback::{self, CallbackState};
 use crate::http::listener::{self, ListenerSettings};
 use crate::http::rate_limit::TokenRateLimiter;
@@ -32,8 +31,6 @@ use crate::mt::durable::MtStore;
 use crate::mt::flusher::{Flusher, TriggerSettings};
 use crate::provision::Provisioner;
 use crate::queue::{DeviceQueue, QueueLimits};
-use crate::reachability::Reachability;
-use crate::routing::Router;
 use crate::socket::{DeviceSocket, RelayError, SocketPool};
 use crate::store::{DeviceRecord, Store, StoreError, StoreOptions};
 use crate::t8::T8Client;
@@ -43,9 +40,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Descriptors kept free for listeners, the store and outgoing HTTP connections.
 const SPARE_FILE_DESCRIPTORS: u64 = 512;
-
-/// Largest request body on the admin listener (device lists and changes).
-const ADMIN_MAX_BODY_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -91,9 +85,9 @@ pub struct BoundBridge {
 struct Parts {
     listeners: ListenerParts,
     devices: Arc<DeviceTable>,
+    fleet: Arc<Fleet>,
     uplinks: Uplinks,
     downlinks: Arc<Downlinks>,
-    flusher: Arc<Flusher>,
     provisioner: Provisioner,
     metrics: Arc<Metrics>,
     lifecycle: Lifecycle,
@@ -200,10 +194,6 @@ impl Bridge {
         secrets: &'static (dyn SecretSource + Send + Sync),
         store_options: StoreOptions,
     ) -> Result<BoundBridge, BridgeError> {
-        ensure_file_descriptors(
-            config.devices.len(),
-            config.callback.limits.max_connections + config.admin.limits.max_connections,
-        )?;
         let metrics = Arc::new(Metrics::new()?);
         let [callback_files, admin_files] = listener_tls_files(&config);
         let tls = |(listener, files): (&'static str, Option<TlsFiles>)| {
@@ -253,109 +243,53 @@ impl Bridge {
             .map_err(|e| crate::config::ConfigError::Invalid(format!("callback URL: {e}")))?,
         };
 
-        let bootstrap = config
-            .lwm2m_servers
-            .iter()
-            .position(|s| s.role == ServerRole::Bootstrap);
-        let ids: Vec<DeviceId> = config
-            .devices
-            .iter()
-            .map(|d| d.device_id())
-            .collect::<Result<_, _>>()?;
-        // A record that cannot be decoded is quarantined: that device starts as a new one.
-        let records: Vec<Option<DeviceRecord>> = ids
-            .iter()
-            .map(|id| store.load_device(id))
-            .collect::<Result<_, _>>()?;
-
         let kid_routes: Arc<[crate::routing::KidRoute]> = Arc::from(config.kid_routes());
+        let factory =
+            DeviceFactory::new(config.psm.clone(), config.lwm2m_servers.clone(), kid_routes);
+        let seeds = device_seeds(&config, &factory, &store)?;
+        ensure_file_descriptors(
+            seeds.len(),
+            config.callback.limits.max_connections + config.admin.limits.max_connections,
+        )?;
         let mt_store = MtStore::open(&store)?;
         let mut queued = mt_store.load()?;
         // Persisted addresses are bound before any new allocation, so no new device takes a
         // port an existing device's registration points at.
         let mut pool = SocketPool::new(&config.sockets);
-        let mut sockets: Vec<Option<std::net::UdpSocket>> = Vec::with_capacity(ids.len());
-        for (id, record) in ids.iter().zip(&records) {
-            let persisted = record.as_ref().and_then(|r| r.udp_address);
+        let mut sockets: Vec<Option<std::net::UdpSocket>> = Vec::with_capacity(seeds.len());
+        for seed in &seeds {
+            let persisted = seed.record.as_ref().and_then(|r| r.udp_address);
             sockets.push(match persisted.map(|address| pool.bind_exact(address)) {
                 Some(Ok(socket)) => Some(socket),
                 Some(Err(error)) => {
                     metrics.socket_reallocations.inc();
-                    tracing::warn!(device = %id, %error, "persisted UDP address unavailable; the device gets a new one and must register again");
+                    tracing::warn!(device = %seed.id, %error, "persisted UDP address unavailable; the device gets a new one and must register again");
                     None
                 }
                 None => None,
             });
         }
         let psm = &config.psm;
-        let mut devices = DeviceTable::new(
+        let devices = DeviceTable::new(
             store.clone(),
             metrics.devices_provisioned.clone(),
             metrics.store_errors.clone(),
         );
-        for ((device_config, id), (record, socket)) in config
-            .devices
-            .iter()
-            .zip(ids)
-            .zip(records.into_iter().zip(sockets))
-        {
+        for (seed, socket) in seeds.into_iter().zip(sockets) {
             let socket = match socket {
                 Some(socket) => socket,
                 None => pool.bind_next()?,
             };
             let socket = Arc::new(DeviceSocket::from_std(socket)?);
-            let callback_token = record
-                .as_ref()
-                .map(|r| r.callback_token.clone())
-                .unwrap_or_else(mint_capability_token);
-            let pending_callback_token = record
-                .as_ref()
-                .and_then(|r| r.pending_callback_token.clone());
-            let queue_mode = record.as_ref().map(|r| r.queue_mode).unwrap_or_default();
-            let nidd = record.and_then(|r| r.nidd).and_then(NiddState::from_stored);
-            let endpoint_name = device_config
-                .endpoint_name
-                .clone()
-                .or_else(|| id.default_endpoint_name());
-            let state = DeviceState {
-                router: Router::new(
-                    config.default_server_for(device_config),
-                    bootstrap,
-                    kid_routes.clone(),
-                ),
-                nidd: None,
-                superseded: Vec::new(),
-                checking_termination: false,
-                mt: MtState::new(
-                    Reachability::with_queue_mode(
-                        Duration::from_secs(
-                            device_config.active_window_s.unwrap_or(psm.active_window_s),
-                        ),
-                        queue_mode,
-                    ),
-                    DeviceQueue::from_entries(queued.remove(id.canonical()).unwrap_or_default()),
-                    device_config.buffer_owner.unwrap_or(psm.buffer_owner),
-                    psm.device_rate_per_s,
-                    (
-                        Duration::from_millis(psm.retry_initial_ms),
-                        Duration::from_millis(psm.retry_max_ms),
-                    ),
-                    device_config
-                        .trigger_after_s
-                        .or(psm.trigger_after_s)
-                        .map(Duration::from_secs),
-                    Duration::from_secs(psm.guess_hold_s),
-                ),
+            let queue =
+                DeviceQueue::from_entries(queued.remove(seed.id.canonical()).unwrap_or_default());
+            let (device, nidd) = factory.build(&seed.settings, seed.id, seed.record, socket, queue);
+            let device = if seed.from_api {
+                let onboarding = nidd.is_none();
+                device.added_with(seed.settings, onboarding)
+            } else {
+                device
             };
-            let device = Device::new(
-                id,
-                endpoint_name,
-                callback_token,
-                socket,
-                device_config.monitoring.unwrap_or(psm.monitoring),
-                state,
-            )
-            .with_pending_callback_token(pending_callback_token);
             devices.insert(Arc::new(device), nidd)?;
         }
         metrics.devices_configured.set(devices.len() as i64);
@@ -391,7 +325,7 @@ impl Bridge {
             let dropped = device.state().mt.queue.enforce(&limits);
             if !dropped.is_empty() {
                 tracing::warn!(device = %device.id, dropped = dropped.len(), "reloaded MT queue over the configured limits; dropped by the overflow policy");
-                downlinks.record_drops(device, dropped);
+                downlinks.record_drops(&device, dropped);
             }
         }
         let provisioner = Provisioner::new(
@@ -425,6 +359,7 @@ impl Bridge {
                 });
             }));
         }
+        let t8_for_fleet = t8.clone();
         let flusher = Arc::new(Flusher::new(
             downlinks.clone(),
             t8,
@@ -434,14 +369,31 @@ impl Bridge {
             metrics.clone(),
             Arc::new(move |device: &Device| reprovision.configuration_terminated(device)),
         ));
+        let fleet = Arc::new(Fleet::new(
+            FleetParts {
+                factory,
+                devices: devices.clone(),
+                downlinks: downlinks.clone(),
+                flusher,
+                t8: t8_for_fleet,
+                metrics: metrics.clone(),
+                provisioner: provisioner.waker(),
+                release_grace: Duration::from_secs(config.sockets.release_grace_s),
+                retry: (
+                    Duration::from_millis(config.scef.retry_initial_ms),
+                    Duration::from_millis(config.scef.retry_max_ms),
+                ),
+            },
+            pool,
+        ));
         tracing::info!(devices = devices.len(), %callback_addr, %admin_addr, "bridge bound");
         Ok(BoundBridge {
             parts: Parts {
                 listeners: listener_parts,
                 devices,
+                fleet,
                 uplinks,
                 downlinks,
-                flusher,
                 provisioner,
                 metrics,
                 lifecycle: Lifecycle::default(),
@@ -483,9 +435,9 @@ impl BoundBridge {
         let Parts {
             listeners: listener_parts,
             devices,
+            fleet,
             uplinks,
             downlinks,
-            flusher,
             provisioner,
             metrics,
             lifecycle,
@@ -497,27 +449,8 @@ impl BoundBridge {
         let rotation = provisioner.callback_rotation();
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
-        let kernel_drops = metrics
-            .dropped_datagrams
-            .with_label_values(&["mt", "receive_buffer"]);
-        for device in devices.iter().cloned() {
-            let downlinks = downlinks.clone();
-            let cancel = cancel.clone();
-            let kernel_drops = kernel_drops.clone();
-            tasks.spawn(async move {
-                let socket = device.socket.clone();
-                socket
-                    .receive_loop(cancel, kernel_drops, |datagram, from| {
-                        let downlinks = downlinks.clone();
-                        let device = device.clone();
-                        async move { downlinks.receive(&device, datagram, from, clock::unix_ms()) }
-                    })
-                    .await;
-            });
-        }
-        for device in devices.iter().cloned() {
-            tasks.spawn(flusher.clone().run(device, cancel.clone()));
-        }
+        // Every device's socket receive loop and MT flusher, and those of devices added later.
+        fleet.start(cancel.clone());
         tasks.spawn(downlinks.clone().run_commits(cancel.clone()));
         {
             // A reopened store gets every device record and queue written again from memory.
@@ -564,6 +497,7 @@ impl BoundBridge {
         });
         let admin_app = admin::router(AdminState {
             devices: devices.clone(),
+            fleet: fleet.clone(),
             downlinks,
             metrics,
             lifecycle: lifecycle.clone(),
@@ -600,6 +534,7 @@ impl BoundBridge {
         };
         let result = served.map(|_| ()).map_err(BridgeError::Serve);
         while tasks.join_next().await.is_some() {}
+        fleet.stopped().await;
         devices.store().flush().await?;
         tracing::info!("store flushed; bridge stopped");
         result
@@ -714,6 +649,65 @@ fn local_addr(listener: &TcpListener, address: SocketAddr) -> Result<SocketAddr,
 /// One descriptor per device socket and per connection the listeners may hold, plus a spare
 /// reserve, so a saturated callback listener cannot take the descriptors `/healthz`, the store
 /// or the T8 client need: raise the soft limit or refuse to start.
+/// A device to start with: one of the file's `[[devices]]`, or one the admin API added in an
+/// earlier run (its settings kept in its record).
+struct DeviceSeed {
+    settings: DeviceConfig,
+    id: DeviceId,
+    record: Option<DeviceRecord>,
+    from_api: bool,
+}
+
+/// The file's devices, then the admin API's kept in the store. The file wins for an identity
+/// in both; a record marked as being removed is left to the provisioner, which finishes the
+/// removal at the SCEF.
+fn device_seeds(
+    config: &Config,
+    factory: &DeviceFactory,
+    store: &Store,
+) -> Result<Vec<DeviceSeed>, BridgeError> {
+    let mut seeds = Vec::with_capacity(config.devices.len());
+    let mut known = std::collections::HashSet::new();
+    for settings in &config.devices {
+        let id = settings.device_id()?;
+        // A record that cannot be decoded is quarantined: that device starts as a new one.
+        let record = store.load_device(&id)?;
+        known.insert(id.clone());
+        seeds.push(DeviceSeed {
+            settings: settings.clone(),
+            id,
+            record,
+            from_api: false,
+        });
+    }
+    for (key, record) in store.devices()? {
+        let Some(settings) = record.settings.clone() else {
+            continue;
+        };
+        if record.removing {
+            continue;
+        }
+        let Ok(id) = key.parse::<DeviceId>() else {
+            continue;
+        };
+        if known.contains(&id) {
+            continue;
+        }
+        if let Err(error) = factory.check(&settings) {
+            // Say, a server it named left the file: it falls back to the first dm server.
+            tracing::warn!(device = %id, %error, "an API device's settings no longer hold; started with the defaults for what does not");
+        }
+        known.insert(id.clone());
+        seeds.push(DeviceSeed {
+            settings,
+            id,
+            record: Some(record),
+            from_api: true,
+        });
+    }
+    Ok(seeds)
+}
+
 fn ensure_file_descriptors(devices: usize, connections: usize) -> Result<(), BridgeError> {
     let needed = devices as u64 + connections as u64 + SPARE_FILE_DESCRIPTORS;
     let limit = rlimit::increase_nofile_limit(needed).unwrap_or(0);

@@ -627,6 +627,14 @@ impl TryFrom<String> for HexBytes {
 pub struct SocketsConfig {
     pub bind: OneOrMany<IpAddr>,
     pub ports: OneOrMany<PortRange>,
+    /// How long the address of a device removed through the admin API stays closed to new
+    /// devices (what a server still sends to it is counted, not handed to someone else).
+    #[serde(default = "default_release_grace_s")]
+    pub release_grace_s: u64,
+}
+
+fn default_release_grace_s() -> u64 {
+    300
 }
 
 impl SocketsConfig {
@@ -784,7 +792,7 @@ impl Default for NiddDefaults {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     /// `local@domain` or `urn:nai:local@domain`.
@@ -801,7 +809,61 @@ pub struct DeviceConfig {
     pub trigger_after_s: Option<u64>,
 }
 
+/// NB-IoT's active timer T3324 runs from 2 s to 186 min.
+const ACTIVE_WINDOW_S: std::ops::RangeInclusive<u64> = 2..=186 * 60;
+const ACTIVE_WINDOW_RULE: &str =
+    "active_window_s must be between 2 and 11160 seconds (NB-IoT T3324)";
+/// Longest endpoint name accepted (LwM2M sets none; this keeps records and logs bounded).
+const MAX_ENDPOINT_NAME_BYTES: usize = 255;
+
 impl DeviceConfig {
+    /// Checks the entry against the servers it may name; its identity when it is valid. The
+    /// same rules hold for a `[[devices]]` entry and for a device added through the admin API.
+    pub fn check(&self, servers: &[Lwm2mServerConfig]) -> Result<DeviceId, ConfigError> {
+        let id = self.device_id()?;
+        let invalid = |detail: String| Err(ConfigError::Invalid(format!("device {id}: {detail}")));
+        if let Some(server) = &self.lwm2m_server {
+            match servers.iter().find(|s| &s.name == server) {
+                None => return invalid(format!("names unknown lwm2m_server {server:?}")),
+                Some(s) if s.role != ServerRole::Dm => {
+                    return invalid(format!("lwm2m_server {server:?} is not a dm server"));
+                }
+                Some(_) => {}
+            }
+        }
+        if self
+            .active_window_s
+            .is_some_and(|s| !ACTIVE_WINDOW_S.contains(&s))
+        {
+            return invalid(ACTIVE_WINDOW_RULE.into());
+        }
+        if self.trigger_after_s.is_some_and(|s| s > MAX_QUEUE_AGE_S) {
+            return invalid(format!(
+                "trigger_after_s must not exceed {MAX_QUEUE_AGE_S} seconds (a week)"
+            ));
+        }
+        if let Some(name) = &self.endpoint_name
+            && (name.is_empty()
+                || name.len() > MAX_ENDPOINT_NAME_BYTES
+                || name.chars().any(char::is_control))
+        {
+            return invalid(format!(
+                "endpoint_name must be 1 to {MAX_ENDPOINT_NAME_BYTES} bytes without control characters"
+            ));
+        }
+        Ok(id)
+    }
+
+    /// Index of the device's default server among `servers`: the one it names, else the
+    /// first `dm` server.
+    pub fn default_server(&self, servers: &[Lwm2mServerConfig]) -> usize {
+        self.lwm2m_server
+            .as_ref()
+            .and_then(|name| servers.iter().position(|s| &s.name == name))
+            .or_else(|| servers.iter().position(|s| s.role == ServerRole::Dm))
+            .unwrap_or(0)
+    }
+
     pub fn device_id(&self) -> Result<DeviceId, ConfigError> {
         let invalid = |e: crate::identity::IdentityError| ConfigError::Invalid(e.to_string());
         match (&self.external_id, &self.msisdn) {
@@ -1127,16 +1189,8 @@ impl Config {
         if psm.retry_initial_ms == 0 || psm.retry_max_ms < psm.retry_initial_ms {
             return invalid("psm.retry_initial_ms must be > 0 and <= psm.retry_max_ms".into());
         }
-        if !(2..=186 * 60).contains(&psm.active_window_s)
-            || self
-                .devices
-                .iter()
-                .filter_map(|d| d.active_window_s)
-                .any(|s| !(2..=186 * 60).contains(&s))
-        {
-            return invalid(
-                "active_window_s must be between 2 and 11160 seconds (NB-IoT T3324)".into(),
-            );
+        if !ACTIVE_WINDOW_S.contains(&psm.active_window_s) {
+            return invalid(ACTIVE_WINDOW_RULE.into());
         }
         if psm.queue_max_age_s > MAX_QUEUE_AGE_S {
             return invalid(format!(
@@ -1203,14 +1257,9 @@ impl Config {
         }
         let mut ids = HashSet::new();
         for device in &self.devices {
-            let id = device.device_id()?;
+            let id = device.check(&self.lwm2m_servers)?;
             if !ids.insert(id.clone()) {
                 return invalid(format!("device {id} is listed twice"));
-            }
-            if let Some(server) = &device.lwm2m_server
-                && !self.lwm2m_servers.iter().any(|s| &s.name == server)
-            {
-                return invalid(format!("device {id} names unknown lwm2m_server {server:?}"));
             }
         }
         let capacity = self.sockets.capacity();
@@ -1247,16 +1296,7 @@ impl Config {
 
     /// The device's default DM server, or the first `dm` server.
     pub fn default_server_for(&self, device: &DeviceConfig) -> usize {
-        device
-            .lwm2m_server
-            .as_ref()
-            .and_then(|name| self.lwm2m_servers.iter().position(|s| &s.name == name))
-            .or_else(|| {
-                self.lwm2m_servers
-                    .iter()
-                    .position(|s| s.role == ServerRole::Dm)
-            })
-            .unwrap_or(0)
+        device.default_server(&self.lwm2m_servers)
     }
 }
 

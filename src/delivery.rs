@@ -165,6 +165,12 @@ impl MtState {
         }
     }
 
+    /// How long a sleeping device with MT waiting is left before a trigger is sent; `None`
+    /// sends none.
+    pub(crate) fn set_trigger_after(&mut self, trigger_after: Option<Duration>) {
+        self.trigger_after = trigger_after;
+    }
+
     /// `decide`, with the datagram it sends marked in flight in the queue, under the same
     /// lock, so no admission or expiry can drop it before its outcome is known.
     pub(crate) fn next_step(

@@ -14,6 +14,9 @@ use prometheus::{IntCounterVec, IntGauge};
 use tokio::sync::Notify;
 use url::Url;
 
+use indexmap::IndexMap;
+
+use crate::config::DeviceConfig;
 use crate::delivery::MtState;
 use crate::identity::DeviceId;
 use crate::reachability::QueueMode;
@@ -149,10 +152,10 @@ impl WakeSource {
     }
 }
 
-/// One configured device.
+/// One device, declared in the configuration file or added through the admin API.
 pub(crate) struct Device {
     pub(crate) id: DeviceId,
-    pub(crate) endpoint_name: Option<String>,
+    endpoint_name: RwLock<Option<String>>,
     /// Also the lock every write of the device's record is made under, so a record written
     /// from a stale view of the tokens cannot overwrite one with a pending token.
     callback_tokens: Mutex<CallbackTokens>,
@@ -160,7 +163,16 @@ pub(crate) struct Device {
     /// Wakes the device's MT flusher (new MT, device awake, delivery outcome).
     pub(crate) wake: Notify,
     /// Subscribe to MonitoringEvent reachability reports for this device.
-    pub(crate) monitoring: bool,
+    monitoring: AtomicBool,
+    /// The settings it was added with through the admin API; `None` for a file device.
+    added_settings: Mutex<Option<DeviceConfig>>,
+    /// Added while the bridge runs and never provisioned yet (see `DeviceTable::onboarding`).
+    onboarding: AtomicBool,
+    /// Taken out of the table: nothing is written for it and nothing new is asked for it.
+    removed: AtomicBool,
+    /// Held while a NIDD configuration is being created for the device, and by its removal,
+    /// so a removal never misses a configuration created in the meantime.
+    pub(crate) provisioning: tokio::sync::Mutex<()>,
     state: Mutex<DeviceState>,
 }
 
@@ -175,11 +187,15 @@ impl Device {
     ) -> Self {
         Self {
             id,
-            endpoint_name,
+            endpoint_name: RwLock::new(endpoint_name),
             callback_tokens: Mutex::new(CallbackTokens::new(callback_token, None)),
             socket,
             wake: Notify::new(),
-            monitoring,
+            monitoring: AtomicBool::new(monitoring),
+            added_settings: Mutex::new(None),
+            onboarding: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            provisioning: tokio::sync::Mutex::new(()),
             state: Mutex::new(state),
         }
     }
@@ -189,6 +205,60 @@ impl Device {
         let active = self.tokens().active().to_string();
         *self.tokens() = CallbackTokens::new(active, pending);
         self
+    }
+
+    /// A device of the admin API, with the settings it was added with; `onboarding` when it
+    /// is added now, while the bridge runs.
+    pub(crate) fn added_with(self, settings: DeviceConfig, onboarding: bool) -> Self {
+        *lock(&self.added_settings) = Some(settings);
+        self.onboarding.store(onboarding, Ordering::Relaxed);
+        self
+    }
+
+    /// The LwM2M endpoint name the device registers with, if one is known.
+    pub(crate) fn endpoint_name(&self) -> Option<String> {
+        self.endpoint_name
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_endpoint_name(&self, name: Option<String>) {
+        *self
+            .endpoint_name
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = name;
+    }
+
+    /// Whether the device wants MonitoringEvent reachability reports.
+    pub(crate) fn monitoring(&self) -> bool {
+        self.monitoring.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_monitoring(&self, on: bool) {
+        self.monitoring.store(on, Ordering::Relaxed);
+    }
+
+    /// The settings of a device added through the admin API; `None` for a file device.
+    pub(crate) fn added_settings(&self) -> Option<DeviceConfig> {
+        lock(&self.added_settings).clone()
+    }
+
+    pub(crate) fn set_added_settings(&self, settings: DeviceConfig) {
+        *lock(&self.added_settings) = Some(settings);
+    }
+
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    fn is_onboarding(&self) -> bool {
+        self.onboarding.load(Ordering::Relaxed)
+    }
+
+    /// Ends onboarding; whether the device was onboarding until now.
+    fn onboarded(&self) -> bool {
+        self.onboarding.swap(false, Ordering::Relaxed)
     }
 
     fn tokens(&self) -> MutexGuard<'_, CallbackTokens> {
@@ -236,6 +306,10 @@ impl Device {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// A callback URL for one T8 API with `token`.
 pub(crate) fn capability_url_with(public_url: &Url, api: &str, token: &str) -> String {
     format!(
@@ -268,16 +342,26 @@ impl RetiredTokens {
     }
 }
 
-/// Every configured device, by identity and by callback token, with the count of devices whose
-/// NIDD configuration is usable kept in step with the store.
+/// The devices present now, by identity (in the order they were added) and by every accepted
+/// callback token (two per device during a rotation).
+#[derive(Default)]
+struct Members {
+    by_id: IndexMap<DeviceId, Arc<Device>>,
+    by_token: HashMap<String, Arc<Device>>,
+}
+
+/// Every device, by identity and by callback token, with the count of devices whose NIDD
+/// configuration is usable kept in step with the store. Devices come and go while the bridge
+/// runs (see `fleet`); lookups take a read lock for a map access only.
 pub(crate) struct DeviceTable {
-    devices: Vec<Arc<Device>>,
-    by_id: HashMap<DeviceId, usize>,
-    /// Every accepted token (two per device during a rotation).
-    by_token: RwLock<HashMap<String, usize>>,
+    members: RwLock<Members>,
     retired: Mutex<RetiredTokens>,
     store: Store,
     provisioned: AtomicUsize,
+    /// Devices added while the bridge runs that never had a usable configuration yet:
+    /// readiness does not wait for them (an onboarding batch must not take the instance out
+    /// of its load balancer), their counts show progress instead.
+    onboarding: AtomicUsize,
     /// Persisted configurations were checked with the SCEF after start.
     verified: AtomicBool,
     provisioned_gauge: IntGauge,
@@ -291,51 +375,127 @@ impl DeviceTable {
         store_errors: IntCounterVec,
     ) -> Self {
         Self {
-            devices: Vec::new(),
-            by_id: HashMap::new(),
-            by_token: RwLock::new(HashMap::new()),
+            members: RwLock::new(Members::default()),
             retired: Mutex::new(RetiredTokens::default()),
             store,
             provisioned: AtomicUsize::new(0),
+            onboarding: AtomicUsize::new(0),
             verified: AtomicBool::new(false),
             provisioned_gauge,
             store_errors,
         }
     }
 
-    /// Adds a device with the configuration persisted for it (if any).
+    fn members(&self) -> std::sync::RwLockReadGuard<'_, Members> {
+        self.members.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn members_mut(&self) -> std::sync::RwLockWriteGuard<'_, Members> {
+        self.members.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a device with the configuration persisted for it (if any), writing its record.
+    /// A device of the same identity is replaced; callers make sure there is none.
     pub(crate) fn insert(
-        &mut self,
+        &self,
         device: Arc<Device>,
         nidd: Option<NiddState>,
     ) -> Result<(), StoreError> {
-        let index = self.devices.len();
-        self.by_id.insert(device.id.clone(), index);
-        {
-            let by_token = self
-                .by_token
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner);
-            for token in device.tokens().accepted() {
-                by_token.insert(token.to_string(), index);
-            }
+        if device.is_onboarding() {
+            self.onboarding.fetch_add(1, Ordering::Relaxed);
         }
-        self.devices.push(device.clone());
-        self.set_nidd(&device, nidd)
+        if let Err(error) = self.set_nidd(&device, nidd) {
+            if device.onboarded() {
+                self.onboarding.fetch_sub(1, Ordering::Relaxed);
+            }
+            if device.state().is_configured() {
+                self.provisioned.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(error);
+        }
+        let mut members = self.members_mut();
+        for token in device.tokens().accepted() {
+            members.by_token.insert(token.to_string(), device.clone());
+        }
+        members.by_id.insert(device.id.clone(), device.clone());
+        drop(members);
+        self.publish_counts();
+        Ok(())
     }
 
-    pub(crate) fn get(&self, id: &DeviceId) -> Option<&Arc<Device>> {
-        self.by_id.get(id).map(|i| &self.devices[*i])
+    /// Takes a device out of the table: its callback URLs are refused from now on and its
+    /// record is no longer written. The record itself stays in the store, marked as being
+    /// removed, until the caller has removed the device's side at the SCEF
+    /// ([`forget`](Self::forget)), so a crash in between is finished at the next start.
+    pub(crate) fn remove(&self, id: &DeviceId) -> Result<Option<Arc<Device>>, StoreError> {
+        let Some(device) = self.get(id) else {
+            return Ok(None);
+        };
+        {
+            let tokens = device.tokens();
+            let (nidd, queue_mode) = snapshot(&device);
+            let mut record = record(&device, &tokens, nidd.as_ref(), queue_mode);
+            record.removing = true;
+            self.store
+                .put_device(&device.id, &record)
+                .inspect_err(|_| {
+                    self.store_errors
+                        .with_label_values(&["device_record"])
+                        .inc()
+                })?;
+            let state = device.state();
+            device.removed.store(true, Ordering::Relaxed);
+            if state.is_configured() {
+                self.provisioned.fetch_sub(1, Ordering::Relaxed);
+            }
+            if device.onboarded() {
+                self.onboarding.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        {
+            let mut members = self.members_mut();
+            members.by_id.shift_remove(id);
+            members
+                .by_token
+                .retain(|_, holder| !Arc::ptr_eq(holder, &device));
+        }
+        self.publish_counts();
+        Ok(Some(device))
+    }
+
+    /// Writes a device's record again, after its settings changed.
+    pub(crate) fn rewrite_record(&self, device: &Device) -> Result<(), StoreError> {
+        let (nidd, queue_mode) = snapshot(device);
+        self.persist(device, nidd.as_ref(), queue_mode)
+            .inspect_err(|_| {
+                self.store_errors
+                    .with_label_values(&["device_record"])
+                    .inc()
+            })
+    }
+
+    /// Deletes the record of a device [`remove`](Self::remove)d from the table.
+    pub(crate) fn forget(&self, device: &Device) -> Result<(), StoreError> {
+        let _record_writes = device.tokens();
+        self.store.remove_device(&device.id).inspect_err(|_| {
+            self.store_errors
+                .with_label_values(&["device_remove"])
+                .inc()
+        })
+    }
+
+    fn publish_counts(&self) {
+        self.provisioned_gauge
+            .set(i64::try_from(self.provisioned_count()).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn get(&self, id: &DeviceId) -> Option<Arc<Device>> {
+        self.members().by_id.get(id).cloned()
     }
 
     /// The device whose callback URLs carry `token` (its active or its pending one).
-    pub(crate) fn by_token(&self, token: &str) -> Option<&Arc<Device>> {
-        let index = *self
-            .by_token
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(token)?;
-        self.devices.get(index)
+    pub(crate) fn by_token(&self, token: &str) -> Option<Arc<Device>> {
+        self.members().by_token.get(token).cloned()
     }
 
     /// Whether `token` was a device's until a rotation retired it.
@@ -351,7 +511,6 @@ impl DeviceTable {
     /// written to the store before it is accepted or handed out. The pending token, and
     /// whether it was minted now.
     pub(crate) fn begin_rotation(&self, device: &Device) -> Result<(String, bool), StoreError> {
-        let index = self.index_of(device);
         let (nidd, queue_mode) = snapshot(device);
         let mut tokens = device.tokens();
         let mut next = tokens.clone();
@@ -360,11 +519,9 @@ impl DeviceTable {
             self.put_record(device, &next, nidd.as_ref(), queue_mode)?;
             *tokens = next;
         }
-        if let Some(index) = index {
-            self.by_token
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(pending.clone(), index);
+        let mut members = self.members_mut();
+        if let Some(holder) = members.by_id.get(&device.id).cloned() {
+            members.by_token.insert(pending.clone(), holder);
         }
         Ok((pending, minted))
     }
@@ -381,19 +538,12 @@ impl DeviceTable {
         self.put_record(device, &next, nidd.as_ref(), queue_mode)?;
         *tokens = next;
         drop(tokens);
-        self.by_token
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&retired);
+        self.members_mut().by_token.remove(&retired);
         self.retired
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(retired.clone());
         Ok(Some(retired))
-    }
-
-    fn index_of(&self, device: &Device) -> Option<usize> {
-        self.by_id.get(&device.id).copied()
     }
 
     /// Writes a device's record, under its token lock (see [`Device::callback_tokens`]).
@@ -414,20 +564,33 @@ impl DeviceTable {
         nidd: Option<&NiddState>,
         queue_mode: QueueMode,
     ) -> Result<(), StoreError> {
+        // Checked under the token lock `remove` and `forget` write under: a removed device's
+        // record is never written back.
+        if device.is_removed() {
+            return Ok(());
+        }
         self.store
             .put_device(&device.id, &record(device, tokens, nidd, queue_mode))
     }
 
     pub(crate) fn contains(&self, id: &DeviceId) -> bool {
-        self.by_id.contains_key(id)
+        self.members().by_id.contains_key(id)
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Device>> {
-        self.devices.iter()
+    /// The devices present now, in the order they were added.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Arc<Device>> + use<> {
+        let devices: Vec<Arc<Device>> = self.members().by_id.values().cloned().collect();
+        devices.into_iter()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.devices.len()
+        self.members().by_id.len()
+    }
+
+    /// Devices added while the bridge runs that are still waiting for their first usable
+    /// configuration.
+    pub(crate) fn onboarding_count(&self) -> usize {
+        self.onboarding.load(Ordering::Relaxed)
     }
 
     /// Devices with a usable NIDD configuration.
@@ -438,7 +601,8 @@ impl DeviceTable {
     /// Whether every device has a usable NIDD configuration, and the configurations persisted
     /// from an earlier run were checked with the SCEF (and pointed at this run's callback URL).
     pub(crate) fn all_provisioned(&self) -> bool {
-        self.verified.load(Ordering::Relaxed) && self.provisioned_count() == self.devices.len()
+        self.verified.load(Ordering::Relaxed)
+            && self.provisioned_count() + self.onboarding_count() >= self.len()
     }
 
     /// The configurations persisted from an earlier run were checked with the SCEF.
@@ -465,9 +629,10 @@ impl DeviceTable {
                     .inc()
             })?;
         let usable = nidd.as_ref().is_some_and(NiddState::is_usable);
-        let was_usable = {
+        {
+            // Counted under the state lock, where `remove` uncounts: the two cannot interleave.
             let mut state = device.state();
-            let was = state.is_configured();
+            let was_usable = state.is_configured();
             let replaced = match (&state.nidd, &nidd) {
                 (Some(old), Some(new)) if old.location != new.location => {
                     Some(old.location.clone())
@@ -482,15 +647,18 @@ impl DeviceTable {
                 state.superseded.drain(..excess);
             }
             state.nidd = nidd;
-            was
-        };
-        match (was_usable, usable) {
-            (false, true) => self.provisioned.fetch_add(1, Ordering::Relaxed),
-            (true, false) => self.provisioned.fetch_sub(1, Ordering::Relaxed),
-            _ => 0,
-        };
-        self.provisioned_gauge
-            .set(i64::try_from(self.provisioned_count()).unwrap_or(i64::MAX));
+            if !device.is_removed() {
+                match (was_usable, usable) {
+                    (false, true) => self.provisioned.fetch_add(1, Ordering::Relaxed),
+                    (true, false) => self.provisioned.fetch_sub(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                if usable && device.onboarded() {
+                    self.onboarding.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.publish_counts();
         Ok(())
     }
 
@@ -513,12 +681,12 @@ impl DeviceTable {
     /// Writes every device's record, as it is in memory, into the store again (after the
     /// store reopened its database).
     pub(crate) fn rewrite(&self) -> Result<(), StoreError> {
-        for device in &self.devices {
+        for device in self.iter() {
             let (nidd, queue_mode) = {
                 let state = device.state();
                 (state.nidd.clone(), state.mt.reachability.queue_mode())
             };
-            self.persist(device, nidd.as_ref(), queue_mode)?;
+            self.persist(&device, nidd.as_ref(), queue_mode)?;
         }
         Ok(())
     }
@@ -550,5 +718,7 @@ fn record(
         pending_callback_token: tokens.pending().map(str::to_string),
         nidd: nidd.map(NiddState::stored),
         queue_mode,
+        settings: device.added_settings(),
+        removing: false,
     }
 }

@@ -8,6 +8,8 @@
 //! - edges: `http` (the T8 callback server and the admin API, RFC 7807 problems, the
 //!   HTTP/1.1 listener both run on with TLS, timeouts, connection cap and rate limit) and
 //!   `provision` (NIDD configurations and monitoring subscriptions kept in place at the SCEF).
+//! - `fleet`: devices added, changed and removed while the bridge runs (the admin API's
+//!   device operations), each device's tasks, and the socket pool.
 //! - paths: `mo` (uplink verdict and forwarding to the LwM2M server) and `mt` (downlink
 //!   admission, the durable queue, the per-device flusher delivering through T8).
 //! - state: `devices` (the device table and per-device state), `socket` (the per-device UDP
@@ -25,6 +27,7 @@ pub mod coap;
 pub mod config;
 mod delivery;
 mod devices;
+mod fleet;
 /// Oracles for the fuzz targets and the proptest volume tests; not an API.
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]

@@ -41,6 +41,7 @@ pub struct Metrics {
     /// Attempts to list the SCEF's NIDD configurations, by outcome.
     pub configuration_listings: IntCounterVec,
     pub devices_configured: IntGauge,
+    pub device_changes: IntCounterVec,
     pub devices_provisioned: IntGauge,
     pub socket_reallocations: IntCounter,
     pub mt_queue_accepted: IntCounter,
@@ -203,7 +204,15 @@ impl Metrics {
                 "Lists of this SCS/AS's NIDD configurations asked of the SCEF, by outcome (listed, error, unsupported)",
                 &["outcome"],
             )?,
-            devices_configured: gauge("devices_configured", "Devices in the configuration")?,
+            devices_configured: gauge(
+                "devices_configured",
+                "Devices the bridge serves: the configuration file's and the admin API's",
+            )?,
+            device_changes: counter_vec(
+                "device_changes_total",
+                "Devices added, changed and removed through the admin API, and removals finished at the SCEF (added, changed, removed, removal_finished)",
+                &["change"],
+            )?,
             devices_provisioned: gauge(
                 "devices_provisioned",
                 "Devices with a NIDD configuration at the SCEF",

@@ -163,11 +163,12 @@ impl Uplinks {
         datagram: &[u8],
         now: Instant,
     ) -> Result<(), UplinkError> {
+        let endpoint_name = device.endpoint_name();
         let verdict = {
             let state = device.state();
             let rules = UplinkRules {
                 device: &device.id,
-                endpoint_name: device.endpoint_name.as_deref(),
+                endpoint_name: endpoint_name.as_deref(),
                 check_endpoint_name: self.check_endpoint_name,
                 max_packet_bytes: state.max_packet_bytes(self.default_max_packet_bytes),
             };

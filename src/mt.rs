@@ -370,9 +370,9 @@ impl Downlinks {
     /// Writes every device's queue, as it is in memory, into the store again (after the store
     /// reopened its database: what the failed one did not flush is gone). Under each device's
     /// lock, so no change to a queue is lost in between.
-    pub(crate) fn rewrite<'a>(
+    pub(crate) fn rewrite(
         &self,
-        devices: impl Iterator<Item = &'a Arc<Device>>,
+        devices: impl Iterator<Item = Arc<Device>>,
     ) -> Result<(), StoreError> {
         self.store.rewrite(|snapshot| {
             for device in devices {
@@ -712,7 +712,7 @@ mod tests {
         assert!(downlinks.commit().await.is_err(), "poisoned until reopened");
 
         let devices = [device.clone()];
-        let rewrite = || downlinks.rewrite(devices.iter());
+        let rewrite = || downlinks.rewrite(devices.iter().cloned());
         store.recover(&rewrite).await;
         assert_eq!(faults.reopened(), 1);
         assert!(store.health().healthy, "{:?}", store.health());

@@ -183,6 +183,11 @@ impl Provisioner {
         }
     }
 
+    /// Notified when there is new work: a device added, a device's monitoring switched.
+    pub(crate) fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
     /// The callback server's handle.
     pub(crate) fn reprovision(&self) -> Reprovision {
         Reprovision {
@@ -237,7 +242,6 @@ impl Provisioner {
                 .devices
                 .iter()
                 .filter(|d| d.state().nidd.is_none())
-                .cloned()
                 .collect();
             if !missing.is_empty() {
                 tracing::info!(devices = missing.len(), "creating NIDD configurations");
@@ -275,8 +279,19 @@ impl Provisioner {
         let body = self.configuration_request(device);
         let mut unsure = false;
         loop {
+            if device.is_removed() {
+                return;
+            }
             let attempt = if unsure {
-                match self.look_for_own(device).await {
+                let found = {
+                    // Adopting is creating too (see `create`).
+                    let _creating = device.provisioning.lock().await;
+                    if device.is_removed() {
+                        return;
+                    }
+                    self.look_for_own(device).await
+                };
+                match found {
                     Ok(true) => return,
                     Ok(false) => {
                         unsure = false;
@@ -305,6 +320,12 @@ impl Provisioner {
 
     /// POSTs the configuration and, on 201, stores and flushes its location at once.
     async fn create(&self, device: &Device, body: &NiddConfiguration) -> Result<(), T8Error> {
+        // A removal waits for this lock before it deletes what the device has at the SCEF,
+        // and nothing is created for a device once it is removed.
+        let _creating = device.provisioning.lock().await;
+        if device.is_removed() {
+            return Ok(());
+        }
         // The expiry is taken now, not when the body was first built: retries can take long.
         let asked = self.asked_duration();
         let mut body = body.clone();
@@ -513,7 +534,7 @@ impl Provisioner {
             .collect();
         let verdicts = reconcile::plan(&entries, &referenced, &self.public_url, |token| {
             self.devices.by_token(token).map(|device| Owner {
-                id: &device.id,
+                id: device.id.clone(),
                 has_configuration: device.state().nidd.is_some(),
             })
         });
@@ -554,7 +575,7 @@ impl Provisioner {
                 None
             }
             (Verdict::Adopt(id), Some(location)) => {
-                let device = self.devices.get(&id)?.clone();
+                let device = self.devices.get(&id)?;
                 match self.adopt(&device, location.clone(), body).await {
                     Adoption::Adopted => {
                         count("adopted");
@@ -793,7 +814,6 @@ impl Provisioner {
                 .devices
                 .iter()
                 .filter(|d| d.state().nidd.is_some())
-                .cloned()
                 .collect();
             let gap = interval / u32::try_from(configured.len().max(1)).unwrap_or(u32::MAX);
             if configured.is_empty() {
@@ -957,7 +977,7 @@ impl Provisioner {
         let due: Vec<Arc<Device>> = self
             .devices
             .iter()
-            .filter(|d| d.monitoring)
+            .filter(|d| d.monitoring())
             .filter(|d| {
                 let state = d.state();
                 state.nidd.as_ref().is_some_and(|n| {
@@ -965,7 +985,6 @@ impl Provisioner {
                         && subscription_due(n.monitoring_subscription.as_ref(), now_ms, margin_ms)
                 })
             })
-            .cloned()
             .collect();
         let failed = std::sync::atomic::AtomicBool::new(false);
         futures::stream::iter(due)
@@ -982,7 +1001,7 @@ impl Provisioner {
         let next_renewal = self
             .devices
             .iter()
-            .filter(|d| d.monitoring)
+            .filter(|d| d.monitoring())
             .filter_map(|d| {
                 let state = d.state();
                 let expires = state
@@ -1009,7 +1028,7 @@ impl Provisioner {
 
     /// Deletes the subscriptions of devices whose monitoring was switched off.
     async fn unsubscribe_unwanted(&self) {
-        for device in self.devices.iter().filter(|d| !d.monitoring) {
+        for device in self.devices.iter().filter(|d| !d.monitoring()) {
             let Some(mut nidd) = device.state().nidd.clone() else {
                 continue;
             };
@@ -1022,7 +1041,7 @@ impl Provisioner {
                 tracing::warn!(device = %device.id, %error, "cannot delete a monitoring subscription no longer wanted");
                 continue;
             }
-            if let Err(error) = self.devices.set_nidd(device, Some(nidd)) {
+            if let Err(error) = self.devices.set_nidd(&device, Some(nidd)) {
                 tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
             }
         }

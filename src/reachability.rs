@@ -126,6 +126,11 @@ impl Reachability {
         }
     }
 
+    /// How long the device stays reachable after it was heard, from its next uplink on.
+    pub(crate) fn set_active_window(&mut self, active_window: Duration) {
+        self.active_window = active_window;
+    }
+
     /// Why MT would wait for a wake-up now, if it would.
     pub(crate) fn hold(&self, now: Instant) -> Hold {
         match self.state(now) {

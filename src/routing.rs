@@ -45,6 +45,11 @@ impl Router {
         }
     }
 
+    /// Sends the device's traffic that no exchange ties to a server to `server` from now on.
+    pub(crate) fn set_default_server(&mut self, server: ServerIndex) {
+        self.default_server = server;
+    }
+
     /// Chooses the server for a datagram the device sent.
     pub(crate) fn route_uplink(&self, datagram: &Datagram) -> ServerIndex {
         if datagram.is_request() && datagram.oscore {

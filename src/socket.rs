@@ -40,6 +40,9 @@ pub(crate) struct SocketPool {
     ranges: Vec<PortRange>,
     taken: HashSet<SocketAddr>,
     cursor: usize,
+    /// Addresses given back by removed devices, oldest first: reused before new ones, and as
+    /// late as possible, so a server still talking to a removed device meets nobody new soon.
+    released: std::collections::VecDeque<SocketAddr>,
 }
 
 impl SocketPool {
@@ -49,6 +52,7 @@ impl SocketPool {
             ranges: config.ports.iter().copied().collect(),
             taken: HashSet::new(),
             cursor: 0,
+            released: std::collections::VecDeque::new(),
         }
     }
 
@@ -91,6 +95,18 @@ impl SocketPool {
 
     /// Binds the next free address of the pool; addresses another process holds are skipped.
     pub(crate) fn bind_next(&mut self) -> Result<std::net::UdpSocket, RelayError> {
+        while let Some(address) = self.released.pop_front() {
+            match bind(address) {
+                Ok(socket) => {
+                    self.taken.insert(address);
+                    return Ok(socket);
+                }
+                Err(error) => {
+                    self.taken.remove(&address);
+                    tracing::debug!(%error, "skipping released pool address");
+                }
+            }
+        }
         while let Some(address) = self.candidate(self.cursor) {
             self.cursor += 1;
             if self.taken.contains(&address) {
@@ -105,6 +121,14 @@ impl SocketPool {
             }
         }
         Err(RelayError::PoolExhausted)
+    }
+
+    /// Gives an address back once its socket is closed; it is bound again after every address
+    /// released before it.
+    pub(crate) fn release(&mut self, address: SocketAddr) {
+        if self.contains(address) && !self.released.contains(&address) {
+            self.released.push_back(address);
+        }
     }
 }
 

@@ -111,6 +111,13 @@ pub(crate) struct DeviceRecord {
     /// The LwM2M queue mode the device last stated (Register, Update).
     #[serde(default)]
     pub queue_mode: QueueMode,
+    /// The settings of a device added through the admin API; `None` for one declared in the
+    /// configuration file, which the file describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<crate::config::DeviceConfig>,
+    /// The device was removed; its side at the SCEF may still have to be deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
 }
 
 /// A record moved out of its tree because it could not be decoded.
@@ -632,6 +639,12 @@ mod tests {
                 expires_at_ms: Some(1_900_000_000_000),
             }),
             queue_mode: QueueMode::On,
+            settings: Some(crate::config::DeviceConfig {
+                external_id: Some("a@x".into()),
+                endpoint_name: Some("urn:dev:a".into()),
+                ..Default::default()
+            }),
+            removing: true,
         };
         {
             let store = Store::open(dir.path()).unwrap();
@@ -661,6 +674,8 @@ mod fault_tests {
             pending_callback_token: None,
             nidd: None,
             queue_mode: QueueMode::default(),
+            settings: None,
+            removing: false,
         }
     }
 

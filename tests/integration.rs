@@ -19,6 +19,7 @@ mod integration {
     pub mod crash;
     pub mod data_path;
     pub mod downlink;
+    pub mod fleet;
     pub mod integrity;
     pub mod layout;
     pub mod listeners;

@@ -1,8 +1,9 @@
 //! The admin listener: Prometheus `/metrics`, `/healthz`, `/readyz` and the device API
-//! (`/api/v1/devices`: inspect, purge a queue, rotate callback URLs) for operators, behind the
-//! Host check and bearer token of `auth`.
+//! (`/api/v1/devices`: inspect, add, change, remove (`changes`), purge a queue, rotate
+//! callback URLs) for operators, behind the Host check and bearer token of `auth`.
 
 pub(crate) mod auth;
+mod changes;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +20,7 @@ use serde::Serialize;
 use crate::clock;
 use crate::config::BufferOwner;
 use crate::devices::{Device, DeviceTable};
+use crate::fleet::{Fleet, Source};
 use crate::http::Lifecycle;
 use crate::http::problem::{method_not_allowed, problem_response};
 use crate::identity::DeviceId;
@@ -28,10 +30,14 @@ use crate::provision::CallbackRotation;
 use crate::reachability::{QueueMode, State as Reachable};
 use auth::AdminGuard;
 
+/// Largest request body on the admin listener: a bulk add of some 50 000 devices.
+pub(crate) const ADMIN_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
 /// What the admin API needs of the rest of the bridge.
 #[derive(Clone)]
 pub(crate) struct AdminState {
     pub(crate) devices: Arc<DeviceTable>,
+    pub(crate) fleet: Arc<Fleet>,
     pub(crate) downlinks: Arc<Downlinks>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) lifecycle: Lifecycle,
@@ -46,9 +52,18 @@ pub(crate) fn router(shared: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/api/v1/devices", get(list_devices))
+        .route(
+            "/api/v1/devices",
+            get(list_devices).post(changes::add_devices),
+        )
+        .route("/api/v1/fleet", get(changes::fleet_counts))
         .route("/api/v1/store/quarantine", get(list_quarantine))
-        .route("/api/v1/devices/{device}", get(show_device))
+        .route(
+            "/api/v1/devices/{device}",
+            get(show_device)
+                .patch(changes::change_device)
+                .delete(changes::remove_device),
+        )
         .route(
             "/api/v1/devices/{device}/queue",
             axum::routing::delete(purge_queue),
@@ -64,6 +79,7 @@ pub(crate) fn router(shared: AdminState) -> Router {
             problem_response(StatusCode::NOT_FOUND, "NOT_FOUND", "no such path".into())
         })
         .with_state(shared)
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(guard, auth::check))
 }
 
@@ -176,6 +192,8 @@ struct DeviceView {
     #[serde(skip_serializing_if = "Option::is_none")]
     msisdn: Option<String>,
     endpoint_name: Option<String>,
+    /// `file` for a `[[devices]]` entry, `api` for a device added through this API.
+    source: Source,
     udp_address: String,
     nidd_configuration: Option<ConfigurationView>,
     /// A callback URL rotation was begun and not completed: both URLs are accepted.
@@ -249,7 +267,12 @@ fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
         id: device.id.canonical().to_string(),
         external_id: device.id.external_id().map(ToString::to_string),
         msisdn: device.id.msisdn().map(ToString::to_string),
-        endpoint_name: device.endpoint_name.clone(),
+        endpoint_name: device.endpoint_name(),
+        source: if device.added_settings().is_some() {
+            Source::Api
+        } else {
+            Source::File
+        },
         udp_address: device.socket.local_addr().to_string(),
         nidd_configuration: nidd.map(|n| ConfigurationView {
             self_link: n.location.to_string(),
@@ -268,7 +291,7 @@ async fn list_devices(State(shared): State<AdminState>) -> Json<Vec<DeviceView>>
     let mut devices: Vec<DeviceView> = shared
         .devices
         .iter()
-        .map(|d| view(d, now, now_ms))
+        .map(|d| view(&d, now, now_ms))
         .collect();
     devices.sort_by(|a, b| a.id.cmp(&b.id));
     Json(devices)
@@ -283,7 +306,7 @@ async fn show_device(
         Err(detail) => return bad_device_id(detail),
     };
     match shared.devices.get(&id) {
-        Some(device) => Json(view(device, clock::now(), clock::unix_ms())).into_response(),
+        Some(device) => Json(view(&device, clock::now(), clock::unix_ms())).into_response(),
         None => problem_response(
             StatusCode::NOT_FOUND,
             "UNKNOWN_DEVICE",
@@ -327,7 +350,7 @@ async fn purge_queue(
             format!("device {id} is not configured"),
         );
     };
-    let count = shared.downlinks.purge(device).await;
+    let count = shared.downlinks.purge(&device).await;
     tracing::info!(device = %id, purged = count, "MT queue purged by the operator");
     Json(Purged { purged: count }).into_response()
 }
@@ -343,7 +366,7 @@ async fn rotate_callback_token(
         Ok(id) => id,
         Err(detail) => return bad_device_id(detail),
     };
-    let Some(device) = shared.devices.get(&id).cloned() else {
+    let Some(device) = shared.devices.get(&id) else {
         return problem_response(
             StatusCode::NOT_FOUND,
             "UNKNOWN_DEVICE",
@@ -369,7 +392,7 @@ struct Gauges {
     oldest_queued_age_s: f64,
 }
 
-fn gauges<'a>(devices: impl Iterator<Item = &'a Arc<Device>>, now: Instant, now_ms: u64) -> Gauges {
+fn gauges(devices: impl Iterator<Item = Arc<Device>>, now: Instant, now_ms: u64) -> Gauges {
     let mut gauges = Gauges::default();
     let mut oldest = None::<u64>;
     for device in devices {
@@ -699,7 +722,7 @@ mod tests {
         }
         for (method, path, allow) in [
             (Method::POST, "/readyz", "GET,HEAD"),
-            (Method::DELETE, "/api/v1/devices", "GET,HEAD"),
+            (Method::DELETE, "/api/v1/devices", "GET,HEAD,POST"),
             (Method::GET, "/api/v1/devices/a@x/queue", "DELETE"),
         ] {
             let response = harness.admin(method, path).await;

@@ -166,7 +166,7 @@ async fn read_notification(
     if shared.lifecycle.is_shutting_down() {
         return Err(CallbackError::ShuttingDown);
     }
-    let Some(device) = shared.devices.by_token(token).cloned() else {
+    let Some(device) = shared.devices.by_token(token) else {
         // A retired URL (callback URL rotation) is refused like any unknown one, and counted.
         if shared.devices.is_retired(token) {
             shared.metrics.retired_callback_refusals.inc();

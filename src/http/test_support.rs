@@ -20,9 +20,13 @@ use tokio::net::UdpSocket;
 use tower::ServiceExt;
 use url::Url;
 
-use crate::config::{AdminConfig, NiddDefaults, PsmConfig, ScefConfig};
+use crate::config::{
+    AdminConfig, Lwm2mServerConfig, NiddDefaults, OneOrMany, PortRange, PsmConfig, ScefConfig,
+    ServerRole, SocketsConfig,
+};
 use crate::delivery::ScefTimeLimits;
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
+use crate::fleet::{DeviceFactory, Fleet, FleetParts};
 use crate::http::Lifecycle;
 use crate::http::admin::auth::AdminGuard;
 use crate::http::admin::{self, AdminState};
@@ -32,9 +36,10 @@ use crate::metrics::Metrics;
 use crate::mo::{ServerAddress, Uplinks};
 use crate::mt::Downlinks;
 use crate::mt::durable::MtStore;
+use crate::mt::flusher::{Flusher, TriggerSettings};
 use crate::provision::Provisioner;
 use crate::queue::QueueLimits;
-use crate::socket::DeviceSocket;
+use crate::socket::{DeviceSocket, SocketPool};
 use crate::store::{Store, StoreFaults, StoreOptions};
 use crate::t8::{NiddStatus, T8Client};
 
@@ -132,7 +137,7 @@ impl Harness {
         let server_address = server.local_addr().expect("server stand-in address");
 
         let psm = PsmConfig::default();
-        let mut devices = DeviceTable::new(
+        let devices = DeviceTable::new(
             store.clone(),
             metrics.devices_provisioned.clone(),
             metrics.store_errors.clone(),
@@ -213,6 +218,45 @@ impl Harness {
             )
             .expect("T8 client"),
         );
+        let fleet = Arc::new(Fleet::new(
+            FleetParts {
+                factory: DeviceFactory::new(
+                    psm.clone(),
+                    vec![Lwm2mServerConfig {
+                        name: "dm".into(),
+                        address: server_address,
+                        role: ServerRole::Dm,
+                        oscore_kids: Vec::new(),
+                        oscore_kid_context: None,
+                    }],
+                    Arc::from(Vec::new()),
+                ),
+                devices: devices.clone(),
+                downlinks: downlinks.clone(),
+                flusher: Arc::new(Flusher::new(
+                    downlinks.clone(),
+                    t8.clone(),
+                    psm.global_rate_per_s,
+                    TriggerSettings::from_config(&psm),
+                    Url::parse("http://127.0.0.1:8081").expect("public URL"),
+                    metrics.clone(),
+                    Arc::new(|_: &Device| {}),
+                )),
+                t8: t8.clone(),
+                metrics: metrics.clone(),
+                provisioner: Arc::new(tokio::sync::Notify::new()),
+                release_grace: Duration::from_millis(100),
+                retry: (Duration::from_millis(10), Duration::from_millis(100)),
+            },
+            SocketPool::new(&SocketsConfig {
+                bind: OneOrMany::One([127, 0, 0, 1].into()),
+                ports: OneOrMany::One(PortRange {
+                    first: 47_000,
+                    last: 47_999,
+                }),
+                release_grace_s: 0,
+            }),
+        ));
         let provisioner = Provisioner::new(
             devices.clone(),
             t8,
@@ -236,6 +280,7 @@ impl Harness {
         };
         let admin = AdminState {
             devices: devices.clone(),
+            fleet,
             downlinks: downlinks.clone(),
             metrics: metrics.clone(),
             lifecycle: lifecycle.clone(),
@@ -264,7 +309,7 @@ impl Harness {
 
     pub(crate) fn device(&self, id: &str) -> Arc<Device> {
         let id: DeviceId = id.parse().expect("device identity");
-        self.devices.get(&id).cloned().expect("configured device")
+        self.devices.get(&id).expect("configured device")
     }
 
     /// POSTs `body` to the callback router with `Content-Type: application/json`.
@@ -310,6 +355,26 @@ impl Harness {
             .method(method)
             .uri(path)
             .body(Body::empty())
+            .expect("request");
+        admin::router(self.admin.clone())
+            .oneshot(request)
+            .await
+            .expect("the router is infallible")
+    }
+
+    /// Sends `body` as `content_type` to the admin router.
+    pub(crate) async fn admin_send(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: impl Into<Body>,
+    ) -> Response {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(body.into())
             .expect("request");
         admin::router(self.admin.clone())
             .oneshot(request)

@@ -28,9 +28,9 @@ pub(crate) struct Listed {
 }
 
 /// A device of ours whose callback URLs carry a given token.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Owner<'a> {
-    pub(crate) id: &'a DeviceId,
+#[derive(Debug, Clone)]
+pub(crate) struct Owner {
+    pub(crate) id: DeviceId,
     /// The device holds a configuration already (persisted and checked).
     pub(crate) has_configuration: bool,
 }
@@ -98,11 +98,11 @@ pub(crate) fn under_public_url(destination: &Url, public_url: &Url) -> bool {
 /// `owner` finds the device a token belongs to. The first usable configuration carrying a
 /// device's token and naming its UE is adopted for a device without one; later ones for the same
 /// device are duplicates.
-pub(crate) fn plan<'a>(
+pub(crate) fn plan(
     listed: &[Listed],
     referenced: &HashSet<Url>,
     public_url: &Url,
-    owner: impl Fn(&str) -> Option<Owner<'a>>,
+    owner: impl Fn(&str) -> Option<Owner>,
 ) -> Vec<Verdict> {
     let mut adopted: HashSet<DeviceId> = HashSet::new();
     listed
@@ -117,11 +117,11 @@ pub(crate) fn plan<'a>(
         .collect()
 }
 
-fn judge<'a>(
+fn judge(
     entry: &Listed,
     referenced: &HashSet<Url>,
     public_url: &Url,
-    owner: &impl Fn(&str) -> Option<Owner<'a>>,
+    owner: &impl Fn(&str) -> Option<Owner>,
     adopted: &HashSet<DeviceId>,
 ) -> Verdict {
     let Some(location) = &entry.location else {
@@ -141,16 +141,16 @@ fn judge<'a>(
     };
     match found {
         // Our token: only this bridge can have asked for it, whatever base URL it was under.
-        Some(owner) if entry.ue.as_ref() == Some(owner.id) => {
+        Some(owner) if entry.ue.as_ref() == Some(&owner.id) => {
             if entry.terminated {
-                stray(StrayReason::Terminated, Some(owner.id))
-            } else if owner.has_configuration || adopted.contains(owner.id) {
-                stray(StrayReason::Duplicate, Some(owner.id))
+                stray(StrayReason::Terminated, Some(&owner.id))
+            } else if owner.has_configuration || adopted.contains(&owner.id) {
+                stray(StrayReason::Duplicate, Some(&owner.id))
             } else {
-                Verdict::Adopt(owner.id.clone())
+                Verdict::Adopt(owner.id)
             }
         }
-        Some(owner) if ours => stray(StrayReason::OtherUe, Some(owner.id)),
+        Some(owner) if ours => stray(StrayReason::OtherUe, Some(&owner.id)),
         None if ours => stray(StrayReason::UnknownCallback, None),
         _ => Verdict::Foreign,
     }
@@ -201,11 +201,11 @@ mod tests {
             .collect();
         plan(entries, &referenced, &public_url(), |token| match token {
             TOKEN_A => Some(Owner {
-                id: &id_a,
+                id: id_a.clone(),
                 has_configuration: false,
             }),
             TOKEN_B => Some(Owner {
-                id: &id_b,
+                id: id_b.clone(),
                 has_configuration: true,
             }),
             _ => None,

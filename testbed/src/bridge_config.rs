@@ -99,6 +99,7 @@ impl BridgeConfigBuilder {
                         first: 20000,
                         last: 39999,
                     }),
+                    release_grace_s: 300,
                 },
                 store: StoreConfig {
                     path: store.to_path_buf(),

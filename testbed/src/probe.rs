@@ -56,7 +56,17 @@ pub async fn scrape(admin: SocketAddr) -> Result<String, reqwest::Error> {
 
 /// A GET of the admin API, with `Authorization: Bearer <token>` when a token is given.
 pub fn admin_get(admin: SocketAddr, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
-    let request = reqwest::Client::new().get(format!("http://{admin}{path}"));
+    admin_call(admin, reqwest::Method::GET, path, token)
+}
+
+/// A request of the admin API, with `Authorization: Bearer <token>` when a token is given.
+pub fn admin_call(
+    admin: SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let request = reqwest::Client::new().request(method, format!("http://{admin}{path}"));
     match token {
         Some(token) => request.bearer_auth(token),
         None => request,

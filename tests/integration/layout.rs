@@ -9,6 +9,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &["bridge", "fuzzing"],
     &["http"],
+    &["fleet"],
     &["mo", "mt", "provision"],
     &["devices"],
     &["delivery"],

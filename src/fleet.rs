@@ -1,0 +1,791 @@
+//! The devices the bridge serves, as they change while it runs: building a device from its
+//! settings (the configuration file's `[[devices]]` and the admin API's alike), adding a batch
+//! all or nothing, changing one in place, and removing one — its tasks stopped, its queue
+//! purged, its NIDD configuration and subscription deleted at the SCEF, its UDP address kept
+//! closed for a grace period before the socket pool hands it out again.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use url::Url;
+
+use crate::clock;
+use crate::config::{
+    BufferOwner, ConfigError, DeviceConfig, Lwm2mServerConfig, PsmConfig, ServerRole,
+};
+use crate::delivery::MtState;
+use crate::devices::tokens::mint_capability_token;
+use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
+use crate::identity::DeviceId;
+use crate::metrics::Metrics;
+use crate::mt::Downlinks;
+use crate::mt::flusher::Flusher;
+use crate::queue::DeviceQueue;
+use crate::reachability::Reachability;
+use crate::routing::{KidRoute, Router};
+use crate::socket::{DeviceSocket, RelayError, SocketPool};
+use crate::store::{DeviceRecord, StoreError};
+use crate::t8::T8Client;
+
+/// A device as the admin API takes it: the fields of a `[[devices]]` entry, in camelCase.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct DeviceSpec {
+    #[serde(default, deserialize_with = "present")]
+    external_id: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    msisdn: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    endpoint_name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    lwm2m_server: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    buffer_owner: Option<BufferOwner>,
+    #[serde(default, deserialize_with = "present")]
+    active_window_s: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    monitoring: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    trigger_after_s: Option<u64>,
+}
+
+/// A field that may be left out but not set to `null` (which would say nothing either way).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+impl From<DeviceSpec> for DeviceConfig {
+    fn from(spec: DeviceSpec) -> Self {
+        Self {
+            external_id: spec.external_id,
+            msisdn: spec.msisdn,
+            endpoint_name: spec.endpoint_name,
+            lwm2m_server: spec.lwm2m_server,
+            buffer_owner: spec.buffer_owner,
+            active_window_s: spec.active_window_s,
+            monitoring: spec.monitoring,
+            trigger_after_s: spec.trigger_after_s,
+        }
+    }
+}
+
+/// A change to an API device's settings; what is absent stays as it is. The identity cannot
+/// change: that is another device.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct DevicePatch {
+    #[serde(default, deserialize_with = "present")]
+    endpoint_name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    lwm2m_server: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    buffer_owner: Option<BufferOwner>,
+    #[serde(default, deserialize_with = "present")]
+    active_window_s: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    monitoring: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    trigger_after_s: Option<u64>,
+}
+
+impl DevicePatch {
+    fn applied_to(self, settings: &DeviceConfig) -> DeviceConfig {
+        let mut next = settings.clone();
+        next.endpoint_name = self.endpoint_name.or(next.endpoint_name);
+        next.lwm2m_server = self.lwm2m_server.or(next.lwm2m_server);
+        next.buffer_owner = self.buffer_owner.or(next.buffer_owner);
+        next.active_window_s = self.active_window_s.or(next.active_window_s);
+        next.monitoring = self.monitoring.or(next.monitoring);
+        next.trigger_after_s = self.trigger_after_s.or(next.trigger_after_s);
+        next
+    }
+}
+
+/// Why a change to the fleet was refused; nothing of it took effect.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FleetError {
+    #[error("entry {index}: {source}")]
+    Invalid {
+        index: usize,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("{0}")]
+    Server(String),
+    #[error("entry {index}: device {id} is listed twice in the request")]
+    Repeated { index: usize, id: DeviceId },
+    #[error("entry {index}: device {id} exists with other settings; change it with PATCH")]
+    Differs { index: usize, id: DeviceId },
+    #[error("device {id} is declared in the configuration file; change or remove it there")]
+    FileDevice { id: DeviceId },
+    #[error("entry {index}: device {id} is still being removed; add it again once it is gone")]
+    BeingRemoved { index: usize, id: DeviceId },
+    #[error("{0}")]
+    InvalidChange(#[source] ConfigError),
+    #[error("device {0} is not configured")]
+    Unknown(DeviceId),
+    #[error("{wanted} new devices but the socket pool has room for {bound} more ([sockets] ports)")]
+    PoolExhausted { wanted: usize, bound: usize },
+    #[error("cannot bind a device socket: {0}")]
+    Socket(#[source] RelayError),
+    #[error("the store refused the change: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// What became of one entry of an accepted batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Added {
+    Created,
+    /// The device existed with exactly these settings.
+    Unchanged,
+}
+
+/// Where a device comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Source {
+    File,
+    Api,
+}
+
+/// Builds devices from their settings and the defaults of the configuration file.
+pub(crate) struct DeviceFactory {
+    psm: PsmConfig,
+    servers: Vec<Lwm2mServerConfig>,
+    bootstrap: Option<usize>,
+    kid_routes: Arc<[KidRoute]>,
+}
+
+impl DeviceFactory {
+    pub(crate) fn new(
+        psm: PsmConfig,
+        servers: Vec<Lwm2mServerConfig>,
+        kid_routes: Arc<[KidRoute]>,
+    ) -> Self {
+        let bootstrap = servers.iter().position(|s| s.role == ServerRole::Bootstrap);
+        Self {
+            psm,
+            servers,
+            bootstrap,
+            kid_routes,
+        }
+    }
+
+    /// The device's identity, if its settings hold (the configuration file's rules).
+    pub(crate) fn check(&self, settings: &DeviceConfig) -> Result<DeviceId, ConfigError> {
+        settings.check(&self.servers)
+    }
+
+    /// As [`check`](Self::check), leaving the named server to
+    /// [`server_mismatch`](Self::server_mismatch).
+    fn check_shape(&self, settings: &DeviceConfig) -> Result<DeviceId, ConfigError> {
+        let shape = DeviceConfig {
+            lwm2m_server: None,
+            ..settings.clone()
+        };
+        shape.check(&self.servers)
+    }
+
+    /// What is wrong with the server the settings name, if anything: not a shape error of
+    /// the request but a mismatch with this bridge's configuration.
+    fn server_mismatch(&self, settings: &DeviceConfig) -> Option<String> {
+        let name = settings.lwm2m_server.as_ref()?;
+        match self.servers.iter().find(|s| &s.name == name) {
+            None => Some(format!(
+                "no LwM2M server is named {name:?} in this bridge's configuration"
+            )),
+            Some(server) if server.role != ServerRole::Dm => {
+                Some(format!("LwM2M server {name:?} is not a dm server"))
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// A device with `settings`, continuing from its stored `record` (callback token, NIDD
+    /// configuration, queue mode) when it has one; the configuration to insert it with.
+    pub(crate) fn build(
+        &self,
+        settings: &DeviceConfig,
+        id: DeviceId,
+        record: Option<DeviceRecord>,
+        socket: Arc<DeviceSocket>,
+        queue: DeviceQueue,
+    ) -> (Device, Option<NiddState>) {
+        let psm = &self.psm;
+        let callback_token = record
+            .as_ref()
+            .map(|r| r.callback_token.clone())
+            .unwrap_or_else(mint_capability_token);
+        let pending_callback_token = record
+            .as_ref()
+            .and_then(|r| r.pending_callback_token.clone());
+        let queue_mode = record.as_ref().map(|r| r.queue_mode).unwrap_or_default();
+        let nidd = record.and_then(|r| r.nidd).and_then(NiddState::from_stored);
+        let endpoint_name = settings
+            .endpoint_name
+            .clone()
+            .or_else(|| id.default_endpoint_name());
+        let state = DeviceState {
+            router: Router::new(
+                settings.default_server(&self.servers),
+                self.bootstrap,
+                self.kid_routes.clone(),
+            ),
+            nidd: None,
+            superseded: Vec::new(),
+            checking_termination: false,
+            mt: MtState::new(
+                Reachability::with_queue_mode(self.active_window(settings), queue_mode),
+                queue,
+                settings.buffer_owner.unwrap_or(psm.buffer_owner),
+                psm.device_rate_per_s,
+                (
+                    Duration::from_millis(psm.retry_initial_ms),
+                    Duration::from_millis(psm.retry_max_ms),
+                ),
+                self.trigger_after(settings),
+                Duration::from_secs(psm.guess_hold_s),
+            ),
+        };
+        let device = Device::new(
+            id,
+            endpoint_name,
+            callback_token,
+            socket,
+            settings.monitoring.unwrap_or(psm.monitoring),
+            state,
+        )
+        .with_pending_callback_token(pending_callback_token);
+        (device, nidd)
+    }
+
+    fn active_window(&self, settings: &DeviceConfig) -> Duration {
+        Duration::from_secs(settings.active_window_s.unwrap_or(self.psm.active_window_s))
+    }
+
+    fn trigger_after(&self, settings: &DeviceConfig) -> Option<Duration> {
+        settings
+            .trigger_after_s
+            .or(self.psm.trigger_after_s)
+            .map(Duration::from_secs)
+    }
+
+    /// Brings a running device to `settings` (its identity unchanged).
+    fn apply(&self, device: &Device, settings: &DeviceConfig) {
+        device.set_endpoint_name(
+            settings
+                .endpoint_name
+                .clone()
+                .or_else(|| device.id.default_endpoint_name()),
+        );
+        device.set_monitoring(settings.monitoring.unwrap_or(self.psm.monitoring));
+        let mut state = device.state();
+        state
+            .router
+            .set_default_server(settings.default_server(&self.servers));
+        state.mt.owner = settings.buffer_owner.unwrap_or(self.psm.buffer_owner);
+        state
+            .mt
+            .reachability
+            .set_active_window(self.active_window(settings));
+        state.mt.set_trigger_after(self.trigger_after(settings));
+    }
+}
+
+/// How many devices there are, by where they come from and how far they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct FleetCounts {
+    pub(crate) configured: usize,
+    pub(crate) from_file: usize,
+    pub(crate) from_api: usize,
+    pub(crate) provisioned: usize,
+    /// Added while running and waiting for their first NIDD configuration.
+    pub(crate) onboarding: usize,
+    /// Removed, with their side at the SCEF still being deleted.
+    pub(crate) removing: usize,
+}
+
+/// What the fleet needs besides the device table.
+pub(crate) struct FleetParts {
+    pub(crate) factory: DeviceFactory,
+    pub(crate) devices: Arc<DeviceTable>,
+    pub(crate) downlinks: Arc<Downlinks>,
+    pub(crate) flusher: Arc<Flusher>,
+    pub(crate) t8: Arc<T8Client>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) provisioner: Arc<Notify>,
+    /// How long a removed device's address stays closed to new devices.
+    pub(crate) release_grace: Duration,
+    /// Backoff bounds for deleting a removed device's side at the SCEF.
+    pub(crate) retry: (Duration, Duration),
+}
+
+/// The running bridge's devices and the tasks they run.
+pub(crate) struct Fleet {
+    parts: FleetParts,
+    pool: Mutex<SocketPool>,
+    /// One add, change or removal at a time: a batch is checked and applied as one.
+    changes: tokio::sync::Mutex<()>,
+    runner: OnceLock<Runner>,
+    removing: AtomicUsize,
+}
+
+struct Runner {
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    per_device: Mutex<HashMap<DeviceId, CancellationToken>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Fleet {
+    /// `pool` holds the addresses of the devices in the table already.
+    pub(crate) fn new(parts: FleetParts, pool: SocketPool) -> Self {
+        Self {
+            parts,
+            pool: Mutex::new(pool),
+            changes: tokio::sync::Mutex::new(()),
+            runner: OnceLock::new(),
+            removing: AtomicUsize::new(0),
+        }
+    }
+
+    /// Starts every device's tasks, and those of devices added from now on, under `cancel`.
+    pub(crate) fn start(self: &Arc<Self>, cancel: CancellationToken) {
+        let runner = Runner {
+            cancel,
+            tasks: TaskTracker::new(),
+            per_device: Mutex::new(HashMap::new()),
+        };
+        if self.runner.set(runner).is_err() {
+            return;
+        }
+        for device in self.parts.devices.iter() {
+            self.spawn_device(device);
+        }
+    }
+
+    /// Waits for every task started by [`start`](Self::start) to end (after its cancel).
+    pub(crate) async fn stopped(&self) {
+        if let Some(runner) = self.runner.get() {
+            runner.tasks.close();
+            runner.tasks.wait().await;
+        }
+    }
+
+    fn spawn_device(&self, device: Arc<Device>) {
+        let Some(runner) = self.runner.get() else {
+            return;
+        };
+        let cancel = runner.cancel.child_token();
+        lock(&runner.per_device).insert(device.id.clone(), cancel.clone());
+        let kernel_drops = self
+            .parts
+            .metrics
+            .dropped_datagrams
+            .with_label_values(&["mt", "receive_buffer"]);
+        let downlinks = self.parts.downlinks.clone();
+        let receiver = device.clone();
+        runner.tasks.spawn(device.socket.clone().receive_loop(
+            cancel.clone(),
+            kernel_drops,
+            move |datagram, from| {
+                let (downlinks, device) = (downlinks.clone(), receiver.clone());
+                async move { downlinks.receive(&device, datagram, from, clock::unix_ms()) }
+            },
+        ));
+        runner
+            .tasks
+            .spawn(self.parts.flusher.clone().run(device, cancel));
+    }
+
+    fn stop_device(&self, id: &DeviceId) {
+        if let Some(runner) = self.runner.get()
+            && let Some(cancel) = lock(&runner.per_device).remove(id)
+        {
+            cancel.cancel();
+        }
+    }
+
+    pub(crate) fn counts(&self) -> FleetCounts {
+        let devices = &self.parts.devices;
+        let from_api = devices
+            .iter()
+            .filter(|d| d.added_settings().is_some())
+            .count();
+        let configured = devices.len();
+        FleetCounts {
+            configured,
+            from_file: configured - from_api,
+            from_api,
+            provisioned: devices.provisioned_count(),
+            onboarding: devices.onboarding_count(),
+            removing: self.removing.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds a batch of API devices, all or none. An entry equal to an existing API device is
+    /// `Unchanged`; one that differs from it, or names a file device, refuses the batch.
+    pub(crate) async fn add(
+        &self,
+        batch: Vec<DeviceConfig>,
+    ) -> Result<Vec<(DeviceId, Added)>, FleetError> {
+        let _change = self.changes.lock().await;
+        let devices = &self.parts.devices;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut new = Vec::new();
+        // Every entry's shape first, so a malformed batch is refused as such (400) before
+        // any entry's conflict with the bridge (409) is looked at.
+        let mut seen = HashMap::new();
+        let mut checked = Vec::with_capacity(batch.len());
+        for (index, settings) in batch.into_iter().enumerate() {
+            let id = self
+                .parts
+                .factory
+                .check_shape(&settings)
+                .map_err(|source| FleetError::Invalid { index, source })?;
+            if seen.insert(id.clone(), index).is_some() {
+                return Err(FleetError::Repeated { index, id });
+            }
+            checked.push((index, id, settings));
+        }
+        for (index, id, settings) in checked {
+            if let Some(detail) = self.parts.factory.server_mismatch(&settings) {
+                return Err(FleetError::Server(format!("entry {index}: {detail}")));
+            }
+            if let Some(existing) = devices.get(&id) {
+                match existing.added_settings() {
+                    None => return Err(FleetError::FileDevice { id }),
+                    Some(current) if current == settings => {
+                        outcomes.push((id, Added::Unchanged));
+                        continue;
+                    }
+                    Some(_) => return Err(FleetError::Differs { index, id }),
+                }
+            }
+            let record = devices.store().load_device(&id)?;
+            if record.as_ref().is_some_and(|r| r.removing) {
+                return Err(FleetError::BeingRemoved { index, id });
+            }
+            outcomes.push((id.clone(), Added::Created));
+            new.push((id, settings, record));
+        }
+        let sockets = self.bind_sockets(&new)?;
+        let mut inserted: Vec<Arc<Device>> = Vec::with_capacity(new.len());
+        for ((id, settings, record), socket) in new.into_iter().zip(sockets) {
+            let (device, nidd) = self.parts.factory.build(
+                &settings,
+                id,
+                record,
+                socket,
+                DeviceQueue::from_entries(Vec::new()),
+            );
+            let onboarding = nidd.is_none();
+            let device = Arc::new(device.added_with(settings, onboarding));
+            if let Err(error) = devices.insert(device.clone(), nidd) {
+                tracing::error!(device = %device.id, %error, "cannot store an added device; the batch is undone");
+                for added in inserted {
+                    self.undo_add(added);
+                }
+                self.release_socket(device.socket.clone());
+                return Err(error.into());
+            }
+            inserted.push(device);
+        }
+        self.publish_configured();
+        for device in inserted {
+            tracing::info!(device = %device.id, address = %device.socket.local_addr(), "device added");
+            self.parts
+                .metrics
+                .device_changes
+                .with_label_values(&["added"])
+                .inc();
+            self.spawn_device(device);
+        }
+        self.parts.provisioner.notify_one();
+        Ok(outcomes)
+    }
+
+    /// A socket for every new device: its stored address when it has one and that is free,
+    /// the pool's next otherwise; none at all when the pool cannot hold them all.
+    fn bind_sockets(
+        &self,
+        new: &[(DeviceId, DeviceConfig, Option<DeviceRecord>)],
+    ) -> Result<Vec<Arc<DeviceSocket>>, FleetError> {
+        let mut pool = lock(&self.pool);
+        let mut bound: Vec<std::net::UdpSocket> = Vec::with_capacity(new.len());
+        let give_back = |pool: &mut SocketPool, bound: Vec<std::net::UdpSocket>| {
+            for socket in bound {
+                if let Ok(address) = socket.local_addr() {
+                    drop(socket);
+                    pool.release(address);
+                }
+            }
+        };
+        for (_, _, record) in new {
+            let stored = record
+                .as_ref()
+                .and_then(|r| r.udp_address)
+                .and_then(|address| pool.bind_exact(address).ok());
+            let socket = match stored {
+                Some(socket) => Ok(socket),
+                None => pool.bind_next(),
+            };
+            match socket {
+                Ok(socket) => bound.push(socket),
+                Err(RelayError::PoolExhausted) => {
+                    let bound_count = bound.len();
+                    give_back(&mut pool, bound);
+                    return Err(FleetError::PoolExhausted {
+                        wanted: new.len(),
+                        bound: bound_count,
+                    });
+                }
+                Err(error) => {
+                    give_back(&mut pool, bound);
+                    return Err(FleetError::Socket(error));
+                }
+            }
+        }
+        let mut sockets = Vec::with_capacity(bound.len());
+        let mut bound = bound.into_iter();
+        for socket in bound.by_ref() {
+            match DeviceSocket::from_std(socket) {
+                Ok(socket) => sockets.push(Arc::new(socket)),
+                Err(error) => {
+                    drop(pool);
+                    for socket in sockets {
+                        self.release_socket(socket);
+                    }
+                    give_back(&mut lock(&self.pool), bound.collect());
+                    return Err(FleetError::Socket(error));
+                }
+            }
+        }
+        Ok(sockets)
+    }
+
+    /// Changes an API device in place.
+    pub(crate) async fn change(
+        &self,
+        id: &DeviceId,
+        patch: DevicePatch,
+    ) -> Result<Arc<Device>, FleetError> {
+        let _change = self.changes.lock().await;
+        let device = self
+            .parts
+            .devices
+            .get(id)
+            .ok_or_else(|| FleetError::Unknown(id.clone()))?;
+        // The change itself first: a malformed one is refused as such whatever the device.
+        let current = device.added_settings();
+        let base = current.clone().unwrap_or_else(|| DeviceConfig {
+            external_id: device.id.external_id().map(ToString::to_string),
+            msisdn: device.id.msisdn().map(ToString::to_string),
+            ..DeviceConfig::default()
+        });
+        let next = patch.applied_to(&base);
+        self.parts
+            .factory
+            .check_shape(&next)
+            .map_err(FleetError::InvalidChange)?;
+        let Some(current) = current else {
+            return Err(FleetError::FileDevice { id: id.clone() });
+        };
+        if let Some(detail) = self.parts.factory.server_mismatch(&next) {
+            return Err(FleetError::Server(detail));
+        }
+        if next == current {
+            return Ok(device);
+        }
+        device.set_added_settings(next.clone());
+        if let Err(error) = self.parts.devices.rewrite_record(&device) {
+            device.set_added_settings(current);
+            return Err(error.into());
+        }
+        self.parts.factory.apply(&device, &next);
+        self.parts
+            .metrics
+            .device_changes
+            .with_label_values(&["changed"])
+            .inc();
+        tracing::info!(device = %id, "device changed");
+        // Monitoring may have been switched; MT may go under the new settings.
+        self.parts.provisioner.notify_one();
+        device.wake.notify_one();
+        Ok(device)
+    }
+
+    /// Removes an API device: from now on its callback URLs are refused and it is no longer
+    /// listed; its queue is purged. Its NIDD configuration and subscription are deleted at
+    /// the SCEF in the background (retried until they are, or until the next start does it).
+    pub(crate) async fn remove(self: &Arc<Self>, id: &DeviceId) -> Result<(), FleetError> {
+        let _change = self.changes.lock().await;
+        let device = self
+            .parts
+            .devices
+            .get(id)
+            .ok_or_else(|| FleetError::Unknown(id.clone()))?;
+        if device.added_settings().is_none() {
+            return Err(FleetError::FileDevice { id: id.clone() });
+        }
+        self.parts.devices.remove(id)?;
+        self.stop_device(id);
+        self.publish_configured();
+        let purged = self.parts.downlinks.purge(&device).await;
+        self.parts
+            .metrics
+            .device_changes
+            .with_label_values(&["removed"])
+            .inc();
+        tracing::info!(device = %id, purged, "device removed; deleting its side at the SCEF");
+        self.removing.fetch_add(1, Ordering::Relaxed);
+        let fleet = self.clone();
+        let finish = async move {
+            fleet.finish_removal(device).await;
+            fleet.removing.fetch_sub(1, Ordering::Relaxed);
+        };
+        match self.runner.get() {
+            Some(runner) => {
+                runner.tasks.spawn(finish);
+            }
+            None => {
+                tokio::spawn(finish);
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish_removal(&self, device: Arc<Device>) {
+        let cancel = self
+            .runner
+            .get()
+            .map(|r| r.cancel.clone())
+            .unwrap_or_default();
+        // Waits for a creation under way: what it creates is deleted too.
+        let creating = device.provisioning.lock().await;
+        let nidd = device.state().nidd.clone();
+        let (mut backoff, retry_max) = self.parts.retry;
+        loop {
+            match self.delete_at_scef(nidd.as_ref()).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(device = %device.id, %error, retry_in_ms = backoff.as_millis() as u64, "cannot delete a removed device's NIDD configuration");
+                    tokio::select! {
+                        // The record stays marked: the next start deletes it.
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(retry_max);
+                }
+            }
+        }
+        drop(creating);
+        if let Err(error) = self.parts.devices.forget(&device) {
+            tracing::error!(device = %device.id, %error, "cannot delete a removed device's record; the next start does");
+        }
+        self.parts
+            .metrics
+            .device_changes
+            .with_label_values(&["removal_finished"])
+            .inc();
+        tracing::info!(device = %device.id, "removed device deleted at the SCEF");
+        let socket = device.socket.clone();
+        drop(device);
+        self.hold_then_release(socket, cancel).await;
+    }
+
+    async fn delete_at_scef(&self, nidd: Option<&NiddState>) -> Result<(), crate::t8::T8Error> {
+        let Some(nidd) = nidd else { return Ok(()) };
+        if let Some(subscription) = nidd
+            .monitoring_subscription
+            .as_ref()
+            .and_then(|s| Url::parse(&s.location).ok())
+        {
+            self.parts
+                .t8
+                .delete_monitoring_subscription(&subscription)
+                .await?;
+        }
+        self.parts
+            .t8
+            .delete_nidd_configuration(&nidd.location)
+            .await
+    }
+
+    /// Keeps a removed device's address bound for the grace period, counting what servers
+    /// still send to it, then gives it back to the pool.
+    async fn hold_then_release(&self, socket: Arc<DeviceSocket>, cancel: CancellationToken) {
+        let grace = cancel.child_token();
+        let drops = self
+            .parts
+            .metrics
+            .dropped_datagrams
+            .with_label_values(&["mt", "device_removed"]);
+        let kernel_drops = self
+            .parts
+            .metrics
+            .dropped_datagrams
+            .with_label_values(&["mt", "receive_buffer"]);
+        let drain = socket
+            .clone()
+            .receive_loop(grace.clone(), kernel_drops, move |_, _| {
+                drops.inc();
+                std::future::ready(())
+            });
+        tokio::select! {
+            _ = drain => {}
+            _ = tokio::time::sleep(self.parts.release_grace) => grace.cancel(),
+        }
+        self.release_socket(socket);
+    }
+
+    /// Gives a socket's address back to the pool once nothing else holds the socket.
+    fn release_socket(&self, socket: Arc<DeviceSocket>) {
+        let address: SocketAddr = socket.local_addr();
+        if Arc::strong_count(&socket) == 1 {
+            drop(socket);
+            lock(&self.pool).release(address);
+        } else {
+            tracing::debug!(%address, "a removed device's socket is still held; its address is not reused");
+        }
+    }
+
+    /// Takes a device of a failed batch out again (its tasks are not started, and it has
+    /// nothing at the SCEF yet).
+    fn undo_add(&self, device: Arc<Device>) {
+        if let Err(error) = self
+            .parts
+            .devices
+            .remove(&device.id)
+            .and_then(|_| self.parts.devices.forget(&device))
+        {
+            tracing::error!(device = %device.id, %error, "cannot undo an added device's record");
+        }
+        let socket = device.socket.clone();
+        drop(device);
+        self.release_socket(socket);
+    }
+
+    fn publish_configured(&self) {
+        self.parts
+            .metrics
+            .devices_configured
+            .set(i64::try_from(self.parts.devices.len()).unwrap_or(i64::MAX));
+    }
+}
