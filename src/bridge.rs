@@ -667,12 +667,13 @@ fn device_seeds(
     store: &Store,
 ) -> Result<Vec<DeviceSeed>, BridgeError> {
     let mut seeds = Vec::with_capacity(config.devices.len());
-    let mut known = std::collections::HashSet::new();
+    // One pass over the store; a record that cannot be decoded is quarantined by it, and that
+    // device starts as a new one.
+    let mut stored: std::collections::HashMap<String, DeviceRecord> =
+        store.devices()?.into_iter().collect();
     for settings in &config.devices {
         let id = settings.device_id()?;
-        // A record that cannot be decoded is quarantined: that device starts as a new one.
-        let record = store.load_device(&id)?;
-        known.insert(id.clone());
+        let record = stored.remove(id.canonical());
         seeds.push(DeviceSeed {
             settings: settings.clone(),
             id,
@@ -680,7 +681,7 @@ fn device_seeds(
             from_api: false,
         });
     }
-    for (key, record) in store.devices()? {
+    for (key, record) in stored {
         let Some(settings) = record.settings.clone() else {
             continue;
         };
@@ -690,14 +691,10 @@ fn device_seeds(
         let Ok(id) = key.parse::<DeviceId>() else {
             continue;
         };
-        if known.contains(&id) {
-            continue;
-        }
         if let Err(error) = factory.check(&settings) {
             // Say, a server it named left the file: it falls back to the first dm server.
             tracing::warn!(device = %id, %error, "an API device's settings no longer hold; started with the defaults for what does not");
         }
-        known.insert(id.clone());
         seeds.push(DeviceSeed {
             settings,
             id,

@@ -244,6 +244,11 @@ impl Device {
         lock(&self.added_settings).clone()
     }
 
+    /// Added through the admin API (not a `[[devices]]` entry of the file).
+    pub(crate) fn is_from_api(&self) -> bool {
+        lock(&self.added_settings).is_some()
+    }
+
     pub(crate) fn set_added_settings(&self, settings: DeviceConfig) {
         *lock(&self.added_settings) = Some(settings);
     }
@@ -306,7 +311,8 @@ impl Device {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// A mutex's guard, poisoned or not: no holder leaves device state half-written.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -22,7 +22,7 @@ use crate::config::{
 };
 use crate::delivery::MtState;
 use crate::devices::tokens::mint_capability_token;
-use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
+use crate::devices::{Device, DeviceState, DeviceTable, NiddState, lock};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mt::Downlinks;
@@ -349,10 +349,6 @@ struct Runner {
     per_device: Mutex<HashMap<DeviceId, CancellationToken>>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Fleet {
     /// `pool` holds the addresses of the devices in the table already.
     pub(crate) fn new(parts: FleetParts, pool: SocketPool) -> Self {
@@ -424,10 +420,7 @@ impl Fleet {
 
     pub(crate) fn counts(&self) -> FleetCounts {
         let devices = &self.parts.devices;
-        let from_api = devices
-            .iter()
-            .filter(|d| d.added_settings().is_some())
-            .count();
+        let from_api = devices.iter().filter(|d| d.is_from_api()).count();
         let configured = devices.len();
         FleetCounts {
             configured,
@@ -527,57 +520,40 @@ impl Fleet {
         &self,
         new: &[(DeviceId, DeviceConfig, Option<DeviceRecord>)],
     ) -> Result<Vec<Arc<DeviceSocket>>, FleetError> {
-        let mut pool = lock(&self.pool);
-        let mut bound: Vec<std::net::UdpSocket> = Vec::with_capacity(new.len());
-        let give_back = |pool: &mut SocketPool, bound: Vec<std::net::UdpSocket>| {
-            for socket in bound {
-                if let Ok(address) = socket.local_addr() {
-                    drop(socket);
-                    pool.release(address);
-                }
-            }
-        };
-        for (_, _, record) in new {
-            let stored = record
-                .as_ref()
-                .and_then(|r| r.udp_address)
-                .and_then(|address| pool.bind_exact(address).ok());
-            let socket = match stored {
-                Some(socket) => Ok(socket),
-                None => pool.bind_next(),
-            };
-            match socket {
-                Ok(socket) => bound.push(socket),
-                Err(RelayError::PoolExhausted) => {
-                    let bound_count = bound.len();
-                    give_back(&mut pool, bound);
-                    return Err(FleetError::PoolExhausted {
-                        wanted: new.len(),
-                        bound: bound_count,
-                    });
-                }
-                Err(error) => {
-                    give_back(&mut pool, bound);
-                    return Err(FleetError::Socket(error));
-                }
-            }
-        }
-        let mut sockets = Vec::with_capacity(bound.len());
-        let mut bound = bound.into_iter();
-        for socket in bound.by_ref() {
-            match DeviceSocket::from_std(socket) {
-                Ok(socket) => sockets.push(Arc::new(socket)),
-                Err(error) => {
-                    drop(pool);
-                    for socket in sockets {
-                        self.release_socket(socket);
+        let mut sockets = Vec::with_capacity(new.len());
+        let failure = {
+            let mut pool = lock(&self.pool);
+            new.iter().find_map(|(_, _, record)| {
+                let stored = record
+                    .as_ref()
+                    .and_then(|r| r.udp_address)
+                    .and_then(|address| pool.bind_exact(address).ok());
+                let bound = stored
+                    .map_or_else(|| pool.bind_next(), Ok)
+                    .and_then(DeviceSocket::from_std);
+                match bound {
+                    Ok(socket) => {
+                        sockets.push(Arc::new(socket));
+                        None
                     }
-                    give_back(&mut lock(&self.pool), bound.collect());
-                    return Err(FleetError::Socket(error));
+                    Err(error) => Some(error),
                 }
-            }
+            })
+        };
+        let Some(error) = failure else {
+            return Ok(sockets);
+        };
+        let bound = sockets.len();
+        for socket in sockets {
+            self.release_socket(socket);
         }
-        Ok(sockets)
+        Err(match error {
+            RelayError::PoolExhausted => FleetError::PoolExhausted {
+                wanted: new.len(),
+                bound,
+            },
+            error => FleetError::Socket(error),
+        })
     }
 
     /// Changes an API device in place.
@@ -641,7 +617,7 @@ impl Fleet {
             .devices
             .get(id)
             .ok_or_else(|| FleetError::Unknown(id.clone()))?;
-        if device.added_settings().is_none() {
+        if !device.is_from_api() {
             return Err(FleetError::FileDevice { id: id.clone() });
         }
         self.parts.devices.remove(id)?;

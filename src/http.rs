@@ -15,6 +15,8 @@ pub(crate) mod tls;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::http::{HeaderMap, header};
+
 /// Whether the bridge is shutting down: callbacks are refused and `/readyz` fails from then on.
 #[derive(Clone, Default)]
 pub(crate) struct Lifecycle {
@@ -29,4 +31,12 @@ impl Lifecycle {
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }
+}
+
+/// The request's media type without parameters, in lower case (`None` without a
+/// `Content-Type`, or with one that is not text).
+pub(crate) fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let essence = value.split(';').next().unwrap_or_default();
+    Some(essence.trim().to_ascii_lowercase())
 }

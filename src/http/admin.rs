@@ -268,7 +268,7 @@ fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
         external_id: device.id.external_id().map(ToString::to_string),
         msisdn: device.id.msisdn().map(ToString::to_string),
         endpoint_name: device.endpoint_name(),
-        source: if device.added_settings().is_some() {
+        source: if device.is_from_api() {
             Source::Api
         } else {
             Source::File

@@ -173,12 +173,9 @@ async fn read_notification(
         }
         return Err(CallbackError::UnknownCallback);
     };
-    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
-        let content_type = content_type
-            .to_str()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        if !(content_type.starts_with("application/json") || content_type.contains("+json")) {
+    if headers.contains_key(header::CONTENT_TYPE) {
+        let media = crate::http::media_type(headers).unwrap_or_default();
+        if !(media == "application/json" || media.ends_with("+json")) {
             return Err(CallbackError::UnsupportedMediaType);
         }
     }

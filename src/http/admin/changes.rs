@@ -15,6 +15,7 @@ use super::{AdminState, bad_device_id, device_of, view};
 use crate::clock;
 use crate::config::DeviceConfig;
 use crate::fleet::{Added, DevicePatch, DeviceSpec, FleetError};
+use crate::http::media_type;
 use crate::http::problem::problem_response;
 
 /// How a request body lists devices.
@@ -46,16 +47,7 @@ fn parse_batch(headers: &HeaderMap, body: &[u8]) -> Result<(Shape, Vec<DeviceCon
         cause: "INVALID_DEVICE",
         detail,
     };
-    let media = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
+    let media = media_type(headers);
     let entry = |index: usize, value: serde_json::Value| {
         if !value.is_object() {
             return Err(bad(format!("entry {index}: a device is a JSON object")));
@@ -223,16 +215,7 @@ pub(super) async fn change_device(
         Ok(id) => id,
         Err(detail) => return bad_device_id(detail),
     };
-    let media = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
+    let media = media_type(&headers);
     if !matches!(
         media.as_deref(),
         Some("application/json" | "application/merge-patch+json")
