@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +15,9 @@ use url::Url;
 
 use crate::config::{Config, DeviceConfig, ListenerLimits, SecretSource, TokenRateLimit};
 use crate::delivery::ScefTimeLimits;
+use crate::devices::tokens::mint_capability_token;
 use crate::devices::{Device, DeviceTable};
-use crate::fleet::{DeviceFactory, Fleet, FleetParts};
+use crate::fleet::{DeviceFactory, Fleet, FleetParts, SeedReconciled};
 use crate::http::Lifecycle;
 use crate::http::admin::auth::AdminGuard;
 use crate::http::admin::{self, ADMIN_MAX_BODY_BYTES, AdminState};
@@ -23,6 +25,7 @@ use crate::http::callback::{self, CallbackState};
 use crate::http::listener::{self, ListenerSettings};
 use crate::http::rate_limit::TokenRateLimiter;
 use crate::http::tls::{ReloadableTls, TlsFiles};
+use crate::http::trigger::{TriggerState, trigger_url};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mo::{ServerAddress, Uplinks};
@@ -47,6 +50,9 @@ pub enum BridgeError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A re-read `[[devices]]` that was refused; the devices stay as they were.
+    #[error("{0}")]
+    DeviceSeed(String),
     #[error(transparent)]
     Relay(#[from] RelayError),
     #[error("cannot listen on {address}: {source}")]
@@ -94,6 +100,10 @@ struct Parts {
     public_url: Url,
     max_body_bytes: usize,
     admin_guard: AdminGuard,
+    /// The NIDD Configuration Trigger URL's token, when `onboarding.trigger` is on.
+    trigger_token: Option<Arc<str>>,
+    /// The `afId` a trigger must name.
+    af_id: Arc<str>,
 }
 
 pub struct Bridge;
@@ -117,6 +127,9 @@ struct ListenerParts {
 pub struct Reload {
     listeners: Arc<[Arc<ReloadableTls>]>,
     admin_guard: AdminGuard,
+    /// Set once the devices are bound; `reload_devices` needs it.
+    fleet: Option<Arc<Fleet>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Reload {
@@ -131,6 +144,49 @@ impl Reload {
             }
         }
         first_failure.map_or(Ok(()), Err)
+    }
+
+    /// Brings the devices the configuration file declares to `seed`, its `[[devices]]` as
+    /// read again: new entries are added, changed ones changed in place, one the admin API
+    /// added becomes the file's, and a file device no longer listed is removed (its side at
+    /// the SCEF deleted, as `DELETE /api/v1/devices/{device}` does). Devices added through
+    /// the admin API are left alone. A seed with any bad entry changes nothing.
+    pub async fn reload_devices(
+        &self,
+        seed: &[DeviceConfig],
+    ) -> Result<SeedReconciled, BridgeError> {
+        let Some(fleet) = &self.fleet else {
+            return Err(BridgeError::DeviceSeed(
+                "the bridge's devices are not bound yet".into(),
+            ));
+        };
+        let outcome = fleet.reconcile_file(seed).await;
+        let label = if outcome.is_ok() {
+            "applied"
+        } else {
+            "invalid"
+        };
+        self.metrics
+            .device_seed_reloads
+            .with_label_values(&[label])
+            .inc();
+        outcome.map_err(|error| BridgeError::DeviceSeed(format!("[[devices]] {error}")))
+    }
+
+    /// Reads the configuration file at `path` again and applies its `[[devices]]`
+    /// ([`reload_devices`](Self::reload_devices)); what else changed in the file takes effect
+    /// at the next start.
+    pub async fn reload_devices_from(&self, path: &Path) -> Result<SeedReconciled, BridgeError> {
+        match Config::load(path) {
+            Ok(config) => self.reload_devices(&config.devices).await,
+            Err(error) => {
+                self.metrics
+                    .device_seed_reloads
+                    .with_label_values(&["invalid"])
+                    .inc();
+                Err(BridgeError::Config(error))
+            }
+        }
     }
 }
 
@@ -152,6 +208,15 @@ impl BridgeHandle {
     /// Reloads the admin token and the listeners' TLS certificates, as SIGHUP does.
     pub fn reload(&self) -> Result<(), BridgeError> {
         self.reload.reload()
+    }
+
+    /// Brings the configuration file's devices to `seed`, as SIGHUP does with the file's
+    /// `[[devices]]` ([`Reload::reload_devices`]).
+    pub async fn reload_devices(
+        &self,
+        seed: &[DeviceConfig],
+    ) -> Result<SeedReconciled, BridgeError> {
+        self.reload.reload_devices(seed).await
     }
 
     /// The NIDD callback URL of a device's configuration.
@@ -206,13 +271,15 @@ impl Bridge {
         let callback_tls = tls(callback_files)?;
         let admin_tls = tls(admin_files)?;
         let admin_guard = AdminGuard::new(&config.admin, secrets, metrics.admin_refusals.clone())?;
-        let listener_parts = ListenerParts {
+        let mut listener_parts = ListenerParts {
             callback_limits: config.callback.limits,
             admin_limits: config.admin.limits,
             rate_limit: config.callback.rate_limit,
             reload: Reload {
                 listeners: callback_tls.iter().chain(&admin_tls).cloned().collect(),
                 admin_guard: admin_guard.clone(),
+                fleet: None,
+                metrics: metrics.clone(),
             },
             callback_tls,
             admin_tls,
@@ -251,11 +318,28 @@ impl Bridge {
             seeds.len(),
             config.callback.limits.max_connections + config.admin.limits.max_connections,
         )?;
+        let trigger_token = if config.onboarding.trigger {
+            Some(Arc::from(store.trigger_token(mint_capability_token)?))
+        } else {
+            None
+        };
+        let af_id: Arc<str> = Arc::from(
+            config
+                .onboarding
+                .af_id
+                .clone()
+                .unwrap_or_else(|| config.scef.scs_as_id.clone()),
+        );
         let mt_store = MtStore::open(&store)?;
         let mut queued = mt_store.load()?;
         // Persisted addresses are bound before any new allocation, so no new device takes a
         // port an existing device's registration points at.
         let mut pool = SocketPool::new(&config.sockets);
+        let file_devices: std::collections::HashMap<DeviceId, DeviceConfig> = seeds
+            .iter()
+            .filter(|seed| !seed.from_api)
+            .map(|seed| (seed.id.clone(), seed.settings.clone()))
+            .collect();
         let mut sockets: Vec<Option<std::net::UdpSocket>> = Vec::with_capacity(seeds.len());
         for seed in &seeds {
             let persisted = seed.record.as_ref().and_then(|r| r.udp_address);
@@ -283,10 +367,16 @@ impl Bridge {
             let socket = Arc::new(DeviceSocket::from_std(socket)?);
             let queue =
                 DeviceQueue::from_entries(queued.remove(seed.id.canonical()).unwrap_or_default());
+            let on_demand = seed.record.as_ref().is_some_and(|r| r.onboarded);
             let (device, nidd) = factory.build(&seed.settings, seed.id, seed.record, socket, queue);
             let device = if seed.from_api {
                 let onboarding = nidd.is_none();
-                device.added_with(seed.settings, onboarding)
+                let device = device.added_with(seed.settings, onboarding);
+                if on_demand {
+                    device.created_on_demand()
+                } else {
+                    device
+                }
             } else {
                 device
             };
@@ -383,9 +473,12 @@ impl Bridge {
                     Duration::from_millis(config.scef.retry_initial_ms),
                     Duration::from_millis(config.scef.retry_max_ms),
                 ),
+                onboarding: config.onboarding.clone(),
             },
             pool,
+            file_devices,
         ));
+        listener_parts.reload.fleet = Some(fleet.clone());
         tracing::info!(devices = devices.len(), %callback_addr, %admin_addr, "bridge bound");
         Ok(BoundBridge {
             parts: Parts {
@@ -400,6 +493,8 @@ impl Bridge {
                 public_url,
                 max_body_bytes: config.callback.max_body_bytes,
                 admin_guard,
+                trigger_token,
+                af_id,
             },
             callback_listener,
             admin_listener,
@@ -441,9 +536,11 @@ impl BoundBridge {
             provisioner,
             metrics,
             lifecycle,
-            public_url: _,
+            public_url,
             max_body_bytes,
             admin_guard,
+            trigger_token,
+            af_id,
         } = self.parts;
         let reprovision = provisioner.reprovision();
         let rotation = provisioner.callback_rotation();
@@ -462,8 +559,10 @@ impl BoundBridge {
         }
         tasks.spawn(provisioner.run(cancel.clone()));
         let known_tokens = {
-            let devices = devices.clone();
-            Arc::new(move |token: &str| devices.by_token(token).is_some())
+            let (devices, trigger_token) = (devices.clone(), trigger_token.clone());
+            Arc::new(move |token: &str| {
+                devices.by_token(token).is_some() || trigger_token.as_deref() == Some(token)
+            })
         };
         let callback_settings = ListenerSettings {
             name: "callback",
@@ -486,6 +585,15 @@ impl BoundBridge {
             refusals: metrics.listener_refusals.clone(),
             connections: metrics.listener_connections.clone(),
         };
+        let trigger = TriggerState {
+            token: trigger_token.clone(),
+            af_id,
+            fleet: fleet.clone(),
+            reprovision: reprovision.clone(),
+            metrics: metrics.clone(),
+            lifecycle: lifecycle.clone(),
+            max_body_bytes,
+        };
         let callback_app = callback::router(CallbackState {
             devices: devices.clone(),
             uplinks,
@@ -494,6 +602,7 @@ impl BoundBridge {
             metrics: metrics.clone(),
             max_body_bytes,
             lifecycle: lifecycle.clone(),
+            trigger,
         });
         let admin_app = admin::router(AdminState {
             devices: devices.clone(),
@@ -503,6 +612,7 @@ impl BoundBridge {
             lifecycle: lifecycle.clone(),
             guard: admin_guard,
             rotation,
+            trigger_url: trigger_token.map(|token| trigger_url(&public_url, &token)),
         });
         let callback_server = listener::serve(
             self.callback_listener,
@@ -603,7 +713,10 @@ pub fn check_tls(config: &Config) -> Result<(), BridgeError> {
 /// Runs `reload` on every SIGHUP, for as long as the process runs: what `nidd-bridge run`
 /// spawns beside the bridge. The handler is installed when this is called (within the
 /// runtime), not when the future first runs, so a SIGHUP right after start-up is not fatal.
-pub fn reload_on_sighup(reload: Reload) -> impl Future<Output = ()> + Send + 'static {
+pub fn reload_on_sighup(
+    reload: Reload,
+    config_path: Option<PathBuf>,
+) -> impl Future<Output = ()> + Send + 'static {
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     async move {
         let Ok(mut hangups) = hangups else {
@@ -616,6 +729,23 @@ pub fn reload_on_sighup(reload: Reload) -> impl Future<Output = ()> + Send + 'st
             tracing::info!("SIGHUP: reloading the admin token and TLS certificates");
             // A failure is logged and counted where it happens; the old certificates stay.
             let _ = reload.reload();
+            let Some(path) = &config_path else { continue };
+            match reload.reload_devices_from(path).await {
+                Ok(outcome) => tracing::info!(
+                    path = %path.display(),
+                    added = outcome.added,
+                    changed = outcome.changed,
+                    adopted = outcome.adopted,
+                    removed = outcome.removed,
+                    unchanged = outcome.unchanged,
+                    "SIGHUP: the configuration file's [[devices]] applied; other changes to the file take effect at the next start"
+                ),
+                Err(error) => tracing::error!(
+                    path = %path.display(),
+                    %error,
+                    "SIGHUP: the configuration file's [[devices]] were not applied; the devices stay as they were"
+                ),
+            }
         }
     }
 }

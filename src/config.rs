@@ -65,6 +65,116 @@ pub struct Config {
     pub psm: PsmConfig,
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
+    #[serde(default)]
+    pub onboarding: OnboardingConfig,
+}
+
+/// Devices the bridge creates on demand, when the network names one it does not serve: the
+/// NEF's NIDD Configuration Trigger (TS 29.522). Nobody is created unless a rule allows the
+/// identity, and never more than `max_devices` in all.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnboardingConfig {
+    /// Accept the NEF's NIDD Configuration Trigger at
+    /// `{callback.public_url}/t8/v1/nidd-configuration-trigger/{token}` (the URL, with its
+    /// token, is shown by `GET /api/v1/onboarding`).
+    #[serde(default)]
+    pub trigger: bool,
+    /// The `afId` a trigger must name: this bridge as the NEF knows it. Default: `scef.scs_as_id`.
+    #[serde(default)]
+    pub af_id: Option<String>,
+    /// External Identifier domains (after the `@`, any case) whose devices may be created.
+    #[serde(default)]
+    pub external_id_domains: Vec<String>,
+    /// MSISDN prefixes (digits, country code first) whose devices may be created.
+    #[serde(default)]
+    pub msisdn_prefixes: Vec<String>,
+    /// Most devices created on demand, counted across restarts; beyond it requests are refused.
+    #[serde(default = "default_onboarding_max_devices")]
+    pub max_devices: usize,
+    /// The settings of a device created on demand, as a `[[devices]]` entry has them.
+    #[serde(default)]
+    pub lwm2m_server: Option<String>,
+    #[serde(default)]
+    pub buffer_owner: Option<BufferOwner>,
+    #[serde(default)]
+    pub active_window_s: Option<u64>,
+    #[serde(default)]
+    pub monitoring: Option<bool>,
+    #[serde(default)]
+    pub trigger_after_s: Option<u64>,
+}
+
+impl Default for OnboardingConfig {
+    fn default() -> Self {
+        Self {
+            trigger: false,
+            af_id: None,
+            external_id_domains: Vec::new(),
+            msisdn_prefixes: Vec::new(),
+            max_devices: default_onboarding_max_devices(),
+            lwm2m_server: None,
+            buffer_owner: None,
+            active_window_s: None,
+            monitoring: None,
+            trigger_after_s: None,
+        }
+    }
+}
+
+fn default_onboarding_max_devices() -> usize {
+    10_000
+}
+
+impl OnboardingConfig {
+    /// The settings a device created on demand gets.
+    pub fn settings_for(&self, id: &DeviceId) -> DeviceConfig {
+        DeviceConfig {
+            external_id: id.external_id().map(ToString::to_string),
+            msisdn: id.msisdn().map(ToString::to_string),
+            endpoint_name: None,
+            lwm2m_server: self.lwm2m_server.clone(),
+            buffer_owner: self.buffer_owner,
+            active_window_s: self.active_window_s,
+            monitoring: self.monitoring,
+            trigger_after_s: self.trigger_after_s,
+        }
+    }
+
+    fn problem(&self, servers: &[Lwm2mServerConfig]) -> Option<String> {
+        if let Some(domain) = self
+            .external_id_domains
+            .iter()
+            .find(|d| d.is_empty() || d.contains('@') || d.chars().any(char::is_whitespace))
+        {
+            return Some(format!(
+                "onboarding.external_id_domains: {domain:?} is not a domain (the part after '@')"
+            ));
+        }
+        if let Some(prefix) = self
+            .msisdn_prefixes
+            .iter()
+            .find(|p| !(1..=15).contains(&p.len()) || !p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Some(format!(
+                "onboarding.msisdn_prefixes: {prefix:?} must be 1 to 15 digits"
+            ));
+        }
+        if self.trigger && self.external_id_domains.is_empty() && self.msisdn_prefixes.is_empty() {
+            return Some(
+                "onboarding.trigger is on but neither onboarding.external_id_domains nor onboarding.msisdn_prefixes allows any device".into(),
+            );
+        }
+        if self.af_id.as_deref().is_some_and(str::is_empty) {
+            return Some("onboarding.af_id must not be empty".into());
+        }
+        // The device settings follow the [[devices]] rules; any identity shows them.
+        let example: DeviceId = "10000".parse().ok()?;
+        self.settings_for(&example)
+            .check(servers)
+            .err()
+            .map(|error| format!("onboarding: {error}"))
+    }
 }
 
 /// Who holds MT datagrams for a device that sleeps: never both.
@@ -1113,6 +1223,9 @@ impl Config {
         }
         if self.scef.provisioning_concurrency == 0 {
             return invalid("scef.provisioning_concurrency must be at least 1".into());
+        }
+        if let Some(problem) = self.onboarding.problem(&self.lwm2m_servers) {
+            return invalid(problem);
         }
         validate_tls_files(
             "callback",

@@ -168,6 +168,8 @@ pub(crate) struct Device {
     added_settings: Mutex<Option<DeviceConfig>>,
     /// Added while the bridge runs and never provisioned yet (see `DeviceTable::onboarding`).
     onboarding: AtomicBool,
+    /// Created on demand (`[onboarding]`) rather than through the admin API.
+    on_demand: AtomicBool,
     /// Taken out of the table: nothing is written for it and nothing new is asked for it.
     removed: AtomicBool,
     /// Held while a NIDD configuration is being created for the device, and by its removal,
@@ -194,6 +196,7 @@ impl Device {
             monitoring: AtomicBool::new(monitoring),
             added_settings: Mutex::new(None),
             onboarding: AtomicBool::new(false),
+            on_demand: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             provisioning: tokio::sync::Mutex::new(()),
             state: Mutex::new(state),
@@ -211,8 +214,24 @@ impl Device {
     /// is added now, while the bridge runs.
     pub(crate) fn added_with(self, settings: DeviceConfig, onboarding: bool) -> Self {
         *lock(&self.added_settings) = Some(settings);
+        self.with_onboarding(onboarding)
+    }
+
+    /// A device added while the bridge runs: `onboarding` until its first configuration.
+    pub(crate) fn with_onboarding(self, onboarding: bool) -> Self {
         self.onboarding.store(onboarding, Ordering::Relaxed);
         self
+    }
+
+    /// A device the bridge created on demand (`[onboarding]`), with `settings`.
+    pub(crate) fn created_on_demand(self) -> Self {
+        self.on_demand.store(true, Ordering::Relaxed);
+        self
+    }
+
+    /// Created on demand (`[onboarding]`) rather than through the admin API.
+    pub(crate) fn is_onboarded_on_demand(&self) -> bool {
+        self.on_demand.load(Ordering::Relaxed)
     }
 
     /// The LwM2M endpoint name the device registers with, if one is known.
@@ -251,6 +270,11 @@ impl Device {
 
     pub(crate) fn set_added_settings(&self, settings: DeviceConfig) {
         *lock(&self.added_settings) = Some(settings);
+    }
+
+    /// Makes an admin API device one of the configuration file's.
+    pub(crate) fn clear_added_settings(&self) {
+        *lock(&self.added_settings) = None;
     }
 
     pub(crate) fn is_removed(&self) -> bool {
@@ -726,5 +750,6 @@ fn record(
         queue_mode,
         settings: device.added_settings(),
         removing: false,
+        onboarded: device.is_onboarded_on_demand(),
     }
 }

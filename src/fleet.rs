@@ -18,7 +18,8 @@ use url::Url;
 
 use crate::clock;
 use crate::config::{
-    BufferOwner, ConfigError, DeviceConfig, Lwm2mServerConfig, PsmConfig, ServerRole,
+    BufferOwner, ConfigError, DeviceConfig, Lwm2mServerConfig, OnboardingConfig, PsmConfig,
+    ServerRole,
 };
 use crate::delivery::MtState;
 use crate::devices::tokens::mint_capability_token;
@@ -27,6 +28,7 @@ use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mt::Downlinks;
 use crate::mt::flusher::Flusher;
+use crate::onboarding::{OnboardingPolicy, OnboardingRefusal};
 use crate::queue::DeviceQueue;
 use crate::reachability::Reachability;
 use crate::routing::{KidRoute, Router};
@@ -141,6 +143,8 @@ pub(crate) enum FleetError {
     Socket(#[source] RelayError),
     #[error("the store refused the change: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    NotOnboarded(#[from] OnboardingRefusal),
 }
 
 /// What became of one entry of an accepted batch.
@@ -158,6 +162,28 @@ pub(crate) enum Added {
 pub(crate) enum Source {
     File,
     Api,
+    /// Created on demand (`[onboarding]`): the NEF's NIDD Configuration Trigger.
+    Onboarded,
+}
+
+impl Source {
+    pub(crate) fn of(device: &Device) -> Self {
+        if device.is_onboarded_on_demand() {
+            Self::Onboarded
+        } else if device.is_from_api() {
+            Self::Api
+        } else {
+            Self::File
+        }
+    }
+}
+
+/// What an on-demand request found or made.
+#[derive(Clone)]
+pub(crate) enum Onboarded {
+    Created(Arc<Device>),
+    /// The bridge serves the device already (from any source).
+    Existing(Arc<Device>),
 }
 
 /// Builds devices from their settings and the defaults of the configuration file.
@@ -311,11 +337,41 @@ pub(crate) struct FleetCounts {
     pub(crate) configured: usize,
     pub(crate) from_file: usize,
     pub(crate) from_api: usize,
+    /// Created on demand (`[onboarding]`).
+    pub(crate) onboarded: usize,
     pub(crate) provisioned: usize,
     /// Added while running and waiting for their first NIDD configuration.
     pub(crate) onboarding: usize,
     /// Removed, with their side at the SCEF still being deleted.
     pub(crate) removing: usize,
+}
+
+/// On-demand onboarding as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct OnboardingView {
+    /// Whether the NEF's NIDD Configuration Trigger is accepted.
+    pub(crate) trigger: bool,
+    /// The URL to give the NEF as this bridge's trigger API root (a capability URL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) trigger_url: Option<String>,
+    pub(crate) external_id_domains: Vec<String>,
+    pub(crate) msisdn_prefixes: Vec<String>,
+    pub(crate) max_devices: usize,
+    /// Devices created on demand that the bridge serves now.
+    pub(crate) onboarded: usize,
+}
+
+/// What a re-read of the configuration file's `[[devices]]` did, in devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeedReconciled {
+    pub added: usize,
+    pub changed: usize,
+    /// Added through the admin API before, the file's from now on.
+    pub adopted: usize,
+    /// Declared before, no longer listed: removed as `DELETE` removes one.
+    pub removed: usize,
+    pub unchanged: usize,
 }
 
 /// What the fleet needs besides the device table.
@@ -331,6 +387,8 @@ pub(crate) struct FleetParts {
     pub(crate) release_grace: Duration,
     /// Backoff bounds for deleting a removed device's side at the SCEF.
     pub(crate) retry: (Duration, Duration),
+    /// Who may be created on demand, and with which settings.
+    pub(crate) onboarding: OnboardingConfig,
 }
 
 /// The running bridge's devices and the tasks they run.
@@ -341,6 +399,11 @@ pub(crate) struct Fleet {
     changes: tokio::sync::Mutex<()>,
     runner: OnceLock<Runner>,
     removing: AtomicUsize,
+    /// Devices created on demand that the bridge serves (bounded by the policy).
+    on_demand: AtomicUsize,
+    policy: OnboardingPolicy,
+    /// The settings of every device the configuration file declares now, as last read.
+    file_devices: Mutex<HashMap<DeviceId, DeviceConfig>>,
 }
 
 struct Runner {
@@ -350,14 +413,28 @@ struct Runner {
 }
 
 impl Fleet {
-    /// `pool` holds the addresses of the devices in the table already.
-    pub(crate) fn new(parts: FleetParts, pool: SocketPool) -> Self {
+    /// `pool` holds the addresses of the devices in the table already; `file_devices` are
+    /// the settings of the table's devices that the configuration file declares.
+    pub(crate) fn new(
+        parts: FleetParts,
+        pool: SocketPool,
+        file_devices: HashMap<DeviceId, DeviceConfig>,
+    ) -> Self {
+        let on_demand = parts
+            .devices
+            .iter()
+            .filter(|d| d.is_onboarded_on_demand())
+            .count();
+        let policy = OnboardingPolicy::from_config(&parts.onboarding);
         Self {
             parts,
             pool: Mutex::new(pool),
             changes: tokio::sync::Mutex::new(()),
             runner: OnceLock::new(),
             removing: AtomicUsize::new(0),
+            on_demand: AtomicUsize::new(on_demand),
+            policy,
+            file_devices: Mutex::new(file_devices),
         }
     }
 
@@ -420,12 +497,14 @@ impl Fleet {
 
     pub(crate) fn counts(&self) -> FleetCounts {
         let devices = &self.parts.devices;
-        let from_api = devices.iter().filter(|d| d.is_from_api()).count();
+        let added = devices.iter().filter(|d| d.is_from_api()).count();
+        let onboarded = self.on_demand.load(Ordering::Relaxed).min(added);
         let configured = devices.len();
         FleetCounts {
             configured,
-            from_file: configured - from_api,
-            from_api,
+            from_file: configured - added,
+            from_api: added - onboarded,
+            onboarded,
             provisioned: devices.provisioned_count(),
             onboarding: devices.onboarding_count(),
             removing: self.removing.load(Ordering::Relaxed),
@@ -478,6 +557,17 @@ impl Fleet {
             outcomes.push((id.clone(), Added::Created));
             new.push((id, settings, record));
         }
+        self.insert_new(new, Source::Api)?;
+        Ok(outcomes)
+    }
+
+    /// Binds, builds, stores and starts new devices, all or none.
+    fn insert_new(
+        &self,
+        new: Vec<(DeviceId, DeviceConfig, Option<DeviceRecord>)>,
+        source: Source,
+    ) -> Result<(), FleetError> {
+        let devices = &self.parts.devices;
         let sockets = self.bind_sockets(&new)?;
         let mut inserted: Vec<Arc<Device>> = Vec::with_capacity(new.len());
         for ((id, settings, record), socket) in new.into_iter().zip(sockets) {
@@ -489,7 +579,11 @@ impl Fleet {
                 DeviceQueue::from_entries(Vec::new()),
             );
             let onboarding = nidd.is_none();
-            let device = Arc::new(device.added_with(settings, onboarding));
+            let device = Arc::new(match source {
+                Source::Api => device.added_with(settings, onboarding),
+                Source::Onboarded => device.added_with(settings, onboarding).created_on_demand(),
+                Source::File => device.with_onboarding(onboarding),
+            });
             if let Err(error) = devices.insert(device.clone(), nidd) {
                 tracing::error!(device = %device.id, %error, "cannot store an added device; the batch is undone");
                 for added in inserted {
@@ -501,8 +595,11 @@ impl Fleet {
             inserted.push(device);
         }
         self.publish_configured();
+        if source == Source::Onboarded {
+            self.on_demand.fetch_add(inserted.len(), Ordering::Relaxed);
+        }
         for device in inserted {
-            tracing::info!(device = %device.id, address = %device.socket.local_addr(), "device added");
+            tracing::info!(device = %device.id, address = %device.socket.local_addr(), ?source, "device added");
             self.parts
                 .metrics
                 .device_changes
@@ -511,7 +608,7 @@ impl Fleet {
             self.spawn_device(device);
         }
         self.parts.provisioner.notify_one();
-        Ok(outcomes)
+        Ok(())
     }
 
     /// A socket for every new device: its stored address when it has one and that is free,
@@ -554,6 +651,43 @@ impl Fleet {
             },
             error => FleetError::Socket(error),
         })
+    }
+
+    pub(crate) fn onboarding_view(&self, trigger_url: Option<String>) -> OnboardingView {
+        let config = &self.parts.onboarding;
+        OnboardingView {
+            trigger: config.trigger,
+            trigger_url,
+            external_id_domains: config.external_id_domains.clone(),
+            msisdn_prefixes: config.msisdn_prefixes.clone(),
+            max_devices: config.max_devices,
+            onboarded: self.on_demand.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Creates the device `id` names on demand, if the `[onboarding]` policy allows it and
+    /// the bridge does not serve it yet; its NIDD configuration is created in the background.
+    pub(crate) async fn onboard(&self, id: &DeviceId) -> Result<Onboarded, FleetError> {
+        let _change = self.changes.lock().await;
+        let devices = &self.parts.devices;
+        if let Some(device) = devices.get(id) {
+            return Ok(Onboarded::Existing(device));
+        }
+        self.policy
+            .judge(id, self.on_demand.load(Ordering::Relaxed))?;
+        let settings = self.parts.onboarding.settings_for(id);
+        let record = devices.store().load_device(id)?;
+        if record.as_ref().is_some_and(|r| r.removing) {
+            return Err(FleetError::BeingRemoved {
+                index: 0,
+                id: id.clone(),
+            });
+        }
+        self.insert_new(vec![(id.clone(), settings, record)], Source::Onboarded)?;
+        devices
+            .get(id)
+            .map(Onboarded::Created)
+            .ok_or_else(|| FleetError::Unknown(id.clone()))
     }
 
     /// Changes an API device in place.
@@ -607,6 +741,101 @@ impl Fleet {
         Ok(device)
     }
 
+    /// Brings the devices of the configuration file to `seed`, its `[[devices]]` as read
+    /// again (SIGHUP): an entry not served yet is added, one whose settings changed is
+    /// changed in place, one the admin API added becomes the file's (the file wins, as at
+    /// start-up), and a file device no longer listed is removed as `DELETE` removes one.
+    /// Devices the admin API added are left alone. Every entry is checked first; a seed
+    /// with any bad entry changes nothing.
+    pub(crate) async fn reconcile_file(
+        self: &Arc<Self>,
+        seed: &[DeviceConfig],
+    ) -> Result<SeedReconciled, FleetError> {
+        let _change = self.changes.lock().await;
+        let devices = &self.parts.devices;
+        let mut wanted = Vec::with_capacity(seed.len());
+        let mut seen = HashMap::with_capacity(seed.len());
+        for (index, settings) in seed.iter().enumerate() {
+            let id = self
+                .parts
+                .factory
+                .check(settings)
+                .map_err(|source| FleetError::Invalid { index, source })?;
+            if seen.insert(id.clone(), index).is_some() {
+                return Err(FleetError::Repeated { index, id });
+            }
+            wanted.push((index, id, settings.clone()));
+        }
+        let previous = lock(&self.file_devices).clone();
+        let mut outcome = SeedReconciled::default();
+        let (mut new, mut changed, mut adopted) = (Vec::new(), Vec::new(), Vec::new());
+        for (index, id, settings) in wanted {
+            match devices.get(&id) {
+                Some(device) if device.is_from_api() => adopted.push((device, settings)),
+                Some(_) if previous.get(&id) == Some(&settings) => outcome.unchanged += 1,
+                Some(device) => changed.push((device, settings)),
+                None => {
+                    let record = devices.store().load_device(&id)?;
+                    if record.as_ref().is_some_and(|r| r.removing) {
+                        return Err(FleetError::BeingRemoved { index, id });
+                    }
+                    new.push((id, settings, record));
+                }
+            }
+        }
+        let departed: Vec<Arc<Device>> = previous
+            .keys()
+            .filter(|id| !seen.contains_key(*id))
+            .filter_map(|id| devices.get(id))
+            .filter(|device| !device.is_from_api())
+            .collect();
+        let mut file_devices: HashMap<DeviceId, DeviceConfig> = previous
+            .into_iter()
+            .filter(|(id, _)| seen.contains_key(id))
+            .collect();
+        outcome.added = new.len();
+        let added: Vec<(DeviceId, DeviceConfig)> = new
+            .iter()
+            .map(|(id, settings, _)| (id.clone(), settings.clone()))
+            .collect();
+        self.insert_new(new, Source::File)?;
+        file_devices.extend(added);
+        for (device, settings) in adopted {
+            let api_settings = device.added_settings();
+            device.clear_added_settings();
+            if let Err(error) = devices.rewrite_record(&device) {
+                if let Some(api_settings) = api_settings {
+                    device.set_added_settings(api_settings);
+                }
+                *lock(&self.file_devices) = file_devices;
+                return Err(error.into());
+            }
+            self.parts.factory.apply(&device, &settings);
+            tracing::info!(device = %device.id, "device added through the admin API is now the configuration file's");
+            file_devices.insert(device.id.clone(), settings);
+            outcome.adopted += 1;
+        }
+        for (device, settings) in changed {
+            self.parts.factory.apply(&device, &settings);
+            device.wake.notify_one();
+            tracing::info!(device = %device.id, "device changed in the configuration file");
+            self.parts
+                .metrics
+                .device_changes
+                .with_label_values(&["changed"])
+                .inc();
+            file_devices.insert(device.id.clone(), settings);
+            outcome.changed += 1;
+        }
+        *lock(&self.file_devices) = file_devices;
+        for device in departed {
+            self.remove_now(device).await?;
+            outcome.removed += 1;
+        }
+        self.parts.provisioner.notify_one();
+        Ok(outcome)
+    }
+
     /// Removes an API device: from now on its callback URLs are refused and it is no longer
     /// listed; its queue is purged. Its NIDD configuration and subscription are deleted at
     /// the SCEF in the background (retried until they are, or until the next start does it).
@@ -620,8 +849,18 @@ impl Fleet {
         if !device.is_from_api() {
             return Err(FleetError::FileDevice { id: id.clone() });
         }
-        self.parts.devices.remove(id)?;
-        self.stop_device(id);
+        self.remove_now(device).await
+    }
+
+    /// Takes a device out (under the change lock) and deletes its side at the SCEF in the
+    /// background.
+    async fn remove_now(self: &Arc<Self>, device: Arc<Device>) -> Result<(), FleetError> {
+        let id = device.id.clone();
+        self.parts.devices.remove(&id)?;
+        if device.is_onboarded_on_demand() {
+            self.on_demand.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.stop_device(&id);
         self.publish_configured();
         let purged = self.parts.downlinks.purge(&device).await;
         self.parts
@@ -763,5 +1002,130 @@ impl Fleet {
             .metrics
             .devices_configured
             .set(i64::try_from(self.parts.devices.len()).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::DeviceConfig;
+    use crate::http::test_support::{DEVICE_A, DEVICE_B, Harness};
+
+    use super::*;
+
+    fn declared(external_id: &str) -> DeviceConfig {
+        DeviceConfig {
+            external_id: Some(external_id.into()),
+            ..DeviceConfig::default()
+        }
+    }
+
+    fn file_a() -> DeviceConfig {
+        declared(DEVICE_A)
+    }
+
+    fn file_b() -> DeviceConfig {
+        DeviceConfig {
+            msisdn: Some(DEVICE_B.into()),
+            ..DeviceConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reread_seed_adds_changes_adopts_and_removes_only_file_devices() {
+        let harness = Harness::new().await;
+        let fleet = harness.fleet();
+        let b_renamed = DeviceConfig {
+            endpoint_name: Some("urn:dev:b".into()),
+            ..file_b()
+        };
+        let outcome = fleet
+            .reconcile_file(&[file_a(), b_renamed, declared("c@iot.example")])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            SeedReconciled {
+                added: 1,
+                changed: 1,
+                unchanged: 1,
+                ..SeedReconciled::default()
+            }
+        );
+        let c = harness.device("c@iot.example");
+        assert!(!c.is_from_api());
+        assert_eq!(
+            harness.device(DEVICE_B).endpoint_name().as_deref(),
+            Some("urn:dev:b")
+        );
+
+        // One device through the API that the file then declares, one it never does.
+        fleet
+            .add(vec![declared("d@iot.example"), declared("e@iot.example")])
+            .await
+            .unwrap();
+        let outcome = fleet
+            .reconcile_file(&[
+                file_a(),
+                declared("c@iot.example"),
+                declared("d@iot.example"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            SeedReconciled {
+                adopted: 1,
+                removed: 1,
+                unchanged: 2,
+                ..SeedReconciled::default()
+            }
+        );
+        assert!(harness.devices.get(&DEVICE_B.parse().unwrap()).is_none());
+        assert!(!harness.device("d@iot.example").is_from_api());
+        let d_record = harness
+            .devices
+            .store()
+            .device(&"d@iot.example".parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert!(
+            d_record.settings.is_none(),
+            "adopted: the file's from now on"
+        );
+        assert!(harness.device("e@iot.example").is_from_api());
+        assert!(matches!(
+            fleet.remove(&"d@iot.example".parse().unwrap()).await,
+            Err(FleetError::FileDevice { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_seed_with_a_bad_entry_changes_nothing() {
+        let harness = Harness::new().await;
+        let fleet = harness.fleet();
+        let refused = fleet
+            .reconcile_file(&[declared("c@iot.example"), declared("not an identity")])
+            .await;
+        assert!(
+            matches!(refused, Err(FleetError::Invalid { index: 1, .. })),
+            "{refused:?}"
+        );
+        let repeated = fleet
+            .reconcile_file(&[file_a(), declared("c@iot.example"), file_a()])
+            .await;
+        assert!(
+            matches!(repeated, Err(FleetError::Repeated { index: 2, .. })),
+            "{repeated:?}"
+        );
+        assert_eq!(harness.devices.len(), 2);
+        assert!(
+            harness
+                .devices
+                .get(&"c@iot.example".parse().unwrap())
+                .is_none()
+        );
+        // A and B are still the file's: a good seed without B removes it.
+        let outcome = fleet.reconcile_file(&[file_a()]).await.unwrap();
+        assert_eq!(outcome.removed, 1);
     }
 }

@@ -1,4 +1,5 @@
-//! The bridge's two HTTP listeners: [`callback`] (T8 notifications from the SCEF) and [`admin`]
+//! The bridge's two HTTP listeners: [`callback`] (T8 notifications from the SCEF, and the
+//! NEF's NIDD Configuration Trigger, [`trigger`]) and [`admin`]
 //! (metrics, health, readiness, the device API), with RFC 7807 answers from [`problem`], both
 //! served by [`listener`] (HTTP/1.1, timeouts, connection cap) with optional [`tls`] and, on
 //! the callback listener, the per-token [`rate_limit`].
@@ -9,8 +10,9 @@ pub(crate) mod listener;
 pub(crate) mod problem;
 pub(crate) mod rate_limit;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 pub(crate) mod tls;
+pub(crate) mod trigger;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

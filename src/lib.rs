@@ -15,6 +15,7 @@
 //! - state: `devices` (the device table and per-device state), `socket` (the per-device UDP
 //!   sockets), `store` (sled), [`t8`] (T8 bodies and the client), `metrics` (Prometheus).
 //! - sans-IO core: `delivery` (the MT delivery engine), `queue` (MT queue policy),
+//!   `onboarding` (who may be created on demand),
 //!   `reachability`, `routing`, [`coap`] (read-only datagram inspection), [`config`],
 //!   [`identity`] (External Identifier, MSISDN, `urn:nai`) and [`clock`], the one place the
 //!   clock is read.
@@ -37,6 +38,7 @@ pub mod identity;
 mod metrics;
 mod mo;
 mod mt;
+mod onboarding;
 mod provision;
 mod queue;
 mod reachability;
@@ -49,6 +51,7 @@ pub use bridge::{
     BoundBridge, Bridge, BridgeError, BridgeHandle, Reload, reload_on_sighup, shutdown_signal,
 };
 pub use config::Config;
+pub use fleet::SeedReconciled;
 pub use identity::{DeviceId, ExternalId, Msisdn};
 pub use store::StoreError;
 #[cfg(any(test, feature = "store-faults"))]

@@ -153,9 +153,12 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // SIGHUP reloads the listeners' TLS certificates without dropping a connection; handled
-    // from before the process says it listens.
-    tokio::spawn(nidd_bridge::reload_on_sighup(bridge.reload()));
+    // SIGHUP reloads the listeners' TLS certificates without dropping a connection, and the
+    // file's [[devices]]; handled from before the process says it listens.
+    tokio::spawn(nidd_bridge::reload_on_sighup(
+        bridge.reload(),
+        Some(path.clone()),
+    ));
     // One machine-readable line for supervisors and tests that start the bridge on port 0.
     println!(
         "{}",

@@ -42,6 +42,10 @@ pub struct Metrics {
     pub configuration_listings: IntCounterVec,
     pub devices_configured: IntGauge,
     pub device_changes: IntCounterVec,
+    /// Re-reads of the configuration file's `[[devices]]` (SIGHUP), by outcome.
+    pub device_seed_reloads: IntCounterVec,
+    /// Requests to create a device on demand, by how they came and outcome.
+    pub onboarding_requests: IntCounterVec,
     pub devices_provisioned: IntGauge,
     pub socket_reallocations: IntCounter,
     pub mt_queue_accepted: IntCounter,
@@ -210,8 +214,18 @@ impl Metrics {
             )?,
             device_changes: counter_vec(
                 "device_changes_total",
-                "Devices added, changed and removed through the admin API, and removals finished at the SCEF (added, changed, removed, removal_finished)",
+                "Devices added, changed and removed through the admin API or a re-read configuration file, and removals finished at the SCEF (added, changed, removed, removal_finished, refused)",
                 &["change"],
+            )?,
+            onboarding_requests: counter_vec(
+                "onboarding_requests_total",
+                "Requests to create a device on demand, by how they came (trigger: the NEF's NIDD Configuration Trigger) and outcome (created, existing, not_allowed, limit, pool_exhausted, foreign_af, invalid, unknown_url, failed, shutting_down)",
+                &["via", "outcome"],
+            )?,
+            device_seed_reloads: counter_vec(
+                "device_seed_reloads_total",
+                "Re-reads of the configuration file's [[devices]] on SIGHUP, by outcome (applied, invalid)",
+                &["outcome"],
             )?,
             devices_provisioned: gauge(
                 "devices_provisioned",

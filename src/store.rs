@@ -44,6 +44,9 @@ pub(crate) const DEVICES_TREE: &str = "devices";
 pub(crate) const QUARANTINE_TREE: &str = "quarantine";
 /// sled tree the health probe writes to.
 const HEALTH_TREE: &str = "health";
+/// sled tree of on-demand onboarding: the trigger URL's capability token.
+const ONBOARDING_TREE: &str = "onboarding";
+const TRIGGER_TOKEN_KEY: &[u8] = b"trigger_token";
 
 /// How long `open` waits for the file lock of a database that is still being closed.
 const LOCK_ATTEMPTS: u32 = 100;
@@ -118,6 +121,9 @@ pub(crate) struct DeviceRecord {
     /// The device was removed; its side at the SCEF may still have to be deleted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removing: bool,
+    /// Created on demand (`[onboarding]`), not through the admin API; with `settings`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub onboarded: bool,
 }
 
 /// A record moved out of its tree because it could not be decoded.
@@ -393,6 +399,26 @@ impl Store {
         })
     }
 
+    /// The capability token of the NIDD Configuration Trigger URL: the stored one, or one
+    /// `mint` makes now and the store keeps (flushed), so the URL the NEF was given holds
+    /// across restarts.
+    pub(crate) fn trigger_token(
+        &self,
+        mint: impl FnOnce() -> String,
+    ) -> Result<String, StoreError> {
+        if let Some(stored) = self.read(ONBOARDING_TREE, |tree| tree.get(TRIGGER_TOKEN_KEY))?
+            && let Ok(token) = String::from_utf8(stored.to_vec())
+        {
+            return Ok(token);
+        }
+        let token = mint();
+        self.write(ONBOARDING_TREE, |tree| {
+            tree.insert(TRIGGER_TOKEN_KEY, token.as_bytes()).map(|_| ())
+        })?;
+        self.flush_blocking()?;
+        Ok(token)
+    }
+
     pub(crate) fn remove_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.write(DEVICES_TREE, |tree| {
             tree.remove(id.canonical().as_bytes()).map(|_| ())
@@ -495,8 +521,7 @@ impl Store {
         result
     }
 
-    /// Writes everything to disk from synchronous code.
-    #[cfg(test)]
+    /// Writes everything to disk from synchronous code (start-up, tests).
     pub(crate) fn flush_blocking(&self) -> Result<(), StoreError> {
         self.check_flush()?;
         let ticket = self.inner.health.ticket();
@@ -623,6 +648,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_trigger_token_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path())
+            .unwrap()
+            .trigger_token(|| "first".into())
+            .unwrap();
+        assert_eq!(first, "first");
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.trigger_token(|| "second".into()).unwrap(), "first");
+    }
+
+    #[test]
     fn records_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let id: DeviceId = "a@x".parse().unwrap();
@@ -645,6 +682,7 @@ mod tests {
                 ..Default::default()
             }),
             removing: true,
+            onboarded: true,
         };
         {
             let store = Store::open(dir.path()).unwrap();
@@ -676,6 +714,7 @@ mod fault_tests {
             queue_mode: QueueMode::default(),
             settings: None,
             removing: false,
+            onboarded: false,
         }
     }
 

@@ -44,6 +44,8 @@ pub(crate) struct AdminState {
     /// Host check and bearer token, in front of every route.
     pub(crate) guard: AdminGuard,
     pub(crate) rotation: CallbackRotation,
+    /// The NIDD Configuration Trigger URL to give the NEF (a capability URL: admin only).
+    pub(crate) trigger_url: Option<String>,
 }
 
 pub(crate) fn router(shared: AdminState) -> Router {
@@ -57,6 +59,7 @@ pub(crate) fn router(shared: AdminState) -> Router {
             get(list_devices).post(changes::add_devices),
         )
         .route("/api/v1/fleet", get(changes::fleet_counts))
+        .route("/api/v1/onboarding", get(changes::onboarding))
         .route("/api/v1/store/quarantine", get(list_quarantine))
         .route(
             "/api/v1/devices/{device}",
@@ -268,11 +271,7 @@ fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
         external_id: device.id.external_id().map(ToString::to_string),
         msisdn: device.id.msisdn().map(ToString::to_string),
         endpoint_name: device.endpoint_name(),
-        source: if device.is_from_api() {
-            Source::Api
-        } else {
-            Source::File
-        },
+        source: Source::of(device),
         udp_address: device.socket.local_addr().to_string(),
         nidd_configuration: nidd.map(|n| ConfigurationView {
             self_link: n.location.to_string(),

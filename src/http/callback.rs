@@ -19,6 +19,7 @@ use crate::delivery::instant_of;
 use crate::devices::{Device, DeviceTable, NiddState, WakeSource};
 use crate::http::Lifecycle;
 use crate::http::problem::{method_not_allowed, problem_response};
+use crate::http::trigger::{TRIGGER_PATH, TriggerState, configuration_trigger};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mo::{UplinkError, UplinkRefusal, Uplinks};
@@ -39,6 +40,8 @@ pub(crate) struct CallbackState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) max_body_bytes: usize,
     pub(crate) lifecycle: Lifecycle,
+    /// The NEF's NIDD Configuration Trigger endpoint, served beside the notifications.
+    pub(crate) trigger: TriggerState,
 }
 
 /// Why a notification was refused. Each maps to one HTTP status and one `cause`.
@@ -121,6 +124,14 @@ pub(crate) fn router(state: CallbackState) -> Router {
         .route("/t8/v1/nidd/{token}", post(nidd_notification))
         .route("/t8/v1/monitoring/{token}", post(monitoring_notification))
         .route("/t8/v1/triggering/{token}", post(triggering_notification))
+        .route(
+            &format!("{TRIGGER_PATH}/{{token}}"),
+            post(configuration_trigger).with_state(state.trigger.clone()),
+        )
+        .route(
+            &format!("{TRIGGER_PATH}/{{token}}/"),
+            post(configuration_trigger).with_state(state.trigger.clone()),
+        )
         // After the routes: it applies to the routes already added. axum keeps the `Allow`
         // header; the body becomes a problem document like every other refusal here.
         .method_not_allowed_fallback(method_not_allowed)

@@ -21,8 +21,8 @@ use tower::ServiceExt;
 use url::Url;
 
 use crate::config::{
-    AdminConfig, Lwm2mServerConfig, NiddDefaults, OneOrMany, PortRange, PsmConfig, ScefConfig,
-    ServerRole, SocketsConfig,
+    AdminConfig, DeviceConfig, Lwm2mServerConfig, NiddDefaults, OnboardingConfig, OneOrMany,
+    PortRange, PsmConfig, ScefConfig, ServerRole, SocketsConfig,
 };
 use crate::delivery::ScefTimeLimits;
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
@@ -31,6 +31,7 @@ use crate::http::Lifecycle;
 use crate::http::admin::auth::AdminGuard;
 use crate::http::admin::{self, AdminState};
 use crate::http::callback::{self, CallbackState};
+use crate::http::trigger::TriggerState;
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mo::{ServerAddress, Uplinks};
@@ -44,6 +45,8 @@ use crate::store::{Store, StoreFaults, StoreOptions};
 use crate::t8::{NiddStatus, T8Client};
 
 /// Device A of the fixtures: its External Identifier, callback token and configuration.
+/// The token of the harness's NIDD Configuration Trigger URL.
+pub(crate) const TRIGGER_TOKEN: &str = "0123456789abcdef0123456789abcdef";
 pub(crate) const DEVICE_A: &str = "123456789@iot.example";
 pub(crate) const TOKEN_A: &str = "9f2c4e7a1b3d5f60718293a4b5c6d7e8";
 pub(crate) const CONFIGURATION_A: &str =
@@ -247,6 +250,13 @@ impl Harness {
                 provisioner: Arc::new(tokio::sync::Notify::new()),
                 release_grace: Duration::from_millis(100),
                 retry: (Duration::from_millis(10), Duration::from_millis(100)),
+                onboarding: OnboardingConfig {
+                    trigger: true,
+                    external_id_domains: vec!["fleet.example".into()],
+                    msisdn_prefixes: vec!["4915".into()],
+                    max_devices: 3,
+                    ..OnboardingConfig::default()
+                },
             },
             SocketPool::new(&SocketsConfig {
                 bind: OneOrMany::One([127, 0, 0, 1].into()),
@@ -256,6 +266,19 @@ impl Harness {
                 }),
                 release_grace_s: 0,
             }),
+            // A and B are the configuration file's.
+            [DEVICE_A, DEVICE_B]
+                .into_iter()
+                .map(|id| {
+                    let id: DeviceId = id.parse().expect("fixture identity");
+                    let settings = DeviceConfig {
+                        external_id: id.external_id().map(ToString::to_string),
+                        msisdn: id.msisdn().map(ToString::to_string),
+                        ..DeviceConfig::default()
+                    };
+                    (id, settings)
+                })
+                .collect(),
         ));
         let provisioner = Provisioner::new(
             devices.clone(),
@@ -277,6 +300,15 @@ impl Harness {
             metrics: metrics.clone(),
             max_body_bytes: MAX_BODY_BYTES,
             lifecycle: lifecycle.clone(),
+            trigger: TriggerState {
+                token: Some(Arc::from(TRIGGER_TOKEN)),
+                af_id: Arc::from("bridge-1"),
+                fleet: fleet.clone(),
+                reprovision: provisioner.reprovision(),
+                metrics: metrics.clone(),
+                lifecycle: lifecycle.clone(),
+                max_body_bytes: MAX_BODY_BYTES,
+            },
         };
         let admin = AdminState {
             devices: devices.clone(),
@@ -291,6 +323,9 @@ impl Harness {
             )
             .expect("admin guard without a token"),
             rotation: provisioner.callback_rotation(),
+            trigger_url: Some(format!(
+                "http://127.0.0.1:8081/t8/v1/nidd-configuration-trigger/{TRIGGER_TOKEN}"
+            )),
         };
         Self {
             devices,
@@ -305,6 +340,11 @@ impl Harness {
             _committer: committer.drop_guard(),
             _store_dir: store_dir,
         }
+    }
+
+    /// The fleet the admin API changes.
+    pub(crate) fn fleet(&self) -> Arc<Fleet> {
+        self.admin.fleet.clone()
     }
 
     pub(crate) fn device(&self, id: &str) -> Arc<Device> {

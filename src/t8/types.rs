@@ -713,6 +713,26 @@ pub struct DeviceTriggeringDeliveryReportNotification {
     pub result: DeliveryResult,
 }
 
+/// `NiddConfigurationTrigger` (TS 29.522): the NEF asks the AF to create a NIDD configuration
+/// for the UE `gpsi` names, which has none. Every field is required.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NiddConfigurationTrigger {
+    pub af_id: String,
+    pub nef_id: String,
+    /// `msisdn-<digits>` or `extid-<local@domain>` (TS 29.571 `Gpsi`).
+    pub gpsi: String,
+    /// TS 29.571 `SupportedFeatures`: hexadecimal digits.
+    pub supp_feat: String,
+}
+
+/// `NiddConfigurationTriggerReply` (TS 29.522).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NiddConfigurationTriggerReply {
+    pub supp_feat: String,
+}
+
 open_enum!(
     /// `MonitoringType` (the ones the bridge uses are named; any other is kept verbatim).
     MonitoringType {

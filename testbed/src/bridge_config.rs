@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{
     AdminConfig, CallbackConfig, Config, ConfigError, DeviceConfig, HexBytes, ListenerLimits,
-    Lwm2mServerConfig, NiddDefaults, OneOrMany, PortRange, PsmConfig, ScefConfig, ServerRole,
-    SocketsConfig, StoreConfig, TokenRateLimit,
+    Lwm2mServerConfig, NiddDefaults, OnboardingConfig, OneOrMany, PortRange, PsmConfig, ScefConfig,
+    ServerRole, SocketsConfig, StoreConfig, TokenRateLimit,
 };
 use url::Url;
 
@@ -107,6 +107,7 @@ impl BridgeConfigBuilder {
                 nidd: NiddDefaults::default(),
                 psm: PsmConfig::default(),
                 devices: Vec::new(),
+                onboarding: OnboardingConfig::default(),
             },
         }
     }
@@ -156,6 +157,12 @@ impl BridgeConfigBuilder {
     /// Sets the PSM-aware MT defaults (`[psm]`).
     pub fn psm(mut self, options: impl FnOnce(&mut PsmConfig)) -> Self {
         options(&mut self.config.psm);
+        self
+    }
+
+    /// Sets on-demand onboarding (`[onboarding]`).
+    pub fn onboarding(mut self, options: impl FnOnce(&mut OnboardingConfig)) -> Self {
+        options(&mut self.config.onboarding);
         self
     }
 

@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["devices"],
     &["delivery"],
     &["socket", "store", "t8"],
-    &["metrics", "queue", "reachability"],
+    &["metrics", "onboarding", "queue", "reachability"],
     &["config"],
     &["routing"],
     &["coap", "identity", "clock"],

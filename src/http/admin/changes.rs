@@ -118,6 +118,8 @@ fn refusal(error: &FleetError) -> Response {
         FleetError::PoolExhausted { .. } => (StatusCode::CONFLICT, "SOCKET_POOL_EXHAUSTED"),
         FleetError::Socket(_) => (StatusCode::SERVICE_UNAVAILABLE, "SOCKET_UNAVAILABLE"),
         FleetError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE"),
+        // On-demand creation only; the admin API adds whom it is told to.
+        FleetError::NotOnboarded(_) => (StatusCode::FORBIDDEN, "ONBOARDING_NOT_ALLOWED"),
     };
     problem_response(status, cause, error.to_string())
 }
@@ -294,6 +296,12 @@ pub(super) async fn remove_device(
 /// How many devices there are, where from, and how far onboarding has come.
 pub(super) async fn fleet_counts(State(shared): State<AdminState>) -> Response {
     Json(shared.fleet.counts()).into_response()
+}
+
+/// On-demand onboarding: the trigger URL to give the NEF, the rules, and how many devices
+/// were created on demand.
+pub(super) async fn onboarding(State(shared): State<AdminState>) -> Response {
+    Json(shared.fleet.onboarding_view(shared.trigger_url.clone())).into_response()
 }
 
 #[cfg(test)]
