@@ -24,13 +24,18 @@ fn schema() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("openapi/nidd-bridge.yaml")
 }
 
-/// A schemathesis configuration: the device's token for every `{token}`, no report files.
-fn config(dir: &std::path::Path, token: &str) -> PathBuf {
+/// A schemathesis configuration: the device's token for every `{token}` but the NIDD
+/// Configuration Trigger's, which gets its own; no report files.
+fn config(dir: &std::path::Path, token: &str, trigger_token: &str) -> PathBuf {
     let path = dir.join("schemathesis.toml");
     let text = format!(
         r#"
 [parameters]
 "path.token" = "{token}"
+
+[[operations]]
+include-operation-id = "receiveNiddConfigurationTrigger"
+parameters = {{ "path.token" = "{trigger_token}" }}
 
 # A refused schema-invalid request is a 4xx that says so: 400 (or 413 for a body over the
 # limit, 415 for a media type, 404/405 for a path or method that does not exist, 401 for an
@@ -75,13 +80,32 @@ async fn both_listeners_keep_to_the_projects_openapi() {
                     callback.rate_limit.burst = 100_000;
                 })
                 .admin(|admin| admin.bearer_token_file = Some(token_file))
+                // The trigger's examples name this AF and these identities.
+                .onboarding(|onboarding| {
+                    onboarding.trigger = true;
+                    onboarding.af_id = Some("bridge-1".into());
+                    onboarding.external_id_domains = vec!["fleet.example".into()];
+                    onboarding.msisdn_prefixes = vec!["4915".into()];
+                    onboarding.max_devices = 50;
+                })
         })
         .start()
         .await
         .unwrap();
     let url = bed.bridge().callback_url(&id);
     let token = url.rsplit('/').next().unwrap().to_string();
-    let config = config(dir.path(), &token);
+    let onboarding: serde_json::Value = bed
+        .bridge()
+        .admin_get("/api/v1/onboarding")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let trigger_url = onboarding["triggerUrl"].as_str().unwrap();
+    let trigger_token = trigger_url.rsplit('/').next().unwrap().to_string();
+    let config = config(dir.path(), &token, &trigger_token);
     let callback = format!("http://{}", bed.bridge().callback_addr);
     let admin = format!("http://{}", bed.bridge().admin_addr);
 
@@ -181,5 +205,10 @@ async fn both_listeners_keep_to_the_projects_openapi() {
         "nidd_bridge_callbacks_total{kind=\"uplink\",outcome=\"accepted\"}",
     );
     assert!(accepted >= 1.0, "no uplink was forwarded:\n{metrics}");
+    let created = metric(
+        &metrics,
+        "nidd_bridge_onboarding_requests_total{outcome=\"created\",via=\"trigger\"}",
+    );
+    assert!(created >= 1.0, "no trigger created a device:\n{metrics}");
     bed.finish().await;
 }
