@@ -15,6 +15,7 @@ use url::Url;
 
 use crate::config::{Config, DeviceConfig, ListenerLimits, SecretSource, TokenRateLimit};
 use crate::delivery::ScefTimeLimits;
+use crate::devices::groups::GroupTable;
 use crate::devices::tokens::mint_capability_token;
 use crate::devices::{Device, DeviceTable};
 use crate::fleet::{DeviceFactory, Fleet, FleetParts, SeedReconciled};
@@ -23,7 +24,7 @@ use crate::http::admin::auth::AdminGuard;
 use crate::http::admin::{self, ADMIN_MAX_BODY_BYTES, AdminState};
 use crate::http::callback::{self, CallbackState};
 use crate::http::listener::{self, ListenerSettings};
-use crate::http::rate_limit::TokenRateLimiter;
+use crate::http::rate_limit::{TokenClass, TokenRateLimiter};
 use crate::http::tls::{ReloadableTls, TlsFiles};
 use crate::http::trigger::{TriggerState, trigger_url};
 use crate::identity::DeviceId;
@@ -91,6 +92,7 @@ pub struct BoundBridge {
 struct Parts {
     listeners: ListenerParts,
     devices: Arc<DeviceTable>,
+    groups: Arc<GroupTable>,
     fleet: Arc<Fleet>,
     uplinks: Uplinks,
     downlinks: Arc<Downlinks>,
@@ -311,8 +313,14 @@ impl Bridge {
         };
 
         let kid_routes: Arc<[crate::routing::KidRoute]> = Arc::from(config.kid_routes());
-        let factory =
-            DeviceFactory::new(config.psm.clone(), config.lwm2m_servers.clone(), kid_routes);
+        // Groups before devices: a member's configuration is its group's.
+        let groups = Arc::new(GroupTable::load(&store, &config.groups)?);
+        let factory = DeviceFactory::new(
+            config.psm.clone(),
+            config.lwm2m_servers.clone(),
+            kid_routes,
+            groups.clone(),
+        );
         let seeds = device_seeds(&config, &factory, &store)?;
         ensure_file_descriptors(
             seeds.len(),
@@ -420,6 +428,7 @@ impl Bridge {
         }
         let provisioner = Provisioner::new(
             devices.clone(),
+            groups.clone(),
             t8.clone(),
             config.scef.clone(),
             config.nidd.clone(),
@@ -484,6 +493,7 @@ impl Bridge {
             parts: Parts {
                 listeners: listener_parts,
                 devices,
+                groups,
                 fleet,
                 uplinks,
                 downlinks,
@@ -530,6 +540,7 @@ impl BoundBridge {
         let Parts {
             listeners: listener_parts,
             devices,
+            groups,
             fleet,
             uplinks,
             downlinks,
@@ -559,9 +570,18 @@ impl BoundBridge {
         }
         tasks.spawn(provisioner.run(cancel.clone()));
         let known_tokens = {
-            let (devices, trigger_token) = (devices.clone(), trigger_token.clone());
+            let (devices, groups, trigger_token) =
+                (devices.clone(), groups.clone(), trigger_token.clone());
             Arc::new(move |token: &str| {
-                devices.by_token(token).is_some() || trigger_token.as_deref() == Some(token)
+                if groups.by_token(token).is_some() {
+                    TokenClass::Unlimited
+                } else if devices.by_token(token).is_some()
+                    || trigger_token.as_deref() == Some(token)
+                {
+                    TokenClass::Limited
+                } else {
+                    TokenClass::Unknown
+                }
             })
         };
         let callback_settings = ListenerSettings {
@@ -603,6 +623,8 @@ impl BoundBridge {
             max_body_bytes,
             lifecycle: lifecycle.clone(),
             trigger,
+            groups: groups.clone(),
+            fleet: fleet.clone(),
         });
         let admin_app = admin::router(AdminState {
             devices: devices.clone(),
@@ -613,6 +635,7 @@ impl BoundBridge {
             guard: admin_guard,
             rotation,
             trigger_url: trigger_token.map(|token| trigger_url(&public_url, &token)),
+            groups: groups.clone(),
         });
         let callback_server = listener::serve(
             self.callback_listener,

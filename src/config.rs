@@ -11,7 +11,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use crate::identity::DeviceId;
+use crate::identity::{DeviceId, ExternalId};
 
 /// The commented example configuration shipped with the project (`print-default-config`).
 pub const EXAMPLE_CONFIG: &str = include_str!("../deploy/nidd-bridge.example.toml");
@@ -67,6 +67,71 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     #[serde(default)]
     pub onboarding: OnboardingConfig,
+    #[serde(default)]
+    pub groups: Vec<GroupConfig>,
+}
+
+/// One group of UEs the SCEF knows by an External Group Identifier (TS 23.682), served by one
+/// NIDD configuration (`externalGroupId`). Members are devices: declared with `group` in
+/// `[[devices]]` or the admin API, or created on their first uplink under `[onboarding]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// `local@domain`, the form of an External Identifier.
+    pub external_group_id: String,
+    /// The settings of a member created on its first uplink, as a `[[devices]]` entry has them.
+    #[serde(default)]
+    pub lwm2m_server: Option<String>,
+    #[serde(default)]
+    pub buffer_owner: Option<BufferOwner>,
+    #[serde(default)]
+    pub active_window_s: Option<u64>,
+    #[serde(default)]
+    pub monitoring: Option<bool>,
+    #[serde(default)]
+    pub trigger_after_s: Option<u64>,
+}
+
+impl GroupConfig {
+    /// The group's identity.
+    pub fn group_id(&self) -> Result<ExternalId, ConfigError> {
+        self.external_group_id.parse().map_err(|e| {
+            ConfigError::Invalid(format!(
+                "group {:?}: external_group_id: {e}",
+                self.external_group_id
+            ))
+        })
+    }
+
+    /// The settings a member created on its first uplink gets.
+    pub fn member_settings(&self, id: &DeviceId) -> DeviceConfig {
+        DeviceConfig {
+            external_id: id.external_id().map(ToString::to_string),
+            msisdn: id.msisdn().map(ToString::to_string),
+            endpoint_name: None,
+            lwm2m_server: self.lwm2m_server.clone(),
+            buffer_owner: self.buffer_owner,
+            active_window_s: self.active_window_s,
+            monitoring: self.monitoring,
+            trigger_after_s: self.trigger_after_s,
+            group: Some(self.external_group_id.clone()),
+        }
+    }
+
+    /// Checks the group against the servers its members may name; its identity when valid.
+    pub fn check(&self, servers: &[Lwm2mServerConfig]) -> Result<ExternalId, ConfigError> {
+        let id = self.group_id()?;
+        let example: DeviceId = "10000"
+            .parse()
+            .map_err(|e: crate::identity::IdentityError| ConfigError::Invalid(e.to_string()))?;
+        DeviceConfig {
+            group: None,
+            ..self.member_settings(&example)
+        }
+        .check(servers)
+        .map_err(|error| ConfigError::Invalid(format!("group {id}: member settings: {error}")))?;
+        Ok(id)
+    }
 }
 
 /// Devices the bridge creates on demand, when the network names one it does not serve: the
@@ -138,6 +203,7 @@ impl OnboardingConfig {
             active_window_s: self.active_window_s,
             monitoring: self.monitoring,
             trigger_after_s: self.trigger_after_s,
+            group: None,
         }
     }
 
@@ -917,6 +983,10 @@ pub struct DeviceConfig {
     pub active_window_s: Option<u64>,
     pub monitoring: Option<bool>,
     pub trigger_after_s: Option<u64>,
+    /// The `external_group_id` of the `[[groups]]` entry this device is a member of: its
+    /// traffic goes through the group's NIDD configuration instead of one of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// NB-IoT's active timer T3324 runs from 2 s to 186 min.
@@ -972,6 +1042,18 @@ impl DeviceConfig {
             .and_then(|name| servers.iter().position(|s| &s.name == name))
             .or_else(|| servers.iter().position(|s| s.role == ServerRole::Dm))
             .unwrap_or(0)
+    }
+
+    /// What is wrong with the group the entry names, given the groups configured.
+    pub fn group_problem(&self, groups: &HashSet<ExternalId>) -> Option<String> {
+        let name = self.group.as_ref()?;
+        match name.parse::<ExternalId>() {
+            Ok(id) if groups.contains(&id) => None,
+            Ok(_) => Some(format!(
+                "names unknown group {name:?} (no [[groups]] entry)"
+            )),
+            Err(error) => Some(format!("group {name:?}: {error}")),
+        }
     }
 
     pub fn device_id(&self) -> Result<DeviceId, ConfigError> {
@@ -1368,11 +1450,21 @@ impl Config {
         {
             return invalid("at most one bootstrap server can be configured".into());
         }
+        let mut groups = HashSet::new();
+        for group in &self.groups {
+            let id = group.check(&self.lwm2m_servers)?;
+            if !groups.insert(id.clone()) {
+                return invalid(format!("group {id} is listed twice"));
+            }
+        }
         let mut ids = HashSet::new();
         for device in &self.devices {
             let id = device.check(&self.lwm2m_servers)?;
             if !ids.insert(id.clone()) {
                 return invalid(format!("device {id} is listed twice"));
+            }
+            if let Some(problem) = device.group_problem(&groups) {
+                return invalid(format!("device {id}: {problem}"));
             }
         }
         let capacity = self.sockets.capacity();

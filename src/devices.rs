@@ -3,6 +3,7 @@
 //! router, NIDD configuration, MT engine), found by identity or by token; and the persisted
 //! record of each device in step with memory.
 
+pub(crate) mod groups;
 pub(crate) mod tokens;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -24,6 +25,7 @@ use crate::routing::Router;
 use crate::socket::DeviceSocket;
 use crate::store::{DeviceRecord, Store, StoreError, StoredConfiguration, StoredSubscription};
 use crate::t8::NiddStatus;
+use groups::Group;
 use tokens::CallbackTokens;
 
 /// A NIDD configuration as the bridge holds it in memory.
@@ -170,6 +172,8 @@ pub(crate) struct Device {
     onboarding: AtomicBool,
     /// Created on demand (`[onboarding]`) rather than through the admin API.
     on_demand: AtomicBool,
+    /// The group whose NIDD configuration carries this device's traffic, if it is a member.
+    group: Option<Arc<Group>>,
     /// Taken out of the table: nothing is written for it and nothing new is asked for it.
     removed: AtomicBool,
     /// Held while a NIDD configuration is being created for the device, and by its removal,
@@ -197,6 +201,7 @@ impl Device {
             added_settings: Mutex::new(None),
             onboarding: AtomicBool::new(false),
             on_demand: AtomicBool::new(false),
+            group: None,
             removed: AtomicBool::new(false),
             provisioning: tokio::sync::Mutex::new(()),
             state: Mutex::new(state),
@@ -221,6 +226,21 @@ impl Device {
     pub(crate) fn with_onboarding(self, onboarding: bool) -> Self {
         self.onboarding.store(onboarding, Ordering::Relaxed);
         self
+    }
+
+    /// A member of `group`: its traffic goes through the group's NIDD configuration.
+    pub(crate) fn in_group(mut self, group: Option<Arc<Group>>) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// The group the device is a member of.
+    pub(crate) fn group(&self) -> Option<&Arc<Group>> {
+        self.group.as_ref()
+    }
+
+    pub(crate) fn is_group_member(&self) -> bool {
+        self.group.is_some()
     }
 
     /// A device the bridge created on demand (`[onboarding]`), with `settings`.
@@ -449,6 +469,9 @@ impl DeviceTable {
         }
         members.by_id.insert(device.id.clone(), device.clone());
         drop(members);
+        if let Some(group) = device.group() {
+            group.join(device.id.clone());
+        }
         self.publish_counts();
         Ok(())
     }
@@ -481,6 +504,9 @@ impl DeviceTable {
             if device.onboarded() {
                 self.onboarding.fetch_sub(1, Ordering::Relaxed);
             }
+        }
+        if let Some(group) = device.group() {
+            group.leave(id);
         }
         {
             let mut members = self.members_mut();
@@ -722,6 +748,29 @@ impl DeviceTable {
     }
 
     /// Records a change to a device's configuration, logging a store failure.
+    /// Brings every member's copy of its group's configuration in step with the group's (each
+    /// member keeps its own monitoring subscription), and wakes their flushers.
+    pub(crate) fn mirror_group(&self, group: &Group) {
+        let configuration = group.nidd();
+        for id in group.members() {
+            let Some(member) = self.get(&id) else {
+                continue;
+            };
+            let nidd = configuration.clone().map(|nidd| NiddState {
+                monitoring_subscription: member
+                    .state()
+                    .nidd
+                    .as_ref()
+                    .and_then(|n| n.monitoring_subscription.clone()),
+                ..nidd
+            });
+            if member.state().nidd != nidd {
+                self.update_nidd(&member, nidd);
+                member.wake.notify_one();
+            }
+        }
+    }
+
     pub(crate) fn update_nidd(&self, device: &Device, nidd: Option<NiddState>) {
         if let Err(error) = self.set_nidd(device, nidd) {
             tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
@@ -751,5 +800,6 @@ fn record(
         settings: device.added_settings(),
         removing: false,
         onboarded: device.is_onboarded_on_demand(),
+        group: device.group().map(|g| g.id.to_string()),
     }
 }

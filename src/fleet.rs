@@ -22,6 +22,7 @@ use crate::config::{
     ServerRole,
 };
 use crate::delivery::MtState;
+use crate::devices::groups::{Group, GroupTable};
 use crate::devices::tokens::mint_capability_token;
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState, lock};
 use crate::identity::DeviceId;
@@ -56,6 +57,8 @@ pub(crate) struct DeviceSpec {
     monitoring: Option<bool>,
     #[serde(default, deserialize_with = "present")]
     trigger_after_s: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    group: Option<String>,
 }
 
 /// A field that may be left out but not set to `null` (which would say nothing either way).
@@ -78,6 +81,7 @@ impl From<DeviceSpec> for DeviceConfig {
             active_window_s: spec.active_window_s,
             monitoring: spec.monitoring,
             trigger_after_s: spec.trigger_after_s,
+            group: spec.group,
         }
     }
 }
@@ -192,6 +196,7 @@ pub(crate) struct DeviceFactory {
     servers: Vec<Lwm2mServerConfig>,
     bootstrap: Option<usize>,
     kid_routes: Arc<[KidRoute]>,
+    groups: Arc<GroupTable>,
 }
 
 impl DeviceFactory {
@@ -199,6 +204,7 @@ impl DeviceFactory {
         psm: PsmConfig,
         servers: Vec<Lwm2mServerConfig>,
         kid_routes: Arc<[KidRoute]>,
+        groups: Arc<GroupTable>,
     ) -> Self {
         let bootstrap = servers.iter().position(|s| s.role == ServerRole::Bootstrap);
         Self {
@@ -206,12 +212,15 @@ impl DeviceFactory {
             servers,
             bootstrap,
             kid_routes,
+            groups,
         }
     }
 
     /// The device's identity, if its settings hold (the configuration file's rules).
     pub(crate) fn check(&self, settings: &DeviceConfig) -> Result<DeviceId, ConfigError> {
-        settings.check(&self.servers)
+        let id = settings.check(&self.servers)?;
+        self.check_group(&id, settings)?;
+        Ok(id)
     }
 
     /// As [`check`](Self::check), leaving the named server to
@@ -221,7 +230,22 @@ impl DeviceFactory {
             lwm2m_server: None,
             ..settings.clone()
         };
-        shape.check(&self.servers)
+        let id = shape.check(&self.servers)?;
+        self.check_group(&id, settings)?;
+        Ok(id)
+    }
+
+    fn check_group(&self, id: &DeviceId, settings: &DeviceConfig) -> Result<(), ConfigError> {
+        match settings.group_problem(&self.groups.ids()) {
+            Some(problem) => Err(ConfigError::Invalid(format!("device {id}: {problem}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The group `settings` names, if it is one of the bridge's.
+    fn group_of(&self, settings: &DeviceConfig) -> Option<Arc<Group>> {
+        let id = settings.group.as_ref()?.parse().ok()?;
+        self.groups.get(&id)
     }
 
     /// What is wrong with the server the settings name, if anything: not a shape error of
@@ -258,7 +282,16 @@ impl DeviceFactory {
             .as_ref()
             .and_then(|r| r.pending_callback_token.clone());
         let queue_mode = record.as_ref().map(|r| r.queue_mode).unwrap_or_default();
+        let group = self.group_of(settings);
         let nidd = record.and_then(|r| r.nidd).and_then(NiddState::from_stored);
+        // A member's configuration is its group's, whatever its record remembers.
+        let nidd = match &group {
+            Some(group) => group.nidd().map(|configuration| NiddState {
+                monitoring_subscription: nidd.and_then(|n| n.monitoring_subscription),
+                ..configuration
+            }),
+            None => nidd,
+        };
         let endpoint_name = settings
             .endpoint_name
             .clone()
@@ -293,7 +326,8 @@ impl DeviceFactory {
             settings.monitoring.unwrap_or(psm.monitoring),
             state,
         )
-        .with_pending_callback_token(pending_callback_token);
+        .with_pending_callback_token(pending_callback_token)
+        .in_group(group);
         (device, nidd)
     }
 
@@ -668,6 +702,27 @@ impl Fleet {
     /// Creates the device `id` names on demand, if the `[onboarding]` policy allows it and
     /// the bridge does not serve it yet; its NIDD configuration is created in the background.
     pub(crate) async fn onboard(&self, id: &DeviceId) -> Result<Onboarded, FleetError> {
+        self.create_on_demand(id, self.parts.onboarding.settings_for(id))
+            .await
+    }
+
+    /// Creates a member of `group` on its first uplink, with the group's member settings,
+    /// under the same policy. A device the bridge serves already is returned as it is (the
+    /// caller checks it is this group's).
+    pub(crate) async fn onboard_member(
+        &self,
+        group: &Group,
+        id: &DeviceId,
+    ) -> Result<Onboarded, FleetError> {
+        self.create_on_demand(id, group.settings().member_settings(id))
+            .await
+    }
+
+    async fn create_on_demand(
+        &self,
+        id: &DeviceId,
+        settings: DeviceConfig,
+    ) -> Result<Onboarded, FleetError> {
         let _change = self.changes.lock().await;
         let devices = &self.parts.devices;
         if let Some(device) = devices.get(id) {
@@ -675,7 +730,6 @@ impl Fleet {
         }
         self.policy
             .judge(id, self.on_demand.load(Ordering::Relaxed))?;
-        let settings = self.parts.onboarding.settings_for(id);
         let record = devices.store().load_device(id)?;
         if record.as_ref().is_some_and(|r| r.removing) {
             return Err(FleetError::BeingRemoved {
@@ -895,9 +949,10 @@ impl Fleet {
         // Waits for a creation under way: what it creates is deleted too.
         let creating = device.provisioning.lock().await;
         let nidd = device.state().nidd.clone();
+        let member = device.is_group_member();
         let (mut backoff, retry_max) = self.parts.retry;
         loop {
-            match self.delete_at_scef(nidd.as_ref()).await {
+            match self.delete_at_scef(nidd.as_ref(), member).await {
                 Ok(()) => break,
                 Err(error) => {
                     tracing::warn!(device = %device.id, %error, retry_in_ms = backoff.as_millis() as u64, "cannot delete a removed device's NIDD configuration");
@@ -925,7 +980,13 @@ impl Fleet {
         self.hold_then_release(socket, cancel).await;
     }
 
-    async fn delete_at_scef(&self, nidd: Option<&NiddState>) -> Result<(), crate::t8::T8Error> {
+    /// Deletes a removed device's subscription and NIDD configuration; a group member's
+    /// configuration is its group's and stays.
+    async fn delete_at_scef(
+        &self,
+        nidd: Option<&NiddState>,
+        group_member: bool,
+    ) -> Result<(), crate::t8::T8Error> {
         let Some(nidd) = nidd else { return Ok(()) };
         if let Some(subscription) = nidd
             .monitoring_subscription
@@ -936,6 +997,9 @@ impl Fleet {
                 .t8
                 .delete_monitoring_subscription(&subscription)
                 .await?;
+        }
+        if group_member {
+            return Ok(());
         }
         self.parts
             .t8

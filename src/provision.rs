@@ -7,6 +7,7 @@
 //! one), deletes the ones of devices removed from the configuration, and re-creates a
 //! configuration the SCEF terminated.
 
+mod groups;
 mod reconcile;
 mod rotate;
 
@@ -22,6 +23,7 @@ use url::Url;
 
 use crate::clock;
 use crate::config::{NiddDefaults, ScefConfig};
+use crate::devices::groups::{Group, GroupTable};
 use crate::devices::{Device, DeviceTable, NiddState};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
@@ -31,6 +33,7 @@ use crate::t8::{
     MonitoringEventSubscription, MonitoringType, NiddConfiguration, NiddStatus,
     PdnEstablishmentOption, RdsPort, T8Client, T8Error,
 };
+pub(crate) use groups::GroupReprovision;
 use reconcile::{Listed, Owner, Verdict};
 pub(crate) use rotate::CallbackRotation;
 
@@ -42,6 +45,7 @@ pub(crate) struct Reprovision {
     t8: Arc<T8Client>,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    groups: GroupReprovision,
 }
 
 /// A configuration's `duration` is renewed when this fraction (1/N) of its lifetime is left.
@@ -58,6 +62,10 @@ impl Reprovision {
     /// the configuration is kept (an MT delivery's 404, or the next start-up, still finds a
     /// configuration that really ended).
     pub(crate) fn termination_reported(&self, device: Arc<Device>, location: Url) {
+        if let Some(group) = device.group() {
+            self.groups.termination_reported(group.clone(), location);
+            return;
+        }
         let already = std::mem::replace(&mut device.state().checking_termination, true);
         if already {
             self.metrics
@@ -116,6 +124,11 @@ impl Reprovision {
     /// delivery): forget it (deleting its monitoring subscription, so none is leaked) and
     /// create a new one at once.
     pub(crate) fn configuration_terminated(&self, device: &Device) {
+        // A member's configuration is its group's: the group gets a new one.
+        if let Some(group) = device.group() {
+            self.groups.configuration_gone(group);
+            return;
+        }
         let old = device
             .state()
             .nidd
@@ -135,6 +148,17 @@ impl Reprovision {
         self.wake.notify_one();
     }
 
+    /// A notification reported the group's configuration ended (believed once the SCEF
+    /// confirms it).
+    pub(crate) fn group_termination_reported(&self, group: Arc<Group>, location: Url) {
+        self.groups.termination_reported(group, location);
+    }
+
+    /// The SCEF notified a new status of the group's configuration.
+    pub(crate) fn group_configuration_changed(&self, group: &Group, nidd: NiddState) {
+        self.groups.configuration_changed(group, nidd);
+    }
+
     /// Drops a monitoring subscription the SCEF ended, so the provisioner subscribes again.
     pub(crate) fn subscription_ended(&self, device: &Device) {
         let nidd = device.state().nidd.clone();
@@ -149,6 +173,7 @@ impl Reprovision {
 /// Keeps every device's NIDD configuration and monitoring subscription in place at the SCEF.
 pub(crate) struct Provisioner {
     devices: Arc<DeviceTable>,
+    groups: Arc<GroupTable>,
     t8: Arc<T8Client>,
     scef: ScefConfig,
     nidd: NiddDefaults,
@@ -161,8 +186,10 @@ pub(crate) struct Provisioner {
 }
 
 impl Provisioner {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         devices: Arc<DeviceTable>,
+        groups: Arc<GroupTable>,
         t8: Arc<T8Client>,
         scef: ScefConfig,
         nidd: NiddDefaults,
@@ -172,6 +199,7 @@ impl Provisioner {
     ) -> Self {
         Self {
             devices,
+            groups,
             t8,
             scef,
             nidd,
@@ -195,6 +223,7 @@ impl Provisioner {
             t8: self.t8.clone(),
             wake: self.wake.clone(),
             metrics: self.metrics.clone(),
+            groups: self.group_reprovision(),
         }
     }
 
@@ -217,7 +246,9 @@ impl Provisioner {
         // restarted bridge recognises.
         self.flush_store().await;
         this.remove_departed_devices().await;
+        self.remove_departed_groups().await;
         self.verify_persisted().await;
+        self.check_groups().await;
         // Only now is this instance ready: until then the SCEF may still call an earlier run's
         // callback URL.
         self.devices.mark_verified();
@@ -238,10 +269,12 @@ impl Provisioner {
     async fn keep_provisioned(&self, cancel: &CancellationToken) {
         let this = self;
         loop {
+            // Groups first: their members' MT waits for them.
+            self.provision_groups(cancel).await;
             let missing: Vec<Arc<Device>> = self
                 .devices
                 .iter()
-                .filter(|d| d.state().nidd.is_none())
+                .filter(|d| !d.is_group_member() && d.state().nidd.is_none())
                 .collect();
             if !missing.is_empty() {
                 tracing::info!(devices = missing.len(), "creating NIDD configurations");
@@ -254,7 +287,9 @@ impl Provisioner {
                 .await;
             let next_subscription = self.ensure_subscriptions().await;
             let next_configuration = self.renew_configurations().await;
-            let next_renewal = earliest(next_subscription, next_configuration);
+            let next_group = self.renew_groups().await;
+            let next_renewal =
+                earliest(next_subscription, earliest(next_configuration, next_group));
             self.flush_store().await;
             let timer = async {
                 match next_renewal {
@@ -367,12 +402,19 @@ impl Provisioner {
     }
 
     fn configuration_request(&self, device: &Device) -> NiddConfiguration {
-        let nidd = &self.nidd;
         NiddConfiguration {
             external_id: device.id.external_id().cloned(),
             msisdn: device.id.msisdn().cloned(),
-            mtc_provider_id: self.scef.mtc_provider_id.clone(),
             notification_destination: device.callback_url(&self.public_url),
+            ..self.configuration_defaults()
+        }
+    }
+
+    /// What every configuration asks for, devices' and groups' alike (no UE, no callback).
+    fn configuration_defaults(&self) -> NiddConfiguration {
+        let nidd = &self.nidd;
+        NiddConfiguration {
+            mtc_provider_id: self.scef.mtc_provider_id.clone(),
             pdn_establishment_option: Some(PdnEstablishmentOption::from(
                 nidd.pdn_establishment_option.as_str(),
             )),
@@ -397,6 +439,7 @@ impl Provisioner {
         let persisted: Vec<(Arc<Device>, NiddState)> = self
             .devices
             .iter()
+            .filter(|d| !d.is_group_member())
             .filter_map(|d| {
                 let nidd = d.state().nidd.clone()?;
                 Some((d.clone(), nidd))
@@ -513,6 +556,11 @@ impl Provisioner {
             .devices
             .iter()
             .filter_map(|d| d.state().nidd.as_ref().map(|n| n.location.clone()))
+            .chain(
+                self.groups
+                    .iter()
+                    .filter_map(|g| g.nidd().map(|n| n.location)),
+            )
             .collect();
         let entries: Vec<Listed> = listed
             .iter()
@@ -810,10 +858,11 @@ impl Provisioner {
         }
         let reprovision = self.reprovision();
         loop {
+            self.check_groups().await;
             let configured: Vec<Arc<Device>> = self
                 .devices
                 .iter()
-                .filter(|d| d.state().nidd.is_some())
+                .filter(|d| !d.is_group_member() && d.state().nidd.is_some())
                 .collect();
             let gap = interval / u32::try_from(configured.len().max(1)).unwrap_or(u32::MAX);
             if configured.is_empty() {
@@ -880,6 +929,7 @@ impl Provisioner {
         let due: Vec<(Arc<Device>, Url)> = self
             .devices
             .iter()
+            .filter(|d| !d.is_group_member())
             .filter_map(|d| {
                 let state = d.state();
                 let nidd = state.nidd.as_ref()?;

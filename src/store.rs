@@ -44,6 +44,8 @@ pub(crate) const DEVICES_TREE: &str = "devices";
 pub(crate) const QUARANTINE_TREE: &str = "quarantine";
 /// sled tree the health probe writes to.
 const HEALTH_TREE: &str = "health";
+/// sled tree holding `GroupRecord`s keyed by the External Group Identifier.
+pub(crate) const GROUPS_TREE: &str = "groups";
 /// sled tree of on-demand onboarding: the trigger URL's capability token.
 const ONBOARDING_TREE: &str = "onboarding";
 const TRIGGER_TOKEN_KEY: &[u8] = b"trigger_token";
@@ -124,6 +126,19 @@ pub(crate) struct DeviceRecord {
     /// Created on demand (`[onboarding]`), not through the admin API; with `settings`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub onboarded: bool,
+    /// The group whose configuration `nidd` is (a member's is its group's, never to be
+    /// deleted with the member).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// The persisted state of a group (`[[groups]]`): its callback capability token and the
+/// NIDD configuration the SCEF created for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct GroupRecord {
+    pub callback_token: String,
+    pub nidd: Option<StoredConfiguration>,
 }
 
 /// A record moved out of its tree because it could not be decoded.
@@ -419,6 +434,37 @@ impl Store {
         Ok(token)
     }
 
+    /// Every stored group; records that cannot be decoded are quarantined and left out (that
+    /// group starts as a new one).
+    pub(crate) fn groups(&self) -> Result<Vec<(String, GroupRecord)>, StoreError> {
+        let entries = self.read(GROUPS_TREE, |tree| {
+            tree.iter().collect::<Result<Vec<_>, _>>()
+        })?;
+        let mut groups = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            match serde_json::from_slice(&value) {
+                Ok(record) => groups.push((String::from_utf8_lossy(&key).into_owned(), record)),
+                Err(error) => {
+                    if let Err(store_error) = self.quarantine(GROUPS_TREE, &key, &value, &error) {
+                        tracing::error!(error = %store_error, "cannot quarantine a corrupt group record");
+                    }
+                }
+            }
+        }
+        Ok(groups)
+    }
+
+    pub(crate) fn put_group(&self, id: &str, record: &GroupRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record).map_err(StoreError::Encode)?;
+        self.write(GROUPS_TREE, |tree| {
+            tree.insert(id.as_bytes(), bytes).map(|_| ())
+        })
+    }
+
+    pub(crate) fn remove_group(&self, id: &str) -> Result<(), StoreError> {
+        self.write(GROUPS_TREE, |tree| tree.remove(id.as_bytes()).map(|_| ()))
+    }
+
     pub(crate) fn remove_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.write(DEVICES_TREE, |tree| {
             tree.remove(id.canonical().as_bytes()).map(|_| ())
@@ -683,6 +729,7 @@ mod tests {
             }),
             removing: true,
             onboarded: true,
+            group: Some("meters@x".into()),
         };
         {
             let store = Store::open(dir.path()).unwrap();
@@ -715,6 +762,7 @@ mod fault_tests {
             settings: None,
             removing: false,
             onboarded: false,
+            group: None,
         }
     }
 

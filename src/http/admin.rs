@@ -19,7 +19,8 @@ use serde::Serialize;
 
 use crate::clock;
 use crate::config::BufferOwner;
-use crate::devices::{Device, DeviceTable};
+use crate::devices::groups::GroupTable;
+use crate::devices::{Device, DeviceTable, NiddState};
 use crate::fleet::{Fleet, Source};
 use crate::http::Lifecycle;
 use crate::http::problem::{method_not_allowed, problem_response};
@@ -46,6 +47,7 @@ pub(crate) struct AdminState {
     pub(crate) rotation: CallbackRotation,
     /// The NIDD Configuration Trigger URL to give the NEF (a capability URL: admin only).
     pub(crate) trigger_url: Option<String>,
+    pub(crate) groups: Arc<GroupTable>,
 }
 
 pub(crate) fn router(shared: AdminState) -> Router {
@@ -60,6 +62,7 @@ pub(crate) fn router(shared: AdminState) -> Router {
         )
         .route("/api/v1/fleet", get(changes::fleet_counts))
         .route("/api/v1/onboarding", get(changes::onboarding))
+        .route("/api/v1/groups", get(list_groups))
         .route("/api/v1/store/quarantine", get(list_quarantine))
         .route(
             "/api/v1/devices/{device}",
@@ -195,8 +198,12 @@ struct DeviceView {
     #[serde(skip_serializing_if = "Option::is_none")]
     msisdn: Option<String>,
     endpoint_name: Option<String>,
-    /// `file` for a `[[devices]]` entry, `api` for a device added through this API.
+    /// `file` for a `[[devices]]` entry, `api` for a device added through this API,
+    /// `onboarded` for one created on demand.
     source: Source,
+    /// The group whose configuration carries the device's traffic, if it is a member.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
     udp_address: String,
     nidd_configuration: Option<ConfigurationView>,
     /// A callback URL rotation was begun and not completed: both URLs are accepted.
@@ -232,6 +239,40 @@ struct ConfigurationView {
     self_link: String,
     status: String,
     maximum_packet_size_bytes: Option<u64>,
+}
+
+fn configuration_view(nidd: NiddState) -> ConfigurationView {
+    ConfigurationView {
+        self_link: nidd.location.to_string(),
+        status: nidd
+            .status
+            .map_or_else(|| "UNKNOWN".to_string(), |s| s.as_str().to_string()),
+        maximum_packet_size_bytes: nidd.maximum_packet_size_bits.map(|bits| bits / 8),
+    }
+}
+
+/// One group as `GET /api/v1/groups` shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GroupView {
+    external_group_id: String,
+    nidd_configuration: Option<ConfigurationView>,
+    /// Members the bridge serves now.
+    members: usize,
+}
+
+async fn list_groups(State(shared): State<AdminState>) -> Response {
+    let mut groups: Vec<GroupView> = shared
+        .groups
+        .iter()
+        .map(|group| GroupView {
+            external_group_id: group.id.to_string(),
+            nidd_configuration: group.nidd().map(configuration_view),
+            members: group.member_count(),
+        })
+        .collect();
+    groups.sort_by(|a, b| a.external_group_id.cmp(&b.external_group_id));
+    Json(groups).into_response()
 }
 
 fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
@@ -272,14 +313,9 @@ fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
         msisdn: device.id.msisdn().map(ToString::to_string),
         endpoint_name: device.endpoint_name(),
         source: Source::of(device),
+        group: device.group().map(|g| g.id.to_string()),
         udp_address: device.socket.local_addr().to_string(),
-        nidd_configuration: nidd.map(|n| ConfigurationView {
-            self_link: n.location.to_string(),
-            status: n
-                .status
-                .map_or_else(|| "UNKNOWN".to_string(), |s| s.as_str().to_string()),
-            maximum_packet_size_bytes: n.maximum_packet_size_bits.map(|bits| bits / 8),
-        }),
+        nidd_configuration: nidd.map(configuration_view),
         callback_rotation_pending: device.callback_tokens().pending().is_some(),
         mt,
     }

@@ -16,7 +16,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use crate::clock;
 use crate::delivery::instant_of;
+use crate::devices::groups::{Group, GroupTable};
 use crate::devices::{Device, DeviceTable, NiddState, WakeSource};
+use crate::fleet::{Fleet, FleetError, Onboarded};
 use crate::http::Lifecycle;
 use crate::http::problem::{method_not_allowed, problem_response};
 use crate::http::trigger::{TRIGGER_PATH, TriggerState, configuration_trigger};
@@ -24,6 +26,7 @@ use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::mo::{UplinkError, UplinkRefusal, Uplinks};
 use crate::mt::Downlinks;
+use crate::onboarding::OnboardingRefusal;
 use crate::provision::{Reprovision, status_label};
 use crate::t8::{
     DeliveryResult, DeviceTriggeringDeliveryReportNotification, ExternalIdOrMsisdn,
@@ -42,6 +45,10 @@ pub(crate) struct CallbackState {
     pub(crate) lifecycle: Lifecycle,
     /// The NEF's NIDD Configuration Trigger endpoint, served beside the notifications.
     pub(crate) trigger: TriggerState,
+    /// Groups, whose configurations' callback URLs carry their members' uplinks.
+    pub(crate) groups: Arc<GroupTable>,
+    /// Creates a group's member on its first uplink.
+    pub(crate) fleet: Arc<Fleet>,
 }
 
 /// Why a notification was refused. Each maps to one HTTP status and one `cause`.
@@ -70,6 +77,12 @@ pub(crate) enum CallbackError {
     Uplink(#[from] UplinkError),
     #[error("the bridge is shutting down")]
     ShuttingDown,
+    /// A group member the `[onboarding]` policy does not let the bridge create.
+    #[error("{0}")]
+    MemberNotOnboarded(OnboardingRefusal),
+    /// A group member that cannot be created now (no UDP address free, store refused).
+    #[error("the group member cannot be created now: {0}")]
+    MemberUnavailable(String),
 }
 
 impl CallbackError {
@@ -103,6 +116,8 @@ impl CallbackError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "FORWARD_FAILED")
             }
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
+            Self::MemberNotOnboarded(_) => (StatusCode::FORBIDDEN, "ONBOARDING_NOT_ALLOWED"),
+            Self::MemberUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "MEMBER_UNAVAILABLE"),
         }
     }
 
@@ -184,6 +199,18 @@ async fn read_notification(
         }
         return Err(CallbackError::UnknownCallback);
     };
+    Ok((device, read_body(shared, headers, body).await?))
+}
+
+/// A notification body: JSON by its media type (when it names one), within the size limit.
+async fn read_body(
+    shared: &CallbackState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<axum::body::Bytes, CallbackError> {
+    if shared.lifecycle.is_shutting_down() {
+        return Err(CallbackError::ShuttingDown);
+    }
     if headers.contains_key(header::CONTENT_TYPE) {
         let media = crate::http::media_type(headers).unwrap_or_default();
         if !(media == "application/json" || media.ends_with("+json")) {
@@ -191,10 +218,9 @@ async fn read_notification(
         }
     }
     let limit = shared.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
+    axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| CallbackError::BodyTooLarge { limit })?;
-    Ok((device, bytes))
+        .map_err(|_| CallbackError::BodyTooLarge { limit })
 }
 
 /// A body as JSON (any value; the caller checks its shape).
@@ -226,6 +252,9 @@ async fn handle(
     body: Body,
     kind: &mut &'static str,
 ) -> Result<&'static str, CallbackError> {
+    if let Some(group) = shared.groups.by_token(token) {
+        return handle_group(shared, &group, headers, body, kind).await;
+    }
     let (device, bytes) = read_notification(shared, token, headers, body).await?;
     let notification = parse_nidd_body(&bytes)?;
     *kind = notification.kind();
@@ -284,6 +313,204 @@ async fn handle(
         NiddNotification::ManagePort(_) | NiddNotification::Test(_) => {}
     }
     Ok(ACCEPTED)
+}
+
+/// A notification on a group's callback URL: members' uplinks (a member the bridge does not
+/// serve yet is created under `[onboarding]`), the group configuration's status, and the
+/// outcomes of members' pending deliveries (one by one, or per member in a GMD notification).
+async fn handle_group(
+    shared: &CallbackState,
+    group: &Arc<Group>,
+    headers: &HeaderMap,
+    body: Body,
+    kind: &mut &'static str,
+) -> Result<&'static str, CallbackError> {
+    let bytes = read_body(shared, headers, body).await?;
+    let notification = parse_nidd_body(&bytes)?;
+    *kind = notification.kind();
+    match notification {
+        NiddNotification::Uplink(uplink) => {
+            let named = named_device(&uplink)?;
+            let datagram = uplink_datagram(&uplink)?;
+            let member = group_member(shared, group, &named).await?;
+            shared
+                .uplinks
+                .forward(&member, &named, &datagram, clock::now())
+                .await?;
+        }
+        NiddNotification::ConfigurationStatus(notification) => {
+            return group_configuration_status(
+                shared,
+                group,
+                &notification.nidd_configuration,
+                notification.status,
+            );
+        }
+        NiddNotification::DeliveryStatus(notification) => {
+            shared
+                .metrics
+                .mt_deliveries
+                .with_label_values(&[notification.delivery_status.label()])
+                .inc();
+            let link = &notification.nidd_downlink_data_transfer;
+            let Some(member) = pending_member(shared, group, link) else {
+                tracing::info!(group = %group.id, delivery = %link, "delivery status for no pending delivery of the group's members; ignored");
+                return Ok("ignored_unknown_delivery");
+            };
+            settle_delivery(
+                shared,
+                &member,
+                link,
+                &notification.delivery_status,
+                notification.requested_retransmission_time.as_deref(),
+            )
+            .await;
+        }
+        NiddNotification::GroupDelivery(notification) => {
+            for result in &notification.gmd_results {
+                shared
+                    .metrics
+                    .mt_deliveries
+                    .with_label_values(&[result.delivery_status.label()])
+                    .inc();
+                let member = named_device(result)
+                    .ok()
+                    .filter(|id| group.has_member(id))
+                    .and_then(|id| shared.devices.get(&id));
+                let Some(member) = member else {
+                    tracing::info!(group = %group.id, "a group delivery result for a UE that is not a member the bridge serves; ignored");
+                    continue;
+                };
+                settle_delivery(
+                    shared,
+                    &member,
+                    &notification.nidd_downlink_data_transfer,
+                    &result.delivery_status,
+                    result.requested_retransmission_time.as_deref(),
+                )
+                .await;
+            }
+        }
+        NiddNotification::ManagePort(_) | NiddNotification::Test(_) => {}
+    }
+    Ok(ACCEPTED)
+}
+
+/// The member of `group` an uplink names: one the bridge serves, or one created now.
+async fn group_member(
+    shared: &CallbackState,
+    group: &Arc<Group>,
+    named: &DeviceId,
+) -> Result<Arc<Device>, CallbackError> {
+    let not_member = || CallbackError::DeviceNotInConfiguration {
+        named: named.to_string(),
+    };
+    if let Some(device) = shared.devices.get(named) {
+        return if group.has_member(named) {
+            Ok(device)
+        } else {
+            Err(not_member())
+        };
+    }
+    let outcome = shared.fleet.onboard_member(group, named).await;
+    let label = match &outcome {
+        Ok(Onboarded::Created(_)) => "created",
+        Ok(Onboarded::Existing(_)) => "existing",
+        Err(FleetError::NotOnboarded(OnboardingRefusal::NotAllowed(_))) => "not_allowed",
+        Err(FleetError::NotOnboarded(OnboardingRefusal::Limit { .. })) => "limit",
+        Err(FleetError::PoolExhausted { .. }) => "pool_exhausted",
+        Err(_) => "failed",
+    };
+    shared
+        .metrics
+        .onboarding_requests
+        .with_label_values(&["group_uplink", label])
+        .inc();
+    match outcome {
+        Ok(Onboarded::Created(device)) => {
+            tracing::info!(group = %group.id, device = %device.id, address = %device.socket.local_addr(), "group member created on its first uplink");
+            Ok(device)
+        }
+        // Created by a concurrent uplink meanwhile.
+        Ok(Onboarded::Existing(device)) if group.has_member(named) => Ok(device),
+        Ok(Onboarded::Existing(_)) => Err(not_member()),
+        Err(FleetError::NotOnboarded(refusal)) => {
+            tracing::warn!(group = %group.id, device = %named, %refusal, "uplink of a group member the bridge may not create; refused");
+            Err(CallbackError::MemberNotOnboarded(refusal))
+        }
+        Err(error) => Err(CallbackError::MemberUnavailable(error.to_string())),
+    }
+}
+
+/// The member of `group` with a delivery pending at `link`.
+fn pending_member(shared: &CallbackState, group: &Group, link: &str) -> Option<Arc<Device>> {
+    group
+        .members()
+        .into_iter()
+        .filter_map(|id| shared.devices.get(&id))
+        .find(|member| member.state().mt.queue.pending_at(link).is_some())
+}
+
+async fn settle_delivery(
+    shared: &CallbackState,
+    device: &Device,
+    link: &str,
+    status: &crate::t8::DeliveryStatus,
+    requested_retransmission_time: Option<&str>,
+) {
+    tracing::debug!(device = %device.id, delivery = %link, %status, "MT delivery status");
+    let now = clock::now();
+    let retry_at = instant_of(
+        requested_retransmission_time,
+        now,
+        clock::system_now(),
+        shared.downlinks.scef_times.retry_wait,
+    );
+    shared
+        .downlinks
+        .settle(device, link, status, retry_at, now)
+        .await;
+}
+
+/// A status notification on a group's URL: applied to the group's configuration (a
+/// termination only once the SCEF confirms it); one naming another configuration is refused.
+fn group_configuration_status(
+    shared: &CallbackState,
+    group: &Arc<Group>,
+    link: &str,
+    status: NiddStatus,
+) -> Result<&'static str, CallbackError> {
+    let foreign = || CallbackError::ForeignConfiguration {
+        named: link.to_string(),
+    };
+    let link = url::Url::parse(link).map_err(|_| foreign())?;
+    let change = status_change(group.nidd().as_ref(), &[], &link, status.clone());
+    if !matches!(change, StatusChange::Foreign) {
+        shared
+            .metrics
+            .configuration_statuses
+            .with_label_values(&[status_label(&status)])
+            .inc();
+    }
+    match change {
+        StatusChange::Terminated => {
+            tracing::info!(group = %group.id, %link, "termination of the group's configuration notified; asking the SCEF");
+            shared
+                .reprovision
+                .group_termination_reported(group.clone(), link);
+            Ok(ACCEPTED)
+        }
+        StatusChange::Update(nidd) => {
+            shared.reprovision.group_configuration_changed(group, nidd);
+            Ok(ACCEPTED)
+        }
+        StatusChange::Superseded => Ok("ignored_superseded"),
+        StatusChange::NoConfiguration => Ok("ignored_no_configuration"),
+        StatusChange::Foreign => {
+            tracing::warn!(group = %group.id, %link, "status notification for a configuration that is not the group's refused");
+            Err(foreign())
+        }
+    }
 }
 
 /// The device a notification names: exactly one of `externalId` and `msisdn`.
@@ -529,9 +756,9 @@ mod tests {
     use super::*;
     use crate::delivery::{Decision, Outcome};
     use crate::http::test_support::{
-        CONFIGURATION_A, DEADLINE, DEVICE_A, DEVICE_B, Harness, MAX_BODY_BYTES, MAX_PACKET_BITS_A,
-        TOKEN_A, TOKEN_B, active_configuration, assert_no_content, assert_problem, fixture,
-        fixture_datagram, fixture_json,
+        CONFIGURATION_A, DEADLINE, DEVICE_A, DEVICE_B, GROUP, GROUP_CONFIGURATION, Harness,
+        MAX_BODY_BYTES, MAX_PACKET_BITS_A, TOKEN_A, TOKEN_B, active_configuration,
+        assert_no_content, assert_problem, fixture, fixture_datagram, fixture_json,
     };
     use crate::reachability::State as Reachable;
     use crate::store::StoredSubscription;
@@ -1729,5 +1956,231 @@ mod tests {
             harness.callbacks("trigger_report", "invalid_notification"),
             1
         );
+    }
+
+    /// An uplink of `member` (an Update) as the SCEF sends it on the group's URL.
+    fn member_uplink(member: &str) -> String {
+        json!({
+            "niddConfiguration": GROUP_CONFIGURATION,
+            "externalId": member,
+            "data": BASE64.encode(fixture_datagram(UPDATE_BY_MSISDN)),
+        })
+        .to_string()
+    }
+
+    /// A Read queued for `device` and pending at the SCEF at `link`.
+    async fn pending_read_at(harness: &Harness, device: &Arc<Device>, link: &str) {
+        let from = harness.server.local_addr().unwrap();
+        harness
+            .downlinks
+            .receive(device, fixture_datagram(READ), from, clock::unix_ms());
+        harness.downlinks.commit().await.expect("committed");
+        // Pacing may hold it for a moment after the device's previous delivery.
+        for _ in 0..3 {
+            let wait = {
+                let now = clock::now();
+                let mut state = device.state();
+                let (decision, _) = state.mt.decide(now, clock::unix_ms(), true);
+                match decision {
+                    Decision::Send(item) => {
+                        let effect = state
+                            .mt
+                            .on_outcome(item.seq, Outcome::Pending(link.into()), now);
+                        harness.downlinks.apply(device, &effect);
+                        return;
+                    }
+                    Decision::Wait(Some(until)) => until,
+                    other => panic!("the queued Read is not sent: {other:?}"),
+                }
+            };
+            tokio::time::sleep_until(wait.into()).await;
+        }
+        panic!("the queued Read is never sent");
+    }
+
+    #[tokio::test]
+    async fn a_group_members_first_uplink_creates_it_on_the_groups_configuration() {
+        let harness = Harness::new().await;
+        let member = "meter-1@fleet.example";
+        assert_no_content(
+            harness
+                .notify(&harness.group_path(), member_uplink(member))
+                .await,
+        )
+        .await;
+        let device = harness.device(member);
+        let (datagram, from) = harness.server_receives().await;
+        assert_eq!(datagram, fixture_datagram(UPDATE_BY_MSISDN));
+        assert_eq!(
+            from,
+            device.socket.local_addr(),
+            "from the member's own socket"
+        );
+        assert_eq!(
+            device.group().map(|g| g.id.to_string()).as_deref(),
+            Some(GROUP)
+        );
+        assert_eq!(
+            device
+                .state()
+                .nidd
+                .as_ref()
+                .map(|n| n.location.to_string())
+                .as_deref(),
+            Some(GROUP_CONFIGURATION),
+            "MT goes through the group's configuration"
+        );
+        assert!(harness.group.has_member(&device.id));
+        let record = harness.devices.store().device(&device.id).unwrap().unwrap();
+        assert_eq!(record.group.as_deref(), Some(GROUP));
+        assert!(record.onboarded);
+        // Its second uplink creates nothing more.
+        assert_no_content(
+            harness
+                .notify(&harness.group_path(), member_uplink(member))
+                .await,
+        )
+        .await;
+        harness.server_receives().await;
+        let created = harness
+            .metrics
+            .onboarding_requests
+            .with_label_values(&["group_uplink", "created"])
+            .get();
+        assert_eq!(created, 1);
+        assert_eq!(harness.devices.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_group_uplink_outside_the_policy_or_from_a_non_member_is_refused() {
+        let harness = Harness::new().await;
+        assert_problem(
+            harness
+                .notify(
+                    &harness.group_path(),
+                    member_uplink("meter-1@other.example"),
+                )
+                .await,
+            StatusCode::FORBIDDEN,
+            "ONBOARDING_NOT_ALLOWED",
+        )
+        .await;
+        // A device the bridge serves on its own configuration is not the group's.
+        assert_problem(
+            harness
+                .notify(&harness.group_path(), member_uplink(DEVICE_A))
+                .await,
+            StatusCode::FORBIDDEN,
+            "DEVICE_NOT_IN_CONFIGURATION",
+        )
+        .await;
+        assert_eq!(harness.devices.len(), 2, "nobody was created");
+    }
+
+    #[tokio::test]
+    async fn group_delivery_results_settle_each_members_pending_delivery() {
+        let harness = Harness::new().await;
+        for member in ["meter-1@fleet.example", "meter-2@fleet.example"] {
+            assert_no_content(
+                harness
+                    .notify(&harness.group_path(), member_uplink(member))
+                    .await,
+            )
+            .await;
+            harness.server_receives().await;
+        }
+        let (one, two) = (
+            harness.device("meter-1@fleet.example"),
+            harness.device("meter-2@fleet.example"),
+        );
+        let link = format!("{GROUP_CONFIGURATION}/downlink-data-deliveries/d1");
+        pending_read_at(&harness, &one, &link).await;
+        pending_read_at(&harness, &two, &link).await;
+        let gmd = json!({
+            "niddDownlinkDataTransfer": link,
+            "gmdResults": [
+                {"externalId": "meter-1@fleet.example", "deliveryStatus": "SUCCESS"},
+                {"externalId": "meter-2@fleet.example", "deliveryStatus": "FAILURE_TEMPORARILY_NOT_REACHABLE"},
+                {"externalId": "stranger@fleet.example", "deliveryStatus": "SUCCESS"},
+            ],
+        });
+        assert_no_content(harness.notify(&harness.group_path(), gmd.to_string()).await).await;
+        {
+            let state = one.state();
+            assert_eq!(state.mt.queue.pending_count(), 0);
+            assert_eq!(state.mt.queue.waiting().count(), 0, "delivered");
+        }
+        {
+            let state = two.state();
+            assert_eq!(state.mt.queue.pending_count(), 0);
+            assert_eq!(state.mt.queue.waiting().count(), 1, "taken back to retry");
+        }
+
+        // One member's delivery settled by a plain status notification on the group's URL.
+        let single = format!("{GROUP_CONFIGURATION}/downlink-data-deliveries/d2");
+        pending_read_at(&harness, &one, &single).await;
+        let status = json!({"niddDownlinkDataTransfer": single, "deliveryStatus": "SUCCESS"});
+        assert_no_content(
+            harness
+                .notify(&harness.group_path(), status.to_string())
+                .await,
+        )
+        .await;
+        assert_eq!(one.state().mt.queue.pending_count(), 0);
+        assert_eq!(harness.callbacks("group_delivery", "accepted"), 1);
+        assert_eq!(harness.callbacks("delivery_status", "accepted"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_status_on_the_groups_url_changes_the_group_and_its_members() {
+        let harness = Harness::new().await;
+        assert_no_content(
+            harness
+                .notify(
+                    &harness.group_path(),
+                    member_uplink("meter-1@fleet.example"),
+                )
+                .await,
+        )
+        .await;
+        harness.server_receives().await;
+        let status = json!({
+            "niddConfiguration": GROUP_CONFIGURATION,
+            "externalId": "meter-1@fleet.example",
+            "status": "SUSPENDED",
+        });
+        assert_no_content(
+            harness
+                .notify(&harness.group_path(), status.to_string())
+                .await,
+        )
+        .await;
+        assert_eq!(
+            harness.group.nidd().unwrap().status,
+            Some(NiddStatus::Other("SUSPENDED".into()))
+        );
+        assert_eq!(
+            harness
+                .device("meter-1@fleet.example")
+                .state()
+                .nidd
+                .as_ref()
+                .unwrap()
+                .status,
+            Some(NiddStatus::Other("SUSPENDED".into()))
+        );
+        let foreign = json!({
+            "niddConfiguration": CONFIGURATION_A,
+            "externalId": "meter-1@fleet.example",
+            "status": "ACTIVE",
+        });
+        assert_problem(
+            harness
+                .notify(&harness.group_path(), foreign.to_string())
+                .await,
+            StatusCode::FORBIDDEN,
+            "FOREIGN_CONFIGURATION",
+        )
+        .await;
     }
 }

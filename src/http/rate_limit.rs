@@ -1,7 +1,8 @@
 //! The callback listener's per-token request rate limit: one token bucket (governor, keyed) per
-//! capability token of `/t8/v1/{nidd|monitoring|triggering}/{token}`. Only tokens a device
-//! holds get a bucket of their own; every other path shares one, so requests with made-up
-//! tokens cannot grow the map.
+//! capability token of `/t8/v1/{nidd|monitoring|triggering|nidd-configuration-trigger}/{token}`.
+//! Only tokens the bridge handed out get a bucket of their own; every other path shares one,
+//! so requests with made-up tokens cannot grow the map. A group's token carries all its
+//! members' traffic, so it is not limited per token.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -13,8 +14,19 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::config::TokenRateLimit;
 
-/// Whether a capability token belongs to a device now.
-pub(crate) type KnownToken = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// What a capability token is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenClass {
+    /// No one's: shares the one bucket of unknown tokens.
+    Unknown,
+    /// One device's (or the trigger URL's): a bucket of its own.
+    Limited,
+    /// A group's, carrying many devices' traffic: not limited per token.
+    Unlimited,
+}
+
+/// What a capability token is now.
+pub(crate) type KnownToken = Arc<dyn Fn(&str) -> TokenClass + Send + Sync>;
 
 /// The bucket key shared by every path that carries no known token.
 const UNKNOWN_TOKEN_KEY: &str = "";
@@ -34,7 +46,11 @@ pub(crate) struct TokenRateLimiter {
 pub(crate) fn token_of(path: &str) -> Option<&str> {
     let rest = path.strip_prefix("/t8/v1/")?;
     let (api, token) = rest.split_once('/')?;
-    if !matches!(api, "nidd" | "monitoring" | "triggering") || token.is_empty() {
+    if !matches!(
+        api,
+        "nidd" | "monitoring" | "triggering" | "nidd-configuration-trigger"
+    ) || token.is_empty()
+    {
         return None;
     }
     (!token.contains('/')).then_some(token)
@@ -58,8 +74,9 @@ impl TokenRateLimiter {
             // A full bucket is the same as no bucket: dropping it changes no answer.
             self.limiter.retain_recent();
         }
-        let key = match token_of(path) {
-            Some(token) if (self.known)(token) => token,
+        let key = match token_of(path).map(|token| (token, (self.known)(token))) {
+            Some((_, TokenClass::Unlimited)) => return Ok(()),
+            Some((token, TokenClass::Limited)) => token,
             _ => UNKNOWN_TOKEN_KEY,
         };
         self.limiter
@@ -90,7 +107,15 @@ mod tests {
                 requests_per_s: 1,
                 burst,
             },
-            Arc::new(|token: &str| token.starts_with("known")),
+            Arc::new(|token: &str| {
+                if token.starts_with("known") {
+                    TokenClass::Limited
+                } else if token.starts_with("group") {
+                    TokenClass::Unlimited
+                } else {
+                    TokenClass::Unknown
+                }
+            }),
         )
     }
 
@@ -99,6 +124,10 @@ mod tests {
         assert_eq!(token_of("/t8/v1/nidd/abc"), Some("abc"));
         assert_eq!(token_of("/t8/v1/monitoring/abc"), Some("abc"));
         assert_eq!(token_of("/t8/v1/triggering/abc"), Some("abc"));
+        assert_eq!(
+            token_of("/t8/v1/nidd-configuration-trigger/abc"),
+            Some("abc")
+        );
         assert_eq!(token_of("/t8/v1/other/abc"), None);
         assert_eq!(token_of("/t8/v1/nidd/"), None);
         assert_eq!(token_of("/t8/v1/nidd/a/b"), None);
@@ -119,6 +148,15 @@ mod tests {
             limiter.check("/t8/v1/nidd/known-b").is_ok(),
             "another token is unaffected"
         );
+    }
+
+    #[test]
+    fn a_groups_token_is_not_limited() {
+        let limiter = limiter(1);
+        for _ in 0..100 {
+            assert!(limiter.check("/t8/v1/nidd/group-a").is_ok());
+        }
+        assert_eq!(limiter.buckets(), 0);
     }
 
     #[test]

@@ -21,10 +21,11 @@ use tower::ServiceExt;
 use url::Url;
 
 use crate::config::{
-    AdminConfig, DeviceConfig, Lwm2mServerConfig, NiddDefaults, OnboardingConfig, OneOrMany,
-    PortRange, PsmConfig, ScefConfig, ServerRole, SocketsConfig,
+    AdminConfig, DeviceConfig, GroupConfig, Lwm2mServerConfig, NiddDefaults, OnboardingConfig,
+    OneOrMany, PortRange, PsmConfig, ScefConfig, ServerRole, SocketsConfig,
 };
 use crate::delivery::ScefTimeLimits;
+use crate::devices::groups::{Group, GroupTable};
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState};
 use crate::fleet::{DeviceFactory, Fleet, FleetParts};
 use crate::http::Lifecycle;
@@ -45,6 +46,11 @@ use crate::store::{Store, StoreFaults, StoreOptions};
 use crate::t8::{NiddStatus, T8Client};
 
 /// Device A of the fixtures: its External Identifier, callback token and configuration.
+/// The harness's group, its configuration, and the path of its callback URL.
+pub(crate) const GROUP: &str = "meters@fleet.example";
+pub(crate) const GROUP_CONFIGURATION: &str =
+    "http://127.0.0.1:8080/3gpp-nidd/v1/bridge-1/configurations/group-1";
+
 /// The token of the harness's NIDD Configuration Trigger URL.
 pub(crate) const TRIGGER_TOKEN: &str = "0123456789abcdef0123456789abcdef";
 pub(crate) const DEVICE_A: &str = "123456789@iot.example";
@@ -114,6 +120,8 @@ pub(crate) struct Harness {
     pub(crate) server: UdpSocket,
     callback: CallbackState,
     admin: AdminState,
+    /// The group `GROUP`, with an ACTIVE configuration at `GROUP_CONFIGURATION`.
+    pub(crate) group: Arc<Group>,
     /// Stops the group committer (which the bridge runs too) when the harness goes.
     _committer: tokio_util::sync::DropGuard,
     _store_dir: tempfile::TempDir,
@@ -140,6 +148,30 @@ impl Harness {
         let server_address = server.local_addr().expect("server stand-in address");
 
         let psm = PsmConfig::default();
+        // One group, with an ACTIVE configuration, whose members the policy lets be created.
+        let groups = Arc::new(
+            GroupTable::load(
+                &store,
+                &[GroupConfig {
+                    external_group_id: GROUP.into(),
+                    lwm2m_server: None,
+                    buffer_owner: None,
+                    active_window_s: None,
+                    monitoring: None,
+                    trigger_after_s: None,
+                }],
+            )
+            .expect("group table"),
+        );
+        let group = groups
+            .get(&GROUP.parse().expect("group id"))
+            .expect("group");
+        groups
+            .set_nidd(
+                &group,
+                Some(active_configuration(GROUP_CONFIGURATION, None)),
+            )
+            .expect("group record");
         let devices = DeviceTable::new(
             store.clone(),
             metrics.devices_provisioned.clone(),
@@ -233,6 +265,7 @@ impl Harness {
                         oscore_kid_context: None,
                     }],
                     Arc::from(Vec::new()),
+                    groups.clone(),
                 ),
                 devices: devices.clone(),
                 downlinks: downlinks.clone(),
@@ -282,6 +315,7 @@ impl Harness {
         ));
         let provisioner = Provisioner::new(
             devices.clone(),
+            groups.clone(),
             t8,
             scef,
             nidd,
@@ -309,6 +343,8 @@ impl Harness {
                 lifecycle: lifecycle.clone(),
                 max_body_bytes: MAX_BODY_BYTES,
             },
+            groups: groups.clone(),
+            fleet: fleet.clone(),
         };
         let admin = AdminState {
             devices: devices.clone(),
@@ -326,6 +362,7 @@ impl Harness {
             trigger_url: Some(format!(
                 "http://127.0.0.1:8081/t8/v1/nidd-configuration-trigger/{TRIGGER_TOKEN}"
             )),
+            groups: groups.clone(),
         };
         Self {
             devices,
@@ -337,9 +374,21 @@ impl Harness {
             server,
             callback,
             admin,
+            group,
             _committer: committer.drop_guard(),
             _store_dir: store_dir,
         }
+    }
+
+    /// The path of the group's callback URL.
+    pub(crate) fn group_path(&self) -> String {
+        let url = self
+            .group
+            .callback_url(&Url::parse("http://127.0.0.1:8081").expect("public URL"));
+        Url::parse(&url)
+            .expect("group callback URL")
+            .path()
+            .to_string()
     }
 
     /// The fleet the admin API changes.

@@ -33,6 +33,10 @@ pub(crate) enum RotationError {
     #[error("cannot record the callback token in the store: {0}; the old callback URL stays valid")]
     Store(#[from] StoreError),
     #[error(
+        "the device is a member of group {0}: its NIDD callback URL is the group's, which is not rotated per member"
+    )]
+    GroupMember(String),
+    #[error(
         "the device has no NIDD configuration at the SCEF yet; the new callback URL is pending and is the one its configuration is created with; ask again once it has one"
     )]
     NoConfiguration,
@@ -56,6 +60,7 @@ impl RotationError {
         match self {
             Self::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE"),
             Self::NoConfiguration => (StatusCode::CONFLICT, "NO_CONFIGURATION"),
+            Self::GroupMember(_) => (StatusCode::CONFLICT, "GROUP_MEMBER"),
             Self::Scef(T8Error::Transport { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "SCEF_UNAVAILABLE")
             }
@@ -69,6 +74,7 @@ impl RotationError {
         match self {
             Self::Store(_) => "store_failed",
             Self::NoConfiguration => "no_configuration",
+            Self::GroupMember(_) => "group_member",
             Self::Scef(_) | Self::NotTaken => "scef_failed",
             Self::Monitoring => "monitoring_failed",
         }
@@ -141,6 +147,9 @@ impl CallbackRotation {
     }
 
     async fn rotate_once(&self, device: &Device) -> Result<Rotated, RotationError> {
+        if let Some(group) = device.group() {
+            return Err(RotationError::GroupMember(group.id.to_string()));
+        }
         let _one = self.one_at_a_time.lock().await;
         let (pending, minted) = self.devices.begin_rotation(device)?;
         // The SCEF must not hear of a token a crash could make the bridge forget.

@@ -126,6 +126,9 @@ pub struct NiddConfiguration {
     pub external_id: Option<ExternalId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub msisdn: Option<Msisdn>,
+    /// A group's configuration (TS 23.682 External Group Identifier, `local@domain`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_group_id: Option<ExternalId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration: Option<String>,
     pub notification_destination: String,
@@ -838,6 +841,7 @@ macro_rules! names_one_ue {
 }
 
 names_one_ue!(
+    GmdResult,
     NiddUplinkDataNotification,
     NiddConfigurationStatusNotification,
     ManagePortNotification,

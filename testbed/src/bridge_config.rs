@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{
-    AdminConfig, CallbackConfig, Config, ConfigError, DeviceConfig, HexBytes, ListenerLimits,
-    Lwm2mServerConfig, NiddDefaults, OnboardingConfig, OneOrMany, PortRange, PsmConfig, ScefConfig,
-    ServerRole, SocketsConfig, StoreConfig, TokenRateLimit,
+    AdminConfig, CallbackConfig, Config, ConfigError, DeviceConfig, GroupConfig, HexBytes,
+    ListenerLimits, Lwm2mServerConfig, NiddDefaults, OnboardingConfig, OneOrMany, PortRange,
+    PsmConfig, ScefConfig, ServerRole, SocketsConfig, StoreConfig, TokenRateLimit,
 };
 use url::Url;
 
@@ -108,6 +108,7 @@ impl BridgeConfigBuilder {
                 psm: PsmConfig::default(),
                 devices: Vec::new(),
                 onboarding: OnboardingConfig::default(),
+                groups: Vec::new(),
             },
         }
     }
@@ -157,6 +158,19 @@ impl BridgeConfigBuilder {
     /// Sets the PSM-aware MT defaults (`[psm]`).
     pub fn psm(mut self, options: impl FnOnce(&mut PsmConfig)) -> Self {
         options(&mut self.config.psm);
+        self
+    }
+
+    /// Adds a group (`[[groups]]`) whose members get the default settings.
+    pub fn group(mut self, external_group_id: &str) -> Self {
+        self.config.groups.push(GroupConfig {
+            external_group_id: external_group_id.into(),
+            lwm2m_server: None,
+            buffer_owner: None,
+            active_window_s: None,
+            monitoring: None,
+            trigger_after_s: None,
+        });
         self
     }
 
@@ -223,6 +237,7 @@ fn device_entry(id: &DeviceId) -> DeviceConfig {
         active_window_s: None,
         monitoring: None,
         trigger_after_s: None,
+        group: None,
     }
 }
 
