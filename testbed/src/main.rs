@@ -1,6 +1,8 @@
 //! `nidd-mock-scef`: the mock SCEF (T8 NIDD, MonitoringEvent and DeviceTriggering emulator) on
 //! its own, with simulated LwM2M devices or real UDP LwM2M clients fronted as UEs, for trying a
-//! bridge or an integration without an operator network.
+//! bridge or an integration without an operator network. It can also know External Group
+//! Identifiers (`--group`) and act as a NEF that sends TS 29.522 NIDD Configuration Triggers
+//! (`--trigger-url`).
 
 #![allow(clippy::disallowed_methods)]
 
@@ -13,7 +15,9 @@ use std::time::Duration;
 use clap::Parser;
 use nidd_bridge::DeviceId;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
-use nidd_testbed::mock_scef::{MockOAuth2, MockScef, MockScefConfig, MockTls};
+use nidd_testbed::mock_scef::{
+    MockConfigurationTrigger, MockOAuth2, MockScef, MockScefConfig, MockTls,
+};
 use nidd_testbed::schema::T8Schemas;
 
 #[derive(Parser)]
@@ -64,6 +68,34 @@ struct Cli {
     /// Lifetime of the issued tokens.
     #[arg(long, default_value_t = 300)]
     oauth2_token_lifetime_s: u64,
+    /// An External Group Identifier and its member UEs: `GROUP=UE,UE,...` (e.g.
+    /// `meters@iot.example=123@iot.example,491700000001`); repeatable. A NIDD configuration
+    /// with `externalGroupId` is accepted for a known group only (403 otherwise); members
+    /// without a configuration of their own send MO to the group's, MT may name a member or
+    /// the whole group (a group message, reported by GMD notifications).
+    #[arg(long = "group", value_name = "GROUP=UE,...")]
+    groups: Vec<String>,
+    /// Report the outcome of a pending (201) member delivery on a group configuration by a
+    /// one-result GmdNiddDownlinkDataDeliveryNotification instead of a delivery-status
+    /// notification.
+    #[arg(long)]
+    gmd_member_reports: bool,
+    /// NEF mode (TS 29.522): MO data from a UE with no NIDD configuration (neither its own nor
+    /// its group's) makes the mock POST a NiddConfigurationTrigger to this URL (the AF's
+    /// `{apiRoot}`) and hold the datagram until a configuration covering the UE exists (up to
+    /// `--trigger-hold-s`, then it is dropped); one trigger per UE at a time. Simulated devices
+    /// then register without waiting for a configuration.
+    #[arg(long, requires_all = ["af_id", "nef_id"])]
+    trigger_url: Option<url::Url>,
+    /// The trigger's `afId`.
+    #[arg(long, requires = "trigger_url")]
+    af_id: Option<String>,
+    /// The trigger's `nefId`.
+    #[arg(long, requires = "trigger_url")]
+    nef_id: Option<String>,
+    /// How long an MO datagram is held for the configuration a trigger asked for.
+    #[arg(long, default_value_t = 30, requires = "trigger_url")]
+    trigger_hold_s: u64,
 }
 
 fn main() -> ExitCode {
@@ -88,7 +120,21 @@ fn main() -> ExitCode {
         oauth2_client_id,
         oauth2_client_secret_file,
         oauth2_token_lifetime_s,
+        groups,
+        gmd_member_reports,
+        trigger_url,
+        af_id,
+        nef_id,
+        trigger_hold_s,
     } = Cli::parse();
+    let configuration_trigger = match (trigger_url, af_id, nef_id) {
+        (Some(url), Some(af_id), Some(nef_id)) => {
+            let mut trigger = MockConfigurationTrigger::new(url, af_id, nef_id);
+            trigger.hold = Duration::from_secs(trigger_hold_s);
+            Some(trigger)
+        }
+        _ => None,
+    };
     let tls = tls_cert.zip(tls_key).map(|(cert_file, key_file)| MockTls {
         cert_file,
         key_file,
@@ -121,6 +167,9 @@ fn main() -> ExitCode {
         scef_buffering: !no_scef_buffering,
         tls,
         oauth2,
+        groups,
+        gmd_member_reports,
+        configuration_trigger,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -152,6 +201,9 @@ struct MockOptions {
     scef_buffering: bool,
     tls: Option<MockTls>,
     oauth2: Option<MockOAuth2>,
+    groups: Vec<String>,
+    gmd_member_reports: bool,
+    configuration_trigger: Option<MockConfigurationTrigger>,
 }
 
 async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
@@ -165,6 +217,9 @@ async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
         scef_buffering,
         tls,
         oauth2,
+        groups,
+        gmd_member_reports,
+        configuration_trigger,
     } = options;
     let schemas = match schemas {
         Some(dir) => Some(Arc::new(T8Schemas::load(&dir)?)),
@@ -177,13 +232,30 @@ async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
         scef_buffering,
         tls,
         oauth2,
+        configuration_trigger,
         ..Default::default()
     };
+    let triggering = config.configuration_trigger.is_some();
     let mock = Arc::new(MockScef::start(listen, config).await?);
+    mock.faults().set_gmd_member_reports(gmd_member_reports);
     println!(
         "{}",
         serde_json::json!({"event": "listening", "apiRoot": mock.api_root().as_str()})
     );
+    for text in groups {
+        let (group, members) = text
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--group takes GROUP=UE,UE,..., got {text:?}"))?;
+        let members = members
+            .split(',')
+            .map(|ue| ue.trim().parse::<DeviceId>())
+            .collect::<Result<Vec<_>, _>>()?;
+        mock.define_group(group, &members)?;
+        println!(
+            "{}",
+            serde_json::json!({"event": "group", "externalGroupId": group, "members": members})
+        );
+    }
     for text in real_devices {
         let (id, address) = text
             .split_once('=')
@@ -209,7 +281,8 @@ async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
         }
         tokio::spawn(async move {
             loop {
-                if ue.wait_configured(Duration::from_secs(3600)).await.is_err() {
+                // In NEF mode the device's first uplink is what gets it a configuration.
+                if !triggering && ue.wait_configured(Duration::from_secs(3600)).await.is_err() {
                     continue;
                 }
                 let sim = SimLwm2mDevice::spawn(ue.clone(), DeviceProfile::new(&endpoint));

@@ -5,11 +5,29 @@
 //! (a private CA's certificate, optionally requiring a client certificate) and act as an
 //! OAuth2 authorization server (client credentials) whose short-lived tokens the T8 endpoints
 //! then require.
+//!
+//! Groups: [`MockScef::define_group`] tells the mock which UEs an External Group
+//! Identifier stands for. A configuration created with `externalGroupId` is a group
+//! configuration ([`MockScef::group_configurations`]) with the same resource semantics as a
+//! per-UE one. A member UE without a configuration of its own sends its MO to the group
+//! configuration's `notificationDestination`, naming itself; MT naming a member on the group
+//! configuration reaches that member (PSM and SCEF buffering as for one UE), and a group
+//! message (`externalGroupId` in the MT body) reaches every member and is reported by
+//! `GmdNiddDownlinkDataDeliveryNotification`s. [`Faults::set_gmd_member_reports`] makes the
+//! outcome of a pending member delivery come as a one-result GMD notification too.
+//!
+//! NEF mode: with a [`MockConfigurationTrigger`], MO data from a UE that has
+//! no configuration at all makes the mock POST a TS 29.522 `NiddConfigurationTrigger` to the
+//! AF and hold the datagram until a configuration that covers the UE exists.
 
+mod groups;
+mod nef_trigger;
 pub mod oscore;
 mod psm;
 mod real_device;
 pub mod sim_device;
+#[cfg(test)]
+mod test_receiver;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -31,12 +49,15 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use url::Url;
 
+pub use groups::MockGroupConfiguration;
+pub use nef_trigger::MockConfigurationTrigger;
+
 use crate::schema::{self, T8Schemas};
 use nidd_bridge::DeviceId;
 use nidd_bridge::t8::{
     DeliveryStatus, ExternalIdOrMsisdn, NiddConfiguration, NiddConfigurationStatusNotification,
-    NiddDownlinkDataDeliveryFailure, NiddDownlinkDataDeliveryStatusNotification,
-    NiddDownlinkDataTransfer, NiddStatus, NiddUplinkDataNotification, ProblemDetails,
+    NiddDownlinkDataDeliveryFailure, NiddDownlinkDataTransfer, NiddStatus,
+    NiddUplinkDataNotification, ProblemDetails,
 };
 
 /// MT datagrams remembered per UE for tests (the oldest are forgotten past it).
@@ -63,6 +84,11 @@ pub enum MockError {
     Listen(std::io::Error),
     #[error("TLS settings: {0}")]
     Tls(String),
+    #[error("{0:?} is not an External Group Identifier (local@domain, no other '@')")]
+    InvalidGroupId(String),
+    /// The NIDD Configuration Trigger another MO datagram of this UE was waiting on failed.
+    #[error("the NIDD configuration trigger for UE {ue} failed: {reason}")]
+    TriggerFailed { ue: DeviceId, reason: String },
 }
 
 /// The mock's TLS listener: its certificate and key (PEM files), and the CA whose client
@@ -103,6 +129,10 @@ pub struct MockScefConfig {
     pub tls: Option<MockTls>,
     /// Be the OAuth2 token endpoint too, and require its tokens on the T8 endpoints.
     pub oauth2: Option<MockOAuth2>,
+    /// NEF mode: send the AF a TS 29.522 NIDD Configuration Trigger for a UE that sends MO data
+    /// without any NIDD configuration (see [`MockConfigurationTrigger`]); changeable later
+    /// with [`MockScef::set_configuration_trigger`].
+    pub configuration_trigger: Option<MockConfigurationTrigger>,
 }
 
 impl Default for MockScefConfig {
@@ -114,6 +144,7 @@ impl Default for MockScefConfig {
             scef_buffering: true,
             tls: None,
             oauth2: None,
+            configuration_trigger: None,
         }
     }
 }
@@ -142,7 +173,8 @@ impl TokenRecord {
 /// One exchange the mock saw or made.
 #[derive(Debug, Clone, Serialize)]
 pub struct Recorded {
-    /// `request` (the bridge called the mock) or `callback` (the mock called the bridge).
+    /// `request` (the bridge called the mock), `callback` (the mock called the bridge) or
+    /// `trigger` (the mock, as NEF, sent a NIDD Configuration Trigger to the AF).
     pub direction: &'static str,
     pub method: String,
     pub path: String,
@@ -168,13 +200,11 @@ pub struct MockConfiguration {
     pub duration: Option<String>,
 }
 
-impl MockConfiguration {
-    fn expired(&self, now: std::time::SystemTime) -> bool {
-        self.duration
-            .as_deref()
-            .and_then(|d| humantime::parse_rfc3339_weak(d).ok())
-            .is_some_and(|expiry| expiry <= now)
-    }
+/// Whether a configuration's `duration` (RFC 3339) has passed.
+fn expired(duration: Option<&str>, now: std::time::SystemTime) -> bool {
+    duration
+        .and_then(|d| humantime::parse_rfc3339_weak(d).ok())
+        .is_some_and(|expiry| expiry <= now)
 }
 
 /// Faults a test can switch on.
@@ -235,6 +265,11 @@ pub struct Faults {
     pub failure_status_downlinks: AtomicU32,
     /// Answer this many OAuth2 token requests 503 (an authorization server that is down).
     pub fail_token_requests: AtomicU32,
+    /// GMD reporting mode: the outcome of a member delivery on a group configuration that was
+    /// answered 201 (pending) comes as a `GmdNiddDownlinkDataDeliveryNotification` with one
+    /// `GmdResult` for that member, not as a `NiddDownlinkDataDeliveryStatusNotification`.
+    /// Read when the delivery is accepted.
+    pub gmd_member_reports: AtomicBool,
 }
 
 /// How the mock answers a downlink delivery.
@@ -266,6 +301,11 @@ impl Faults {
         self.release_listings.notify_waiters();
     }
 
+    /// Switches GMD reporting mode ([`gmd_member_reports`](Self::gmd_member_reports)).
+    pub fn set_gmd_member_reports(&self, on: bool) {
+        self.gmd_member_reports.store(on, Ordering::SeqCst);
+    }
+
     /// Requires `Bearer <token>` on MT deliveries from now on (`None`: no check).
     pub fn require_downlink_bearer(&self, token: Option<&str>) {
         *self
@@ -286,6 +326,14 @@ fn take_one(counter: &AtomicU32) -> bool {
 struct Inner {
     next_id: u64,
     configurations: BTreeMap<String, MockConfiguration>,
+    /// Configurations created with `externalGroupId`; ids share `next_id` with the others.
+    group_configurations: BTreeMap<String, MockGroupConfiguration>,
+    /// The members of each External Group Identifier the mock knows.
+    groups: BTreeMap<String, Vec<DeviceId>>,
+    /// NIDD Configuration Triggers sent and still waiting for a configuration, per UE.
+    pending_triggers: HashMap<DeviceId, watch::Receiver<nef_trigger::TriggerState>>,
+    /// MO datagrams waiting for the configuration a trigger asked for.
+    held_uplinks: usize,
     ues: HashMap<DeviceId, UeChannels>,
     recorded: Vec<Recorded>,
     violations: Vec<String>,
@@ -316,6 +364,8 @@ struct UeChannels {
 
 struct MockState {
     config: MockScefConfig,
+    /// NEF mode's current target (first from the configuration).
+    trigger: Mutex<Option<MockConfigurationTrigger>>,
     api_root: Url,
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
@@ -327,9 +377,19 @@ impl MockState {
     /// The state, without the configurations whose `duration` has passed.
     fn inner(&self) -> MutexGuard<'_, Inner> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.configurations.values().any(|c| c.duration.is_some()) {
+        if inner.configurations.values().any(|c| c.duration.is_some())
+            || inner
+                .group_configurations
+                .values()
+                .any(|c| c.duration.is_some())
+        {
             let now = std::time::SystemTime::now();
-            inner.configurations.retain(|_, c| !c.expired(now));
+            inner
+                .configurations
+                .retain(|_, c| !expired(c.duration.as_deref(), now));
+            inner
+                .group_configurations
+                .retain(|_, c| !expired(c.duration.as_deref(), now));
         }
         inner
     }
@@ -372,6 +432,16 @@ impl MockState {
                 let _ = channels.mt_sender.send(datagram);
             }
         }
+    }
+
+    /// A new pending delivery's link under configuration `configuration_id`.
+    fn delivery_location(&self, scs: &str, configuration_id: &str) -> String {
+        let mut inner = self.inner();
+        inner.next_id += 1;
+        format!(
+            "{}3gpp-nidd/v1/{scs}/configurations/{configuration_id}/downlink-data-deliveries/mt{}",
+            self.api_root, inner.next_id
+        )
     }
 
     fn ue_channels<'a>(inner: &'a mut Inner, id: &DeviceId) -> &'a mut UeChannels {
@@ -491,6 +561,7 @@ impl MockScef {
             .build()
             .map_err(|e| MockError::Listen(std::io::Error::other(e)))?;
         let state = Arc::new(MockState {
+            trigger: Mutex::new(config.configuration_trigger.clone()),
             config,
             api_root,
             inner: Mutex::new(Inner::default()),
@@ -578,6 +649,8 @@ impl MockScef {
         self.state.inner().violations.clone()
     }
 
+    /// The per-UE configurations; those created for a group are in
+    /// [`group_configurations`](Self::group_configurations).
     pub fn configurations(&self) -> Vec<MockConfiguration> {
         self.state
             .inner()
@@ -707,7 +780,7 @@ impl MockScef {
         Ok((status, response.text().await.unwrap_or_default()))
     }
 
-    /// Waits until `condition` holds over the configurations, or the timeout passes.
+    /// Waits until `condition` holds over the (per-UE) configurations, or the timeout passes.
     pub async fn wait_for(
         &self,
         what: &'static str,
@@ -784,11 +857,12 @@ impl SimUe {
         &self.id
     }
 
-    /// Waits until the bridge created a NIDD configuration for this UE.
+    /// Waits until the bridge created a NIDD configuration that covers this UE: its own, or
+    /// one of a group it is a member of.
     pub async fn wait_configured(&self, timeout: Duration) -> Result<(), MockError> {
         let mut changes = self.state.changed.subscribe();
         tokio::time::timeout(timeout, async {
-            while configuration_of(&self.state, &self.id).is_none() {
+            while groups::mo_route(&self.state, &self.id).is_none() {
                 if changes.changed().await.is_err() {
                     return;
                 }
@@ -798,14 +872,29 @@ impl SimUe {
         .map_err(|_| MockError::Timeout("a NIDD configuration"))
     }
 
-    /// Sends one MO datagram as a `NiddUplinkDataNotification` to the bridge.
+    /// Sends one MO datagram as a `NiddUplinkDataNotification` to the bridge: to the UE's own
+    /// configuration's `notificationDestination`, else to that of a configuration of a group
+    /// the UE is a member of (`niddConfiguration` is then the group configuration's link; the
+    /// body names the UE itself).
+    ///
+    /// Without either, it fails with [`MockError::NotConfigured`], unless NEF mode is on
+    /// ([`MockConfigurationTrigger`]): then the mock POSTs a `NiddConfigurationTrigger` for the
+    /// UE to the AF (only one while one is outstanding: MO of the same UE meanwhile waits on
+    /// it) and holds the datagram until a configuration covering the UE exists, then sends it
+    /// there. A trigger answered other than 200, or not answered, fails this call with
+    /// [`MockError::Refused`] or [`MockError::Callback`] (and concurrent calls waiting on it
+    /// with [`MockError::TriggerFailed`]); no configuration within
+    /// [`MockConfigurationTrigger::hold`] fails it with [`MockError::Timeout`]. The datagram
+    /// is dropped in both cases.
     pub async fn send_mo(&self, datagram: &[u8]) -> Result<StatusCode, MockError> {
         // Mobile-originated data brings a sleeping UE into connected mode.
         if !self.is_awake() {
             self.wake().await;
         }
-        let configuration = configuration_of(&self.state, &self.id)
-            .ok_or_else(|| MockError::NotConfigured(self.id.clone()))?;
+        let configuration = match groups::mo_route(&self.state, &self.id) {
+            Some(route) => route,
+            None => nef_trigger::configuration_after_trigger(&self.state, &self.id).await?,
+        };
         let body = NiddUplinkDataNotification {
             nidd_configuration: configuration.self_link.clone(),
             external_id: self.id.external_id().cloned(),
@@ -1171,6 +1260,58 @@ fn named_ue(body: &impl ExternalIdOrMsisdn) -> Option<DeviceId> {
     }
 }
 
+/// Whom a `NiddConfiguration` or `NiddDownlinkDataTransfer` names: one UE, or a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Named {
+    Ue(DeviceId),
+    Group(String),
+}
+
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ue(ue) => write!(f, "UE {ue}"),
+            Self::Group(group) => write!(f, "group {group}"),
+        }
+    }
+}
+
+/// The `externalGroupId` of a body, which the bridge's serde models do not carry.
+#[derive(serde::Deserialize)]
+struct GroupField {
+    #[serde(rename = "externalGroupId")]
+    external_group_id: Option<String>,
+}
+
+/// The one identity a body names (`externalId`, `msisdn` or `externalGroupId`, as the
+/// schemas' `oneOf` says), or why the body is a bad request.
+fn named_in(ids: &impl ExternalIdOrMsisdn, body: &[u8]) -> Result<Named, String> {
+    let group = serde_json::from_slice::<GroupField>(body)
+        .map_err(|error| error.to_string())?
+        .external_group_id;
+    match (named_ue(ids), group) {
+        (Some(ue), None) => Ok(Named::Ue(ue)),
+        (None, Some(group)) if ids.external_id().is_none() && ids.msisdn().is_none() => {
+            if groups::is_external_group_id(&group) {
+                Ok(Named::Group(group))
+            } else {
+                Err(format!("externalGroupId {group:?} is not local@domain"))
+            }
+        }
+        _ => Err("exactly one of externalId, msisdn and externalGroupId is required".into()),
+    }
+}
+
+/// A body as JSON, with `externalGroupId` added when it is for a group (the bridge's serde
+/// models have no such field).
+fn with_group(body: &impl Serialize, group: Option<&str>) -> serde_json::Value {
+    let mut json = serde_json::to_value(body).unwrap_or_default();
+    if let (Some(group), Some(object)) = (group, json.as_object_mut()) {
+        object.insert("externalGroupId".into(), group.into());
+    }
+    json
+}
+
 async fn create_configuration(
     State(state): State<Arc<MockState>>,
     Path(scs): Path<String>,
@@ -1193,32 +1334,67 @@ async fn create_configuration(
         Ok(request) => request,
         Err(error) => return bad_request(error.to_string()),
     };
-    let Some(ue) = named_ue(&request) else {
-        return bad_request("exactly one of externalId and msisdn is required");
+    let named = match named_in(&request, &body) {
+        Ok(named) => named,
+        Err(detail) => return bad_request(detail),
     };
-    let (configuration, answer) = {
+    let (self_link, destination, members, answer) = {
         let mut inner = state.inner();
+        // The SCEF has the HSS authorise the group: one it does not know is refused.
+        let members = match &named {
+            Named::Ue(ue) => vec![ue.clone()],
+            Named::Group(group) => match inner.groups.get(group) {
+                Some(members) => members.clone(),
+                None => {
+                    return problem_response(
+                        StatusCode::FORBIDDEN,
+                        "UNKNOWN_EXTERNAL_GROUP_ID",
+                        format!("no group {group} is known to the SCEF"),
+                    );
+                }
+            },
+        };
         inner.next_id += 1;
         inner.configurations_created += 1;
         let id = format!("cfg{}", inner.next_id);
         let self_link = format!("{}3gpp-nidd/v1/{scs}/configurations/{id}", state.api_root);
-        let configuration = MockConfiguration {
-            id: id.clone(),
-            scs_as_id: scs.clone(),
-            ue: ue.clone(),
-            notification_destination: request.notification_destination.clone(),
-            self_link: self_link.clone(),
-            duration: request.duration.clone(),
-        };
-        inner.configurations.insert(id, configuration.clone());
-        MockState::ue_channels(&mut inner, &ue);
+        let destination = request.notification_destination.clone();
+        match &named {
+            Named::Ue(ue) => {
+                let configuration = MockConfiguration {
+                    id: id.clone(),
+                    scs_as_id: scs.clone(),
+                    ue: ue.clone(),
+                    notification_destination: destination.clone(),
+                    self_link: self_link.clone(),
+                    duration: request.duration.clone(),
+                };
+                inner.configurations.insert(id, configuration);
+                MockState::ue_channels(&mut inner, ue);
+            }
+            Named::Group(group) => {
+                let configuration = MockGroupConfiguration {
+                    id: id.clone(),
+                    scs_as_id: scs.clone(),
+                    external_group_id: group.clone(),
+                    notification_destination: destination.clone(),
+                    self_link: self_link.clone(),
+                    duration: request.duration.clone(),
+                };
+                inner.group_configurations.insert(id, configuration);
+            }
+        }
         let answer = NiddConfiguration {
-            self_link: Some(self_link),
+            self_link: Some(self_link.clone()),
             status: Some(NiddStatus::Active),
             maximum_packet_size: state.config.maximum_packet_size_bits,
             ..request
         };
-        (configuration, answer)
+        let group = match &named {
+            Named::Group(group) => Some(group.as_str()),
+            Named::Ue(_) => None,
+        };
+        (self_link, destination, members, with_group(&answer, group))
     };
     state.bump();
     if take_one(&state.faults.hold_configuration_answers) {
@@ -1226,26 +1402,26 @@ async fn create_configuration(
         hold_answer(&state, &faults.held_answers, &faults.release_held).await;
     }
     if state.config.send_active_notification {
+        // The status notification names one UE: a group configuration's members get one each.
         let state = state.clone();
-        let configuration = configuration.clone();
+        let link = self_link.clone();
         tokio::spawn(async move {
-            let body = NiddConfigurationStatusNotification {
-                nidd_configuration: configuration.self_link.clone(),
-                external_id: configuration.ue.external_id().cloned(),
-                msisdn: configuration.ue.msisdn().cloned(),
-                status: NiddStatus::Active,
-                rds_cap_indication: None,
-            };
-            let json = serde_json::to_value(&body).unwrap_or_default();
-            if let Err(error) = state
-                .callback(&configuration.notification_destination, json)
-                .await
-            {
-                tracing::warn!(%error, "mock SCEF: status notification refused");
+            for ue in members {
+                let body = NiddConfigurationStatusNotification {
+                    nidd_configuration: link.clone(),
+                    external_id: ue.external_id().cloned(),
+                    msisdn: ue.msisdn().cloned(),
+                    status: NiddStatus::Active,
+                    rds_cap_indication: None,
+                };
+                let json = serde_json::to_value(&body).unwrap_or_default();
+                if let Err(error) = state.callback(&destination, json).await {
+                    tracing::warn!(%error, "mock SCEF: status notification refused");
+                }
             }
         });
     }
-    json_response(StatusCode::CREATED, &answer, Some(&configuration.self_link))
+    json_response(StatusCode::CREATED, &answer, Some(&self_link))
 }
 
 /// `FetchAllNIDDConfigurations`: every configuration of the SCS/AS, each with its `self`.
@@ -1263,13 +1439,20 @@ async fn list_configurations(
             "fault injected by the mock SCEF".into(),
         );
     }
-    let all: Vec<serde_json::Value> = state
-        .inner()
-        .configurations
-        .values()
-        .filter(|c| c.scs_as_id == scs)
-        .map(|c| configuration_body(&state, c))
-        .collect();
+    let all: Vec<serde_json::Value> = {
+        let inner = state.inner();
+        let ues = inner
+            .configurations
+            .values()
+            .filter(|c| c.scs_as_id == scs)
+            .map(|c| configuration_body(&state, c));
+        let groups = inner
+            .group_configurations
+            .values()
+            .filter(|c| c.scs_as_id == scs)
+            .map(|c| groups::group_configuration_body(&state, c));
+        ues.chain(groups).collect()
+    };
     if take_one(&state.faults.hold_configuration_listings) {
         let faults = &state.faults;
         hold_answer(&state, &faults.held_listings, &faults.release_listings).await;
@@ -1301,18 +1484,31 @@ fn configuration_body(state: &MockState, c: &MockConfiguration) -> serde_json::V
     .unwrap_or_default()
 }
 
+fn no_configuration(id: &str) -> Response {
+    problem_response(
+        StatusCode::NOT_FOUND,
+        "RESOURCE_NOT_FOUND",
+        format!("no configuration {id}"),
+    )
+}
+
 async fn fetch_configuration(
     State(state): State<Arc<MockState>>,
     Path((_scs, id)): Path<(String, String)>,
 ) -> Response {
-    let found = state.inner().configurations.get(&id).cloned();
+    let found = {
+        let inner = state.inner();
+        match inner.configurations.get(&id) {
+            Some(c) => Some(configuration_body(&state, c)),
+            None => inner
+                .group_configurations
+                .get(&id)
+                .map(|c| groups::group_configuration_body(&state, c)),
+        }
+    };
     match found {
-        Some(c) => json_response(StatusCode::OK, &configuration_body(&state, &c), None),
-        None => problem_response(
-            StatusCode::NOT_FOUND,
-            "RESOURCE_NOT_FOUND",
-            format!("no configuration {id}"),
-        ),
+        Some(body) => json_response(StatusCode::OK, &body, None),
+        None => no_configuration(&id),
     }
 }
 
@@ -1356,48 +1552,59 @@ async fn modify_configuration(
         Ok(_) => return bad_request("a NiddConfigurationPatch is a JSON object"),
         Err(error) => return bad_request(error.to_string()),
     };
-    let updated = {
-        let mut inner = state.inner();
-        let Some(configuration) = inner.configurations.get_mut(&id) else {
-            return problem_response(
-                StatusCode::NOT_FOUND,
-                "RESOURCE_NOT_FOUND",
-                format!("no configuration {id}"),
-            );
-        };
-        if let Some(destination) = patch
+    let apply = |destination: &mut String, duration: &mut Option<String>| {
+        if let Some(new) = patch
             .get("notificationDestination")
             .and_then(|d| d.as_str())
         {
-            configuration.notification_destination = destination.to_string();
+            *destination = new.to_string();
         }
         match patch.get("duration") {
-            Some(serde_json::Value::String(duration)) => {
-                configuration.duration = Some(duration.clone())
-            }
-            Some(serde_json::Value::Null) => configuration.duration = None,
+            Some(serde_json::Value::String(new)) => *duration = Some(new.clone()),
+            Some(serde_json::Value::Null) => *duration = None,
             _ => {}
         }
-        configuration.clone()
+    };
+    let updated = {
+        let mut inner = state.inner();
+        if let Some(c) = inner.configurations.get_mut(&id) {
+            apply(&mut c.notification_destination, &mut c.duration);
+            configuration_body(&state, c)
+        } else if let Some(c) = inner.group_configurations.get_mut(&id) {
+            apply(&mut c.notification_destination, &mut c.duration);
+            groups::group_configuration_body(&state, c)
+        } else {
+            return no_configuration(&id);
+        }
     };
     state.bump();
-    json_response(StatusCode::OK, &configuration_body(&state, &updated), None)
+    json_response(StatusCode::OK, &updated, None)
 }
 
 async fn delete_configuration(
     State(state): State<Arc<MockState>>,
     Path((_scs, id)): Path<(String, String)>,
 ) -> Response {
-    let removed = state.inner().configurations.remove(&id);
+    let removed = {
+        let mut inner = state.inner();
+        inner.configurations.remove(&id).is_some()
+            || inner.group_configurations.remove(&id).is_some()
+    };
     state.bump();
-    match removed {
-        Some(_) => StatusCode::NO_CONTENT.into_response(),
-        None => problem_response(
-            StatusCode::NOT_FOUND,
-            "RESOURCE_NOT_FOUND",
-            format!("no configuration {id}"),
-        ),
+    if removed {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        no_configuration(&id)
     }
+}
+
+/// Who an accepted MT delivery is for.
+enum Recipient {
+    /// One UE (on its own configuration, or a member on its group's), the configuration's
+    /// `notificationDestination` and how the outcome of a pending delivery is reported there.
+    Ue(DeviceId, String, psm::PendingReport),
+    /// Every member of the group configuration's group (a group message).
+    Group(MockGroupConfiguration),
 }
 
 async fn create_downlink(
@@ -1469,21 +1676,53 @@ async fn create_downlink(
         Ok(request) => request,
         Err(error) => return bad_request(error.to_string()),
     };
-    let Some(ue) = named_ue(&request) else {
-        return bad_request("exactly one of externalId and msisdn is required");
+    let named = match named_in(&request, &body) {
+        Ok(named) => named,
+        Err(detail) => return bad_request(detail),
     };
-    let Some(configuration) = state.inner().configurations.get(&id).cloned() else {
-        return problem_response(
-            StatusCode::NOT_FOUND,
-            "RESOURCE_NOT_FOUND",
-            format!("no configuration {id}"),
-        );
+    let recipient = {
+        let inner = state.inner();
+        let own = inner.configurations.get(&id);
+        let group = inner.group_configurations.get(&id);
+        match (own, group, &named) {
+            (None, None, _) => return no_configuration(&id),
+            (Some(c), _, Named::Ue(ue)) if &c.ue == ue => Recipient::Ue(
+                ue.clone(),
+                c.notification_destination.clone(),
+                psm::PendingReport::Status,
+            ),
+            (_, Some(c), Named::Ue(ue)) if groups::is_member(&inner, &c.external_group_id, ue) => {
+                let report = if state.faults.gmd_member_reports.load(Ordering::SeqCst) {
+                    psm::PendingReport::Gmd
+                } else {
+                    psm::PendingReport::Status
+                };
+                Recipient::Ue(ue.clone(), c.notification_destination.clone(), report)
+            }
+            (_, Some(c), Named::Group(group)) if &c.external_group_id == group => {
+                Recipient::Group(c.clone())
+            }
+            (Some(_), _, named) => {
+                return bad_request(format!("{named} does not belong to configuration {id}"));
+            }
+            (_, Some(c), named) => {
+                return bad_request(format!(
+                    "{named} is not a member of group {} of configuration {id}",
+                    c.external_group_id
+                ));
+            }
+        }
     };
-    if configuration.ue != ue {
-        return bad_request(format!("{ue} does not belong to configuration {id}"));
-    }
+    let group = match &recipient {
+        Recipient::Group(c) => Some(c.external_group_id.clone()),
+        Recipient::Ue(..) => None,
+    };
     if take_one(&state.faults.lose_configurations) {
-        state.inner().configurations.remove(&id);
+        {
+            let mut inner = state.inner();
+            inner.configurations.remove(&id);
+            inner.group_configurations.remove(&id);
+        }
         state.bump();
         return problem_response(
             StatusCode::NOT_FOUND,
@@ -1500,7 +1739,7 @@ async fn create_downlink(
             ),
             ..request
         };
-        return json_response(StatusCode::OK, &answer, None);
+        return json_response(StatusCode::OK, &with_group(&answer, group.as_deref()), None);
     }
     let datagram = match BASE64.decode(&request.data) {
         Ok(datagram) => datagram,
@@ -1515,55 +1754,58 @@ async fn create_downlink(
             format!("{} bytes exceed {bits} bits", datagram.len()),
         );
     }
-    match state.faults.downlink_mode.load(Ordering::SeqCst) {
-        m if m == DownlinkMode::FailNotReachable as u8 => {
-            let failure = NiddDownlinkDataDeliveryFailure {
-                problem_detail: ProblemDetails {
-                    title: Some("UE not reachable".into()),
-                    status: Some(500),
-                    cause: Some("TEMPORARILY_NOT_REACHABLE".into()),
-                    ..Default::default()
-                },
-                requested_retransmission_time: None,
-            };
-            json_response(StatusCode::INTERNAL_SERVER_ERROR, &failure, None)
-        }
-        m if m == DownlinkMode::BufferThenDeliver as u8 => {
-            let delivery_id = {
-                let mut inner = state.inner();
-                inner.next_id += 1;
-                format!("mt{}", inner.next_id)
-            };
-            let location = format!(
-                "{}3gpp-nidd/v1/{scs}/configurations/{id}/downlink-data-deliveries/{delivery_id}",
-                state.api_root
-            );
-            let answer = NiddDownlinkDataTransfer {
-                self_link: Some(location.clone()),
-                delivery_status: Some(DeliveryStatus::Buffering),
-                ..request
-            };
-            let notified = state.clone();
-            let status_link = location.clone();
-            tokio::spawn(async move {
-                notified.transmit(&ue, datagram);
-                let body = NiddDownlinkDataDeliveryStatusNotification {
-                    nidd_downlink_data_transfer: status_link,
-                    delivery_status: DeliveryStatus::Success,
-                    requested_retransmission_time: None,
-                };
-                let json = serde_json::to_value(&body).unwrap_or_default();
-                if let Err(error) = notified
-                    .callback(&configuration.notification_destination, json)
-                    .await
-                {
-                    tracing::warn!(%error, "mock SCEF: delivery status notification refused");
-                }
-            });
-            json_response(StatusCode::CREATED, &answer, Some(&location))
-        }
-        _ => psm::deliver_or_buffer(&state, &ue, &scs, &id, &configuration, request, datagram),
+    let mode = state.faults.downlink_mode.load(Ordering::SeqCst);
+    if mode == DownlinkMode::FailNotReachable as u8 {
+        let failure = NiddDownlinkDataDeliveryFailure {
+            problem_detail: ProblemDetails {
+                title: Some("UE not reachable".into()),
+                status: Some(500),
+                cause: Some("TEMPORARILY_NOT_REACHABLE".into()),
+                ..Default::default()
+            },
+            requested_retransmission_time: None,
+        };
+        return json_response(StatusCode::INTERNAL_SERVER_ERROR, &failure, None);
     }
+    let (ue, destination, report) = match recipient {
+        Recipient::Group(configuration) => {
+            return groups::deliver_group_message(&state, &scs, &configuration, request, datagram);
+        }
+        Recipient::Ue(ue, destination, report) => (ue, destination, report),
+    };
+    if mode == DownlinkMode::BufferThenDeliver as u8 {
+        let location = state.delivery_location(&scs, &id);
+        let answer = NiddDownlinkDataTransfer {
+            self_link: Some(location.clone()),
+            delivery_status: Some(DeliveryStatus::Buffering),
+            ..request
+        };
+        let notified = state.clone();
+        let status_link = location.clone();
+        tokio::spawn(async move {
+            notified.transmit(&ue, datagram);
+            psm::report_pending(
+                &notified,
+                &destination,
+                status_link,
+                &ue,
+                DeliveryStatus::Success,
+                report,
+            )
+            .await;
+        });
+        return json_response(StatusCode::CREATED, &answer, Some(&location));
+    }
+    psm::deliver_or_buffer(
+        &state,
+        &ue,
+        &scs,
+        &id,
+        &destination,
+        report,
+        request,
+        datagram,
+    )
 }
 
 /// An RFC 7807 answer from the mock SCEF.

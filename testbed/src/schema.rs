@@ -1,5 +1,6 @@
-//! Conformance checking of 3GPP T8 (TS 29.122) JSON bodies against the official
-//! OpenAPI files in `shared/3gpp-t8/`.
+//! Conformance checking of 3GPP T8 (TS 29.122) JSON bodies, and of the TS 29.522 NIDD
+//! Configuration Trigger the NEF sends the AF, against the official OpenAPI files in
+//! `shared/3gpp-t8/`.
 //!
 //! This module owns:
 //! - loading the 3GPP OpenAPI YAML files of one directory into memory, once
@@ -8,7 +9,10 @@
 //! - the mapping from a T8 request (method + path) and response status to the
 //!   schema its body must match ([`request_schema`], [`response_schema`]);
 //! - the choice of schema for a callback body ([`nidd_callback_schema`],
-//!   [`monitoring_callback_schema`], [`triggering_callback_schema`]).
+//!   [`monitoring_callback_schema`], [`triggering_callback_schema`]);
+//! - the schemas of the NIDD Configuration Trigger and of the AF's answer to it
+//!   ([`nidd_configuration_trigger_schema`], [`nidd_configuration_trigger_answer_schema`]);
+//!   their `gpsi` and `suppFeat` are TS 29.571 types, so that file is read too.
 //!
 //! It is used for conformance checks (the mock SCEF validates every request it gets,
 //! tests validate fixtures and our own callback handling); it is not on the
@@ -60,16 +64,20 @@ pub const MONITORING_EVENT_FILE: &str = "TS29122_MonitoringEvent.yaml";
 pub const DEVICE_TRIGGERING_FILE: &str = "TS29122_DeviceTriggering.yaml";
 /// TS 29.122 common data types (`Link`, `ProblemDetails`, `TestNotification`, ...).
 pub const COMMON_DATA_FILE: &str = "TS29122_CommonData.yaml";
-/// TS 29.571 common data types (`PatchItem`, `SupportedFeatures`, ...).
+/// TS 29.571 common data types (`PatchItem`, `SupportedFeatures`, `Gpsi`, ...).
 pub const CN_COMMON_DATA_FILE: &str = "TS29571_CommonData.yaml";
+/// TS 29.522 NIDD Configuration Trigger API (`3gpp-nidd-configuration-trigger`): the NEF asks
+/// the AF to create a NIDD configuration for a UE that has none.
+pub const NIDD_CONFIGURATION_TRIGGER_FILE: &str = "TS29522_NIDDConfigurationTrigger.yaml";
 
 /// The files [`T8Schemas::load`] requires, and the files [`T8Schemas::find_component`]
 /// searches, in this order.
-const T8_FILES: [&str; 4] = [
+const T8_FILES: [&str; 5] = [
     NIDD_FILE,
     MONITORING_EVENT_FILE,
     DEVICE_TRIGGERING_FILE,
     COMMON_DATA_FILE,
+    NIDD_CONFIGURATION_TRIGGER_FILE,
 ];
 
 /// Base URI under which every loaded file is registered.
@@ -95,7 +103,8 @@ pub enum SchemaError {
     /// A schema file is not YAML, or uses YAML that has no JSON equivalent.
     #[error("schema file {path} is not usable YAML: {message}")]
     Yaml { path: PathBuf, message: String },
-    /// One of the four T8 files is not in the directory.
+    /// One of the required files (the four TS 29.122 files and the TS 29.522 trigger API) is
+    /// not in the directory.
     #[error("schema directory {dir} has no {file}")]
     MissingFile { dir: PathBuf, file: &'static str },
     /// The loaded files could not be registered as JSON Schema resources.
@@ -223,6 +232,15 @@ const DT_TRIGGERINGS: SchemaRef = triggering(
 const DT_REPORT: SchemaRef =
     triggering("/components/schemas/DeviceTriggeringDeliveryReportNotification");
 
+const NIDD_CONFIG_TRIGGER: SchemaRef = SchemaRef::at(
+    NIDD_CONFIGURATION_TRIGGER_FILE,
+    "/components/schemas/NiddConfigurationTrigger",
+);
+const NIDD_CONFIG_TRIGGER_REPLY: SchemaRef = SchemaRef::at(
+    NIDD_CONFIGURATION_TRIGGER_FILE,
+    "/components/schemas/NiddConfigurationTriggerReply",
+);
+
 const PROBLEM_DETAILS: SchemaRef =
     SchemaRef::at(COMMON_DATA_FILE, "/components/schemas/ProblemDetails");
 const TEST_NOTIFICATION: SchemaRef =
@@ -256,6 +274,8 @@ pub const MAPPED_SCHEMAS: &[SchemaRef] = &[
     DT_TRIGGERING_PATCH,
     DT_TRIGGERINGS,
     DT_REPORT,
+    NIDD_CONFIG_TRIGGER,
+    NIDD_CONFIG_TRIGGER_REPLY,
     PROBLEM_DETAILS,
     TEST_NOTIFICATION,
 ];
@@ -457,6 +477,23 @@ pub fn triggering_callback_schema(body: &Value) -> SchemaRef {
     }
 }
 
+/// The schema of a NIDD Configuration Trigger (TS 29.522), the body the NEF POSTs to the AF:
+/// `NiddConfigurationTrigger`.
+pub fn nidd_configuration_trigger_schema() -> SchemaRef {
+    NIDD_CONFIG_TRIGGER
+}
+
+/// The schema of the AF's answer with `status` to a NIDD Configuration Trigger:
+/// `NiddConfigurationTriggerReply` for 200, `ProblemDetails` (TS29122_CommonData) for 4xx and
+/// 5xx, `None` for the rest (307/308 carry no body).
+pub fn nidd_configuration_trigger_answer_schema(status: u16) -> Option<SchemaRef> {
+    match status {
+        200 => Some(NIDD_CONFIG_TRIGGER_REPLY),
+        400..=599 => Some(PROBLEM_DETAILS),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Loading and validation.
 
@@ -483,8 +520,10 @@ impl fmt::Debug for T8Schemas {
 
 impl T8Schemas {
     /// Reads every `*.yaml` file in `dir`. The four TS 29.122 files (NIDD,
-    /// MonitoringEvent, DeviceTriggering, CommonData) must be there; other files are
-    /// only needed if a compiled schema reaches them.
+    /// MonitoringEvent, DeviceTriggering, CommonData) and the TS 29.522 NIDD Configuration
+    /// Trigger file must be there; other files (TS29571_CommonData, which the trigger's
+    /// `gpsi` and `suppFeat` reach, among them) are only needed if a compiled schema reaches
+    /// them.
     pub fn load(dir: &Path) -> Result<Self, SchemaError> {
         let entries = std::fs::read_dir(dir).map_err(|source| SchemaError::ReadDir {
             dir: dir.to_path_buf(),
@@ -567,7 +606,8 @@ impl T8Schemas {
     }
 
     /// Finds a component by name in the NIDD, MonitoringEvent and DeviceTriggering
-    /// files and then TS29122_CommonData (names are unique across these four).
+    /// files, then TS29122_CommonData, then the TS 29.522 NIDD Configuration Trigger file
+    /// (names are unique across these five).
     pub fn find_component(&self, name: &str) -> Option<SchemaRef> {
         T8_FILES.into_iter().find_map(|file| {
             self.docs
@@ -1467,6 +1507,99 @@ mod tests {
                 .unwrap();
             assert_eq!(resolve_ref(file, reference), expected);
         }
+    }
+
+    /// The NIDD Configuration Trigger operation (TS 29.522), read from the YAML, maps to the
+    /// schemas the YAML declares: its request body and every answer with a body.
+    #[test]
+    fn trigger_mapping_agrees_with_the_yaml() {
+        skip_without_schemas!();
+        let s = schemas();
+        let file = NIDD_CONFIGURATION_TRIGGER_FILE;
+        let paths = s.docs[file]["paths"].as_object().unwrap();
+        assert_eq!(paths.len(), 1, "one operation: POST to the AF's root");
+        let op = &paths["/"]["post"];
+        let op_ptr = "/paths/~1/post";
+        let request = declared(
+            file,
+            &format!("{op_ptr}/requestBody"),
+            &op["requestBody"]["content"],
+        );
+        assert_eq!(request, Some(nidd_configuration_trigger_schema()));
+        let mut checked = 0;
+        for (code, response) in op["responses"].as_object().unwrap() {
+            let Ok(status) = code.parse::<u16>() else {
+                continue;
+            };
+            let expected = match response.get("$ref").and_then(Value::as_str) {
+                Some(reference) => {
+                    let target = resolve_ref(file, reference);
+                    let resp = s.docs[target.file].pointer(&target.pointer).unwrap();
+                    resp.get("content")
+                        .and_then(|c| declared(target.file, &target.pointer, c))
+                }
+                None => response
+                    .get("content")
+                    .and_then(|c| declared(file, &format!("{op_ptr}/responses/{code}"), c)),
+            };
+            assert_eq!(
+                nidd_configuration_trigger_answer_schema(status),
+                expected,
+                "{status}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 12, "only {checked} answers");
+    }
+
+    #[test]
+    fn nidd_configuration_trigger_bodies() {
+        skip_without_schemas!();
+        let trigger = nidd_configuration_trigger_schema();
+        assert_eq!(trigger.component_name(), Some("NiddConfigurationTrigger"));
+        let body = json!({
+            "afId": "bridge-1",
+            "nefId": "nef-1",
+            "gpsi": "extid-dev-1@iot.example.com",
+            "suppFeat": "0",
+        });
+        assert_valid(&trigger, &body);
+        let mut msisdn = body.clone();
+        msisdn["gpsi"] = json!("msisdn-491701234567");
+        assert_valid(&trigger, &msisdn);
+        for field in ["afId", "nefId", "gpsi", "suppFeat"] {
+            let mut missing = body.clone();
+            missing.as_object_mut().unwrap().remove(field);
+            assert_invalid(
+                &trigger,
+                &missing,
+                &format!("\"{field}\" is a required property"),
+            );
+        }
+        // TS 29.571 types, reached through the cross-file refs.
+        let mut bad = body.clone();
+        bad["suppFeat"] = json!("not hex");
+        assert_invalid(&trigger, &bad, "/suppFeat: ");
+        let mut bad = body.clone();
+        bad["gpsi"] = json!("");
+        assert_invalid(&trigger, &bad, "/gpsi: ");
+
+        let reply = nidd_configuration_trigger_answer_schema(200).unwrap();
+        assert_eq!(
+            reply.component_name(),
+            Some("NiddConfigurationTriggerReply")
+        );
+        assert_valid(&reply, &json!({"suppFeat": "0"}));
+        assert_invalid(&reply, &json!({}), "\"suppFeat\" is a required property");
+        assert_eq!(
+            nidd_configuration_trigger_answer_schema(503),
+            Some(PROBLEM_DETAILS)
+        );
+        assert_eq!(nidd_configuration_trigger_answer_schema(204), None);
+        assert_eq!(
+            schemas().find_component("NiddConfigurationTrigger"),
+            Some(trigger)
+        );
     }
 
     fn fixture_dir() -> PathBuf {

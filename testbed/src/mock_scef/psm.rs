@@ -1,7 +1,9 @@
 //! The mock SCEF's PSM side: UEs that sleep and wake, SCEF-side buffering of MT for a sleeping
 //! UE (201 BUFFERING, then delivery and a delivery-status notification on wake) or refusal
 //! (500 FAILURE_TEMPORARILY_NOT_REACHABLE), MonitoringEvent subscriptions with UE_REACHABILITY
-//! reports on wake, and device-triggering transactions that wake the UE.
+//! reports on wake, and device-triggering transactions that wake the UE. The outcome of a
+//! pending delivery is reported by a delivery-status notification or, for group deliveries, by
+//! a one-result GMD notification.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,12 +13,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use super::{MockConfiguration, MockState, SimUe, bad_request, json_response, named_ue};
+use super::{MockState, SimUe, bad_request, json_response, named_ue};
 use crate::mock_scef::problem_response;
 use nidd_bridge::DeviceId;
 use nidd_bridge::t8::{
     DeliveryResult, DeliveryStatus, DeviceTriggering, DeviceTriggeringDeliveryReportNotification,
-    MonitoringEventReport, MonitoringEventSubscription, MonitoringNotification, MonitoringType,
+    GmdNiddDownlinkDataDeliveryNotification, GmdResult, MonitoringEventReport,
+    MonitoringEventSubscription, MonitoringNotification, MonitoringType,
     NiddDownlinkDataDeliveryFailure, NiddDownlinkDataDeliveryStatusNotification,
     NiddDownlinkDataTransfer, PdnEstablishmentOption, ProblemDetails,
 };
@@ -26,6 +29,69 @@ pub(super) struct BufferedMt {
     datagram: Vec<u8>,
     location: String,
     notification_destination: String,
+    report: PendingReport,
+}
+
+impl BufferedMt {
+    pub(super) fn new(
+        datagram: Vec<u8>,
+        location: String,
+        notification_destination: String,
+        report: PendingReport,
+    ) -> Self {
+        Self {
+            datagram,
+            location,
+            notification_destination,
+            report,
+        }
+    }
+}
+
+/// How the outcome of a pending (201) delivery is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PendingReport {
+    /// `NiddDownlinkDataDeliveryStatusNotification`.
+    Status,
+    /// `GmdNiddDownlinkDataDeliveryNotification` with one `GmdResult`, for the UE (a member
+    /// of the group configuration the delivery was made on).
+    Gmd,
+}
+
+/// The `GmdResult` of one member.
+pub(super) fn gmd_result(ue: &DeviceId, delivery_status: DeliveryStatus) -> GmdResult {
+    GmdResult {
+        external_id: ue.external_id().cloned(),
+        msisdn: ue.msisdn().cloned(),
+        delivery_status,
+        requested_retransmission_time: None,
+    }
+}
+
+/// Reports the outcome of the pending delivery `delivery` to `ue` to `destination`.
+pub(super) async fn report_pending(
+    state: &MockState,
+    destination: &str,
+    delivery: String,
+    ue: &DeviceId,
+    delivery_status: DeliveryStatus,
+    report: PendingReport,
+) {
+    let json = match report {
+        PendingReport::Status => serde_json::to_value(NiddDownlinkDataDeliveryStatusNotification {
+            nidd_downlink_data_transfer: delivery,
+            delivery_status,
+            requested_retransmission_time: None,
+        }),
+        PendingReport::Gmd => serde_json::to_value(GmdNiddDownlinkDataDeliveryNotification {
+            nidd_downlink_data_transfer: delivery,
+            gmd_results: vec![gmd_result(ue, delivery_status)],
+        }),
+    }
+    .unwrap_or_default();
+    if let Err(error) = state.callback(destination, json).await {
+        tracing::warn!(%error, "mock SCEF: delivery status notification refused");
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -46,13 +112,16 @@ impl MockSubscription {
     }
 }
 
-/// MT for a UE: delivered when awake, otherwise buffered (201) or refused (500).
+/// MT for a UE: delivered when awake, otherwise buffered (201, its outcome reported to
+/// `notification_destination` as `report` says on wake) or refused (500).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn deliver_or_buffer(
     state: &Arc<MockState>,
     ue: &DeviceId,
     scs: &str,
     configuration_id: &str,
-    configuration: &MockConfiguration,
+    notification_destination: &str,
+    report: PendingReport,
     request: NiddDownlinkDataTransfer,
     datagram: Vec<u8>,
 ) -> Response {
@@ -83,22 +152,15 @@ pub(super) fn deliver_or_buffer(
         };
         return json_response(StatusCode::INTERNAL_SERVER_ERROR, &failure, None);
     }
-    let location = {
-        let mut inner = state.inner();
-        inner.next_id += 1;
-        let location = format!(
-            "{}3gpp-nidd/v1/{scs}/configurations/{configuration_id}/downlink-data-deliveries/mt{}",
-            state.api_root, inner.next_id
-        );
-        MockState::ue_channels(&mut inner, ue)
-            .buffered
-            .push(BufferedMt {
-                datagram,
-                location: location.clone(),
-                notification_destination: configuration.notification_destination.clone(),
-            });
-        location
-    };
+    let location = state.delivery_location(scs, configuration_id);
+    MockState::ue_channels(&mut state.inner(), ue)
+        .buffered
+        .push(BufferedMt::new(
+            datagram,
+            location.clone(),
+            notification_destination.to_string(),
+            report,
+        ));
     let answer = NiddDownlinkDataTransfer {
         self_link: Some(location.clone()),
         delivery_status: Some(DeliveryStatus::Buffering),
@@ -168,19 +230,15 @@ impl SimUe {
         }
         for mt in buffered {
             self.state.transmit(&self.id, mt.datagram);
-            let body = NiddDownlinkDataDeliveryStatusNotification {
-                nidd_downlink_data_transfer: mt.location,
-                delivery_status: DeliveryStatus::Success,
-                requested_retransmission_time: None,
-            };
-            let json = serde_json::to_value(&body).unwrap_or_default();
-            if let Err(error) = self
-                .state
-                .callback(&mt.notification_destination, json)
-                .await
-            {
-                tracing::warn!(%error, "mock SCEF: delivery status notification refused");
-            }
+            report_pending(
+                &self.state,
+                &mt.notification_destination,
+                mt.location,
+                &self.id,
+                DeliveryStatus::Success,
+                mt.report,
+            )
+            .await;
         }
     }
 
