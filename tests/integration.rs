@@ -20,6 +20,7 @@ mod integration {
     pub mod data_path;
     pub mod downlink;
     pub mod fleet;
+    pub mod groups;
     pub mod integrity;
     pub mod layout;
     pub mod listeners;

@@ -1983,9 +1983,10 @@ mod tests {
                 let (decision, _) = state.mt.decide(now, clock::unix_ms(), true);
                 match decision {
                     Decision::Send(item) => {
-                        let effect = state
-                            .mt
-                            .on_outcome(item.seq, Outcome::Pending(link.into()), now);
+                        let effect =
+                            state
+                                .mt
+                                .on_outcome(item.seq, Outcome::Pending(link.into()), now);
                         harness.downlinks.apply(device, &effect);
                         return;
                     }
