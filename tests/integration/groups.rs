@@ -191,3 +191,41 @@ async fn a_device_the_nef_asks_for_registers_and_is_read() {
     drop(sim);
     bed.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_configurations_duration_is_renewed_before_it_runs_out() {
+    let bed = TestBed::new()
+        .before_bridge(|mock| {
+            mock.define_group(GROUP, &["meter-9@fleet.example".parse().unwrap()])
+                .unwrap()
+        })
+        .bridge_config(|config| {
+            config
+                .group(GROUP)
+                .nidd(|nidd| nidd.configuration_duration_s = Some(3))
+        })
+        .start()
+        .await
+        .unwrap();
+    bed.mock()
+        .wait_for_groups("the group's configuration", STEP, |groups| {
+            groups.len() == 1
+        })
+        .await
+        .unwrap();
+    let first = bed.mock().group_configurations()[0].clone();
+    assert!(first.duration.is_some(), "created with a duration");
+    // Renewed when a third of its 3 s is left: at least twice in 5 s, and the mock (which
+    // drops a configuration whose duration passed) keeps the same one all along.
+    probe::eventually("two renewals", || async {
+        bed.metric("nidd_bridge_configuration_renewals_total{outcome=\"renewed\"}")
+            .await
+            >= 2.0
+    })
+    .await;
+    let groups = bed.mock().group_configurations();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0].self_link, first.self_link);
+    assert_ne!(groups[0].duration, first.duration, "a later expiry");
+    bed.finish().await;
+}
