@@ -18,14 +18,14 @@ use url::Url;
 
 use crate::clock;
 use crate::config::{
-    BufferOwner, ConfigError, DeviceConfig, Lwm2mServerConfig, OnboardingConfig, PsmConfig,
-    ServerRole,
+    BufferOwner, ConfigError, DeviceConfig, GroupConfig, Lwm2mServerConfig, OnboardingConfig,
+    PsmConfig, ServerRole,
 };
 use crate::delivery::MtState;
 use crate::devices::groups::{Group, GroupTable};
 use crate::devices::tokens::mint_capability_token;
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState, lock};
-use crate::identity::DeviceId;
+use crate::identity::{DeviceId, ExternalId};
 use crate::metrics::Metrics;
 use crate::mt::Downlinks;
 use crate::mt::flusher::Flusher;
@@ -82,6 +82,36 @@ impl From<DeviceSpec> for DeviceConfig {
             monitoring: spec.monitoring,
             trigger_after_s: spec.trigger_after_s,
             group: spec.group,
+        }
+    }
+}
+
+/// A group as the admin API takes it: the fields of a `[[groups]]` entry, in camelCase.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct GroupSpec {
+    external_group_id: String,
+    #[serde(default, deserialize_with = "present")]
+    lwm2m_server: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    buffer_owner: Option<BufferOwner>,
+    #[serde(default, deserialize_with = "present")]
+    active_window_s: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    monitoring: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    trigger_after_s: Option<u64>,
+}
+
+impl From<GroupSpec> for GroupConfig {
+    fn from(spec: GroupSpec) -> Self {
+        Self {
+            external_group_id: spec.external_group_id,
+            lwm2m_server: spec.lwm2m_server,
+            buffer_owner: spec.buffer_owner,
+            active_window_s: spec.active_window_s,
+            monitoring: spec.monitoring,
+            trigger_after_s: spec.trigger_after_s,
         }
     }
 }
@@ -149,6 +179,22 @@ pub(crate) enum FleetError {
     Store(#[from] StoreError),
     #[error(transparent)]
     NotOnboarded(#[from] OnboardingRefusal),
+    #[error("group {0} is not configured")]
+    UnknownGroup(ExternalId),
+    #[error("group {0} is declared in the configuration file; change or remove it there")]
+    FileGroup(ExternalId),
+    #[error("group {0} exists with other settings")]
+    GroupDiffers(ExternalId),
+    #[error("group {0} is still being removed; add it again once it is gone")]
+    GroupBeingRemoved(ExternalId),
+}
+
+/// What became of an added group.
+#[derive(Clone)]
+pub(crate) enum GroupAdded {
+    Created(Arc<Group>),
+    /// It existed with exactly these settings.
+    Unchanged(Arc<Group>),
 }
 
 /// What became of one entry of an accepted batch.
@@ -435,6 +481,8 @@ pub(crate) struct Fleet {
     removing: AtomicUsize,
     /// Devices created on demand that the bridge serves (bounded by the policy).
     on_demand: AtomicUsize,
+    /// Groups removed whose configuration at the SCEF is still being deleted.
+    removing_groups: Mutex<std::collections::HashSet<ExternalId>>,
     policy: OnboardingPolicy,
     /// The settings of every device the configuration file declares now, as last read.
     file_devices: Mutex<HashMap<DeviceId, DeviceConfig>>,
@@ -467,6 +515,7 @@ impl Fleet {
             runner: OnceLock::new(),
             removing: AtomicUsize::new(0),
             on_demand: AtomicUsize::new(on_demand),
+            removing_groups: Mutex::new(std::collections::HashSet::new()),
             policy,
             file_devices: Mutex::new(file_devices),
         }
@@ -742,6 +791,104 @@ impl Fleet {
             .get(id)
             .map(Onboarded::Created)
             .ok_or_else(|| FleetError::Unknown(id.clone()))
+    }
+
+    /// Adds a group through the admin API; its configuration is created in the background.
+    /// The same group again is `Unchanged`; one the file declares, or with other settings,
+    /// is refused.
+    pub(crate) async fn add_group(&self, settings: GroupConfig) -> Result<GroupAdded, FleetError> {
+        let _change = self.changes.lock().await;
+        let groups = &self.parts.factory.groups;
+        let id = settings
+            .check(&self.parts.factory.servers)
+            .map_err(FleetError::InvalidChange)?;
+        if let Some(existing) = groups.get(&id) {
+            return match (existing.is_from_api(), existing.settings() == &settings) {
+                (false, _) => Err(FleetError::FileGroup(id)),
+                (true, true) => Ok(GroupAdded::Unchanged(existing)),
+                (true, false) => Err(FleetError::GroupDiffers(id)),
+            };
+        }
+        if lock(&self.removing_groups).contains(&id) {
+            return Err(FleetError::GroupBeingRemoved(id));
+        }
+        let group = groups.add(id, settings)?;
+        tracing::info!(group = %group.id, "group added");
+        self.parts.provisioner.notify_one();
+        Ok(GroupAdded::Created(group))
+    }
+
+    /// Removes a group the admin API added, with its members (each as `DELETE` removes a
+    /// device); its configuration is deleted at the SCEF in the background. How many members
+    /// went with it.
+    pub(crate) async fn remove_group(
+        self: &Arc<Self>,
+        id: &ExternalId,
+    ) -> Result<usize, FleetError> {
+        let _change = self.changes.lock().await;
+        let groups = &self.parts.factory.groups;
+        let group = groups
+            .get(id)
+            .ok_or_else(|| FleetError::UnknownGroup(id.clone()))?;
+        if !group.is_from_api() {
+            return Err(FleetError::FileGroup(id.clone()));
+        }
+        groups.remove(&group)?;
+        lock(&self.removing_groups).insert(id.clone());
+        let members: Vec<Arc<Device>> = group
+            .members()
+            .iter()
+            .filter_map(|member| self.parts.devices.get(member))
+            .collect();
+        let count = members.len();
+        for member in members {
+            self.remove_now(member).await?;
+        }
+        tracing::info!(group = %id, members = count, "group removed; deleting its configuration at the SCEF");
+        let fleet = self.clone();
+        let finish = async move { fleet.finish_group_removal(group).await };
+        match self.runner.get() {
+            Some(runner) => {
+                runner.tasks.spawn(finish);
+            }
+            None => {
+                tokio::spawn(finish);
+            }
+        }
+        Ok(count)
+    }
+
+    async fn finish_group_removal(&self, group: Arc<Group>) {
+        let cancel = self
+            .runner
+            .get()
+            .map(|r| r.cancel.clone())
+            .unwrap_or_default();
+        // Waits for a creation under way: what it creates is deleted too.
+        let creating = group.provisioning.lock().await;
+        let (mut backoff, retry_max) = self.parts.retry;
+        if let Some(nidd) = group.nidd() {
+            while let Err(error) = self
+                .parts
+                .t8
+                .delete_nidd_configuration(&nidd.location)
+                .await
+            {
+                tracing::warn!(group = %group.id, %error, retry_in_ms = backoff.as_millis() as u64, "cannot delete a removed group's NIDD configuration");
+                tokio::select! {
+                    // The record stays marked: the next start deletes it.
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(retry_max);
+            }
+        }
+        drop(creating);
+        if let Err(error) = self.parts.factory.groups.forget_removed(&group) {
+            tracing::error!(group = %group.id, %error, "cannot delete a removed group's record; the next start does");
+        }
+        lock(&self.removing_groups).remove(&group.id);
+        tracing::info!(group = %group.id, "removed group deleted at the SCEF");
     }
 
     /// Changes an API device in place.

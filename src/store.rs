@@ -139,6 +139,12 @@ pub(crate) struct DeviceRecord {
 pub(crate) struct GroupRecord {
     pub callback_token: String,
     pub nidd: Option<StoredConfiguration>,
+    /// The settings of a group added through the admin API; `None` for a `[[groups]]` one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<crate::config::GroupConfig>,
+    /// The group was removed; its configuration at the SCEF may still have to be deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
 }
 
 /// A record moved out of its tree because it could not be decoded.

@@ -19,6 +19,8 @@ pub(crate) struct Group {
     pub(crate) id: ExternalId,
     callback_token: String,
     settings: GroupConfig,
+    /// Added through the admin API (its settings kept in its record).
+    from_api: bool,
     nidd: Mutex<Option<NiddState>>,
     members: Mutex<HashSet<DeviceId>>,
     /// Held while the group's configuration is being created.
@@ -28,11 +30,12 @@ pub(crate) struct Group {
 }
 
 impl Group {
-    fn new(id: ExternalId, callback_token: String, settings: GroupConfig) -> Self {
+    fn new(id: ExternalId, callback_token: String, settings: GroupConfig, from_api: bool) -> Self {
         Self {
             id,
             callback_token,
             settings,
+            from_api,
             nidd: Mutex::new(None),
             members: Mutex::new(HashSet::new()),
             provisioning: tokio::sync::Mutex::new(()),
@@ -84,69 +87,134 @@ impl Group {
         self.checking_termination.store(false, Ordering::Relaxed);
     }
 
+    pub(crate) fn is_from_api(&self) -> bool {
+        self.from_api
+    }
+
     fn record(&self) -> GroupRecord {
         GroupRecord {
             callback_token: self.callback_token.clone(),
             nidd: self.nidd().as_ref().map(NiddState::stored),
+            settings: self.from_api.then(|| self.settings.clone()),
+            removing: false,
         }
     }
 }
 
-/// Every configured group, by identity and by callback token.
-pub(crate) struct GroupTable {
+/// The groups present now, by identity and by callback token.
+#[derive(Default)]
+struct Maps {
     by_id: HashMap<ExternalId, Arc<Group>>,
     by_token: HashMap<String, Arc<Group>>,
-    /// Stored groups no `[[groups]]` entry names any more: their configurations are deleted.
+}
+
+/// Every group the bridge serves (the file's `[[groups]]` and the admin API's), by identity
+/// and by callback token, with their records in step.
+pub(crate) struct GroupTable {
+    maps: RwLock<Maps>,
+    /// Stored groups neither source names any more (or removed): their configurations are
+    /// deleted, then their records.
     departed: RwLock<Vec<(String, GroupRecord)>>,
     store: Store,
 }
 
 impl GroupTable {
-    /// The configured groups, each continuing from its stored record (token, configuration);
-    /// a new group's record is written (its token durable) before anything is asked for it.
+    /// The file's groups and the ones the admin API added before (the file wins), each
+    /// continuing from its stored record (token, configuration); a new group's record is
+    /// written (its token durable) before anything is asked for it.
     pub(crate) fn load(store: &Store, configs: &[GroupConfig]) -> Result<Self, StoreError> {
         let mut stored: HashMap<String, GroupRecord> = store.groups()?.into_iter().collect();
-        let mut by_id = HashMap::new();
-        let mut by_token = HashMap::new();
+        let table = Self {
+            maps: RwLock::new(Maps::default()),
+            departed: RwLock::new(Vec::new()),
+            store: store.clone(),
+        };
         for settings in configs {
             let Ok(id) = settings.group_id() else {
                 continue;
             };
-            let record = stored.remove(id.as_str());
-            let token = record
-                .as_ref()
-                .map(|r| r.callback_token.clone())
-                .unwrap_or_else(mint_capability_token);
-            let group = Group::new(id.clone(), token.clone(), settings.clone());
-            *lock(&group.nidd) = record.and_then(|r| r.nidd).and_then(NiddState::from_stored);
-            store.put_group(id.as_str(), &group.record())?;
-            let group = Arc::new(group);
-            by_token.insert(token, group.clone());
-            by_id.insert(id, group);
+            let record = stored.remove(id.as_str()).filter(|r| !r.removing);
+            table.insert(id, settings.clone(), false, record)?;
         }
-        Ok(Self {
-            by_id,
-            by_token,
-            departed: RwLock::new(stored.into_iter().collect()),
-            store: store.clone(),
-        })
+        let mut departed = Vec::new();
+        for (key, record) in stored {
+            match (&record.settings, key.parse::<ExternalId>()) {
+                (Some(settings), Ok(id)) if !record.removing => {
+                    let settings = settings.clone();
+                    table.insert(id, settings, true, Some(record))?;
+                }
+                _ => departed.push((key, record)),
+            }
+        }
+        *write(&table.departed) = departed;
+        Ok(table)
+    }
+
+    fn insert(
+        &self,
+        id: ExternalId,
+        settings: GroupConfig,
+        from_api: bool,
+        record: Option<GroupRecord>,
+    ) -> Result<Arc<Group>, StoreError> {
+        let token = record
+            .as_ref()
+            .map(|r| r.callback_token.clone())
+            .unwrap_or_else(mint_capability_token);
+        let group = Group::new(id.clone(), token.clone(), settings, from_api);
+        *lock(&group.nidd) = record.and_then(|r| r.nidd).and_then(NiddState::from_stored);
+        self.store.put_group(id.as_str(), &group.record())?;
+        let group = Arc::new(group);
+        let mut maps = write(&self.maps);
+        maps.by_token.insert(token, group.clone());
+        maps.by_id.insert(id, group.clone());
+        Ok(group)
+    }
+
+    /// Adds a group through the admin API (its record, with its settings, written first).
+    pub(crate) fn add(
+        &self,
+        id: ExternalId,
+        settings: GroupConfig,
+    ) -> Result<Arc<Group>, StoreError> {
+        self.insert(id, settings, true, None)
+    }
+
+    /// Takes a group out: its record is marked removing (what it has at the SCEF is deleted
+    /// by the caller, then [`forget_removed`](Self::forget_removed)); its URL is refused from
+    /// now on.
+    pub(crate) fn remove(&self, group: &Group) -> Result<(), StoreError> {
+        let mut record = group.record();
+        record.removing = true;
+        self.store.put_group(group.id.as_str(), &record)?;
+        let mut maps = write(&self.maps);
+        maps.by_id.remove(&group.id);
+        maps.by_token.retain(|_, held| held.id != group.id);
+        Ok(())
+    }
+
+    /// A removed group's side at the SCEF is deleted: its record goes.
+    pub(crate) fn forget_removed(&self, group: &Group) -> Result<(), StoreError> {
+        self.store.remove_group(group.id.as_str())
     }
 
     pub(crate) fn get(&self, id: &ExternalId) -> Option<Arc<Group>> {
-        self.by_id.get(id).cloned()
+        read(&self.maps).by_id.get(id).cloned()
     }
 
     /// The group whose callback URL carries `token`.
     pub(crate) fn by_token(&self, token: &str) -> Option<Arc<Group>> {
-        self.by_token.get(token).cloned()
+        read(&self.maps).by_token.get(token).cloned()
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = Arc<Group>> + '_ {
-        self.by_id.values().cloned()
+    /// The groups present now.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Arc<Group>> + use<> {
+        let groups: Vec<Arc<Group>> = read(&self.maps).by_id.values().cloned().collect();
+        groups.into_iter()
     }
 
     pub(crate) fn ids(&self) -> HashSet<ExternalId> {
-        self.by_id.keys().cloned().collect()
+        read(&self.maps).by_id.keys().cloned().collect()
     }
 
     /// Records the group's configuration (persisted first). The caller brings the members'
@@ -156,30 +224,40 @@ impl GroupTable {
         group: &Group,
         nidd: Option<NiddState>,
     ) -> Result<(), StoreError> {
-        let mut record = group.record();
-        record.nidd = nidd.as_ref().map(NiddState::stored);
-        self.store.put_group(group.id.as_str(), &record)?;
+        // A group removed meanwhile keeps its record as it is (marked removing).
+        let present = self
+            .get(&group.id)
+            .is_some_and(|held| std::ptr::eq(Arc::as_ptr(&held), group));
+        if present {
+            let mut record = group.record();
+            record.nidd = nidd.as_ref().map(NiddState::stored);
+            self.store.put_group(group.id.as_str(), &record)?;
+        }
         *lock(&group.nidd) = nidd;
         Ok(())
     }
 
-    /// Stored groups the configuration no longer names, with what they had at the SCEF.
+    /// Stored groups no source names any more, with what they had at the SCEF.
     pub(crate) fn departed(&self) -> Vec<(String, GroupRecord)> {
-        self.departed
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        read(&self.departed).clone()
     }
 
     /// A departed group's side at the SCEF is deleted: its record goes.
     pub(crate) fn forget_departed(&self, id: &str) -> Result<(), StoreError> {
         self.store.remove_group(id)?;
-        self.departed
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|(departed, _)| departed != id);
+        write(&self.departed).retain(|(departed, _)| departed != id);
         Ok(())
     }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::clock;
 use crate::config::BufferOwner;
-use crate::devices::groups::GroupTable;
+use crate::devices::groups::{Group, GroupTable};
 use crate::devices::{Device, DeviceTable, NiddState};
 use crate::fleet::{Fleet, Source};
 use crate::http::Lifecycle;
@@ -62,7 +62,11 @@ pub(crate) fn router(shared: AdminState) -> Router {
         )
         .route("/api/v1/fleet", get(changes::fleet_counts))
         .route("/api/v1/onboarding", get(changes::onboarding))
-        .route("/api/v1/groups", get(list_groups))
+        .route("/api/v1/groups", get(list_groups).post(changes::add_group))
+        .route(
+            "/api/v1/groups/{group}",
+            get(changes::show_group).delete(changes::remove_group),
+        )
         .route("/api/v1/store/quarantine", get(list_quarantine))
         .route(
             "/api/v1/devices/{device}",
@@ -256,21 +260,28 @@ fn configuration_view(nidd: NiddState) -> ConfigurationView {
 #[serde(rename_all = "camelCase")]
 struct GroupView {
     external_group_id: String,
+    /// `file` for a `[[groups]]` entry, `api` for one added through this API.
+    source: Source,
     nidd_configuration: Option<ConfigurationView>,
     /// Members the bridge serves now.
     members: usize,
 }
 
+fn group_view(group: &Group) -> GroupView {
+    GroupView {
+        external_group_id: group.id.to_string(),
+        source: if group.is_from_api() {
+            Source::Api
+        } else {
+            Source::File
+        },
+        nidd_configuration: group.nidd().map(configuration_view),
+        members: group.member_count(),
+    }
+}
+
 async fn list_groups(State(shared): State<AdminState>) -> Response {
-    let mut groups: Vec<GroupView> = shared
-        .groups
-        .iter()
-        .map(|group| GroupView {
-            external_group_id: group.id.to_string(),
-            nidd_configuration: group.nidd().map(configuration_view),
-            members: group.member_count(),
-        })
-        .collect();
+    let mut groups: Vec<GroupView> = shared.groups.iter().map(|g| group_view(&g)).collect();
     groups.sort_by(|a, b| a.external_group_id.cmp(&b.external_group_id));
     Json(groups).into_response()
 }

@@ -225,6 +225,10 @@ impl Provisioner {
         let mut backoff = Duration::from_millis(self.scef.retry_initial_ms);
         let retry_max = Duration::from_millis(self.scef.retry_max_ms);
         loop {
+            // A group removed meanwhile gets nothing more.
+            if self.groups.get(&group.id).is_none() {
+                return;
+            }
             let error = match self.create_group(group).await {
                 Ok(()) => return,
                 Err(error) => error,
@@ -244,6 +248,9 @@ impl Provisioner {
 
     async fn create_group(&self, group: &Group) -> Result<(), crate::t8::T8Error> {
         let _creating = group.provisioning.lock().await;
+        if self.groups.get(&group.id).is_none() {
+            return Ok(());
+        }
         let asked = self.asked_duration();
         let request = NiddConfiguration {
             external_id: None,

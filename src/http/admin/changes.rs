@@ -11,12 +11,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::{AdminState, bad_device_id, device_of, view};
+use super::{AdminState, bad_device_id, device_of, group_view, view};
 use crate::clock;
 use crate::config::DeviceConfig;
-use crate::fleet::{Added, DevicePatch, DeviceSpec, FleetError};
+use crate::fleet::{Added, DevicePatch, DeviceSpec, FleetError, GroupAdded, GroupSpec};
 use crate::http::media_type;
 use crate::http::problem::problem_response;
+use crate::identity::ExternalId;
 
 /// How a request body lists devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +121,11 @@ fn refusal(error: &FleetError) -> Response {
         FleetError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE"),
         // On-demand creation only; the admin API adds whom it is told to.
         FleetError::NotOnboarded(_) => (StatusCode::FORBIDDEN, "ONBOARDING_NOT_ALLOWED"),
+        FleetError::UnknownGroup(_) => (StatusCode::NOT_FOUND, "UNKNOWN_GROUP"),
+        FleetError::FileGroup(_) | FleetError::GroupDiffers(_) => {
+            (StatusCode::CONFLICT, "GROUP_CONFLICT")
+        }
+        FleetError::GroupBeingRemoved(_) => (StatusCode::CONFLICT, "GROUP_BEING_REMOVED"),
     };
     problem_response(status, cause, error.to_string())
 }
@@ -284,6 +290,104 @@ pub(super) async fn remove_device(
                 id: id.canonical().to_string(),
                 removal: "pending",
             }),
+        )
+            .into_response(),
+        Err(error) => {
+            count_refusal(&shared);
+            refusal(&error)
+        }
+    }
+}
+
+/// Adds a group (a JSON object with the fields of a `[[groups]]` entry, in camelCase): 201
+/// with its view, or 200 when it exists with these settings.
+pub(super) async fn add_group(
+    State(shared): State<AdminState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let media = media_type(&headers).unwrap_or_default();
+    if media != "application/json" {
+        count_refusal(&shared);
+        return problem_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "a group is sent as application/json".into(),
+        );
+    }
+    let spec: GroupSpec = match serde_json::from_slice(&body) {
+        Ok(spec) => spec,
+        Err(error) => {
+            count_refusal(&shared);
+            return problem_response(
+                StatusCode::BAD_REQUEST,
+                "INVALID_GROUP",
+                format!("the group: {error}"),
+            );
+        }
+    };
+    let (status, group) = match shared.fleet.add_group(spec.into()).await {
+        Ok(GroupAdded::Created(group)) => (StatusCode::CREATED, group),
+        Ok(GroupAdded::Unchanged(group)) => (StatusCode::OK, group),
+        Err(FleetError::InvalidChange(error)) => {
+            count_refusal(&shared);
+            return problem_response(StatusCode::BAD_REQUEST, "INVALID_GROUP", error.to_string());
+        }
+        Err(error) => {
+            count_refusal(&shared);
+            return refusal(&error);
+        }
+    };
+    let location = format!("/api/v1/groups/{}", group.id);
+    (
+        status,
+        [(header::LOCATION, location)],
+        Json(group_view(&group)),
+    )
+        .into_response()
+}
+
+/// The group a path names, or the 400 `BAD_GROUP_ID` answer.
+fn group_of(path: Result<Path<String>, PathRejection>) -> Result<ExternalId, Response> {
+    let bad = |detail: String| problem_response(StatusCode::BAD_REQUEST, "BAD_GROUP_ID", detail);
+    let Path(group) = path.map_err(|rejection| bad(rejection.body_text()))?;
+    group
+        .parse()
+        .map_err(|error: crate::identity::IdentityError| bad(error.to_string()))
+}
+
+pub(super) async fn show_group(
+    State(shared): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match group_of(path) {
+        Ok(id) => id,
+        Err(answer) => return answer,
+    };
+    match shared.groups.get(&id) {
+        Some(group) => Json(group_view(&group)).into_response(),
+        None => refusal(&FleetError::UnknownGroup(id)),
+    }
+}
+
+/// Removes an API group and its members: 202; its configuration is deleted at the SCEF in
+/// the background.
+pub(super) async fn remove_group(
+    State(shared): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match group_of(path) {
+        Ok(id) => id,
+        Err(answer) => return answer,
+    };
+    match shared.fleet.remove_group(&id).await {
+        Ok(members) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({
+                "externalGroupId": id.to_string(),
+                "removal": "pending",
+                "membersRemoved": members,
+            })),
         )
             .into_response(),
         Err(error) => {
@@ -645,5 +749,108 @@ mod tests {
         assert_eq!(changes(&harness, "removed"), 1);
         assert_eq!(changes(&harness, "removal_finished"), 1);
         assert_eq!(harness.devices.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn groups_are_added_shown_and_removed_with_their_members() {
+        let harness = Harness::new().await;
+        let group = json!({"externalGroupId": "valves@fleet.example", "bufferOwner": "scef"});
+        let send = |body: serde_json::Value| {
+            harness.admin_send(Method::POST, "/api/v1/groups", JSON, body.to_string())
+        };
+        let (status, location, body) = read(send(group.clone()).await).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert!(location.is_some());
+        assert_eq!(body["externalGroupId"], "valves@fleet.example");
+        assert_eq!(body["source"], "api");
+        assert_eq!(read(send(group.clone()).await).await.0, StatusCode::OK);
+        assert_problem(
+            send(json!({"externalGroupId": "valves@fleet.example"})).await,
+            StatusCode::CONFLICT,
+            "GROUP_CONFLICT",
+        )
+        .await;
+        assert_problem(
+            send(json!({"externalGroupId": crate::http::test_support::GROUP})).await,
+            StatusCode::CONFLICT,
+            "GROUP_CONFLICT",
+        )
+        .await;
+        for bad in [
+            json!({"externalGroupId": "no-domain"}),
+            json!({"externalGroupId": "v@fleet.example", "activeWindowS": 0}),
+            json!({"externalGroupId": "v@fleet.example", "colour": "red"}),
+            json!({}),
+        ] {
+            assert_problem(send(bad).await, StatusCode::BAD_REQUEST, "INVALID_GROUP").await;
+        }
+
+        // A device added through the API as a member: its traffic goes through the group.
+        let (status, _, member) = read(
+            post(
+                &harness,
+                JSON,
+                json!({"externalId": "v1@fleet.example", "group": "valves@fleet.example"})
+                    .to_string(),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{member}");
+        assert_eq!(member["group"], "valves@fleet.example");
+        assert_problem(
+            post(
+                &harness,
+                JSON,
+                json!({"externalId": "v2@fleet.example", "group": "nobody@fleet.example"})
+                    .to_string(),
+            )
+            .await,
+            StatusCode::BAD_REQUEST,
+            "INVALID_DEVICE",
+        )
+        .await;
+        let (status, _, shown) = read(
+            harness
+                .admin(Method::GET, "/api/v1/groups/valves@fleet.example")
+                .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(shown["members"], 1, "{shown}");
+
+        let (status, _, removal) = read(
+            harness
+                .admin(Method::DELETE, "/api/v1/groups/valves@fleet.example")
+                .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{removal}");
+        assert_eq!(removal["membersRemoved"], 1);
+        assert!(
+            harness
+                .devices
+                .get(&"v1@fleet.example".parse().unwrap())
+                .is_none()
+        );
+        assert_problem(
+            harness
+                .admin(Method::GET, "/api/v1/groups/valves@fleet.example")
+                .await,
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_GROUP",
+        )
+        .await;
+        assert_problem(
+            harness
+                .admin(
+                    Method::DELETE,
+                    &format!("/api/v1/groups/{}", crate::http::test_support::GROUP),
+                )
+                .await,
+            StatusCode::CONFLICT,
+            "GROUP_CONFLICT",
+        )
+        .await;
     }
 }
