@@ -347,13 +347,16 @@ pub(super) async fn add_group(
         .into_response()
 }
 
-/// The group a path names, or the 400 `BAD_GROUP_ID` answer.
-fn group_of(path: Result<Path<String>, PathRejection>) -> Result<ExternalId, Response> {
-    let bad = |detail: String| problem_response(StatusCode::BAD_REQUEST, "BAD_GROUP_ID", detail);
-    let Path(group) = path.map_err(|rejection| bad(rejection.body_text()))?;
+/// The group a path names, or why it names none (the `detail` of a 400 `BAD_GROUP_ID`).
+fn group_of(path: Result<Path<String>, PathRejection>) -> Result<ExternalId, String> {
+    let Path(group) = path.map_err(|rejection| rejection.body_text())?;
     group
         .parse()
-        .map_err(|error: crate::identity::IdentityError| bad(error.to_string()))
+        .map_err(|error: crate::identity::IdentityError| error.to_string())
+}
+
+fn bad_group_id(detail: String) -> Response {
+    problem_response(StatusCode::BAD_REQUEST, "BAD_GROUP_ID", detail)
 }
 
 pub(super) async fn show_group(
@@ -362,7 +365,7 @@ pub(super) async fn show_group(
 ) -> Response {
     let id = match group_of(path) {
         Ok(id) => id,
-        Err(answer) => return answer,
+        Err(detail) => return bad_group_id(detail),
     };
     match shared.groups.get(&id) {
         Some(group) => Json(group_view(&group)).into_response(),
@@ -378,7 +381,7 @@ pub(super) async fn remove_group(
 ) -> Response {
     let id = match group_of(path) {
         Ok(id) => id,
-        Err(answer) => return answer,
+        Err(detail) => return bad_group_id(detail),
     };
     match shared.fleet.remove_group(&id).await {
         Ok(members) => (
