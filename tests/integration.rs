@@ -14,6 +14,7 @@ mod integration {
     pub mod admin_security;
     pub mod api_schema;
     pub mod bad_input;
+    pub mod bulk_onboarding;
     pub mod cli;
     pub mod conformance;
     pub mod crash;

@@ -137,4 +137,38 @@ mod tests {
         assert_eq!(server.others(), 0);
         relay.stop();
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_minimal_scef_sheds_every_kth_create_and_times_the_retries() {
+        let scef = MinimalScef::start(([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap();
+        scef.throttle_creations(2, 1);
+        let client = reqwest::Client::new();
+        let url = format!("{}3gpp-nidd/v1/test-bulk/configurations", scef.api_root());
+        let create = |device: usize| {
+            let body = nidd_bridge::t8::NiddConfiguration {
+                external_id: device_id(device).external_id().cloned(),
+                notification_destination: "http://127.0.0.1:9/callback".into(),
+                ..Default::default()
+            };
+            client.post(&url).json(&body).send()
+        };
+        let first = create(0).await.unwrap();
+        assert_eq!(first.status(), 201);
+        let second = create(1).await.unwrap();
+        assert_eq!(second.status(), 429);
+        assert_eq!(second.headers()["retry-after"], "1");
+        // Device 1 again: the third request, created; the time since its 429 is recorded.
+        assert_eq!(create(1).await.unwrap().status(), 201);
+        assert_eq!(scef.create_requests(), (3, 1));
+        assert_eq!(scef.configurations("test-bulk").len(), 2);
+        let gaps = scef.take_retry_gaps();
+        assert_eq!(gaps.len(), 1);
+        assert!(gaps[0] < Duration::from_secs(10), "{gaps:?}");
+        scef.throttle_creations(0, 0);
+        assert_eq!(create(2).await.unwrap().status(), 201);
+        assert_eq!(create(3).await.unwrap().status(), 201);
+        assert_eq!(scef.create_requests(), (5, 1));
+    }
 }

@@ -32,14 +32,37 @@ const DEVICE_PORT_BLOCKS: u16 = (32_768 - DEVICE_PORT_BLOCKS_FIRST) / DEVICE_POR
 /// one shared range, a bridge of a test running beside it could take a freed port in between,
 /// and the restarted device would move to a new port its test never sends to.
 pub fn device_port_block() -> PortRange {
+    device_port_blocks(1)
+}
+
+/// `count` consecutive [`device_port_block`]s as one range (at least one, at most all), for a
+/// test bed with more devices than one block holds; never wrapping past the end of the blocks.
+pub fn device_port_blocks(count: u16) -> PortRange {
     static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
+    let count = count.clamp(1, DEVICE_PORT_BLOCKS);
     let start = (std::process::id() % u32::from(DEVICE_PORT_BLOCKS)) as u16;
     let _ = NEXT.compare_exchange(u16::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
-    let block = NEXT.fetch_add(1, Ordering::SeqCst) % DEVICE_PORT_BLOCKS;
+    let previous = NEXT
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |next| {
+            Some(first_block(next, count) + count)
+        })
+        .unwrap_or_else(|previous| previous);
+    let block = first_block(previous, count);
     let first = DEVICE_PORT_BLOCKS_FIRST + block * DEVICE_PORT_BLOCK;
     PortRange {
         first,
-        last: first + DEVICE_PORT_BLOCK - 1,
+        last: first + count * DEVICE_PORT_BLOCK - 1,
+    }
+}
+
+/// The first of `count` blocks handed out when the next free one is `next`: a range that would
+/// run past the last block (into the ephemeral ports) starts over at the first one instead.
+fn first_block(next: u16, count: u16) -> u16 {
+    let block = next % DEVICE_PORT_BLOCKS;
+    if block + count <= DEVICE_PORT_BLOCKS {
+        block
+    } else {
+        0
     }
 }
 
@@ -296,6 +319,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn several_device_port_blocks_stay_below_the_ephemeral_range() {
+        // The pure placement, so the shared counter of the test above is left alone.
+        for count in 1..=DEVICE_PORT_BLOCKS {
+            for next in 0..=DEVICE_PORT_BLOCKS {
+                let first = first_block(next, count);
+                assert!(first + count <= DEVICE_PORT_BLOCKS, "{next} {count}");
+                let last_port = DEVICE_PORT_BLOCKS_FIRST + (first + count) * DEVICE_PORT_BLOCK - 1;
+                assert!(last_port < 32_768, "{next} {count}");
+            }
+        }
+        // Consecutive requests do not overlap while they fit.
+        assert_eq!(first_block(first_block(10, 3) + 3, 3), 13);
+        assert_eq!(first_block(97, 3), 0);
     }
 
     #[test]

@@ -213,6 +213,14 @@ pub struct Faults {
     /// Answer this many configuration creations with `fail_status`.
     pub fail_configuration_creations: AtomicU32,
     pub fail_status: AtomicU32,
+    /// Answer every K-th configuration creation request (K = this; 0: none) 429
+    /// `TOO_MANY_REQUESTS`, creating nothing, with `Retry-After: retry_after_s` when that is
+    /// above 0: an SCEF that sheds part of a burst. Retries count as requests too.
+    pub throttle_creations_every: AtomicU32,
+    /// Creation requests answered 429 by `throttle_creations_every` so far.
+    pub throttled_creations: AtomicU32,
+    /// Creation requests seen while `throttle_creations_every` was above 0.
+    creation_requests: AtomicU32,
     /// Create this many configurations but hold their 201 answer (and their ACTIVE
     /// notification) until [`release_held_answers`](Self::release_held_answers), as an SCEF
     /// does whose answer is lost or slow: a test can kill the bridge, or let its request time
@@ -244,6 +252,7 @@ pub struct Faults {
     /// when `retry_after_s` > 0, a `Retry-After` header.
     pub fail_downlinks: AtomicU32,
     pub fail_downlink_status: AtomicU32,
+    /// The `Retry-After` (seconds; 0: none) of failed downlinks and throttled creations.
     pub retry_after_s: AtomicU32,
     /// Hold every downlink answer this long (to exceed the bridge's request timeout).
     pub downlink_delay_ms: AtomicU32,
@@ -285,6 +294,20 @@ pub enum DownlinkMode {
 }
 
 impl Faults {
+    /// Whether this configuration creation request is one `throttle_creations_every` sheds.
+    fn throttles_creation(&self) -> bool {
+        let every = self.throttle_creations_every.load(Ordering::SeqCst);
+        if every == 0 {
+            return false;
+        }
+        let request = self.creation_requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if request % every != 0 {
+            return false;
+        }
+        self.throttled_creations.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
     pub fn set_downlink_mode(&self, mode: DownlinkMode) {
         self.downlink_mode.store(mode as u8, Ordering::SeqCst);
     }
@@ -1330,6 +1353,16 @@ async fn create_configuration(
             "fault injected by the mock SCEF".into(),
         );
     }
+    if state.faults.throttles_creation() {
+        return with_retry_after(
+            &state.faults,
+            problem_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_REQUESTS",
+                "configuration creation throttled by the mock SCEF (fault injection)".into(),
+            ),
+        );
+    }
     let request: NiddConfiguration = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(error) => return bad_request(error.to_string()),
@@ -1659,18 +1692,14 @@ async fn create_downlink(
         let status =
             StatusCode::from_u16(state.faults.fail_downlink_status.load(Ordering::SeqCst) as u16)
                 .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        let mut response = problem_response(
-            status,
-            "INJECTED_FAULT",
-            "fault injected by the mock SCEF".into(),
+        return with_retry_after(
+            &state.faults,
+            problem_response(
+                status,
+                "INJECTED_FAULT",
+                "fault injected by the mock SCEF".into(),
+            ),
         );
-        let retry_after = state.faults.retry_after_s.load(Ordering::SeqCst);
-        if retry_after > 0 {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-        }
-        return response;
     }
     let request: NiddDownlinkDataTransfer = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -1809,6 +1838,17 @@ async fn create_downlink(
 }
 
 /// An RFC 7807 answer from the mock SCEF.
+/// Adds `Retry-After: retry_after_s` to an injected failure when that is above 0.
+fn with_retry_after(faults: &Faults, mut response: Response) -> Response {
+    let retry_after = faults.retry_after_s.load(Ordering::SeqCst);
+    if retry_after > 0 {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    }
+    response
+}
+
 pub(crate) fn problem_response(status: StatusCode, cause: &str, detail: String) -> Response {
     let body = nidd_bridge::t8::ProblemDetails {
         problem_type: Some("about:blank".into()),

@@ -3,8 +3,10 @@
 //! bridge finds them with its GET), answers the merge-patch of a new callback URL and deletes,
 //! answers every downlink-data-delivery 200 `SUCCESS` at once while recording when the
 //! datagram's bench id arrived, and pushes MO uplink notifications to the configurations'
-//! callback URLs at a given rate over a bounded number of concurrent HTTP connections. No
-//! schema checks, no PSM, no MonitoringEvent (run the bridge with `psm.monitoring = false`).
+//! callback URLs at a given rate over a bounded number of concurrent HTTP connections. For the
+//! bulk onboarding run it can shed every K-th configuration create with 429 and `Retry-After`
+//! ([`MinimalScef::throttle_creations`]), counting those and timing each retry that follows one.
+//! No schema checks, no PSM, no MonitoringEvent (run the bridge with `psm.monitoring = false`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,6 +50,21 @@ struct Counters {
     deliveries: AtomicU64,
     /// Deliveries whose datagram carried no bench id.
     foreign: AtomicU64,
+    /// Configuration create requests, answered 201 or not.
+    create_requests: AtomicU64,
+    /// Create requests answered 429 by [`MinimalScef::throttle_creations`].
+    throttled: AtomicU64,
+}
+
+/// Every K-th configuration create is answered 429 (K = `every`, 0: none).
+#[derive(Default)]
+struct Throttle {
+    every: AtomicU64,
+    retry_after_s: AtomicU64,
+    /// When each device's create was last answered 429, until its next create comes.
+    answered_at: Mutex<HashMap<String, Instant>>,
+    /// From a 429 to the same device's next create, for every retry so far.
+    retry_gaps: Mutex<Vec<Duration>>,
 }
 
 struct ScefState {
@@ -56,6 +73,7 @@ struct ScefState {
     configurations: Mutex<HashMap<String, Configuration>>,
     arrivals: Mutex<Vec<Arrival>>,
     counters: Counters,
+    throttle: Throttle,
 }
 
 /// A running minimal SCEF on 127.0.0.1; stopped when dropped.
@@ -78,6 +96,7 @@ impl MinimalScef {
             configurations: Mutex::new(HashMap::new()),
             arrivals: Mutex::new(Vec::new()),
             counters: Counters::default(),
+            throttle: Throttle::default(),
         });
         let app = Router::new()
             .route("/3gpp-nidd/v1/{scs}/configurations", post(create))
@@ -160,6 +179,38 @@ impl MinimalScef {
             &c.foreign,
         ]
         .map(|n| n.load(Ordering::Relaxed))
+    }
+
+    /// From now on answers every `every`-th configuration create request (retries included;
+    /// 0: none) 429 with `Retry-After: retry_after_s`, creating nothing.
+    pub fn throttle_creations(&self, every: u64, retry_after_s: u64) {
+        let throttle = &self.state.throttle;
+        throttle
+            .retry_after_s
+            .store(retry_after_s, Ordering::Relaxed);
+        throttle.every.store(every, Ordering::Relaxed);
+    }
+
+    /// Configuration create requests so far, and how many of them were answered 429.
+    pub fn create_requests(&self) -> (u64, u64) {
+        let c = &self.state.counters;
+        (
+            c.create_requests.load(Ordering::Relaxed),
+            c.throttled.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Takes the time from each 429 to the same device's next create request, recorded since
+    /// the last call.
+    pub fn take_retry_gaps(&self) -> Vec<Duration> {
+        std::mem::take(
+            &mut *self
+                .state
+                .throttle
+                .retry_gaps
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// Pushes `offer` as MO uplink notifications, datagram `i` to `targets[i % len]`'s callback
@@ -307,6 +358,14 @@ async fn create(
     let Ok(request) = serde_json::from_slice::<NiddConfiguration>(&body) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
+    let request_number = state
+        .counters
+        .create_requests
+        .fetch_add(1, Ordering::Relaxed)
+        + 1;
+    if let Some(answer) = throttled(&state, &request, request_number) {
+        return answer;
+    }
     let id = state.next_id.fetch_add(1, Ordering::Relaxed).to_string();
     let self_link = format!("{}3gpp-nidd/v1/{scs}/configurations/{id}", state.api_root);
     let configuration = Configuration {
@@ -327,6 +386,52 @@ async fn create(
         ..request
     };
     json(StatusCode::CREATED, &answer, Some(&self_link))
+}
+
+/// The 429 for create request number `request_number` when it is one to shed; times the
+/// retry of a device shed before.
+fn throttled(
+    state: &ScefState,
+    request: &NiddConfiguration,
+    request_number: u64,
+) -> Option<Response> {
+    let throttle = &state.throttle;
+    let every = throttle.every.load(Ordering::Relaxed);
+    if every == 0 {
+        return None;
+    }
+    let now = Instant::now();
+    let device = request
+        .external_id
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let mut answered_at = throttle
+        .answered_at
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(at) = answered_at.remove(&device) {
+        throttle
+            .retry_gaps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(now.saturating_duration_since(at));
+    }
+    if request_number % every != 0 {
+        return None;
+    }
+    answered_at.insert(device, now);
+    drop(answered_at);
+    state.counters.throttled.fetch_add(1, Ordering::Relaxed);
+    let retry_after = throttle.retry_after_s.load(Ordering::Relaxed);
+    Some(
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, retry_after.to_string())],
+            "configuration creation throttled",
+        )
+            .into_response(),
+    )
 }
 
 fn body_of(configuration: &Configuration) -> NiddConfiguration {

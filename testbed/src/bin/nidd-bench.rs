@@ -4,10 +4,13 @@
 //! LwM2M-server stand-in (`nidd_testbed::bench`), and prints side by side: MT throughput and
 //! latency at the offered rate, at the sustainable rate and at 2× and 4× of it, with the
 //! bridge's accounting of every offered datagram; MO throughput and latency; time to ready and
-//! RSS per device at scale; restart time. README "Performance" shows a run.
+//! RSS per device at scale; restart time; and bulk onboarding (issue 10): thousands of devices
+//! added in one admin API call while the SCEF sheds some creates with 429 and `Retry-After`,
+//! timed until every one is provisioned. README "Performance" shows a run.
 
 #![allow(clippy::disallowed_methods)]
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,9 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use nidd_bridge::DeviceId;
-use nidd_bridge::config::{OverflowPolicy, ServerRole};
+use nidd_bridge::config::{Config, OverflowPolicy, ServerRole};
 use nidd_testbed::bed::BridgeProcess;
-use nidd_testbed::bench::figures::{Flow, MtAccounting};
+use nidd_testbed::bench::figures::{Flow, MtAccounting, samples};
 use nidd_testbed::bench::load::{ServerStandIn, mt_datagram};
 use nidd_testbed::bench::relay::MinimalRelay;
 use nidd_testbed::bench::scef::{MinimalScef, PushReport, device_id};
@@ -42,6 +45,13 @@ const READY_DEADLINE: Duration = Duration::from_secs(300);
 const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 /// Arrivals have stopped when none came for this long.
 const QUIET: Duration = Duration::from_millis(500);
+/// Longest wait for the bulk request's answer, and for all its devices to be provisioned.
+const BULK_POST_DEADLINE: Duration = Duration::from_secs(300);
+const BULK_DEADLINE: Duration = Duration::from_secs(900);
+/// How often the fleet's counts are read while the bulk is provisioned.
+const BULK_POLL: Duration = Duration::from_millis(50);
+/// The `Retry-After` of the minimal SCEF's 429s in the bulk run.
+const BULK_RETRY_AFTER_S: u64 = 1;
 
 #[derive(Parser)]
 #[command(
@@ -103,6 +113,14 @@ struct RunArgs {
     /// The bridge's `psm.overflow` (drop_oldest, the default, or drop_newest).
     #[arg(long, default_value = "drop_oldest", value_parser = ["drop_oldest", "drop_newest"])]
     overflow: String,
+    /// Devices of the bulk onboarding run, all added in one admin API call to a bridge started
+    /// with none (0: skip it; default 10000, 2000 with --quick).
+    #[arg(long)]
+    bulk_devices: Option<usize>,
+    /// In the bulk run the minimal SCEF answers every K-th configuration create (retries
+    /// included) 429 with `Retry-After: 1` (0: none).
+    #[arg(long = "bulk-429-every", default_value_t = 10)]
+    bulk_429_every: u64,
 }
 
 #[derive(Args)]
@@ -167,6 +185,8 @@ struct Settings {
     relay_in_flight: usize,
     mo_connections: usize,
     overflow: OverflowPolicy,
+    bulk_devices: usize,
+    bulk_429_every: u64,
 }
 
 struct Bench {
@@ -218,6 +238,41 @@ struct ScaleFigures {
     first_requests: [u64; 6],
 }
 
+struct BulkFigures {
+    devices: usize,
+    throttle_every: u64,
+    concurrency: usize,
+    /// The POST's status, how many it created, and how long its answer took.
+    status: u16,
+    created: u64,
+    answer: Duration,
+    /// The fleet's counts at the first look after the answer: provisioned, onboarding.
+    first_look: (u64, u64),
+    max_onboarding: u64,
+    /// From sending the POST until 25 %, 50 %, 75 % of the devices were provisioned.
+    milestones: [Option<Duration>; 3],
+    /// From sending the POST until provisioned = devices and onboarding = 0 (`None`: not
+    /// within [`BULK_DEADLINE`]), and the counts then.
+    all: Option<Duration>,
+    last_look: (u64, u64),
+    /// At the SCEF: create requests, 429s among them, configurations of this bridge, the
+    /// distinct devices they name.
+    scef_requests: u64,
+    scef_throttled: u64,
+    configurations: usize,
+    configured_devices: usize,
+    /// From each 429 to the same device's next create.
+    retry_gaps: Vec<Duration>,
+    /// The bridge's own counts: 429 answers to creates, creates answered 201, the mean create
+    /// request time, the `devices_provisioned` gauge.
+    bridge_throttled: f64,
+    bridge_created: f64,
+    create_mean: Duration,
+    provisioned_gauge: f64,
+    idle_rss_kib: u64,
+    rss_kib: u64,
+}
+
 async fn bench(args: RunArgs) -> Result<()> {
     let wall = Instant::now();
     let settings = Settings {
@@ -243,6 +298,10 @@ async fn bench(args: RunArgs) -> Result<()> {
         } else {
             OverflowPolicy::DropOldest
         },
+        bulk_devices: args
+            .bulk_devices
+            .unwrap_or(if args.quick { 2_000 } else { 10_000 }),
+        bulk_429_every: args.bulk_429_every,
     };
     let bridge_binary = match &args.bridge {
         Some(path) => path.clone(),
@@ -286,7 +345,19 @@ async fn bench(args: RunArgs) -> Result<()> {
     } else {
         None
     };
-    let report = report(&bench, &mt, &mo, scale.as_ref(), wall.elapsed());
+    let bulk = if bench.settings.bulk_devices > 0 {
+        Some(bench.bulk().await?)
+    } else {
+        None
+    };
+    let report = report(
+        &bench,
+        &mt,
+        &mo,
+        scale.as_ref(),
+        bulk.as_ref(),
+        wall.elapsed(),
+    );
     println!("{report}");
     if args.keep {
         let kept = bench.work.keep();
@@ -791,6 +862,152 @@ impl Bench {
             restart_requests: delta(after, first),
         })
     }
+
+    /// Bulk onboarding (issue 10): a bridge started with no device is sent `bulk_devices`
+    /// devices in one JSON-lines `POST /api/v1/devices` while the minimal SCEF answers every
+    /// K-th configuration create 429 with `Retry-After`; timed until `GET /api/v1/fleet` shows
+    /// every one provisioned and none onboarding, then checked at the SCEF (one configuration
+    /// per device) and in the bridge's `/metrics`.
+    async fn bulk(&mut self) -> Result<BulkFigures> {
+        let devices = self.settings.bulk_devices;
+        let every = self.settings.bulk_429_every;
+        eprintln!(
+            "nidd-bench: bulk onboarding of {devices} devices in one request, every {every}th create answered 429"
+        );
+        let bridge = self.start_bridge(0).await?;
+        let config = Config::parse(&std::fs::read_to_string(&bridge.config)?)?;
+        if config.sockets.capacity() < devices as u64 {
+            bail!(
+                "the bench bridge's socket pool holds {} devices, fewer than --bulk-devices {devices}",
+                config.sockets.capacity()
+            );
+        }
+        let idle_rss_kib = memory_kib(&bridge.process).0;
+        let body: String = (0..devices)
+            .map(|index| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({ "externalId": device_id(index).to_string() })
+                )
+            })
+            .collect();
+        let (requests_before, throttled_before) = self.scef.create_requests();
+        self.scef.take_retry_gaps();
+        self.scef.throttle_creations(every, BULK_RETRY_AFTER_S);
+        let admin = bridge.process.admin;
+        let started = Instant::now();
+        let answer = self
+            .http
+            .post(format!("http://{admin}/api/v1/devices"))
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(body)
+            .timeout(BULK_POST_DEADLINE)
+            .send()
+            .await;
+        let answer_time = started.elapsed();
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) => {
+                self.scef.throttle_creations(0, 0);
+                bail!("the bulk POST got no answer: {error}");
+            }
+        };
+        let status = answer.status().as_u16();
+        let outcome: serde_json::Value = answer.json().await.unwrap_or_default();
+        if status != 201 {
+            self.scef.throttle_creations(0, 0);
+            bail!("the bulk POST was answered {status}: {outcome}");
+        }
+        let created = outcome["created"].as_u64().unwrap_or(0);
+
+        let fleet = format!("http://{admin}/api/v1/fleet");
+        let deadline = started + BULK_DEADLINE;
+        let mut first_look = None;
+        let mut max_onboarding = 0;
+        let mut milestones = [None; 3];
+        let mut all = None;
+        let last_look = loop {
+            let counts: serde_json::Value = self.http.get(&fleet).send().await?.json().await?;
+            let at = started.elapsed();
+            let provisioned = counts["provisioned"].as_u64().unwrap_or(0);
+            let onboarding = counts["onboarding"].as_u64().unwrap_or(0);
+            first_look.get_or_insert((provisioned, onboarding));
+            max_onboarding = max_onboarding.max(onboarding);
+            for (milestone, quarter) in milestones.iter_mut().zip(1u64..) {
+                if milestone.is_none() && provisioned * 4 >= quarter * devices as u64 {
+                    *milestone = Some(at);
+                }
+            }
+            if provisioned >= devices as u64 && onboarding == 0 {
+                all = Some(at);
+                break (provisioned, onboarding);
+            }
+            if Instant::now() > deadline {
+                break (provisioned, onboarding);
+            }
+            tokio::time::sleep(BULK_POLL).await;
+        };
+        self.scef.throttle_creations(0, 0);
+
+        let rss_kib = memory_kib(&bridge.process).0;
+        let text = self.metrics(&bridge).await?;
+        let creates = |name: &str| {
+            samples(&text, name)
+                .get("api=\"nidd\",operation=\"create_configuration\"")
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let by_outcome = samples(&text, "nidd_bridge_t8_requests_total");
+        let outcome_of = |status: &str| {
+            by_outcome
+                .get(&format!(
+                    "api=\"nidd\",operation=\"create_configuration\",outcome=\"{status}\""
+                ))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let count = creates("nidd_bridge_t8_request_duration_seconds_count");
+        let create_mean = if count > 0.0 {
+            Duration::from_secs_f64(creates("nidd_bridge_t8_request_duration_seconds_sum") / count)
+        } else {
+            Duration::ZERO
+        };
+        let (requests_after, throttled_after) = self.scef.create_requests();
+        let mine = self.scef.configurations(&bridge.scs_as_id);
+        let named: HashSet<String> = mine
+            .iter()
+            .filter_map(|c| c.external_id.as_ref().map(ToString::to_string))
+            .collect();
+        let figures = BulkFigures {
+            devices,
+            throttle_every: every,
+            concurrency: config.scef.provisioning_concurrency,
+            status,
+            created,
+            answer: answer_time,
+            first_look: first_look.unwrap_or_default(),
+            max_onboarding,
+            milestones,
+            all,
+            last_look,
+            scef_requests: requests_after - requests_before,
+            scef_throttled: throttled_after - throttled_before,
+            configurations: mine.len(),
+            configured_devices: named.len(),
+            retry_gaps: self.scef.take_retry_gaps(),
+            bridge_throttled: outcome_of("429"),
+            bridge_created: outcome_of("201"),
+            create_mean,
+            provisioned_gauge: probe::metric(&text, "nidd_bridge_devices_provisioned"),
+            idle_rss_kib,
+            rss_kib,
+        };
+        bridge
+            .process
+            .try_terminate(Duration::from_secs(60))
+            .await?;
+        Ok(figures)
+    }
 }
 
 /// fsync latency of 4 KiB writes in `dir` (p50, p99, max of 50), as the store's disk gives it.
@@ -878,11 +1095,106 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "ok" } else { "SHORT" }
 }
 
+/// The bulk onboarding section of the report.
+fn report_bulk(out: &mut String, b: &BulkFigures) {
+    let shed = if b.throttle_every > 0 {
+        format!(
+            "answers every {}th configuration create (retries included) 429 with Retry-After: {BULK_RETRY_AFTER_S}",
+            b.throttle_every
+        )
+    } else {
+        "answers every configuration create 201".into()
+    };
+    let _ = writeln!(
+        out,
+        "\nBulk onboarding: {} devices in one POST /api/v1/devices (JSON lines) to a bridge started with none; \
+         the minimal SCEF {shed}; scef.provisioning_concurrency = {}",
+        b.devices, b.concurrency
+    );
+    let _ = writeln!(
+        out,
+        "  POST -> {} in {} ({} created); first GET /api/v1/fleet after it: {} provisioned, {} onboarding; most onboarding seen {}",
+        b.status,
+        ms(b.answer),
+        b.created,
+        b.first_look.0,
+        b.first_look.1,
+        b.max_onboarding
+    );
+    let quarter = |at: Option<Duration>| at.map_or_else(|| "-".into(), ms);
+    match b.all {
+        Some(all) => {
+            let _ = writeln!(
+                out,
+                "  POST sent -> provisioned {} and onboarding 0: {} ({:.0} devices/s); 25% {}, 50% {}, 75% {}",
+                b.devices,
+                ms(all),
+                b.devices as f64 / all.as_secs_f64().max(1e-3),
+                quarter(b.milestones[0]),
+                quarter(b.milestones[1]),
+                quarter(b.milestones[2])
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "  NOT all provisioned within {}: {} provisioned, {} onboarding at the end; 25% {}, 50% {}, 75% {}",
+                humantime::format_duration(BULK_DEADLINE),
+                b.last_look.0,
+                b.last_look.1,
+                quarter(b.milestones[0]),
+                quarter(b.milestones[1]),
+                quarter(b.milestones[2])
+            );
+        }
+    }
+    let duplicates = b.configurations.saturating_sub(b.configured_devices);
+    let _ = writeln!(
+        out,
+        "  SCEF: {} create requests, {} answered 429; {} configurations for {} devices ({} duplicates, {})",
+        b.scef_requests,
+        b.scef_throttled,
+        b.configurations,
+        b.configured_devices,
+        duplicates,
+        verdict(b.configurations == b.devices && duplicates == 0)
+    );
+    let mut gaps = b.retry_gaps.clone();
+    gaps.sort();
+    let retries = match (gaps.first(), gaps.last()) {
+        (Some(first), Some(last)) => format!(
+            "{} retries after a 429, {} to {} after it (p50 {})",
+            gaps.len(),
+            ms(*first),
+            ms(*last),
+            ms(gaps[gaps.len() / 2])
+        ),
+        _ => "no retry after a 429".into(),
+    };
+    let _ = writeln!(
+        out,
+        "  {retries}; bridge /metrics: creates 201 {:.0}, 429 {:.0}, mean create request {}, nidd_bridge_devices_provisioned {:.0}",
+        b.bridge_created,
+        b.bridge_throttled,
+        ms(b.create_mean),
+        b.provisioned_gauge
+    );
+    let per_device = b.rss_kib.saturating_sub(b.idle_rss_kib) as f64 / b.devices.max(1) as f64;
+    let _ = writeln!(
+        out,
+        "  RSS {:.1} MiB with every device provisioned, {:.1} MiB before the POST; {:.1} KiB per device",
+        b.rss_kib as f64 / 1024.0,
+        b.idle_rss_kib as f64 / 1024.0,
+        per_device
+    );
+}
+
 fn report(
     bench: &Bench,
     mt: &[MtRow],
     mo: &[MoRow],
     scale: Option<&ScaleFigures>,
+    bulk: Option<&BulkFigures>,
     wall: Duration,
 ) -> String {
     let s = &bench.settings;
@@ -1099,6 +1411,9 @@ fn report(
             f.restart_requests[1],
             f.restart_requests[2]
         );
+    }
+    if let Some(b) = bulk {
+        report_bulk(&mut out, b);
     }
     let log_lines = std::fs::read_to_string(&bench.log)
         .map(|t| t.lines().count())
