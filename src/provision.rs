@@ -11,7 +11,7 @@ mod groups;
 mod reconcile;
 mod rotate;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -46,6 +46,16 @@ pub(crate) struct Reprovision {
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     groups: GroupReprovision,
+}
+
+/// When a device whose configuration could not be created is tried again, and how.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    at: std::time::Instant,
+    /// The wait after the next failure (when the SCEF names none).
+    backoff: Duration,
+    /// A failed attempt may have created the configuration: look for it before creating.
+    unsure: bool,
 }
 
 /// A configuration's `duration` is renewed when this fraction (1/N) of its lifetime is left.
@@ -267,32 +277,70 @@ impl Provisioner {
     /// Creates missing configurations, renews durations and subscriptions, and waits for the
     /// next thing due, until cancelled.
     async fn keep_provisioned(&self, cancel: &CancellationToken) {
-        let this = self;
+        // Devices whose last attempt failed, and when to try again: a device waiting out its
+        // backoff or the SCEF's `Retry-After` holds no provisioning slot meanwhile.
+        let mut retries: HashMap<DeviceId, Retry> = HashMap::new();
+        let mut group_retries: HashMap<crate::identity::ExternalId, Retry> = HashMap::new();
         loop {
             // Groups first: their members' MT waits for them.
-            self.provision_groups(cancel).await;
+            self.provision_groups(&mut group_retries).await;
+            let now = clock::now();
             let missing: Vec<Arc<Device>> = self
                 .devices
                 .iter()
                 .filter(|d| !d.is_group_member() && d.state().nidd.is_none())
                 .collect();
-            if !missing.is_empty() {
-                tracing::info!(devices = missing.len(), "creating NIDD configurations");
-            }
-            futures::stream::iter(missing)
-                .for_each_concurrent(self.scef.provisioning_concurrency, |device| {
-                    let cancel = cancel.clone();
-                    async move { this.provision_device(&device, &cancel).await }
+            retries.retain(|id, _| missing.iter().any(|d| d.id == *id));
+            let due: Vec<(Arc<Device>, Option<Retry>)> = missing
+                .into_iter()
+                .filter_map(|device| match retries.get(&device.id) {
+                    Some(retry) if retry.at > now => None,
+                    retry => {
+                        let retry = retry.copied();
+                        Some((device, retry))
+                    }
                 })
+                .collect();
+            if !due.is_empty() {
+                tracing::info!(
+                    devices = due.len(),
+                    waiting = retries.len(),
+                    "creating NIDD configurations"
+                );
+            }
+            let outcomes: Vec<(DeviceId, Option<Retry>)> = futures::stream::iter(due)
+                .map(|(device, retry)| async move {
+                    let next = self.provision_device(&device, retry).await;
+                    (device.id.clone(), next)
+                })
+                .buffer_unordered(self.scef.provisioning_concurrency)
+                .collect()
                 .await;
+            for (id, next) in outcomes {
+                match next {
+                    Some(retry) => {
+                        retries.insert(id, retry);
+                    }
+                    None => {
+                        retries.remove(&id);
+                    }
+                }
+            }
+            let next_retry = retries
+                .values()
+                .chain(group_retries.values())
+                .map(|r| r.at.saturating_duration_since(clock::now()))
+                .min();
             let next_subscription = self.ensure_subscriptions().await;
             let next_configuration = self.renew_configurations().await;
             let next_group = self.renew_groups().await;
-            let next_renewal =
-                earliest(next_subscription, earliest(next_configuration, next_group));
+            let next_due = earliest(
+                next_retry,
+                earliest(next_subscription, earliest(next_configuration, next_group)),
+            );
             self.flush_store().await;
             let timer = async {
-                match next_renewal {
+                match next_due {
                     Some(delay) => tokio::time::sleep(delay).await,
                     None => std::future::pending().await,
                 }
@@ -305,52 +353,54 @@ impl Provisioner {
         }
     }
 
-    /// Creates the device's NIDD configuration, retrying until it exists or the bridge stops.
-    /// After a failure that may have created it anyway (a timeout, say), the SCEF's list is
-    /// searched for it before asking again.
-    async fn provision_device(&self, device: &Device, cancel: &CancellationToken) {
+    /// One attempt at the device's NIDD configuration; when and how to try again if it
+    /// failed (`None`: it exists now, or the device is gone). After a failure that may have
+    /// created it anyway (a timeout, say), the SCEF's list is searched for it before asking
+    /// again.
+    async fn provision_device(&self, device: &Device, previous: Option<Retry>) -> Option<Retry> {
         let scef = &self.scef;
-        let mut backoff = Duration::from_millis(scef.retry_initial_ms);
-        let body = self.configuration_request(device);
-        let mut unsure = false;
-        loop {
-            if device.is_removed() {
-                return;
-            }
-            let attempt = if unsure {
-                let found = {
-                    // Adopting is creating too (see `create`).
-                    let _creating = device.provisioning.lock().await;
-                    if device.is_removed() {
-                        return;
-                    }
-                    self.look_for_own(device).await
-                };
-                match found {
-                    Ok(true) => return,
-                    Ok(false) => {
-                        unsure = false;
-                        self.create(device, &body).await
-                    }
-                    Err(error) => Err(error),
-                }
-            } else {
-                self.create(device, &body).await
-            };
-            let Err(error) = attempt else { return };
-            unsure = unsure || error.may_have_taken_effect();
-            let delay = error.retry_after().unwrap_or(backoff);
-            tracing::warn!(device = %device.id, %error, retry_in_ms = delay.as_millis() as u64, may_exist = unsure, "NIDD configuration not created");
-            if !error.is_retryable() && !unsure {
-                // A refusal may be fixed at the operator; ask again at the slowest pace.
-                backoff = Duration::from_millis(scef.retry_max_ms);
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(jitter(delay)) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_millis(scef.retry_max_ms));
+        let retry_max = Duration::from_millis(scef.retry_max_ms);
+        let backoff = previous.map_or(Duration::from_millis(scef.retry_initial_ms), |r| r.backoff);
+        let mut unsure = previous.is_some_and(|r| r.unsure);
+        if device.is_removed() {
+            return None;
         }
+        let body = self.configuration_request(device);
+        let attempt = if unsure {
+            let found = {
+                // Adopting is creating too (see `create`).
+                let _creating = device.provisioning.lock().await;
+                if device.is_removed() {
+                    return None;
+                }
+                self.look_for_own(device).await
+            };
+            match found {
+                Ok(true) => return None,
+                Ok(false) => {
+                    unsure = false;
+                    self.create(device, &body).await
+                }
+                Err(error) => Err(error),
+            }
+        } else {
+            self.create(device, &body).await
+        };
+        let error = attempt.err()?;
+        unsure = unsure || error.may_have_taken_effect();
+        let delay = error.retry_after().unwrap_or(backoff);
+        tracing::warn!(device = %device.id, %error, retry_in_ms = delay.as_millis() as u64, may_exist = unsure, "NIDD configuration not created");
+        let backoff = if !error.is_retryable() && !unsure {
+            // A refusal may be fixed at the operator; ask again at the slowest pace.
+            retry_max
+        } else {
+            (backoff * 2).min(retry_max)
+        };
+        Some(Retry {
+            at: clock::now() + jitter(delay),
+            backoff,
+            unsure,
+        })
     }
 
     /// POSTs the configuration and, on 201, stores and flushes its location at once.

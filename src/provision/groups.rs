@@ -3,17 +3,19 @@
 //! the devices' own, deleted for groups the configuration no longer names; every change copied
 //! to the members (`DeviceTable::mirror_group`), whose MT goes through it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use super::{Provisioner, earliest, granted_expiry, jitter};
+use super::{Provisioner, Retry, earliest, granted_expiry, jitter};
+use crate::clock;
 use crate::devices::DeviceTable;
 use crate::devices::NiddState;
 use crate::devices::groups::{Group, GroupTable};
+use crate::identity::ExternalId;
 use crate::metrics::Metrics;
 use crate::t8::{NiddConfiguration, NiddStatus, T8Client};
 
@@ -210,40 +212,63 @@ impl Provisioner {
         self.devices.mirror_group(group);
     }
 
-    /// Creates the configuration of every group without one, retrying each until it exists or
-    /// the bridge stops.
-    pub(super) async fn provision_groups(&self, cancel: &CancellationToken) {
+    /// One attempt at the configuration of every group without one whose retry is due;
+    /// `retries` keeps when to try each failed one again (no group's wait holds up the
+    /// devices' provisioning).
+    pub(super) async fn provision_groups(&self, retries: &mut HashMap<ExternalId, Retry>) {
+        let now = clock::now();
         let missing: Vec<Arc<Group>> = self.groups.iter().filter(|g| g.nidd().is_none()).collect();
-        futures::stream::iter(missing)
-            .for_each_concurrent(self.scef.provisioning_concurrency, |group| async move {
-                self.provision_group(&group, cancel).await;
+        retries.retain(|id, _| missing.iter().any(|g| g.id == *id));
+        let due: Vec<(Arc<Group>, Option<Retry>)> = missing
+            .into_iter()
+            .filter_map(|group| match retries.get(&group.id) {
+                Some(retry) if retry.at > now => None,
+                retry => {
+                    let retry = retry.copied();
+                    Some((group, retry))
+                }
             })
+            .collect();
+        let outcomes: Vec<(ExternalId, Option<Retry>)> = futures::stream::iter(due)
+            .map(|(group, retry)| async move {
+                let next = self.provision_group(&group, retry).await;
+                (group.id.clone(), next)
+            })
+            .buffer_unordered(self.scef.provisioning_concurrency)
+            .collect()
             .await;
+        for (id, next) in outcomes {
+            match next {
+                Some(retry) => {
+                    retries.insert(id, retry);
+                }
+                None => {
+                    retries.remove(&id);
+                }
+            }
+        }
     }
 
-    async fn provision_group(&self, group: &Group, cancel: &CancellationToken) {
-        let mut backoff = Duration::from_millis(self.scef.retry_initial_ms);
+    async fn provision_group(&self, group: &Group, previous: Option<Retry>) -> Option<Retry> {
+        // A group removed meanwhile gets nothing more.
+        self.groups.get(&group.id)?;
         let retry_max = Duration::from_millis(self.scef.retry_max_ms);
-        loop {
-            // A group removed meanwhile gets nothing more.
-            if self.groups.get(&group.id).is_none() {
-                return;
-            }
-            let error = match self.create_group(group).await {
-                Ok(()) => return,
-                Err(error) => error,
-            };
-            let delay = error.retry_after().unwrap_or(backoff);
-            tracing::warn!(group = %group.id, %error, retry_in_ms = delay.as_millis() as u64, "group NIDD configuration not created");
-            if !error.is_retryable() {
-                backoff = retry_max;
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(jitter(delay)) => {}
-            }
-            backoff = (backoff * 2).min(retry_max);
-        }
+        let backoff = previous.map_or(Duration::from_millis(self.scef.retry_initial_ms), |r| {
+            r.backoff
+        });
+        let error = self.create_group(group).await.err()?;
+        let delay = error.retry_after().unwrap_or(backoff);
+        tracing::warn!(group = %group.id, %error, retry_in_ms = delay.as_millis() as u64, "group NIDD configuration not created");
+        let backoff = if error.is_retryable() {
+            (backoff * 2).min(retry_max)
+        } else {
+            retry_max
+        };
+        Some(Retry {
+            at: clock::now() + jitter(delay),
+            backoff,
+            unsure: false,
+        })
     }
 
     async fn create_group(&self, group: &Group) -> Result<(), crate::t8::T8Error> {
