@@ -58,6 +58,89 @@ struct Retry {
     unsure: bool,
 }
 
+impl Retry {
+    /// The retry after a failed creation that waited `backoff`: when the SCEF's `Retry-After`
+    /// (else the backoff, with jitter) has passed, the next backoff doubled up to
+    /// `retry_max` (at once for a refusal asking again will not fix, which the operator
+    /// may).
+    fn after(error: &T8Error, backoff: Duration, retry_max: Duration, unsure: bool) -> Self {
+        let delay = error.retry_after().unwrap_or(backoff);
+        let backoff = if !error.is_retryable() && !unsure {
+            retry_max
+        } else {
+            (backoff * 2).min(retry_max)
+        };
+        Self {
+            at: clock::now() + jitter(delay),
+            backoff,
+            unsure,
+        }
+    }
+}
+
+/// What failed to be provisioned (devices, groups), and when each is tried again.
+struct RetrySchedule<K> {
+    retries: HashMap<K, Retry>,
+}
+
+impl<K> Default for RetrySchedule<K> {
+    fn default() -> Self {
+        Self {
+            retries: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Clone> RetrySchedule<K> {
+    /// Of what is `missing`, what is due at `now`, each with its last retry (none for a
+    /// first attempt); forgets what is no longer missing.
+    fn due<T>(
+        &mut self,
+        missing: Vec<T>,
+        key: impl Fn(&T) -> K,
+        now: std::time::Instant,
+    ) -> Vec<(T, Option<Retry>)> {
+        let keys: HashSet<K> = missing.iter().map(&key).collect();
+        self.retries.retain(|k, _| keys.contains(k));
+        missing
+            .into_iter()
+            .filter_map(|item| match self.retries.get(&key(&item)) {
+                Some(retry) if retry.at > now => None,
+                retry => {
+                    let retry = retry.copied();
+                    Some((item, retry))
+                }
+            })
+            .collect()
+    }
+
+    /// Keeps the retries of what failed, forgets what succeeded.
+    fn record(&mut self, outcomes: Vec<(K, Option<Retry>)>) {
+        for (key, next) in outcomes {
+            match next {
+                Some(retry) => {
+                    self.retries.insert(key, retry);
+                }
+                None => {
+                    self.retries.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.retries.len()
+    }
+
+    /// How long until the first retry is due.
+    fn next_wait(&self, now: std::time::Instant) -> Option<Duration> {
+        self.retries
+            .values()
+            .map(|r| r.at.saturating_duration_since(now))
+            .min()
+    }
+}
+
 /// A configuration's `duration` is renewed when this fraction (1/N) of its lifetime is left.
 const RENEW_WHEN_LEFT: u32 = 3;
 
@@ -279,28 +362,18 @@ impl Provisioner {
     async fn keep_provisioned(&self, cancel: &CancellationToken) {
         // Devices whose last attempt failed, and when to try again: a device waiting out its
         // backoff or the SCEF's `Retry-After` holds no provisioning slot meanwhile.
-        let mut retries: HashMap<DeviceId, Retry> = HashMap::new();
-        let mut group_retries: HashMap<crate::identity::ExternalId, Retry> = HashMap::new();
+        let mut retries: RetrySchedule<DeviceId> = RetrySchedule::default();
+        let mut group_retries: RetrySchedule<crate::identity::ExternalId> =
+            RetrySchedule::default();
         loop {
             // Groups first: their members' MT waits for them.
             self.provision_groups(&mut group_retries).await;
-            let now = clock::now();
             let missing: Vec<Arc<Device>> = self
                 .devices
                 .iter()
                 .filter(|d| !d.is_group_member() && d.state().nidd.is_none())
                 .collect();
-            retries.retain(|id, _| missing.iter().any(|d| d.id == *id));
-            let due: Vec<(Arc<Device>, Option<Retry>)> = missing
-                .into_iter()
-                .filter_map(|device| match retries.get(&device.id) {
-                    Some(retry) if retry.at > now => None,
-                    retry => {
-                        let retry = retry.copied();
-                        Some((device, retry))
-                    }
-                })
-                .collect();
+            let due = retries.due(missing, |d| d.id.clone(), clock::now());
             if !due.is_empty() {
                 tracing::info!(
                     devices = due.len(),
@@ -316,21 +389,9 @@ impl Provisioner {
                 .buffer_unordered(self.scef.provisioning_concurrency)
                 .collect()
                 .await;
-            for (id, next) in outcomes {
-                match next {
-                    Some(retry) => {
-                        retries.insert(id, retry);
-                    }
-                    None => {
-                        retries.remove(&id);
-                    }
-                }
-            }
-            let next_retry = retries
-                .values()
-                .chain(group_retries.values())
-                .map(|r| r.at.saturating_duration_since(clock::now()))
-                .min();
+            retries.record(outcomes);
+            let now = clock::now();
+            let next_retry = earliest(retries.next_wait(now), group_retries.next_wait(now));
             let next_subscription = self.ensure_subscriptions().await;
             let next_configuration = self.renew_configurations().await;
             let next_group = self.renew_groups().await;
@@ -388,19 +449,9 @@ impl Provisioner {
         };
         let error = attempt.err()?;
         unsure = unsure || error.may_have_taken_effect();
-        let delay = error.retry_after().unwrap_or(backoff);
-        tracing::warn!(device = %device.id, %error, retry_in_ms = delay.as_millis() as u64, may_exist = unsure, "NIDD configuration not created");
-        let backoff = if !error.is_retryable() && !unsure {
-            // A refusal may be fixed at the operator; ask again at the slowest pace.
-            retry_max
-        } else {
-            (backoff * 2).min(retry_max)
-        };
-        Some(Retry {
-            at: clock::now() + jitter(delay),
-            backoff,
-            unsure,
-        })
+        let retry = Retry::after(&error, backoff, retry_max, unsure);
+        tracing::warn!(device = %device.id, %error, retry_in_ms = retry.at.saturating_duration_since(clock::now()).as_millis() as u64, may_exist = unsure, "NIDD configuration not created");
+        Some(retry)
     }
 
     /// POSTs the configuration and, on 201, stores and flushes its location at once.
@@ -1300,6 +1351,46 @@ mod tests {
             asked - 3_600_000
         );
         assert_eq!(granted_expiry(Some("2027-01-01T00:00:00Z"), asked), asked);
+    }
+
+    #[test]
+    fn a_failed_item_waits_for_its_retry_without_holding_up_the_others() {
+        let now = clock::now();
+        let retry = |after_ms: u64| Retry {
+            at: now + Duration::from_millis(after_ms),
+            backoff: Duration::from_millis(100),
+            unsure: false,
+        };
+        let mut schedule: RetrySchedule<&str> = RetrySchedule::default();
+        let all = |items: &[&'static str]| items.to_vec();
+        // First round: everything is due, without a retry.
+        let due = schedule.due(all(&["a", "b", "c"]), |k| *k, now);
+        assert_eq!(
+            due.iter()
+                .map(|(k, r)| (*k, r.is_some()))
+                .collect::<Vec<_>>(),
+            [("a", false), ("b", false), ("c", false)]
+        );
+        schedule.record(vec![
+            ("a", Some(retry(1000))),
+            ("b", None),
+            ("c", Some(retry(10))),
+        ]);
+        assert_eq!(schedule.next_wait(now), Some(Duration::from_millis(10)));
+        // b succeeded and is gone; a and c wait; a new d goes at once.
+        let due = schedule.due(all(&["a", "c", "d"]), |k| *k, now);
+        assert_eq!(due.iter().map(|(k, _)| *k).collect::<Vec<_>>(), ["d"]);
+        let later = now + Duration::from_millis(20);
+        let due = schedule.due(all(&["a", "c"]), |k| *k, later);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].0, "c");
+        assert!(
+            due[0].1.is_some(),
+            "with its last retry, for the next backoff"
+        );
+        // a is no longer missing (created elsewhere, or removed): forgotten.
+        let _ = schedule.due(all(&["c"]), |k| *k, later);
+        assert_eq!(schedule.len(), 1);
     }
 
     #[test]

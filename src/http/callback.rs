@@ -480,18 +480,7 @@ fn group_configuration_status(
     link: &str,
     status: NiddStatus,
 ) -> Result<&'static str, CallbackError> {
-    let foreign = || CallbackError::ForeignConfiguration {
-        named: link.to_string(),
-    };
-    let link = url::Url::parse(link).map_err(|_| foreign())?;
-    let change = status_change(group.nidd().as_ref(), &[], &link, status.clone());
-    if !matches!(change, StatusChange::Foreign) {
-        shared
-            .metrics
-            .configuration_statuses
-            .with_label_values(&[status_label(&status)])
-            .inc();
-    }
+    let (change, link) = judge_status(shared, link, &status, group.nidd().as_ref(), &[])?;
     match change {
         StatusChange::Terminated => {
             tracing::info!(group = %group.id, %link, "termination of the group's configuration notified; asking the SCEF");
@@ -508,9 +497,34 @@ fn group_configuration_status(
         StatusChange::NoConfiguration => Ok("ignored_no_configuration"),
         StatusChange::Foreign => {
             tracing::warn!(group = %group.id, %link, "status notification for a configuration that is not the group's refused");
-            Err(foreign())
+            Err(CallbackError::ForeignConfiguration {
+                named: link.to_string(),
+            })
         }
     }
+}
+
+/// What a status notification naming `link` does to `current` (the configuration held now,
+/// replacing `superseded`); counted unless it names a foreign configuration.
+fn judge_status(
+    shared: &CallbackState,
+    link: &str,
+    status: &NiddStatus,
+    current: Option<&NiddState>,
+    superseded: &[url::Url],
+) -> Result<(StatusChange, url::Url), CallbackError> {
+    let link = url::Url::parse(link).map_err(|_| CallbackError::ForeignConfiguration {
+        named: link.to_string(),
+    })?;
+    let change = status_change(current, superseded, &link, status.clone());
+    if !matches!(change, StatusChange::Foreign) {
+        shared
+            .metrics
+            .configuration_statuses
+            .with_label_values(&[status_label(status)])
+            .inc();
+    }
+    Ok((change, link))
 }
 
 /// The device a notification names: exactly one of `externalId` and `msisdn`.
@@ -590,22 +604,11 @@ fn configuration_status(
     link: &str,
     status: NiddStatus,
 ) -> Result<&'static str, CallbackError> {
-    let foreign = || CallbackError::ForeignConfiguration {
-        named: link.to_string(),
-    };
-    let link = url::Url::parse(link).map_err(|_| foreign())?;
     let (current, superseded) = {
         let state = device.state();
         (state.nidd.clone(), state.superseded.clone())
     };
-    let change = status_change(current.as_ref(), &superseded, &link, status.clone());
-    if !matches!(change, StatusChange::Foreign) {
-        shared
-            .metrics
-            .configuration_statuses
-            .with_label_values(&[status_label(&status)])
-            .inc();
-    }
+    let (change, link) = judge_status(shared, link, &status, current.as_ref(), &superseded)?;
     match change {
         StatusChange::Terminated => {
             tracing::info!(device = %device.id, %link, "termination notified; asking the SCEF");
@@ -629,7 +632,9 @@ fn configuration_status(
         }
         StatusChange::Foreign => {
             tracing::warn!(device = %device.id, %link, "status notification for a configuration that is not the device's refused");
-            Err(foreign())
+            Err(CallbackError::ForeignConfiguration {
+                named: link.to_string(),
+            })
         }
     }
 }

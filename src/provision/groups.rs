@@ -3,14 +3,13 @@
 //! the devices' own, deleted for groups the configuration no longer names; every change copied
 //! to the members (`DeviceTable::mirror_group`), whose MT goes through it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use url::Url;
 
-use super::{Provisioner, Retry, earliest, granted_expiry, jitter};
+use super::{Provisioner, Retry, RetrySchedule, earliest, granted_expiry};
 use crate::clock;
 use crate::devices::DeviceTable;
 use crate::devices::NiddState;
@@ -215,20 +214,9 @@ impl Provisioner {
     /// One attempt at the configuration of every group without one whose retry is due;
     /// `retries` keeps when to try each failed one again (no group's wait holds up the
     /// devices' provisioning).
-    pub(super) async fn provision_groups(&self, retries: &mut HashMap<ExternalId, Retry>) {
-        let now = clock::now();
+    pub(super) async fn provision_groups(&self, retries: &mut RetrySchedule<ExternalId>) {
         let missing: Vec<Arc<Group>> = self.groups.iter().filter(|g| g.nidd().is_none()).collect();
-        retries.retain(|id, _| missing.iter().any(|g| g.id == *id));
-        let due: Vec<(Arc<Group>, Option<Retry>)> = missing
-            .into_iter()
-            .filter_map(|group| match retries.get(&group.id) {
-                Some(retry) if retry.at > now => None,
-                retry => {
-                    let retry = retry.copied();
-                    Some((group, retry))
-                }
-            })
-            .collect();
+        let due = retries.due(missing, |g| g.id.clone(), clock::now());
         let outcomes: Vec<(ExternalId, Option<Retry>)> = futures::stream::iter(due)
             .map(|(group, retry)| async move {
                 let next = self.provision_group(&group, retry).await;
@@ -237,16 +225,7 @@ impl Provisioner {
             .buffer_unordered(self.scef.provisioning_concurrency)
             .collect()
             .await;
-        for (id, next) in outcomes {
-            match next {
-                Some(retry) => {
-                    retries.insert(id, retry);
-                }
-                None => {
-                    retries.remove(&id);
-                }
-            }
-        }
+        retries.record(outcomes);
     }
 
     async fn provision_group(&self, group: &Group, previous: Option<Retry>) -> Option<Retry> {
@@ -257,18 +236,9 @@ impl Provisioner {
             r.backoff
         });
         let error = self.create_group(group).await.err()?;
-        let delay = error.retry_after().unwrap_or(backoff);
-        tracing::warn!(group = %group.id, %error, retry_in_ms = delay.as_millis() as u64, "group NIDD configuration not created");
-        let backoff = if error.is_retryable() {
-            (backoff * 2).min(retry_max)
-        } else {
-            retry_max
-        };
-        Some(Retry {
-            at: clock::now() + jitter(delay),
-            backoff,
-            unsure: false,
-        })
+        let retry = Retry::after(&error, backoff, retry_max, false);
+        tracing::warn!(group = %group.id, %error, retry_in_ms = retry.at.saturating_duration_since(clock::now()).as_millis() as u64, "group NIDD configuration not created");
+        Some(retry)
     }
 
     async fn create_group(&self, group: &Group) -> Result<(), crate::t8::T8Error> {
