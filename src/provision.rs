@@ -450,7 +450,14 @@ impl Provisioner {
         let error = attempt.err()?;
         unsure = unsure || error.may_have_taken_effect();
         let retry = Retry::after(&error, backoff, retry_max, unsure);
-        tracing::warn!(device = %device.id, %error, retry_in_ms = retry.at.saturating_duration_since(clock::now()).as_millis() as u64, may_exist = unsure, "NIDD configuration not created");
+        let retry_in_ms = retry.at.saturating_duration_since(clock::now()).as_millis() as u64;
+        if error.status() == Some(reqwest::StatusCode::TOO_MANY_REQUESTS) {
+            // Expected under bulk onboarding, one per throttled device: counted in
+            // t8_requests_total{outcome="429"}, not worth a warning each.
+            tracing::info!(device = %device.id, retry_in_ms, "the SCEF throttled a configuration create; trying again later");
+        } else {
+            tracing::warn!(device = %device.id, %error, retry_in_ms, may_exist = unsure, "NIDD configuration not created");
+        }
         Some(retry)
     }
 

@@ -2,8 +2,9 @@
 //! every T8 body against the 3GPP schemas, and the npm LwM2M server: members of a group
 //! configuration (`externalGroupId`) created on their first uplink, registered and read
 //! through the group's configuration, kept across a restart, with the group configuration
-//! created again when it is deleted behind the bridge's back; and a device the NEF's NIDD
-//! Configuration Trigger (TS 29.522) asked for, registered and read.
+//! created again when it is deleted behind the bridge's back, its duration renewed; a
+//! sleeping member's read buffered by the SCEF and settled by the group's GMD result; and a
+//! device the NEF's NIDD Configuration Trigger (TS 29.522) asked for, registered and read.
 
 use std::time::Duration;
 
@@ -227,5 +228,63 @@ async fn a_group_configurations_duration_is_renewed_before_it_runs_out() {
     assert_eq!(groups.len(), 1);
     assert_eq!(groups[0].self_link, first.self_link);
     assert_ne!(groups[0].duration, first.duration, "a later expiry");
+    bed.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_members_read_is_settled_by_the_groups_gmd_result() {
+    let id: DeviceId = "meter-7@fleet.example".parse().unwrap();
+    let endpoint = "urn:nai:meter-7@fleet.example";
+    let member = id.clone();
+    let bed = TestBed::new()
+        .npm_server()
+        .before_bridge(move |mock| {
+            mock.define_group(GROUP, &[member]).unwrap();
+            // The SCEF reports a buffered member delivery with a GMD notification.
+            mock.faults().set_gmd_member_reports(true);
+        })
+        .bridge_config(|config| {
+            config.group(GROUP).onboarding(|onboarding| {
+                onboarding.external_id_domains = vec!["fleet.example".into()]
+            })
+        })
+        .psm(|psm| {
+            psm.buffer_owner = nidd_bridge::config::BufferOwner::Scef;
+            psm.active_window_s = 2;
+        })
+        .start()
+        .await
+        .unwrap();
+    let ue = bed.mock().ue(&id);
+    ue.wait_configured(STEP).await.unwrap();
+    // Not a device of the file: its first uplink makes it a member.
+    let sim = SimLwm2mDevice::spawn(ue.clone(), DeviceProfile::new(endpoint));
+    sim.register().await.unwrap();
+
+    ue.sleep();
+    let (value, _) = tokio::join!(bed.server().read(endpoint, "/3/0/0"), async {
+        // Sent at once and buffered by the SCEF (201) while the member sleeps.
+        probe::eventually("the read buffered at the SCEF", || async {
+            bed.metric("nidd_bridge_mt_deliveries_total{status=\"BUFFERING\"}")
+                .await
+                >= 1.0
+        })
+        .await;
+        ue.wake().await;
+    });
+    assert_eq!(value.unwrap(), "nidd-bridge simulator");
+    probe::eventually("the GMD result applied to the member", || async {
+        bed.metric("nidd_bridge_callbacks_total{kind=\"group_delivery\",outcome=\"accepted\"}")
+            .await
+            >= 1.0
+            && admin(&bed, Method::GET, &format!("/api/v1/devices/{id}"))
+                .await
+                .1["mt"]["pendingDeliveries"]
+                == 0
+    })
+    .await;
+    let (_, member) = admin(&bed, Method::GET, &format!("/api/v1/devices/{id}")).await;
+    assert_eq!(member["group"], GROUP, "{member}");
+    drop(sim);
     bed.finish().await;
 }
