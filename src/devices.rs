@@ -249,6 +249,12 @@ impl Device {
         self
     }
 
+    /// Counts the device as created on demand or not (the configuration file declares it
+    /// now); whether it was before.
+    pub(crate) fn set_on_demand(&self, on_demand: bool) -> bool {
+        self.on_demand.swap(on_demand, Ordering::Relaxed)
+    }
+
     /// Created on demand (`[onboarding]`) rather than through the admin API.
     pub(crate) fn is_onboarded_on_demand(&self) -> bool {
         self.on_demand.load(Ordering::Relaxed)

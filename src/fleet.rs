@@ -1004,19 +1004,26 @@ impl Fleet {
         for (device, settings) in adopted {
             let api_settings = device.added_settings();
             device.clear_added_settings();
+            let was_on_demand = device.set_on_demand(false);
             if let Err(error) = devices.rewrite_record(&device) {
                 if let Some(api_settings) = api_settings {
                     device.set_added_settings(api_settings);
                 }
+                device.set_on_demand(was_on_demand);
                 *lock(&self.file_devices) = file_devices;
                 return Err(error.into());
             }
+            if was_on_demand {
+                self.on_demand.fetch_sub(1, Ordering::Relaxed);
+            }
+            warn_if_group_differs(&device, &settings);
             self.parts.factory.apply(&device, &settings);
-            tracing::info!(device = %device.id, "device added through the admin API is now the configuration file's");
+            tracing::info!(device = %device.id, "device added through the admin API (or on demand) is now the configuration file's");
             file_devices.insert(device.id.clone(), settings);
             outcome.adopted += 1;
         }
         for (device, settings) in changed {
+            warn_if_group_differs(&device, &settings);
             self.parts.factory.apply(&device, &settings);
             device.wake.notify_one();
             tracing::info!(device = %device.id, "device changed in the configuration file");
@@ -1216,6 +1223,15 @@ impl Fleet {
     }
 }
 
+/// A device's group is fixed while it runs (its traffic's configuration follows it); a
+/// re-read file that moves it takes effect at the next start.
+fn warn_if_group_differs(device: &Device, settings: &DeviceConfig) {
+    let current = device.group().map(|g| g.id.to_string());
+    if current.as_deref() != settings.group.as_deref() {
+        tracing::warn!(device = %device.id, from = ?current, to = ?settings.group, "a device's group changes at the next start, not on a reload");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::DeviceConfig;
@@ -1308,6 +1324,31 @@ mod tests {
             fleet.remove(&"d@iot.example".parse().unwrap()).await,
             Err(FleetError::FileDevice { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_device_created_on_demand_that_the_file_declares_becomes_the_files() {
+        let harness = Harness::new().await;
+        let fleet = harness.fleet();
+        fleet
+            .onboard(&"x@fleet.example".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(fleet.counts().onboarded, 1);
+        let outcome = fleet
+            .reconcile_file(&[file_a(), file_b(), declared("x@fleet.example")])
+            .await
+            .unwrap();
+        assert_eq!(outcome.adopted, 1);
+        let device = harness.device("x@fleet.example");
+        assert_eq!(Source::of(&device), Source::File);
+        assert_eq!(
+            fleet.counts().onboarded,
+            0,
+            "its place under max_devices is free again"
+        );
+        let record = harness.devices.store().device(&device.id).unwrap().unwrap();
+        assert!(!record.onboarded && record.settings.is_none());
     }
 
     #[tokio::test]
