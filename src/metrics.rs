@@ -75,6 +75,9 @@ pub struct Metrics {
     /// OAuth2 token requests to the token endpoint, by why one was needed and how it ended.
     pub t8_token_requests: IntCounterVec,
     pub devices_forbidden: IntGauge,
+    /// Devices added while running, still without their first NIDD configuration (computed
+    /// when `/metrics` is scraped).
+    pub devices_onboarding: IntGauge,
     /// Connections and requests the HTTP listeners refused or closed, by listener and reason.
     pub listener_refusals: IntCounterVec,
     /// Open connections per HTTP listener.
@@ -316,6 +319,10 @@ impl Metrics {
                 "t8_token_requests_total",
                 "OAuth2 access token requests, by reason (first, expiring, expired, refused) and outcome (issued, an RFC 6749 error code, http_<status>, transport_error, tls_error, bad_answer)",
                 &["reason", "outcome"],
+            )?,
+            devices_onboarding: gauge(
+                "devices_onboarding",
+                "Devices added while running (admin API, on demand) still waiting for their first NIDD configuration",
             )?,
             devices_forbidden: gauge(
                 "devices_forbidden",

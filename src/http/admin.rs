@@ -464,6 +464,9 @@ fn refresh_gauges(shared: &AdminState, now: Instant, now_ms: u64) {
     metrics
         .mt_queue_oldest_age_seconds
         .set(gauges.oldest_queued_age_s);
+    metrics
+        .devices_onboarding
+        .set(i64::try_from(shared.devices.onboarding_count()).unwrap_or(i64::MAX));
 }
 
 #[cfg(test)]

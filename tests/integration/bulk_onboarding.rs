@@ -163,6 +163,10 @@ async fn a_bulk_reaches_provisioned_under_429s_and_a_batch_beyond_the_pool_adds_
             // The metric shows it too: configured all, provisioned not yet.
             let text = bed.metrics().await;
             let gauge = probe::metric(&text, "nidd_bridge_devices_provisioned");
+            assert!(
+                probe::metric(&text, "nidd_bridge_devices_onboarding") > 0.0,
+                "the onboarding gauge shows the devices still waiting"
+            );
             assert_eq!(
                 probe::metric(&text, "nidd_bridge_devices_configured"),
                 BULK as f64
@@ -189,6 +193,7 @@ async fn a_bulk_reaches_provisioned_under_429s_and_a_batch_beyond_the_pool_adds_
         bed.metric("nidd_bridge_devices_provisioned").await,
         BULK as f64
     );
+    assert_eq!(bed.metric("nidd_bridge_devices_onboarding").await, 0.0);
 
     // Exactly one configuration per device at the SCEF, and some creates were shed.
     let mock = bed.mock();
