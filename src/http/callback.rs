@@ -277,37 +277,19 @@ async fn handle(
             );
         }
         NiddNotification::DeliveryStatus(notification) => {
-            shared
-                .metrics
-                .mt_deliveries
-                .with_label_values(&[notification.delivery_status.label()])
-                .inc();
-            tracing::debug!(device = %device.id, delivery = %notification.nidd_downlink_data_transfer, status = %notification.delivery_status, "MT delivery status");
-            let now = clock::now();
-            let retry_at = instant_of(
+            count_delivery_status(shared, &notification.delivery_status);
+            settle_delivery(
+                shared,
+                &device,
+                &notification.nidd_downlink_data_transfer,
+                &notification.delivery_status,
                 notification.requested_retransmission_time.as_deref(),
-                now,
-                clock::system_now(),
-                shared.downlinks.scef_times.retry_wait,
-            );
-            shared
-                .downlinks
-                .settle(
-                    &device,
-                    &notification.nidd_downlink_data_transfer,
-                    &notification.delivery_status,
-                    retry_at,
-                    now,
-                )
-                .await;
+            )
+            .await;
         }
         NiddNotification::GroupDelivery(notification) => {
             for result in &notification.gmd_results {
-                shared
-                    .metrics
-                    .mt_deliveries
-                    .with_label_values(&[result.delivery_status.label()])
-                    .inc();
+                count_delivery_status(shared, &result.delivery_status);
             }
         }
         NiddNotification::ManagePort(_) | NiddNotification::Test(_) => {}
@@ -347,11 +329,7 @@ async fn handle_group(
             );
         }
         NiddNotification::DeliveryStatus(notification) => {
-            shared
-                .metrics
-                .mt_deliveries
-                .with_label_values(&[notification.delivery_status.label()])
-                .inc();
+            count_delivery_status(shared, &notification.delivery_status);
             let link = &notification.nidd_downlink_data_transfer;
             let Some(member) = pending_member(shared, group, link) else {
                 tracing::info!(group = %group.id, delivery = %link, "delivery status for no pending delivery of the group's members; ignored");
@@ -368,11 +346,7 @@ async fn handle_group(
         }
         NiddNotification::GroupDelivery(notification) => {
             for result in &notification.gmd_results {
-                shared
-                    .metrics
-                    .mt_deliveries
-                    .with_label_values(&[result.delivery_status.label()])
-                    .inc();
+                count_delivery_status(shared, &result.delivery_status);
                 let member = named_device(result)
                     .ok()
                     .filter(|id| group.has_member(id))
@@ -449,6 +423,14 @@ fn pending_member(shared: &CallbackState, group: &Group, link: &str) -> Option<A
         .into_iter()
         .filter_map(|id| shared.devices.get(&id))
         .find(|member| member.state().mt.queue.pending_at(link).is_some())
+}
+
+fn count_delivery_status(shared: &CallbackState, status: &crate::t8::DeliveryStatus) {
+    shared
+        .metrics
+        .mt_deliveries
+        .with_label_values(&[status.label()])
+        .inc();
 }
 
 async fn settle_delivery(
