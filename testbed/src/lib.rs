@@ -5,8 +5,9 @@
 //! Crate map:
 //! - [`mock_scef`]: a T8 SCEF emulator (NIDD with group configurations and group messages,
 //!   MonitoringEvent, DeviceTriggering; as NEF, the TS 29.522 NIDD Configuration Trigger) with
-//!   simulated UEs (PSM, SCEF buffering, faults), simulated LwM2M 1.1 devices with OSCORE
-//!   ([`mock_scef::sim_device`], [`mock_scef::oscore`]) and real UDP LwM2M clients fronted as UEs.
+//!   simulated UEs (PSM, SCEF buffering, radio latency, faults), simulated LwM2M 1.1 devices
+//!   with OSCORE ([`mock_scef::sim_device`], [`mock_scef::oscore`]) and real UDP LwM2M clients
+//!   fronted as UEs.
 //! - [`bed`]: the test bed builder: servers, mock SCEF, devices and the bridge started
 //!   together on loopback, handed out as one running bed.
 //! - [`bridge_config`]: the typed bridge configuration builder (and its TOML text).

@@ -2,7 +2,8 @@
 //! its own, with simulated LwM2M devices or real UDP LwM2M clients fronted as UEs, for trying a
 //! bridge or an integration without an operator network. It can also know External Group
 //! Identifiers (`--group`) and act as a NEF that sends TS 29.522 NIDD Configuration Triggers
-//! (`--trigger-url`).
+//! (`--trigger-url`), and put NIDD's radio latency between the SCEF and its UEs
+//! (`--mt-latency-ms`, `--mo-latency-ms`, `--radio-jitter-ms`).
 
 #![allow(clippy::disallowed_methods)]
 
@@ -96,6 +97,18 @@ struct Cli {
     /// How long an MO datagram is held for the configuration a trigger asked for.
     #[arg(long, default_value_t = 30, requires = "trigger_url")]
     trigger_hold_s: u64,
+    /// Radio latency of MT: a downlink is answered at once and reaches the UE this much later
+    /// (in order per UE; a pending delivery is reported once it arrived).
+    #[arg(long, default_value_t = 0)]
+    mt_latency_ms: u32,
+    /// Radio latency of MO: a datagram the UE sends is posted to the bridge this much later
+    /// (in order per UE; the device's CoAP retransmission timers keep running meanwhile).
+    #[arg(long, default_value_t = 0)]
+    mo_latency_ms: u32,
+    /// Up to this much more radio latency, drawn per datagram, in both directions (it never
+    /// reorders a UE's datagrams).
+    #[arg(long, default_value_t = 0)]
+    radio_jitter_ms: u32,
 }
 
 fn main() -> ExitCode {
@@ -126,6 +139,9 @@ fn main() -> ExitCode {
         af_id,
         nef_id,
         trigger_hold_s,
+        mt_latency_ms,
+        mo_latency_ms,
+        radio_jitter_ms,
     } = Cli::parse();
     let configuration_trigger = match (trigger_url, af_id, nef_id) {
         (Some(url), Some(af_id), Some(nef_id)) => {
@@ -170,6 +186,9 @@ fn main() -> ExitCode {
         groups,
         gmd_member_reports,
         configuration_trigger,
+        mt_latency: Duration::from_millis(u64::from(mt_latency_ms)),
+        mo_latency: Duration::from_millis(u64::from(mo_latency_ms)),
+        radio_jitter: Duration::from_millis(u64::from(radio_jitter_ms)),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -204,6 +223,9 @@ struct MockOptions {
     groups: Vec<String>,
     gmd_member_reports: bool,
     configuration_trigger: Option<MockConfigurationTrigger>,
+    mt_latency: Duration,
+    mo_latency: Duration,
+    radio_jitter: Duration,
 }
 
 async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
@@ -220,6 +242,9 @@ async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
         groups,
         gmd_member_reports,
         configuration_trigger,
+        mt_latency,
+        mo_latency,
+        radio_jitter,
     } = options;
     let schemas = match schemas {
         Some(dir) => Some(Arc::new(T8Schemas::load(&dir)?)),
@@ -233,6 +258,9 @@ async fn mock_scef(options: MockOptions) -> anyhow::Result<()> {
         tls,
         oauth2,
         configuration_trigger,
+        mt_latency,
+        mo_latency,
+        radio_jitter,
         ..Default::default()
     };
     let triggering = config.configuration_trigger.is_some();

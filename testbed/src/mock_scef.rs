@@ -19,11 +19,19 @@
 //! NEF mode: with a [`MockConfigurationTrigger`], MO data from a UE that has
 //! no configuration at all makes the mock POST a TS 29.522 `NiddConfigurationTrigger` to the
 //! AF and hold the datagram until a configuration that covers the UE exists.
+//!
+//! Radio latency: [`Faults::mt_latency_ms`] and [`Faults::mo_latency_ms`] (first from
+//! [`MockScefConfig::mt_latency`] and [`MockScefConfig::mo_latency`]) delay MT datagrams on
+//! their way to the UE after the T8 answer went out, and MO datagrams on their way to the AS
+//! after the UE transmitted them, in order per UE; [`SimUe::radio_counts`] counts what crossed
+//! the radio. See the `radio` module for the details (a UE that sleeps while MT is on its way,
+//! when a pending delivery is reported, a device that retransmits meanwhile).
 
 mod groups;
 mod nef_trigger;
 pub mod oscore;
 mod psm;
+mod radio;
 mod real_device;
 pub mod sim_device;
 #[cfg(test)]
@@ -51,6 +59,7 @@ use url::Url;
 
 pub use groups::MockGroupConfiguration;
 pub use nef_trigger::MockConfigurationTrigger;
+pub use radio::{MoTransmission, RadioCounts};
 
 use crate::schema::{self, T8Schemas};
 use nidd_bridge::DeviceId;
@@ -89,6 +98,9 @@ pub enum MockError {
     /// The NIDD Configuration Trigger another MO datagram of this UE was waiting on failed.
     #[error("the NIDD configuration trigger for UE {ue} failed: {reason}")]
     TriggerFailed { ue: DeviceId, reason: String },
+    /// The mock stopped while an MO datagram was still on the radio.
+    #[error("the mock SCEF stopped before the uplink left the radio")]
+    RadioStopped,
 }
 
 /// The mock's TLS listener: its certificate and key (PEM files), and the CA whose client
@@ -133,6 +145,12 @@ pub struct MockScefConfig {
     /// without any NIDD configuration (see [`MockConfigurationTrigger`]); changeable later
     /// with [`MockScef::set_configuration_trigger`].
     pub configuration_trigger: Option<MockConfigurationTrigger>,
+    /// Radio latency from the SCEF to the UE: the initial [`Faults::mt_latency_ms`].
+    pub mt_latency: Duration,
+    /// Radio latency from the UE to the SCEF: the initial [`Faults::mo_latency_ms`].
+    pub mo_latency: Duration,
+    /// The initial [`Faults::radio_jitter_ms`].
+    pub radio_jitter: Duration,
 }
 
 impl Default for MockScefConfig {
@@ -145,6 +163,9 @@ impl Default for MockScefConfig {
             tls: None,
             oauth2: None,
             configuration_trigger: None,
+            mt_latency: Duration::ZERO,
+            mo_latency: Duration::ZERO,
+            radio_jitter: Duration::ZERO,
         }
     }
 }
@@ -279,6 +300,17 @@ pub struct Faults {
     /// `GmdResult` for that member, not as a `NiddDownlinkDataDeliveryStatusNotification`.
     /// Read when the delivery is accepted.
     pub gmd_member_reports: AtomicBool,
+    /// Radio latency of MT, milliseconds: the T8 answer goes out at once, the datagram reaches
+    /// the UE this much later (in order per UE; a UE put to sleep meanwhile still gets it; a
+    /// pending delivery is reported once it arrived). Read when the datagram goes on the
+    /// radio; 0: at once. See the `radio` module.
+    pub mt_latency_ms: AtomicU32,
+    /// Radio latency of MO, milliseconds: the UE transmits, the mock posts the uplink this much
+    /// later (in order per UE; the device's CoAP timers keep running meanwhile). 0: at once.
+    pub mo_latency_ms: AtomicU32,
+    /// Up to this many milliseconds more, drawn per datagram, in both directions (it delays,
+    /// it never reorders).
+    pub radio_jitter_ms: AtomicU32,
 }
 
 /// How the mock answers a downlink delivery.
@@ -329,6 +361,13 @@ impl Faults {
         self.gmd_member_reports.store(on, Ordering::SeqCst);
     }
 
+    /// Sets the radio latency of MT and MO datagrams sent from now on
+    /// ([`mt_latency_ms`](Self::mt_latency_ms), [`mo_latency_ms`](Self::mo_latency_ms)).
+    pub fn set_radio_latency(&self, mt: Duration, mo: Duration) {
+        self.mt_latency_ms.store(millis(mt), Ordering::SeqCst);
+        self.mo_latency_ms.store(millis(mo), Ordering::SeqCst);
+    }
+
     /// Requires `Bearer <token>` on MT deliveries from now on (`None`: no check).
     pub fn require_downlink_bearer(&self, token: Option<&str>) {
         *self
@@ -336,6 +375,11 @@ impl Faults {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = token.map(str::to_string);
     }
+}
+
+/// A duration as the milliseconds of a knob (saturated at `u32::MAX`, some 49 days).
+fn millis(duration: Duration) -> u32 {
+    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
 }
 
 /// Takes one from a fault counter; whether one was left.
@@ -383,6 +427,8 @@ struct UeChannels {
     wakes: watch::Sender<u64>,
     /// MT datagrams delivered over the (simulated) radio, in order.
     mt_log: Vec<Vec<u8>>,
+    /// Latency, order and counts of what crosses the radio.
+    radio: radio::UeRadio,
 }
 
 struct MockState {
@@ -438,17 +484,16 @@ impl MockState {
         }
     }
 
-    /// Delivers one MT datagram over the simulated radio (or, in real-device mode, over UDP to
-    /// the real client).
-    fn transmit(&self, ue: &DeviceId, datagram: Vec<u8>) {
-        let datagram = corrupt_if_asked(&self.faults.corrupt_downlinks, datagram);
-        let mut inner = self.inner();
+    /// An MT datagram reaches the UE over the simulated radio (or, in real-device mode, is
+    /// sent over UDP to the real client); see [`transmit`](Self::transmit).
+    fn reach(inner: &mut Inner, ue: &DeviceId, datagram: Vec<u8>) {
         let real = inner.real_devices.get(ue).cloned();
-        let channels = Self::ue_channels(&mut inner, ue);
+        let channels = Self::ue_channels(inner, ue);
         if channels.mt_log.len() == MT_LOG_LIMIT {
             channels.mt_log.remove(0);
         }
         channels.mt_log.push(datagram.clone());
+        channels.radio.count_mt(datagram.len());
         match real {
             Some(real) => real.send(&datagram),
             None => {
@@ -477,6 +522,7 @@ impl MockState {
                 buffered: Vec::new(),
                 wakes: watch::channel(0).0,
                 mt_log: Vec::new(),
+                radio: radio::UeRadio::default(),
             }
         })
     }
@@ -583,6 +629,11 @@ impl MockScef {
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| MockError::Listen(std::io::Error::other(e)))?;
+        let faults = Faults::default();
+        faults.set_radio_latency(config.mt_latency, config.mo_latency);
+        faults
+            .radio_jitter_ms
+            .store(millis(config.radio_jitter), Ordering::SeqCst);
         let state = Arc::new(MockState {
             trigger: Mutex::new(config.configuration_trigger.clone()),
             config,
@@ -590,7 +641,7 @@ impl MockScef {
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
             http,
-            faults: Faults::default(),
+            faults,
         });
         let app = router(state.clone());
         let task = match acceptor {
@@ -858,6 +909,30 @@ fn configuration_of(state: &MockState, ue: &DeviceId) -> Option<MockConfiguratio
         .cloned()
 }
 
+/// An MO datagram of `ue` that crossed the radio reaches the SCEF: routed as
+/// [`SimUe::send_mo`] describes and posted as a `NiddUplinkDataNotification`.
+async fn post_uplink(
+    state: &Arc<MockState>,
+    ue: &DeviceId,
+    datagram: Vec<u8>,
+) -> Result<StatusCode, MockError> {
+    let configuration = match groups::mo_route(state, ue) {
+        Some(route) => route,
+        None => nef_trigger::configuration_after_trigger(state, ue).await?,
+    };
+    let body = NiddUplinkDataNotification {
+        nidd_configuration: configuration.self_link.clone(),
+        external_id: ue.external_id().cloned(),
+        msisdn: ue.msisdn().cloned(),
+        data: BASE64.encode(datagram),
+        reliable_data_service: None,
+    };
+    let json = serde_json::to_value(&body).unwrap_or_default();
+    state
+        .callback(&configuration.notification_destination, json)
+        .await
+}
+
 /// A simulated UE: inject MO datagrams, await MT datagrams.
 #[derive(Clone)]
 pub struct SimUe {
@@ -909,29 +984,11 @@ impl SimUe {
     /// with [`MockError::TriggerFailed`]); no configuration within
     /// [`MockConfigurationTrigger::hold`] fails it with [`MockError::Timeout`]. The datagram
     /// is dropped in both cases.
+    ///
+    /// With MO radio latency ([`Faults::mo_latency_ms`]) it waits for that too; a device that
+    /// must not wait transmits with [`transmit_mo`](Self::transmit_mo).
     pub async fn send_mo(&self, datagram: &[u8]) -> Result<StatusCode, MockError> {
-        // Mobile-originated data brings a sleeping UE into connected mode.
-        if !self.is_awake() {
-            self.wake().await;
-        }
-        let configuration = match groups::mo_route(&self.state, &self.id) {
-            Some(route) => route,
-            None => nef_trigger::configuration_after_trigger(&self.state, &self.id).await?,
-        };
-        let body = NiddUplinkDataNotification {
-            nidd_configuration: configuration.self_link.clone(),
-            external_id: self.id.external_id().cloned(),
-            msisdn: self.id.msisdn().cloned(),
-            data: BASE64.encode(corrupt_if_asked(
-                &self.state.faults.corrupt_uplinks,
-                datagram.to_vec(),
-            )),
-            reliable_data_service: None,
-        };
-        let json = serde_json::to_value(&body).unwrap_or_default();
-        self.state
-            .callback(&configuration.notification_destination, json)
-            .await
+        self.transmit_mo(datagram).await.outcome().await
     }
 
     /// The next MT datagram delivered to this UE, or `None` after `timeout`.
@@ -1812,7 +1869,8 @@ async fn create_downlink(
         let notified = state.clone();
         let status_link = location.clone();
         tokio::spawn(async move {
-            notified.transmit(&ue, datagram);
+            // Reported once the datagram reached the UE (after the MT radio latency).
+            notified.transmit(&ue, datagram).reached().await;
             psm::report_pending(
                 &notified,
                 &destination,

@@ -18,6 +18,8 @@
 //!   one result. A group without members gets no GMD notification (`gmdResults` needs one).
 //!   Of the downlink modes, `FailNotReachable` refuses a group message too (500);
 //!   `BufferThenDeliver` applies to deliveries for one UE only.
+//! - with MT radio latency, the GMD notification of a group message follows once the awake
+//!   members got the datagram.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,10 +127,11 @@ pub(super) fn deliver_group_message(
     let may_buffer = state.config.scef_buffering
         && request.pdn_establishment_option != Some(PdnEstablishmentOption::IndicateError);
     let mut results = Vec::with_capacity(members.len());
+    let mut arrivals = Vec::new();
     for ue in &members {
         let awake = MockState::ue_channels(&mut state.inner(), ue).awake;
         let status = if awake {
-            state.transmit(ue, datagram.clone());
+            arrivals.push(state.transmit(ue, datagram.clone()));
             DeliveryStatus::Success
         } else if may_buffer {
             MockState::ue_channels(&mut state.inner(), ue)
@@ -152,6 +155,10 @@ pub(super) fn deliver_group_message(
             gmd_results: results,
         };
         tokio::spawn(async move {
+            // Once the awake members got it (after the MT radio latency).
+            for arrival in arrivals {
+                arrival.reached().await;
+            }
             let json = serde_json::to_value(&notification).unwrap_or_default();
             if let Err(error) = state.callback(&destination, json).await {
                 tracing::warn!(%error, "mock SCEF: group delivery notification refused");

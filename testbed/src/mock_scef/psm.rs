@@ -130,6 +130,7 @@ pub(super) fn deliver_or_buffer(
         MockState::ue_channels(&mut inner, ue).awake
     };
     if awake {
+        // Answered at once; the datagram reaches the UE after the MT radio latency.
         state.transmit(ue, datagram);
         let answer = NiddDownlinkDataTransfer {
             delivery_status: Some(DeliveryStatus::Success),
@@ -228,17 +229,43 @@ impl SimUe {
                 tracing::warn!(%error, "mock SCEF: reachability report refused");
             }
         }
+        // Each is reported once it reached the UE: here and now without MT radio latency, as
+        // before; with it, by a task, in order, so the wake-up does not wait on the radio.
+        let mut on_air = Vec::new();
         for mt in buffered {
-            self.state.transmit(&self.id, mt.datagram);
-            report_pending(
-                &self.state,
-                &mt.notification_destination,
-                mt.location,
-                &self.id,
-                DeliveryStatus::Success,
-                mt.report,
-            )
-            .await;
+            let BufferedMt {
+                datagram,
+                location,
+                notification_destination,
+                report,
+            } = mt;
+            let arrival = self.state.transmit(&self.id, datagram);
+            let pending = (notification_destination, location, report);
+            if on_air.is_empty() && arrival.is_now() {
+                let (destination, location, report) = pending;
+                let status = DeliveryStatus::Success;
+                report_pending(
+                    &self.state,
+                    &destination,
+                    location,
+                    &self.id,
+                    status,
+                    report,
+                )
+                .await;
+            } else {
+                on_air.push((arrival, pending));
+            }
+        }
+        if !on_air.is_empty() {
+            let (state, ue) = (self.state.clone(), self.id.clone());
+            tokio::spawn(async move {
+                for (arrival, (destination, location, report)) in on_air {
+                    arrival.reached().await;
+                    let status = DeliveryStatus::Success;
+                    report_pending(&state, &destination, location, &ue, status, report).await;
+                }
+            });
         }
     }
 

@@ -68,8 +68,9 @@ impl MockScef {
                 *real.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
                 let datagram = buffer[..length].to_vec();
                 // Uplinks are posted in order; a refused one is lost like a lost radio frame
-                // (the client's CoAP retransmission recovers it).
-                if let Err(error) = ue.send_mo(&datagram).await {
+                // (the client's CoAP retransmission recovers it). One on the radio (MO latency)
+                // is not waited for.
+                if let Some(Err(error)) = ue.transmit_mo(&datagram).await.posted() {
                     tracing::warn!(%error, "mock SCEF: uplink from the real device not accepted");
                 }
             }

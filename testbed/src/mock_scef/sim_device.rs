@@ -395,7 +395,7 @@ async fn run(
                 Some(layer) => match layer.incoming(datagram).await {
                     Incoming::ToCore(plain) => core.on_datagram(now, &plain),
                     Incoming::Reply(reply) => {
-                        if let Err(error) = ue.send_mo(&reply).await {
+                        if let Some(Err(error)) = ue.transmit_mo(&reply).await.posted() {
                             tracing::debug!(%error, "simulated device: MO not accepted");
                         }
                     }
@@ -413,7 +413,8 @@ async fn run(
                     None => continue,
                 },
             };
-            if let Err(error) = ue.send_mo(&datagram).await {
+            // Not waiting for a datagram on the radio: the device's timers keep running.
+            if let Some(Err(error)) = ue.transmit_mo(&datagram).await.posted() {
                 tracing::debug!(%error, "simulated device: MO not accepted");
             }
         }
