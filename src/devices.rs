@@ -19,6 +19,7 @@ use indexmap::IndexMap;
 
 use crate::config::DeviceConfig;
 use crate::delivery::MtState;
+use crate::exchange::Exchanges;
 use crate::identity::DeviceId;
 use crate::reachability::QueueMode;
 use crate::routing::Router;
@@ -83,6 +84,8 @@ pub(crate) struct DeviceState {
     /// so a flood of notifications costs the SCEF one GET at a time.
     pub(crate) checking_termination: bool,
     pub(crate) mt: MtState,
+    /// What the device's CoAP exchanges carried across NIDD, and its round trip.
+    pub(crate) exchanges: Exchanges,
 }
 
 /// How many replaced configuration locations a device remembers (in memory only).
@@ -131,6 +134,7 @@ impl Default for DeviceState {
                 None,
                 Duration::from_secs(psm.guess_hold_s),
             ),
+            exchanges: Exchanges::default(),
         }
     }
 }

@@ -363,6 +363,7 @@ impl DeviceFactory {
                 self.trigger_after(settings),
                 Duration::from_secs(psm.guess_hold_s),
             ),
+            exchanges: crate::exchange::Exchanges::default(),
         };
         let device = Device::new(
             id,

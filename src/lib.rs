@@ -15,7 +15,8 @@
 //! - state: `devices` (the device table and per-device state), `socket` (the per-device UDP
 //!   sockets), `store` (sled), [`t8`] (T8 bodies and the client), `metrics` (Prometheus).
 //! - sans-IO core: `delivery` (the MT delivery engine), `queue` (MT queue policy),
-//!   `onboarding` (who may be created on demand),
+//!   `onboarding` (who may be created on demand), `exchange` (what each device's CoAP
+//!   exchanges carried across NIDD, and its round trip),
 //!   `reachability`, `routing`, [`coap`] (read-only datagram inspection), [`config`],
 //!   [`identity`] (External Identifier, MSISDN, `urn:nai`) and [`clock`], the one place the
 //!   clock is read.
@@ -28,6 +29,7 @@ pub mod coap;
 pub mod config;
 mod delivery;
 mod devices;
+mod exchange;
 mod fleet;
 /// Oracles for the fuzz targets and the proptest volume tests; not an API.
 #[cfg(any(test, feature = "fuzzing"))]

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub device_changes: IntCounterVec,
     /// Re-reads of the configuration file's `[[devices]]` (SIGHUP), by outcome.
     pub device_seed_reloads: IntCounterVec,
+    /// Datagrams not carried across NIDD again because an earlier copy (or its answer) can
+    /// still be on its way, by direction and outcome.
+    pub exchange_decisions: IntCounterVec,
     /// Requests to create a device on demand, by how they came and outcome.
     pub onboarding_requests: IntCounterVec,
     pub devices_provisioned: IntGauge,
@@ -219,6 +222,11 @@ impl Metrics {
                 "device_changes_total",
                 "Devices added, changed and removed through the admin API or a re-read configuration file, and removals finished at the SCEF (added, changed, removed, removal_finished, refused)",
                 &["change"],
+            )?,
+            exchange_decisions: counter_vec(
+                "exchange_decisions_total",
+                "CoAP datagrams not carried across NIDD again while an earlier copy or its answer can still be on its way, by direction and outcome (mt: server_retransmission, answer_already_carried; mo: awaiting_server_answer, answer_on_its_way, answer_resent)",
+                &["direction", "outcome"],
             )?,
             onboarding_requests: counter_vec(
                 "onboarding_requests_total",

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::coap::{CoapError, Datagram};
 use crate::devices::{Device, DeviceTable, WakeSource};
+use crate::exchange::MoVerdict;
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::reachability::{QueueMode, stated_queue_mode};
@@ -111,6 +112,20 @@ fn endpoint_matches(rules: &UplinkRules<'_>, endpoint: &str) -> bool {
     }
 }
 
+/// What became of an accepted uplink.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Forwarded {
+    Sent,
+    /// A retransmission whose answer is awaited or on its way across NIDD: not sent.
+    NotCarried,
+    /// A retransmission whose answer was carried long enough ago to be lost: that answer
+    /// goes to the device again (as from `server`), the server is not asked.
+    ResendAnswer {
+        server: SocketAddr,
+        data: Vec<u8>,
+    },
+}
+
 /// Why an uplink was not forwarded.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UplinkError {
@@ -155,30 +170,52 @@ impl Uplinks {
     }
 
     /// Judges one datagram the device sent (as the notification names it) and forwards it, byte
-    /// for byte, to the server it is for; the device is then awake.
+    /// for byte, to the server it is for, unless it is a retransmission whose answer is awaited
+    /// or on its way (`exchange`); the device is then awake.
     pub(crate) async fn forward(
         &self,
         device: &Device,
         named: &DeviceId,
         datagram: &[u8],
         now: Instant,
-    ) -> Result<(), UplinkError> {
+    ) -> Result<Forwarded, UplinkError> {
         let endpoint_name = device.endpoint_name();
-        let verdict = {
-            let state = device.state();
+        let (verdict, exchange) = {
+            let mut state = device.state();
             let rules = UplinkRules {
                 device: &device.id,
                 endpoint_name: endpoint_name.as_deref(),
                 check_endpoint_name: self.check_endpoint_name,
                 max_packet_bytes: state.max_packet_bytes(self.default_max_packet_bytes),
             };
-            judge(&rules, named, datagram, &state.router)
+            let verdict = judge(&rules, named, datagram, &state.router);
+            let exchange = match (&verdict, Datagram::parse(datagram)) {
+                (Ok(_), Ok(view)) => state.exchanges.on_device_datagram(&view, now),
+                _ => MoVerdict::Forward,
+            };
+            (verdict, exchange)
         };
         let route = verdict.inspect_err(|refusal| {
             if let Some(reason) = refusal.drop_reason() {
                 self.metrics.drop_datagram("mo", reason);
             }
         })?;
+        let not_forwarded = match exchange {
+            MoVerdict::Forward => None,
+            MoVerdict::Suppress(outcome) => Some((outcome, Forwarded::NotCarried)),
+            MoVerdict::ResendAnswer { server, data } => {
+                Some(("answer_resent", Forwarded::ResendAnswer { server, data }))
+            }
+        };
+        if let Some((outcome, forwarded)) = not_forwarded {
+            self.metrics
+                .exchange_decisions
+                .with_label_values(&["mo", outcome])
+                .inc();
+            tracing::debug!(device = %device.id, mid = route.message_id, outcome, "device retransmission not forwarded");
+            device.woke(now, WakeSource::Uplink);
+            return Ok(forwarded);
+        }
         let server = &self.servers[route.server];
         device
             .socket
@@ -200,7 +237,7 @@ impl Uplinks {
             .with_label_values(&[WakeSource::Uplink.label()])
             .inc();
         tracing::debug!(device = %device.id, server = %server.name, code = %route.code, mid = route.message_id, bytes = datagram.len(), "MO forwarded");
-        Ok(())
+        Ok(Forwarded::Sent)
     }
 }
 

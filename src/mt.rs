@@ -25,6 +25,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use crate::clock;
 use crate::delivery::{QueueEffect, ScefTimeLimits};
 use crate::devices::Device;
 use crate::metrics::Metrics;
@@ -164,7 +165,13 @@ impl Downlinks {
         let seq = item.seq;
         let admitted = {
             let mut state = device.state();
-            let admitted = admission::admit(&mut state, &screened, item, &self.limits, now_ms);
+            let admitted = admission::admit(
+                &mut state,
+                &screened,
+                item,
+                &self.limits,
+                (clock::now(), now_ms),
+            );
             if let Admitted::Queued(admission) = &admitted {
                 for (dropped, _) in &admission.dropped {
                     self.remove_dropped(device, dropped);
@@ -177,6 +184,16 @@ impl Downlinks {
                 self.metrics.suppressed_retransmissions.inc();
                 self.metrics.airtime_saved_bytes.inc_by(length);
                 tracing::debug!(device = %device.id, mid = screened.view.message_id, "server retransmission of queued MT suppressed");
+                return;
+            }
+            Admitted::AlreadyCarried(outcome) => {
+                self.metrics.suppressed_retransmissions.inc();
+                self.metrics.airtime_saved_bytes.inc_by(length);
+                self.metrics
+                    .exchange_decisions
+                    .with_label_values(&["mt", outcome])
+                    .inc();
+                tracing::debug!(device = %device.id, mid = screened.view.message_id, outcome, "MT carried already and still on its way; not carried again");
                 return;
             }
             Admitted::Queued(admission) => admission,

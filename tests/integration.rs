@@ -23,6 +23,7 @@ mod integration {
     pub mod fleet;
     pub mod groups;
     pub mod integrity;
+    pub mod latency;
     pub mod layout;
     pub mod listeners;
     pub mod lwm2m_ops;

@@ -482,7 +482,8 @@ mod tests {
     use crate::devices::NiddState;
     use crate::http::test_support::{
         CONFIGURATION_A, CONFIGURATION_B, DEVICE_A, DEVICE_B, Harness, MAX_PACKET_BITS_A, TOKEN_A,
-        active_configuration, assert_no_content, assert_problem, fixture, fixture_datagram, read,
+        active_configuration, assert_no_content, assert_problem, fixture_datagram, read,
+        uplink_with_message_id,
     };
     use crate::t8::NiddStatus;
 
@@ -1061,10 +1062,13 @@ mod tests {
         assert_eq!(view["callbackRotationPending"], true);
 
         // Both URLs reach the device meanwhile.
-        for token in [TOKEN_A, pending.as_str()] {
+        for (message_id, token) in [TOKEN_A, pending.as_str()].into_iter().enumerate() {
             assert_no_content(
                 harness
-                    .notify(&format!("/t8/v1/nidd/{token}"), fixture(UPLINK_A))
+                    .notify(
+                        &format!("/t8/v1/nidd/{token}"),
+                        uplink_with_message_id(UPLINK_A, message_id as u16),
+                    )
                     .await,
             )
             .await;

@@ -24,7 +24,7 @@ use crate::http::problem::{method_not_allowed, problem_response};
 use crate::http::trigger::{TRIGGER_PATH, TriggerState, configuration_trigger};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
-use crate::mo::{UplinkError, UplinkRefusal, Uplinks};
+use crate::mo::{Forwarded, UplinkError, UplinkRefusal, Uplinks};
 use crate::mt::Downlinks;
 use crate::onboarding::OnboardingRefusal;
 use crate::provision::{Reprovision, status_label};
@@ -262,10 +262,11 @@ async fn handle(
         NiddNotification::Uplink(uplink) => {
             let named = named_device(&uplink)?;
             let datagram = uplink_datagram(&uplink)?;
-            shared
+            let forwarded = shared
                 .uplinks
                 .forward(&device, &named, &datagram, clock::now())
                 .await?;
+            resend_answer(shared, &device, forwarded);
         }
         NiddNotification::ConfigurationStatus(notification) => {
             check_identity(&device, &notification)?;
@@ -315,10 +316,11 @@ async fn handle_group(
             let named = named_device(&uplink)?;
             let datagram = uplink_datagram(&uplink)?;
             let member = group_member(shared, group, &named).await?;
-            shared
+            let forwarded = shared
                 .uplinks
                 .forward(&member, &named, &datagram, clock::now())
                 .await?;
+            resend_answer(shared, &member, forwarded);
         }
         NiddNotification::ConfigurationStatus(notification) => {
             return group_configuration_status(
@@ -368,6 +370,16 @@ async fn handle_group(
         NiddNotification::ManagePort(_) | NiddNotification::Test(_) => {}
     }
     Ok(ACCEPTED)
+}
+
+/// A device retransmitted a request whose answer was carried long ago: the answer goes to it
+/// again, as if its server had sent it once more.
+fn resend_answer(shared: &CallbackState, device: &Arc<Device>, forwarded: Forwarded) {
+    if let Forwarded::ResendAnswer { server, data } = forwarded {
+        shared
+            .downlinks
+            .receive(device, data, server, clock::unix_ms());
+    }
 }
 
 /// The member of `group` an uplink names: one the bridge serves, or one created now.
@@ -2022,14 +2034,22 @@ mod tests {
         let record = harness.devices.store().device(&device.id).unwrap().unwrap();
         assert_eq!(record.group.as_deref(), Some(GROUP));
         assert!(record.onboarded);
-        // Its second uplink creates nothing more.
+        // Its retransmission creates nothing more, and is not forwarded while the server's
+        // answer to the first copy is awaited.
         assert_no_content(
             harness
                 .notify(&harness.group_path(), member_uplink(member))
                 .await,
         )
         .await;
-        harness.server_receives().await;
+        assert_eq!(
+            harness
+                .metrics
+                .exchange_decisions
+                .with_label_values(&["mo", "awaiting_server_answer"])
+                .get(),
+            1
+        );
         let created = harness
             .metrics
             .onboarding_requests

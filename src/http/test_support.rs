@@ -512,6 +512,18 @@ impl Harness {
     }
 }
 
+/// The uplink notification fixture `name` with its datagram's message ID set to
+/// `message_id`: another request, not a retransmission of the fixture's.
+pub(crate) fn uplink_with_message_id(name: &str, message_id: u16) -> String {
+    let mut notification = fixture_json(name);
+    let mut datagram = BASE64
+        .decode(notification["data"].as_str().expect("uplink data"))
+        .expect("fixture base64");
+    datagram[2..4].copy_from_slice(&message_id.to_be_bytes());
+    notification["data"] = BASE64.encode(&datagram).into();
+    notification.to_string()
+}
+
 /// A response's status, `Content-Type` and body as JSON (`Null` for an empty body).
 pub(crate) async fn read(response: Response) -> (StatusCode, Option<String>, serde_json::Value) {
     let status = response.status();

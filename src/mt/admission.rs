@@ -3,9 +3,11 @@
 //! and what entering the device's queue drops.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use crate::coap::{CoapError, Datagram, Kind};
 use crate::devices::DeviceState;
+use crate::exchange::MtVerdict;
 use crate::queue::{Admission, QueueLimits, QueuedDatagram, Stored};
 use crate::routing::ServerIndex;
 use crate::socket::RECEIVE_BUFFER_BYTES;
@@ -93,6 +95,9 @@ pub(crate) enum Admitted {
     /// The same source, message ID and bytes are already queued, in flight or pending at the
     /// SCEF: a server retransmission, not carried again.
     Suppressed,
+    /// Carried to the device already, and the device's answer (or the first copy) can still
+    /// be on its way across NIDD (`exchange`); the outcome label says which.
+    AlreadyCarried(&'static str),
     /// The queue's verdict: accepted or not, and what it dropped to make room or as expired.
     Queued(Admission),
 }
@@ -104,7 +109,7 @@ pub(crate) fn admit(
     screened: &Screened,
     item: QueuedDatagram,
     limits: &QueueLimits,
-    now_ms: u64,
+    (now, now_ms): (Instant, u64),
 ) -> Admitted {
     state.router.note_downlink(screened.server, &screened.view);
     if state
@@ -113,6 +118,13 @@ pub(crate) fn admit(
         .is_retransmission(item.source, item.message_id, &item.data)
     {
         return Admitted::Suppressed;
+    }
+    if let MtVerdict::Suppress(outcome) =
+        state
+            .exchanges
+            .on_server_datagram(item.source, &screened.view, now)
+    {
+        return Admitted::AlreadyCarried(outcome);
     }
     Admitted::Queued(state.mt.queue.admit(item, limits, now_ms))
 }
@@ -158,7 +170,13 @@ mod tests {
         let from: SocketAddr = from.parse().unwrap();
         let screened = screen(&servers(), from, &data, 1358).unwrap();
         let item = queue_entry(seq, &screened, from, data, &limits(), 1_000);
-        admit(state, &screened, item, &limits(), 1_000)
+        admit(
+            state,
+            &screened,
+            item,
+            &limits(),
+            (crate::clock::now(), 1_000),
+        )
     }
 
     #[test]

@@ -170,8 +170,13 @@ impl Flusher {
         }
         let gone = matches!(outcome, Outcome::ConfigurationGone);
         let rejected = matches!(outcome, Outcome::Rejected);
+        let delivered = matches!(outcome, Outcome::Delivered);
         let (forget, change) = {
             let mut state = device.state();
+            if delivered {
+                // On its way to the device: its copies are not carried again meanwhile.
+                state.exchanges.carried(item.source, &item.data, now);
+            }
             let effect = state.mt.on_outcome(seq, outcome, now);
             let change = self.downlinks.apply(device, &effect);
             // Counted once: only when the datagram was still queued.

@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["devices"],
     &["delivery"],
     &["socket", "store", "t8"],
-    &["metrics", "onboarding", "queue", "reachability"],
+    &["exchange", "metrics", "onboarding", "queue", "reachability"],
     &["config"],
     &["routing"],
     &["coap", "identity", "clock"],
