@@ -409,8 +409,14 @@ impl Bridge {
             config.nidd.max_packet_bytes,
             metrics.clone(),
         );
+        let request_timeouts: Arc<[Duration]> = config
+            .lwm2m_servers
+            .iter()
+            .map(|s| s.waits().request_timeout)
+            .collect();
         let downlinks = Arc::new(Downlinks::new(
             server_addresses,
+            request_timeouts,
             config.nidd.max_packet_bytes,
             mt_store,
             QueueLimits::from_config(psm),

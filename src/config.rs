@@ -775,6 +775,138 @@ pub struct Lwm2mServerConfig {
     pub oscore_kids: Vec<HexBytes>,
     /// OSCORE kid context (hex) those requests carry, if the deployment uses one.
     pub oscore_kid_context: Option<HexBytes>,
+    /// How long this server waits, from what its implementation is documented to do; the
+    /// keys below override the preset's figures one by one.
+    #[serde(default)]
+    pub profile: ServerProfile,
+    /// How long the server waits for the answer to a request it sends a device.
+    #[serde(default)]
+    pub request_timeout_s: Option<u64>,
+    /// How long it waits for a separate response after an empty ACK; 0: it takes none.
+    #[serde(default)]
+    pub separate_response_timeout_s: Option<u64>,
+    /// Its CoAP transmission parameters (RFC 7252 §4.8).
+    #[serde(default)]
+    pub ack_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub ack_random_factor: Option<f64>,
+    #[serde(default)]
+    pub max_retransmit: Option<u32>,
+}
+
+/// LwM2M servers as their implementations are documented to wait (`[[lwm2m_servers]] profile`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerProfile {
+    /// RFC 7252's parameters: a CON request is retransmitted for MAX_TRANSMIT_WAIT (93 s) and
+    /// its answer awaited for EXCHANGE_LIFETIME (247 s); separate responses accepted.
+    #[default]
+    Rfc7252,
+    /// Eclipse Leshan (library): 2 min per request (its `DEFAULT_TIMEOUT`), separate
+    /// responses accepted (Californium underneath).
+    Leshan,
+    /// Eclipse Wakaama (since 2025): a request's transaction ends after CoAP's 93 s; a
+    /// separate response is awaited 15 s after the empty ACK.
+    Wakaama,
+    /// ThingsBoard's LwM2M transport: 120 s per LwM2M operation.
+    Thingsboard,
+    /// Eclipse Californium's `CoapClient`: EXCHANGE_LIFETIME, 247 s.
+    Californium,
+    /// The EMQX LwM2M gateway: a queue-mode device is waited for 22 s, then requests are
+    /// cached by the gateway itself; it takes no separate response from a device it believes
+    /// asleep.
+    Emqx,
+}
+
+/// The waits of one server that decide how long MT for it is worth holding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerWaits {
+    pub request_timeout: std::time::Duration,
+    /// Zero: no separate response is accepted.
+    pub separate_response_timeout: std::time::Duration,
+    pub ack_timeout: std::time::Duration,
+    pub ack_random_factor: f64,
+    pub max_retransmit: u32,
+}
+
+impl ServerProfile {
+    /// The preset's figures (sources in the variants' docs and README "LwM2M servers").
+    pub fn waits(self) -> ServerWaits {
+        let secs = std::time::Duration::from_secs;
+        let (request, separate) = match self {
+            Self::Rfc7252 => (247, 247),
+            Self::Leshan => (120, 120),
+            Self::Wakaama => (93, 15),
+            Self::Thingsboard => (120, 120),
+            Self::Californium => (247, 247),
+            Self::Emqx => (22, 0),
+        };
+        ServerWaits {
+            request_timeout: secs(request),
+            separate_response_timeout: secs(separate),
+            ack_timeout: secs(2),
+            ack_random_factor: 1.5,
+            max_retransmit: 4,
+        }
+    }
+}
+
+impl Lwm2mServerConfig {
+    /// The server's waits: its profile's, with the explicit keys in their place.
+    pub fn waits(&self) -> ServerWaits {
+        let preset = self.profile.waits();
+        ServerWaits {
+            request_timeout: self
+                .request_timeout_s
+                .map_or(preset.request_timeout, std::time::Duration::from_secs),
+            separate_response_timeout: self.separate_response_timeout_s.map_or(
+                preset.separate_response_timeout,
+                std::time::Duration::from_secs,
+            ),
+            ack_timeout: self
+                .ack_timeout_ms
+                .map_or(preset.ack_timeout, std::time::Duration::from_millis),
+            ack_random_factor: self.ack_random_factor.unwrap_or(preset.ack_random_factor),
+            max_retransmit: self.max_retransmit.unwrap_or(preset.max_retransmit),
+        }
+    }
+
+    fn waits_problem(&self) -> Option<String> {
+        let name = &self.name;
+        if self
+            .request_timeout_s
+            .is_some_and(|s| !(1..=MAX_QUEUE_AGE_S).contains(&s))
+        {
+            return Some(format!(
+                "lwm2m server {name:?}: request_timeout_s must be between 1 and {MAX_QUEUE_AGE_S}"
+            ));
+        }
+        if self
+            .separate_response_timeout_s
+            .is_some_and(|s| s > MAX_QUEUE_AGE_S)
+        {
+            return Some(format!(
+                "lwm2m server {name:?}: separate_response_timeout_s must not exceed {MAX_QUEUE_AGE_S}"
+            ));
+        }
+        if self.ack_timeout_ms == Some(0) {
+            return Some(format!("lwm2m server {name:?}: ack_timeout_ms must be > 0"));
+        }
+        if self
+            .ack_random_factor
+            .is_some_and(|f| !(1.0..=10.0).contains(&f))
+        {
+            return Some(format!(
+                "lwm2m server {name:?}: ack_random_factor must be between 1 and 10"
+            ));
+        }
+        if self.max_retransmit.is_some_and(|n| n > 20) {
+            return Some(format!(
+                "lwm2m server {name:?}: max_retransmit must not exceed 20"
+            ));
+        }
+        None
+    }
 }
 
 /// Bytes written as hex in the configuration (`"0a1b"`).
@@ -1422,6 +1554,9 @@ impl Config {
         for server in &self.lwm2m_servers {
             if !names.insert(server.name.as_str()) {
                 return invalid(format!("LwM2M server name {:?} is used twice", server.name));
+            }
+            if let Some(problem) = server.waits_problem() {
+                return invalid(problem);
             }
         }
         let mut kids = HashSet::new();

@@ -60,6 +60,8 @@ struct Uncommitted {
 pub(crate) struct Downlinks {
     /// Addresses of the configured LwM2M servers, by server index.
     servers: Arc<[SocketAddr]>,
+    /// How long each server waits for the answer to a request (`[[lwm2m_servers]]` waits).
+    request_timeouts: Arc<[Duration]>,
     default_max_packet_bytes: usize,
     store: MtStore,
     limits: QueueLimits,
@@ -83,6 +85,7 @@ pub(crate) type PendingCanceller = Arc<dyn Fn(&Device, Url) + Send + Sync>;
 impl Downlinks {
     pub(crate) fn new(
         servers: Arc<[SocketAddr]>,
+        request_timeouts: Arc<[Duration]>,
         default_max_packet_bytes: usize,
         store: MtStore,
         limits: QueueLimits,
@@ -91,6 +94,7 @@ impl Downlinks {
     ) -> Self {
         Self {
             servers,
+            request_timeouts,
             default_max_packet_bytes,
             store,
             limits,
@@ -154,13 +158,19 @@ impl Downlinks {
             }
         };
         let length = datagram.len() as u64;
+        // A request is worth carrying only while its server waits for the answer.
+        let request_timeout = screened
+            .view
+            .is_request()
+            .then(|| self.request_timeouts.get(screened.server).copied())
+            .flatten();
         let item = admission::queue_entry(
             self.store.next_seq(),
             &screened,
             from,
             datagram,
             &self.limits,
-            now_ms,
+            (now_ms, request_timeout),
         );
         let seq = item.seq;
         let admitted = {
@@ -496,6 +506,7 @@ mod tests {
         };
         Arc::new(Downlinks::new(
             Arc::from(vec![SERVER.parse::<SocketAddr>().unwrap()]),
+            Arc::from(vec![Duration::from_secs(247)]),
             1358,
             MtStore::open(store).unwrap(),
             limits,

@@ -26,6 +26,10 @@ pub(crate) struct QueuedDatagram {
     pub confirmable: bool,
     pub enqueued_at_ms: u64,
     pub expires_at_ms: u64,
+    /// `expires_at_ms` is when its server stops waiting for the answer (a request), not the
+    /// queue's own limit: dropped then as `server_gave_up`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub server_deadline: bool,
     #[serde(with = "base64_bytes")]
     pub data: Vec<u8>,
     /// Location of a delivery the SCEF accepted as pending (201); it holds the datagram now.
@@ -67,6 +71,8 @@ mod base64_bytes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DropReason {
     Expired,
+    /// A request whose server no longer waits for the answer.
+    ServerGaveUp,
     Overflow,
     TooLarge,
     Purged,
@@ -77,6 +83,7 @@ impl DropReason {
     pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Expired => "expired",
+            Self::ServerGaveUp => "server_gave_up",
             Self::Overflow => "overflow",
             Self::TooLarge => "too_large",
             Self::Purged => "purged",
@@ -239,7 +246,14 @@ impl DeviceQueue {
         self.entries = kept.into();
         expired
             .into_iter()
-            .map(|e| (e, DropReason::Expired))
+            .map(|e| {
+                let reason = if e.server_deadline {
+                    DropReason::ServerGaveUp
+                } else {
+                    DropReason::Expired
+                };
+                (e, reason)
+            })
             .collect()
     }
 
@@ -368,6 +382,7 @@ impl QueuedDatagram {
             confirmable: true,
             enqueued_at_ms: now_ms,
             expires_at_ms: limits.expiry(now_ms, true),
+            server_deadline: false,
             data,
             pending: None,
             stored: Stored::Durable,

@@ -220,6 +220,7 @@ impl Harness {
         let mt_store = MtStore::open(&store).expect("MT store");
         let downlinks = Arc::new(Downlinks::new(
             Arc::from(vec![server_address]),
+            Arc::from(vec![Duration::from_secs(247)]),
             nidd.max_packet_bytes,
             mt_store.clone(),
             QueueLimits::from_config(&psm),
@@ -263,6 +264,12 @@ impl Harness {
                         role: ServerRole::Dm,
                         oscore_kids: Vec::new(),
                         oscore_kid_context: None,
+                        profile: Default::default(),
+                        request_timeout_s: None,
+                        separate_response_timeout_s: None,
+                        ack_timeout_ms: None,
+                        ack_random_factor: None,
+                        max_retransmit: None,
                     }],
                     Arc::from(Vec::new()),
                     groups.clone(),

@@ -64,16 +64,21 @@ pub(crate) fn screen(
     Ok(Screened { server, view })
 }
 
-/// The queue entry for a screened datagram.
+/// The queue entry for a screened datagram; a request expires when its server stops waiting
+/// for the answer (`request_timeout`), if that comes before the queue's own limit.
 pub(crate) fn queue_entry(
     seq: u64,
     screened: &Screened,
     from: SocketAddr,
     data: Vec<u8>,
     limits: &QueueLimits,
-    now_ms: u64,
+    (now_ms, request_timeout): (u64, Option<std::time::Duration>),
 ) -> QueuedDatagram {
     let confirmable = screened.view.kind == Kind::Confirmable;
+    let lifetime = limits.expiry(now_ms, confirmable);
+    let server_gives_up = request_timeout
+        .map(|wait| now_ms + wait.as_millis() as u64)
+        .filter(|deadline| *deadline < lifetime);
     QueuedDatagram {
         seq,
         server: screened.server,
@@ -81,7 +86,8 @@ pub(crate) fn queue_entry(
         message_id: screened.view.message_id,
         confirmable,
         enqueued_at_ms: now_ms,
-        expires_at_ms: limits.expiry(now_ms, confirmable),
+        expires_at_ms: server_gives_up.unwrap_or(lifetime),
+        server_deadline: server_gives_up.is_some(),
         data,
         pending: None,
         // The group commit writes it, if it is still queued then.
@@ -169,7 +175,7 @@ mod tests {
     fn offer(state: &mut DeviceState, seq: u64, from: &str, data: Vec<u8>) -> Admitted {
         let from: SocketAddr = from.parse().unwrap();
         let screened = screen(&servers(), from, &data, 1358).unwrap();
-        let item = queue_entry(seq, &screened, from, data, &limits(), 1_000);
+        let item = queue_entry(seq, &screened, from, data, &limits(), (1_000, None));
         admit(
             state,
             &screened,
@@ -221,16 +227,37 @@ mod tests {
     fn entries_carry_the_coap_lifetime() {
         let from: SocketAddr = SERVER.parse().unwrap();
         let screened = screen(&servers(), from, &read(7), 1358).unwrap();
-        let item = queue_entry(3, &screened, from, read(7), &limits(), 1_000);
+        let item = queue_entry(3, &screened, from, read(7), &limits(), (1_000, None));
         assert_eq!((item.seq, item.server, item.message_id), (3, 0, 7));
         assert!(item.confirmable);
         assert_eq!(item.expires_at_ms, 1_000 + 247_000);
         let mut non = read(7);
         non[0] = 0x51;
         let screened = screen(&servers(), from, &non, 1358).unwrap();
-        let item = queue_entry(4, &screened, from, non, &limits(), 1_000);
+        let item = queue_entry(4, &screened, from, non, &limits(), (1_000, None));
         assert!(!item.confirmable);
         assert_eq!(item.expires_at_ms, 1_000 + 145_000);
+    }
+
+    #[test]
+    fn a_request_expires_when_its_server_stops_waiting() {
+        let from: SocketAddr = SERVER.parse().unwrap();
+        let screened = screen(&servers(), from, &read(7), 1358).unwrap();
+        // Wakaama: 15 s after an empty ACK, 93 s in all; the queue's own limit is 247 s.
+        let wait = Some(Duration::from_secs(93));
+        let item = queue_entry(3, &screened, from, read(7), &limits(), (1_000, wait));
+        assert_eq!(item.expires_at_ms, 1_000 + 93_000);
+        assert!(item.server_deadline);
+        let mut queue = crate::queue::DeviceQueue::default();
+        queue.admit(item, &limits(), 1_000);
+        let dropped = queue.expire(1_000 + 93_000);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].1, DropReason::ServerGaveUp);
+        // A server that waits longer than the queue keeps: the queue's limit applies.
+        let long = Some(Duration::from_secs(600));
+        let item = queue_entry(4, &screened, from, read(7), &limits(), (1_000, long));
+        assert_eq!(item.expires_at_ms, 1_000 + 247_000);
+        assert!(!item.server_deadline);
     }
 
     #[test]

@@ -155,6 +155,12 @@ impl BridgeConfigBuilder {
             role,
             oscore_kids: oscore_kids.iter().map(|k| HexBytes(k.to_vec())).collect(),
             oscore_kid_context: None,
+            profile: Default::default(),
+            request_timeout_s: None,
+            separate_response_timeout_s: None,
+            ack_timeout_ms: None,
+            ack_random_factor: None,
+            max_retransmit: None,
         });
         self
     }
@@ -181,6 +187,23 @@ impl BridgeConfigBuilder {
     /// Sets the PSM-aware MT defaults (`[psm]`).
     pub fn psm(mut self, options: impl FnOnce(&mut PsmConfig)) -> Self {
         options(&mut self.config.psm);
+        self
+    }
+
+    /// Changes the LwM2M server named `name` (its waits, say); nothing when there is none.
+    pub fn server_settings(
+        mut self,
+        name: &str,
+        options: impl FnOnce(&mut Lwm2mServerConfig),
+    ) -> Self {
+        if let Some(server) = self
+            .config
+            .lwm2m_servers
+            .iter_mut()
+            .find(|s| s.name == name)
+        {
+            options(server);
+        }
         self
     }
 

@@ -1,12 +1,14 @@
 //! CoAP across a slow NIDD link, as real networks behave: 3 s from the SCEF's answer to the
 //! device for MT, 1 s from the device to the SCEF for MO, and a device that retransmits its
-//! CON requests after CoAP's ACK_TIMEOUT (2 to 3 s), through the npm LwM2M server. Each
-//! distinct CoAP message crosses the radio once.
+//! CON requests after CoAP's ACK_TIMEOUT (2 to 3 s), through the npm LwM2M server: each
+//! distinct CoAP message crosses the radio once. And holding that follows the server: a
+//! request its server stopped waiting for is dropped (`server_gave_up`), never delivered.
 
 use std::time::Duration;
 
 use nidd_bridge::DeviceId;
-use nidd_testbed::bed::TestBed;
+use nidd_bridge::config::ServerRole;
+use nidd_testbed::bed::{DM_SERVER, TestBed};
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use nidd_testbed::probe::{self, STEP};
 
@@ -73,5 +75,61 @@ async fn the_registers_answer_and_a_read_cross_the_radio_once_under_latency() {
         "the device answered the Read once: {read:?}"
     );
     drop(sim);
+    bed.finish().await;
+}
+
+/// A CON GET /3 from a raw server, message ID and token `n`.
+fn request(n: u8) -> Vec<u8> {
+    vec![0x41, 0x01, 0x10, n, n, 0xb1, b'3']
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_server_gave_up_on_never_reaches_the_sleeping_device() {
+    let id: DeviceId = "400000002@iot.example".parse().unwrap();
+    let bed = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .device(&id)
+        // This server waits 3 s for an answer (a profile's request_timeout_s, overridden).
+        .bridge_config(|config| {
+            config.server_settings(DM_SERVER, |server| server.request_timeout_s = Some(3))
+        })
+        .start()
+        .await
+        .unwrap();
+    let ue = bed.ue(&id);
+    let device = bed.bridge().device_address(&id);
+    ue.sleep();
+    bed.raw_server(DM_SERVER)
+        .send_to(&request(1), device)
+        .await
+        .unwrap();
+    // Tried, refused as not reachable, held; then dropped once the server stopped waiting.
+    probe::eventually("the SCEF to refuse the sleeping device", || async {
+        bed.metric("nidd_bridge_mt_delivery_attempts_total{outcome=\"not_reachable\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    probe::eventually("the request dropped as its server gave up", || async {
+        bed.metric("nidd_bridge_mt_queue_dropped_total{reason=\"server_gave_up\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(bed.metric("nidd_bridge_mt_queue_depth").await, 0.0);
+    // The device wakes and sends: nothing is left for it.
+    ue.wake().await;
+    ue.send_mo(&[0x50, 0x02, 0x00, 0x01]).await.unwrap();
+    probe::eventually("the wake-up seen", || async {
+        bed.metric("nidd_bridge_reachability_events_total{event=\"uplink\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(
+        ue.radio_counts().mt_datagrams,
+        0,
+        "the device never received it"
+    );
     bed.finish().await;
 }
