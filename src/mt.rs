@@ -448,7 +448,16 @@ impl Downlinks {
     ) {
         let change = {
             let mut state = device.state();
+            let settled = state
+                .mt
+                .queue
+                .pending_at(delivery)
+                .map(|entry| (entry.source, entry.data.clone()));
             let effect = state.mt.on_delivery_status(delivery, status, retry_at, now);
+            if let (QueueEffect::Remove(_), Some((source, data))) = (&effect, settled) {
+                // Delivered now (RDS-acknowledged included): on its way to the device's answer.
+                state.exchanges.carried(source, &data, now);
+            }
             self.apply(device, &effect)
         };
         if let Some(generation) = change {

@@ -1969,10 +1969,14 @@ mod tests {
 
     /// A Read queued for `device` and pending at the SCEF at `link`.
     async fn pending_read_at(harness: &Harness, device: &Arc<Device>, link: &str) {
+        // Each call another Read (message ID from the link), not a retransmission.
+        let mut read = fixture_datagram(READ);
+        let message_id = u16::from(link.as_bytes().last().copied().unwrap_or_default());
+        read[2..4].copy_from_slice(&message_id.to_be_bytes());
         let from = harness.server.local_addr().unwrap();
         harness
             .downlinks
-            .receive(device, fixture_datagram(READ), from, clock::unix_ms());
+            .receive(device, read, from, clock::unix_ms());
         harness.downlinks.commit().await.expect("committed");
         // Pacing may hold it for a moment after the device's previous delivery.
         for _ in 0..3 {
