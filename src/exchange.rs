@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use crate::coap::{Datagram, Kind};
 
 /// Exchanges remembered per direction; older ones are forgotten first.
-const REMEMBERED: usize = 16;
+const REMEMBERED: usize = 8;
+/// Largest answer kept to resend (LwM2M's answers to device requests are tens of bytes): a
+/// larger one is not kept, and the device's late retransmission goes to the server instead.
+const MAX_KEPT_ANSWER_BYTES: usize = 512;
 /// CoAP's EXCHANGE_LIFETIME (RFC 7252 §4.8.2): nothing is remembered longer.
 const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 /// How long an answer is taken to be on its way before any round trip was measured: above a
@@ -173,7 +176,11 @@ impl Exchanges {
         if let Some(request) = self.answered_request_mut(&view) {
             request.answer = Some(CarriedAnswer {
                 server,
-                data: data.to_vec(),
+                data: if data.len() <= MAX_KEPT_ANSWER_BYTES {
+                    data.to_vec()
+                } else {
+                    Vec::new()
+                },
                 carried_at: now,
                 resent: false,
             });
@@ -231,7 +238,7 @@ impl Exchanges {
             Some(answer) if now < answer.carried_at + timeout => {
                 MoVerdict::Suppress("answer_on_its_way")
             }
-            Some(answer) if !answer.resent => {
+            Some(answer) if !answer.resent && !answer.data.is_empty() => {
                 answer.resent = true;
                 MoVerdict::ResendAnswer {
                     server: answer.server,
