@@ -136,6 +136,44 @@ pub(crate) struct MtState {
     guess_hold: Duration,
     /// The SCEF answered the last MT delivery with 403: the device is not ready.
     pub forbidden: bool,
+    /// The wake-up whose queue is going out now, if datagrams were waiting when it came.
+    wakeup: Option<Wakeup>,
+    /// Wake-ups finished since the shell last took them (for metrics), oldest first.
+    finished_wakeups: Vec<WakeupSummary>,
+    /// The last wake-up that finished.
+    pub last_wakeup: Option<WakeupSummary>,
+}
+
+/// A wake-up with datagrams waiting for it.
+#[derive(Debug, Clone, Copy)]
+struct Wakeup {
+    at: Instant,
+    waiting: usize,
+    delivered: usize,
+    last_delivery: Option<Instant>,
+}
+
+/// How a wake-up's queue went: how many of the datagrams waiting for it went out during it,
+/// how many waited for a later one, and how long from the wake-up to its last delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WakeupSummary {
+    pub(crate) waiting: usize,
+    pub(crate) delivered: usize,
+    pub(crate) left_for_later: usize,
+    pub(crate) wake_to_last_delivery: Option<Duration>,
+}
+
+impl Wakeup {
+    fn summary(self) -> WakeupSummary {
+        WakeupSummary {
+            waiting: self.waiting,
+            delivered: self.delivered.min(self.waiting),
+            left_for_later: self.waiting.saturating_sub(self.delivered),
+            wake_to_last_delivery: self
+                .last_delivery
+                .map(|at| at.saturating_duration_since(self.at)),
+        }
+    }
 }
 
 impl MtState {
@@ -162,6 +200,38 @@ impl MtState {
             triggered_sleep: None,
             guess_hold,
             forbidden: false,
+            wakeup: None,
+            finished_wakeups: Vec::new(),
+            last_wakeup: None,
+        }
+    }
+
+    /// Wake-ups that finished since the last call (their queue out, or the device asleep
+    /// again), for the shell to count.
+    pub(crate) fn take_finished_wakeups(&mut self) -> Vec<WakeupSummary> {
+        std::mem::take(&mut self.finished_wakeups)
+    }
+
+    fn finish_wakeup(&mut self) {
+        if let Some(wakeup) = self.wakeup.take() {
+            let summary = wakeup.summary();
+            self.last_wakeup = Some(summary);
+            // Bounded: a shell that never takes them keeps the last few.
+            if self.finished_wakeups.len() == 16 {
+                self.finished_wakeups.remove(0);
+            }
+            self.finished_wakeups.push(summary);
+        }
+    }
+
+    /// A datagram left the queue for the device (delivered, or taken by the SCEF to deliver).
+    fn wakeup_delivered(&mut self, now: Instant) {
+        if let Some(wakeup) = &mut self.wakeup {
+            wakeup.delivered += 1;
+            wakeup.last_delivery = Some(now);
+            if wakeup.delivered >= wakeup.waiting {
+                self.finish_wakeup();
+            }
         }
     }
 
@@ -270,6 +340,12 @@ impl MtState {
             self.queue.set_in_flight(None);
         }
         // A 403 makes the device not ready until the SCEF takes or answers an MT otherwise.
+        match &outcome {
+            Outcome::Delivered | Outcome::Pending(_) => self.wakeup_delivered(now),
+            // Asleep again: what is left waits for a later wake-up.
+            Outcome::NotReachable { .. } => self.finish_wakeup(),
+            _ => {}
+        }
         match outcome {
             Outcome::Forbidden => self.forbidden = true,
             Outcome::Delivered
@@ -375,10 +451,22 @@ impl MtState {
     }
 
     /// The device woke (uplink or reachability report): retry at once.
-    pub(crate) fn on_wake(&mut self) {
+    pub(crate) fn on_wake(&mut self, now: Instant) {
         self.retry_at = None;
         self.backoff = self.retry_initial;
         self.triggered_sleep = None;
+        // A wake-up while one is under way (another uplink of the same window) goes on with it.
+        if self.wakeup.is_none() {
+            let waiting = self.queue.waiting().count();
+            if waiting > 0 {
+                self.wakeup = Some(Wakeup {
+                    at: now,
+                    waiting,
+                    delivered: 0,
+                    last_delivery: None,
+                });
+            }
+        }
     }
 }
 
@@ -475,6 +563,52 @@ mod tests {
     }
 
     #[test]
+    fn a_wake_up_counts_what_went_out_in_it_and_what_waited_for_a_later_one() {
+        let t0 = crate::clock::now();
+        let mut mt = state(BufferOwner::Bridge);
+        for seq in 1..=3 {
+            enqueue(&mut mt, seq, 0);
+        }
+        mt.reachability.on_uplink(t0);
+        mt.on_wake(t0);
+        mt.on_outcome(1, Outcome::Delivered, t0 + Duration::from_millis(100));
+        mt.queue.remove(1);
+        mt.on_outcome(2, Outcome::Delivered, t0 + Duration::from_millis(200));
+        mt.queue.remove(2);
+        // The device falls asleep before the third: it waits for a later wake-up.
+        mt.on_outcome(
+            3,
+            Outcome::NotReachable { retry_at: None },
+            t0 + Duration::from_secs(7),
+        );
+        let finished = mt.take_finished_wakeups();
+        assert_eq!(
+            finished,
+            [WakeupSummary {
+                waiting: 3,
+                delivered: 2,
+                left_for_later: 1,
+                wake_to_last_delivery: Some(Duration::from_millis(200)),
+            }]
+        );
+        // The next wake-up takes the rest, all of it in that wake-up.
+        let t1 = t0 + Duration::from_secs(60);
+        mt.reachability.on_uplink(t1);
+        mt.on_wake(t1);
+        mt.on_outcome(3, Outcome::Delivered, t1 + Duration::from_millis(50));
+        assert_eq!(
+            mt.last_wakeup,
+            Some(WakeupSummary {
+                waiting: 1,
+                delivered: 1,
+                left_for_later: 0,
+                wake_to_last_delivery: Some(Duration::from_millis(50)),
+            })
+        );
+        assert!(mt.take_finished_wakeups().len() == 1 && mt.take_finished_wakeups().is_empty());
+    }
+
+    #[test]
     fn bridge_mode_holds_mt_while_asleep_and_sends_in_order_on_wake() {
         let t0 = crate::clock::now();
         let mut mt = state(BufferOwner::Bridge);
@@ -488,7 +622,7 @@ mod tests {
         ));
         let woke = asleep + Duration::from_secs(5);
         mt.reachability.on_uplink(woke);
-        mt.on_wake();
+        mt.on_wake(woke);
         let Decision::Send(first) = mt.decide(woke, 35_000, true).0 else {
             panic!("send")
         };
@@ -1047,7 +1181,7 @@ mod tests {
             "only the expiry (EXCHANGE_LIFETIME after it was queued) bounds the wait"
         );
         mt.reachability.on_uplink(tried + Duration::from_secs(61));
-        mt.on_wake();
+        mt.on_wake(tried + Duration::from_secs(61));
         assert!(matches!(
             mt.decide(tried + Duration::from_secs(61), 101_000, true).0,
             Decision::Send(_)

@@ -359,7 +359,7 @@ impl Device {
                 WakeSource::Uplink => state.mt.reachability.on_uplink(now),
                 WakeSource::Report(until) => state.mt.reachability.on_reachable_report(now, until),
             }
-            state.mt.on_wake();
+            state.mt.on_wake(now);
         }
         self.wake.notify_one();
     }

@@ -57,6 +57,10 @@ pub struct Metrics {
     /// How long each group commit took (writing its record and flushing): the wait a
     /// delivery adds before the device's next one.
     pub mt_queue_commit_seconds: prometheus::Histogram,
+    /// Datagrams waiting when a device woke, by whether they went out in that wake-up.
+    pub mt_wakeup_datagrams: IntCounterVec,
+    /// From a wake-up to the last delivery of what was waiting for it.
+    pub mt_wakeup_drain_seconds: prometheus::Histogram,
     pub mt_queue_dropped: IntCounterVec,
     pub suppressed_retransmissions: IntCounter,
     pub airtime_saved_bytes: IntCounter,
@@ -129,7 +133,21 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(mt_queue_commit_seconds.clone()))?;
+        let mt_wakeup_drain_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "mt_wakeup_drain_seconds",
+                "Time from a device's wake-up to the last delivery of the MT that waited for it",
+            )
+            .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 6.0, 10.0, 20.0, 60.0]),
+        )?;
+        registry.register(Box::new(mt_wakeup_drain_seconds.clone()))?;
         Ok(Self {
+            mt_wakeup_datagrams: counter_vec(
+                "mt_wakeup_datagrams_total",
+                "MT datagrams waiting when a device woke, by outcome (same_wakeup: delivered in that wake-up; later_wakeup: left for a later one)",
+                &["outcome"],
+            )?,
+            mt_wakeup_drain_seconds,
             mo_datagrams: counter(
                 "mo_datagrams_total",
                 "Uplink (MO) datagrams forwarded to LwM2M servers",

@@ -234,6 +234,18 @@ struct MtView {
     pending_deliveries: usize,
     retry_in_s: Option<f64>,
     monitoring_subscription: Option<String>,
+    /// How the queue went out in the last wake-up that had MT waiting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_wakeup: Option<WakeupView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WakeupView {
+    waiting: usize,
+    delivered: usize,
+    left_for_later: usize,
+    wake_to_last_delivery_s: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -316,6 +328,12 @@ fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
             .as_ref()
             .and_then(|n| n.monitoring_subscription.as_ref())
             .map(|s| s.location.clone()),
+        last_wakeup: mt.last_wakeup.map(|w| WakeupView {
+            waiting: w.waiting,
+            delivered: w.delivered,
+            left_for_later: w.left_for_later,
+            wake_to_last_delivery_s: w.wake_to_last_delivery.map(seconds),
+        }),
     };
     drop(state);
     DeviceView {

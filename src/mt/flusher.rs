@@ -85,11 +85,13 @@ impl Flusher {
     pub(crate) async fn run(self: Arc<Self>, device: Arc<Device>, cancel: CancellationToken) {
         while !cancel.is_cancelled() {
             let now = clock::now();
-            let (decision, dropped) = {
+            let (decision, dropped, wakeups) = {
                 let mut state = device.state();
                 let configured = state.is_configured();
-                state.mt.next_step(now, clock::unix_ms(), configured)
+                let (decision, dropped) = state.mt.next_step(now, clock::unix_ms(), configured);
+                (decision, dropped, state.mt.take_finished_wakeups())
             };
+            self.count_wakeups(wakeups);
             self.downlinks.record_drops(&device, dropped);
             match decision {
                 Decision::Send(item) => self.deliver(&device, item).await,
@@ -107,6 +109,23 @@ impl Flusher {
                         _ = timer => {}
                     }
                 }
+            }
+        }
+    }
+
+    fn count_wakeups(&self, wakeups: Vec<crate::delivery::WakeupSummary>) {
+        let metrics = &self.metrics;
+        for wakeup in wakeups {
+            let counted = metrics
+                .mt_wakeup_datagrams
+                .with_label_values(&["same_wakeup"]);
+            counted.inc_by(wakeup.delivered as u64);
+            metrics
+                .mt_wakeup_datagrams
+                .with_label_values(&["later_wakeup"])
+                .inc_by(wakeup.left_for_later as u64);
+            if let Some(drain) = wakeup.wake_to_last_delivery {
+                metrics.mt_wakeup_drain_seconds.observe(drain.as_secs_f64());
             }
         }
     }

@@ -133,3 +133,65 @@ async fn a_request_its_server_gave_up_on_never_reaches_the_sleeping_device() {
     );
     bed.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_requests_queued_for_a_sleeping_device_go_out_in_its_six_second_wake_up() {
+    let id: DeviceId = "400000003@iot.example".parse().unwrap();
+    let bed = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .device(&id)
+        .psm(|psm| psm.active_window_s = 6)
+        .start()
+        .await
+        .unwrap();
+    let ue = bed.ue(&id);
+    let device = bed.bridge().device_address(&id);
+    let server = bed.raw_server(DM_SERVER);
+    ue.sleep();
+    for n in 1..=5 {
+        server.send_to(&request(n), device).await.unwrap();
+    }
+    probe::eventually("all five queued, the device found asleep", || async {
+        bed.metric("nidd_bridge_mt_delivery_attempts_total{outcome=\"not_reachable\"}")
+            .await
+            >= 1.0
+            && bed.metric("nidd_bridge_mt_queue_accepted_total").await == 5.0
+    })
+    .await;
+    // It wakes for 6 s and says so with an uplink.
+    ue.wake().await;
+    ue.send_mo(&[0x50, 0x02, 0x00, 0x01]).await.unwrap();
+    probe::eventually("the five delivered in that wake-up", || async {
+        bed.metric("nidd_bridge_mt_wakeup_datagrams_total{outcome=\"same_wakeup\"}")
+            .await
+            == 5.0
+    })
+    .await;
+    assert_eq!(
+        bed.metric("nidd_bridge_mt_wakeup_datagrams_total{outcome=\"later_wakeup\"}")
+            .await,
+        0.0
+    );
+    let mut received = Vec::new();
+    while received.len() < 5 {
+        let datagram = ue.recv_mt(STEP).await.expect("an MT datagram");
+        received.push(datagram[3]);
+    }
+    assert_eq!(received, [1, 2, 3, 4, 5], "in order");
+    let view: serde_json::Value = bed
+        .bridge()
+        .admin_get(&format!("/api/v1/devices/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let wakeup = &view["mt"]["lastWakeup"];
+    assert_eq!(wakeup["delivered"], 5, "{view}");
+    assert!(
+        wakeup["wakeToLastDeliveryS"].as_f64().unwrap() < 6.0,
+        "{view}"
+    );
+    bed.finish().await;
+}
