@@ -852,6 +852,23 @@ impl ServerProfile {
 }
 
 impl Lwm2mServerConfig {
+    /// A server without OSCORE kids, waiting as RFC 7252 says.
+    pub fn new(name: &str, address: SocketAddr, role: ServerRole) -> Self {
+        Self {
+            name: name.into(),
+            address,
+            role,
+            oscore_kids: Vec::new(),
+            oscore_kid_context: None,
+            profile: ServerProfile::default(),
+            request_timeout_s: None,
+            separate_response_timeout_s: None,
+            ack_timeout_ms: None,
+            ack_random_factor: None,
+            max_retransmit: None,
+        }
+    }
+
     /// The server's waits: its profile's, with the explicit keys in their place.
     pub fn waits(&self) -> ServerWaits {
         let preset = self.profile.waits();

@@ -258,19 +258,7 @@ impl Harness {
             FleetParts {
                 factory: DeviceFactory::new(
                     psm.clone(),
-                    vec![Lwm2mServerConfig {
-                        name: "dm".into(),
-                        address: server_address,
-                        role: ServerRole::Dm,
-                        oscore_kids: Vec::new(),
-                        oscore_kid_context: None,
-                        profile: Default::default(),
-                        request_timeout_s: None,
-                        separate_response_timeout_s: None,
-                        ack_timeout_ms: None,
-                        ack_random_factor: None,
-                        max_retransmit: None,
-                    }],
+                    vec![Lwm2mServerConfig::new("dm", server_address, ServerRole::Dm)],
                     Arc::from(Vec::new()),
                     groups.clone(),
                 ),

@@ -150,17 +150,8 @@ impl BridgeConfigBuilder {
         oscore_kids: &[&[u8]],
     ) -> Self {
         self.config.lwm2m_servers.push(Lwm2mServerConfig {
-            name: name.into(),
-            address,
-            role,
             oscore_kids: oscore_kids.iter().map(|k| HexBytes(k.to_vec())).collect(),
-            oscore_kid_context: None,
-            profile: Default::default(),
-            request_timeout_s: None,
-            separate_response_timeout_s: None,
-            ack_timeout_ms: None,
-            ack_random_factor: None,
-            max_retransmit: None,
+            ..Lwm2mServerConfig::new(name, address, role)
         });
         self
     }
