@@ -125,6 +125,66 @@ impl Datagram {
     }
 }
 
+/// The fixed header and token of a datagram, read without its options: what the message
+/// layer (type, code, message ID, token) needs, at no allocation, for paths that see a
+/// datagram again after it was parsed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header<'a> {
+    pub kind: Kind,
+    pub code: u8,
+    pub message_id: u16,
+    pub token: &'a [u8],
+}
+
+impl<'a> Header<'a> {
+    /// The header of a CoAP datagram; `None` when it is too short for its token or not
+    /// version 1 (a datagram `Datagram::parse` took always has one).
+    pub fn read(bytes: &'a [u8]) -> Option<Self> {
+        let (&first, rest) = bytes.split_first()?;
+        if first >> 6 != 1 {
+            return None;
+        }
+        let token_length = usize::from(first & 0x0f);
+        let kind = match (first >> 4) & 0x03 {
+            0 => Kind::Confirmable,
+            1 => Kind::NonConfirmable,
+            2 => Kind::Acknowledgement,
+            _ => Kind::Reset,
+        };
+        let (&code, rest) = rest.split_first()?;
+        let message_id = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]);
+        let token = rest.get(2..2 + token_length)?;
+        Some(Self {
+            kind,
+            code,
+            message_id,
+            token,
+        })
+    }
+
+    /// A request (code class 0 with a method).
+    pub fn is_request(&self) -> bool {
+        self.code >> 5 == 0 && self.code != 0
+    }
+
+    /// A response code (class 2 to 5).
+    pub fn is_response(&self) -> bool {
+        (2..=5).contains(&(self.code >> 5))
+    }
+}
+
+impl Datagram {
+    /// Its header, borrowed.
+    pub fn header(&self) -> Header<'_> {
+        Header {
+            kind: self.kind,
+            code: self.code,
+            message_id: self.message_id,
+            token: &self.token,
+        }
+    }
+}
+
 /// The OSCORE option value (RFC 8613 §6.1): flags, Partial IV, kid context, kid, borrowed
 /// from the datagram. The bridge reads it only to route (it holds no keys); the simulated
 /// devices' OSCORE endpoint reads it too.
@@ -290,6 +350,15 @@ mod tests {
         #[test]
         fn inspection_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Datagram::parse(&bytes);
+        }
+
+        /// The header read alone is the parsed datagram's, for every datagram that parses.
+        #[test]
+        fn the_header_alone_matches_the_parse(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let header = Header::read(&bytes);
+            if let Ok(datagram) = Datagram::parse(&bytes) {
+                prop_assert_eq!(header, Some(datagram.header()));
+            }
         }
     }
 }

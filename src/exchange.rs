@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::coap::{Datagram, Kind};
+use crate::coap::{Header, Kind};
 
 /// Exchanges remembered per direction; older ones are forgotten first.
 const REMEMBERED: usize = 8;
@@ -119,7 +119,7 @@ impl Exchanges {
     pub(crate) fn on_server_datagram(
         &mut self,
         server: SocketAddr,
-        view: &Datagram,
+        view: Header<'_>,
         now: Instant,
     ) -> MtVerdict {
         self.forget_old(now);
@@ -137,7 +137,7 @@ impl Exchanges {
             return MtVerdict::Carry;
         }
         let answered = self
-            .answered_request(view)
+            .answered_request(&view)
             .and_then(|f| f.answer.as_ref())
             .is_some_and(|a| a.server == server && now < a.carried_at + timeout);
         if answered {
@@ -148,7 +148,7 @@ impl Exchanges {
 
     /// A datagram from a server was carried to the device (the SCEF took it for delivery).
     pub(crate) fn carried(&mut self, server: SocketAddr, data: &[u8], now: Instant) {
-        let Ok(view) = Datagram::parse(data) else {
+        let Some(view) = Header::read(data) else {
             return;
         };
         if view.is_request() {
@@ -164,7 +164,7 @@ impl Exchanges {
                         CarriedRequest {
                             server,
                             message_id: view.message_id,
-                            token: view.token,
+                            token: view.token.to_vec(),
                             carried_at: now,
                             answered: false,
                         },
@@ -191,7 +191,7 @@ impl Exchanges {
     /// forwarded (and times the round trip); a retransmitted request is not forwarded while
     /// the server's answer to the first copy is awaited or on its way, and once that answer
     /// could have arrived, the answer is resent once instead of asking the server again.
-    pub(crate) fn on_device_datagram(&mut self, view: &Datagram, now: Instant) -> MoVerdict {
+    pub(crate) fn on_device_datagram(&mut self, view: Header<'_>, now: Instant) -> MoVerdict {
         self.forget_old(now);
         let timeout = self.timeout();
         if !view.is_request() {
@@ -220,7 +220,7 @@ impl Exchanges {
                 &mut self.forwarded,
                 ForwardedRequest {
                     message_id: view.message_id,
-                    token: view.token.clone(),
+                    token: view.token.to_vec(),
                     forwarded_at: now,
                     answer: None,
                 },
@@ -255,11 +255,11 @@ impl Exchanges {
     }
 
     /// The device request `answer` (a server's response or ACK) answers.
-    fn answered_request(&self, answer: &Datagram) -> Option<&ForwardedRequest> {
+    fn answered_request(&self, answer: &Header<'_>) -> Option<&ForwardedRequest> {
         self.forwarded.iter().rev().find(|f| answers(f, answer))
     }
 
-    fn answered_request_mut(&mut self, answer: &Datagram) -> Option<&mut ForwardedRequest> {
+    fn answered_request_mut(&mut self, answer: &Header<'_>) -> Option<&mut ForwardedRequest> {
         self.forwarded.iter_mut().rev().find(|f| answers(f, answer))
     }
 
@@ -274,7 +274,7 @@ impl Exchanges {
 
 /// Whether `answer` answers `request`: a piggybacked ACK carries its message ID, a separate
 /// response its token.
-fn answers(request: &ForwardedRequest, answer: &Datagram) -> bool {
+fn answers(request: &ForwardedRequest, answer: &Header<'_>) -> bool {
     if answer.kind == Kind::Acknowledgement && answer.code != 0 {
         request.message_id == answer.message_id && request.token == answer.token
     } else {
@@ -307,8 +307,8 @@ mod tests {
         bytes
     }
 
-    fn view(bytes: &[u8]) -> Datagram {
-        Datagram::parse(bytes).unwrap()
+    fn view(bytes: &[u8]) -> Header<'_> {
+        Header::read(bytes).unwrap()
     }
 
     const CON: u8 = 0;
@@ -324,26 +324,26 @@ mod tests {
         let mut exchanges = Exchanges::default();
         let read = datagram(CON, GET, 7, b"tk");
         assert_eq!(
-            exchanges.on_server_datagram(server(), &view(&read), t0),
+            exchanges.on_server_datagram(server(), view(&read), t0),
             MtVerdict::Carry
         );
         exchanges.carried(server(), &read, t0);
         // The server retransmits after 2.5 s; NIDD has the first copy for 3 s more.
         let retransmission = t0 + Duration::from_millis(2500);
         assert_eq!(
-            exchanges.on_server_datagram(server(), &view(&read), retransmission),
+            exchanges.on_server_datagram(server(), view(&read), retransmission),
             MtVerdict::Suppress("server_retransmission")
         );
         // Past the wait, the first copy may have been lost: carried again.
         let late = t0 + INITIAL_TIMEOUT + Duration::from_millis(1);
         assert_eq!(
-            exchanges.on_server_datagram(server(), &view(&read), late),
+            exchanges.on_server_datagram(server(), view(&read), late),
             MtVerdict::Carry
         );
         // Another server's request with the same message ID is another exchange.
         let other: SocketAddr = "127.0.0.1:5693".parse().unwrap();
         assert_eq!(
-            exchanges.on_server_datagram(other, &view(&read), retransmission),
+            exchanges.on_server_datagram(other, view(&read), retransmission),
             MtVerdict::Carry
         );
     }
@@ -358,7 +358,7 @@ mod tests {
             exchanges.carried(server(), &read, at);
             let answer = datagram(ACK, CONTENT, n, b"t");
             assert_eq!(
-                exchanges.on_device_datagram(&view(&answer), at + Duration::from_secs(4)),
+                exchanges.on_device_datagram(view(&answer), at + Duration::from_secs(4)),
                 MoVerdict::Forward
             );
         }
@@ -375,34 +375,34 @@ mod tests {
         let mut exchanges = Exchanges::default();
         let register = datagram(CON, POST, 0x100, b"rg");
         assert_eq!(
-            exchanges.on_device_datagram(&view(&register), t0),
+            exchanges.on_device_datagram(view(&register), t0),
             MoVerdict::Forward
         );
         // A retransmission before the server answered: the server has the first copy.
         assert_eq!(
-            exchanges.on_device_datagram(&view(&register), t0 + Duration::from_secs(2)),
+            exchanges.on_device_datagram(view(&register), t0 + Duration::from_secs(2)),
             MoVerdict::Suppress("awaiting_server_answer")
         );
         // The server's answer is carried; its cached copy for a retransmission is not.
         let created = datagram(ACK, CREATED, 0x100, b"rg");
         let answered = t0 + Duration::from_millis(50);
         assert_eq!(
-            exchanges.on_server_datagram(server(), &view(&created), answered),
+            exchanges.on_server_datagram(server(), view(&created), answered),
             MtVerdict::Carry
         );
         exchanges.carried(server(), &created, answered);
         assert_eq!(
-            exchanges.on_device_datagram(&view(&register), t0 + Duration::from_secs(3)),
+            exchanges.on_device_datagram(view(&register), t0 + Duration::from_secs(3)),
             MoVerdict::Suppress("answer_on_its_way")
         );
         assert_eq!(
-            exchanges.on_server_datagram(server(), &view(&created), t0 + Duration::from_secs(3)),
+            exchanges.on_server_datagram(server(), view(&created), t0 + Duration::from_secs(3)),
             MtVerdict::Suppress("answer_already_carried")
         );
         // Retransmitted long after the answer was carried: it was lost; resent once.
         let late = answered + INITIAL_TIMEOUT + Duration::from_secs(1);
         assert_eq!(
-            exchanges.on_device_datagram(&view(&register), late),
+            exchanges.on_device_datagram(view(&register), late),
             MoVerdict::ResendAnswer {
                 server: server(),
                 data: created.clone()
@@ -410,7 +410,7 @@ mod tests {
         );
         // Once more: the server decides.
         assert_eq!(
-            exchanges.on_device_datagram(&view(&register), late + Duration::from_secs(1)),
+            exchanges.on_device_datagram(view(&register), late + Duration::from_secs(1)),
             MoVerdict::Forward
         );
     }
@@ -422,14 +422,14 @@ mod tests {
         for n in 0..100u16 {
             let request = datagram(CON, GET, n, b"");
             exchanges.carried(server(), &request, t0);
-            let _ = exchanges.on_device_datagram(&view(&datagram(CON, POST, n, b"x")), t0);
+            let _ = exchanges.on_device_datagram(view(&datagram(CON, POST, n, b"x")), t0);
         }
         assert_eq!(exchanges.carried.len(), REMEMBERED);
         assert_eq!(exchanges.forwarded.len(), REMEMBERED);
         let later = t0 + EXCHANGE_LIFETIME;
         let request = datagram(CON, GET, 99, b"");
         assert_eq!(
-            exchanges.on_server_datagram(server(), &view(&request), later),
+            exchanges.on_server_datagram(server(), view(&request), later),
             MtVerdict::Carry
         );
         assert!(exchanges.carried.is_empty() && exchanges.forwarded.is_empty());

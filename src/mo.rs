@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::coap::{CoapError, Datagram};
+use crate::coap::{CoapError, Datagram, Header};
 use crate::devices::{Device, DeviceTable, WakeSource};
 use crate::exchange::MoVerdict;
 use crate::identity::DeviceId;
@@ -189,8 +189,9 @@ impl Uplinks {
                 max_packet_bytes: state.max_packet_bytes(self.default_max_packet_bytes),
             };
             let verdict = judge(&rules, named, datagram, &state.router);
-            let exchange = match (&verdict, Datagram::parse(datagram)) {
-                (Ok(_), Ok(view)) => state.exchanges.on_device_datagram(&view, now),
+            // Only the header again (judge parsed the whole datagram): no allocation.
+            let exchange = match (&verdict, Header::read(datagram)) {
+                (Ok(_), Some(header)) => state.exchanges.on_device_datagram(header, now),
                 _ => MoVerdict::Forward,
             };
             (verdict, exchange)

@@ -128,7 +128,7 @@ pub(crate) fn admit(
     if let MtVerdict::Suppress(outcome) =
         state
             .exchanges
-            .on_server_datagram(item.source, &screened.view, now)
+            .on_server_datagram(item.source, screened.view.header(), now)
     {
         return Admitted::AlreadyCarried(outcome);
     }
