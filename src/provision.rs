@@ -966,7 +966,6 @@ impl Provisioner {
         }
         let reprovision = self.reprovision();
         loop {
-            self.check_groups().await;
             let configured: Vec<Arc<Device>> = self
                 .devices
                 .iter()
@@ -1012,6 +1011,8 @@ impl Provisioner {
                     None => reprovision.configuration_terminated(&device),
                 }
             }
+            // At the end of each round: start-up checked them just before the first.
+            self.check_groups().await;
         }
     }
 
