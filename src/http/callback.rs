@@ -199,16 +199,20 @@ async fn read_notification(
         }
         return Err(CallbackError::UnknownCallback);
     };
-    Ok((device, read_body(shared, headers, body).await?))
+    let bytes = read_body(&shared.lifecycle, shared.max_body_bytes, headers, body).await?;
+    Ok((device, bytes))
 }
 
-/// A notification body: JSON by its media type (when it names one), within the size limit.
-async fn read_body(
-    shared: &CallbackState,
+/// A body posted to the callback listener: refused while the bridge stops, JSON by its
+/// media type (when it names one), within `max_body_bytes`. The trigger endpoint reads its
+/// bodies with it too.
+pub(crate) async fn read_body(
+    lifecycle: &Lifecycle,
+    max_body_bytes: usize,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<axum::body::Bytes, CallbackError> {
-    if shared.lifecycle.is_shutting_down() {
+    if lifecycle.is_shutting_down() {
         return Err(CallbackError::ShuttingDown);
     }
     if headers.contains_key(header::CONTENT_TYPE) {
@@ -217,14 +221,14 @@ async fn read_body(
             return Err(CallbackError::UnsupportedMediaType);
         }
     }
-    let limit = shared.max_body_bytes;
+    let limit = max_body_bytes;
     axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| CallbackError::BodyTooLarge { limit })
 }
 
 /// A body as JSON (any value; the caller checks its shape).
-fn json_of(bytes: &[u8]) -> Result<serde_json::Value, CallbackError> {
+pub(crate) fn json_of(bytes: &[u8]) -> Result<serde_json::Value, CallbackError> {
     serde_json::from_slice(bytes).map_err(|e| CallbackError::MalformedJson(e.to_string()))
 }
 
@@ -308,7 +312,7 @@ async fn handle_group(
     body: Body,
     kind: &mut &'static str,
 ) -> Result<&'static str, CallbackError> {
-    let bytes = read_body(shared, headers, body).await?;
+    let bytes = read_body(&shared.lifecycle, shared.max_body_bytes, headers, body).await?;
     let notification = parse_nidd_body(&bytes)?;
     *kind = notification.kind();
     match notification {

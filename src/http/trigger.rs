@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 
 use crate::fleet::{Fleet, FleetError, Onboarded};
 use crate::http::Lifecycle;
+use crate::http::callback::{CallbackError, json_of, read_body};
 use crate::http::problem::problem_response;
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
@@ -57,12 +58,9 @@ pub(crate) struct TriggerState {
 enum TriggerError {
     #[error("no NIDD Configuration Trigger endpoint has this URL")]
     UnknownUrl,
-    #[error("request body exceeds {limit} bytes")]
-    BodyTooLarge { limit: usize },
-    #[error("content type must be application/json")]
-    UnsupportedMediaType,
-    #[error("body is not JSON: {0}")]
-    MalformedJson(String),
+    /// Refused as a notification body would be (shutting down, media type, size, not JSON).
+    #[error(transparent)]
+    Body(#[from] CallbackError),
     #[error("body is not a NiddConfigurationTrigger: {0}")]
     InvalidTrigger(String),
     #[error("afId {named:?} does not name this bridge")]
@@ -77,19 +75,13 @@ enum TriggerError {
     BeingRemoved(DeviceId),
     #[error("the device cannot be created now: {0}")]
     Failed(String),
-    #[error("the bridge is shutting down")]
-    ShuttingDown,
 }
 
 impl TriggerError {
     fn status_and_cause(&self) -> (StatusCode, &'static str) {
         match self {
             Self::UnknownUrl => (StatusCode::NOT_FOUND, "UNKNOWN_CALLBACK"),
-            Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "BODY_TOO_LARGE"),
-            Self::UnsupportedMediaType => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE")
-            }
-            Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "MALFORMED_JSON"),
+            Self::Body(error) => error.status_and_cause(),
             Self::InvalidTrigger(_) => (StatusCode::BAD_REQUEST, "INVALID_TRIGGER"),
             Self::ForeignAf { .. } => (StatusCode::FORBIDDEN, "FOREIGN_AF"),
             Self::InvalidGpsi(_) => (StatusCode::BAD_REQUEST, "INVALID_GPSI"),
@@ -102,7 +94,6 @@ impl TriggerError {
             Self::PoolExhausted => (StatusCode::SERVICE_UNAVAILABLE, "SOCKET_POOL_EXHAUSTED"),
             Self::BeingRemoved(_) => (StatusCode::SERVICE_UNAVAILABLE, "DEVICE_BEING_REMOVED"),
             Self::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ONBOARDING_FAILED"),
-            Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
         }
     }
 }
@@ -157,17 +148,15 @@ pub(crate) async fn configuration_trigger(
 fn outcome_label(error: &TriggerError) -> &'static str {
     match error {
         TriggerError::UnknownUrl => "unknown_url",
-        TriggerError::BodyTooLarge { .. }
-        | TriggerError::UnsupportedMediaType
-        | TriggerError::MalformedJson(_)
-        | TriggerError::InvalidTrigger(_)
-        | TriggerError::InvalidGpsi(_) => "invalid",
+        TriggerError::Body(CallbackError::ShuttingDown) => "shutting_down",
+        TriggerError::Body(_) | TriggerError::InvalidTrigger(_) | TriggerError::InvalidGpsi(_) => {
+            "invalid"
+        }
         TriggerError::ForeignAf { .. } => "foreign_af",
         TriggerError::Refused(OnboardingRefusal::NotAllowed(_)) => "not_allowed",
         TriggerError::Refused(OnboardingRefusal::Limit { .. }) => "limit",
         TriggerError::PoolExhausted => "pool_exhausted",
         TriggerError::BeingRemoved(_) | TriggerError::Failed(_) => "failed",
-        TriggerError::ShuttingDown => "shutting_down",
     }
 }
 
@@ -183,16 +172,7 @@ async fn handle(
     if !bool::from(token.as_bytes().ct_eq(expected.as_bytes())) {
         return Err(TriggerError::UnknownUrl);
     }
-    if shared.lifecycle.is_shutting_down() {
-        return Err(TriggerError::ShuttingDown);
-    }
-    if crate::http::media_type(headers).is_some_and(|media| media != "application/json") {
-        return Err(TriggerError::UnsupportedMediaType);
-    }
-    let limit = shared.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| TriggerError::BodyTooLarge { limit })?;
+    let bytes = read_body(&shared.lifecycle, shared.max_body_bytes, headers, body).await?;
     let trigger = parse_trigger(&bytes)?;
     if trigger.af_id != *shared.af_id {
         return Err(TriggerError::ForeignAf {
@@ -221,8 +201,7 @@ async fn handle(
 
 /// The trigger body, every field TS 29.522 requires present and well formed.
 fn parse_trigger(bytes: &[u8]) -> Result<NiddConfigurationTrigger, TriggerError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| TriggerError::MalformedJson(e.to_string()))?;
+    let value = json_of(bytes)?;
     let trigger: NiddConfigurationTrigger =
         serde_json::from_value(value).map_err(|e| TriggerError::InvalidTrigger(e.to_string()))?;
     if !trigger.supp_feat.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -390,7 +369,7 @@ mod tests {
         ));
         assert!(matches!(
             parse_trigger(b"{"),
-            Err(TriggerError::MalformedJson(_))
+            Err(TriggerError::Body(CallbackError::MalformedJson(_)))
         ));
     }
 }
