@@ -13,7 +13,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::config::{Config, DeviceConfig, ListenerLimits, SecretSource, TokenRateLimit};
+use crate::config::{
+    Config, DeviceConfig, ListenerLimits, Lwm2mServerConfig, SecretSource, ServerWaits,
+    TokenRateLimit,
+};
 use crate::delivery::ScefTimeLimits;
 use crate::devices::groups::GroupTable;
 use crate::devices::tokens::mint_capability_token;
@@ -399,6 +402,7 @@ impl Bridge {
             .map(|s| ServerAddress {
                 name: s.name.clone(),
                 address: s.address,
+                waits: s.waits(),
             })
             .collect();
         let server_addresses: Arc<[SocketAddr]> = servers.iter().map(|s| s.address).collect();
@@ -409,14 +413,14 @@ impl Bridge {
             config.nidd.max_packet_bytes,
             metrics.clone(),
         );
-        let request_timeouts: Arc<[Duration]> = config
+        let waits: Arc<[ServerWaits]> = config
             .lwm2m_servers
             .iter()
-            .map(|s| s.waits().request_timeout)
+            .map(Lwm2mServerConfig::waits)
             .collect();
         let downlinks = Arc::new(Downlinks::new(
             server_addresses,
-            request_timeouts,
+            waits,
             config.nidd.max_packet_bytes,
             mt_store,
             QueueLimits::from_config(psm),

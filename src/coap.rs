@@ -185,6 +185,29 @@ impl Datagram {
     }
 }
 
+/// An empty ACK (RFC 7252 §4.2) to the confirmable message `message_id`: what the bridge
+/// sends a server on a sleeping device's behalf so the server awaits a separate response.
+pub fn empty_ack(message_id: u16) -> [u8; 4] {
+    let [high, low] = message_id.to_be_bytes();
+    [0x60, 0x00, high, low]
+}
+
+/// A piggybacked response (an ACK with a response code) turned into a separate CON response
+/// with message ID `message_id` (RFC 7252 §5.2.2). Only the outer Type and Message ID change:
+/// OSCORE does not protect them, so a protected response stays intact. The one place the
+/// bridge writes a CoAP header (ARCHITECTURE.md, "Separate responses").
+pub fn as_separate_response(piggybacked: &[u8], message_id: u16) -> Option<Vec<u8>> {
+    let header = Header::read(piggybacked)?;
+    if header.kind != Kind::Acknowledgement || !header.is_response() {
+        return None;
+    }
+    let mut response = piggybacked.to_vec();
+    // Type bits (4-5) to 0: Confirmable.
+    response[0] &= 0xcf;
+    response[2..4].copy_from_slice(&message_id.to_be_bytes());
+    Some(response)
+}
+
 /// The OSCORE option value (RFC 8613 §6.1): flags, Partial IV, kid context, kid, borrowed
 /// from the datagram. The bridge reads it only to route (it holds no keys); the simulated
 /// devices' OSCORE endpoint reads it too.
@@ -270,6 +293,28 @@ mod tests {
         p.add_option(CoapOption::UriQuery, b"lt=300".to_vec());
         p.payload = b"</3/0>".to_vec();
         p.to_bytes().unwrap()
+    }
+
+    #[test]
+    fn a_piggybacked_response_becomes_a_separate_con_response() {
+        // ACK 2.05, message ID 0x1234, token 0xab, OSCORE option and payload untouched.
+        let piggybacked = [0x61, 0x45, 0x12, 0x34, 0xab, 0x91, 0x09, 0xff, 0x01, 0x02];
+        let separate = as_separate_response(&piggybacked, 0x8001).unwrap();
+        let header = Header::read(&separate).unwrap();
+        assert_eq!(header.kind, Kind::Confirmable);
+        assert_eq!((header.code, header.message_id), (0x45, 0x8001));
+        assert_eq!(header.token, &[0xab]);
+        assert_eq!(separate[4..], piggybacked[4..]);
+        // An empty ACK or a request is no piggybacked response.
+        assert_eq!(as_separate_response(&empty_ack(7), 1), None);
+        assert_eq!(as_separate_response(&[0x40, 0x01, 0, 1], 1), None);
+        let ack = empty_ack(0x0102);
+        let ack = Header::read(&ack).unwrap();
+        assert_eq!(
+            (ack.kind, ack.code, ack.message_id),
+            (Kind::Acknowledgement, 0, 0x0102)
+        );
+        assert!(ack.token.is_empty());
     }
 
     #[test]

@@ -114,6 +114,7 @@ impl GroupConfig {
             active_window_s: self.active_window_s,
             monitoring: self.monitoring,
             trigger_after_s: self.trigger_after_s,
+            wake_period_s: None,
             group: Some(self.external_group_id.clone()),
         }
     }
@@ -203,6 +204,7 @@ impl OnboardingConfig {
             active_window_s: self.active_window_s,
             monitoring: self.monitoring,
             trigger_after_s: self.trigger_after_s,
+            wake_period_s: None,
             group: None,
         }
     }
@@ -318,6 +320,11 @@ pub struct PsmConfig {
     pub monitoring_duration_s: u64,
     /// Send a T8 device trigger when MT waits for a device asleep longer than this.
     pub trigger_after_s: Option<u64>,
+    /// Longest a sleeping device stays away (its periodic TAU T3412, eDRX cycle or LwM2M
+    /// Update period). With it, a server that takes separate responses is answered with an
+    /// empty ACK for a device expected back within the server's wait (README "Separate
+    /// responses"). Without it, only the device's observed rhythm says when it comes back.
+    pub wake_period_s: Option<u64>,
     /// Application port and payload (base64) of the trigger SMS.
     #[serde(default = "default_trigger_port")]
     pub trigger_application_port: u16,
@@ -346,6 +353,7 @@ impl Default for PsmConfig {
             monitoring: false,
             monitoring_duration_s: default_monitoring_duration_s(),
             trigger_after_s: None,
+            wake_period_s: None,
             trigger_application_port: default_trigger_port(),
             trigger_payload_base64: String::new(),
             trigger_validity_s: default_trigger_validity_s(),
@@ -1132,6 +1140,9 @@ pub struct DeviceConfig {
     pub active_window_s: Option<u64>,
     pub monitoring: Option<bool>,
     pub trigger_after_s: Option<u64>,
+    /// Overrides `[psm] wake_period_s` for this device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_period_s: Option<u64>,
     /// The `external_group_id` of the `[[groups]]` entry this device is a member of: its
     /// traffic goes through the group's NIDD configuration instead of one of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1142,6 +1153,9 @@ pub struct DeviceConfig {
 const ACTIVE_WINDOW_S: std::ops::RangeInclusive<u64> = 2..=186 * 60;
 const ACTIVE_WINDOW_RULE: &str =
     "active_window_s must be between 2 and 11160 seconds (NB-IoT T3324)";
+/// A wake period from 1 s to NB-IoT's longest periodic TAU (T3412 extended, 413 days).
+const WAKE_PERIOD_S: std::ops::RangeInclusive<u64> = 1..=413 * 24 * 3600;
+const WAKE_PERIOD_RULE: &str = "wake_period_s must be between 1 and 35683200 seconds (T3412)";
 /// Longest endpoint name accepted (LwM2M sets none; this keeps records and logs bounded).
 const MAX_ENDPOINT_NAME_BYTES: usize = 255;
 
@@ -1170,6 +1184,12 @@ impl DeviceConfig {
             return invalid(format!(
                 "trigger_after_s must not exceed {MAX_QUEUE_AGE_S} seconds (a week)"
             ));
+        }
+        if self
+            .wake_period_s
+            .is_some_and(|s| !WAKE_PERIOD_S.contains(&s))
+        {
+            return invalid(WAKE_PERIOD_RULE.into());
         }
         if let Some(name) = &self.endpoint_name
             && (name.is_empty()

@@ -654,7 +654,8 @@ mod tests {
         assert!(matches!(effect, QueueEffect::Persist(ref e) if e.pending.is_some()));
         assert!(
             mt.queue
-                .is_retransmission(item.source, item.message_id, &item.data),
+                .queued_copy(item.source, item.message_id, &item.data)
+                .is_some(),
             "pending is suppressed"
         );
         let effect =

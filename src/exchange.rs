@@ -2,7 +2,10 @@
 //! each distinct message once although NIDD is slow and the T8 answer fast: server requests
 //! carried to the device, device requests forwarded to a server and the answers carried back,
 //! and an estimate of the device's NIDD round trip (RFC 6298, from a carried request to the
-//! device's answer). Sans-IO: time is a parameter; memory is bounded per device.
+//! device's answer). And the server requests the bridge acknowledged on a sleeping device's
+//! behalf: the device's piggybacked answer then goes to the server as a separate response
+//! with a message ID the bridge picks (see ARCHITECTURE.md, "Separate responses"). Sans-IO:
+//! time is a parameter; memory is bounded per device.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -12,6 +15,8 @@ use crate::coap::{Header, Kind};
 
 /// Exchanges remembered per direction; older ones are forgotten first.
 const REMEMBERED: usize = 8;
+/// Message IDs of the device's own messages remembered, to keep the bridge's apart.
+const REMEMBERED_DEVICE_MESSAGE_IDS: usize = 64;
 /// Largest answer kept to resend (LwM2M's answers to device requests are tens of bytes): a
 /// larger one is not kept, and the device's late retransmission goes to the server instead.
 const MAX_KEPT_ANSWER_BYTES: usize = 512;
@@ -60,6 +65,24 @@ struct CarriedRequest {
     answered: bool,
 }
 
+/// A server's CON request the bridge acknowledged (empty ACK) for the sleeping device, and the
+/// separate response that carries the device's answer once it came.
+#[derive(Debug, Clone)]
+struct AcknowledgedRequest {
+    server: SocketAddr,
+    message_id: u16,
+    token: Vec<u8>,
+    acknowledged_at: Instant,
+    response: Option<SeparateResponse>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SeparateResponse {
+    message_id: u16,
+    /// The server acknowledged (or reset) it: no more retransmissions.
+    settled: bool,
+}
+
 /// A device request forwarded to a server, and the server's answer once it was carried.
 #[derive(Debug, Clone)]
 struct ForwardedRequest {
@@ -83,6 +106,9 @@ pub(crate) enum MtVerdict {
     Carry,
     /// Not carried; the `exchange_decisions_total` outcome says why.
     Suppress(&'static str),
+    /// The server's ACK or RST to a separate response the bridge sent: ends its
+    /// retransmissions, never carried (the device sent no such message).
+    Absorb(&'static str),
 }
 
 /// What to do with a datagram the device sent.
@@ -97,6 +123,12 @@ pub(crate) enum MoVerdict {
         server: SocketAddr,
         data: Vec<u8>,
     },
+    /// The device's piggybacked answer to a request the bridge acknowledged on its behalf:
+    /// it goes to `server` as a separate CON response with `message_id`.
+    SeparateResponse {
+        server: SocketAddr,
+        message_id: u16,
+    },
 }
 
 /// One device's exchanges.
@@ -104,6 +136,12 @@ pub(crate) enum MoVerdict {
 pub(crate) struct Exchanges {
     carried: VecDeque<CarriedRequest>,
     forwarded: VecDeque<ForwardedRequest>,
+    acknowledged: VecDeque<AcknowledgedRequest>,
+    /// Message IDs of the device's own CON and NON messages, newest last: a separate
+    /// response the bridge sends as the device never reuses one within EXCHANGE_LIFETIME.
+    device_message_ids: VecDeque<(u16, Instant)>,
+    /// The message ID the bridge tries first for its next separate response.
+    next_message_id: Option<u16>,
     round_trip: RoundTrip,
 }
 
@@ -111,6 +149,76 @@ impl Exchanges {
     /// How long an answer is taken to be on its way now.
     pub(crate) fn timeout(&self) -> Duration {
         self.round_trip.timeout()
+    }
+
+    /// The device's measured NIDD round trip (smoothed), zero before any was measured.
+    pub(crate) fn round_trip(&self) -> Duration {
+        self.round_trip
+            .estimate
+            .map_or(Duration::ZERO, |(srtt, _)| srtt)
+    }
+
+    /// Whether the CON request `view` from `server` was acknowledged on the device's behalf
+    /// (its retransmission is acknowledged again: the first empty ACK was lost).
+    pub(crate) fn was_acknowledged(&self, server: SocketAddr, view: &Header<'_>) -> bool {
+        view.kind == Kind::Confirmable
+            && self.acknowledged.iter().any(|a| {
+                a.server == server && a.message_id == view.message_id && a.token == view.token
+            })
+    }
+
+    /// The bridge acknowledged the CON request `view` from `server` on the device's behalf.
+    pub(crate) fn acknowledge(&mut self, server: SocketAddr, view: &Header<'_>, now: Instant) {
+        if self.was_acknowledged(server, view) {
+            return;
+        }
+        push_bounded(
+            &mut self.acknowledged,
+            AcknowledgedRequest {
+                server,
+                message_id: view.message_id,
+                token: view.token.to_vec(),
+                acknowledged_at: now,
+                response: None,
+            },
+        );
+    }
+
+    /// Whether the separate response `message_id` to `server` needs no more transmissions:
+    /// the server acknowledged or reset it, or it is forgotten.
+    pub(crate) fn separate_response_settled(&self, server: SocketAddr, message_id: u16) -> bool {
+        !self.acknowledged.iter().any(|a| {
+            a.server == server
+                && a.response
+                    .is_some_and(|r| r.message_id == message_id && !r.settled)
+        })
+    }
+
+    /// A message ID for a separate response: none the device used within EXCHANGE_LIFETIME
+    /// (as far as remembered) and none of the bridge's own still remembered. Starts half the
+    /// ID space away from the device's latest, since devices count theirs up one by one.
+    fn pick_message_id(&mut self) -> u16 {
+        let mut candidate = self.next_message_id.unwrap_or_else(|| {
+            self.device_message_ids
+                .back()
+                .map_or(0x8000, |(id, _)| id.wrapping_add(0x8000))
+        });
+        let taken = |id: u16, exchanges: &Self| {
+            exchanges.device_message_ids.iter().any(|(d, _)| *d == id)
+                || exchanges
+                    .acknowledged
+                    .iter()
+                    .any(|a| a.response.is_some_and(|r| r.message_id == id))
+        };
+        // Fewer IDs are remembered than this loop tries, so it always finds a free one.
+        for _ in 0..=REMEMBERED_DEVICE_MESSAGE_IDS + REMEMBERED {
+            if !taken(candidate, self) {
+                break;
+            }
+            candidate = candidate.wrapping_add(1);
+        }
+        self.next_message_id = Some(candidate.wrapping_add(1));
+        candidate
     }
 
     /// A datagram from `server` reached the device's socket: a retransmission of a request
@@ -123,6 +231,22 @@ impl Exchanges {
         now: Instant,
     ) -> MtVerdict {
         self.forget_old(now);
+        let empty = view.code == 0 && matches!(view.kind, Kind::Acknowledgement | Kind::Reset);
+        if empty {
+            let response = self.acknowledged.iter_mut().find_map(|a| {
+                a.response
+                    .as_mut()
+                    .filter(|r| a.server == server && r.message_id == view.message_id)
+            });
+            if let Some(response) = response {
+                response.settled = true;
+                return MtVerdict::Absorb(if view.kind == Kind::Reset {
+                    "separate_response_reset"
+                } else {
+                    "separate_response_acknowledged"
+                });
+            }
+        }
         let timeout = self.timeout();
         if view.is_request() {
             let carried_recently = self.carried.iter().any(|c| {
@@ -193,6 +317,12 @@ impl Exchanges {
     /// could have arrived, the answer is resent once instead of asking the server again.
     pub(crate) fn on_device_datagram(&mut self, view: Header<'_>, now: Instant) -> MoVerdict {
         self.forget_old(now);
+        if matches!(view.kind, Kind::Confirmable | Kind::NonConfirmable) {
+            if self.device_message_ids.len() == REMEMBERED_DEVICE_MESSAGE_IDS {
+                self.device_message_ids.pop_front();
+            }
+            self.device_message_ids.push_back((view.message_id, now));
+        }
         let timeout = self.timeout();
         if !view.is_request() {
             let answers = |c: &CarriedRequest| {
@@ -208,6 +338,9 @@ impl Exchanges {
                     let rtt = now.saturating_duration_since(request.carried_at);
                     self.round_trip.sample(rtt);
                 }
+            }
+            if view.kind == Kind::Acknowledgement {
+                return self.on_device_ack(view);
             }
             return MoVerdict::Forward;
         }
@@ -254,6 +387,38 @@ impl Exchanges {
         }
     }
 
+    /// The device's ACK: one to a request the bridge acknowledged already is not forwarded as
+    /// is; a piggybacked answer goes to the server once, as a separate response.
+    fn on_device_ack(&mut self, view: Header<'_>) -> MoVerdict {
+        let Some(position) = self
+            .acknowledged
+            .iter()
+            .position(|a| a.message_id == view.message_id)
+        else {
+            return MoVerdict::Forward;
+        };
+        if view.code == 0 {
+            // The device answers separately itself; the server has its empty ACK already.
+            return MoVerdict::Suppress("acknowledged_already");
+        }
+        if self.acknowledged[position].token != view.token {
+            return MoVerdict::Forward;
+        }
+        if self.acknowledged[position].response.is_some() {
+            return MoVerdict::Suppress("separate_response_sent");
+        }
+        let message_id = self.pick_message_id();
+        let request = &mut self.acknowledged[position];
+        request.response = Some(SeparateResponse {
+            message_id,
+            settled: false,
+        });
+        MoVerdict::SeparateResponse {
+            server: request.server,
+            message_id,
+        }
+    }
+
     /// The device request `answer` (a server's response or ACK) answers.
     fn answered_request(&self, answer: &Header<'_>) -> Option<&ForwardedRequest> {
         self.forwarded.iter().rev().find(|f| answers(f, answer))
@@ -269,6 +434,8 @@ impl Exchanges {
         self.forwarded.retain(|f| {
             fresh(f.forwarded_at) || f.answer.as_ref().is_some_and(|a| fresh(a.carried_at))
         });
+        self.acknowledged.retain(|a| fresh(a.acknowledged_at));
+        self.device_message_ids.retain(|(_, at)| fresh(*at));
     }
 }
 
@@ -433,5 +600,116 @@ mod tests {
             MtVerdict::Carry
         );
         assert!(exchanges.carried.is_empty() && exchanges.forwarded.is_empty());
+    }
+
+    const EMPTY: u8 = 0x00;
+
+    #[test]
+    fn a_piggybacked_answer_to_an_acknowledged_request_becomes_one_separate_response() {
+        let t0 = crate::clock::now();
+        let mut exchanges = Exchanges::default();
+        // The device's own messages so far: 0x0100 and 0x0101.
+        for id in [0x0100, 0x0101] {
+            let _ = exchanges.on_device_datagram(view(&datagram(CON, POST, id, b"d")), t0);
+        }
+        let read = datagram(CON, GET, 0x0101, b"tk");
+        exchanges.acknowledge(server(), &view(&read), t0);
+        assert!(exchanges.was_acknowledged(server(), &view(&read)));
+        let other: SocketAddr = "127.0.0.1:5693".parse().unwrap();
+        assert!(!exchanges.was_acknowledged(other, &view(&read)));
+        exchanges.carried(server(), &read, t0 + Duration::from_secs(10));
+
+        let answer = datagram(ACK, CONTENT, 0x0101, b"tk");
+        let woke = t0 + Duration::from_secs(14);
+        let MoVerdict::SeparateResponse {
+            server: to,
+            message_id,
+        } = exchanges.on_device_datagram(view(&answer), woke)
+        else {
+            panic!("a separate response")
+        };
+        assert_eq!(to, server());
+        assert_ne!(message_id, 0x0100);
+        assert_ne!(message_id, 0x0101, "none the device used");
+        assert!(!exchanges.separate_response_settled(server(), message_id));
+        // The round trip was measured from the carried request.
+        assert_eq!(exchanges.round_trip(), Duration::from_secs(4));
+        // A second copy of the device's answer is not sent again.
+        assert_eq!(
+            exchanges.on_device_datagram(view(&answer), woke),
+            MoVerdict::Suppress("separate_response_sent")
+        );
+        // The server's ACK settles it and is never carried to the device.
+        let ack = datagram(ACK, EMPTY, message_id, b"");
+        assert_eq!(
+            exchanges.on_server_datagram(server(), view(&ack), woke),
+            MtVerdict::Absorb("separate_response_acknowledged")
+        );
+        assert!(exchanges.separate_response_settled(server(), message_id));
+        // An ACK to something else is the device's business.
+        let unrelated = datagram(ACK, EMPTY, 0x0100, b"");
+        assert_eq!(
+            exchanges.on_server_datagram(server(), view(&unrelated), woke),
+            MtVerdict::Carry
+        );
+    }
+
+    #[test]
+    fn a_devices_own_empty_ack_is_not_forwarded_after_the_bridges() {
+        let t0 = crate::clock::now();
+        let mut exchanges = Exchanges::default();
+        let read = datagram(CON, GET, 9, b"tk");
+        exchanges.acknowledge(server(), &view(&read), t0);
+        assert_eq!(
+            exchanges.on_device_datagram(view(&datagram(ACK, EMPTY, 9, b"")), t0),
+            MoVerdict::Suppress("acknowledged_already")
+        );
+        // Its own separate response then goes as it is.
+        assert_eq!(
+            exchanges.on_device_datagram(view(&datagram(CON, CONTENT, 0x300, b"tk")), t0),
+            MoVerdict::Forward
+        );
+        // A reset from the server also ends a separate response.
+        let mut exchanges = Exchanges::default();
+        exchanges.acknowledge(server(), &view(&read), t0);
+        let MoVerdict::SeparateResponse { message_id, .. } =
+            exchanges.on_device_datagram(view(&datagram(ACK, CONTENT, 9, b"tk")), t0)
+        else {
+            panic!("a separate response")
+        };
+        let reset = datagram(3, EMPTY, message_id, b"");
+        assert_eq!(
+            exchanges.on_server_datagram(server(), view(&reset), t0),
+            MtVerdict::Absorb("separate_response_reset")
+        );
+    }
+
+    #[test]
+    fn separate_responses_never_reuse_a_message_id_the_device_or_the_bridge_used() {
+        let t0 = crate::clock::now();
+        let mut exchanges = Exchanges::default();
+        // The device's IDs, and the half of the space the bridge starts in, both taken.
+        for id in [0x0010, 0x8010, 0x8011] {
+            let _ = exchanges.on_device_datagram(view(&datagram(CON, POST, id, b"d")), t0);
+        }
+        let mut picked = Vec::new();
+        for n in 0..4u16 {
+            let token = n.to_be_bytes();
+            let read = datagram(CON, GET, 0x4000 + n, &token);
+            exchanges.acknowledge(server(), &view(&read), t0);
+            let answer = datagram(ACK, CONTENT, 0x4000 + n, &token);
+            let MoVerdict::SeparateResponse { message_id, .. } =
+                exchanges.on_device_datagram(view(&answer), t0)
+            else {
+                panic!("a separate response")
+            };
+            picked.push(message_id);
+        }
+        for id in &picked {
+            assert!(![0x0010, 0x8010, 0x8011].contains(id), "{picked:x?}");
+        }
+        let mut distinct = picked.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len(), picked.len(), "{picked:x?}");
     }
 }

@@ -58,6 +58,8 @@ pub(crate) struct DeviceSpec {
     #[serde(default, deserialize_with = "present")]
     trigger_after_s: Option<u64>,
     #[serde(default, deserialize_with = "present")]
+    wake_period_s: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
     group: Option<String>,
 }
 
@@ -81,6 +83,7 @@ impl From<DeviceSpec> for DeviceConfig {
             active_window_s: spec.active_window_s,
             monitoring: spec.monitoring,
             trigger_after_s: spec.trigger_after_s,
+            wake_period_s: spec.wake_period_s,
             group: spec.group,
         }
     }
@@ -133,6 +136,8 @@ pub(crate) struct DevicePatch {
     monitoring: Option<bool>,
     #[serde(default, deserialize_with = "present")]
     trigger_after_s: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    wake_period_s: Option<u64>,
 }
 
 impl DevicePatch {
@@ -144,6 +149,7 @@ impl DevicePatch {
         next.active_window_s = self.active_window_s.or(next.active_window_s);
         next.monitoring = self.monitoring.or(next.monitoring);
         next.trigger_after_s = self.trigger_after_s.or(next.trigger_after_s);
+        next.wake_period_s = self.wake_period_s.or(next.wake_period_s);
         next
     }
 }
@@ -352,7 +358,8 @@ impl DeviceFactory {
             superseded: Vec::new(),
             checking_termination: false,
             mt: MtState::new(
-                Reachability::with_queue_mode(self.active_window(settings), queue_mode),
+                Reachability::with_queue_mode(self.active_window(settings), queue_mode)
+                    .with_wake_period(self.wake_period(settings)),
                 queue,
                 settings.buffer_owner.unwrap_or(psm.buffer_owner),
                 psm.device_rate_per_s,
@@ -382,6 +389,13 @@ impl DeviceFactory {
         Duration::from_secs(settings.active_window_s.unwrap_or(self.psm.active_window_s))
     }
 
+    fn wake_period(&self, settings: &DeviceConfig) -> Option<Duration> {
+        settings
+            .wake_period_s
+            .or(self.psm.wake_period_s)
+            .map(Duration::from_secs)
+    }
+
     fn trigger_after(&self, settings: &DeviceConfig) -> Option<Duration> {
         settings
             .trigger_after_s
@@ -408,6 +422,10 @@ impl DeviceFactory {
             .reachability
             .set_active_window(self.active_window(settings));
         state.mt.set_trigger_after(self.trigger_after(settings));
+        state
+            .mt
+            .reachability
+            .set_wake_period(self.wake_period(settings));
     }
 }
 
@@ -563,7 +581,14 @@ impl Fleet {
             kernel_drops,
             move |datagram, from| {
                 let (downlinks, device) = (downlinks.clone(), receiver.clone());
-                async move { downlinks.receive(&device, datagram, from, clock::unix_ms()) }
+                async move {
+                    let ack = downlinks.receive(&device, datagram, from, clock::unix_ms());
+                    if let Some(ack) = ack
+                        && let Err(error) = device.socket.send_to(&ack, from).await
+                    {
+                        tracing::warn!(device = %device.id, %error, "cannot send the empty ACK to the server");
+                    }
+                }
             },
         ));
         runner

@@ -5,9 +5,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::coap::{CoapError, Datagram, Header};
+use crate::coap::{self, CoapError, Datagram, Header};
+use crate::config::ServerWaits;
 use crate::devices::{Device, DeviceTable, WakeSource};
 use crate::exchange::MoVerdict;
 use crate::identity::DeviceId;
@@ -140,6 +141,8 @@ pub(crate) enum UplinkError {
 pub(crate) struct ServerAddress {
     pub(crate) name: String,
     pub(crate) address: SocketAddr,
+    /// Its waits, and the CoAP transmission parameters a separate response to it follows.
+    pub(crate) waits: ServerWaits,
 }
 
 /// The MO path's handle: forwards accepted uplinks to their server and counts everything.
@@ -174,7 +177,7 @@ impl Uplinks {
     /// or on its way (`exchange`); the device is then awake.
     pub(crate) async fn forward(
         &self,
-        device: &Device,
+        device: &Arc<Device>,
         named: &DeviceId,
         datagram: &[u8],
         now: Instant,
@@ -206,6 +209,17 @@ impl Uplinks {
             MoVerdict::Suppress(outcome) => Some((outcome, Forwarded::NotCarried)),
             MoVerdict::ResendAnswer { server, data } => {
                 Some(("answer_resent", Forwarded::ResendAnswer { server, data }))
+            }
+            MoVerdict::SeparateResponse { server, message_id } => {
+                return self
+                    .send_separate_response(
+                        device,
+                        datagram,
+                        (server, message_id),
+                        route.oscore,
+                        now,
+                    )
+                    .await;
             }
         };
         if let Some((outcome, forwarded)) = not_forwarded {
@@ -240,7 +254,103 @@ impl Uplinks {
         tracing::debug!(device = %device.id, server = %server.name, code = %route.code, mid = route.message_id, bytes = datagram.len(), "MO forwarded");
         Ok(Forwarded::Sent)
     }
+
+    /// The device's piggybacked answer to a request the bridge acknowledged on its behalf goes
+    /// to `server` as a separate CON response with `message_id`, retransmitted as RFC 7252
+    /// says until the server acknowledges it (the ACK is absorbed on the MT path).
+    async fn send_separate_response(
+        &self,
+        device: &Arc<Device>,
+        piggybacked: &[u8],
+        (server, message_id): (SocketAddr, u16),
+        oscore: bool,
+        now: Instant,
+    ) -> Result<Forwarded, UplinkError> {
+        device.woke(now, WakeSource::Uplink);
+        let Some(response) = coap::as_separate_response(piggybacked, message_id) else {
+            // The exchange only asks for a piggybacked response; nothing else is rewritten.
+            return Ok(Forwarded::NotCarried);
+        };
+        let waits = self
+            .servers
+            .iter()
+            .find(|s| s.address == server)
+            .map_or_else(
+                || crate::config::ServerProfile::default().waits(),
+                |s| s.waits,
+            );
+        device
+            .socket
+            .send_to(&response, server)
+            .await
+            .map_err(|e| {
+                self.metrics.drop_datagram("mo", "udp_send_failed");
+                UplinkError::Send(e)
+            })?;
+        self.metrics.mo_datagrams.inc();
+        self.metrics.mo_bytes.inc_by(response.len() as u64);
+        self.metrics.count_coap("mo", oscore);
+        self.count_exchange("separate_response_sent");
+        tracing::debug!(device = %device.id, %server, mid = message_id, "device's answer sent as a separate response");
+        tokio::spawn(self.clone().retransmit_separate_response(
+            device.clone(),
+            response,
+            server,
+            waits,
+        ));
+        Ok(Forwarded::Sent)
+    }
+
+    /// RFC 7252 §4.2: the first wait is random between ACK_TIMEOUT and ACK_TIMEOUT times
+    /// ACK_RANDOM_FACTOR, then doubles, for at most MAX_RETRANSMIT retransmissions.
+    async fn retransmit_separate_response(
+        self,
+        device: Arc<Device>,
+        response: Vec<u8>,
+        server: SocketAddr,
+        waits: ServerWaits,
+    ) {
+        let Some(message_id) = Header::read(&response).map(|h| h.message_id) else {
+            return;
+        };
+        let spread = rand::random::<f64>() * (waits.ack_random_factor - 1.0).max(0.0);
+        let mut wait = waits.ack_timeout.mul_f64(1.0 + spread);
+        for _ in 0..waits.max_retransmit {
+            tokio::time::sleep(wait).await;
+            let settled = device
+                .state()
+                .exchanges
+                .separate_response_settled(server, message_id);
+            if settled || device.is_removed() {
+                return;
+            }
+            if let Err(error) = device.socket.send_to(&response, server).await {
+                tracing::warn!(device = %device.id, %error, "cannot retransmit a separate response");
+            }
+            self.count_exchange("separate_response_retransmitted");
+            wait = wait.saturating_mul(2).min(MAX_RETRANSMISSION_WAIT);
+        }
+        tokio::time::sleep(wait).await;
+        if !device
+            .state()
+            .exchanges
+            .separate_response_settled(server, message_id)
+        {
+            self.count_exchange("separate_response_unacknowledged");
+            tracing::info!(device = %device.id, %server, mid = message_id, "the server never acknowledged the separate response");
+        }
+    }
+
+    fn count_exchange(&self, outcome: &str) {
+        self.metrics
+            .exchange_decisions
+            .with_label_values(&["mo", outcome])
+            .inc();
+    }
 }
+
+/// No retransmission waits longer than this, whatever a profile's figures multiply to.
+const MAX_RETRANSMISSION_WAIT: Duration = Duration::from_secs(300);
 
 #[cfg(test)]
 mod tests {

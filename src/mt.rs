@@ -26,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::clock;
+use crate::coap;
+use crate::config::ServerWaits;
 use crate::delivery::{QueueEffect, ScefTimeLimits};
-use crate::devices::Device;
+use crate::devices::{Device, DeviceState};
 use crate::metrics::Metrics;
 use crate::queue::{DropReason, QueueLimits, QueuedDatagram, Stored};
 use crate::store::StoreError;
@@ -48,20 +50,31 @@ pub(crate) struct Generation(u64);
 #[error("the MT queue could not be flushed")]
 pub(crate) struct CommitFailed;
 
+/// Whether a server's request is acknowledged on the device's behalf, and when.
+enum Acknowledgement {
+    None,
+    /// A retransmission of a request acknowledged (and durable) already: ACK again now.
+    Now,
+    /// A new request: its ACK goes out once the commit made it durable.
+    WhenDurable,
+}
+
 /// A datagram written to the store and waiting for the next flush to count as accepted.
 struct Uncommitted {
     device: Arc<Device>,
     seq: u64,
     bytes: u64,
     oscore: bool,
+    /// The empty ACK to send its server on the device's behalf once it is durable.
+    acknowledgement: Option<(SocketAddr, [u8; 4])>,
 }
 
 /// The MT queues' handle: admission of new datagrams and every later change to a queue.
 pub(crate) struct Downlinks {
     /// Addresses of the configured LwM2M servers, by server index.
     servers: Arc<[SocketAddr]>,
-    /// How long each server waits for the answer to a request (`[[lwm2m_servers]]` waits).
-    request_timeouts: Arc<[Duration]>,
+    /// How long each server waits for an answer (`[[lwm2m_servers]]` waits), by server index.
+    waits: Arc<[ServerWaits]>,
     default_max_packet_bytes: usize,
     store: MtStore,
     limits: QueueLimits,
@@ -85,7 +98,7 @@ pub(crate) type PendingCanceller = Arc<dyn Fn(&Device, Url) + Send + Sync>;
 impl Downlinks {
     pub(crate) fn new(
         servers: Arc<[SocketAddr]>,
-        request_timeouts: Arc<[Duration]>,
+        waits: Arc<[ServerWaits]>,
         default_max_packet_bytes: usize,
         store: MtStore,
         limits: QueueLimits,
@@ -94,7 +107,7 @@ impl Downlinks {
     ) -> Self {
         Self {
             servers,
-            request_timeouts,
+            waits,
             default_max_packet_bytes,
             store,
             limits,
@@ -133,14 +146,17 @@ impl Downlinks {
 
     /// One datagram that arrived on a device's socket: dropped (counted), suppressed as a
     /// retransmission (counted), or written to the store for the next group commit, which
-    /// counts it as accepted and wakes the flusher. Never waits for the disk.
+    /// counts it as accepted and wakes the flusher. Never waits for the disk. Returns the
+    /// empty ACK to send back to `from` at once, when a retransmission of a request the bridge
+    /// acknowledged on the device's behalf shows the server missed that ACK; a new request's
+    /// ACK goes out with its commit.
     pub(crate) fn receive(
         &self,
         device: &Arc<Device>,
         datagram: Vec<u8>,
         from: SocketAddr,
         now_ms: u64,
-    ) {
+    ) -> Option<[u8; 4]> {
         let limit = device
             .state()
             .max_packet_bytes(self.default_max_packet_bytes);
@@ -154,15 +170,16 @@ impl Downlinks {
                     }
                     _ => tracing::debug!(device = %device.id, %refusal, "dropped MT datagram"),
                 }
-                return;
+                return None;
             }
         };
         let length = datagram.len() as u64;
         // A request is worth carrying only while its server waits for the answer.
+        let waits = self.waits.get(screened.server).copied();
         let request_timeout = screened
             .view
             .is_request()
-            .then(|| self.request_timeouts.get(screened.server).copied())
+            .then(|| waits.map(|w| w.request_timeout))
             .flatten();
         let item = admission::queue_entry(
             self.store.next_seq(),
@@ -173,28 +190,40 @@ impl Downlinks {
             (now_ms, request_timeout),
         );
         let seq = item.seq;
-        let admitted = {
+        let separate_wait = waits.map_or(Duration::ZERO, |w| w.separate_response_timeout);
+        let (admitted, acknowledgement) = {
             let mut state = device.state();
-            let admitted = admission::admit(
-                &mut state,
-                &screened,
-                item,
-                &self.limits,
-                (clock::now(), now_ms),
-            );
+            let now = clock::now();
+            let admitted =
+                admission::admit(&mut state, &screened, item, &self.limits, (now, now_ms));
             if let Admitted::Queued(admission) = &admitted {
                 for (dropped, _) in &admission.dropped {
                     self.remove_dropped(device, dropped);
                 }
             }
-            admitted
+            let acknowledgement = self.acknowledge_on_behalf(
+                &mut state,
+                &screened,
+                from,
+                (seq, &admitted),
+                (separate_wait, now, now_ms),
+            );
+            (admitted, acknowledgement)
+        };
+        let (ack_now, ack_at_commit) = match acknowledgement {
+            Acknowledgement::None => (None, None),
+            Acknowledgement::Now => (Some(coap::empty_ack(screened.view.message_id)), None),
+            Acknowledgement::WhenDurable => (
+                None,
+                Some((from, coap::empty_ack(screened.view.message_id))),
+            ),
         };
         let admission = match admitted {
-            Admitted::Suppressed => {
+            Admitted::Suppressed { .. } => {
                 self.metrics.suppressed_retransmissions.inc();
                 self.metrics.airtime_saved_bytes.inc_by(length);
                 tracing::debug!(device = %device.id, mid = screened.view.message_id, "server retransmission of queued MT suppressed");
-                return;
+                return ack_now;
             }
             Admitted::AlreadyCarried(outcome) => {
                 self.metrics.suppressed_retransmissions.inc();
@@ -204,13 +233,21 @@ impl Downlinks {
                     .with_label_values(&["mt", outcome])
                     .inc();
                 tracing::debug!(device = %device.id, mid = screened.view.message_id, outcome, "MT carried already and still on its way; not carried again");
-                return;
+                return ack_now;
+            }
+            Admitted::Absorbed(outcome) => {
+                self.metrics
+                    .exchange_decisions
+                    .with_label_values(&["mt", outcome])
+                    .inc();
+                tracing::debug!(device = %device.id, mid = screened.view.message_id, outcome, "the server answered the bridge's separate response");
+                return None;
             }
             Admitted::Queued(admission) => admission,
         };
         self.count_drops(admission.dropped.iter().map(|(_, reason)| *reason));
         if !admission.accepted {
-            return;
+            return None;
         }
         self.uncommitted
             .lock()
@@ -220,8 +257,68 @@ impl Downlinks {
                 seq,
                 bytes: length,
                 oscore: screened.view.oscore,
+                acknowledgement: ack_at_commit,
             });
         self.commit_due.notify_one();
+        None
+    }
+
+    /// Whether the server's CON request gets an empty ACK on the sleeping device's behalf
+    /// (see [`admission::worth_acknowledging`]); recorded in the device's exchanges, and the
+    /// queued request then lives only as long as the server waits for the separate response.
+    /// A retransmission of a request acknowledged already is acknowledged again at once.
+    fn acknowledge_on_behalf(
+        &self,
+        state: &mut DeviceState,
+        screened: &admission::Screened,
+        from: SocketAddr,
+        (seq, admitted): (u64, &Admitted),
+        (separate_wait, now, now_ms): (Duration, Instant, u64),
+    ) -> Acknowledgement {
+        let view = screened.view.header();
+        if view.kind != coap::Kind::Confirmable || !view.is_request() {
+            return Acknowledgement::None;
+        }
+        let again = state.exchanges.was_acknowledged(from, &view);
+        let (queued, when) = match admitted {
+            Admitted::Queued(admission) if admission.accepted => {
+                (seq, Acknowledgement::WhenDurable)
+            }
+            Admitted::Suppressed { queued } => {
+                // A copy not yet durable is acknowledged with its commit, or on the server's
+                // next retransmission: a crash must never leave the server waiting for an
+                // answer to a request nobody holds.
+                let durable = state
+                    .mt
+                    .queue
+                    .get_mut(*queued)
+                    .is_some_and(|e| e.stored == Stored::Durable);
+                if !durable {
+                    return Acknowledgement::None;
+                }
+                (*queued, Acknowledgement::Now)
+            }
+            Admitted::AlreadyCarried(_) if again => (seq, Acknowledgement::Now),
+            _ => return Acknowledgement::None,
+        };
+        let outcome = if again {
+            "acknowledged_again"
+        } else {
+            if !admission::worth_acknowledging(state, separate_wait, now) {
+                return Acknowledgement::None;
+            }
+            let Some(entry) = state.mt.queue.get_mut(queued) else {
+                return Acknowledgement::None;
+            };
+            admission::shorten_to_separate_wait(entry, now_ms + separate_wait.as_millis() as u64);
+            state.exchanges.acknowledge(from, &view, now);
+            "acknowledged_on_behalf"
+        };
+        self.metrics
+            .exchange_decisions
+            .with_label_values(&["mt", outcome])
+            .inc();
+        when
     }
 
     /// Flushes the store once for every change written since the last flush, then counts the
@@ -284,6 +381,12 @@ impl Downlinks {
             self.metrics.count_coap("mt", datagram.oscore);
             self.metrics.mt_queue_accepted.inc();
             datagram.device.wake.notify_one();
+            if let Some((server, ack)) = datagram.acknowledgement {
+                // Its deadline was shortened: the flusher re-arms its timer on the wake above.
+                if let Err(error) = datagram.device.socket.send_to(&ack, server).await {
+                    tracing::warn!(device = %datagram.device.id, %error, "cannot send the empty ACK to the server");
+                }
+            }
         }
         Ok(accepted)
     }
@@ -515,7 +618,7 @@ mod tests {
         };
         Arc::new(Downlinks::new(
             Arc::from(vec![SERVER.parse::<SocketAddr>().unwrap()]),
-            Arc::from(vec![Duration::from_secs(247)]),
+            Arc::from(vec![crate::config::ServerProfile::default().waits()]),
             1358,
             MtStore::open(store).unwrap(),
             limits,
@@ -578,6 +681,91 @@ mod tests {
         drop(downlinks);
         let reopened = MtStore::open(&store).unwrap().load().unwrap();
         assert_eq!(reopened["123@iot.example"].len(), 20);
+    }
+
+    #[tokio::test]
+    async fn a_sleeping_devices_request_is_acknowledged_for_it_once_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let from = server.local_addr().unwrap();
+        // Waits 15 s for a separate response after an empty ACK (Wakaama).
+        let waits = crate::config::ServerProfile::Wakaama.waits();
+        let downlinks = Downlinks::new(
+            Arc::from(vec![from]),
+            Arc::from(vec![waits]),
+            1358,
+            MtStore::open(&store).unwrap(),
+            QueueLimits::from_config(&crate::config::PsmConfig::default()),
+            ScefTimeLimits::from_config(&crate::config::PsmConfig::default()),
+            metrics.clone(),
+        );
+        let acknowledged = |outcome: &str| {
+            metrics
+                .exchange_decisions
+                .with_label_values(&["mt", outcome])
+                .get()
+        };
+        // Asleep for 1 s after a 2 s window; it wakes every 10 s: back 7 s from now.
+        let device = device();
+        {
+            let mut state = device.state();
+            state.mt.reachability = crate::reachability::Reachability::with_queue_mode(
+                Duration::from_secs(2),
+                crate::reachability::QueueMode::On,
+            )
+            .with_wake_period(Some(Duration::from_secs(10)));
+            state
+                .mt
+                .reachability
+                .on_uplink(clock::now() - Duration::from_secs(3));
+        }
+        assert_eq!(downlinks.receive(&device, read(1), from, 1_000), None);
+        assert_eq!(acknowledged("acknowledged_on_behalf"), 1);
+        let entry = device.state().mt.queue.entries().next().unwrap().clone();
+        assert_eq!(entry.expires_at_ms, 1_000 + 15_000, "the server's separate wait");
+        assert!(entry.server_deadline);
+        // The ACK leaves with the commit, from the device's socket.
+        downlinks.commit().await.unwrap();
+        let mut buffer = [0u8; 16];
+        let (length, source) =
+            tokio::time::timeout(Duration::from_secs(5), server.recv_from(&mut buffer))
+                .await
+                .expect("the empty ACK")
+                .unwrap();
+        assert_eq!(&buffer[..length], &coap::empty_ack(1));
+        assert_eq!(source, device.socket.local_addr());
+        // The server missed it and retransmits: acknowledged again at once.
+        assert_eq!(
+            downlinks.receive(&device, read(1), from, 2_000),
+            Some(coap::empty_ack(1))
+        );
+        assert_eq!(acknowledged("acknowledged_again"), 1);
+
+        // Expected back only after the server's wait: no ACK, the server keeps retransmitting.
+        let late = self::device();
+        {
+            let mut state = late.state();
+            state.mt.reachability = crate::reachability::Reachability::with_queue_mode(
+                Duration::from_secs(2),
+                crate::reachability::QueueMode::On,
+            )
+            .with_wake_period(Some(Duration::from_secs(60)));
+            state
+                .mt
+                .reachability
+                .on_uplink(clock::now() - Duration::from_secs(3));
+        }
+        assert_eq!(downlinks.receive(&late, read(2), from, 1_000), None);
+        // An awake device answers itself.
+        let awake = self::device();
+        awake.state().mt.reachability.on_uplink(clock::now());
+        assert_eq!(downlinks.receive(&awake, read(3), from, 1_000), None);
+        downlinks.commit().await.unwrap();
+        assert_eq!(acknowledged("acknowledged_on_behalf"), 1);
+        // Sent within the commit, so already in the server's buffer if it had been sent.
+        assert!(server.try_recv_from(&mut buffer).is_err(), "no other ACK");
     }
 
     #[tokio::test]

@@ -222,16 +222,18 @@ impl DeviceQueue {
         self.waiting().map(|e| e.enqueued_at_ms).min()
     }
 
-    /// A retransmission of something queued or pending: same source, message ID and bytes.
-    pub(crate) fn is_retransmission(
+    /// A retransmission of something queued or pending (same source, message ID and bytes):
+    /// the queued entry's sequence number.
+    pub(crate) fn queued_copy(
         &self,
         source: SocketAddr,
         message_id: u16,
         data: &[u8],
-    ) -> bool {
+    ) -> Option<u64> {
         self.entries
             .iter()
-            .any(|e| e.source == source && e.message_id == message_id && e.data == data)
+            .find(|e| e.source == source && e.message_id == message_id && e.data == data)
+            .map(|e| e.seq)
     }
 
     /// Drops expired entries; the one in flight waits for its outcome.
@@ -496,8 +498,9 @@ mod tests {
         assert!(q.admit(item(4, 10, 0, &l), &l, 0).accepted);
         assert_eq!(q.pending_at("http://scef/d/1").map(|e| e.seq), Some(1));
         assert_eq!(q.next_to_send().map(|e| e.seq), Some(2));
-        assert!(q.is_retransmission("127.0.0.1:5683".parse().unwrap(), 1, &[0x40; 10]));
-        assert!(!q.is_retransmission("127.0.0.1:5683".parse().unwrap(), 1, &[0x41; 10]));
+        let source = "127.0.0.1:5683".parse().unwrap();
+        assert!(q.queued_copy(source, 1, &[0x40; 10]).is_some());
+        assert!(q.queued_copy(source, 1, &[0x41; 10]).is_none());
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub(crate) struct Reachability {
     last_wake: Option<Instant>,
     /// Time between the two latest wake-ups: the device's PSM rhythm.
     wake_interval: Option<Duration>,
+    /// Longest the device sleeps between wake-ups, as configured (its periodic TAU, eDRX
+    /// cycle or LwM2M Update period) or as the network applied it (`maximumLatency`).
+    wake_period: Option<Duration>,
 }
 
 impl Reachability {
@@ -93,6 +96,7 @@ impl Reachability {
             lost: false,
             last_wake: None,
             wake_interval: None,
+            wake_period: None,
         }
     }
 
@@ -129,6 +133,17 @@ impl Reachability {
     /// How long the device stays reachable after it was heard, from its next uplink on.
     pub(crate) fn set_active_window(&mut self, active_window: Duration) {
         self.active_window = active_window;
+    }
+
+    /// The same, sleeping at most `period` between wake-ups.
+    pub(crate) fn with_wake_period(mut self, period: Option<Duration>) -> Self {
+        self.set_wake_period(period);
+        self
+    }
+
+    /// How long the device sleeps at most between wake-ups, if known.
+    pub(crate) fn set_wake_period(&mut self, period: Option<Duration>) {
+        self.wake_period = period.filter(|p| !p.is_zero());
     }
 
     /// Why MT would wait for a wake-up now, if it would.
@@ -216,18 +231,43 @@ impl Reachability {
         }
     }
 
+    /// When the device is expected to be reachable: now while it is awake (or not known to
+    /// sleep), else the earliest of its observed rhythm and its wake period counted from its
+    /// last wake-up (or from when it went to sleep). `None` when nothing says.
+    pub(crate) fn expected_wake(&self, now: Instant) -> Option<Instant> {
+        if self.is_reachable(now) {
+            return Some(now);
+        }
+        let by_period = self.wake_period.and_then(|period| {
+            let from = self.last_wake.or(self.asleep_since(now))?;
+            Some(first_at_or_after(from + period, period, now))
+        });
+        let by_rhythm = self.next_expected_wake(now);
+        match (by_period, by_rhythm) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Next expected wake-up, from the device's observed rhythm.
     pub(crate) fn next_expected_wake(&self, now: Instant) -> Option<Instant> {
         if self.state(now) == State::Awake {
             return None;
         }
         let (last, interval) = (self.last_wake?, self.wake_interval?);
-        let mut next = last + interval;
-        while next < now && !interval.is_zero() {
-            next += interval;
-        }
-        Some(next)
+        Some(first_at_or_after(last + interval, interval, now))
     }
+}
+
+/// The first of `first`, `first + period`, `first + 2 period`... that is not before `now`.
+fn first_at_or_after(first: Instant, period: Duration, now: Instant) -> Instant {
+    if first >= now || period.is_zero() {
+        return first;
+    }
+    let behind = now.duration_since(first).as_nanos();
+    let steps = behind.div_ceil(period.as_nanos());
+    let steps = u32::try_from(steps).unwrap_or(u32::MAX);
+    first + period.saturating_mul(steps)
 }
 
 #[cfg(test)]
@@ -390,6 +430,25 @@ mod tests {
             r.next_expected_wake(t0 + Duration::from_secs(250)),
             Some(t0 + Duration::from_secs(300))
         );
+    }
+
+    #[test]
+    fn the_expected_wake_comes_from_the_wake_period_or_the_rhythm() {
+        let t0 = crate::clock::now();
+        let secs = Duration::from_secs;
+        let mut r = queue_mode_device();
+        r.on_uplink(t0);
+        assert_eq!(r.expected_wake(t0 + secs(5)), Some(t0 + secs(5)), "awake");
+        assert_eq!(r.expected_wake(t0 + secs(30)), None, "nothing says");
+        r.set_wake_period(Some(secs(60)));
+        assert_eq!(r.expected_wake(t0 + secs(30)), Some(t0 + secs(60)));
+        // Overdue: the next period.
+        assert_eq!(r.expected_wake(t0 + secs(61)), Some(t0 + secs(120)));
+        // A faster observed rhythm wins.
+        r.on_uplink(t0 + secs(40));
+        assert_eq!(r.expected_wake(t0 + secs(55)), Some(t0 + secs(80)));
+        r.set_wake_period(Some(Duration::ZERO));
+        assert_eq!(r.expected_wake(t0 + secs(55)), Some(t0 + secs(80)));
     }
 
     #[test]

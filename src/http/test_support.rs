@@ -212,6 +212,7 @@ impl Harness {
             Arc::from(vec![ServerAddress {
                 name: "dm".into(),
                 address: server_address,
+                waits: crate::config::ServerProfile::default().waits(),
             }]),
             nidd.check_endpoint_name,
             nidd.max_packet_bytes,
@@ -220,7 +221,7 @@ impl Harness {
         let mt_store = MtStore::open(&store).expect("MT store");
         let downlinks = Arc::new(Downlinks::new(
             Arc::from(vec![server_address]),
-            Arc::from(vec![Duration::from_secs(247)]),
+            Arc::from(vec![crate::config::ServerProfile::default().waits()]),
             nidd.max_packet_bytes,
             mt_store.clone(),
             QueueLimits::from_config(&psm),

@@ -3,7 +3,7 @@
 //! and what entering the device's queue drops.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::coap::{CoapError, Datagram, Kind};
 use crate::devices::DeviceState;
@@ -98,12 +98,15 @@ pub(crate) fn queue_entry(
 /// What entering the queue did.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Admitted {
-    /// The same source, message ID and bytes are already queued, in flight or pending at the
-    /// SCEF: a server retransmission, not carried again.
-    Suppressed,
+    /// The same source, message ID and bytes are already queued (entry `queued`), in flight
+    /// or pending at the SCEF: a server retransmission, not carried again.
+    Suppressed { queued: u64 },
     /// Carried to the device already, and the device's answer (or the first copy) can still
     /// be on its way across NIDD (`exchange`); the outcome label says which.
     AlreadyCarried(&'static str),
+    /// The server's ACK or RST to a separate response the bridge sent on the device's behalf:
+    /// not for the device.
+    Absorbed(&'static str),
     /// The queue's verdict: accepted or not, and what it dropped to make room or as expired.
     Queued(Admission),
 }
@@ -118,21 +121,49 @@ pub(crate) fn admit(
     (now, now_ms): (Instant, u64),
 ) -> Admitted {
     state.router.note_downlink(screened.server, &screened.view);
-    if state
+    if let Some(queued) = state
         .mt
         .queue
-        .is_retransmission(item.source, item.message_id, &item.data)
+        .queued_copy(item.source, item.message_id, &item.data)
     {
-        return Admitted::Suppressed;
+        return Admitted::Suppressed { queued };
     }
-    if let MtVerdict::Suppress(outcome) =
-        state
-            .exchanges
-            .on_server_datagram(item.source, screened.view.header(), now)
+    match state
+        .exchanges
+        .on_server_datagram(item.source, screened.view.header(), now)
     {
-        return Admitted::AlreadyCarried(outcome);
+        MtVerdict::Suppress(outcome) => return Admitted::AlreadyCarried(outcome),
+        MtVerdict::Absorb(outcome) => return Admitted::Absorbed(outcome),
+        MtVerdict::Carry => {}
     }
     Admitted::Queued(state.mt.queue.admit(item, limits, now_ms))
+}
+
+/// Whether to answer a server's CON request with an empty ACK on the device's behalf, so the
+/// server stops retransmitting and waits `separate_wait` for a separate response: only when
+/// the server takes one (`separate_wait` > 0), the device is not reachable now (an awake
+/// device answers itself), and it is expected back, its answer across NIDD, within that wait.
+pub(crate) fn worth_acknowledging(
+    state: &DeviceState,
+    separate_wait: Duration,
+    now: Instant,
+) -> bool {
+    let reachability = &state.mt.reachability;
+    if separate_wait.is_zero() || reachability.is_reachable(now) {
+        return false;
+    }
+    reachability
+        .expected_wake(now)
+        .is_some_and(|wake| wake + state.exchanges.round_trip() <= now + separate_wait)
+}
+
+/// The server gave `entry` until `deadline_ms` after the bridge's empty ACK: it is worth
+/// carrying only until then.
+pub(crate) fn shorten_to_separate_wait(entry: &mut QueuedDatagram, deadline_ms: u64) {
+    if deadline_ms < entry.expires_at_ms {
+        entry.expires_at_ms = deadline_ms;
+        entry.server_deadline = true;
+    }
 }
 
 #[cfg(test)]
@@ -267,7 +298,10 @@ mod tests {
             offer(&mut state, 1, SERVER, read(1)),
             Admitted::Queued(Admission { accepted: true, .. })
         ));
-        assert_eq!(offer(&mut state, 2, SERVER, read(1)), Admitted::Suppressed);
+        assert_eq!(
+            offer(&mut state, 2, SERVER, read(1)),
+            Admitted::Suppressed { queued: 1 }
+        );
         // Same message ID from another server, or other bytes: a new datagram.
         assert!(matches!(
             offer(&mut state, 3, "127.0.0.1:5693", read(1)),

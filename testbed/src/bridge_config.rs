@@ -274,6 +274,7 @@ fn device_entry(id: &DeviceId) -> DeviceConfig {
         active_window_s: None,
         monitoring: None,
         trigger_after_s: None,
+        wake_period_s: None,
         group: None,
     }
 }
