@@ -724,7 +724,11 @@ mod tests {
         assert_eq!(downlinks.receive(&device, read(1), from, 1_000), None);
         assert_eq!(acknowledged("acknowledged_on_behalf"), 1);
         let entry = device.state().mt.queue.entries().next().unwrap().clone();
-        assert_eq!(entry.expires_at_ms, 1_000 + 15_000, "the server's separate wait");
+        assert_eq!(
+            entry.expires_at_ms,
+            1_000 + 15_000,
+            "the server's separate wait"
+        );
         assert!(entry.server_deadline);
         // The ACK leaves with the commit, from the device's socket.
         downlinks.commit().await.unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::ServerRole;
-use nidd_testbed::bed::{DM_SERVER, TestBed};
+use nidd_testbed::bed::{DM_SERVER, RunningBed, TestBed};
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use nidd_testbed::probe::{self, STEP};
 
@@ -192,6 +192,240 @@ async fn five_requests_queued_for_a_sleeping_device_go_out_in_its_six_second_wak
     assert!(
         wakeup["wakeToLastDeliveryS"].as_f64().unwrap() < 6.0,
         "{view}"
+    );
+    bed.finish().await;
+}
+
+/// The bridge's view of a device's reachability (`/api/v1/devices/{id}`).
+async fn reachability(bed: &RunningBed, id: &DeviceId) -> String {
+    let view: serde_json::Value = bed
+        .bridge()
+        .admin_get(&format!("/api/v1/devices/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    view["mt"]["reachability"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_takes_separate_responses_gets_the_sleeping_devices_answer_in_time() {
+    let id: DeviceId = "400000004@iot.example".parse().unwrap();
+    let endpoint = "urn:nai:400000004@iot.example";
+    // The device wakes every 10 s (its PSM timers); its server waits 15 s after an empty ACK.
+    let bed = TestBed::new()
+        .npm_server()
+        .device_with(&id, |device| device.wake_period_s = Some(10))
+        .psm(|psm| psm.active_window_s = 2)
+        .bridge_config(|config| {
+            config.server_settings(DM_SERVER, |server| {
+                server.profile = nidd_bridge::config::ServerProfile::Wakaama
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let ue = bed.ue(&id);
+    ue.wait_configured(STEP).await.unwrap();
+    let sim = SimLwm2mDevice::spawn(ue.clone(), DeviceProfile::new(endpoint));
+    sim.register().await.unwrap();
+    let woke = tokio::time::Instant::now();
+    ue.sleep();
+    probe::eventually("the device asleep once its 2 s window ended", || async {
+        reachability(&bed, &id).await == "asleep"
+    })
+    .await;
+
+    // Expected back 10 s after its last wake-up, within the server's 15 s: acknowledged for
+    // it, so the server stops retransmitting and waits for a separate response.
+    let read = bed.server().command(serde_json::json!({
+        "op": "read", "endpoint": endpoint, "path": "/3/0/0", "timeoutMs": 15000
+    }));
+    let device_side = async {
+        probe::eventually("the request acknowledged on the device's behalf", || async {
+            bed.metric("nidd_bridge_exchange_decisions_total{direction=\"mt\",outcome=\"acknowledged_on_behalf\"}")
+                .await
+                == 1.0
+        })
+        .await;
+        // The device wakes on its period and says so with an Update (queue mode); the Read goes out and
+        // its answer reaches the server as a separate response, which the server acknowledges.
+        tokio::time::sleep_until(woke + Duration::from_secs(10)).await;
+        ue.wake().await;
+    };
+    let (read, ()) = tokio::join!(read, device_side);
+    let value = read.expect("the server got its answer in time");
+    assert_eq!(value, "nidd-bridge simulator");
+    // The npm server's socket is a stateless CoAP proxy in front of its client agent: it
+    // passes on messages with a token only, so neither the bridge's empty ACK nor the agent's
+    // ACK to the separate response crosses it. The agent retransmits its Read meanwhile, and
+    // each copy is acknowledged again, never carried (the full ACK loop is tested with a raw
+    // server below).
+    assert!(
+        bed.metric(
+            "nidd_bridge_exchange_decisions_total{direction=\"mt\",outcome=\"acknowledged_again\"}"
+        )
+        .await
+            >= 1.0
+    );
+    assert_eq!(
+        bed.metric("nidd_bridge_exchange_decisions_total{direction=\"mo\",outcome=\"separate_response_sent\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        bed.metric("nidd_bridge_mt_queue_dropped_total{reason=\"server_gave_up\"}")
+            .await,
+        0.0
+    );
+    // Register's answer, Update's answer, the Read: each once; the server's ACK never.
+    probe::eventually("the Update's answer delivered too", || async {
+        ue.radio_counts().mt_datagrams >= 3
+    })
+    .await;
+    assert_eq!(ue.radio_counts().mt_datagrams, 3, "{:?}", ue.radio_counts());
+    drop(sim);
+    bed.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_oversleeps_the_separate_wait_never_gets_the_request() {
+    let id: DeviceId = "400000005@iot.example".parse().unwrap();
+    let bed = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .device_with(&id, |device| device.wake_period_s = Some(10))
+        .bridge_config(|config| {
+            config.server_settings(DM_SERVER, |server| {
+                server.profile = nidd_bridge::config::ServerProfile::Wakaama
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let ue = bed.ue(&id);
+    let device = bed.bridge().device_address(&id);
+    let server = bed.raw_server(DM_SERVER);
+    ue.sleep();
+    server.send_to(&request(1), device).await.unwrap();
+    probe::eventually("the SCEF to refuse the sleeping device", || async {
+        bed.metric("nidd_bridge_mt_delivery_attempts_total{outcome=\"not_reachable\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    // The server retransmits, as CoAP does after 2 to 3 s; the device, expected back within
+    // 10 s of falling asleep, is acknowledged for.
+    server.send_to(&request(1), device).await.unwrap();
+    let (ack, from) = tokio::time::timeout(STEP, server.recv())
+        .await
+        .expect("an empty ACK");
+    assert_eq!(ack, [0x60, 0x00, 0x10, 1], "empty ACK to message ID 0x1001");
+    assert_eq!(from, device, "from the device's own address");
+    // It oversleeps (it comes back after a minute): 15 s after the ACK the server has given
+    // up, and so does the bridge.
+    probe::eventually("the request dropped as its server gave up", || async {
+        bed.metric("nidd_bridge_mt_queue_dropped_total{reason=\"server_gave_up\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    ue.wake().await;
+    ue.send_mo(&[0x50, 0x02, 0x00, 0x01]).await.unwrap();
+    probe::eventually("the wake-up seen", || async {
+        bed.metric("nidd_bridge_reachability_events_total{event=\"uplink\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(
+        ue.radio_counts().mt_datagrams,
+        0,
+        "the device never received it"
+    );
+    bed.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_response_is_retransmitted_until_the_server_acknowledges_it() {
+    let id: DeviceId = "400000006@iot.example".parse().unwrap();
+    let bed = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .device_with(&id, |device| device.wake_period_s = Some(10))
+        .bridge_config(|config| {
+            config.server_settings(DM_SERVER, |server| {
+                server.profile = nidd_bridge::config::ServerProfile::Wakaama
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let ue = bed.ue(&id);
+    let device = bed.bridge().device_address(&id);
+    let server = bed.raw_server(DM_SERVER);
+    ue.sleep();
+    server.send_to(&request(1), device).await.unwrap();
+    probe::eventually("the SCEF to refuse the sleeping device", || async {
+        bed.metric("nidd_bridge_mt_delivery_attempts_total{outcome=\"not_reachable\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    server.send_to(&request(1), device).await.unwrap();
+    let (ack, _) = tokio::time::timeout(STEP, server.recv())
+        .await
+        .expect("an empty ACK");
+    assert_eq!(ack, [0x60, 0x00, 0x10, 1]);
+
+    // Back within the wait: the request reaches it and it answers piggybacked (ACK 2.05).
+    ue.wake().await;
+    ue.send_mo(&[0x50, 0x02, 0x00, 0x02]).await.unwrap();
+    let delivered = ue.recv_mt(STEP).await.expect("the request");
+    assert_eq!(delivered, request(1));
+    let piggybacked = [0x61, 0x45, 0x10, 1, 1, 0xff, b'o', b'k'];
+    ue.send_mo(&piggybacked).await.unwrap();
+
+    // The server gets it as a separate CON response: the device's token and payload, a
+    // message ID the bridge picked; unacknowledged, it comes again.
+    let (response, from) = loop {
+        let (datagram, from) = tokio::time::timeout(STEP, server.recv())
+            .await
+            .expect("the separate response");
+        // The device's wake-up uplink comes first.
+        if datagram[1] == 0x45 {
+            break (datagram, from);
+        }
+    };
+    assert_eq!(from, device);
+    assert_eq!(response[0], 0x41, "CON, token length 1");
+    assert_eq!(response[1], 0x45, "2.05");
+    assert_eq!(response[4..], piggybacked[4..], "token and payload intact");
+    let message_id = [response[2], response[3]];
+    assert_ne!(message_id, [0x00, 0x02], "not the device's own message ID");
+    let (again, _) = tokio::time::timeout(STEP, server.recv())
+        .await
+        .expect("a retransmission");
+    assert_eq!(again, response);
+    // The server's ACK ends it, and never reaches the device.
+    server
+        .send_to(&[0x60, 0x00, message_id[0], message_id[1]], device)
+        .await
+        .unwrap();
+    probe::eventually("the ACK absorbed", || async {
+        bed.metric("nidd_bridge_exchange_decisions_total{direction=\"mt\",outcome=\"separate_response_acknowledged\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(ue.radio_counts().mt_datagrams, 1, "only the request");
+    assert_eq!(
+        bed.metric("nidd_bridge_mt_queue_dropped_total{reason=\"server_gave_up\"}")
+            .await,
+        0.0
     );
     bed.finish().await;
 }
