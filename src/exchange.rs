@@ -405,7 +405,7 @@ impl Exchanges {
             return MoVerdict::Forward;
         }
         if self.acknowledged[position].response.is_some() {
-            return MoVerdict::Suppress("separate_response_sent");
+            return MoVerdict::Suppress("separate_response_duplicate");
         }
         let message_id = self.pick_message_id();
         let request = &mut self.acknowledged[position];
@@ -637,7 +637,7 @@ mod tests {
         // A second copy of the device's answer is not sent again.
         assert_eq!(
             exchanges.on_device_datagram(view(&answer), woke),
-            MoVerdict::Suppress("separate_response_sent")
+            MoVerdict::Suppress("separate_response_duplicate")
         );
         // The server's ACK settles it and is never carried to the device.
         let ack = datagram(ACK, EMPTY, message_id, b"");
