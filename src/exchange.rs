@@ -20,6 +20,9 @@ const REMEMBERED_DEVICE_MESSAGE_IDS: usize = 64;
 /// Largest answer kept to resend (LwM2M's answers to device requests are tens of bytes): a
 /// larger one is not kept, and the device's late retransmission goes to the server instead.
 const MAX_KEPT_ANSWER_BYTES: usize = 512;
+/// CoAP's MAX_TRANSMIT_WAIT (RFC 7252 §4.8.2): how long a device with the default
+/// transmission parameters waits for the ACK to a CON request before it gives up.
+const MAX_TRANSMIT_WAIT: Duration = Duration::from_secs(93);
 /// CoAP's EXCHANGE_LIFETIME (RFC 7252 §4.8.2): nothing is remembered longer.
 const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 /// How long an answer is taken to be on its way before any round trip was measured: above a
@@ -417,6 +420,22 @@ impl Exchanges {
             server: request.server,
             message_id,
         }
+    }
+
+    /// Until when the device still waits for `answer`, an ACK (piggybacked or empty) to one of
+    /// its CON requests: CoAP's MAX_TRANSMIT_WAIT after the request was forwarded. `None`
+    /// for anything else, which keeps the queue's own limits.
+    pub(crate) fn device_waits_until(&self, answer: &Header<'_>) -> Option<Instant> {
+        if answer.kind != Kind::Acknowledgement {
+            return None;
+        }
+        self.forwarded
+            .iter()
+            .rev()
+            .find(|f| {
+                f.message_id == answer.message_id && (answer.code == 0 || f.token == answer.token)
+            })
+            .map(|f| f.forwarded_at + MAX_TRANSMIT_WAIT)
     }
 
     /// The device request `answer` (a server's response or ACK) answers.

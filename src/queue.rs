@@ -30,6 +30,10 @@ pub(crate) struct QueuedDatagram {
     /// queue's own limit: dropped then as `server_gave_up`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub server_deadline: bool,
+    /// `expires_at_ms` is when the device stops waiting for this answer to its request:
+    /// dropped then as `device_gave_up`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub device_deadline: bool,
     #[serde(with = "base64_bytes")]
     pub data: Vec<u8>,
     /// Location of a delivery the SCEF accepted as pending (201); it holds the datagram now.
@@ -73,6 +77,8 @@ pub(crate) enum DropReason {
     Expired,
     /// A request whose server no longer waits for the answer.
     ServerGaveUp,
+    /// An answer the device no longer waits for (its request's MAX_TRANSMIT_WAIT is over).
+    DeviceGaveUp,
     Overflow,
     TooLarge,
     Purged,
@@ -84,6 +90,7 @@ impl DropReason {
         match self {
             Self::Expired => "expired",
             Self::ServerGaveUp => "server_gave_up",
+            Self::DeviceGaveUp => "device_gave_up",
             Self::Overflow => "overflow",
             Self::TooLarge => "too_large",
             Self::Purged => "purged",
@@ -251,6 +258,8 @@ impl DeviceQueue {
             .map(|e| {
                 let reason = if e.server_deadline {
                     DropReason::ServerGaveUp
+                } else if e.device_deadline {
+                    DropReason::DeviceGaveUp
                 } else {
                     DropReason::Expired
                 };
@@ -385,6 +394,7 @@ impl QueuedDatagram {
             enqueued_at_ms: now_ms,
             expires_at_ms: limits.expiry(now_ms, true),
             server_deadline: false,
+            device_deadline: false,
             data,
             pending: None,
             stored: Stored::Durable,

@@ -88,6 +88,7 @@ pub(crate) fn queue_entry(
         enqueued_at_ms: now_ms,
         expires_at_ms: server_gives_up.unwrap_or(lifetime),
         server_deadline: server_gives_up.is_some(),
+        device_deadline: false,
         data,
         pending: None,
         // The group commit writes it, if it is still queued then.
@@ -128,13 +129,20 @@ pub(crate) fn admit(
     {
         return Admitted::Suppressed { queued };
     }
-    match state
-        .exchanges
-        .on_server_datagram(item.source, screened.view.header(), now)
-    {
+    let header = screened.view.header();
+    match state.exchanges.on_server_datagram(item.source, header, now) {
         MtVerdict::Suppress(outcome) => return Admitted::AlreadyCarried(outcome),
         MtVerdict::Absorb(outcome) => return Admitted::Absorbed(outcome),
         MtVerdict::Carry => {}
+    }
+    let mut item = item;
+    // An ACK to the device's request is worth carrying only while the device waits for it.
+    if let Some(until) = state.exchanges.device_waits_until(&header) {
+        let left_ms = until.saturating_duration_since(now).as_millis() as u64;
+        if now_ms + left_ms < item.expires_at_ms {
+            item.expires_at_ms = now_ms + left_ms;
+            item.device_deadline = true;
+        }
     }
     Admitted::Queued(state.mt.queue.admit(item, limits, now_ms))
 }
@@ -289,6 +297,63 @@ mod tests {
         let item = queue_entry(4, &screened, from, read(7), &limits(), (1_000, long));
         assert_eq!(item.expires_at_ms, 1_000 + 247_000);
         assert!(!item.server_deadline);
+    }
+
+    #[test]
+    fn an_answer_to_the_devices_request_lives_as_long_as_the_device_waits() {
+        let mut state = state();
+        // The device's CON POST, message ID 5, token 0x7a, forwarded now.
+        let register = [0x41, 0x02, 0x00, 0x05, 0x7a];
+        let header = crate::coap::Header::read(&register).unwrap();
+        let now = crate::clock::now();
+        let _ = state.exchanges.on_device_datagram(header, now);
+        let created = vec![0x61, 0x41, 0x00, 0x05, 0x7a];
+        let from: SocketAddr = SERVER.parse().unwrap();
+        let screened = screen(&servers(), from, &created, 1358).unwrap();
+        let item = queue_entry(1, &screened, from, created, &limits(), (1_000, None));
+        let Admitted::Queued(admission) =
+            admit(&mut state, &screened, item, &limits(), (now, 1_000))
+        else {
+            panic!("queued")
+        };
+        assert!(admission.accepted);
+        let entry = state.mt.queue.entries().next().unwrap();
+        assert_eq!(entry.expires_at_ms, 1_000 + 93_000, "MAX_TRANSMIT_WAIT");
+        assert!(entry.device_deadline);
+        let dropped = state.mt.queue.expire(1_000 + 93_000);
+        assert_eq!(dropped[0].1, DropReason::DeviceGaveUp);
+        assert_eq!(DropReason::DeviceGaveUp.label(), "device_gave_up");
+    }
+
+    #[test]
+    fn a_sleeping_device_is_acknowledged_for_only_when_back_within_the_wait() {
+        let now = crate::clock::now();
+        let wait = Duration::from_secs(15);
+        let mut state = state();
+        state.mt.reachability = crate::reachability::Reachability::with_queue_mode(
+            Duration::from_secs(2),
+            crate::reachability::QueueMode::On,
+        )
+        .with_wake_period(Some(Duration::from_secs(10)));
+        assert!(!worth_acknowledging(&state, wait, now), "not known asleep");
+        state
+            .mt
+            .reachability
+            .on_uplink(now - Duration::from_secs(3));
+        assert!(worth_acknowledging(&state, wait, now), "back in 7 s");
+        assert!(
+            !worth_acknowledging(&state, Duration::ZERO, now),
+            "no separate responses"
+        );
+        assert!(
+            !worth_acknowledging(&state, Duration::from_secs(5), now),
+            "too late"
+        );
+        state
+            .mt
+            .reachability
+            .set_wake_period(Some(Duration::from_secs(60)));
+        assert!(!worth_acknowledging(&state, wait, now), "back in 57 s");
     }
 
     #[test]
