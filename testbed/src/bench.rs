@@ -1,7 +1,10 @@
 //! The load benchmark's pieces (issue 8): a minimal SCEF ([`scef`]), an LwM2M-server stand-in
 //! that offers MT load and receives MO traffic ([`load`]), the minimal relay that is the
-//! ceiling a bridge is measured against ([`relay`]), and the figures taken from a run
-//! ([`figures`]: latency percentiles, throughput, the bridge's accounting from `/metrics`).
+//! ceiling a bridge is measured against ([`relay`]), the figures taken from a run
+//! ([`figures`]: latency percentiles, throughput, the bridge's accounting from `/metrics`),
+//! and the airtime part (issue 13, [`airtime`]): MT datagrams and bytes on a device's radio
+//! per request against the minimum, for an awake, a sleeping and a high-latency device, each
+//! in a test bed with the npm LwM2M server.
 //! The `nidd-bench` binary (`testbed/src/bin/nidd-bench.rs`) puts them together; the README's
 //! "Performance" section shows its figures.
 //!
@@ -10,6 +13,7 @@
 //! match each arrival with the instant it was offered. Every load loop is bounded in count
 //! and in time.
 
+pub mod airtime;
 pub mod figures;
 pub mod load;
 pub mod relay;

@@ -20,7 +20,8 @@
 //! - [`schemathesis`]: driver of schemathesis (checks a running bridge against the project's
 //!   own OpenAPI), installed into a virtual environment on first use.
 //! - [`bench`]: the load benchmark's minimal SCEF, LwM2M-server stand-in (load generator) and
-//!   minimal relay (the ceiling), and the figures of a run; the `nidd-bench` binary runs them.
+//!   minimal relay (the ceiling), the figures of a run, and its airtime part (MT per request
+//!   on a device's radio, in test beds); the `nidd-bench` binary runs them.
 
 // The test bed is all edge: its simulators and emulators keep their own time.
 #![allow(clippy::disallowed_methods)]

@@ -69,8 +69,8 @@ use nidd_bridge::t8::{
     NiddUplinkDataNotification, ProblemDetails,
 };
 
-/// MT datagrams remembered per UE for tests (the oldest are forgotten past it).
-const MT_LOG_LIMIT: usize = 10_000;
+/// MT and MO datagrams remembered per UE for tests, each (the oldest are forgotten past it).
+const RADIO_LOG_LIMIT: usize = 10_000;
 
 /// Largest request body the mock accepts.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -427,6 +427,8 @@ struct UeChannels {
     wakes: watch::Sender<u64>,
     /// MT datagrams delivered over the (simulated) radio, in order.
     mt_log: Vec<Vec<u8>>,
+    /// MO datagrams the UE transmitted (retransmissions included), in order.
+    mo_log: Vec<Vec<u8>>,
     /// Latency, order and counts of what crosses the radio.
     radio: radio::UeRadio,
 }
@@ -489,10 +491,7 @@ impl MockState {
     fn reach(inner: &mut Inner, ue: &DeviceId, datagram: Vec<u8>) {
         let real = inner.real_devices.get(ue).cloned();
         let channels = Self::ue_channels(inner, ue);
-        if channels.mt_log.len() == MT_LOG_LIMIT {
-            channels.mt_log.remove(0);
-        }
-        channels.mt_log.push(datagram.clone());
+        remember(&mut channels.mt_log, &datagram);
         channels.radio.count_mt(datagram.len());
         match real {
             Some(real) => real.send(&datagram),
@@ -522,6 +521,7 @@ impl MockState {
                 buffered: Vec::new(),
                 wakes: watch::channel(0).0,
                 mt_log: Vec::new(),
+                mo_log: Vec::new(),
                 radio: radio::UeRadio::default(),
             }
         })
@@ -885,6 +885,14 @@ impl Drop for MockScef {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Appends `datagram` to a UE's MT or MO log, forgetting the oldest past [`RADIO_LOG_LIMIT`].
+fn remember(log: &mut Vec<Vec<u8>>, datagram: &[u8]) {
+    if log.len() == RADIO_LOG_LIMIT {
+        log.remove(0);
+    }
+    log.push(datagram.to_vec());
 }
 
 /// Flips the last byte when a corruption fault is pending.

@@ -6,7 +6,11 @@
 //! bridge's accounting of every offered datagram; MO throughput and latency; time to ready and
 //! RSS per device at scale; restart time; and bulk onboarding (issue 10): thousands of devices
 //! added in one admin API call while the SCEF sheds some creates with 429 and `Retry-After`,
-//! timed until every one is provisioned. README "Performance" shows a run.
+//! timed until every one is provisioned; and airtime (issue 13): the MT datagrams and bytes the
+//! bridge puts on a device's radio per server request and per device request, against the
+//! minimum, for an awake, a sleeping and a high-latency device, each in a test bed with the
+//! npm LwM2M server (`nidd_testbed::bench::airtime`; `--airtime-only` runs just that part).
+//! README "Performance" shows a run.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -22,6 +26,7 @@ use clap::{Args, Parser, Subcommand};
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{Config, OverflowPolicy, ServerRole};
 use nidd_testbed::bed::BridgeProcess;
+use nidd_testbed::bench::airtime::{self, AirtimeRun, Carried, Scenario};
 use nidd_testbed::bench::figures::{Flow, MtAccounting, samples};
 use nidd_testbed::bench::load::{ServerStandIn, mt_datagram};
 use nidd_testbed::bench::relay::MinimalRelay;
@@ -121,6 +126,13 @@ struct RunArgs {
     /// included) 429 with `Retry-After: 1` (0: none).
     #[arg(long = "bulk-429-every", default_value_t = 10)]
     bulk_429_every: u64,
+    /// Only the airtime part (no bridge build, no load): about 30 s with the default Reads.
+    #[arg(long)]
+    airtime_only: bool,
+    /// Reads the LwM2M server makes in each airtime scenario (0: skip the airtime part;
+    /// default 5, 2 with --quick).
+    #[arg(long)]
+    airtime_reads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -275,6 +287,28 @@ struct BulkFigures {
 
 async fn bench(args: RunArgs) -> Result<()> {
     let wall = Instant::now();
+    let airtime_reads = args.airtime_reads.unwrap_or(if args.quick {
+        2
+    } else {
+        airtime::DEFAULT_READS
+    });
+    if args.airtime_only {
+        let runs = airtime_part(airtime_reads).await?;
+        let mut out = String::new();
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let _ = writeln!(
+            out,
+            "\nnidd-bench --airtime-only: {cores} cores, loopback only"
+        );
+        report_airtime(&mut out, &runs, airtime_reads);
+        let _ = writeln!(
+            out,
+            "\nwhole run {}",
+            humantime::format_duration(Duration::from_secs(wall.elapsed().as_secs()))
+        );
+        println!("{out}");
+        return Ok(());
+    }
     let settings = Settings {
         devices: args.devices.max(1),
         rate: args.rate,
@@ -350,12 +384,14 @@ async fn bench(args: RunArgs) -> Result<()> {
     } else {
         None
     };
+    let airtime = airtime_part(airtime_reads).await?;
     let report = report(
         &bench,
         &mt,
         &mo,
         scale.as_ref(),
         bulk.as_ref(),
+        (&airtime, airtime_reads),
         wall.elapsed(),
     );
     println!("{report}");
@@ -1010,6 +1046,114 @@ impl Bench {
     }
 }
 
+/// The airtime part: every scenario at once, each in its own test bed (none with 0 Reads).
+async fn airtime_part(reads: usize) -> Result<Vec<AirtimeRun>> {
+    if reads == 0 {
+        return Ok(Vec::new());
+    }
+    eprintln!(
+        "nidd-bench: airtime, {} scenarios at once, {reads} Reads each",
+        Scenario::ALL.len()
+    );
+    let runs: Vec<_> = Scenario::ALL
+        .into_iter()
+        .map(|scenario| (scenario, tokio::spawn(airtime::run(scenario, reads))))
+        .collect();
+    let mut figures = Vec::new();
+    for (scenario, run) in runs {
+        let what = || format!("airtime scenario {}", scenario.name());
+        figures.push(run.await.with_context(what)?.with_context(what)?);
+    }
+    Ok(figures)
+}
+
+/// `measured min` per request: a count or bytes over `requests`.
+fn per_request(measured: u64, minimum: u64, requests: u64, decimals: usize) -> String {
+    let per = |n: u64| n as f64 / requests.max(1) as f64;
+    format!(
+        "{:>7.decimals$} {:>6.decimals$}",
+        per(measured),
+        per(minimum)
+    )
+}
+
+/// The airtime section of the report.
+fn report_airtime(out: &mut String, runs: &[AirtimeRun], reads: usize) {
+    let _ = writeln!(
+        out,
+        "\nAirtime: MT datagrams (MT/req) and MT bytes (B/req) over the device's radio per server request and per device \
+         request, measured against the minimum (each distinct CoAP message that reached the device carried once; a copy \
+         with the same type, message ID and token is the same message)"
+    );
+    let _ = writeln!(
+        out,
+        "  server: the npm lwm2m-node-lib LwM2M server (node-coap: a CON request retransmitted after ACK_TIMEOUT 2 s \
+         x 1 to 1.5, doubling, 4 retransmissions); device: the test bed's simulated LwM2M 1.1 device (its CON requests \
+         retransmitted the same way); mock SCEF; one test bed per scenario, run at once, bridge in this process at its \
+         defaults but request_timeout_s = {} (the npm server's wait)",
+        airtime::SERVER_REQUEST_TIMEOUT_S
+    );
+    let _ = writeln!(
+        out,
+        "{:<24} {:>10} | {:>7} {:>6} | {:>7} {:>6} | {:>10} | {:>7} {:>6} | {:>7} {:>6} | verdict",
+        "scenario",
+        "server req",
+        "MT/req",
+        "min",
+        "B/req",
+        "min",
+        "device req",
+        "MT/req",
+        "min",
+        "B/req",
+        "min"
+    );
+    for run in runs {
+        let (server, device) = (run.radio.server_requests_mt, run.radio.device_requests_mt);
+        let counts = |c: &Carried, requests: u64| {
+            (
+                per_request(c.datagrams, c.distinct, requests, 2),
+                per_request(c.bytes, c.distinct_bytes, requests, 1),
+            )
+        };
+        let (server_count, server_bytes) = counts(&server, run.server_requests);
+        let (device_count, device_bytes) = counts(&device, run.radio.device_requests);
+        let verdict = if server.at_minimum() && device.at_minimum() {
+            "at minimum"
+        } else {
+            "ABOVE MINIMUM"
+        };
+        let _ = writeln!(
+            out,
+            "{:<24} {:>10} | {server_count} | {server_bytes} | {:>10} | {device_count} | {device_bytes} | {verdict}",
+            run.scenario.name(),
+            run.server_requests,
+            run.radio.device_requests,
+        );
+    }
+    for run in runs {
+        let r = &run.radio;
+        let _ = writeln!(
+            out,
+            "  {}: {}; MT {} datagrams ({} bytes), MO {} ({} distinct); device retransmissions {}; \
+             the bridge held back {:.0} MT and {:.0} MO copies and resent {:.0} kept answers, \
+             {:.0} MT deliveries refused as not reachable; {}",
+            run.scenario.name(),
+            run.scenario.describe(reads),
+            r.server_requests_mt.datagrams + r.device_requests_mt.datagrams,
+            r.server_requests_mt.bytes + r.device_requests_mt.bytes,
+            r.mo.datagrams,
+            r.mo.distinct,
+            run.device_retransmissions,
+            run.held_back_mt,
+            run.held_back_mo,
+            run.answers_resent,
+            run.not_reachable,
+            ms(run.elapsed)
+        );
+    }
+}
+
 /// fsync latency of 4 KiB writes in `dir` (p50, p99, max of 50), as the store's disk gives it.
 fn fsync_latency(dir: &Path) -> Result<[Duration; 3]> {
     use std::io::Write as _;
@@ -1195,6 +1339,7 @@ fn report(
     mo: &[MoRow],
     scale: Option<&ScaleFigures>,
     bulk: Option<&BulkFigures>,
+    (airtime, airtime_reads): (&[AirtimeRun], usize),
     wall: Duration,
 ) -> String {
     let s = &bench.settings;
@@ -1414,6 +1559,9 @@ fn report(
     }
     if let Some(b) = bulk {
         report_bulk(&mut out, b);
+    }
+    if !airtime.is_empty() {
+        report_airtime(&mut out, airtime, airtime_reads);
     }
     let log_lines = std::fs::read_to_string(&bench.log)
         .map(|t| t.lines().count())

@@ -29,7 +29,8 @@
 //!   it retransmits a confirmable request after ACK_TIMEOUT while the first copy is still on
 //!   the radio, and both copies reach the AS, each after its latency;
 //! - [`RadioCounts`] counts, per UE, MT datagrams and bytes when they reach the UE and MO
-//!   datagrams and bytes when the UE transmits them (what a test asserts "exactly once" on).
+//!   datagrams and bytes when the UE transmits them (what a test asserts "exactly once" on);
+//!   `SimUe::mt_log` and [`SimUe::mo_log`] hold the datagrams themselves.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -237,7 +238,9 @@ impl SimUe {
         let delay = delay(state, &state.faults.mo_latency_ms);
         let on_air = {
             let mut inner = state.inner();
-            let radio = &mut MockState::ue_channels(&mut inner, &self.id).radio;
+            let channels = MockState::ue_channels(&mut inner, &self.id);
+            super::remember(&mut channels.mo_log, &datagram);
+            let radio = &mut channels.radio;
             radio.count_mo(datagram.len());
             if UeRadio::immediate(radio.uplink.as_ref(), delay) {
                 None
@@ -271,6 +274,13 @@ impl SimUe {
     pub fn radio_counts(&self) -> RadioCounts {
         let mut inner = self.state.inner();
         MockState::ue_channels(&mut inner, &self.id).radio.counts()
+    }
+
+    /// Every MO datagram this UE transmitted (retransmissions included), in order; the MT
+    /// ones are [`mt_log`](Self::mt_log).
+    pub fn mo_log(&self) -> Vec<Vec<u8>> {
+        let mut inner = self.state.inner();
+        MockState::ue_channels(&mut inner, &self.id).mo_log.clone()
     }
 }
 
@@ -471,6 +481,8 @@ mod tests {
             (counts.mo_datagrams, counts.mo_bytes, counts.mo_on_air),
             (6, 6, 0)
         );
+        let transmitted: Vec<Vec<u8>> = (b'0'..=b'5').map(|d| vec![d]).collect();
+        assert_eq!(ue.mo_log(), transmitted, "logged as transmitted, in order");
         assert_eq!(mock.violations(), Vec::<String>::new());
     }
 
