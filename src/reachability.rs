@@ -81,8 +81,10 @@ pub(crate) struct Reachability {
     /// Time between the two latest wake-ups: the device's PSM rhythm.
     wake_interval: Option<Duration>,
     /// Longest the device sleeps between wake-ups, as configured (its periodic TAU, eDRX
-    /// cycle or LwM2M Update period) or as the network applied it (`maximumLatency`).
+    /// cycle or LwM2M Update period).
     wake_period: Option<Duration>,
+    /// The same as the network reported it (`periodicAUTimer`, `maximumLatency`).
+    reported_wake_period: Option<Duration>,
 }
 
 impl Reachability {
@@ -97,6 +99,7 @@ impl Reachability {
             last_wake: None,
             wake_interval: None,
             wake_period: None,
+            reported_wake_period: None,
         }
     }
 
@@ -144,6 +147,12 @@ impl Reachability {
     /// How long the device sleeps at most between wake-ups, if known.
     pub(crate) fn set_wake_period(&mut self, period: Option<Duration>) {
         self.wake_period = period.filter(|p| !p.is_zero());
+    }
+
+    /// The network reported how long the device sleeps at most (its applied periodic TAU or
+    /// maximum latency); the shorter of this and the configured period counts.
+    pub(crate) fn set_reported_wake_period(&mut self, period: Duration) {
+        self.reported_wake_period = Some(period).filter(|p| !p.is_zero());
     }
 
     /// Why MT would wait for a wake-up now, if it would.
@@ -238,7 +247,11 @@ impl Reachability {
         if self.is_reachable(now) {
             return Some(now);
         }
-        let by_period = self.wake_period.and_then(|period| {
+        let period = match (self.wake_period, self.reported_wake_period) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let by_period = period.and_then(|period| {
             let from = self.last_wake.or(self.asleep_since(now))?;
             Some(first_at_or_after(from + period, period, now))
         });
@@ -449,6 +462,9 @@ mod tests {
         assert_eq!(r.expected_wake(t0 + secs(55)), Some(t0 + secs(80)));
         r.set_wake_period(Some(Duration::ZERO));
         assert_eq!(r.expected_wake(t0 + secs(55)), Some(t0 + secs(80)));
+        // The network's periodic TAU, shorter still.
+        r.set_reported_wake_period(secs(20));
+        assert_eq!(r.expected_wake(t0 + secs(55)), Some(t0 + secs(60)));
     }
 
     #[test]

@@ -686,6 +686,23 @@ async fn monitoring_notification(
             }
         }
         let now = clock::now();
+        let reported_period = notification
+            .applied_param
+            .as_ref()
+            .and_then(|applied| applied.maximum_latency)
+            .into_iter()
+            .chain(notification.monitoring_event_reports.iter().filter_map(|report| {
+                report.idle_status_info.as_ref().and_then(|idle| idle.periodic_au_timer)
+            }))
+            .filter(|seconds| *seconds > 0)
+            .min();
+        if let Some(seconds) = reported_period {
+            device
+                .state()
+                .mt
+                .reachability
+                .set_reported_wake_period(std::time::Duration::from_secs(seconds));
+        }
         for report in notification.monitoring_event_reports {
             match report.monitoring_type {
                 MonitoringType::UeReachability | MonitoringType::AvailabilityAfterDdnFailure => {
@@ -1788,6 +1805,38 @@ mod tests {
                 "{spelling}: awake for the hour, not the 20 s active window"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn the_networks_timers_say_when_a_sleeping_device_is_back() {
+        let harness = Harness::new().await;
+        let device = harness.device(DEVICE_A);
+        let mut body = fixture_json("MonitoringNotification.ue-reachability.json");
+        body["monitoringEventReports"][0]["monitoringType"] = json!("LOSS_OF_CONNECTIVITY");
+        body["monitoringEventReports"][0]["idleStatusInfo"] =
+            json!({"activeTime": 6, "periodicAUTimer": 300});
+        body["appliedParam"] = json!({"maximumLatency": 600});
+        // A schema-valid integer far beyond u64 is no reason to refuse the report.
+        let mut unreadable = body["monitoringEventReports"][0].clone();
+        unreadable["idleStatusInfo"] = json!({"periodicAUTimer": 1e30});
+        body["monitoringEventReports"]
+            .as_array_mut()
+            .unwrap()
+            .push(unreadable);
+        assert_no_content(
+            harness
+                .notify(&monitoring_url(TOKEN_A), body.to_string())
+                .await,
+        )
+        .await;
+        let now = clock::now();
+        let back = device.state().mt.reachability.expected_wake(now).unwrap();
+        // The shorter of the two, from when it went to sleep (just now).
+        assert!(
+            back > now + Duration::from_secs(290) && back <= now + Duration::from_secs(300),
+            "{:?}",
+            back - now
+        );
     }
 
     #[tokio::test]

@@ -411,6 +411,25 @@ where
     T::deserialize(deserializer).map(Some)
 }
 
+/// An optional T8 `DurationSec` (an integer ≥ 0) the bridge only reads for a hint: one beyond
+/// `u64` is schema-valid, and counts as absent rather than refusing its notification; a
+/// negative, fractional or non-numeric value is refused, as the schema does.
+fn lenient_seconds<'de, D>(deserializer: D) -> Result<Option<u64>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(seconds) = number.as_u64() {
+        return Ok(Some(seconds));
+    }
+    match number.as_f64() {
+        Some(huge) if huge >= 0.0 && huge.fract() == 0.0 => Ok(None),
+        _ => Err(serde::de::Error::custom(format!(
+            "{number} is not a whole number of seconds >= 0"
+        ))),
+    }
+}
+
 /// An optional T8 `DateTime`: an RFC 3339 date-time, kept as the string received.
 fn date_time<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
 where
@@ -804,6 +823,46 @@ pub struct MonitoringEventReport {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_ue_availability_time: Option<String>,
+    /// What the UE applied when it went idle (with `idleStatusIndication`).
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_status_info: Option<IdleStatusInfo>,
+}
+
+/// `IdleStatusInfo`: the timers a UE going idle runs with (seconds).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdleStatusInfo {
+    #[serde(
+        default,
+        deserialize_with = "lenient_seconds",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub active_time: Option<u64>,
+    /// The periodic TAU (T3412): the UE is back at the latest after it.
+    #[serde(
+        rename = "periodicAUTimer",
+        default,
+        deserialize_with = "lenient_seconds",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub periodic_au_timer: Option<u64>,
+}
+
+/// `AppliedParameterConfiguration`: what the network applied of a subscription's parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedParameterConfiguration {
+    /// The longest the UE may be unreachable for downlink data (seconds).
+    #[serde(
+        default,
+        deserialize_with = "lenient_seconds",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub maximum_latency: Option<u64>,
 }
 
 /// `MonitoringNotification`: reports for a subscription.
@@ -819,6 +878,12 @@ pub struct MonitoringNotification {
         skip_serializing_if = "Option::is_none"
     )]
     pub cancel_ind: Option<bool>,
+    #[serde(
+        default,
+        deserialize_with = "non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub applied_param: Option<AppliedParameterConfiguration>,
 }
 
 /// Bodies that name one UE by `externalId` or `msisdn`.

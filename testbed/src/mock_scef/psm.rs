@@ -214,8 +214,10 @@ impl SimUe {
                     ),
                     reachability_type: Some("DATA".into()),
                     max_ue_availability_time: None,
+                    idle_status_info: None,
                 }],
                 cancel_ind: None,
+                applied_param: None,
             };
             let json = serde_json::to_value(&report).unwrap_or_default();
             let schema = crate::schema::monitoring_callback_schema();
