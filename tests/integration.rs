@@ -24,6 +24,7 @@ mod integration {
     pub mod groups;
     pub mod integrity;
     pub mod latency;
+    pub mod latency_core;
     pub mod layout;
     pub mod listeners;
     pub mod lwm2m_ops;

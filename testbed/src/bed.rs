@@ -40,8 +40,13 @@ use crate::aiocoap::{AiocoapError, AiocoapServer};
 use crate::bridge_config::BridgeConfigBuilder;
 use crate::lwm2m_peer::{self, Lwm2mNodeClient, Lwm2mNodeServer, PeerError};
 use crate::mock_scef::sim_device::{DeviceProfile, SimError, SimLwm2mDevice};
-use crate::mock_scef::{Faults, MockError, MockScef, MockScefConfig, SimUe};
+use crate::mock_scef::{Faults, MockError, MockScef, MockScefConfig, RadioCounts, SimUe};
 use crate::probe;
+
+/// How long a UE's radio must stay idle, its counts unchanged, to be taken as settled
+/// ([`RunningBed::radio_settled`]): a datagram that just landed has been acted on well within
+/// it (its answer carried, or a copy held back).
+pub const SETTLED_FOR: Duration = Duration::from_millis(300);
 
 /// The name of the configured LwM2M server entry when the bed has a single server.
 pub const DM_SERVER: &str = "dm";
@@ -254,6 +259,17 @@ impl TestBed {
     pub fn mock_scef(mut self, options: impl FnOnce(&mut MockScefConfig)) -> Self {
         options(&mut self.mock);
         self
+    }
+
+    /// NIDD's radio latency at the mock SCEF: `mt` from the SCEF's answer to the datagram
+    /// reaching the UE, `mo` from the UE's transmission to the uplink notification
+    /// ([`MockScefConfig::mt_latency`], [`MockScefConfig::mo_latency`]). Zero, the default,
+    /// carries datagrams at once.
+    pub fn nidd_latency(self, mt: Duration, mo: Duration) -> Self {
+        self.mock_scef(|config| {
+            config.mt_latency = mt;
+            config.mo_latency = mo;
+        })
     }
 
     /// Sets mock SCEF faults before the bridge starts (later ones through
@@ -676,6 +692,40 @@ impl RunningBed {
     /// One sample of the bridge's Prometheus text, 0 when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
         probe::metric(&self.metrics().await, sample)
+    }
+
+    /// Waits until nothing of device `id` is on the radio either way, the bridge holds no MT
+    /// (queued, or pending at the SCEF) and the counts stay so for [`SETTLED_FOR`], then
+    /// returns what crossed its radio: with NIDD latency, a copy carried twice is counted
+    /// only once it has landed.
+    ///
+    /// # Panics
+    ///
+    /// When that does not happen within [`probe::STEP`].
+    pub async fn radio_settled(&self, id: &DeviceId) -> RadioCounts {
+        let deadline = tokio::time::Instant::now() + probe::STEP;
+        let mut quiet: Option<(RadioCounts, tokio::time::Instant)> = None;
+        loop {
+            let counts = self.mock.radio_counts(id);
+            let text = self.metrics().await;
+            let idle = counts.mt_on_air == 0
+                && counts.mo_on_air == 0
+                && probe::metric(&text, "nidd_bridge_mt_queue_depth") == 0.0
+                && probe::metric(&text, "nidd_bridge_mt_pending_deliveries") == 0.0;
+            match quiet {
+                Some((seen, since)) if idle && seen == counts => {
+                    if since.elapsed() >= SETTLED_FOR {
+                        return counts;
+                    }
+                }
+                _ => quiet = idle.then(|| (counts, tokio::time::Instant::now())),
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for the radio of {id} to settle: {counts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn take_process(&mut self) -> BridgeProcess {

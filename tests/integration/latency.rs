@@ -19,10 +19,7 @@ async fn the_registers_answer_and_a_read_cross_the_radio_once_under_latency() {
     let bed = TestBed::new()
         .npm_server()
         .device(&id)
-        .mock_scef(|config| {
-            config.mt_latency = Duration::from_secs(3);
-            config.mo_latency = Duration::from_secs(1);
-        })
+        .nidd_latency(Duration::from_secs(3), Duration::from_secs(1))
         .start()
         .await
         .unwrap();

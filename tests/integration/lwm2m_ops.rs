@@ -58,7 +58,7 @@ async fn a_sleeping_device_serves_the_npm_lwm2m_server() {
     ue.wait_configured(STEP).await.unwrap();
     let device = profile(endpoint);
     let secret = BASE64.decode(&device.resources[&(0, 0, 5)]).unwrap();
-    let sim = SimLwm2mDevice::spawn(ue.clone(), device);
+    let sim = SimLwm2mDevice::spawn(ue, device);
     sim.register().await.unwrap();
     let registration = server
         .wait_event("registration", STEP, |e| {
@@ -145,44 +145,7 @@ async fn a_sleeping_device_serves_the_npm_lwm2m_server() {
     assert!(links.contains("</3303/0/5605>"), "{links}");
     assert!(links.contains("</3303/0/5700>;st=1"), "{links}");
 
-    // Observe across a sleep: the change waits on the device, the Update leads on wake-up.
-    assert_eq!(
-        server.observe(endpoint, "/3303/0/5700").await.unwrap(),
-        "25.0"
-    );
-    ue.sleep();
-    let sent_before = uplinks(mock).len();
-    sim.set("/3303/0/5700", "30.5").await.unwrap();
-    assert_eq!(sim.stats().notifications_stored.load(Ordering::Relaxed), 1);
-    assert_eq!(
-        uplinks(mock).len(),
-        sent_before,
-        "nothing sent while asleep"
-    );
-    let updates_before = updates(server);
-    ue.wake().await;
-    server
-        .wait_event("the notification after the wake-up", STEP, |e| {
-            e["event"] == "notification" && e["path"] == "/3303/0/5700" && e["value"] == "30.5"
-        })
-        .await
-        .unwrap();
-    let events = server.events();
-    let update_at = events
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e["event"] == "update" && e["endpoint"] == endpoint)
-        .nth(updates_before)
-        .map(|(i, _)| i)
-        .expect("an Update on wake-up");
-    let notification_at = events
-        .iter()
-        .position(|e| e["event"] == "notification" && e["value"] == "30.5")
-        .unwrap();
-    assert!(
-        update_at < notification_at,
-        "Update first, then the notification"
-    );
+    observe_across_a_sleep(&stack, &id, &sim, endpoint).await;
 
     // This server's cancel stays local: the device keeps observing. The LwM2M 1.0 `cancel`
     // attribute does reach it.
@@ -212,6 +175,95 @@ async fn a_sleeping_device_serves_the_npm_lwm2m_server() {
         .any(|d| d.windows(secret.len()).any(|w| w == secret.as_slice()));
     assert!(!leaked, "the Security object's key never leaves the device");
     stack.finish().await;
+}
+
+/// Observe through the npm server, `endpoint` registered in queue mode on `id`'s UE and awake:
+/// a change is notified at once; a change while the UE sleeps waits on the device, and on
+/// wake-up the Update leads, then the notification. The server sees each notification once,
+/// and its Observe and the Update's answer cross the radio once each. Shared with the latency
+/// suite (`latency_core`).
+pub(crate) async fn observe_across_a_sleep(
+    bed: &RunningBed,
+    id: &DeviceId,
+    sim: &SimLwm2mDevice,
+    endpoint: &str,
+) {
+    const PATH: &str = "/3303/0/5700";
+    let (server, mock) = (bed.server(), bed.mock());
+    let ue = mock.ue_control(id);
+    let before = bed.radio_settled(id).await;
+    let current = sim.get(PATH).await.unwrap();
+    assert_eq!(server.observe(endpoint, PATH).await.unwrap(), current);
+    let notified = |value: &'static str| {
+        move |e: &serde_json::Value| {
+            e["event"] == "notification"
+                && e["endpoint"] == endpoint
+                && e["path"] == PATH
+                && e["value"] == value
+        }
+    };
+    // Awake: at once.
+    sim.set(PATH, "27.0").await.unwrap();
+    server
+        .wait_event("the notification", STEP, notified("27.0"))
+        .await
+        .unwrap();
+
+    // Asleep: the change waits on the device.
+    bed.radio_settled(id).await;
+    ue.sleep();
+    let sent_before = uplinks(mock).len();
+    let stored_before = sim.stats().notifications_stored.load(Ordering::Relaxed);
+    sim.set(PATH, "30.5").await.unwrap();
+    assert_eq!(
+        sim.stats().notifications_stored.load(Ordering::Relaxed),
+        stored_before + 1
+    );
+    assert_eq!(
+        uplinks(mock).len(),
+        sent_before,
+        "nothing sent while asleep"
+    );
+    let updates = || {
+        server
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "update" && e["endpoint"] == endpoint)
+            .count()
+    };
+    let updates_before = updates();
+    ue.wake().await;
+    server
+        .wait_event("the notification after the wake-up", STEP, notified("30.5"))
+        .await
+        .unwrap();
+    let events = server.events();
+    let update_at = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e["event"] == "update" && e["endpoint"] == endpoint)
+        .nth(updates_before)
+        .map(|(i, _)| i)
+        .expect("an Update on wake-up");
+    let notification_at = events.iter().position(notified("30.5")).unwrap();
+    assert!(
+        update_at < notification_at,
+        "Update first, then the notification"
+    );
+
+    let after = bed.radio_settled(id).await;
+    assert_eq!(
+        after.mt_datagrams - before.mt_datagrams,
+        2,
+        "the Observe and the answer to the Update, each once: {after:?}"
+    );
+    for value in ["27.0", "30.5"] {
+        let seen = server.events().into_iter().filter(notified(value)).count();
+        assert_eq!(
+            seen, 1,
+            "the notification of {value} reached the server once"
+        );
+    }
 }
 
 /// A raw UDP socket playing an LwM2M server.

@@ -13,6 +13,8 @@ use nidd_testbed::mock_scef::SimUe;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use nidd_testbed::probe::{STEP, eventually, metric};
 
+use super::latency_core::NiddLatency;
+
 /// MT datagrams the UE received that are CoAP GET requests.
 fn gets_received(ue: &SimUe) -> usize {
     ue.mt_log()
@@ -21,7 +23,10 @@ fn gets_received(ue: &SimUe) -> usize {
         .count()
 }
 
-async fn sleeping_read(owner: BufferOwner) {
+/// A queue-mode device registers and sleeps; the server's read is held (its retransmissions
+/// not carried), reaches the device in its next awake window over one NIDD transmission, and
+/// the answer reaches the server. Shared with the latency suite (`latency_core`).
+pub(crate) async fn sleeping_read(owner: BufferOwner, latency: NiddLatency) {
     let id: DeviceId = "700000001@iot.example".parse().unwrap();
     let endpoint = "urn:nai:700000001@iot.example";
     let stack = TestBed::new()
@@ -31,6 +36,7 @@ async fn sleeping_read(owner: BufferOwner) {
             psm.buffer_owner = owner;
             psm.active_window_s = 2;
         })
+        .nidd_latency(latency.mt, latency.mo)
         .start()
         .await
         .unwrap();
@@ -49,6 +55,8 @@ async fn sleeping_read(owner: BufferOwner) {
         "queue mode registration"
     );
 
+    // Nothing of the registration left on the radio: the device sleeps.
+    stack.radio_settled(&id).await;
     ue.sleep();
     let (value, _) = tokio::join!(server.read(endpoint, "/3/0/0"), async {
         // The server retransmits its request while the device sleeps (CoAP ACK_TIMEOUT 2-3 s);
@@ -64,6 +72,7 @@ async fn sleeping_read(owner: BufferOwner) {
         ue.wake().await;
     });
     assert_eq!(value.unwrap(), "nidd-bridge simulator");
+    stack.radio_settled(&id).await;
     assert_eq!(
         gets_received(&ue),
         1,
@@ -88,23 +97,30 @@ async fn sleeping_read(owner: BufferOwner) {
         );
     }
     sim.deregister().await.unwrap();
+    let radio = stack.radio_settled(&id).await;
+    assert_eq!(
+        radio.mt_datagrams, 4,
+        "the answers to the Register, the wake-up Update and the De-register, and the read, \
+         each once: {radio:?}"
+    );
     stack.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_buffered_read_reaches_a_sleeping_device_once() {
-    sleeping_read(BufferOwner::Bridge).await;
+    sleeping_read(BufferOwner::Bridge, NiddLatency::NONE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scef_buffered_read_reaches_a_sleeping_device_once() {
-    sleeping_read(BufferOwner::Scef).await;
+    sleeping_read(BufferOwner::Scef, NiddLatency::NONE).await;
 }
 
 /// A device that registers without queue mode (binding `N`, no `Q`), behind a SCEF that never
 /// refuses MT, with the default configuration: long after its last uplink (past the default
-/// active window) a server read still reaches it at once, over one NIDD transmission.
-async fn always_on_read(owner: BufferOwner) {
+/// active window) a server read still reaches it at once, over one NIDD transmission. Shared
+/// with the latency suite (`latency_core`).
+pub(crate) async fn always_on_read(owner: BufferOwner, latency: NiddLatency) {
     let id: DeviceId = "700000009@iot.example".parse().unwrap();
     let endpoint = "urn:nai:700000009@iot.example";
     let mut profile = DeviceProfile::new(endpoint);
@@ -113,6 +129,7 @@ async fn always_on_read(owner: BufferOwner) {
         .npm_server()
         .sim_device(&id, profile)
         .psm(move |psm| psm.buffer_owner = owner)
+        .nidd_latency(latency.mt, latency.mo)
         .start()
         .await
         .unwrap();
@@ -157,23 +174,29 @@ async fn always_on_read(owner: BufferOwner) {
         "read answered after {:?}",
         asked.elapsed()
     );
+    bed.radio_settled(&id).await;
     assert_eq!(
         gets_received(&ue) - reads_before,
         1,
         "one NIDD transmission"
     );
     bed.sim(&id).deregister().await.unwrap();
+    let radio = bed.radio_settled(&id).await;
+    assert_eq!(
+        radio.mt_datagrams, 3,
+        "the answers to the Register and the De-register, and the read, each once: {radio:?}"
+    );
     bed.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_always_on_device_is_read_long_after_its_last_uplink_with_bridge_buffering() {
-    always_on_read(BufferOwner::Bridge).await;
+    always_on_read(BufferOwner::Bridge, NiddLatency::NONE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_always_on_device_is_read_long_after_its_last_uplink_with_scef_buffering() {
-    always_on_read(BufferOwner::Scef).await;
+    always_on_read(BufferOwner::Scef, NiddLatency::NONE).await;
 }
 
 /// A confirmable GET with a distinct message ID and token.
