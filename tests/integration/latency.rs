@@ -71,6 +71,16 @@ async fn the_registers_answer_and_a_read_cross_the_radio_once_under_latency() {
         1,
         "the device answered the Read once: {read:?}"
     );
+    // Exactly the minimum of bytes: each distinct message (type, message ID, token) once.
+    let split = nidd_testbed::bench::airtime::split(&ue.mt_log(), &ue.mo_log());
+    for side in [&split.server_requests_mt, &split.device_requests_mt] {
+        assert!(side.at_minimum(), "{split:?}");
+    }
+    assert_eq!(
+        split.server_requests_mt.bytes + split.device_requests_mt.bytes,
+        read.mt_bytes,
+        "{split:?}"
+    );
     drop(sim);
     bed.finish().await;
 }
