@@ -232,17 +232,8 @@ impl Uplinks {
             return Ok(forwarded);
         }
         let server = &self.servers[route.server];
-        device
-            .socket
-            .send_to(datagram, server.address)
-            .await
-            .map_err(|e| {
-                self.metrics.drop_datagram("mo", "udp_send_failed");
-                UplinkError::Send(e)
-            })?;
-        self.metrics.mo_datagrams.inc();
-        self.metrics.mo_bytes.inc_by(datagram.len() as u64);
-        self.metrics.count_coap("mo", route.oscore);
+        self.send_counted(device, datagram, server.address, route.oscore)
+            .await?;
         if let Some(mode) = route.queue_mode {
             self.devices.set_queue_mode(device, mode);
         }
@@ -253,6 +244,24 @@ impl Uplinks {
             .inc();
         tracing::debug!(device = %device.id, server = %server.name, code = %route.code, mid = route.message_id, bytes = datagram.len(), "MO forwarded");
         Ok(Forwarded::Sent)
+    }
+
+    /// Sends `datagram` from the device's socket to a server, counted as MO.
+    async fn send_counted(
+        &self,
+        device: &Device,
+        datagram: &[u8],
+        server: SocketAddr,
+        oscore: bool,
+    ) -> Result<(), UplinkError> {
+        device.socket.send_to(datagram, server).await.map_err(|e| {
+            self.metrics.drop_datagram("mo", "udp_send_failed");
+            UplinkError::Send(e)
+        })?;
+        self.metrics.mo_datagrams.inc();
+        self.metrics.mo_bytes.inc_by(datagram.len() as u64);
+        self.metrics.count_coap("mo", oscore);
+        Ok(())
     }
 
     /// The device's piggybacked answer to a request the bridge acknowledged on its behalf goes
@@ -279,17 +288,7 @@ impl Uplinks {
                 || crate::config::ServerProfile::default().waits(),
                 |s| s.waits,
             );
-        device
-            .socket
-            .send_to(&response, server)
-            .await
-            .map_err(|e| {
-                self.metrics.drop_datagram("mo", "udp_send_failed");
-                UplinkError::Send(e)
-            })?;
-        self.metrics.mo_datagrams.inc();
-        self.metrics.mo_bytes.inc_by(response.len() as u64);
-        self.metrics.count_coap("mo", oscore);
+        self.send_counted(device, &response, server, oscore).await?;
         self.count_exchange("separate_response_sent");
         tracing::debug!(device = %device.id, %server, mid = message_id, "device's answer sent as a separate response");
         tokio::spawn(self.clone().retransmit_separate_response(

@@ -9,6 +9,7 @@ use std::time::Duration;
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::ServerRole;
 use nidd_testbed::bed::{DM_SERVER, RunningBed, TestBed};
+use nidd_testbed::mock_scef::SimUe;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use nidd_testbed::probe::{self, STEP};
 
@@ -300,12 +301,15 @@ async fn a_server_that_takes_separate_responses_gets_the_sleeping_devices_answer
     bed.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_that_oversleeps_the_separate_wait_never_gets_the_request() {
-    let id: DeviceId = "400000005@iot.example".parse().unwrap();
+/// A raw server that waits 15 s after an empty ACK (Wakaama) sends a CON request to `id`, a
+/// device that wakes every 10 s and is asleep now: the SCEF refuses the first delivery, the
+/// server retransmits as CoAP does after 2 to 3 s, and the device, expected back within 10 s
+/// of falling asleep, is acknowledged for, from its own address. Returns the running bed and
+/// the device's UE (whose MT only the first handle receives).
+async fn request_acknowledged_for_a_sleeping_device(id: &DeviceId) -> (RunningBed, SimUe) {
     let bed = TestBed::new()
         .raw_server(DM_SERVER, ServerRole::Dm)
-        .device_with(&id, |device| device.wake_period_s = Some(10))
+        .device_with(id, |device| device.wake_period_s = Some(10))
         .bridge_config(|config| {
             config.server_settings(DM_SERVER, |server| {
                 server.profile = nidd_bridge::config::ServerProfile::Wakaama
@@ -314,8 +318,8 @@ async fn a_device_that_oversleeps_the_separate_wait_never_gets_the_request() {
         .start()
         .await
         .unwrap();
-    let ue = bed.ue(&id);
-    let device = bed.bridge().device_address(&id);
+    let ue = bed.ue(id);
+    let device = bed.bridge().device_address(id);
     let server = bed.raw_server(DM_SERVER);
     ue.sleep();
     server.send_to(&request(1), device).await.unwrap();
@@ -325,14 +329,19 @@ async fn a_device_that_oversleeps_the_separate_wait_never_gets_the_request() {
             >= 1.0
     })
     .await;
-    // The server retransmits, as CoAP does after 2 to 3 s; the device, expected back within
-    // 10 s of falling asleep, is acknowledged for.
     server.send_to(&request(1), device).await.unwrap();
     let (ack, from) = tokio::time::timeout(STEP, server.recv())
         .await
         .expect("an empty ACK");
     assert_eq!(ack, [0x60, 0x00, 0x10, 1], "empty ACK to message ID 0x1001");
     assert_eq!(from, device, "from the device's own address");
+    (bed, ue)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_oversleeps_the_separate_wait_never_gets_the_request() {
+    let id: DeviceId = "400000005@iot.example".parse().unwrap();
+    let (bed, ue) = request_acknowledged_for_a_sleeping_device(&id).await;
     // It oversleeps (it comes back after a minute): 15 s after the ACK the server has given
     // up, and so does the bridge.
     probe::eventually("the request dropped as its server gave up", || async {
@@ -360,33 +369,9 @@ async fn a_device_that_oversleeps_the_separate_wait_never_gets_the_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_separate_response_is_retransmitted_until_the_server_acknowledges_it() {
     let id: DeviceId = "400000006@iot.example".parse().unwrap();
-    let bed = TestBed::new()
-        .raw_server(DM_SERVER, ServerRole::Dm)
-        .device_with(&id, |device| device.wake_period_s = Some(10))
-        .bridge_config(|config| {
-            config.server_settings(DM_SERVER, |server| {
-                server.profile = nidd_bridge::config::ServerProfile::Wakaama
-            })
-        })
-        .start()
-        .await
-        .unwrap();
-    let ue = bed.ue(&id);
+    let (bed, ue) = request_acknowledged_for_a_sleeping_device(&id).await;
     let device = bed.bridge().device_address(&id);
     let server = bed.raw_server(DM_SERVER);
-    ue.sleep();
-    server.send_to(&request(1), device).await.unwrap();
-    probe::eventually("the SCEF to refuse the sleeping device", || async {
-        bed.metric("nidd_bridge_mt_delivery_attempts_total{outcome=\"not_reachable\"}")
-            .await
-            >= 1.0
-    })
-    .await;
-    server.send_to(&request(1), device).await.unwrap();
-    let (ack, _) = tokio::time::timeout(STEP, server.recv())
-        .await
-        .expect("an empty ACK");
-    assert_eq!(ack, [0x60, 0x00, 0x10, 1]);
 
     // Back within the wait: the request reaches it and it answers piggybacked (ACK 2.05).
     ue.wake().await;
