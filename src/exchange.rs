@@ -15,8 +15,10 @@ use crate::coap::{Header, Kind};
 
 /// Exchanges remembered per direction; older ones are forgotten first.
 const REMEMBERED: usize = 8;
-/// Message IDs of the device's own messages remembered, to keep the bridge's apart.
-const REMEMBERED_DEVICE_MESSAGE_IDS: usize = 64;
+/// Message IDs of the device's own messages remembered, to keep the bridge's apart (few are
+/// needed: the bridge picks half the ID space away from the device's latest, and devices count
+/// theirs up one by one; 16 keep a device's memory small).
+const REMEMBERED_DEVICE_MESSAGE_IDS: usize = 16;
 /// Largest answer kept to resend (LwM2M's answers to device requests are tens of bytes): a
 /// larger one is not kept, and the device's late retransmission goes to the server instead.
 const MAX_KEPT_ANSWER_BYTES: usize = 512;
