@@ -2,6 +2,13 @@
 //! ranges), rebinding persisted addresses, and the receive loop of each socket, which also
 //! counts what the kernel dropped from a full receive buffer (`SO_RXQ_OVFL`). This is the
 //! narrow "send as device / receive for device" layer a TUN-based backend could replace.
+//!
+//! The `anyip` backend's pieces live beside it: [`anyip`] (one wildcard socket receiving for
+//! every device address of a local prefix and sending as any of them) and [`prefix`] (the
+//! addresses handed out of that prefix).
+
+pub(crate) mod anyip;
+pub(crate) mod prefix;
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{
-    AdminConfig, CallbackConfig, Config, ConfigError, DeviceConfig, GroupConfig, HexBytes,
-    ListenerLimits, Lwm2mServerConfig, NiddDefaults, OnboardingConfig, OneOrMany, PortRange,
-    PsmConfig, ScefConfig, ServerRole, SocketsConfig, StoreConfig, TokenRateLimit,
+    AdminConfig, CallbackConfig, Config, ConfigError, DEFAULT_ANYIP_PORT, DeviceConfig,
+    GroupConfig, HexBytes, ListenerLimits, Lwm2mServerConfig, NiddDefaults, OnboardingConfig,
+    OneOrMany, PortRange, PsmConfig, ScefConfig, ServerRole, SocketBackend, SocketsConfig,
+    StoreConfig, TokenRateLimit,
 };
 use url::Url;
 
@@ -123,6 +124,9 @@ impl BridgeConfigBuilder {
                         last: 39999,
                     }),
                     release_grace_s: 300,
+                    backend: SocketBackend::PerSocket,
+                    prefix: None,
+                    anyip_port: DEFAULT_ANYIP_PORT,
                 },
                 store: StoreConfig {
                     path: store.to_path_buf(),
