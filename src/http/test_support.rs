@@ -298,7 +298,8 @@ impl Harness {
                 backend: SocketBackend::PerSocket,
                 prefix: None,
                 anyip_port: DEFAULT_ANYIP_PORT,
-            }),
+            })
+            .expect("socket pool"),
             // A and B are the configuration file's.
             [DEVICE_A, DEVICE_B]
                 .into_iter()

@@ -9,9 +9,6 @@
 //! them. (Left to itself, the kernel picks among wildcard sockets by a hash of the *source*
 //! only: every datagram of one LwM2M server would reach the same socket.)
 
-// Nothing outside the tests uses the socket yet: the fleet wires the `anyip` backend in next.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::cell::RefCell;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};

@@ -4,9 +4,6 @@
 //! but the addresses in use and the released ones waiting to be reused, so 100 000 devices cost
 //! a few MiB whatever the prefix's size.
 
-// Nothing outside the tests uses the pool yet: the fleet wires the `anyip` backend in next.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::{HashSet, VecDeque};
 use std::net::IpAddr;
 
@@ -60,6 +57,7 @@ impl PrefixPool {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn prefix(&self) -> IpNet {
         self.prefix
     }
@@ -70,6 +68,7 @@ impl PrefixPool {
     }
 
     /// How many addresses devices hold.
+    #[cfg(test)]
     pub(crate) fn in_use(&self) -> usize {
         self.in_use.len()
     }
