@@ -3,9 +3,10 @@
 //! datagram's device from its destination and send as the device from its address. The same
 //! scenario bodies as the per-socket runs, through the npm LwM2M server and the simulator:
 //! register, read, write, discover, de-register; a read held for a sleeping device with
-//! either buffer owner; an always-on device read long after its last uplink. And what only a
-//! shared socket meets: datagrams for an address no device holds are counted, never handed
-//! to anyone.
+//! either buffer owner; an always-on device read long after its last uplink; a process
+//! restart that keeps each device's address (OSCORE through the shared sockets is in
+//! `sim_oscore`). And what only a shared socket meets: datagrams for an address no device
+//! holds are counted, never handed to anyone.
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{BufferOwner, ServerRole};
