@@ -345,13 +345,13 @@ impl Bridge {
         let mut queued = mt_store.load()?;
         // Persisted addresses are bound before any new allocation, so no new device takes a
         // port an existing device's registration points at.
-        let mut pool = SocketPool::new(&config.sockets);
+        let mut pool = SocketPool::new(&config.sockets)?;
         let file_devices: std::collections::HashMap<DeviceId, DeviceConfig> = seeds
             .iter()
             .filter(|seed| !seed.from_api)
             .map(|seed| (seed.id.clone(), seed.settings.clone()))
             .collect();
-        let mut sockets: Vec<Option<std::net::UdpSocket>> = Vec::with_capacity(seeds.len());
+        let mut sockets: Vec<Option<DeviceSocket>> = Vec::with_capacity(seeds.len());
         for seed in &seeds {
             let persisted = seed.record.as_ref().and_then(|r| r.udp_address);
             sockets.push(match persisted.map(|address| pool.bind_exact(address)) {
@@ -371,11 +371,10 @@ impl Bridge {
             metrics.store_errors.clone(),
         );
         for (seed, socket) in seeds.into_iter().zip(sockets) {
-            let socket = match socket {
+            let socket = Arc::new(match socket {
                 Some(socket) => socket,
                 None => pool.bind_next()?,
-            };
-            let socket = Arc::new(DeviceSocket::from_std(socket)?);
+            });
             let queue =
                 DeviceQueue::from_entries(queued.remove(seed.id.canonical()).unwrap_or_default());
             let on_demand = seed.record.as_ref().is_some_and(|r| r.onboarded);

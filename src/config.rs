@@ -4,10 +4,11 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
@@ -964,16 +965,193 @@ pub struct SocketsConfig {
     /// devices (what a server still sends to it is counted, not handed to someone else).
     #[serde(default = "default_release_grace_s")]
     pub release_grace_s: u64,
+    /// How devices get their addresses: `per_socket` (one UDP socket each, from `bind` x
+    /// `ports`) or `anyip` (one address each out of `prefix`, all at `anyip_port`, served by a
+    /// few wildcard sockets). Parsed and checked; the fleet serves `per_socket` only so far.
+    #[serde(default)]
+    pub backend: SocketBackend,
+    /// With `anyip`: the prefix the devices' addresses come from (`"10.64.0.0/16"`, an IPv6
+    /// /64; `"127.64.0.0/10"` in tests). It must be routed to this host
+    /// (`ip route add local PREFIX dev lo`); every address of 127.0.0.0/8 already is.
+    #[serde(default)]
+    pub prefix: Option<AddressPrefix>,
+    /// With `anyip`: the UDP port of every device address (0: the kernel picks one, for tests).
+    #[serde(default = "default_anyip_port")]
+    pub anyip_port: u16,
 }
 
 fn default_release_grace_s() -> u64 {
     300
 }
 
+/// The default `sockets.anyip_port`: CoAP's.
+pub const DEFAULT_ANYIP_PORT: u16 = 5683;
+
+fn default_anyip_port() -> u16 {
+    DEFAULT_ANYIP_PORT
+}
+
 impl SocketsConfig {
+    /// How many devices the configured backend can give an address: `bind` x `ports` for
+    /// `per_socket`, the prefix's host addresses for `anyip` (saturating at `u64::MAX`).
     pub fn capacity(&self) -> u64 {
-        let ports: u64 = self.ports.iter().map(|r| u64::from(r.len())).sum();
-        ports * self.bind.iter().count() as u64
+        match (self.backend, &self.prefix) {
+            (SocketBackend::AnyIp, Some(prefix)) => {
+                u64::try_from(prefix.host_count()).unwrap_or(u64::MAX)
+            }
+            _ => {
+                let ports: u64 = self.ports.iter().map(|r| u64::from(r.len())).sum();
+                ports * self.bind.iter().count() as u64
+            }
+        }
+    }
+
+    /// What is wrong with the backend's keys, if anything (not whether the prefix is local:
+    /// see [`AddressPrefix::locality_problem`]).
+    fn problem(&self) -> Option<String> {
+        match (self.backend, &self.prefix) {
+            (SocketBackend::AnyIp, None) => Some(
+                "sockets.backend = \"anyip\" needs sockets.prefix, the CIDR prefix the devices' addresses come from (e.g. \"10.64.0.0/16\")".into(),
+            ),
+            (SocketBackend::PerSocket, Some(prefix)) => Some(format!(
+                "sockets.prefix = \"{prefix}\" is used only with sockets.backend = \"anyip\""
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// How devices get their UDP addresses (`sockets.backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum SocketBackend {
+    /// One UDP socket (one descriptor) per device, from `sockets.bind` x `sockets.ports`.
+    #[default]
+    #[serde(rename = "per_socket")]
+    PerSocket,
+    /// One address per device out of `sockets.prefix`, at `sockets.anyip_port`, all served by
+    /// wildcard sockets that see each datagram's destination and send from any address.
+    #[serde(rename = "anyip")]
+    AnyIp,
+}
+
+/// An IPv4 or IPv6 CIDR prefix written `"10.64.0.0/16"` or `"fd00:64::/64"`, without host bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AddressPrefix(IpNet);
+
+impl AddressPrefix {
+    pub fn net(&self) -> IpNet {
+        self.0
+    }
+
+    /// How many device addresses the prefix holds: all but the network and broadcast addresses
+    /// of an IPv4 prefix shorter than /31, every address otherwise (saturating at `u128::MAX`).
+    pub fn host_count(&self) -> u128 {
+        let host_bits = u32::from(self.0.max_prefix_len() - self.0.prefix_len());
+        let all = 1u128.checked_shl(host_bits).unwrap_or(u128::MAX);
+        match self.0 {
+            IpNet::V4(net) if net.prefix_len() < 31 => all - 2,
+            _ => all,
+        }
+    }
+
+    /// Why the prefix's addresses are not this host's, with the route that would make them so;
+    /// `None` when they are.
+    ///
+    /// - IPv4: every address of 127.0.0.0/8 is. For others, a UDP socket is bound (without
+    ///   `IP_FREEBIND`, port 0) to the prefix's first and last host addresses and closed again.
+    ///   With `net.ipv4.ip_nonlocal_bind = 1` any address binds: the check then passes blindly.
+    /// - IPv6 binds an address of a local route only with `IPV6_FREEBIND`, which binds any
+    ///   address, so a bind tells nothing: a local route (`RTF_LOCAL`) must cover the whole prefix
+    ///   in `/proc/net/ipv6_route`, which lists every routing table.
+    pub fn locality_problem(&self) -> Option<String> {
+        const LOOPBACK: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8);
+        let why = match self.0 {
+            IpNet::V4(net) if LOOPBACK.contains(&net) => return None,
+            IpNet::V4(net) => {
+                let mut hosts = net.hosts();
+                [hosts.next(), hosts.next_back()]
+                    .into_iter()
+                    .flatten()
+                    .find_map(|address| {
+                        let error = std::net::UdpSocket::bind((address, 0)).err()?;
+                        Some(format!("binding {address} fails: {error}"))
+                    })?
+            }
+            IpNet::V6(net) => match std::fs::read_to_string(IPV6_ROUTES) {
+                Ok(routes) if local_ipv6_route_covers(&routes, net) => return None,
+                Ok(_) => format!("no local route in {IPV6_ROUTES} covers it"),
+                Err(error) => format!("cannot read {IPV6_ROUTES}: {error}"),
+            },
+        };
+        Some(format!(
+            "sockets.prefix {prefix} is not local on this host ({why}); route it to this host with `ip route add local {prefix} dev lo` (and the LwM2M servers must reach the prefix through this host)",
+            prefix = self.0
+        ))
+    }
+}
+
+/// Every IPv6 route of every routing table, one a line, in hex (see `locality_problem`).
+const IPV6_ROUTES: &str = "/proc/net/ipv6_route";
+
+/// Whether a route of type local in `routes` (the text of `/proc/net/ipv6_route`) covers all of
+/// `prefix`.
+fn local_ipv6_route_covers(routes: &str, prefix: ipnet::Ipv6Net) -> bool {
+    /// `RTF_LOCAL` of the route's flags (`ip route add local ...`, the host's own addresses).
+    const RTF_LOCAL: u32 = 0x8000_0000;
+    routes.lines().any(|line| {
+        // destination, its length, source, its length, next hop, metric, refcnt, use, flags, dev
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(destination), Some(length), Some(flags)) =
+            (fields.first(), fields.get(1), fields.get(8))
+        else {
+            return false;
+        };
+        let (Ok(destination), Ok(length), Ok(flags)) = (
+            u128::from_str_radix(destination, 16),
+            u8::from_str_radix(length, 16),
+            u32::from_str_radix(flags, 16),
+        ) else {
+            return false;
+        };
+        flags & RTF_LOCAL != 0
+            && ipnet::Ipv6Net::new(destination.into(), length)
+                .is_ok_and(|route| route.contains(&prefix))
+    })
+}
+
+impl fmt::Display for AddressPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for AddressPrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let net: IpNet = s.trim().parse().map_err(|_| {
+            format!("{s:?} is not a CIDR prefix (ADDRESS/LENGTH, e.g. \"10.64.0.0/16\")")
+        })?;
+        if net != net.trunc() {
+            return Err(format!(
+                "prefix {s:?} has host bits set; the prefix is {}",
+                net.trunc()
+            ));
+        }
+        Ok(Self(net))
+    }
+}
+
+impl From<AddressPrefix> for String {
+    fn from(prefix: AddressPrefix) -> Self {
+        prefix.to_string()
+    }
+}
+
+impl TryFrom<String> for AddressPrefix {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
     }
 }
 
@@ -1639,10 +1817,17 @@ impl Config {
                 return invalid(format!("device {id}: {problem}"));
             }
         }
+        if let Some(problem) = self.sockets.problem() {
+            return invalid(problem);
+        }
         let capacity = self.sockets.capacity();
         if (self.devices.len() as u64) > capacity {
+            let pool = match self.sockets.backend {
+                SocketBackend::PerSocket => "the socket pool ([sockets] bind x ports)",
+                SocketBackend::AnyIp => "the prefix (sockets.prefix)",
+            };
             return invalid(format!(
-                "{} devices but the socket pool ([sockets] bind x ports) holds only {capacity}",
+                "{} devices but {pool} holds only {capacity}",
                 self.devices.len()
             ));
         }
@@ -2137,5 +2322,164 @@ mod tests {
         assert_eq!(tuned.callback.limits.max_connections, 10);
         assert_eq!(tuned.callback.limits.idle_timeout_ms, 60_000);
         assert_eq!(tuned.callback.rate_limit.requests_per_s, 1);
+    }
+
+    /// `minimal` with more keys in its `[sockets]` table.
+    fn with_sockets(keys: &str) -> String {
+        minimal("").replace(
+            "ports = \"20000-20001\"",
+            &format!("ports = \"20000-20001\"\n{keys}"),
+        )
+    }
+
+    #[test]
+    fn the_socket_backend_keys_are_optional_and_default_to_per_socket() {
+        for text in [minimal(""), EXAMPLE_CONFIG.to_string()] {
+            let sockets = Config::parse(&text).unwrap().sockets;
+            assert_eq!(sockets.backend, SocketBackend::PerSocket);
+            assert_eq!(sockets.prefix, None);
+            assert_eq!(sockets.anyip_port, 5683);
+        }
+        let anyip = Config::parse(&with_sockets(
+            "backend = \"anyip\"\nprefix = \"127.64.0.0/10\"",
+        ))
+        .unwrap()
+        .sockets;
+        assert_eq!(anyip.backend, SocketBackend::AnyIp);
+        assert_eq!(anyip.prefix.unwrap().to_string(), "127.64.0.0/10");
+        assert_eq!(anyip.anyip_port, 5683);
+        assert_eq!(anyip.capacity(), (1 << 22) - 2);
+        let explicit = Config::parse(&with_sockets(
+            "backend = \"per_socket\"\nanyip_port = 0\nrelease_grace_s = 5",
+        ))
+        .unwrap()
+        .sockets;
+        assert_eq!(explicit.backend, SocketBackend::PerSocket);
+        assert_eq!(explicit.anyip_port, 0);
+        assert_eq!(explicit.capacity(), 2, "bind x ports");
+        let v6 = Config::parse(&with_sockets(
+            "backend = \"anyip\"\nprefix = \"fd00:64::/64\"\nanyip_port = 15683",
+        ))
+        .unwrap()
+        .sockets;
+        assert_eq!(v6.anyip_port, 15683);
+        assert_eq!(v6.capacity(), u64::MAX, "2^64 addresses, saturated");
+    }
+
+    #[test]
+    fn the_anyip_backend_needs_a_valid_prefix() {
+        for (keys, names) in [
+            ("backend = \"anyip\"", "needs sockets.prefix"),
+            (
+                "prefix = \"127.64.0.0/10\"",
+                "used only with sockets.backend = \"anyip\"",
+            ),
+            ("backend = \"tun\"", "backend"),
+            (
+                "backend = \"anyip\"\nprefix = \"10.64.0.0/33\"",
+                "not a CIDR prefix",
+            ),
+            (
+                "backend = \"anyip\"\nprefix = \"10.64.0.0\"",
+                "not a CIDR prefix",
+            ),
+            (
+                "backend = \"anyip\"\nprefix = \"10.64.0.1/16\"",
+                "host bits set; the prefix is 10.64.0.0/16",
+            ),
+            (
+                "backend = \"anyip\"\nprefix = \"127.64.0.0/10\"\nanyip_port = 70000",
+                "anyip_port",
+            ),
+        ] {
+            let err = Config::parse(&with_sockets(keys)).unwrap_err();
+            assert!(err.to_string().contains(names), "{keys}: {err}");
+        }
+        let mut devices = String::from("backend = \"anyip\"\nprefix = \"10.0.0.0/30\"");
+        for n in 0..3 {
+            devices.push_str(&format!(
+                "\n[[devices]]\nexternal_id = \"d{n}@example.com\""
+            ));
+        }
+        let err = Config::parse(&with_sockets(&devices)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("3 devices but the prefix (sockets.prefix) holds only 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn prefix_host_counts() {
+        for (prefix, count) in [
+            ("127.64.0.0/10", (1u128 << 22) - 2),
+            ("10.0.0.0/30", 2),
+            ("10.0.0.0/31", 2),
+            ("10.0.0.1/32", 1),
+            ("0.0.0.0/0", (1u128 << 32) - 2),
+            ("fd00::/120", 256),
+            ("fd00::/64", 1 << 64),
+            ("fd00::1/128", 1),
+            ("::/0", u128::MAX),
+        ] {
+            let prefix: AddressPrefix = prefix.parse().unwrap();
+            assert_eq!(prefix.host_count(), count, "{prefix}");
+        }
+    }
+
+    #[test]
+    fn ipv6_prefixes_are_local_when_a_local_route_covers_them() {
+        // /proc/net/ipv6_route after `ip -6 route add local fd00:64::/64 dev lo`.
+        let routes = "\
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+00000000000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000002 00000000 80200001       lo
+fd000064000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 80000001       lo
+fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000002 00000000 00000001     eth0
+";
+        let covered = |prefix: &str| local_ipv6_route_covers(routes, prefix.parse().unwrap());
+        assert!(covered("fd00:64::/64"));
+        assert!(covered("fd00:64::/120"));
+        assert!(covered("::1/128"));
+        assert!(!covered("fd00:64::/63"), "wider than the route");
+        assert!(!covered("fd00:65::/64"));
+        assert!(!covered("fd00::/64"), "routed to eth0, not local");
+        assert!(
+            !covered("2001:db8::/64"),
+            "the unreachable default is no local route"
+        );
+        assert!(!local_ipv6_route_covers(
+            "garbage\n\n",
+            "fd00:64::/64".parse().unwrap()
+        ));
+        // Nobody's: documentation addresses (RFC 3849).
+        let prefix: AddressPrefix = "2001:db8:64::/64".parse().unwrap();
+        let problem = prefix.locality_problem().expect("not local");
+        assert!(
+            problem.contains("ip route add local 2001:db8:64::/64 dev lo"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn loopback_prefixes_are_local_and_others_are_explained() {
+        for local in ["127.64.0.0/10", "127.0.0.0/8", "127.100.3.4/32"] {
+            let prefix: AddressPrefix = local.parse().unwrap();
+            assert_eq!(prefix.locality_problem(), None, "{local}");
+        }
+        // With net.ipv4.ip_nonlocal_bind = 1 every address binds: the check cannot tell.
+        if std::fs::read_to_string("/proc/sys/net/ipv4/ip_nonlocal_bind")
+            .is_ok_and(|v| v.trim() == "1")
+        {
+            return;
+        }
+        // TEST-NET-2 (RFC 5737) is nobody's address; 126.0.0.0/7 reaches out of 127/8.
+        for remote in ["198.51.100.0/24", "126.0.0.0/7"] {
+            let prefix: AddressPrefix = remote.parse().unwrap();
+            let problem = prefix.locality_problem().expect("not local");
+            assert!(
+                problem.contains(&format!("ip route add local {remote} dev lo")),
+                "{problem}"
+            );
+        }
     }
 }

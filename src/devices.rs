@@ -7,6 +7,7 @@ pub(crate) mod groups;
 pub(crate) mod tokens;
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Instant;
@@ -408,6 +409,9 @@ impl RetiredTokens {
 struct Members {
     by_id: IndexMap<DeviceId, Arc<Device>>,
     by_token: HashMap<String, Arc<Device>>,
+    /// By UDP address, for the sockets shared by many devices (`anyip`), which learn the
+    /// device of a datagram from its destination.
+    by_address: HashMap<SocketAddr, Arc<Device>>,
 }
 
 /// Every device, by identity and by callback token, with the count of devices whose NIDD
@@ -478,6 +482,11 @@ impl DeviceTable {
             members.by_token.insert(token.to_string(), device.clone());
         }
         members.by_id.insert(device.id.clone(), device.clone());
+        if device.socket.is_shared() {
+            members
+                .by_address
+                .insert(device.socket.local_addr(), device.clone());
+        }
         drop(members);
         if let Some(group) = device.group() {
             group.join(device.id.clone());
@@ -524,6 +533,14 @@ impl DeviceTable {
             members
                 .by_token
                 .retain(|_, holder| !Arc::ptr_eq(holder, &device));
+            let address = device.socket.local_addr();
+            if members
+                .by_address
+                .get(&address)
+                .is_some_and(|holder| Arc::ptr_eq(holder, &device))
+            {
+                members.by_address.remove(&address);
+            }
         }
         self.publish_counts();
         Ok(Some(device))
@@ -560,6 +577,11 @@ impl DeviceTable {
     }
 
     /// The device whose callback URLs carry `token` (its active or its pending one).
+    /// The device a shared socket's datagram was sent to.
+    pub(crate) fn by_address(&self, address: &SocketAddr) -> Option<Arc<Device>> {
+        self.members().by_address.get(address).cloned()
+    }
+
     pub(crate) fn by_token(&self, token: &str) -> Option<Arc<Device>> {
         self.members().by_token.get(token).cloned()
     }

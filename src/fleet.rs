@@ -33,6 +33,7 @@ use crate::onboarding::{OnboardingPolicy, OnboardingRefusal};
 use crate::queue::DeviceQueue;
 use crate::reachability::Reachability;
 use crate::routing::{KidRoute, Router};
+use crate::socket::anyip::AnyIpSocket;
 use crate::socket::{DeviceSocket, RelayError, SocketPool};
 use crate::store::{DeviceRecord, StoreError};
 use crate::t8::T8Client;
@@ -553,6 +554,18 @@ impl Fleet {
         for device in self.parts.devices.iter() {
             self.spawn_device(device);
         }
+        let Some(runner) = self.runner.get() else {
+            return;
+        };
+        for socket in lock(&self.pool).shared_sockets() {
+            runner.tasks.spawn(dispatch_shared(
+                socket,
+                self.parts.devices.clone(),
+                self.parts.downlinks.clone(),
+                self.parts.metrics.clone(),
+                runner.cancel.child_token(),
+            ));
+        }
     }
 
     /// Waits for every task started by [`start`](Self::start) to end (after its cancel).
@@ -576,21 +589,17 @@ impl Fleet {
             .with_label_values(&["mt", "receive_buffer"]);
         let downlinks = self.parts.downlinks.clone();
         let receiver = device.clone();
-        runner.tasks.spawn(device.socket.clone().receive_loop(
-            cancel.clone(),
-            kernel_drops,
-            move |datagram, from| {
-                let (downlinks, device) = (downlinks.clone(), receiver.clone());
-                async move {
-                    let ack = downlinks.receive(&device, datagram, from, clock::unix_ms());
-                    if let Some(ack) = ack
-                        && let Err(error) = device.socket.send_to(&ack, from).await
-                    {
-                        tracing::warn!(device = %device.id, %error, "cannot send the empty ACK to the server");
-                    }
-                }
-            },
-        ));
+        // A device on the shared sockets is received for by their dispatchers: no task here.
+        if !device.socket.is_shared() {
+            runner.tasks.spawn(device.socket.clone().receive_loop(
+                cancel.clone(),
+                kernel_drops,
+                move |datagram, from| {
+                    let (downlinks, device) = (downlinks.clone(), receiver.clone());
+                    async move { receive_one(&downlinks, &device, datagram, from).await }
+                },
+            ));
+        }
         runner
             .tasks
             .spawn(self.parts.flusher.clone().run(device, cancel));
@@ -734,9 +743,7 @@ impl Fleet {
                     .as_ref()
                     .and_then(|r| r.udp_address)
                     .and_then(|address| pool.bind_exact(address).ok());
-                let bound = stored
-                    .map_or_else(|| pool.bind_next(), Ok)
-                    .and_then(DeviceSocket::from_std);
+                let bound = stored.map_or_else(|| pool.bind_next(), Ok);
                 match bound {
                     Ok(socket) => {
                         sockets.push(Arc::new(socket));
@@ -1255,6 +1262,69 @@ fn warn_if_group_differs(device: &Device, settings: &DeviceConfig) {
     let current = device.group().map(|g| g.id.to_string());
     if current.as_deref() != settings.group.as_deref() {
         tracing::warn!(device = %device.id, from = ?current, to = ?settings.group, "a device's group changes at the next start, not on a reload");
+    }
+}
+
+/// One MT datagram for `device`: through admission, and the empty ACK it may call for sent
+/// back to the server from the device's address.
+async fn receive_one(
+    downlinks: &Downlinks,
+    device: &Arc<Device>,
+    datagram: Vec<u8>,
+    from: SocketAddr,
+) {
+    let ack = downlinks.receive(device, datagram, from, clock::unix_ms());
+    if let Some(ack) = ack
+        && let Err(error) = device.socket.send_to(&ack, from).await
+    {
+        tracing::warn!(device = %device.id, %error, "cannot send the empty ACK to the server");
+    }
+}
+
+/// Receives on one shared (`anyip`) socket until cancelled and hands each datagram to the
+/// device it was sent to, in the order received; the kernel keeps a device on one socket of
+/// the group, so its datagrams keep their order. A datagram for an address no device holds
+/// (a removed one, or a stranger's guess) is counted as `no_device`.
+async fn dispatch_shared(
+    socket: Arc<AnyIpSocket>,
+    devices: Arc<DeviceTable>,
+    downlinks: Arc<Downlinks>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let kernel_drops = metrics
+        .dropped_datagrams
+        .with_label_values(&["mt", "receive_buffer"]);
+    loop {
+        let batch = tokio::select! {
+            _ = cancel.cancelled() => return,
+            batch = socket.recv_batch() => batch,
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                // ICMP errors of earlier sends surface here; nothing is lost by going on.
+                tracing::debug!(%error, socket = %socket.local_addr(), "anyip receive error");
+                continue;
+            }
+        };
+        if batch.kernel_drops > 0 {
+            kernel_drops.inc_by(u64::from(batch.kernel_drops));
+            tracing::warn!(socket = %socket.local_addr(), dropped = batch.kernel_drops, "the kernel dropped MT datagrams from a full receive buffer");
+        }
+        for received in batch.datagrams {
+            let Some(device) = devices.by_address(&received.device) else {
+                metrics.drop_datagram("mt", "no_device");
+                continue;
+            };
+            match received.data {
+                Ok(datagram) => receive_one(&downlinks, &device, datagram, received.from).await,
+                Err(oversized) => {
+                    metrics.drop_datagram("mt", "oversized");
+                    tracing::warn!(device = %device.id, bytes = oversized.bytes, "dropped MT datagram larger than the receive buffer");
+                }
+            }
+        }
     }
 }
 

@@ -13,7 +13,8 @@
 //! - paths: `mo` (uplink verdict and forwarding to the LwM2M server) and `mt` (downlink
 //!   admission, the durable queue, the per-device flusher delivering through T8).
 //! - state: `devices` (the device table and per-device state), `socket` (the per-device UDP
-//!   sockets), `store` (sled), [`t8`] (T8 bodies and the client), `metrics` (Prometheus).
+//!   sockets, and beside them the `anyip` backend's wildcard sockets and prefix pool), `store`
+//!   (sled), [`t8`] (T8 bodies and the client), `metrics` (Prometheus).
 //! - sans-IO core: `delivery` (the MT delivery engine), `queue` (MT queue policy),
 //!   `onboarding` (who may be created on demand), `exchange` (what each device's CoAP
 //!   exchanges carried across NIDD, and its round trip),

@@ -104,6 +104,11 @@ fn check_config(path: PathBuf) -> ExitCode {
         eprintln!("nidd-bridge: {}: {error}", path.display());
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
+    // The anyip backend sends as addresses of its prefix: they must be local on this host.
+    if let Some(problem) = config.sockets.prefix.and_then(|p| p.locality_problem()) {
+        eprintln!("nidd-bridge: {}: {problem}", path.display());
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
     let scef = &config.scef;
     let trust = match (&scef.ca_file, scef.use_system_roots) {
         (None, _) => "system roots",

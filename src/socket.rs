@@ -2,6 +2,13 @@
 //! ranges), rebinding persisted addresses, and the receive loop of each socket, which also
 //! counts what the kernel dropped from a full receive buffer (`SO_RXQ_OVFL`). This is the
 //! narrow "send as device / receive for device" layer a TUN-based backend could replace.
+//!
+//! The `anyip` backend's pieces live beside it: [`anyip`] (one wildcard socket receiving for
+//! every device address of a local prefix and sending as any of them) and [`prefix`] (the
+//! addresses handed out of that prefix).
+
+pub(crate) mod anyip;
+pub(crate) mod prefix;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -18,7 +25,9 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{PortRange, SocketsConfig};
+use crate::config::{PortRange, SocketBackend, SocketsConfig};
+use anyip::AnyIpSocket;
+use prefix::PrefixPool;
 
 /// Largest datagram read from a socket; longer ones are reported as oversized.
 pub(crate) const RECEIVE_BUFFER_BYTES: usize = 4096;
@@ -34,8 +43,9 @@ pub enum RelayError {
     },
 }
 
-/// Hands out socket addresses from the pool, skipping ones in use.
-pub(crate) struct SocketPool {
+/// Hands out socket addresses from the `per_socket` pool (addresses × port ranges), skipping
+/// ones in use.
+struct PortPool {
     addresses: Vec<IpAddr>,
     ranges: Vec<PortRange>,
     taken: HashSet<SocketAddr>,
@@ -45,8 +55,8 @@ pub(crate) struct SocketPool {
     released: std::collections::VecDeque<SocketAddr>,
 }
 
-impl SocketPool {
-    pub(crate) fn new(config: &SocketsConfig) -> Self {
+impl PortPool {
+    fn new(config: &SocketsConfig) -> Self {
         Self {
             addresses: config.bind.iter().copied().collect(),
             ranges: config.ports.iter().copied().collect(),
@@ -56,7 +66,7 @@ impl SocketPool {
         }
     }
 
-    pub(crate) fn contains(&self, address: SocketAddr) -> bool {
+    fn contains(&self, address: SocketAddr) -> bool {
         self.addresses.contains(&address.ip())
             && self.ranges.iter().any(|r| r.contains(address.port()))
     }
@@ -75,10 +85,7 @@ impl SocketPool {
     }
 
     /// Binds `address` again if it belongs to the pool and is free.
-    pub(crate) fn bind_exact(
-        &mut self,
-        address: SocketAddr,
-    ) -> Result<std::net::UdpSocket, RelayError> {
+    fn bind_exact(&mut self, address: SocketAddr) -> Result<std::net::UdpSocket, RelayError> {
         if !self.contains(address) || self.taken.contains(&address) {
             return Err(RelayError::Socket {
                 address,
@@ -94,7 +101,7 @@ impl SocketPool {
     }
 
     /// Binds the next free address of the pool; addresses another process holds are skipped.
-    pub(crate) fn bind_next(&mut self) -> Result<std::net::UdpSocket, RelayError> {
+    fn bind_next(&mut self) -> Result<std::net::UdpSocket, RelayError> {
         while let Some(address) = self.released.pop_front() {
             match bind(address) {
                 Ok(socket) => {
@@ -125,11 +132,135 @@ impl SocketPool {
 
     /// Gives an address back once its socket is closed; it is bound again after every address
     /// released before it.
-    pub(crate) fn release(&mut self, address: SocketAddr) {
+    fn release(&mut self, address: SocketAddr) {
         if self.contains(address) && !self.released.contains(&address) {
             self.released.push_back(address);
         }
     }
+}
+
+/// Hands out devices' sockets by the configured backend: a UDP socket of its own per device
+/// (`per_socket`), or an address of the prefix, served by the shared wildcard sockets
+/// (`anyip`, one per core, which [`SocketPool::shared_sockets`] gives to their dispatchers).
+pub(crate) struct SocketPool {
+    backend: Backend,
+}
+
+enum Backend {
+    PerSocket(PortPool),
+    AnyIp {
+        addresses: PrefixPool,
+        port: u16,
+        sockets: Vec<Arc<AnyIpSocket>>,
+    },
+}
+
+impl SocketPool {
+    /// The pool `[sockets]` describes; with `anyip`, its shared sockets are bound now (within
+    /// a tokio runtime), one per core.
+    pub(crate) fn new(config: &SocketsConfig) -> Result<Self, RelayError> {
+        let backend = match (config.backend, config.prefix) {
+            (SocketBackend::AnyIp, Some(prefix)) => {
+                if let Some(problem) = prefix.locality_problem() {
+                    return Err(RelayError::Socket {
+                        address: SocketAddr::new(prefix.net().network(), config.anyip_port),
+                        source: std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, problem),
+                    });
+                }
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let sockets: Vec<Arc<AnyIpSocket>> =
+                    AnyIpSocket::bind_group(prefix, config.anyip_port, cores)?
+                        .into_iter()
+                        .map(Arc::new)
+                        .collect();
+                let port = sockets
+                    .first()
+                    .map_or(config.anyip_port, |s| s.local_addr().port());
+                Backend::AnyIp {
+                    addresses: PrefixPool::new(prefix),
+                    port,
+                    sockets,
+                }
+            }
+            // A configuration check refuses `anyip` without a prefix.
+            _ => Backend::PerSocket(PortPool::new(config)),
+        };
+        Ok(Self { backend })
+    }
+
+    /// The socket at `address` (a device's persisted one), if it is the pool's and free.
+    pub(crate) fn bind_exact(&mut self, address: SocketAddr) -> Result<DeviceSocket, RelayError> {
+        match &mut self.backend {
+            Backend::PerSocket(pool) => DeviceSocket::from_std(pool.bind_exact(address)?),
+            Backend::AnyIp {
+                addresses,
+                port,
+                sockets,
+            } => {
+                let unavailable = |detail: String| RelayError::Socket {
+                    address,
+                    source: std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, detail),
+                };
+                if address.port() != *port {
+                    return Err(unavailable(format!("not at the anyip port {port}")));
+                }
+                addresses
+                    .claim(address.ip())
+                    .map_err(|error| unavailable(error.to_string()))?;
+                Ok(DeviceSocket::shared(shared_for(sockets, address)?, address))
+            }
+        }
+    }
+
+    /// The next free socket of the pool.
+    pub(crate) fn bind_next(&mut self) -> Result<DeviceSocket, RelayError> {
+        match &mut self.backend {
+            Backend::PerSocket(pool) => DeviceSocket::from_std(pool.bind_next()?),
+            Backend::AnyIp {
+                addresses,
+                port,
+                sockets,
+            } => {
+                let address = SocketAddr::new(
+                    addresses
+                        .allocate()
+                        .map_err(|_| RelayError::PoolExhausted)?,
+                    *port,
+                );
+                Ok(DeviceSocket::shared(shared_for(sockets, address)?, address))
+            }
+        }
+    }
+
+    /// Gives a closed socket's address back to the pool.
+    pub(crate) fn release(&mut self, address: SocketAddr) {
+        match &mut self.backend {
+            Backend::PerSocket(pool) => pool.release(address),
+            Backend::AnyIp { addresses, .. } => {
+                addresses.release(address.ip());
+            }
+        }
+    }
+
+    /// The shared sockets whose datagrams a dispatcher hands to their devices (none with
+    /// `per_socket`, where each device's socket has a receive loop of its own).
+    pub(crate) fn shared_sockets(&self) -> Vec<Arc<AnyIpSocket>> {
+        match &self.backend {
+            Backend::PerSocket(_) => Vec::new(),
+            Backend::AnyIp { sockets, .. } => sockets.clone(),
+        }
+    }
+}
+
+/// The shared socket a device sends through (any of the group can send as any device).
+fn shared_for(
+    sockets: &[Arc<AnyIpSocket>],
+    address: SocketAddr,
+) -> Result<Arc<AnyIpSocket>, RelayError> {
+    sockets.first().cloned().ok_or(RelayError::Socket {
+        address,
+        source: std::io::Error::other("no anyip socket bound"),
+    })
 }
 
 fn bind(address: SocketAddr) -> Result<std::net::UdpSocket, RelayError> {
@@ -141,10 +272,16 @@ fn bind(address: SocketAddr) -> Result<std::net::UdpSocket, RelayError> {
     Ok(socket)
 }
 
-/// One device's socket.
+/// One device's socket: a UDP socket of its own, or its address on the shared `anyip`
+/// sockets.
 pub(crate) struct DeviceSocket {
-    socket: UdpSocket,
+    io: DeviceIo,
     local: SocketAddr,
+}
+
+enum DeviceIo {
+    Own(UdpSocket),
+    Shared(Arc<AnyIpSocket>),
 }
 
 impl DeviceSocket {
@@ -169,7 +306,23 @@ impl DeviceSocket {
             address: local,
             source,
         })?;
-        Ok(Self { socket, local })
+        Ok(Self {
+            io: DeviceIo::Own(socket),
+            local,
+        })
+    }
+
+    /// The device at `address` on the shared sockets, sending through `socket`.
+    pub(crate) fn shared(socket: Arc<AnyIpSocket>, address: SocketAddr) -> Self {
+        Self {
+            io: DeviceIo::Shared(socket),
+            local: address,
+        }
+    }
+
+    /// Served by the shared sockets' dispatchers, not by a receive loop of its own.
+    pub(crate) fn is_shared(&self) -> bool {
+        matches!(self.io, DeviceIo::Shared(_))
     }
 
     pub(crate) fn local_addr(&self) -> SocketAddr {
@@ -178,7 +331,11 @@ impl DeviceSocket {
 
     /// Sends a datagram as this device.
     pub(crate) async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> std::io::Result<()> {
-        let sent = self.socket.send_to(datagram, to).await?;
+        let socket = match &self.io {
+            DeviceIo::Own(socket) => socket,
+            DeviceIo::Shared(shared) => return shared.send_as(self.local, to, datagram).await,
+        };
+        let sent = socket.send_to(datagram, to).await?;
         if sent != datagram.len() {
             return Err(std::io::Error::other("datagram truncated on send"));
         }
@@ -198,22 +355,27 @@ impl DeviceSocket {
         F: FnMut(Vec<u8>, SocketAddr) -> Fut,
         Fut: Future<Output = ()>,
     {
+        let socket = match &self.io {
+            DeviceIo::Own(socket) => socket,
+            // The shared sockets' dispatchers receive for the device.
+            DeviceIo::Shared(_) => return cancel.cancelled().await,
+        };
         // The kernel's count is cumulative per socket (and wraps at u32).
         let mut dropped_so_far = 0u32;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                ready = self.socket.readable() => {
+                ready = socket.readable() => {
                     if let Err(error) = ready {
                         tracing::warn!(%error, socket = %self.local, "socket failed");
                         return;
                     }
                 }
             }
-            let received = self.socket.try_io(Interest::READABLE, || {
+            let received = socket.try_io(Interest::READABLE, || {
                 RECEIVE_BUFFER.with_borrow_mut(|buffer| {
                     let (length, from, dropped) =
-                        receive_counting_drops(self.socket.as_raw_fd(), buffer)?;
+                        receive_counting_drops(socket.as_raw_fd(), buffer)?;
                     let datagram = buffer.get(..length).unwrap_or_default().to_vec();
                     Ok((datagram, from, dropped))
                 })
@@ -275,10 +437,10 @@ fn receive_counting_drops(
 mod tests {
     use super::*;
 
-    fn pool(bind: &str, ports: &str) -> SocketPool {
+    fn pool(bind: &str, ports: &str) -> PortPool {
         let config: SocketsConfig =
             toml::from_str(&format!("bind = {bind}\nports = {ports}")).unwrap();
-        SocketPool::new(&config)
+        PortPool::new(&config)
     }
 
     #[test]
@@ -311,6 +473,55 @@ mod tests {
             p.bind_exact(SocketAddr::new([127, 0, 0, 1].into(), busy))
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn the_anyip_pool_gives_each_device_an_address_of_the_prefix_at_one_port() {
+        let config: SocketsConfig = toml::from_str(
+            "bind = \"127.0.0.1\"\nports = \"1-2\"\nbackend = \"anyip\"\nprefix = \"127.65.0.0/30\"\nanyip_port = 0",
+        )
+        .unwrap();
+        let mut pool = SocketPool::new(&config).unwrap();
+        let shared = pool.shared_sockets();
+        assert!(!shared.is_empty());
+        let port = shared[0].local_addr().port();
+        let first = pool.bind_next().unwrap();
+        let second = pool.bind_next().unwrap();
+        assert!(first.is_shared() && second.is_shared());
+        assert_eq!(
+            first.local_addr(),
+            SocketAddr::from(([127, 65, 0, 1], port))
+        );
+        assert_eq!(
+            second.local_addr(),
+            SocketAddr::from(([127, 65, 0, 2], port))
+        );
+        assert!(
+            matches!(pool.bind_next(), Err(RelayError::PoolExhausted)),
+            "a /30 holds two"
+        );
+        // A persisted address comes back once released; one off the port or prefix does not.
+        pool.release(second.local_addr());
+        assert!(
+            pool.bind_exact(SocketAddr::from(([127, 65, 0, 2], port + 1)))
+                .is_err()
+        );
+        assert!(
+            pool.bind_exact(SocketAddr::from(([127, 66, 0, 2], port)))
+                .is_err()
+        );
+        let again = pool.bind_exact(second.local_addr()).unwrap();
+        assert_eq!(again.local_addr(), second.local_addr());
+        // It sends from exactly its address.
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        first
+            .send_to(b"hello", peer.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut buffer = [0u8; 16];
+        let (length, from) = peer.recv_from(&mut buffer).await.unwrap();
+        assert_eq!(&buffer[..length], b"hello");
+        assert_eq!(from, first.local_addr());
     }
 
     /// Every datagram offered is either handed on or counted as dropped by the kernel.

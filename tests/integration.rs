@@ -12,6 +12,7 @@
 mod integration {
     pub mod accounting;
     pub mod admin_security;
+    pub mod anyip;
     pub mod api_schema;
     pub mod bad_input;
     pub mod bulk_onboarding;

@@ -21,8 +21,9 @@ use tower::ServiceExt;
 use url::Url;
 
 use crate::config::{
-    AdminConfig, DeviceConfig, GroupConfig, Lwm2mServerConfig, NiddDefaults, OnboardingConfig,
-    OneOrMany, PortRange, PsmConfig, ScefConfig, ServerRole, SocketsConfig,
+    AdminConfig, DEFAULT_ANYIP_PORT, DeviceConfig, GroupConfig, Lwm2mServerConfig, NiddDefaults,
+    OnboardingConfig, OneOrMany, PortRange, PsmConfig, ScefConfig, ServerRole, SocketBackend,
+    SocketsConfig,
 };
 use crate::delivery::ScefTimeLimits;
 use crate::devices::groups::{Group, GroupTable};
@@ -294,7 +295,11 @@ impl Harness {
                     last: 47_999,
                 }),
                 release_grace_s: 0,
-            }),
+                backend: SocketBackend::PerSocket,
+                prefix: None,
+                anyip_port: DEFAULT_ANYIP_PORT,
+            })
+            .expect("socket pool"),
             // A and B are the configuration file's.
             [DEVICE_A, DEVICE_B]
                 .into_iter()

@@ -236,12 +236,13 @@ impl Drop for AiocoapServer {
     }
 }
 
-/// One run of the aiocoap client: GET `coap://127.0.0.1:<port>/3/0/0` under `test`'s context.
+/// One run of the aiocoap client: GET `coap://<device>/3/0/0` under `test`'s context.
 #[derive(Debug, Clone, Copy)]
 pub struct AiocoapClient<'a> {
     pub test: &'a str,
-    /// The device's UDP port.
-    pub port: u16,
+    /// The device's UDP address (on loopback: 127.0.0.0/8, a socket of its own or an
+    /// `anyip` address).
+    pub device: std::net::SocketAddr,
     /// How many Observe notifications to wait for after the answer (0: a plain GET).
     pub observe: u8,
     /// The local port to send from (0: any), for a bridge that knows the client as a server.
@@ -255,7 +256,7 @@ impl AiocoapClient<'_> {
         let mut child = spawn(
             peer_command("client", self.test, dir.path())?
                 .arg("--uri")
-                .arg(format!("coap://127.0.0.1:{}/3/0/0", self.port))
+                .arg(format!("coap://{}/3/0/0", self.device))
                 .arg("--observe")
                 .arg(self.observe.to_string())
                 .arg("--bind-port")

@@ -261,7 +261,18 @@ impl TestBed {
         self
     }
 
-    /// NIDD's radio latency at the mock SCEF: `mt` from the SCEF's answer to the datagram
+    /// `setup` applied to this bed: for options a test composes (e.g. a link of its own).
+    pub fn with(self, setup: impl FnOnce(Self) -> Self) -> Self {
+        setup(self)
+    }
+
+    /// Devices on the `anyip` backend (addresses of 127.64.0.0/10 at one free port, served by
+    /// shared sockets) instead of a UDP socket each.
+    pub fn anyip(self) -> Self {
+        self.bridge_config(BridgeConfigBuilder::anyip)
+    }
+
+    /// NIDD radio latency at the mock SCEF: `mt` from the SCEF's answer to the datagram
     /// reaching the UE, `mo` from the UE's transmission to the uplink notification
     /// ([`MockScefConfig::mt_latency`], [`MockScefConfig::mo_latency`]). Zero, the default,
     /// carries datagrams at once.

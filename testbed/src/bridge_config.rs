@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use nidd_bridge::DeviceId;
 use nidd_bridge::config::{
-    AdminConfig, CallbackConfig, Config, ConfigError, DeviceConfig, GroupConfig, HexBytes,
-    ListenerLimits, Lwm2mServerConfig, NiddDefaults, OnboardingConfig, OneOrMany, PortRange,
-    PsmConfig, ScefConfig, ServerRole, SocketsConfig, StoreConfig, TokenRateLimit,
+    AdminConfig, CallbackConfig, Config, ConfigError, DEFAULT_ANYIP_PORT, DeviceConfig,
+    GroupConfig, HexBytes, ListenerLimits, Lwm2mServerConfig, NiddDefaults, OnboardingConfig,
+    OneOrMany, PortRange, PsmConfig, ScefConfig, ServerRole, SocketBackend, SocketsConfig,
+    StoreConfig, TokenRateLimit,
 };
 use url::Url;
 
@@ -23,6 +24,10 @@ const DEVICE_PORT_BLOCK: u16 = 128;
 /// to port 0 anywhere on the machine can take a port a killed bridge is about to bind again.
 const DEVICE_PORT_BLOCKS_FIRST: u16 = 20_000;
 const DEVICE_PORT_BLOCKS: u16 = (32_768 - DEVICE_PORT_BLOCKS_FIRST) / DEVICE_PORT_BLOCK;
+
+/// The prefix of the `anyip` backend in tests: local on every Linux host (all of 127.0.0.0/8
+/// is), so it needs no route and no privilege.
+pub const ANYIP_TEST_PREFIX: &str = "127.64.0.0/10";
 
 /// A device port range no other test bed of this process is handed while this one plausibly
 /// runs (the blocks wrap around after about a hundred), starting at a block picked from the
@@ -123,6 +128,9 @@ impl BridgeConfigBuilder {
                         last: 39999,
                     }),
                     release_grace_s: 300,
+                    backend: SocketBackend::PerSocket,
+                    prefix: None,
+                    anyip_port: DEFAULT_ANYIP_PORT,
                 },
                 store: StoreConfig {
                     path: store.to_path_buf(),
@@ -172,6 +180,25 @@ impl BridgeConfigBuilder {
     /// The device sockets' port range (on loopback).
     pub fn device_ports(mut self, range: PortRange) -> Self {
         self.config.sockets.ports = OneOrMany::One(range);
+        self
+    }
+
+    /// The `anyip` backend: every device an address of 127.64.0.0/10 (local on any host, no
+    /// privilege), all at one UDP port that no other bridge on this machine uses (a free one,
+    /// kept across restarts of this configuration).
+    ///
+    /// # Panics
+    ///
+    /// When no free UDP port can be found.
+    pub fn anyip(mut self) -> Self {
+        let port = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|socket| socket.local_addr())
+            .map(|address| address.port())
+            .unwrap_or_else(|error| panic!("no free UDP port for the anyip sockets: {error}"));
+        let sockets = &mut self.config.sockets;
+        sockets.backend = SocketBackend::AnyIp;
+        sockets.prefix = Some(ANYIP_TEST_PREFIX.parse().unwrap_or_else(|e| panic!("{e}")));
+        sockets.anyip_port = port;
         self
     }
 

@@ -9,18 +9,18 @@ use nidd_testbed::bed::TestBed;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use nidd_testbed::probe::{STEP, metric};
 
-use super::latency_core::NiddLatency;
+use super::latency_core::Link;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_register_are_read_and_deregister_through_the_bridge() {
-    data_path(NiddLatency::NONE, 3).await;
+    data_path(Link::NONE, 3).await;
 }
 
 /// Three devices are configured; the first `driven` of them (1 to 3) register, are read and
 /// de-register, and the first is also written, read back, discovered and read where it has
 /// nothing. Shared with the latency suite (`latency_core`), which drives one device: every
 /// exchange takes a NIDD round trip there.
-pub(crate) async fn data_path(latency: NiddLatency, driven: usize) {
+pub(crate) async fn data_path(latency: Link, driven: usize) {
     let first: DeviceId = "100000001@iot.example".parse().unwrap();
     let msisdn: DeviceId = "491701234567".parse().unwrap();
     let stack = TestBed::new()
@@ -33,7 +33,7 @@ pub(crate) async fn data_path(latency: NiddLatency, driven: usize) {
         .device_with(&msisdn, |d| {
             d.endpoint_name = Some("urn:imei:490154203237518".into())
         })
-        .nidd_latency(latency.mt, latency.mo)
+        .with(|bed| latency.applied(bed))
         .start()
         .await
         .unwrap();

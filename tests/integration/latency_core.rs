@@ -17,47 +17,64 @@ use super::data_path::data_path;
 use super::lwm2m_ops::observe_across_a_sleep;
 use super::psm::{always_on_read, sleeping_read};
 
-/// The NIDD radio latency a shared scenario runs under.
+/// What a shared scenario runs over: the NIDD radio latency, and the bridge's socket backend.
 #[derive(Debug, Clone, Copy)]
-pub struct NiddLatency {
+pub struct Link {
     /// From the SCEF's answer to the datagram reaching the device.
     pub mt: Duration,
     /// From the device's transmission to the SCEF's uplink notification.
     pub mo: Duration,
+    /// Devices on the shared `anyip` sockets rather than a UDP socket each.
+    pub anyip: bool,
 }
 
-impl NiddLatency {
-    /// Datagrams cross at once: the suite's usual runs.
+impl Link {
+    /// Datagrams cross at once, a socket per device: the suite's usual runs.
     pub const NONE: Self = Self {
         mt: Duration::ZERO,
         mo: Duration::ZERO,
+        anyip: false,
     };
     /// A slow NB-IoT link, as issue 13 asks the core of the suite to pass over: 3 s MT, 1 s MO.
     pub const SLOW: Self = Self {
         mt: Duration::from_secs(3),
         mo: Duration::from_secs(1),
+        anyip: false,
     };
+    /// No latency, devices on the `anyip` backend (127.64.0.0/10), as issue 11 asks the
+    /// data-path suite to pass on both backends.
+    pub const ANYIP: Self = Self {
+        mt: Duration::ZERO,
+        mo: Duration::ZERO,
+        anyip: true,
+    };
+
+    /// `bed` over this link.
+    pub fn applied(self, bed: TestBed) -> TestBed {
+        let bed = bed.nidd_latency(self.mt, self.mo);
+        if self.anyip { bed.anyip() } else { bed }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_registers_is_read_written_and_deregisters_with_nidd_latency() {
     // One device: each of its eight exchanges takes a NIDD round trip (about 4 s).
-    data_path(NiddLatency::SLOW, 1).await;
+    data_path(Link::SLOW, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_buffered_read_reaches_a_sleeping_device_once_with_nidd_latency() {
-    sleeping_read(BufferOwner::Bridge, NiddLatency::SLOW).await;
+    sleeping_read(BufferOwner::Bridge, Link::SLOW).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scef_buffered_read_reaches_a_sleeping_device_once_with_nidd_latency() {
-    sleeping_read(BufferOwner::Scef, NiddLatency::SLOW).await;
+    sleeping_read(BufferOwner::Scef, Link::SLOW).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_always_on_device_is_read_long_after_its_last_uplink_with_nidd_latency() {
-    always_on_read(BufferOwner::Bridge, NiddLatency::SLOW).await;
+    always_on_read(BufferOwner::Bridge, Link::SLOW).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +87,7 @@ async fn observe_notifies_across_a_sleep_with_nidd_latency() {
     let bed = TestBed::new()
         .npm_server()
         .sim_device(&id, profile)
-        .nidd_latency(NiddLatency::SLOW.mt, NiddLatency::SLOW.mo)
+        .nidd_latency(Link::SLOW.mt, Link::SLOW.mo)
         .start()
         .await
         .unwrap();

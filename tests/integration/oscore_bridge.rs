@@ -106,7 +106,7 @@ async fn oscore_crosses_mock_scef_and_bridge_in_both_directions() {
     let client = tokio::task::spawn_blocking(move || {
         AiocoapClient {
             test: TEST,
-            port: device_address.port(),
+            device: device_address,
             observe: 0,
             bind_port: client_port,
         }

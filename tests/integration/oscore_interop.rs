@@ -333,7 +333,7 @@ fn serve_device(test: &str, notifications: u8) -> DeviceServer {
 fn run_aiocoap_client(test: &str, port: u16, observe: u8) -> Vec<serde_json::Value> {
     AiocoapClient {
         test,
-        port,
+        device: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         observe,
         bind_port: 0,
     }

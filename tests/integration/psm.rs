@@ -13,7 +13,7 @@ use nidd_testbed::mock_scef::SimUe;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use nidd_testbed::probe::{STEP, eventually, metric};
 
-use super::latency_core::NiddLatency;
+use super::latency_core::Link;
 
 /// MT datagrams the UE received that are CoAP GET requests.
 fn gets_received(ue: &SimUe) -> usize {
@@ -26,7 +26,7 @@ fn gets_received(ue: &SimUe) -> usize {
 /// A queue-mode device registers and sleeps; the server's read is held (its retransmissions
 /// not carried), reaches the device in its next awake window over one NIDD transmission, and
 /// the answer reaches the server. Shared with the latency suite (`latency_core`).
-pub(crate) async fn sleeping_read(owner: BufferOwner, latency: NiddLatency) {
+pub(crate) async fn sleeping_read(owner: BufferOwner, latency: Link) {
     let id: DeviceId = "700000001@iot.example".parse().unwrap();
     let endpoint = "urn:nai:700000001@iot.example";
     let stack = TestBed::new()
@@ -36,7 +36,7 @@ pub(crate) async fn sleeping_read(owner: BufferOwner, latency: NiddLatency) {
             psm.buffer_owner = owner;
             psm.active_window_s = 2;
         })
-        .nidd_latency(latency.mt, latency.mo)
+        .with(|bed| latency.applied(bed))
         .start()
         .await
         .unwrap();
@@ -108,19 +108,19 @@ pub(crate) async fn sleeping_read(owner: BufferOwner, latency: NiddLatency) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_buffered_read_reaches_a_sleeping_device_once() {
-    sleeping_read(BufferOwner::Bridge, NiddLatency::NONE).await;
+    sleeping_read(BufferOwner::Bridge, Link::NONE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scef_buffered_read_reaches_a_sleeping_device_once() {
-    sleeping_read(BufferOwner::Scef, NiddLatency::NONE).await;
+    sleeping_read(BufferOwner::Scef, Link::NONE).await;
 }
 
 /// A device that registers without queue mode (binding `N`, no `Q`), behind a SCEF that never
 /// refuses MT, with the default configuration: long after its last uplink (past the default
 /// active window) a server read still reaches it at once, over one NIDD transmission. Shared
 /// with the latency suite (`latency_core`).
-pub(crate) async fn always_on_read(owner: BufferOwner, latency: NiddLatency) {
+pub(crate) async fn always_on_read(owner: BufferOwner, latency: Link) {
     let id: DeviceId = "700000009@iot.example".parse().unwrap();
     let endpoint = "urn:nai:700000009@iot.example";
     let mut profile = DeviceProfile::new(endpoint);
@@ -129,7 +129,7 @@ pub(crate) async fn always_on_read(owner: BufferOwner, latency: NiddLatency) {
         .npm_server()
         .sim_device(&id, profile)
         .psm(move |psm| psm.buffer_owner = owner)
-        .nidd_latency(latency.mt, latency.mo)
+        .with(|bed| latency.applied(bed))
         .start()
         .await
         .unwrap();
@@ -191,12 +191,12 @@ pub(crate) async fn always_on_read(owner: BufferOwner, latency: NiddLatency) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_always_on_device_is_read_long_after_its_last_uplink_with_bridge_buffering() {
-    always_on_read(BufferOwner::Bridge, NiddLatency::NONE).await;
+    always_on_read(BufferOwner::Bridge, Link::NONE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_always_on_device_is_read_long_after_its_last_uplink_with_scef_buffering() {
-    always_on_read(BufferOwner::Scef, NiddLatency::NONE).await;
+    always_on_read(BufferOwner::Scef, Link::NONE).await;
 }
 
 /// A confirmable GET with a distinct message ID and token.

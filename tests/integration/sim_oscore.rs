@@ -15,10 +15,22 @@ const TEST: &str = "simulator-over-oscore";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_device_registers_and_serves_over_oscore_across_a_restart() {
+    simulator_over_oscore(TEST, false).await;
+}
+
+/// The same on the `anyip` socket backend (issue 11): OSCORE passes through shared sockets
+/// untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_device_registers_and_serves_over_oscore_on_anyip() {
+    simulator_over_oscore("simulator-over-oscore-anyip", true).await;
+}
+
+async fn simulator_over_oscore(test: &'static str, anyip: bool) {
     let id: DeviceId = "830000001@iot.example".parse().unwrap();
     let stack = TestBed::new()
-        .aiocoap(TEST)
+        .aiocoap(test)
         .device(&id)
+        .with(|bed| if anyip { bed.anyip() } else { bed })
         .start()
         .await
         .unwrap();
@@ -36,7 +48,7 @@ async fn simulated_device_registers_and_serves_over_oscore_across_a_restart() {
     let profile = || {
         let mut profile = DeviceProfile::new("urn:nai:830000001@iot.example");
         profile.sensor_period = None;
-        profile.oscore = Some(device_config(TEST));
+        profile.oscore = Some(device_config(test));
         profile.oscore_sequence_file = Some(sequence_file.clone());
         profile
     };
@@ -59,8 +71,8 @@ async fn simulated_device_registers_and_serves_over_oscore_across_a_restart() {
     let device_address = bridge.device_address(&id);
     let answers = tokio::task::spawn_blocking(move || {
         AiocoapClient {
-            test: TEST,
-            port: device_address.port(),
+            test,
+            device: device_address,
             observe: 0,
             bind_port: client_port,
         }
