@@ -115,6 +115,10 @@ struct RunArgs {
     /// e.g. /dev/shm to take the disk out).
     #[arg(long)]
     store_dir: Option<PathBuf>,
+    /// The bridge's socket backend: per_socket (a UDP socket per device, the default) or anyip
+    /// (an address of 127.64.0.0/10 per device at one port, served by shared sockets).
+    #[arg(long, default_value = "per_socket", value_parser = ["per_socket", "anyip"])]
+    backend: String,
     /// The bridge's `psm.overflow` (drop_oldest, the default, or drop_newest).
     #[arg(long, default_value = "drop_oldest", value_parser = ["drop_oldest", "drop_newest"])]
     overflow: String,
@@ -199,6 +203,8 @@ struct Settings {
     overflow: OverflowPolicy,
     bulk_devices: usize,
     bulk_429_every: u64,
+    /// The bridge on the `anyip` socket backend.
+    anyip: bool,
 }
 
 struct Bench {
@@ -336,6 +342,7 @@ async fn bench(args: RunArgs) -> Result<()> {
             .bulk_devices
             .unwrap_or(if args.quick { 2_000 } else { 10_000 }),
         bulk_429_every: args.bulk_429_every,
+        anyip: args.backend == "anyip",
     };
     let bridge_binary = match &args.bridge {
         Some(path) => path.clone(),
@@ -492,6 +499,9 @@ impl Bench {
                 // 1024, 19 000 device sockets would not fit in 20 000 (the MO pushes use 64).
                 c.limits.max_connections = CALLBACK_MAX_CONNECTIONS;
             });
+        if self.settings.anyip {
+            builder = builder.anyip();
+        }
         for index in 0..devices {
             builder = builder.device(&device_id(index));
         }
@@ -1355,7 +1365,7 @@ fn report(
         "bridge settings: psm.device_rate_per_s = psm.global_rate_per_s = {PACING_PER_S:.0} \
          (pacing caps nothing), callback.rate_limit = {CALLBACK_RATE_PER_S}/s per token, callback.limits.max_connections = {CALLBACK_MAX_CONNECTIONS}, psm.monitoring = false, buffer_owner = bridge, queue_max_datagrams = 32, \
          queue_max_bytes = 16384, overflow = {}, provisioning_concurrency = 16, RUST_LOG=warn, \
-         store in {} (fsync of 4 KiB there before the run: p50 {}, p99 {}, max {})",
+         store in {} (fsync of 4 KiB there before the run: p50 {}, p99 {}, max {}), sockets.backend = {}",
         match s.overflow {
             OverflowPolicy::DropOldest => "drop_oldest",
             OverflowPolicy::DropNewest => "drop_newest",
@@ -1363,7 +1373,12 @@ fn report(
         bench.work.path().display(),
         ms(bench.fsync[0]),
         ms(bench.fsync[1]),
-        ms(bench.fsync[2])
+        ms(bench.fsync[2]),
+        if s.anyip {
+            "anyip (127.64.0.0/10, one port)"
+        } else {
+            "per_socket"
+        }
     );
     let _ = writeln!(
         out,
@@ -1525,8 +1540,13 @@ fn report(
             / (f.devices - f.idle_devices).max(1) as f64;
         let _ = writeln!(
             out,
-            "\nScale: {} devices (one UDP socket each), a new store, NIDD configurations created at the minimal SCEF",
-            f.devices
+            "\nScale: {} devices ({}), a new store, NIDD configurations created at the minimal SCEF",
+            f.devices,
+            if s.anyip {
+                "anyip: an address each, shared sockets"
+            } else {
+                "one UDP socket each"
+            }
         );
         let _ = writeln!(
             out,
