@@ -15,7 +15,7 @@ use url::Url;
 
 use crate::config::{
     Config, DeviceConfig, ListenerLimits, Lwm2mServerConfig, SecretSource, ServerWaits,
-    TokenRateLimit,
+    SocketBackend, TokenRateLimit,
 };
 use crate::delivery::ScefTimeLimits;
 use crate::devices::groups::GroupTable;
@@ -325,8 +325,13 @@ impl Bridge {
             groups.clone(),
         );
         let seeds = device_seeds(&config, &factory, &store)?;
+        // With `anyip` the devices share one socket per core: no descriptor per device.
+        let device_sockets = match config.sockets.backend {
+            SocketBackend::PerSocket => seeds.len(),
+            SocketBackend::AnyIp => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
         ensure_file_descriptors(
-            seeds.len(),
+            device_sockets,
             config.callback.limits.max_connections + config.admin.limits.max_connections,
         )?;
         let trigger_token = if config.onboarding.trigger {
@@ -808,9 +813,6 @@ fn local_addr(listener: &TcpListener, address: SocketAddr) -> Result<SocketAddr,
         .map_err(|source| BridgeError::Listen { address, source })
 }
 
-/// One descriptor per device socket and per connection the listeners may hold, plus a spare
-/// reserve, so a saturated callback listener cannot take the descriptors `/healthz`, the store
-/// or the T8 client need: raise the soft limit or refuse to start.
 /// A device to start with: one of the file's `[[devices]]`, or one the admin API added in an
 /// earlier run (its settings kept in its record).
 struct DeviceSeed {
@@ -867,6 +869,9 @@ fn device_seeds(
     Ok(seeds)
 }
 
+/// One descriptor per device socket and per connection the listeners may hold, plus a spare
+/// reserve, so a saturated callback listener cannot take the descriptors `/healthz`, the store
+/// or the T8 client need: raise the soft limit or refuse to start.
 fn ensure_file_descriptors(devices: usize, connections: usize) -> Result<(), BridgeError> {
     let needed = devices as u64 + connections as u64 + SPARE_FILE_DESCRIPTORS;
     let limit = rlimit::increase_nofile_limit(needed).unwrap_or(0);
