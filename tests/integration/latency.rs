@@ -230,10 +230,11 @@ async fn reachability(bed: &RunningBed, id: &DeviceId) -> String {
 async fn a_server_that_takes_separate_responses_gets_the_sleeping_devices_answer_in_time() {
     let id: DeviceId = "400000004@iot.example".parse().unwrap();
     let endpoint = "urn:nai:400000004@iot.example";
-    // The device wakes every 10 s (its PSM timers); its server waits 15 s after an empty ACK.
+    // The device wakes every 12 s (its PSM timers), so about 10 s after the server's request
+    // below; its server waits 15 s after an empty ACK.
     let bed = TestBed::new()
         .npm_server()
-        .device_with(&id, |device| device.wake_period_s = Some(10))
+        .device_with(&id, |device| device.wake_period_s = Some(12))
         .psm(|psm| psm.active_window_s = 2)
         .bridge_config(|config| {
             config.server_settings(DM_SERVER, |server| {
@@ -247,15 +248,16 @@ async fn a_server_that_takes_separate_responses_gets_the_sleeping_devices_answer
     ue.wait_configured(STEP).await.unwrap();
     let sim = SimLwm2mDevice::spawn(ue.clone(), DeviceProfile::new(endpoint));
     sim.register().await.unwrap();
-    let woke = tokio::time::Instant::now();
     ue.sleep();
     probe::eventually("the device asleep once its 2 s window ended", || async {
         reachability(&bed, &id).await == "asleep"
     })
     .await;
 
-    // Expected back 10 s after its last wake-up, within the server's 15 s: acknowledged for
-    // it, so the server stops retransmitting and waits for a separate response.
+    // Expected back 12 s after its last wake-up (the Register), about 10 s from now: within
+    // the server's 15 s, so acknowledged for; the server stops retransmitting and waits for a
+    // separate response.
+    let requested = tokio::time::Instant::now();
     let read = bed.server().command(serde_json::json!({
         "op": "read", "endpoint": endpoint, "path": "/3/0/0", "timeoutMs": 15000
     }));
@@ -266,9 +268,9 @@ async fn a_server_that_takes_separate_responses_gets_the_sleeping_devices_answer
                 == 1.0
         })
         .await;
-        // The device wakes on its period and says so with an Update (queue mode); the Read goes out and
-        // its answer reaches the server as a separate response, which the server acknowledges.
-        tokio::time::sleep_until(woke + Duration::from_secs(10)).await;
+        // The device wakes 10 s after the request and says so with an Update (queue mode);
+        // the Read goes out and its answer reaches the server as a separate response.
+        tokio::time::sleep_until(requested + Duration::from_secs(10)).await;
         ue.wake().await;
     };
     let (read, ()) = tokio::join!(read, device_side);
