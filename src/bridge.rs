@@ -328,7 +328,7 @@ impl Bridge {
         // With `anyip` the devices share one socket per core: no descriptor per device.
         let device_sockets = match config.sockets.backend {
             SocketBackend::PerSocket => seeds.len(),
-            SocketBackend::AnyIp => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            SocketBackend::AnyIp => crate::socket::shared_socket_count(),
         };
         ensure_file_descriptors(
             device_sockets,

@@ -167,9 +167,8 @@ impl SocketPool {
                         source: std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, problem),
                     });
                 }
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
                 let sockets: Vec<Arc<AnyIpSocket>> =
-                    AnyIpSocket::bind_group(prefix, config.anyip_port, cores)?
+                    AnyIpSocket::bind_group(prefix, config.anyip_port, shared_socket_count())?
                         .into_iter()
                         .map(Arc::new)
                         .collect();
@@ -250,6 +249,11 @@ impl SocketPool {
             Backend::AnyIp { sockets, .. } => sockets.clone(),
         }
     }
+}
+
+/// How many shared sockets the `anyip` backend binds: one per core that receives.
+pub(crate) fn shared_socket_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The shared socket a device sends through (any of the group can send as any device).

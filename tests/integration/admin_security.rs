@@ -297,15 +297,7 @@ async fn a_rotated_callback_url_replaces_the_old_one_once_the_scef_takes_it() {
         1.0
     );
     // The device list no longer shows a rotation under way.
-    let devices: Value = bed
-        .bridge()
-        .admin_get("/api/v1/devices")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let devices: Value = bed.bridge().admin_json("/api/v1/devices").await;
     assert!(
         devices[0].get("callbackRotationPending").is_none(),
         "{devices}"

@@ -94,15 +94,7 @@ async fn both_listeners_keep_to_the_projects_openapi() {
         .unwrap();
     let url = bed.bridge().callback_url(&id);
     let token = url.rsplit('/').next().unwrap().to_string();
-    let onboarding: serde_json::Value = bed
-        .bridge()
-        .admin_get("/api/v1/onboarding")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let onboarding: serde_json::Value = bed.bridge().admin_json("/api/v1/onboarding").await;
     let trigger_url = onboarding["triggerUrl"].as_str().unwrap();
     let trigger_token = trigger_url.rsplit('/').next().unwrap().to_string();
     let config = config(dir.path(), &token, &trigger_token);

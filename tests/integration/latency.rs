@@ -193,13 +193,8 @@ async fn five_requests_queued_for_a_sleeping_device_go_out_in_its_six_second_wak
     assert_eq!(received, [1, 2, 3, 4, 5], "in order");
     let view: serde_json::Value = bed
         .bridge()
-        .admin_get(&format!("/api/v1/devices/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .admin_json(&format!("/api/v1/devices/{id}"))
+        .await;
     let wakeup = &view["mt"]["lastWakeup"];
     assert_eq!(wakeup["delivered"], 5, "{view}");
     assert!(
@@ -213,13 +208,8 @@ async fn five_requests_queued_for_a_sleeping_device_go_out_in_its_six_second_wak
 async fn reachability(bed: &RunningBed, id: &DeviceId) -> String {
     let view: serde_json::Value = bed
         .bridge()
-        .admin_get(&format!("/api/v1/devices/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .admin_json(&format!("/api/v1/devices/{id}"))
+        .await;
     view["mt"]["reachability"]
         .as_str()
         .unwrap_or_default()

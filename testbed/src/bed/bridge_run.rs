@@ -96,6 +96,23 @@ impl RunningBridge {
         probe::admin_get(self.admin_addr, path, self.admin_token.as_deref())
     }
 
+    /// The JSON answer to `GET path` on the admin API.
+    ///
+    /// # Panics
+    ///
+    /// When the request fails or the answer is not JSON.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let answer = self
+            .admin_get(path)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        answer
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
+    }
+
     /// One sample of the Prometheus text, 0 when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
         probe::metric(&self.metrics().await, sample)
