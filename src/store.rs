@@ -261,13 +261,11 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
             .open()
         {
             Ok(db) => return Ok(db),
-            Err(sled::Error::Io(error))
-                if error.kind() == std::io::ErrorKind::WouldBlock && attempts < LOCK_ATTEMPTS =>
-            {
+            Err(sled::Error::Io(error)) if is_lock_held(&error) && attempts < LOCK_ATTEMPTS => {
                 attempts += 1;
                 std::thread::sleep(LOCK_RETRY);
             }
-            Err(sled::Error::Io(error)) if error.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(sled::Error::Io(error)) if is_lock_held(&error) => {
                 return Err(StoreError::Locked {
                     path: path.to_path_buf(),
                 });
@@ -275,6 +273,14 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
             Err(error) => return Err(error.into()),
         }
     }
+}
+
+/// Whether sled's open failed on the file lock. sled reports a held lock as `WouldBlock`, or
+/// wraps it in an `Other` error that names it ("could not acquire lock on ...").
+fn is_lock_held(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::WouldBlock
+        || (error.kind() == std::io::ErrorKind::Other
+            && error.to_string().starts_with("could not acquire lock"))
 }
 
 impl Store {
@@ -698,6 +704,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_in_use_is_named_as_locked_and_a_closed_one_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Store::open(dir.path()).unwrap();
+        // Within this process sled reports the held lock as a wrapped error, not WouldBlock.
+        assert!(matches!(
+            open_db(dir.path()),
+            Err(StoreError::Locked { .. })
+        ));
+        drop(held);
+        // sled may still be releasing the lock from its background thread: open waits for it.
+        for _ in 0..20 {
+            drop(Store::open(dir.path()).unwrap());
+        }
+    }
 
     #[test]
     fn the_trigger_token_is_made_once_and_kept() {

@@ -128,6 +128,21 @@ pub(crate) struct Harness {
     _store_dir: tempfile::TempDir,
 }
 
+/// How many UDP ports each harness's socket pool holds.
+pub(crate) const HARNESS_PORTS: u16 = 100;
+
+/// A port block no other harness in this test process uses: tests run in parallel, and one
+/// that fills its pool must not starve another's.
+fn harness_port_block() -> PortRange {
+    static NEXT_BLOCK: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let block = NEXT_BLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+    let first = 47_000 + block * HARNESS_PORTS;
+    PortRange {
+        first,
+        last: first + HARNESS_PORTS - 1,
+    }
+}
+
 impl Harness {
     /// Devices A and B with their fixture tokens and ACTIVE configurations (A with the
     /// SCEF's maximum packet size), so the bridge is ready.
@@ -290,10 +305,7 @@ impl Harness {
             },
             SocketPool::new(&SocketsConfig {
                 bind: OneOrMany::One([127, 0, 0, 1].into()),
-                ports: OneOrMany::One(PortRange {
-                    first: 47_000,
-                    last: 47_999,
-                }),
+                ports: OneOrMany::One(harness_port_block()),
                 release_grace_s: 0,
                 backend: SocketBackend::PerSocket,
                 prefix: None,
