@@ -24,6 +24,7 @@ mod integration {
     pub mod fleet;
     pub mod groups;
     pub mod integrity;
+    pub mod kubernetes;
     pub mod latency;
     pub mod latency_core;
     pub mod layout;

@@ -19,6 +19,9 @@
 //! - [`schema`]: validation of T8 bodies against the official 3GPP OpenAPI files.
 //! - [`schemathesis`]: driver of schemathesis (checks a running bridge against the project's
 //!   own OpenAPI), installed into a virtual environment on first use.
+//! - [`kubernetes`]: the Kubernetes manifests without a cluster: a kustomization rendered and
+//!   its resources validated against the Kubernetes JSON schemas (kubernetes-validate, installed
+//!   into a virtual environment on first use).
 //! - [`bench`]: the load benchmark's minimal SCEF, LwM2M-server stand-in (load generator) and
 //!   minimal relay (the ceiling), the figures of a run, and its airtime part (MT per request
 //!   on a device's radio, in test beds); the `nidd-bench` binary runs them.
@@ -30,6 +33,7 @@ pub mod aiocoap;
 pub mod bed;
 pub mod bench;
 pub mod bridge_config;
+pub mod kubernetes;
 pub mod lwm2m_peer;
 pub mod mock_scef;
 pub mod pki;
