@@ -3,6 +3,7 @@
 //! router, NIDD configuration, MT engine), found by identity or by token; and the persisted
 //! record of each device in step with memory.
 
+pub(crate) mod doorbell;
 pub(crate) mod groups;
 pub(crate) mod tokens;
 
@@ -13,7 +14,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Instant;
 
 use prometheus::{IntCounterVec, IntGauge};
-use tokio::sync::Notify;
 use url::Url;
 
 use indexmap::IndexMap;
@@ -27,6 +27,7 @@ use crate::routing::Router;
 use crate::socket::DeviceSocket;
 use crate::store::{DeviceRecord, Store, StoreError, StoredConfiguration, StoredSubscription};
 use crate::t8::NiddStatus;
+use doorbell::Doorbell;
 use groups::Group;
 use tokens::CallbackTokens;
 
@@ -167,8 +168,8 @@ pub(crate) struct Device {
     /// from a stale view of the tokens cannot overwrite one with a pending token.
     callback_tokens: Mutex<CallbackTokens>,
     pub(crate) socket: Arc<DeviceSocket>,
-    /// Wakes the device's MT flusher (new MT, device awake, delivery outcome).
-    pub(crate) wake: Notify,
+    /// Runs the device's MT work (new MT, device awake, delivery outcome).
+    pub(crate) wake: Doorbell,
     /// Subscribe to MonitoringEvent reachability reports for this device.
     monitoring: AtomicBool,
     /// The settings it was added with through the admin API; `None` for a file device.
@@ -201,7 +202,7 @@ impl Device {
             endpoint_name: RwLock::new(endpoint_name),
             callback_tokens: Mutex::new(CallbackTokens::new(callback_token, None)),
             socket,
-            wake: Notify::new(),
+            wake: Doorbell::default(),
             monitoring: AtomicBool::new(monitoring),
             added_settings: Mutex::new(None),
             onboarding: AtomicBool::new(false),
@@ -362,7 +363,7 @@ impl Device {
             }
             state.mt.on_wake(now);
         }
-        self.wake.notify_one();
+        self.wake.ring();
     }
 }
 
@@ -798,7 +799,7 @@ impl DeviceTable {
             });
             if member.state().nidd != nidd {
                 self.update_nidd(&member, nidd);
-                member.wake.notify_one();
+                member.wake.ring();
             }
         }
     }

@@ -29,6 +29,7 @@ use crate::identity::{DeviceId, ExternalId};
 use crate::metrics::Metrics;
 use crate::mt::Downlinks;
 use crate::mt::flusher::Flusher;
+use crate::mt::scheduler::Scheduler;
 use crate::onboarding::{OnboardingPolicy, OnboardingRefusal};
 use crate::queue::DeviceQueue;
 use crate::reachability::Reachability;
@@ -511,7 +512,10 @@ pub(crate) struct Fleet {
 struct Runner {
     cancel: CancellationToken,
     tasks: TaskTracker,
-    per_device: Mutex<HashMap<DeviceId, CancellationToken>>,
+    /// Runs devices' MT work when they have some.
+    scheduler: Arc<Scheduler>,
+    /// The receive loops of devices with a socket of their own, by device.
+    receive_loops: Mutex<HashMap<DeviceId, CancellationToken>>,
 }
 
 impl Fleet {
@@ -543,10 +547,12 @@ impl Fleet {
 
     /// Starts every device's tasks, and those of devices added from now on, under `cancel`.
     pub(crate) fn start(self: &Arc<Self>, cancel: CancellationToken) {
+        let tasks = TaskTracker::new();
         let runner = Runner {
+            scheduler: Scheduler::start(self.parts.flusher.clone(), &tasks, cancel.clone()),
             cancel,
-            tasks: TaskTracker::new(),
-            per_device: Mutex::new(HashMap::new()),
+            tasks,
+            receive_loops: Mutex::new(HashMap::new()),
         };
         if self.runner.set(runner).is_err() {
             return;
@@ -576,38 +582,39 @@ impl Fleet {
         }
     }
 
+    /// Attaches the device to the MT scheduler and, for a device with a socket of its own,
+    /// starts its receive loop (a device on the shared sockets is received for by their
+    /// dispatchers): nothing else runs per device.
     fn spawn_device(&self, device: Arc<Device>) {
         let Some(runner) = self.runner.get() else {
             return;
         };
+        runner.scheduler.attach(&device);
+        if device.socket.is_shared() {
+            return;
+        }
         let cancel = runner.cancel.child_token();
-        lock(&runner.per_device).insert(device.id.clone(), cancel.clone());
+        lock(&runner.receive_loops).insert(device.id.clone(), cancel.clone());
         let kernel_drops = self
             .parts
             .metrics
             .dropped_datagrams
             .with_label_values(&["mt", "receive_buffer"]);
         let downlinks = self.parts.downlinks.clone();
-        let receiver = device.clone();
-        // A device on the shared sockets is received for by their dispatchers: no task here.
-        if !device.socket.is_shared() {
-            runner.tasks.spawn(device.socket.clone().receive_loop(
-                cancel.clone(),
-                kernel_drops,
-                move |datagram, from| {
-                    let (downlinks, device) = (downlinks.clone(), receiver.clone());
-                    async move { receive_one(&downlinks, &device, datagram, from).await }
-                },
-            ));
-        }
-        runner
-            .tasks
-            .spawn(self.parts.flusher.clone().run(device, cancel));
+        runner.tasks.spawn(device.socket.clone().receive_loop(
+            cancel,
+            kernel_drops,
+            move |datagram, from| {
+                let (downlinks, device) = (downlinks.clone(), device.clone());
+                async move { receive_one(&downlinks, &device, datagram, from).await }
+            },
+        ));
     }
 
-    fn stop_device(&self, id: &DeviceId) {
+    fn stop_device(&self, device: &Device) {
+        device.wake.stop();
         if let Some(runner) = self.runner.get()
-            && let Some(cancel) = lock(&runner.per_device).remove(id)
+            && let Some(cancel) = lock(&runner.receive_loops).remove(&device.id)
         {
             cancel.cancel();
         }
@@ -971,7 +978,7 @@ impl Fleet {
         tracing::info!(device = %id, "device changed");
         // Monitoring may have been switched; MT may go under the new settings.
         self.parts.provisioner.notify_one();
-        device.wake.notify_one();
+        device.wake.ring();
         Ok(device)
     }
 
@@ -1058,7 +1065,7 @@ impl Fleet {
         for (device, settings) in changed {
             warn_if_group_differs(&device, &settings);
             self.parts.factory.apply(&device, &settings);
-            device.wake.notify_one();
+            device.wake.ring();
             tracing::info!(device = %device.id, "device changed in the configuration file");
             self.parts
                 .metrics
@@ -1101,7 +1108,7 @@ impl Fleet {
         if device.is_onboarded_on_demand() {
             self.on_demand.fetch_sub(1, Ordering::Relaxed);
         }
-        self.stop_device(&id);
+        self.stop_device(&device);
         self.publish_configured();
         let purged = self.parts.downlinks.purge(&device).await;
         self.parts

@@ -15,6 +15,7 @@
 pub(crate) mod admission;
 pub(crate) mod durable;
 pub(crate) mod flusher;
+pub(crate) mod scheduler;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -380,7 +381,7 @@ impl Downlinks {
             self.metrics.mt_bytes.inc_by(datagram.bytes);
             self.metrics.count_coap("mt", datagram.oscore);
             self.metrics.mt_queue_accepted.inc();
-            datagram.device.wake.notify_one();
+            datagram.device.wake.ring();
             if let Some((server, ack)) = datagram.acknowledgement {
                 // Its deadline was shortened: the flusher re-arms its timer on the wake above.
                 if let Err(error) = datagram.device.socket.send_to(&ack, server).await {
@@ -564,7 +565,7 @@ impl Downlinks {
             self.apply(device, &effect)
         };
         if let Some(generation) = change {
-            device.wake.notify_one();
+            device.wake.ring();
             self.durable(generation).await;
         }
     }
@@ -668,7 +669,7 @@ mod tests {
         );
         assert_eq!(metrics.mt_queue_accepted.get(), 20);
         assert_eq!(metrics.mt_datagrams.get(), 20);
-        tokio::time::timeout(Duration::from_secs(5), device.wake.notified())
+        tokio::time::timeout(Duration::from_secs(5), device.wake.rung())
             .await
             .expect("the flusher is woken once they are durable");
         assert_eq!(
@@ -783,7 +784,7 @@ mod tests {
         let committer = tokio::spawn(downlinks.clone().run_commits(cancel.clone()));
         let from: SocketAddr = SERVER.parse().unwrap();
         downlinks.receive(&device, read(1), from, 1_000);
-        tokio::time::timeout(Duration::from_secs(5), device.wake.notified())
+        tokio::time::timeout(Duration::from_secs(5), device.wake.rung())
             .await
             .expect("committed and woken without anyone asking");
         assert_eq!(metrics.mt_queue_accepted.get(), 1);

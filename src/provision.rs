@@ -499,7 +499,7 @@ impl Provisioner {
         // Durable at once, not at the end of the round: a crash now must not orphan it.
         self.flush_store().await;
         // MT held for want of a configuration may go now.
-        device.wake.notify_one();
+        device.wake.ring();
     }
 
     async fn flush_store(&self) {

@@ -827,7 +827,7 @@ mod tests {
 
     /// Waits for the wake-up the device's flusher would get.
     async fn woken(device: &Device) {
-        tokio::time::timeout(DEADLINE, device.wake.notified())
+        tokio::time::timeout(DEADLINE, device.wake.rung())
             .await
             .expect("the device's flusher was not woken");
     }

@@ -1,15 +1,14 @@
-//! The per-device MT flusher: a thin task that asks the device's `MtState` what to do next and
-//! does it — deliver the head of the queue through T8 (paced over all devices), ask the SCEF to
-//! wake the device (T8 device triggering), or wait for a wake-up, a new datagram or a timer.
+//! The MT flusher: the steps of a device's MT work (run by [`super::scheduler`]), each asking
+//! the device's `MtState` what to do next and doing it — deliver the head of the queue through T8 (paced over all devices), ask the SCEF to
+//! wake the device (T8 device triggering), or say how long it waits.
 //! Each T8 answer becomes an [`Outcome`] (the table is in ARCHITECTURE.md, MT); a 404 hands the
 //! device to the provisioner through a narrow callback (`mt` does not use `provision`).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::clock;
@@ -81,36 +80,25 @@ impl Flusher {
         }
     }
 
-    /// One device's flusher: carries out `MtState::decide` until cancelled.
-    pub(crate) async fn run(self: Arc<Self>, device: Arc<Device>, cancel: CancellationToken) {
-        while !cancel.is_cancelled() {
-            let now = clock::now();
-            let (decision, dropped, wakeups) = {
-                let mut state = device.state();
-                let configured = state.is_configured();
-                let (decision, dropped) = state.mt.next_step(now, clock::unix_ms(), configured);
-                (decision, dropped, state.mt.take_finished_wakeups())
-            };
-            self.count_wakeups(wakeups);
-            self.downlinks.record_drops(&device, dropped);
-            match decision {
-                Decision::Send(item) => self.deliver(&device, item).await,
-                Decision::Trigger => self.send_trigger(&device).await,
-                Decision::Wait(until) => {
-                    let timer = async {
-                        match until {
-                            Some(until) => tokio::time::sleep_until(until.into()).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = device.wake.notified() => {}
-                        _ = timer => {}
-                    }
-                }
-            }
+    /// One step of a device's MT work as `MtState::next_step` decides it: a delivery or a
+    /// device trigger (then `None`: the next step may follow at once), or the wait the device
+    /// is in now (`Some`, with its deadline if any), which the scheduler keeps.
+    pub(crate) async fn step(&self, device: &Device) -> Option<Option<Instant>> {
+        let now = clock::now();
+        let (decision, dropped, wakeups) = {
+            let mut state = device.state();
+            let configured = state.is_configured();
+            let (decision, dropped) = state.mt.next_step(now, clock::unix_ms(), configured);
+            (decision, dropped, state.mt.take_finished_wakeups())
+        };
+        self.count_wakeups(wakeups);
+        self.downlinks.record_drops(device, dropped);
+        match decision {
+            Decision::Send(item) => self.deliver(device, item).await,
+            Decision::Trigger => self.send_trigger(device).await,
+            Decision::Wait(until) => return Some(until),
         }
+        None
     }
 
     fn count_wakeups(&self, wakeups: Vec<crate::delivery::WakeupSummary>) {
@@ -222,7 +210,7 @@ impl Flusher {
             tracing::warn!(device = %device.id, %configuration, "the SCEF no longer knows the NIDD configuration; creating a new one");
             (self.configuration_gone)(device);
         } else if gone {
-            device.wake.notify_one();
+            device.wake.ring();
         }
     }
 
