@@ -4,7 +4,8 @@
 //! ([`figures`]: latency percentiles, throughput, the bridge's accounting from `/metrics`),
 //! and the airtime part (issue 13, [`airtime`]): MT datagrams and bytes on a device's radio
 //! per request against the minimum, for an awake, a sleeping and a high-latency device, each
-//! in a test bed with the npm LwM2M server.
+//! in a test bed with the npm LwM2M server; and the closing summary across the socket backends
+//! with its verdicts on the issue 11 targets ([`summary`]).
 //! The `nidd-bench` binary (`testbed/src/bin/nidd-bench.rs`) puts them together; the README's
 //! "Performance" section shows its figures.
 //!
@@ -18,6 +19,7 @@ pub mod figures;
 pub mod load;
 pub mod relay;
 pub mod scef;
+pub mod summary;
 
 use std::time::{Duration, Instant};
 

@@ -10,6 +10,11 @@
 //! bridge puts on a device's radio per server request and per device request, against the
 //! minimum, for an awake, a sleeping and a high-latency device, each in a test bed with the
 //! npm LwM2M server (`nidd_testbed::bench::airtime`; `--airtime-only` runs just that part).
+//! Every bridge part runs for both socket backends in the same run (issue 11): per_socket (a
+//! descriptor per device, so its scale run stops below the descriptor limit) and anyip (an
+//! address per device, shared sockets, 100 000 devices), each measured against the same
+//! ceilings, and a closing table puts them side by side with the verdicts on the issue's
+//! targets (`nidd_testbed::bench::summary`); `--backend` runs one of them alone.
 //! README "Performance" shows a run.
 
 #![allow(clippy::disallowed_methods)]
@@ -24,13 +29,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use nidd_bridge::DeviceId;
-use nidd_bridge::config::{Config, OverflowPolicy, ServerRole};
+use nidd_bridge::config::{Config, OverflowPolicy, ServerRole, SocketBackend};
 use nidd_testbed::bed::BridgeProcess;
 use nidd_testbed::bench::airtime::{self, AirtimeRun, Carried, Scenario};
 use nidd_testbed::bench::figures::{Flow, MtAccounting, samples};
 use nidd_testbed::bench::load::{ServerStandIn, mt_datagram};
 use nidd_testbed::bench::relay::MinimalRelay;
 use nidd_testbed::bench::scef::{MinimalScef, PushReport, device_id};
+use nidd_testbed::bench::summary::{self, BackendLine, ScaleLine, Summary, backend_name};
 use nidd_testbed::bench::{Arrival, Offer, Sent};
 use nidd_testbed::bridge_config::BridgeConfigBuilder;
 use nidd_testbed::probe;
@@ -81,7 +87,8 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct RunArgs {
-    /// Short runs (1 s) and 2000 devices for the readiness run: under a minute.
+    /// Short runs (1 s), 2000 per_socket devices for the readiness run, a smaller bulk run and
+    /// fewer airtime Reads: under two minutes.
     #[arg(long)]
     quick: bool,
     /// Devices in the MT and MO runs.
@@ -93,10 +100,14 @@ struct RunArgs {
     /// How long each MT and MO run offers load (default 5 s, 1 s with --quick).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
-    /// Devices of the readiness, RSS and restart run (0: skip it; default 19000, 2000 with
-    /// --quick).
+    /// Devices of the per_socket readiness, RSS and restart run (0: skip it; default 19000,
+    /// below the 20 000 descriptors a process may hold here; 2000 with --quick).
     #[arg(long)]
     scale_devices: Option<usize>,
+    /// Devices of the anyip readiness, RSS and restart run (0: skip it; default 100000, also
+    /// with --quick).
+    #[arg(long)]
+    anyip_scale_devices: Option<usize>,
     /// The `nidd-bridge` binary (default: built with `cargo build --release` and taken from
     /// beside this one).
     #[arg(long)]
@@ -115,15 +126,16 @@ struct RunArgs {
     /// e.g. /dev/shm to take the disk out).
     #[arg(long)]
     store_dir: Option<PathBuf>,
-    /// The bridge's socket backend: per_socket (a UDP socket per device, the default) or anyip
-    /// (an address of 127.64.0.0/10 per device at one port, served by shared sockets).
-    #[arg(long, default_value = "per_socket", value_parser = ["per_socket", "anyip"])]
+    /// The bridges' socket backends: both (the default: every bridge part runs for each, in
+    /// the same run, against the same ceilings), per_socket (a UDP socket per device) or anyip
+    /// (an address of 127.64.0.0/10 per device at one port, served by shared sockets) alone.
+    #[arg(long, default_value = "both", value_parser = ["both", "per_socket", "anyip"])]
     backend: String,
     /// The bridge's `psm.overflow` (drop_oldest, the default, or drop_newest).
     #[arg(long, default_value = "drop_oldest", value_parser = ["drop_oldest", "drop_newest"])]
     overflow: String,
-    /// Devices of the bulk onboarding run, all added in one admin API call to a bridge started
-    /// with none (0: skip it; default 10000, 2000 with --quick).
+    /// Devices of the bulk onboarding run (one per backend), all added in one admin API call to
+    /// a bridge started with none (0: skip it; default 10000, 2000 with --quick).
     #[arg(long)]
     bulk_devices: Option<usize>,
     /// In the bulk run the minimal SCEF answers every K-th configuration create (retries
@@ -197,14 +209,25 @@ struct Settings {
     rate: f64,
     duration: Duration,
     search_duration: Duration,
+    /// Devices of the scale run on per_socket and on anyip (0: skipped).
     scale_devices: usize,
+    anyip_scale_devices: usize,
     relay_in_flight: usize,
     mo_connections: usize,
     overflow: OverflowPolicy,
     bulk_devices: usize,
     bulk_429_every: u64,
-    /// The bridge on the `anyip` socket backend.
-    anyip: bool,
+    /// The socket backends every bridge part runs on, in this order.
+    backends: Vec<SocketBackend>,
+}
+
+impl Settings {
+    fn scale_devices(&self, backend: SocketBackend) -> usize {
+        match backend {
+            SocketBackend::PerSocket => self.scale_devices,
+            SocketBackend::AnyIp => self.anyip_scale_devices,
+        }
+    }
 }
 
 struct Bench {
@@ -216,15 +239,22 @@ struct Bench {
     log: PathBuf,
     next_id: u32,
     runs: u32,
+    /// Measurements of the MT ceiling so far (they are numbered in the report).
+    ceilings_measured: usize,
     /// fsync of 4 KiB in the work directory before the run: p50, p99, max.
     fsync: [Duration; 3],
     http: reqwest::Client,
+    /// The most descriptors this process (SCEF, stand-in, load) held, sampled.
+    descriptors: DescriptorWatch,
 }
 
-/// One MT row: the ceiling (if run) and the bridge at the same offered rate.
+/// One MT row: the ceiling (if run) and one backend's bridge at the same offered rate.
 struct MtRow {
     label: String,
-    ceiling: Option<Flow>,
+    backend: SocketBackend,
+    /// The relay's measurement at this rate and its number in the run (rows of the two
+    /// backends at the same rate share one).
+    ceiling: Option<(usize, Flow)>,
     bridge: Flow,
     accounting: MtAccounting,
     /// Offered to the bridge, sweep datagrams included.
@@ -234,14 +264,110 @@ struct MtRow {
     bridge_cpu: Duration,
 }
 
+impl MtRow {
+    fn of(
+        label: String,
+        backend: SocketBackend,
+        ceiling: Option<&Ceiling>,
+        run: BridgeRun,
+    ) -> Self {
+        Self {
+            label,
+            backend,
+            ceiling: ceiling.map(|c| (c.number, c.flow.clone())),
+            bridge: run.flow,
+            accounting: run.accounting,
+            bridge_offered: run.offered,
+            ceiling_cpu: ceiling.map(|c| c.cpu),
+            bridge_cpu: run.cpu,
+        }
+    }
+
+    /// Bridge / ceiling deliveries per second.
+    fn ratio(&self) -> Option<f64> {
+        let (_, ceiling) = self.ceiling.as_ref()?;
+        Some(self.bridge.delivered_per_s / ceiling.delivered_per_s.max(1.0))
+    }
+}
+
+/// The MT part of a run.
+struct MtRows {
+    rows: Vec<MtRow>,
+    /// Each backend's devices and idle RSS (KiB) before its first offer.
+    idle: Vec<(SocketBackend, (usize, u64))>,
+    /// The spread of the two ceilings bracketing the backends at the offered rate.
+    spread: Option<f64>,
+}
+
+/// How far two measurements of the same thing lie apart, relative to the larger.
+fn spread(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.max(b).max(1.0)
+}
+
+/// One measurement of the MT ceiling (the relay) in a run.
+#[derive(Clone)]
+struct Ceiling {
+    /// 1 for the run's first ceiling measurement, and so on.
+    number: usize,
+    rate: f64,
+    duration: Duration,
+    flow: Flow,
+    /// CPU time per delivery.
+    cpu: Duration,
+}
+
+/// One MT run of a bridge.
+struct BridgeRun {
+    flow: Flow,
+    accounting: MtAccounting,
+    /// Offered, sweep datagrams included.
+    offered: f64,
+    /// RSS before the offer, KiB.
+    idle_rss: u64,
+    /// CPU time per delivery.
+    cpu: Duration,
+}
+
+/// Sustainable: nothing shed, (nearly) everything delivered.
+fn fits(flow: &Flow, accounting: &MtAccounting) -> bool {
+    flow.delivered_share() >= 0.99
+        && accounting.dropped_before_queue.values().sum::<f64>() == 0.0
+        && accounting.dropped_from_queue.values().sum::<f64>() == 0.0
+}
+
+/// One MO rate: the ceiling, each backend's bridge, and the ceiling again when there are two
+/// backends; each backend is compared with the ceiling next to it.
 struct MoRow {
     rate: f64,
-    ceiling: (Flow, PushReport),
-    bridge: (Flow, PushReport),
+    /// Before the first backend, and after the last one (with two backends).
+    ceilings: Vec<(Flow, PushReport)>,
+    /// Each backend and the index in `ceilings` of the one it is compared with.
+    bridges: Vec<(SocketBackend, Flow, PushReport, usize)>,
+}
+
+impl MoRow {
+    fn ratio(&self, backend: SocketBackend) -> Option<f64> {
+        let (_, flow, _, ceiling) = self.bridges.iter().find(|(b, ..)| *b == backend)?;
+        let (ceiling, _) = self.ceilings.get(*ceiling)?;
+        Some(flow.delivered_per_s / ceiling.delivered_per_s.max(1.0))
+    }
+
+    /// The spread of its two ceilings (`None`: measured once).
+    fn spread(&self) -> Option<f64> {
+        match self.ceilings.as_slice() {
+            [(before, _), (after, _)] => {
+                Some(spread(before.delivered_per_s, after.delivered_per_s))
+            }
+            _ => None,
+        }
+    }
 }
 
 struct ScaleFigures {
+    backend: SocketBackend,
     devices: usize,
+    /// Descriptors the bridge held when ready.
+    descriptors: usize,
     bound: Duration,
     ready: Duration,
     rss_kib: u64,
@@ -257,6 +383,7 @@ struct ScaleFigures {
 }
 
 struct BulkFigures {
+    backend: SocketBackend,
     devices: usize,
     throttle_every: u64,
     concurrency: usize,
@@ -331,6 +458,7 @@ async fn bench(args: RunArgs) -> Result<()> {
         scale_devices: args
             .scale_devices
             .unwrap_or(if args.quick { 2_000 } else { 19_000 }),
+        anyip_scale_devices: args.anyip_scale_devices.unwrap_or(100_000),
         relay_in_flight: args.relay_in_flight,
         mo_connections: args.mo_connections,
         overflow: if args.overflow == "drop_newest" {
@@ -342,7 +470,11 @@ async fn bench(args: RunArgs) -> Result<()> {
             .bulk_devices
             .unwrap_or(if args.quick { 2_000 } else { 10_000 }),
         bulk_429_every: args.bulk_429_every,
-        anyip: args.backend == "anyip",
+        backends: match args.backend.as_str() {
+            "per_socket" => vec![SocketBackend::PerSocket],
+            "anyip" => vec![SocketBackend::AnyIp],
+            _ => vec![SocketBackend::PerSocket, SocketBackend::AnyIp],
+        },
     };
     let bridge_binary = match &args.bridge {
         Some(path) => path.clone(),
@@ -365,39 +497,48 @@ async fn bench(args: RunArgs) -> Result<()> {
         work,
         next_id: 1,
         runs: 0,
+        ceilings_measured: 0,
         fsync,
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()?,
+        descriptors: DescriptorWatch::start(),
     };
     eprintln!(
         "nidd-bench: bridge {}, work directory {}",
         bench.bridge_binary.display(),
         bench.work.path().display()
     );
-    let (mt, idle) = bench.mt_rows().await?;
+    let backends = bench.settings.backends.clone();
+    let MtRows {
+        rows: mt,
+        idle,
+        spread: mt_spread,
+    } = bench.mt_rows().await?;
     let mut mo = Vec::new();
     for factor in [1.0, 2.0] {
         let rate = bench.settings.rate * factor;
         mo.push(bench.mo_row(rate).await?);
     }
-    let scale = if bench.settings.scale_devices > 0 {
-        Some(bench.scale(idle).await?)
-    } else {
-        None
-    };
-    let bulk = if bench.settings.bulk_devices > 0 {
-        Some(bench.bulk().await?)
-    } else {
-        None
-    };
+    let mut scale = Vec::new();
+    for (backend, idle) in idle {
+        if bench.settings.scale_devices(backend) > 0 {
+            scale.push(bench.scale(backend, idle).await?);
+        }
+    }
+    let mut bulk = Vec::new();
+    if bench.settings.bulk_devices > 0 {
+        for &backend in &backends {
+            bulk.push(bench.bulk(backend).await?);
+        }
+    }
     let airtime = airtime_part(airtime_reads).await?;
     let report = report(
         &bench,
-        &mt,
+        (&mt, mt_spread),
         &mo,
-        scale.as_ref(),
-        bulk.as_ref(),
+        &scale,
+        &bulk,
         (&airtime, airtime_reads),
         wall.elapsed(),
     );
@@ -469,9 +610,13 @@ impl Bench {
         first
     }
 
-    /// Starts a bridge with `devices` devices on a new store, configured so pacing caps
-    /// nothing, and waits until it is ready.
-    async fn start_bridge(&mut self, devices: usize) -> Result<BenchBridge> {
+    /// Starts a bridge on `backend` with `devices` devices on a new store, configured so pacing
+    /// caps nothing, and waits until it is ready.
+    async fn start_bridge(
+        &mut self,
+        devices: usize,
+        backend: SocketBackend,
+    ) -> Result<BenchBridge> {
         self.runs += 1;
         let dir = self.work.path().join(format!("bridge-{}", self.runs));
         std::fs::create_dir_all(&dir)?;
@@ -499,7 +644,7 @@ impl Bench {
                 // 1024, 19 000 device sockets would not fit in 20 000 (the MO pushes use 64).
                 c.limits.max_connections = CALLBACK_MAX_CONNECTIONS;
             });
-        if self.settings.anyip {
+        if backend == SocketBackend::AnyIp {
             builder = builder.anyip();
         }
         for index in 0..devices {
@@ -534,6 +679,9 @@ impl Bench {
             format!("the bridge's log ends:\n{}", tail.join("\n"))
         })?;
         let bound = started.elapsed();
+        // RSS, CPU time and descriptors are read from /proc by this pid: it must be the bridge
+        // itself (no wrapper), or its figures would be another process's.
+        check_bridge_process(process.pid(), &self.bridge_binary)?;
         let url = format!("http://{}/readyz", process.admin);
         loop {
             let ready = self
@@ -645,6 +793,40 @@ impl Bench {
         }
     }
 
+    /// The ceiling at `rate` for `duration`: one of `round` when it holds one at that rate,
+    /// else measured now and added to it.
+    async fn ceiling_at(
+        &mut self,
+        round: &mut Vec<Ceiling>,
+        rate: f64,
+        duration: Duration,
+    ) -> Result<Ceiling> {
+        if let Some(known) = round
+            .iter()
+            .find(|c| (c.rate - rate).abs() < 0.5 && c.duration == duration)
+        {
+            return Ok(known.clone());
+        }
+        let ceiling = self.measure_ceiling(rate, duration).await?;
+        round.push(ceiling.clone());
+        Ok(ceiling)
+    }
+
+    /// The ceiling at `rate` for `duration`, measured now: its number in the run, the relay's
+    /// deliveries, and its CPU time per delivery.
+    async fn measure_ceiling(&mut self, rate: f64, duration: Duration) -> Result<Ceiling> {
+        eprintln!("nidd-bench: MT at {rate:.0}/s, ceiling");
+        let (flow, cpu) = self.mt_ceiling(rate, duration).await?;
+        self.ceilings_measured += 1;
+        Ok(Ceiling {
+            number: self.ceilings_measured,
+            rate,
+            duration,
+            flow,
+            cpu,
+        })
+    }
+
     /// The ceiling at `rate`: the relay's deliveries, and its CPU time per delivery.
     async fn mt_ceiling(&mut self, rate: f64, duration: Duration) -> Result<(Flow, Duration)> {
         let mut relay = self.start_relay().await?;
@@ -664,10 +846,11 @@ impl Bench {
     /// count comes with the next datagram a socket takes); those are offered too.
     async fn mt_bridge(
         &mut self,
+        backend: SocketBackend,
         rate: f64,
         duration: Duration,
-    ) -> Result<(Flow, MtAccounting, f64, u64, Duration)> {
-        let bridge = self.start_bridge(self.settings.devices).await?;
+    ) -> Result<BridgeRun> {
+        let bridge = self.start_bridge(self.settings.devices, backend).await?;
         let idle_rss = memory_kib(&bridge.process).0;
         let targets = self.device_addresses(&bridge).await?;
         let before = self.metrics(&bridge).await?;
@@ -694,7 +877,13 @@ impl Bench {
             .process
             .try_terminate(Duration::from_secs(30))
             .await?;
-        Ok((flow, accounting, offered, idle_rss, per_delivery))
+        Ok(BridgeRun {
+            flow,
+            accounting,
+            offered,
+            idle_rss,
+            cpu: per_delivery,
+        })
     }
 
     /// Waits until the bridge accounts for `offered` datagrams with nothing queued, or its
@@ -725,66 +914,120 @@ impl Bench {
         }
     }
 
-    /// MT at the offered rate, the sustainable rate found, and 2× and 4× of it. Also returns
-    /// the idle RSS of a bridge with the MT devices.
-    async fn mt_rows(&mut self) -> Result<(Vec<MtRow>, (usize, u64))> {
+    /// MT at the offered rate, the sustainable rate found, and 2× and 4× of it, for each
+    /// backend. The offered rate, where the backends are compared, is bracketed: the ceiling
+    /// before the first backend's run and again after the last one's, each backend compared
+    /// with the measurement next to it. At 2× and 4× a rate offered to both backends is
+    /// measured once, before the first bridge run at it. Also returns each backend's idle RSS
+    /// with the MT devices, and the spread of the bracketing ceilings (`None`: one backend).
+    async fn mt_rows(&mut self) -> Result<MtRows> {
         let rate = self.settings.rate;
         let duration = self.settings.duration;
+        let backends = self.settings.backends.clone();
         let mut rows = Vec::new();
-        eprintln!("nidd-bench: MT at {rate:.0}/s, ceiling");
-        let (ceiling, ceiling_cpu) = self.mt_ceiling(rate, duration).await?;
-        eprintln!("nidd-bench: MT at {rate:.0}/s, bridge");
-        let (bridge, accounting, offered, idle_rss, bridge_cpu) =
-            self.mt_bridge(rate, duration).await?;
-        // What it delivered in all, over the offer and the drain after it.
-        let saturated = bridge.delivered as f64
-            / (bridge.offered as f64 / bridge.offered_per_s.max(1.0) + bridge.drain.as_secs_f64())
-                .max(0.001);
-        // Sustainable: nothing shed, (nearly) everything delivered.
-        let fits = |flow: &Flow, accounting: &MtAccounting| {
-            flow.delivered_share() >= 0.99
-                && accounting.dropped_before_queue.values().sum::<f64>() == 0.0
-                && accounting.dropped_from_queue.values().sum::<f64>() == 0.0
-        };
-        let mut sustainable = if fits(&bridge, &accounting) {
-            Some(rate)
+        let mut idle = Vec::new();
+        let before = self.measure_ceiling(rate, duration).await?;
+        let mut runs = Vec::new();
+        for &backend in &backends {
+            eprintln!(
+                "nidd-bench: MT at {rate:.0}/s, bridge on {}",
+                backend_name(backend)
+            );
+            let run = self.mt_bridge(backend, rate, duration).await?;
+            idle.push((backend, (self.settings.devices, run.idle_rss)));
+            runs.push((backend, run));
+        }
+        let after = if backends.len() > 1 {
+            Some(self.measure_ceiling(rate, duration).await?)
         } else {
             None
         };
-        rows.push(MtRow {
-            label: format!("offered {rate:.0}/s"),
-            ceiling: Some(ceiling),
-            bridge,
-            accounting,
-            bridge_offered: offered,
-            ceiling_cpu: Some(ceiling_cpu),
-            bridge_cpu,
-        });
+        let spread = after
+            .as_ref()
+            .map(|after| spread(before.flow.delivered_per_s, after.flow.delivered_per_s));
+        for (index, (backend, run)) in runs.into_iter().enumerate() {
+            let ceiling = match &after {
+                Some(after) if index > 0 => after,
+                _ => &before,
+            };
+            rows.push(MtRow::of(
+                format!("offered {rate:.0}/s"),
+                backend,
+                Some(ceiling),
+                run,
+            ));
+        }
+        let mut sustainable = Vec::new();
+        for (index, &backend) in backends.iter().enumerate() {
+            let first = &rows[index];
+            let (flow, accounting) = (first.bridge.clone(), first.accounting.clone());
+            sustainable.push(
+                self.sustainable(backend, &flow, &accounting, &mut rows)
+                    .await?,
+            );
+        }
+        for factor in [2.0, 4.0] {
+            let mut round = Vec::new();
+            for (&backend, &sustainable) in backends.iter().zip(&sustainable) {
+                let offered_rate = sustainable * factor;
+                let ceiling = self.ceiling_at(&mut round, offered_rate, duration).await?;
+                eprintln!(
+                    "nidd-bench: MT at {factor}× sustainable ({offered_rate:.0}/s), bridge on {}",
+                    backend_name(backend)
+                );
+                let run = self.mt_bridge(backend, offered_rate, duration).await?;
+                rows.push(MtRow::of(
+                    format!("{factor}× sustainable {offered_rate:.0}/s"),
+                    backend,
+                    Some(&ceiling),
+                    run,
+                ));
+            }
+        }
+        Ok(MtRows { rows, idle, spread })
+    }
+
+    /// The sustainable MT rate of `backend` (nothing shed, (nearly) everything delivered),
+    /// searched from its run at the offered rate (`flow`, `accounting`); the search runs are
+    /// added to `rows`.
+    async fn sustainable(
+        &mut self,
+        backend: SocketBackend,
+        flow: &Flow,
+        accounting: &MtAccounting,
+        rows: &mut Vec<MtRow>,
+    ) -> Result<f64> {
+        let rate = self.settings.rate;
+        if fits(flow, accounting) {
+            return Ok(rate);
+        }
+        // What it delivered in all, over the offer and the drain after it.
+        let saturated = flow.delivered as f64
+            / (flow.offered as f64 / flow.offered_per_s.max(1.0) + flow.drain.as_secs_f64())
+                .max(0.001);
         // From 0.9 of what it delivered at the offered rate: down by 0.7 until a rate fits,
         // then up by 1.4 while it fits (at most six short runs, never above the offered rate).
         let mut candidate = (saturated * 0.9).max(100.0).min(rate);
-        let mut fitted: Option<f64> = sustainable;
+        let mut fitted: Option<f64> = None;
+        let mut sustainable = None;
         for _ in 0..6 {
-            if sustainable.is_some() {
-                break;
-            }
-            eprintln!("nidd-bench: MT at {candidate:.0}/s, bridge (sustainable?)");
-            let (flow, accounting, offered, _, bridge_cpu) = self
-                .mt_bridge(candidate, self.settings.search_duration)
+            eprintln!(
+                "nidd-bench: MT at {candidate:.0}/s, bridge on {} (sustainable?)",
+                backend_name(backend)
+            );
+            let run = self
+                .mt_bridge(backend, candidate, self.settings.search_duration)
                 .await?;
-            let ok = fits(&flow, &accounting);
-            rows.push(MtRow {
-                label: format!(
+            let ok = fits(&run.flow, &run.accounting);
+            rows.push(MtRow::of(
+                format!(
                     "search {candidate:.0}/s {}",
                     if ok { "fits" } else { "sheds" }
                 ),
-                ceiling: None,
-                bridge: flow,
-                accounting,
-                bridge_offered: offered,
-                ceiling_cpu: None,
-                bridge_cpu,
-            });
+                backend,
+                None,
+                run,
+            ));
             match (ok, fitted) {
                 (true, _) if candidate * 1.4 <= rate => {
                     fitted = Some(candidate);
@@ -794,26 +1037,11 @@ impl Bench {
                 (false, Some(last)) => sustainable = Some(last),
                 (false, None) => candidate *= 0.7,
             }
+            if sustainable.is_some() {
+                break;
+            }
         }
-        let sustainable = sustainable.or(fitted);
-        let sustainable = sustainable.unwrap_or(candidate);
-        for factor in [2.0, 4.0] {
-            let offered_rate = sustainable * factor;
-            eprintln!("nidd-bench: MT at {factor}× sustainable ({offered_rate:.0}/s)");
-            let (ceiling, ceiling_cpu) = self.mt_ceiling(offered_rate, duration).await?;
-            let (flow, accounting, offered, _, bridge_cpu) =
-                self.mt_bridge(offered_rate, duration).await?;
-            rows.push(MtRow {
-                label: format!("{factor}× sustainable {offered_rate:.0}/s"),
-                ceiling: Some(ceiling),
-                bridge: flow,
-                accounting,
-                bridge_offered: offered,
-                ceiling_cpu: Some(ceiling_cpu),
-                bridge_cpu,
-            });
-        }
-        Ok((rows, (self.settings.devices, idle_rss)))
+        Ok(sustainable.or(fitted).unwrap_or(candidate))
     }
 
     /// Pushes MO at the configured rate to the configurations of `scs_as_id`.
@@ -843,36 +1071,62 @@ impl Bench {
         Ok((Flow::of(&report.sent, &arrivals), report))
     }
 
+    /// MO at `rate`: the ceiling, then each backend's bridge, then (with two backends) the
+    /// ceiling again.
     async fn mo_row(&mut self, rate: f64) -> Result<MoRow> {
-        eprintln!("nidd-bench: MO at {rate:.0}/s, ceiling");
-        let mut relay = self.start_relay().await?;
-        let relay_scs = format!("bench-relay-{}", self.runs);
-        let ceiling = self.push_mo(&relay_scs, rate).await?;
-        let _ = relay.child.start_kill();
-        let _ = relay.child.wait().await;
-        eprintln!("nidd-bench: MO at {rate:.0}/s, bridge");
-        let bridge = self.start_bridge(self.settings.devices).await?;
-        let scs = bridge.scs_as_id.clone();
-        let flow = self.push_mo(&scs, rate).await?;
-        bridge
-            .process
-            .try_terminate(Duration::from_secs(30))
-            .await?;
+        let backends = self.settings.backends.clone();
+        let mut ceilings = vec![self.mo_ceiling(rate).await?];
+        let mut bridges = Vec::new();
+        for (index, &backend) in backends.iter().enumerate() {
+            eprintln!(
+                "nidd-bench: MO at {rate:.0}/s, bridge on {}",
+                backend_name(backend)
+            );
+            let bridge = self.start_bridge(self.settings.devices, backend).await?;
+            let scs = bridge.scs_as_id.clone();
+            let (flow, push) = self.push_mo(&scs, rate).await?;
+            bridge
+                .process
+                .try_terminate(Duration::from_secs(30))
+                .await?;
+            bridges.push((backend, flow, push, usize::from(index > 0)));
+        }
+        if backends.len() > 1 {
+            ceilings.push(self.mo_ceiling(rate).await?);
+        }
         Ok(MoRow {
             rate,
-            ceiling,
-            bridge: flow,
+            ceilings,
+            bridges,
         })
     }
 
-    /// Time to ready and RSS with many devices, then SIGTERM and a restart on the same store.
-    async fn scale(&mut self, (idle_devices, idle_rss_kib): (usize, u64)) -> Result<ScaleFigures> {
-        let devices = self.settings.scale_devices;
-        eprintln!("nidd-bench: {devices} devices: start, ready, RSS");
+    /// The MO ceiling at `rate`: pushed through a relay.
+    async fn mo_ceiling(&mut self, rate: f64) -> Result<(Flow, PushReport)> {
+        eprintln!("nidd-bench: MO at {rate:.0}/s, ceiling");
+        let mut relay = self.start_relay().await?;
+        let relay_scs = format!("bench-relay-{}", self.runs);
+        let ceiling = self.push_mo(&relay_scs, rate).await;
+        let _ = relay.child.start_kill();
+        let _ = relay.child.wait().await;
+        ceiling
+    }
+
+    /// Time to ready and RSS with many devices on `backend`, then SIGTERM and a restart on the
+    /// same store. `idle` is the devices and RSS of an idle bridge on the same backend.
+    async fn scale(
+        &mut self,
+        backend: SocketBackend,
+        (idle_devices, idle_rss_kib): (usize, u64),
+    ) -> Result<ScaleFigures> {
+        let devices = self.settings.scale_devices(backend);
+        let name = backend_name(backend);
+        eprintln!("nidd-bench: {devices} devices on {name}: start, ready, RSS");
         let before = self.scef.counts();
-        let bridge = self.start_bridge(devices).await?;
+        let bridge = self.start_bridge(devices, backend).await?;
         let first = self.scef.counts();
         let (rss_kib, hwm_kib) = memory_kib(&bridge.process);
+        let descriptors = bridge.process.pid().map_or(0, open_descriptors);
         let BenchBridge {
             process,
             config,
@@ -886,14 +1140,16 @@ impl Bench {
         if !status.success() {
             bail!("the bridge exited with {status} after SIGTERM");
         }
-        eprintln!("nidd-bench: {devices} devices: restart on the same store");
+        eprintln!("nidd-bench: {devices} devices on {name}: restart on the same store");
         let (process, restart_bound, restart_ready) = self.run_bridge(&config).await?;
         let (restart_rss_kib, _) = memory_kib(&process);
         let after = self.scef.counts();
         process.try_terminate(Duration::from_secs(60)).await?;
         let delta = |a: [u64; 6], b: [u64; 6]| std::array::from_fn(|i| a[i] - b[i]);
         Ok(ScaleFigures {
+            backend,
             devices,
+            descriptors,
             bound,
             ready,
             rss_kib,
@@ -914,13 +1170,14 @@ impl Bench {
     /// K-th configuration create 429 with `Retry-After`; timed until `GET /api/v1/fleet` shows
     /// every one provisioned and none onboarding, then checked at the SCEF (one configuration
     /// per device) and in the bridge's `/metrics`.
-    async fn bulk(&mut self) -> Result<BulkFigures> {
+    async fn bulk(&mut self, backend: SocketBackend) -> Result<BulkFigures> {
         let devices = self.settings.bulk_devices;
         let every = self.settings.bulk_429_every;
         eprintln!(
-            "nidd-bench: bulk onboarding of {devices} devices in one request, every {every}th create answered 429"
+            "nidd-bench: bulk onboarding of {devices} devices on {} in one request, every {every}th create answered 429",
+            backend_name(backend)
         );
-        let bridge = self.start_bridge(0).await?;
+        let bridge = self.start_bridge(0, backend).await?;
         let config = Config::parse(&std::fs::read_to_string(&bridge.config)?)?;
         if config.sockets.capacity() < devices as u64 {
             bail!(
@@ -1025,6 +1282,7 @@ impl Bench {
             .filter_map(|c| c.external_id.as_ref().map(ToString::to_string))
             .collect();
         let figures = BulkFigures {
+            backend,
             devices,
             throttle_every: every,
             concurrency: config.scef.provisioning_concurrency,
@@ -1204,7 +1462,92 @@ fn cpu_time(pid: Option<u32>) -> Duration {
     Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / TICKS_PER_S)
 }
 
-/// VmRSS and VmHWM of the bridge process, in KiB (0 when unreadable).
+/// Fails unless `pid` runs `binary`: the figures read from `/proc/PID` are then the bridge
+/// process's own, not a wrapper's or this process's.
+fn check_bridge_process(pid: Option<u32>, binary: &Path) -> Result<()> {
+    let pid = pid.context("the bridge process exited at start")?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .with_context(|| format!("reading /proc/{pid}/exe"))?;
+    // A binary replaced on disk while it runs reads as "PATH (deleted)".
+    let exe = exe
+        .to_str()
+        .and_then(|e| e.strip_suffix(" (deleted)"))
+        .map_or(exe.clone(), PathBuf::from);
+    let expected = binary
+        .canonicalize()
+        .with_context(|| format!("resolving {}", binary.display()))?;
+    if exe != expected {
+        bail!(
+            "process {pid} runs {}, not the bridge {}",
+            exe.display(),
+            expected.display()
+        );
+    }
+    Ok(())
+}
+
+/// Descriptors open in process `pid` (`"self"`: this one), from `/proc/PID/fd` (0 when
+/// unreadable).
+fn open_descriptors(pid: impl std::fmt::Display) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// This process's soft limit of open descriptors, from `/proc/self/limits`.
+fn descriptor_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.strip_prefix("Max open files")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The most descriptors this process (minimal SCEF, stand-in, load generators) held, sampled
+/// every 100 ms while the benchmark runs: it must stay within the process limit as the
+/// bridge's does, however many devices the bridge has.
+struct DescriptorWatch {
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl DescriptorWatch {
+    const EVERY: Duration = Duration::from_millis(100);
+
+    /// Starts sampling; it stops when the watch is dropped (at the end of the run).
+    fn start() -> Self {
+        let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(open_descriptors(
+            "self",
+        )));
+        let sampler = tokio::spawn({
+            let most = most.clone();
+            async move {
+                let mut tick = tokio::time::interval(Self::EVERY);
+                loop {
+                    tick.tick().await;
+                    most.fetch_max(
+                        open_descriptors("self"),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+            }
+        });
+        Self { most, sampler }
+    }
+
+    fn most(&self) -> usize {
+        self.most.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for DescriptorWatch {
+    fn drop(&mut self) {
+        self.sampler.abort();
+    }
+}
+
+/// VmRSS and VmHWM of the bridge process alone (its pid is checked to run the bridge binary
+/// when it starts, see [`check_bridge_process`]), in KiB (0 when unreadable).
 fn memory_kib(process: &BridgeProcess) -> (u64, u64) {
     let Some(pid) = process.pid() else {
         return (0, 0);
@@ -1261,9 +1604,11 @@ fn report_bulk(out: &mut String, b: &BulkFigures) {
     };
     let _ = writeln!(
         out,
-        "\nBulk onboarding: {} devices in one POST /api/v1/devices (JSON lines) to a bridge started with none; \
+        "\nBulk onboarding on {}: {} devices in one POST /api/v1/devices (JSON lines) to a bridge started with none; \
          the minimal SCEF {shed}; scef.provisioning_concurrency = {}",
-        b.devices, b.concurrency
+        backend_name(b.backend),
+        b.devices,
+        b.concurrency
     );
     let _ = writeln!(
         out,
@@ -1343,12 +1688,22 @@ fn report_bulk(out: &mut String, b: &BulkFigures) {
     );
 }
 
+/// How a backend's devices get their addresses, for the report.
+fn describe(backend: SocketBackend) -> &'static str {
+    match backend {
+        SocketBackend::PerSocket => "per_socket: one UDP socket (one descriptor) each",
+        SocketBackend::AnyIp => {
+            "anyip: an address of 127.64.0.0/10 each at one port, shared sockets"
+        }
+    }
+}
+
 fn report(
     bench: &Bench,
-    mt: &[MtRow],
+    (mt, mt_spread): (&[MtRow], Option<f64>),
     mo: &[MoRow],
-    scale: Option<&ScaleFigures>,
-    bulk: Option<&BulkFigures>,
+    scale: &[ScaleFigures],
+    bulk: &[BulkFigures],
     (airtime, airtime_reads): (&[AirtimeRun], usize),
     wall: Duration,
 ) -> String {
@@ -1358,14 +1713,16 @@ fn report(
     let _ = writeln!(
         out,
         "\nnidd-bench: {cores} cores, loopback only; bridge and relay each in its own process, \
-         minimal SCEF and LwM2M-server stand-in in this one"
+         minimal SCEF and LwM2M-server stand-in in this one (at most {} descriptors open in it, sampled; limit {})",
+        bench.descriptors.most(),
+        descriptor_limit().map_or_else(|| "unknown".into(), |l| l.to_string())
     );
     let _ = writeln!(
         out,
         "bridge settings: psm.device_rate_per_s = psm.global_rate_per_s = {PACING_PER_S:.0} \
          (pacing caps nothing), callback.rate_limit = {CALLBACK_RATE_PER_S}/s per token, callback.limits.max_connections = {CALLBACK_MAX_CONNECTIONS}, psm.monitoring = false, buffer_owner = bridge, queue_max_datagrams = 32, \
          queue_max_bytes = 16384, overflow = {}, provisioning_concurrency = 16, RUST_LOG=warn, \
-         store in {} (fsync of 4 KiB there before the run: p50 {}, p99 {}, max {}), sockets.backend = {}",
+         store in {} (fsync of 4 KiB there before the run: p50 {}, p99 {}, max {})",
         match s.overflow {
             OverflowPolicy::DropOldest => "drop_oldest",
             OverflowPolicy::DropNewest => "drop_newest",
@@ -1374,11 +1731,15 @@ fn report(
         ms(bench.fsync[0]),
         ms(bench.fsync[1]),
         ms(bench.fsync[2]),
-        if s.anyip {
-            "anyip (127.64.0.0/10, one port)"
-        } else {
-            "per_socket"
-        }
+    );
+    let _ = writeln!(
+        out,
+        "sockets.backend, each part run for each in this order: {}",
+        s.backends
+            .iter()
+            .map(|b| describe(*b))
+            .collect::<Vec<_>>()
+            .join("; ")
     );
     let _ = writeln!(
         out,
@@ -1388,16 +1749,21 @@ fn report(
     let _ = writeln!(
         out,
         "\nMT: {} devices, CON GET /3/0/0 from the server stand-in, the minimal SCEF answers 200 SUCCESS at once; \
-         {} per run (searches {}); delivered/s = deliveries during the offer / its length; latency = send -> SCEF",
+         {} per run (searches {}); delivered/s = deliveries during the offer / its length; latency = send -> SCEF; \
+         # numbers the relay's measurements: at the offered rate one before the first backend and (with two) one \
+         after the last, each backend compared with the one next to it; at 2× and 4× one per rate, before the \
+         first bridge run at it, serving every backend offered that rate",
         s.devices,
         humantime::format_duration(s.duration),
         humantime::format_duration(s.search_duration)
     );
     let _ = writeln!(
         out,
-        "{:<30} {:>9} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} {:>8} | {:>6} {:>5}",
+        "{:<30} {:<10} {:>9} | {:>3} {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} {:>8} | {:>6} {:>5}",
         "run",
+        "backend",
         "offered/s",
+        "#",
         "ceiling/s",
         "p50",
         "p99",
@@ -1409,24 +1775,31 @@ fn report(
         "≥0.8"
     );
     for row in mt {
-        let (ceiling, p50, p99, ratio, ok) = match &row.ceiling {
-            Some(c) => {
-                let ratio = row.bridge.delivered_per_s / c.delivered_per_s.max(1.0);
-                (
-                    format!("{:.0}", c.delivered_per_s),
-                    ms(c.p50),
-                    ms(c.p99),
-                    format!("{ratio:.2}"),
-                    verdict(ratio >= 0.8).to_string(),
-                )
-            }
-            None => ("-".into(), "-".into(), "-".into(), "-".into(), "".into()),
+        let (number, ceiling, p50, p99, ratio, ok) = match (&row.ceiling, row.ratio()) {
+            (Some((number, c)), Some(ratio)) => (
+                format!("#{number}"),
+                format!("{:.0}", c.delivered_per_s),
+                ms(c.p50),
+                ms(c.p99),
+                format!("{ratio:.2}"),
+                verdict(ratio >= 0.8).to_string(),
+            ),
+            _ => (
+                "".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "".into(),
+            ),
         };
         let _ = writeln!(
             out,
-            "{:<30} {:>9.0} | {:>10} {:>8} {:>8} | {:>10.0} {:>8} {:>8} {:>8} | {:>6} {:>5}",
+            "{:<30} {:<10} {:>9.0} | {:>3} {:>10} {:>8} {:>8} | {:>10.0} {:>8} {:>8} {:>8} | {:>6} {:>5}",
             row.label,
+            backend_name(row.backend),
             row.bridge.offered_per_s,
+            number,
             ceiling,
             p50,
             p99,
@@ -1444,8 +1817,9 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "{:<30} {:>8} {:>8} {:>8} {:>8} {:<34} {:<24} {:>7} {:>7}",
+        "{:<30} {:<10} {:>8} {:>8} {:>8} {:>8} {:<34} {:<24} {:>7} {:>7}",
         "run",
+        "backend",
         "offered",
         "accepted",
         "deliver.",
@@ -1460,8 +1834,9 @@ fn report(
         let share = a.accounted() / row.bridge_offered.max(1.0) * 100.0;
         let _ = writeln!(
             out,
-            "{:<30} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:<34} {:<24} {:>7.0} {:>6.2}%",
+            "{:<30} {:<10} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:<34} {:<24} {:>7.0} {:>6.2}%",
             row.label,
+            backend_name(row.backend),
             row.bridge_offered,
             a.accepted,
             a.delivered,
@@ -1473,7 +1848,7 @@ fn report(
         );
         let _ = writeln!(
             out,
-            "{:<30} group commits {:.0} ({:.1} datagrams each, mean {}), mean T8 delivery request {}, CPU per delivery {}{}",
+            "{:<41} group commits {:.0} ({:.1} datagrams each, mean {}), mean T8 delivery request {}, CPU per delivery {}{}",
             "",
             a.commits,
             a.accepted / a.commits.max(1.0),
@@ -1487,7 +1862,7 @@ fn report(
         if !a.other_attempts.is_empty() {
             let _ = writeln!(
                 out,
-                "{:<30} other delivery attempts: {}",
+                "{:<41} other delivery attempts: {}",
                 "",
                 reasons(&a.other_attempts)
             );
@@ -1497,27 +1872,41 @@ fn report(
         out,
         "\nMO: {} devices, NON POST /dp as T8 uplink notifications from the minimal SCEF ({} connections) \
          for {} per run; delivered/s = datagrams at the server stand-in during the push / its length; \
-         latency = POST sent -> datagram at the server",
+         latency = POST sent -> datagram at the server; at each rate the relay, then each backend, then \
+         (with two backends) the relay again: the first backend is compared with the ceiling before it, the \
+         second with the one after it",
         s.devices,
         s.mo_connections,
         humantime::format_duration(s.duration)
     );
     let _ = writeln!(
         out,
-        "{:<18} {:>9} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+        "{:<22} {:>9} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
         "", "sent", "sent/s", "deliver./s", "p50", "p99", "max", "non-2xx", "ratio", "≥0.85"
     );
     for row in mo {
-        let (c, c_push) = &row.ceiling;
-        let (b, b_push) = &row.bridge;
-        let ratio = b.delivered_per_s / c.delivered_per_s.max(1.0);
-        for (name, flow, push, ratio) in [
-            ("ceiling", c, c_push, String::new()),
-            ("bridge", b, b_push, format!("{ratio:.2}")),
-        ] {
+        let ceiling = |index: usize| {
+            row.ceilings.get(index).map(|(flow, push)| {
+                let name = if index == 0 {
+                    "ceiling"
+                } else {
+                    "ceiling after"
+                };
+                (name, flow, push, None)
+            })
+        };
+        let lines = ceiling(0)
+            .into_iter()
+            .chain(
+                row.bridges
+                    .iter()
+                    .map(|(b, flow, push, _)| (backend_name(*b), flow, push, row.ratio(*b))),
+            )
+            .chain(ceiling(1));
+        for (name, flow, push, ratio) in lines {
             let _ = writeln!(
                 out,
-                "{:<18} {:>9} {:>9.0} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+                "{:<22} {:>9} {:>9.0} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
                 format!("{:.0}/s {name}", row.rate),
                 flow.offered,
                 flow.offered_per_s,
@@ -1526,63 +1915,48 @@ fn report(
                 ms(flow.p99),
                 ms(flow.max),
                 push.failed(),
-                ratio,
-                if name == "bridge" {
-                    verdict(b.delivered_per_s >= 0.85 * c.delivered_per_s)
-                } else {
-                    ""
-                }
+                ratio.map(|r| format!("{r:.2}")).unwrap_or_default(),
+                ratio.map(|r| verdict(r >= 0.85)).unwrap_or_default()
             );
         }
     }
-    if let Some(f) = scale {
-        let per_device = (f.rss_kib.saturating_sub(f.idle_rss_kib)) as f64
-            / (f.devices - f.idle_devices).max(1) as f64;
-        let _ = writeln!(
-            out,
-            "\nScale: {} devices ({}), a new store, NIDD configurations created at the minimal SCEF",
-            f.devices,
-            if s.anyip {
-                "anyip: an address each, shared sockets"
-            } else {
-                "one UDP socket each"
-            }
-        );
-        let _ = writeln!(
-            out,
-            "  start -> bound (addresses printed) {}, start -> /readyz 200 {}  [SCEF: {} created]",
-            ms(f.bound),
-            ms(f.ready),
-            f.first_requests[0]
-        );
-        let _ = writeln!(
-            out,
-            "  RSS when ready {:.1} MiB (peak {:.1} MiB); idle bridge with {} devices {:.1} MiB; {:.1} KiB per device",
-            f.rss_kib as f64 / 1024.0,
-            f.hwm_kib as f64 / 1024.0,
-            f.idle_devices,
-            f.idle_rss_kib as f64 / 1024.0,
-            per_device
-        );
-        let _ = writeln!(
-            out,
-            "  SIGTERM -> exit {}; restart on the same store: start -> bound {}, start -> /readyz 200 {}, RSS {:.1} MiB  \
-             [SCEF: {} created, {} fetched, {} patched]",
-            ms(f.stop),
-            ms(f.restart_bound),
-            ms(f.restart_ready),
-            f.restart_rss_kib as f64 / 1024.0,
-            f.restart_requests[0],
-            f.restart_requests[1],
-            f.restart_requests[2]
-        );
+    for f in scale {
+        report_scale(&mut out, f);
     }
-    if let Some(b) = bulk {
+    for b in bulk {
         report_bulk(&mut out, b);
     }
     if !airtime.is_empty() {
         report_airtime(&mut out, airtime, airtime_reads);
     }
+    let lines: Vec<BackendLine> = s
+        .backends
+        .iter()
+        .map(|&backend| BackendLine {
+            backend,
+            scale: scale
+                .iter()
+                .find(|f| f.backend == backend)
+                .map(ScaleFigures::line),
+            mt_ratio: mt
+                .iter()
+                .find(|r| r.backend == backend)
+                .and_then(MtRow::ratio),
+            mo_ratios: mo.iter().filter_map(|r| r.ratio(backend)).collect(),
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "\nSummary (issue 11): scale run per backend (RSS per device against an idle bridge with {} devices on the same backend); \
+         MT ratio at the offered {:.0}/s, MO ratios at each MO rate, each against the same run's ceiling measured next to it",
+        s.devices, s.rate
+    );
+    out.push_str(&summary::render(&Summary {
+        lines,
+        mo_rates: mo.iter().map(|r| r.rate).collect(),
+        mt_spread,
+        mo_spreads: mo.iter().map(MoRow::spread).collect(),
+    }));
     let log_lines = std::fs::read_to_string(&bench.log)
         .map(|t| t.lines().count())
         .unwrap_or(0);
@@ -1592,4 +1966,61 @@ fn report(
         humantime::format_duration(Duration::from_secs(wall.as_secs()))
     );
     out
+}
+
+impl ScaleFigures {
+    /// RSS per device added, against the idle bridge.
+    fn rss_per_device_kib(&self) -> f64 {
+        self.rss_kib.saturating_sub(self.idle_rss_kib) as f64
+            / self.devices.saturating_sub(self.idle_devices).max(1) as f64
+    }
+
+    fn line(&self) -> ScaleLine {
+        ScaleLine {
+            devices: self.devices,
+            ready: self.ready,
+            rss_per_device_kib: self.rss_per_device_kib(),
+            restart: self.restart_ready,
+        }
+    }
+}
+
+/// A scale section of the report.
+fn report_scale(out: &mut String, f: &ScaleFigures) {
+    let _ = writeln!(
+        out,
+        "\nScale on {}: {} devices ({}), a new store, NIDD configurations created at the minimal SCEF",
+        backend_name(f.backend),
+        f.devices,
+        describe(f.backend)
+    );
+    let _ = writeln!(
+        out,
+        "  start -> bound (addresses printed) {}, start -> /readyz 200 {}  [SCEF: {} created]; {} descriptors open in the bridge then",
+        ms(f.bound),
+        ms(f.ready),
+        f.first_requests[0],
+        f.descriptors
+    );
+    let _ = writeln!(
+        out,
+        "  RSS of the bridge process when ready {:.1} MiB (peak {:.1} MiB); idle bridge with {} devices {:.1} MiB; {:.1} KiB per device",
+        f.rss_kib as f64 / 1024.0,
+        f.hwm_kib as f64 / 1024.0,
+        f.idle_devices,
+        f.idle_rss_kib as f64 / 1024.0,
+        f.rss_per_device_kib()
+    );
+    let _ = writeln!(
+        out,
+        "  SIGTERM -> exit {}; restart on the same store: start -> bound {}, start -> /readyz 200 {}, RSS {:.1} MiB  \
+         [SCEF: {} created, {} fetched, {} patched]",
+        ms(f.stop),
+        ms(f.restart_bound),
+        ms(f.restart_ready),
+        f.restart_rss_kib as f64 / 1024.0,
+        f.restart_requests[0],
+        f.restart_requests[1],
+        f.restart_requests[2]
+    );
 }
