@@ -15,7 +15,7 @@ use url::Url;
 
 use crate::config::{
     Config, DeviceConfig, ListenerLimits, Lwm2mServerConfig, SecretSource, ServerWaits,
-    SocketBackend, TokenRateLimit,
+    SettingsDigest, SocketBackend, TokenRateLimit,
 };
 use crate::delivery::ScefTimeLimits;
 use crate::devices::groups::GroupTable;
@@ -351,10 +351,10 @@ impl Bridge {
         // Persisted addresses are bound before any new allocation, so no new device takes a
         // port an existing device's registration points at.
         let mut pool = SocketPool::new(&config.sockets)?;
-        let file_devices: std::collections::HashMap<DeviceId, DeviceConfig> = seeds
+        let file_devices: std::collections::HashMap<DeviceId, SettingsDigest> = seeds
             .iter()
             .filter(|seed| !seed.from_api)
-            .map(|seed| (seed.id.clone(), seed.settings.clone()))
+            .map(|seed| (seed.id.clone(), seed.settings.digest()))
             .collect();
         let mut sockets: Vec<Option<DeviceSocket>> = Vec::with_capacity(seeds.len());
         for seed in &seeds {

@@ -247,7 +247,7 @@ impl OnboardingConfig {
 }
 
 /// Who holds MT datagrams for a device that sleeps: never both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BufferOwner {
     /// The bridge queues MT while the device sleeps and sends it when the device wakes;
@@ -1303,7 +1303,7 @@ impl Default for NiddDefaults {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     /// `local@domain` or `urn:nai:local@domain`.
@@ -1337,7 +1337,21 @@ const WAKE_PERIOD_RULE: &str = "wake_period_s must be between 1 and 35683200 sec
 /// Longest endpoint name accepted (LwM2M sets none; this keeps records and logs bounded).
 const MAX_ENDPOINT_NAME_BYTES: usize = 255;
 
+/// A device's settings as a fingerprint: what the bridge keeps of a configuration file's
+/// device to tell, when the file is read again, whether its settings changed (the settings
+/// themselves would cost about 200 bytes per device). Compared within one process only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettingsDigest(u64);
+
 impl DeviceConfig {
+    /// Its fingerprint (see [`SettingsDigest`]).
+    pub fn digest(&self) -> SettingsDigest {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.hash(&mut hasher);
+        SettingsDigest(hasher.finish())
+    }
+
     /// Checks the entry against the servers it may name; its identity when it is valid. The
     /// same rules hold for a `[[devices]]` entry and for a device added through the admin API.
     pub fn check(&self, servers: &[Lwm2mServerConfig]) -> Result<DeviceId, ConfigError> {

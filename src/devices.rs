@@ -173,7 +173,7 @@ pub(crate) struct Device {
     /// Subscribe to MonitoringEvent reachability reports for this device.
     monitoring: AtomicBool,
     /// The settings it was added with through the admin API; `None` for a file device.
-    added_settings: Mutex<Option<DeviceConfig>>,
+    added_settings: Mutex<Option<Box<DeviceConfig>>>,
     /// Added while the bridge runs and never provisioned yet (see `DeviceTable::onboarding`).
     onboarding: AtomicBool,
     /// Created on demand (`[onboarding]`) rather than through the admin API.
@@ -224,7 +224,7 @@ impl Device {
     /// A device of the admin API, with the settings it was added with; `onboarding` when it
     /// is added now, while the bridge runs.
     pub(crate) fn added_with(self, settings: DeviceConfig, onboarding: bool) -> Self {
-        *lock(&self.added_settings) = Some(settings);
+        *lock(&self.added_settings) = Some(Box::new(settings));
         self.with_onboarding(onboarding)
     }
 
@@ -292,7 +292,7 @@ impl Device {
 
     /// The settings of a device added through the admin API; `None` for a file device.
     pub(crate) fn added_settings(&self) -> Option<DeviceConfig> {
-        lock(&self.added_settings).clone()
+        lock(&self.added_settings).as_deref().cloned()
     }
 
     /// Added through the admin API (not a `[[devices]]` entry of the file).
@@ -301,7 +301,7 @@ impl Device {
     }
 
     pub(crate) fn set_added_settings(&self, settings: DeviceConfig) {
-        *lock(&self.added_settings) = Some(settings);
+        *lock(&self.added_settings) = Some(Box::new(settings));
     }
 
     /// Makes an admin API device one of the configuration file's.

@@ -19,7 +19,7 @@ use url::Url;
 use crate::clock;
 use crate::config::{
     BufferOwner, ConfigError, DeviceConfig, GroupConfig, Lwm2mServerConfig, OnboardingConfig,
-    PsmConfig, ServerRole,
+    PsmConfig, ServerRole, SettingsDigest,
 };
 use crate::delivery::MtState;
 use crate::devices::groups::{Group, GroupTable};
@@ -506,7 +506,7 @@ pub(crate) struct Fleet {
     removing_groups: Mutex<std::collections::HashSet<ExternalId>>,
     policy: OnboardingPolicy,
     /// The settings of every device the configuration file declares now, as last read.
-    file_devices: Mutex<HashMap<DeviceId, DeviceConfig>>,
+    file_devices: Mutex<HashMap<DeviceId, SettingsDigest>>,
 }
 
 struct Runner {
@@ -524,7 +524,7 @@ impl Fleet {
     pub(crate) fn new(
         parts: FleetParts,
         pool: SocketPool,
-        file_devices: HashMap<DeviceId, DeviceConfig>,
+        file_devices: HashMap<DeviceId, SettingsDigest>,
     ) -> Self {
         let on_demand = parts
             .devices
@@ -1013,7 +1013,7 @@ impl Fleet {
         for (index, id, settings) in wanted {
             match devices.get(&id) {
                 Some(device) if device.is_from_api() => adopted.push((device, settings)),
-                Some(_) if previous.get(&id) == Some(&settings) => outcome.unchanged += 1,
+                Some(_) if previous.get(&id) == Some(&settings.digest()) => outcome.unchanged += 1,
                 Some(device) => changed.push((device, settings)),
                 None => {
                     let record = devices.store().load_device(&id)?;
@@ -1030,14 +1030,14 @@ impl Fleet {
             .filter_map(|id| devices.get(id))
             .filter(|device| !device.is_from_api())
             .collect();
-        let mut file_devices: HashMap<DeviceId, DeviceConfig> = previous
+        let mut file_devices: HashMap<DeviceId, SettingsDigest> = previous
             .into_iter()
             .filter(|(id, _)| seen.contains_key(id))
             .collect();
         outcome.added = new.len();
-        let added: Vec<(DeviceId, DeviceConfig)> = new
+        let added: Vec<(DeviceId, SettingsDigest)> = new
             .iter()
-            .map(|(id, settings, _)| (id.clone(), settings.clone()))
+            .map(|(id, settings, _)| (id.clone(), settings.digest()))
             .collect();
         self.insert_new(new, Source::File)?;
         file_devices.extend(added);
@@ -1059,7 +1059,7 @@ impl Fleet {
             warn_if_group_differs(&device, &settings);
             self.parts.factory.apply(&device, &settings);
             tracing::info!(device = %device.id, "device added through the admin API (or on demand) is now the configuration file's");
-            file_devices.insert(device.id.clone(), settings);
+            file_devices.insert(device.id.clone(), settings.digest());
             outcome.adopted += 1;
         }
         for (device, settings) in changed {
@@ -1072,7 +1072,7 @@ impl Fleet {
                 .device_changes
                 .with_label_values(&["changed"])
                 .inc();
-            file_devices.insert(device.id.clone(), settings);
+            file_devices.insert(device.id.clone(), settings.digest());
             outcome.changed += 1;
         }
         *lock(&self.file_devices) = file_devices;

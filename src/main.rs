@@ -41,6 +41,11 @@ enum Command {
     PrintDefaultConfig,
 }
 
+/// jemalloc: at 100 000 devices glibc's allocator kept a fifth of the process's memory in
+/// freed fragments of start-up (configuration parsing, store scan).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);

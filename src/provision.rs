@@ -12,8 +12,8 @@ mod reconcile;
 mod rotate;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -24,7 +24,7 @@ use url::Url;
 use crate::clock;
 use crate::config::{NiddDefaults, ScefConfig};
 use crate::devices::groups::{Group, GroupTable};
-use crate::devices::{Device, DeviceTable, NiddState};
+use crate::devices::{Device, DeviceTable, NiddState, lock};
 use crate::identity::DeviceId;
 use crate::metrics::Metrics;
 use crate::store::StoredSubscription;
@@ -340,14 +340,24 @@ impl Provisioner {
         self.flush_store().await;
         this.remove_departed_devices().await;
         self.remove_departed_groups().await;
-        self.verify_persisted().await;
+        // One list answers for every persisted configuration (100 000 GETs take seconds);
+        // without it each is asked for on its own.
+        let listed = self.list().await.ok().flatten();
+        let dropped = self.verify_persisted(listed.as_deref()).await;
         self.check_groups().await;
         // Only now is this instance ready: until then the SCEF may still call an earlier run's
         // callback URL.
         self.devices.mark_verified();
         // Before anything is created: the SCEF may hold configurations of ours that no record
-        // names (a crash between its 201 and the store's flush).
-        self.reconcile(&cancel).await;
+        // names (a crash between its 201 and the store's flush). What the check dropped (gone,
+        // terminated, replaced) is out of the list it judges.
+        let listed = listed.map(|listed| {
+            listed
+                .into_iter()
+                .filter(|item| item.location.as_ref().is_none_or(|l| !dropped.contains(l)))
+                .collect()
+        });
+        self.reconcile(&cancel, listed).await;
         if cancel.is_cancelled() {
             return;
         }
@@ -542,8 +552,16 @@ impl Provisioner {
     }
 
     /// Asks the SCEF whether persisted configurations still exist, forgets the ones it lost, and
-    /// points the others at this instance's callback URL if that changed.
-    async fn verify_persisted(&self) {
+    /// points the others at this instance's callback URL if that changed. `listed` is the
+    /// SCEF's list of configurations, when it gave one: a configuration missing from it is
+    /// gone, one listed is checked against its entry; otherwise each is fetched. Returns the
+    /// locations it dropped.
+    async fn verify_persisted(&self, listed: Option<&[ListedConfiguration]>) -> HashSet<Url> {
+        let listed: Option<HashMap<&Url, &Result<NiddConfiguration, String>>> = listed.map(|l| {
+            l.iter()
+                .filter_map(|item| Some((item.location.as_ref()?, &item.body)))
+                .collect()
+        });
         let persisted: Vec<(Arc<Device>, NiddState)> = self
             .devices
             .iter()
@@ -553,21 +571,42 @@ impl Provisioner {
                 Some((d.clone(), nidd))
             })
             .collect();
+        let dropped = Mutex::new(HashSet::new());
+        let (listed, dropped_ref) = (&listed, &dropped);
         futures::stream::iter(persisted)
         .for_each_concurrent(self.scef.provisioning_concurrency, |(device, nidd)| {
             async move {
-                let checked = self.verify_one(&device, nidd).await;
+                let location = nidd.location.clone();
+                let entry = listed.as_ref().map(|l| match l.get(&location) {
+                    Some(Ok(body)) => Ok(Some((*body).clone())),
+                    // Unreadable in the list: asked for on its own.
+                    Some(Err(_)) => Err(()),
+                    None => Ok(None),
+                });
+                let (checked, _) = match entry {
+                    Some(Ok(body)) => self.judge_checked(&device, nidd, Ok(body)).await,
+                    _ => self.check_one(&device, nidd).await,
+                };
+                // A termination confirmed while the SCEF was asked (or the list read) has
+                // cleared or replaced the configuration: what was judged is out of date.
+                let still_current = device
+                    .state()
+                    .nidd
+                    .as_ref()
+                    .is_some_and(|current| current.location == location);
+                if !still_current {
+                    return;
+                }
+                if checked.as_ref().is_none_or(|n| n.location != location) {
+                    lock(dropped_ref).insert(location);
+                }
                 if let Err(error) = self.devices.set_nidd(&device, checked) {
                     tracing::error!(device = %device.id, %error, "cannot persist the NIDD configuration");
                 }
             }
         })
         .await;
-    }
-
-    /// The configuration to keep for `device` after asking the SCEF about it.
-    async fn verify_one(&self, device: &Device, nidd: NiddState) -> Option<NiddState> {
-        self.check_one(device, nidd).await.0
+        dropped.into_inner().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Asks the SCEF about the device's configuration: what to keep (`None`: create a new one)
@@ -575,9 +614,21 @@ impl Provisioner {
     async fn check_one(
         &self,
         device: &Device,
-        mut nidd: NiddState,
+        nidd: NiddState,
     ) -> (Option<NiddState>, &'static str) {
-        let body = match self.t8.fetch_nidd_configuration(&nidd.location).await {
+        let fetched = self.t8.fetch_nidd_configuration(&nidd.location).await;
+        self.judge_checked(device, nidd, fetched).await
+    }
+
+    /// What to keep of the device's configuration given what the SCEF said of it (`Ok(None)`:
+    /// it does not have it), and what the check found.
+    async fn judge_checked(
+        &self,
+        device: &Device,
+        mut nidd: NiddState,
+        fetched: Result<Option<NiddConfiguration>, T8Error>,
+    ) -> (Option<NiddState>, &'static str) {
+        let body = match fetched {
             Ok(Some(body)) => body,
             Ok(None) => {
                 tracing::warn!(device = %device.id, location = %nidd.location, "the SCEF no longer has this NIDD configuration; creating a new one");
@@ -637,9 +688,18 @@ impl Provisioner {
     /// callback URL that no device has the token of is deleted; every other one belongs to
     /// another instance or application under the same scsAsId and is left alone. An SCEF that
     /// does not list configurations is logged and counted, and provisioning goes on without.
-    async fn reconcile(&self, cancel: &CancellationToken) {
-        let Some(listed) = self.list_with_retry(cancel).await else {
-            return;
+    /// `listed`: a list taken already, else one is asked for.
+    async fn reconcile(
+        &self,
+        cancel: &CancellationToken,
+        listed: Option<Vec<ListedConfiguration>>,
+    ) {
+        let listed = match listed {
+            Some(listed) => listed,
+            None => match self.list_with_retry(cancel).await {
+                Some(listed) => listed,
+                None => return,
+            },
         };
         let (entries, verdicts) = self.judge(&listed);
         let (mut adopted, mut deleted) = (0, 0);

@@ -322,7 +322,7 @@ impl Harness {
                         msisdn: id.msisdn().map(ToString::to_string),
                         ..DeviceConfig::default()
                     };
-                    (id, settings)
+                    (id, settings.digest())
                 })
                 .collect(),
         ));

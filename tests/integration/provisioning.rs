@@ -84,9 +84,12 @@ async fn a_terminated_configuration_is_created_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configuration_that_ends_while_the_list_is_read_is_not_adopted() {
-    // A restarted bridge is ready once its stored configuration is verified, and reads the
-    // SCEF's list afterwards. A termination confirmed after the list was taken must not let the
-    // stale entry be adopted: the device would be left on a configuration the SCEF no longer has.
+    // A restarted bridge verifies its stored configurations against the SCEF's list and
+    // settles the ones no record names from the same list; notifications wait until it is
+    // verified. When that first list fails, each stored configuration is fetched on its own,
+    // the bridge is ready, and the list is read again afterwards. A termination confirmed
+    // after that list was taken must not let the stale entry be adopted: the device would be
+    // left on a configuration the SCEF no longer has.
     let id: DeviceId = "300000005@iot.example".parse().unwrap();
     let mut stack = TestBed::new()
         .device(&id)
@@ -96,9 +99,11 @@ async fn a_configuration_that_ends_while_the_list_is_read_is_not_adopted() {
         .unwrap();
     assert_eq!(stack.mock().configurations_created(), 1);
     stack.kill_process().await;
-    stack
-        .mock()
-        .faults()
+    let faults = stack.mock().faults();
+    faults
+        .fail_configuration_listings
+        .store(1, Ordering::SeqCst);
+    faults
         .hold_configuration_listings
         .store(1, Ordering::SeqCst);
     stack.restart_process().await.unwrap();

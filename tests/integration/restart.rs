@@ -5,7 +5,7 @@
 use nidd_bridge::DeviceId;
 use nidd_testbed::bed::TestBed;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
-use nidd_testbed::probe::STEP;
+use nidd_testbed::probe::{STEP, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_bridge_keeps_addresses_and_configurations() {
@@ -42,6 +42,7 @@ async fn a_restarted_bridge_keeps_addresses_and_configurations() {
     assert_eq!(mock.configurations_created(), 2);
     stack.terminate_process().await;
 
+    let recorded_before_restart = stack.mock().recorded().len();
     stack.restart_process().await.unwrap();
     let after = stack.process().devices().await;
     let (server, mock) = (stack.server(), stack.mock());
@@ -68,11 +69,19 @@ async fn a_restarted_bridge_keeps_addresses_and_configurations() {
         2,
         "no NIDD configuration created twice"
     );
+    // The persisted configurations were checked against one list, not fetched one by one.
+    let since_restart = &mock.recorded()[recorded_before_restart..];
     assert!(
-        mock.recorded()
+        since_restart
+            .iter()
+            .any(|r| r.method == "GET" && r.path.ends_with("/configurations")),
+        "the restarted bridge listed the configurations"
+    );
+    assert!(
+        !since_restart
             .iter()
             .any(|r| r.method == "GET" && r.path.contains("/configurations/")),
-        "the restarted bridge checked its persisted configurations"
+        "no configuration fetched on its own"
     );
     // The callback listener is on a new port (port 0 in the test): the bridge moved its
     // configurations to the new callback URL instead of creating new ones.
@@ -87,5 +96,67 @@ async fn a_restarted_bridge_keeps_addresses_and_configurations() {
         sim.deregister().await.unwrap();
     }
     // Checks conformance, then SIGTERM with a clean exit and the server stopped.
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_lost_while_the_bridge_was_down_is_created_again_at_restart() {
+    // The restart check reads one list: a stored configuration missing from it is gone, and
+    // only that device gets a new one.
+    let ids: Vec<DeviceId> = ["200000003@iot.example", "200000004@iot.example"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let mut stack = TestBed::new()
+        .device(&ids[0])
+        .device(&ids[1])
+        .bridge_process(env!("CARGO_BIN_EXE_nidd-bridge"))
+        .start()
+        .await
+        .unwrap();
+    let before = stack.process().devices().await;
+    assert_eq!(stack.mock().configurations_created(), 2);
+    stack.terminate_process().await;
+    assert!(stack.mock().forget_configuration(&ids[0]));
+
+    let recorded_before_restart = stack.mock().recorded().len();
+    stack.restart_process().await.unwrap();
+    let mock = stack.mock();
+    mock.wait_for("a new configuration for the lost one", STEP, |c| {
+        c.len() == 2
+    })
+    .await
+    .unwrap();
+    assert_eq!(mock.configurations_created(), 3);
+    let process = stack.process();
+    let location_of = |devices: &[serde_json::Value], id: &DeviceId| {
+        devices
+            .iter()
+            .find(|d| d["id"] == id.to_string())
+            .map(|d| d["niddConfiguration"]["self"].clone())
+            .unwrap()
+    };
+    let new_location = mock
+        .configurations()
+        .into_iter()
+        .find(|c| c.ue == ids[0])
+        .map(|c| c.self_link)
+        .unwrap();
+    eventually("the lost one's device on its new configuration", || async {
+        location_of(&process.devices().await, &ids[0]) == new_location.as_str()
+    })
+    .await;
+    let after = process.devices().await;
+    assert_eq!(
+        location_of(&after, &ids[1]),
+        location_of(&before, &ids[1]),
+        "the listed one kept"
+    );
+    assert!(
+        !mock.recorded()[recorded_before_restart..]
+            .iter()
+            .any(|r| r.method == "GET" && r.path.contains("/configurations/")),
+        "judged from the list alone"
+    );
     stack.finish().await;
 }
