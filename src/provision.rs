@@ -589,12 +589,17 @@ impl Provisioner {
                 };
                 // A termination confirmed while the SCEF was asked (or the list read) has
                 // cleared or replaced the configuration: what was judged is out of date.
-                let still_current = device
-                    .state()
-                    .nidd
-                    .as_ref()
-                    .is_some_and(|current| current.location == location);
-                if !still_current {
+                let (still_current, unchanged) = {
+                    let state = device.state();
+                    let current = state.nidd.as_ref();
+                    (
+                        current.is_some_and(|current| current.location == location),
+                        current == checked.as_ref(),
+                    )
+                };
+                // Unchanged needs no write: at 100 000 devices the writes took longer than
+                // the list.
+                if !still_current || unchanged {
                     return;
                 }
                 if checked.as_ref().is_none_or(|n| n.location != location) {

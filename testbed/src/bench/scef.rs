@@ -1,6 +1,6 @@
 //! The minimal SCEF of the benchmark: only what a bridge needs to run at full speed. It creates
 //! NIDD configurations (201 with `Location`, status `ACTIVE`, kept per SCS/AS id so a restarted
-//! bridge finds them with its GET), answers the merge-patch of a new callback URL and deletes,
+//! bridge finds them in its list or with its GET), answers the merge-patch of a new callback URL and deletes,
 //! answers every downlink-data-delivery 200 `SUCCESS` at once while recording when the
 //! datagram's bench id arrived, and pushes MO uplink notifications to the configurations'
 //! callback URLs at a given rate over a bounded number of concurrent HTTP connections. For the
@@ -45,6 +45,8 @@ pub struct Configuration {
 struct Counters {
     created: AtomicU64,
     fetched: AtomicU64,
+    /// Lists of every configuration (`FetchAllNIDDConfigurations`).
+    listed: AtomicU64,
     patched: AtomicU64,
     deleted: AtomicU64,
     deliveries: AtomicU64,
@@ -99,7 +101,7 @@ impl MinimalScef {
             throttle: Throttle::default(),
         });
         let app = Router::new()
-            .route("/3gpp-nidd/v1/{scs}/configurations", post(create))
+            .route("/3gpp-nidd/v1/{scs}/configurations", post(create).get(list))
             .route(
                 "/3gpp-nidd/v1/{scs}/configurations/{id}",
                 get(fetch).patch(patch).delete(delete),
@@ -167,8 +169,8 @@ impl MinimalScef {
     }
 
     /// Requests answered so far: (created, fetched, patched, deleted, deliveries, deliveries
-    /// without a bench id).
-    pub fn counts(&self) -> [u64; 6] {
+    /// without a bench id, lists).
+    pub fn counts(&self) -> [u64; 7] {
         let c = &self.state.counters;
         [
             &c.created,
@@ -177,6 +179,7 @@ impl MinimalScef {
             &c.deleted,
             &c.deliveries,
             &c.foreign,
+            &c.listed,
         ]
         .map(|n| n.load(Ordering::Relaxed))
     }
@@ -459,6 +462,20 @@ async fn fetch(
         Some(configuration) => json(StatusCode::OK, &body_of(&configuration), None),
         None => not_found(),
     }
+}
+
+/// `FetchAllNIDDConfigurations`: every configuration of the SCS/AS.
+async fn list(State(state): State<Arc<ScefState>>, Path(scs): Path<String>) -> Response {
+    state.counters.listed.fetch_add(1, Ordering::Relaxed);
+    let all: Vec<NiddConfiguration> = state
+        .configurations
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .values()
+        .filter(|c| c.scs_as_id == scs)
+        .map(body_of)
+        .collect();
+    json(StatusCode::OK, &all, None)
 }
 
 async fn patch(

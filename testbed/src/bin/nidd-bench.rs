@@ -378,8 +378,8 @@ struct ScaleFigures {
     restart_bound: Duration,
     restart_ready: Duration,
     restart_rss_kib: u64,
-    restart_requests: [u64; 6],
-    first_requests: [u64; 6],
+    restart_requests: [u64; 7],
+    first_requests: [u64; 7],
 }
 
 struct BulkFigures {
@@ -1145,7 +1145,7 @@ impl Bench {
         let (restart_rss_kib, _) = memory_kib(&process);
         let after = self.scef.counts();
         process.try_terminate(Duration::from_secs(60)).await?;
-        let delta = |a: [u64; 6], b: [u64; 6]| std::array::from_fn(|i| a[i] - b[i]);
+        let delta = |a: [u64; 7], b: [u64; 7]| std::array::from_fn(|i| a[i] - b[i]);
         Ok(ScaleFigures {
             backend,
             devices,
@@ -2014,12 +2014,13 @@ fn report_scale(out: &mut String, f: &ScaleFigures) {
     let _ = writeln!(
         out,
         "  SIGTERM -> exit {}; restart on the same store: start -> bound {}, start -> /readyz 200 {}, RSS {:.1} MiB  \
-         [SCEF: {} created, {} fetched, {} patched]",
+         [SCEF: {} created, {} listed, {} fetched, {} patched]",
         ms(f.stop),
         ms(f.restart_bound),
         ms(f.restart_ready),
         f.restart_rss_kib as f64 / 1024.0,
         f.restart_requests[0],
+        f.restart_requests[6],
         f.restart_requests[1],
         f.restart_requests[2]
     );
