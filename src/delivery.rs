@@ -3,6 +3,7 @@
 //! paced — and what each T8 answer or delivery-status notification does to the queue.
 //! `mt::flusher` is the thin per-device task that carries the decisions out.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::BufferOwner;
@@ -126,22 +127,28 @@ pub(crate) struct MtState {
     pub in_flight: Option<u64>,
     pub retry_at: Option<Instant>,
     backoff: Duration,
-    retry_initial: Duration,
-    retry_max: Duration,
-    pacer: Pacer,
+    /// When the next delivery may go, at the pace `settings` allows.
+    next_send: Option<Instant>,
+    settings: Arc<MtSettings>,
     trigger_after: Option<Duration>,
     /// The sleep (by its start) a trigger was already sent for.
     triggered_sleep: Option<Instant>,
-    /// Longest a datagram is held on a guess (a queue-mode device's window ended).
-    guess_hold: Duration,
     /// The SCEF answered the last MT delivery with 403: the device is not ready.
     pub forbidden: bool,
+    /// Made at the first wake-up that found datagrams waiting: a device that never had MT
+    /// waiting holds none.
+    wakeups: Option<Box<Wakeups>>,
+}
+
+/// What [`MtState`] knows of a device's wake-ups.
+#[derive(Debug, Default)]
+struct Wakeups {
     /// The wake-up whose queue is going out now, if datagrams were waiting when it came.
-    wakeup: Option<Wakeup>,
+    current: Option<Wakeup>,
     /// Wake-ups finished since the shell last took them (for metrics), oldest first.
-    finished_wakeups: Vec<WakeupSummary>,
+    finished: Vec<WakeupSummary>,
     /// The last wake-up that finished.
-    pub last_wakeup: Option<WakeupSummary>,
+    last: Option<WakeupSummary>,
 }
 
 /// A wake-up with datagrams waiting for it.
@@ -176,7 +183,34 @@ impl Wakeup {
     }
 }
 
+/// The MT settings of `[psm]` that every device shares: held once, not per device.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct MtSettings {
+    /// Between two deliveries to one device (`psm.device_rate_per_s`).
+    pace: Duration,
+    retry_initial: Duration,
+    retry_max: Duration,
+    /// Longest a datagram is held on a guess (a queue-mode device's window ended).
+    guess_hold: Duration,
+}
+
+impl MtSettings {
+    pub(crate) fn new(
+        device_rate_per_s: f64,
+        (retry_initial, retry_max): (Duration, Duration),
+        guess_hold: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            pace: Duration::from_secs_f64(1.0 / device_rate_per_s.max(0.001)),
+            retry_initial,
+            retry_max,
+            guess_hold,
+        })
+    }
+}
+
 impl MtState {
+    #[cfg(test)]
     pub(crate) fn new(
         reachability: Reachability,
         queue: DeviceQueue,
@@ -186,52 +220,75 @@ impl MtState {
         trigger_after: Option<Duration>,
         guess_hold: Duration,
     ) -> Self {
+        Self::with_settings(
+            reachability,
+            queue,
+            owner,
+            MtSettings::new(device_rate_per_s, retry, guess_hold),
+            trigger_after,
+        )
+    }
+
+    pub(crate) fn with_settings(
+        reachability: Reachability,
+        queue: DeviceQueue,
+        owner: BufferOwner,
+        settings: Arc<MtSettings>,
+        trigger_after: Option<Duration>,
+    ) -> Self {
         Self {
             reachability,
             queue,
             owner,
             in_flight: None,
             retry_at: None,
-            backoff: retry.0,
-            retry_initial: retry.0,
-            retry_max: retry.1,
-            pacer: Pacer::new(device_rate_per_s),
+            backoff: settings.retry_initial,
+            next_send: None,
+            settings,
             trigger_after,
             triggered_sleep: None,
-            guess_hold,
             forbidden: false,
-            wakeup: None,
-            finished_wakeups: Vec::new(),
-            last_wakeup: None,
+            wakeups: None,
         }
     }
 
     /// Wake-ups that finished since the last call (their queue out, or the device asleep
     /// again), for the shell to count.
     pub(crate) fn take_finished_wakeups(&mut self) -> Vec<WakeupSummary> {
-        std::mem::take(&mut self.finished_wakeups)
+        self.wakeups
+            .as_deref_mut()
+            .map_or_else(Vec::new, |w| std::mem::take(&mut w.finished))
+    }
+
+    /// The last wake-up that finished.
+    pub(crate) fn last_wakeup(&self) -> Option<WakeupSummary> {
+        self.wakeups.as_deref().and_then(|w| w.last)
     }
 
     fn finish_wakeup(&mut self) {
-        if let Some(wakeup) = self.wakeup.take() {
+        let Some(wakeups) = self.wakeups.as_deref_mut() else {
+            return;
+        };
+        if let Some(wakeup) = wakeups.current.take() {
             let summary = wakeup.summary();
-            self.last_wakeup = Some(summary);
+            wakeups.last = Some(summary);
             // Bounded: a shell that never takes them keeps the last few.
-            if self.finished_wakeups.len() == 16 {
-                self.finished_wakeups.remove(0);
+            if wakeups.finished.len() == 16 {
+                wakeups.finished.remove(0);
             }
-            self.finished_wakeups.push(summary);
+            wakeups.finished.push(summary);
         }
     }
 
     /// A datagram left the queue for the device (delivered, or taken by the SCEF to deliver).
     fn wakeup_delivered(&mut self, now: Instant) {
-        if let Some(wakeup) = &mut self.wakeup {
-            wakeup.delivered += 1;
-            wakeup.last_delivery = Some(now);
-            if wakeup.delivered >= wakeup.waiting {
-                self.finish_wakeup();
-            }
+        let Some(wakeup) = self.wakeups.as_deref_mut().and_then(|w| w.current.as_mut()) else {
+            return;
+        };
+        wakeup.delivered += 1;
+        wakeup.last_delivery = Some(now);
+        if wakeup.delivered >= wakeup.waiting {
+            self.finish_wakeup();
         }
     }
 
@@ -293,7 +350,8 @@ impl MtState {
             Hold::Evidence => Some(None),
             Hold::WindowEnded => {
                 let held_ms = now_ms.saturating_sub(next.enqueued_at_ms);
-                let guess_ms = u64::try_from(self.guess_hold.as_millis()).unwrap_or(u64::MAX);
+                let guess_ms =
+                    u64::try_from(self.settings.guess_hold.as_millis()).unwrap_or(u64::MAX);
                 (held_ms < guess_ms).then(|| Some(now + Duration::from_millis(guess_ms - held_ms)))
             }
         };
@@ -307,12 +365,11 @@ impl MtState {
             }
             return (wait(until), expired);
         }
-        let ready = self.pacer.ready_at(now);
-        if ready > now {
+        if let Some(ready) = self.next_send.filter(|ready| *ready > now) {
             return (wait(Some(ready)), expired);
         }
         let next = next.clone();
-        self.pacer.reserve(now);
+        self.next_send = Some(now + self.settings.pace);
         self.in_flight = Some(next.seq);
         (Decision::Send(next), expired)
     }
@@ -356,7 +413,7 @@ impl MtState {
         }
         match outcome {
             Outcome::Delivered => {
-                self.backoff = self.retry_initial;
+                self.backoff = self.settings.retry_initial;
                 self.retry_at = None;
                 self.reachability.on_delivered(now);
                 self.queue
@@ -364,7 +421,7 @@ impl MtState {
                     .map_or(QueueEffect::Keep, |_| QueueEffect::Remove(seq))
             }
             Outcome::Pending(location) => {
-                self.backoff = self.retry_initial;
+                self.backoff = self.settings.retry_initial;
                 self.retry_at = None;
                 self.queue
                     .mark_pending(seq, location)
@@ -400,8 +457,8 @@ impl MtState {
             }
             Outcome::Forbidden => {
                 // A refusal may be lifted at the operator: ask again at the slowest pace.
-                self.backoff = self.retry_max;
-                self.retry_at = Some(now + self.retry_max);
+                self.backoff = self.settings.retry_max;
+                self.retry_at = Some(now + self.settings.retry_max);
                 QueueEffect::Keep
             }
             Outcome::Rejected => {
@@ -415,7 +472,7 @@ impl MtState {
 
     fn next_backoff(&mut self) -> Duration {
         let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(self.retry_max);
+        self.backoff = (self.backoff * 2).min(self.settings.retry_max);
         delay
     }
 
@@ -453,13 +510,13 @@ impl MtState {
     /// The device woke (uplink or reachability report): retry at once.
     pub(crate) fn on_wake(&mut self, now: Instant) {
         self.retry_at = None;
-        self.backoff = self.retry_initial;
+        self.backoff = self.settings.retry_initial;
         self.triggered_sleep = None;
         // A wake-up while one is under way (another uplink of the same window) goes on with it.
-        if self.wakeup.is_none() {
+        if self.wakeups.as_ref().is_none_or(|w| w.current.is_none()) {
             let waiting = self.queue.waiting().count();
             if waiting > 0 {
-                self.wakeup = Some(Wakeup {
+                self.wakeups.get_or_insert_with(Box::default).current = Some(Wakeup {
                     at: now,
                     waiting,
                     delivered: 0,
@@ -597,7 +654,7 @@ mod tests {
         mt.on_wake(t1);
         mt.on_outcome(3, Outcome::Delivered, t1 + Duration::from_millis(50));
         assert_eq!(
-            mt.last_wakeup,
+            mt.last_wakeup(),
             Some(WakeupSummary {
                 waiting: 1,
                 delivered: 1,

@@ -21,7 +21,7 @@ use crate::config::{
     BufferOwner, ConfigError, DeviceConfig, GroupConfig, Lwm2mServerConfig, OnboardingConfig,
     PsmConfig, ServerRole, SettingsDigest,
 };
-use crate::delivery::MtState;
+use crate::delivery::{MtSettings, MtState};
 use crate::devices::groups::{Group, GroupTable};
 use crate::devices::tokens::mint_capability_token;
 use crate::devices::{Device, DeviceState, DeviceTable, NiddState, lock};
@@ -251,6 +251,8 @@ pub(crate) struct DeviceFactory {
     bootstrap: Option<usize>,
     kid_routes: Arc<[KidRoute]>,
     groups: Arc<GroupTable>,
+    /// `[psm]`'s MT settings, shared by every device this factory builds.
+    mt_settings: Arc<MtSettings>,
 }
 
 impl DeviceFactory {
@@ -261,12 +263,21 @@ impl DeviceFactory {
         groups: Arc<GroupTable>,
     ) -> Self {
         let bootstrap = servers.iter().position(|s| s.role == ServerRole::Bootstrap);
+        let mt_settings = MtSettings::new(
+            psm.device_rate_per_s,
+            (
+                Duration::from_millis(psm.retry_initial_ms),
+                Duration::from_millis(psm.retry_max_ms),
+            ),
+            Duration::from_secs(psm.guess_hold_s),
+        );
         Self {
             psm,
             servers,
             bootstrap,
             kid_routes,
             groups,
+            mt_settings,
         }
     }
 
@@ -359,18 +370,13 @@ impl DeviceFactory {
             nidd: None,
             superseded: Vec::new(),
             checking_termination: false,
-            mt: MtState::new(
+            mt: MtState::with_settings(
                 Reachability::with_queue_mode(self.active_window(settings), queue_mode)
                     .with_wake_period(self.wake_period(settings)),
                 queue,
                 settings.buffer_owner.unwrap_or(psm.buffer_owner),
-                psm.device_rate_per_s,
-                (
-                    Duration::from_millis(psm.retry_initial_ms),
-                    Duration::from_millis(psm.retry_max_ms),
-                ),
+                self.mt_settings.clone(),
                 self.trigger_after(settings),
-                Duration::from_secs(psm.guess_hold_s),
             ),
             exchanges: crate::exchange::Exchanges::default(),
         };

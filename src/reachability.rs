@@ -24,6 +24,12 @@ pub(crate) enum QueueMode {
     On,
 }
 
+impl QueueMode {
+    pub(crate) fn is_unknown(&self) -> bool {
+        *self == Self::Unknown
+    }
+}
+
 /// The queue mode a Register (`POST /rd?...`) or Update (`POST /rd/{location}?...`) states, if
 /// it states one. A Register always does (no `Q` means off); an Update only when it carries
 /// `b=` or `Q`. Protected messages carry their query inside the ciphertext: nothing is learned.

@@ -26,6 +26,14 @@ pub(crate) struct Router {
     default_server: ServerIndex,
     bootstrap_server: Option<ServerIndex>,
     kid_routes: Arc<[KidRoute]>,
+    /// The server requests that came down, once a server other than the default one sent
+    /// one: until then every answer goes to the default server, and a device with one server
+    /// (most of them) holds nothing here.
+    remembered: Option<Box<Remembered>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Remembered {
     by_token: VecDeque<(Vec<u8>, ServerIndex)>,
     by_message_id: VecDeque<(u16, ServerIndex)>,
 }
@@ -40,12 +48,14 @@ impl Router {
             default_server,
             bootstrap_server,
             kid_routes,
-            by_token: VecDeque::new(),
-            by_message_id: VecDeque::new(),
+            remembered: None,
         }
     }
 
     /// Sends the device's traffic that no exchange ties to a server to `server` from now on.
+    /// An answer to a request the old default server sent before the change goes to the new
+    /// one, unless another server had asked something meanwhile (requests are remembered only
+    /// from then on).
     pub(crate) fn set_default_server(&mut self, server: ServerIndex) {
         self.default_server = server;
     }
@@ -72,8 +82,12 @@ impl Router {
         }
         // A response or empty message answers a server request: piggybacked answers and
         // ACK/RST match the request's message ID, separate responses and notifications its token.
+        let Some(remembered) = self.remembered.as_deref() else {
+            return self.default_server;
+        };
         let by_mid = || {
-            self.by_message_id
+            remembered
+                .by_message_id
                 .iter()
                 .rev()
                 .find(|(mid, _)| *mid == datagram.message_id)
@@ -82,7 +96,8 @@ impl Router {
         let by_token = || {
             (!datagram.token.is_empty())
                 .then(|| {
-                    self.by_token
+                    remembered
+                        .by_token
                         .iter()
                         .rev()
                         .find(|(token, _)| *token == datagram.token)
@@ -99,11 +114,15 @@ impl Router {
 
     /// Remembers a datagram a server sent to the device, so the answer finds its way back.
     pub(crate) fn note_downlink(&mut self, server: ServerIndex, datagram: &Datagram) {
+        if self.remembered.is_none() && server == self.default_server {
+            return;
+        }
+        let remembered = self.remembered.get_or_insert_with(Box::default);
         if matches!(datagram.kind, Kind::Confirmable | Kind::NonConfirmable) {
-            remember(&mut self.by_message_id, datagram.message_id, server);
+            remember(&mut remembered.by_message_id, datagram.message_id, server);
         }
         if datagram.is_request() && !datagram.token.is_empty() {
-            remember(&mut self.by_token, datagram.token.clone(), server);
+            remember(&mut remembered.by_token, datagram.token.clone(), server);
         }
     }
 }
@@ -220,6 +239,30 @@ mod tests {
     }
 
     #[test]
+    fn a_device_talking_to_its_default_server_only_remembers_nothing() {
+        let mut router = Router::new(DM, Some(BS), Arc::from(vec![]));
+        for mid in 0..10u16 {
+            router.note_downlink(DM, &datagram(Kind::Confirmable, 1, mid, &[1, 2], &["3"]));
+        }
+        assert!(router.remembered.is_none());
+        assert_eq!(
+            router.route_uplink(&datagram(Kind::Acknowledgement, 0x45, 9, &[1, 2], &[])),
+            DM
+        );
+        // Once another server asks, both are told apart.
+        router.note_downlink(BS, &datagram(Kind::Confirmable, 3, 20, &[7], &["0"]));
+        router.note_downlink(DM, &datagram(Kind::Confirmable, 1, 21, &[8], &["3"]));
+        assert_eq!(
+            router.route_uplink(&datagram(Kind::Acknowledgement, 0x44, 20, &[7], &[])),
+            BS
+        );
+        assert_eq!(
+            router.route_uplink(&datagram(Kind::Acknowledgement, 0x45, 21, &[8], &[])),
+            DM
+        );
+    }
+
+    #[test]
     fn memory_is_bounded() {
         let mut router = Router::new(DM, Some(BS), Arc::from(vec![]));
         for mid in 0..1000u16 {
@@ -228,8 +271,9 @@ mod tests {
                 &datagram(Kind::Confirmable, 1, mid, &mid.to_be_bytes(), &[]),
             );
         }
-        assert_eq!(router.by_message_id.len(), REMEMBERED_EXCHANGES);
-        assert_eq!(router.by_token.len(), REMEMBERED_EXCHANGES);
+        let remembered = router.remembered.as_deref().unwrap();
+        assert_eq!(remembered.by_message_id.len(), REMEMBERED_EXCHANGES);
+        assert_eq!(remembered.by_token.len(), REMEMBERED_EXCHANGES);
         assert_eq!(
             router.route_uplink(&datagram(Kind::Acknowledgement, 0, 999, &[], &[])),
             BS

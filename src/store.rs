@@ -88,15 +88,17 @@ pub(crate) struct StoredConfiguration {
     /// Last `NiddStatus` seen, verbatim (open enum).
     pub status: Option<String>,
     /// `maximumPacketSize` as the SCEF reported it (bits, per the 3GPP schema).
+    // What is absent is left out: sled holds every record in memory, 100 000 of them at scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maximum_packet_size_bits: Option<u64>,
     /// The callback URL the SCEF was given; a changed public URL is patched in at start-up.
     #[serde(default)]
     pub notification_destination: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monitoring_subscription: Option<StoredSubscription>,
     /// The configuration's `duration` (its expiry) as Unix milliseconds, when one was asked
     /// for (`nidd.configuration_duration_s`); renewed before it passes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
 }
 
@@ -119,7 +121,7 @@ pub(crate) struct DeviceRecord {
     pub pending_callback_token: Option<String>,
     pub nidd: Option<StoredConfiguration>,
     /// The LwM2M queue mode the device last stated (Register, Update).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "QueueMode::is_unknown")]
     pub queue_mode: QueueMode,
     /// The settings of a device added through the admin API; `None` for one declared in the
     /// configuration file, which the file describes.
@@ -775,6 +777,21 @@ mod tests {
         assert_eq!(store.devices().unwrap().len(), 1);
         store.remove_device(&id).unwrap();
         assert_eq!(store.device(&id).unwrap(), None);
+    }
+
+    #[test]
+    fn absent_fields_are_left_out_and_records_with_them_spelled_out_still_read() {
+        let written = r#"{"udp_address":"127.64.0.1:5683","callback_token":"t","nidd":{"location":"http://scef/c/1","status":"ACTIVE","maximum_packet_size_bits":null,"notification_destination":"http://b/t8/v1/nidd/t","monitoring_subscription":null,"expires_at_ms":null},"queue_mode":"unknown"}"#;
+        let record: DeviceRecord = serde_json::from_str(written).unwrap();
+        let compact = serde_json::to_string(&record).unwrap();
+        assert_eq!(
+            compact,
+            r#"{"udp_address":"127.64.0.1:5683","callback_token":"t","nidd":{"location":"http://scef/c/1","status":"ACTIVE","notification_destination":"http://b/t8/v1/nidd/t"}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<DeviceRecord>(&compact).unwrap(),
+            record
+        );
     }
 }
 

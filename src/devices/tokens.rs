@@ -20,16 +20,20 @@ pub(crate) fn token_prefix(token: &str) -> &str {
 /// The tokens whose callback URLs reach one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CallbackTokens {
-    active: String,
+    // Boxed: one per device, never grown.
+    active: Box<str>,
     /// The token a rotation moves to, until the SCEF took its URL.
-    pending: Option<String>,
+    pending: Option<Box<str>>,
 }
 
 impl CallbackTokens {
     pub(crate) fn new(active: String, pending: Option<String>) -> Self {
         // A pending token equal to the active one would retire the only token on completion.
         let pending = pending.filter(|p| *p != active);
-        Self { active, pending }
+        Self {
+            active: active.into_boxed_str(),
+            pending: pending.map(String::into_boxed_str),
+        }
     }
 
     pub(crate) fn active(&self) -> &str {
@@ -49,17 +53,17 @@ impl CallbackTokens {
 
     /// Every token accepted now (the active one first).
     pub(crate) fn accepted(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.active.as_str()).chain(self.pending.as_deref())
+        std::iter::once(&*self.active).chain(self.pending.as_deref())
     }
 
     /// Starts a rotation, or continues the one begun before (so a retry after a failed PATCH
     /// moves to the same URL): the pending token, and whether it was minted now.
     pub(crate) fn begin_rotation(&mut self, mint: impl FnOnce() -> String) -> (String, bool) {
         if let Some(pending) = &self.pending {
-            return (pending.clone(), false);
+            return (pending.to_string(), false);
         }
         let minted = mint();
-        self.pending = Some(minted.clone());
+        self.pending = Some(minted.clone().into_boxed_str());
         (minted, true)
     }
 
@@ -67,7 +71,7 @@ impl CallbackTokens {
     /// token, if a rotation was under way.
     pub(crate) fn complete_rotation(&mut self) -> Option<String> {
         let pending = self.pending.take()?;
-        Some(std::mem::replace(&mut self.active, pending))
+        Some(std::mem::replace(&mut self.active, pending).into_string())
     }
 }
 

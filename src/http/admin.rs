@@ -328,7 +328,7 @@ fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
             .as_ref()
             .and_then(|n| n.monitoring_subscription.as_ref())
             .map(|s| s.location.clone()),
-        last_wakeup: mt.last_wakeup.map(|w| WakeupView {
+        last_wakeup: mt.last_wakeup().map(|w| WakeupView {
             waiting: w.waiting,
             delivered: w.delivered,
             left_for_later: w.left_for_later,

@@ -372,6 +372,10 @@ struct ScaleFigures {
     ready: Duration,
     rss_kib: u64,
     hwm_kib: u64,
+    /// RSS once the bridge sat idle after ready (see [`settled_rss_kib`]), and how long that
+    /// took.
+    settled_rss_kib: u64,
+    settled_after: Duration,
     idle_devices: usize,
     idle_rss_kib: u64,
     stop: Duration,
@@ -1127,6 +1131,7 @@ impl Bench {
         let first = self.scef.counts();
         let (rss_kib, hwm_kib) = memory_kib(&bridge.process);
         let descriptors = bridge.process.pid().map_or(0, open_descriptors);
+        let (idle_rss, idle_for) = settled_rss_kib(&bridge.process).await;
         let BenchBridge {
             process,
             config,
@@ -1154,6 +1159,8 @@ impl Bench {
             ready,
             rss_kib,
             hwm_kib,
+            settled_rss_kib: idle_rss,
+            settled_after: idle_for,
             idle_devices,
             idle_rss_kib,
             stop,
@@ -1563,6 +1570,29 @@ fn memory_kib(process: &BridgeProcess) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// How long [`settled_rss_kib`] waits at most: jemalloc hands freed pages back to the kernel
+/// over its 10 s decay time.
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+
+/// The bridge's RSS once it has sat idle: sampled every second until it fell by less than 1 %
+/// over the last three seconds (or [`SETTLE_MAX`] passed). What start-up allocated and freed
+/// (HTTP exchanges, the store's load) is then back with the kernel, and what is left is what
+/// the idle devices hold. Also how long that took.
+async fn settled_rss_kib(process: &BridgeProcess) -> (u64, Duration) {
+    let started = Instant::now();
+    let mut samples = vec![memory_kib(process).0];
+    while started.elapsed() < SETTLE_MAX {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = memory_kib(process).0;
+        samples.push(now);
+        let three_ago = samples[samples.len().saturating_sub(4)];
+        if samples.len() >= 4 && (three_ago.saturating_sub(now) as f64) < three_ago as f64 * 0.01 {
+            break;
+        }
+    }
+    (samples.last().copied().unwrap_or(0), started.elapsed())
+}
+
 fn micros(duration: Duration) -> String {
     format!("{:.0}µs", duration.as_secs_f64() * 1e6)
 }
@@ -1969,9 +1999,9 @@ fn report(
 }
 
 impl ScaleFigures {
-    /// RSS per device added, against the idle bridge.
+    /// RSS per idle device added (the settled RSS), against the idle bridge.
     fn rss_per_device_kib(&self) -> f64 {
-        self.rss_kib.saturating_sub(self.idle_rss_kib) as f64
+        self.settled_rss_kib.saturating_sub(self.idle_rss_kib) as f64
             / self.devices.saturating_sub(self.idle_devices).max(1) as f64
     }
 
@@ -2004,9 +2034,11 @@ fn report_scale(out: &mut String, f: &ScaleFigures) {
     );
     let _ = writeln!(
         out,
-        "  RSS of the bridge process when ready {:.1} MiB (peak {:.1} MiB); idle bridge with {} devices {:.1} MiB; {:.1} KiB per device",
+        "  RSS of the bridge process when ready {:.1} MiB (peak {:.1} MiB), idle {} later {:.1} MiB; idle bridge with {} devices {:.1} MiB; {:.1} KiB per idle device",
         f.rss_kib as f64 / 1024.0,
         f.hwm_kib as f64 / 1024.0,
+        ms(f.settled_after),
+        f.settled_rss_kib as f64 / 1024.0,
         f.idle_devices,
         f.idle_rss_kib as f64 / 1024.0,
         f.rss_per_device_kib()
