@@ -383,6 +383,7 @@ impl Bridge {
             let queue =
                 DeviceQueue::from_entries(queued.remove(seed.id.canonical()).unwrap_or_default());
             let on_demand = seed.record.as_ref().is_some_and(|r| r.onboarded);
+            let stored = seed.record.clone();
             let (device, nidd) = factory.build(&seed.settings, seed.id, seed.record, socket, queue);
             let device = if seed.from_api {
                 let onboarding = nidd.is_none();
@@ -395,7 +396,7 @@ impl Bridge {
             } else {
                 device
             };
-            devices.insert(Arc::new(device), nidd)?;
+            devices.insert_as_stored(Arc::new(device), nidd, stored.as_ref())?;
         }
         metrics.devices_configured.set(devices.len() as i64);
         let devices = Arc::new(devices);

@@ -163,7 +163,7 @@ impl WakeSource {
 /// One device, declared in the configuration file or added through the admin API.
 pub(crate) struct Device {
     pub(crate) id: DeviceId,
-    endpoint_name: RwLock<Option<String>>,
+    endpoint_name: RwLock<EndpointName>,
     /// Also the lock every write of the device's record is made under, so a record written
     /// from a stale view of the tokens cannot overwrite one with a pending token.
     callback_tokens: Mutex<CallbackTokens>,
@@ -188,6 +188,24 @@ pub(crate) struct Device {
     state: Mutex<DeviceState>,
 }
 
+/// A device's LwM2M endpoint name. The one derived from its identity (`urn:nai:...`, most
+/// devices') is derived again when asked for, not kept.
+enum EndpointName {
+    Derived,
+    Given(Box<str>),
+    Unknown,
+}
+
+impl EndpointName {
+    fn of(id: &DeviceId, name: Option<String>) -> Self {
+        match name {
+            None => Self::Unknown,
+            Some(name) if Some(&name) == id.default_endpoint_name().as_ref() => Self::Derived,
+            Some(name) => Self::Given(name.into_boxed_str()),
+        }
+    }
+}
+
 impl Device {
     pub(crate) fn new(
         id: DeviceId,
@@ -198,8 +216,8 @@ impl Device {
         state: DeviceState,
     ) -> Self {
         Self {
+            endpoint_name: RwLock::new(EndpointName::of(&id, endpoint_name)),
             id,
-            endpoint_name: RwLock::new(endpoint_name),
             callback_tokens: Mutex::new(CallbackTokens::new(callback_token, None)),
             socket,
             wake: Doorbell::default(),
@@ -268,17 +286,22 @@ impl Device {
 
     /// The LwM2M endpoint name the device registers with, if one is known.
     pub(crate) fn endpoint_name(&self) -> Option<String> {
-        self.endpoint_name
+        match &*self
+            .endpoint_name
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        {
+            EndpointName::Derived => self.id.default_endpoint_name(),
+            EndpointName::Given(name) => Some(name.to_string()),
+            EndpointName::Unknown => None,
+        }
     }
 
     pub(crate) fn set_endpoint_name(&self, name: Option<String>) {
         *self
             .endpoint_name
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = name;
+            .unwrap_or_else(PoisonError::into_inner) = EndpointName::of(&self.id, name);
     }
 
     /// Whether the device wants MonitoringEvent reachability reports.
@@ -409,7 +432,7 @@ impl RetiredTokens {
 #[derive(Default)]
 struct Members {
     by_id: IndexMap<DeviceId, Arc<Device>>,
-    by_token: HashMap<String, Arc<Device>>,
+    by_token: HashMap<Arc<str>, Arc<Device>>,
     /// By UDP address, for the sockets shared by many devices (`anyip`), which learn the
     /// device of a datagram from its destination.
     by_address: HashMap<SocketAddr, Arc<Device>>,
@@ -466,10 +489,32 @@ impl DeviceTable {
         device: Arc<Device>,
         nidd: Option<NiddState>,
     ) -> Result<(), StoreError> {
+        self.insert_as_stored(device, nidd, None)
+    }
+
+    /// As [`insert`](Self::insert), for a device built from `stored`, the record the store
+    /// holds for it: written only if the device differs from it (a restart of 100 000
+    /// unchanged devices writes nothing).
+    pub(crate) fn insert_as_stored(
+        &self,
+        device: Arc<Device>,
+        nidd: Option<NiddState>,
+        stored: Option<&DeviceRecord>,
+    ) -> Result<(), StoreError> {
         if device.is_onboarding() {
             self.onboarding.fetch_add(1, Ordering::Relaxed);
         }
-        if let Err(error) = self.set_nidd(&device, nidd) {
+        let unchanged = stored.is_some_and(|stored| {
+            let queue_mode = device.state().mt.reachability.queue_mode();
+            *stored == record(&device, &device.tokens(), nidd.as_ref(), queue_mode)
+        });
+        let set = if unchanged {
+            self.apply_nidd(&device, nidd);
+            Ok(())
+        } else {
+            self.set_nidd(&device, nidd)
+        };
+        if let Err(error) = set {
             if device.onboarded() {
                 self.onboarding.fetch_sub(1, Ordering::Relaxed);
             }
@@ -480,7 +525,7 @@ impl DeviceTable {
         }
         let mut members = self.members_mut();
         for token in device.tokens().accepted() {
-            members.by_token.insert(token.to_string(), device.clone());
+            members.by_token.insert(token, device.clone());
         }
         members.by_id.insert(device.id.clone(), device.clone());
         if device.socket.is_shared() {
@@ -610,7 +655,7 @@ impl DeviceTable {
         }
         let mut members = self.members_mut();
         if let Some(holder) = members.by_id.get(&device.id).cloned() {
-            members.by_token.insert(pending.clone(), holder);
+            members.by_token.insert(pending.as_str().into(), holder);
         }
         Ok((pending, minted))
     }
@@ -627,7 +672,7 @@ impl DeviceTable {
         self.put_record(device, &next, nidd.as_ref(), queue_mode)?;
         *tokens = next;
         drop(tokens);
-        self.members_mut().by_token.remove(&retired);
+        self.members_mut().by_token.remove(retired.as_str());
         self.retired
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -717,6 +762,12 @@ impl DeviceTable {
                     .with_label_values(&["device_record"])
                     .inc()
             })?;
+        self.apply_nidd(device, nidd);
+        Ok(())
+    }
+
+    /// Records a device's NIDD configuration in memory (the store has it).
+    fn apply_nidd(&self, device: &Device, nidd: Option<NiddState>) {
         let usable = nidd.as_ref().is_some_and(NiddState::is_usable);
         {
             // Counted under the state lock, where `remove` uncounts: the two cannot interleave.
@@ -748,7 +799,6 @@ impl DeviceTable {
             }
         }
         self.publish_counts();
-        Ok(())
     }
 
     /// The device stated its LwM2M queue mode (Register, Update): remembered, and persisted
@@ -834,5 +884,61 @@ fn record(
         removing: false,
         onboarded: device.is_onboarded_on_demand(),
         group: device.group().map(|g| g.id.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{StoreFaults, StoreOptions};
+
+    fn device(id: &DeviceId, token: &str) -> Arc<Device> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        Arc::new(Device::new(
+            id.clone(),
+            id.default_endpoint_name(),
+            token.to_string(),
+            Arc::new(DeviceSocket::from_std(socket).unwrap()),
+            false,
+            DeviceState::default(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_device_loaded_unchanged_is_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = StoreFaults::new();
+        let store = Store::open_with(
+            dir.path(),
+            StoreOptions {
+                metrics: None,
+                faults: Some(faults.clone()),
+            },
+        )
+        .unwrap();
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let table = DeviceTable::new(
+            store,
+            metrics.devices_provisioned.clone(),
+            metrics.store_errors.clone(),
+        );
+        let (a, b): (DeviceId, DeviceId) = ("a@x".parse().unwrap(), "b@x".parse().unwrap());
+        let (device_a, device_b) = (device(&a, "token-a"), device(&b, "token-b"));
+        let stored_a = record(&device_a, &device_a.tokens(), None, QueueMode::Unknown);
+        let mut stored_b = record(&device_b, &device_b.tokens(), None, QueueMode::Unknown);
+        stored_b.callback_token = "an older token".into();
+        // Every write fails now: only a device that needs one sees it.
+        faults.fail_writes(true);
+        table
+            .insert_as_stored(device_a, None, Some(&stored_a))
+            .unwrap();
+        assert!(table.get(&a).is_some());
+        assert!(
+            table
+                .insert_as_stored(device_b, None, Some(&stored_b))
+                .is_err()
+        );
+        assert!(table.get(&b).is_none());
     }
 }

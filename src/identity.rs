@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -33,10 +34,11 @@ pub enum IdentityError {
 }
 
 /// External Identifier `local@domain` (TS 23.003 §19.7.2). The domain is kept in lower case
-/// because DNS names compare case-insensitively; the local part is kept as given.
+/// because DNS names compare case-insensitively; the local part is kept as given. Shared, not
+/// copied, by its clones: every map of the fleet is keyed by it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct ExternalId(String);
+pub struct ExternalId(Arc<str>);
 
 impl ExternalId {
     pub fn as_str(&self) -> &str {
@@ -69,7 +71,9 @@ impl FromStr for ExternalId {
         if !valid_part(local) || !valid_part(domain) {
             return Err(bad());
         }
-        Ok(Self(format!("{local}@{}", domain.to_ascii_lowercase())))
+        Ok(Self(
+            format!("{local}@{}", domain.to_ascii_lowercase()).into(),
+        ))
     }
 }
 
@@ -82,7 +86,7 @@ impl TryFrom<String> for ExternalId {
 
 impl From<ExternalId> for String {
     fn from(value: ExternalId) -> Self {
-        value.0
+        value.0.to_string()
     }
 }
 
@@ -95,7 +99,7 @@ impl fmt::Display for ExternalId {
 /// MSISDN as T8 carries it: digits with country code, no leading `+` (TS 23.003 §3.3).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Msisdn(String);
+pub struct Msisdn(Arc<str>);
 
 impl Msisdn {
     pub fn as_str(&self) -> &str {
@@ -113,7 +117,7 @@ impl FromStr for Msisdn {
         if !(5..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(IdentityError::BadMsisdn(input.to_string()));
         }
-        Ok(Self(digits.to_string()))
+        Ok(Self(digits.into()))
     }
 }
 
@@ -126,7 +130,7 @@ impl TryFrom<String> for Msisdn {
 
 impl From<Msisdn> for String {
     fn from(value: Msisdn) -> Self {
-        value.0
+        value.0.to_string()
     }
 }
 

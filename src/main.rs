@@ -43,7 +43,8 @@ enum Command {
 
 /// jemalloc: at 100 000 devices glibc's allocator kept a fifth of the process's memory in
 /// freed fragments of start-up (configuration parsing, store scan). Its background thread
-/// returns freed pages to the kernel while the bridge is idle.
+/// returns freed pages to the kernel while the bridge is idle; it runs with one arena (see
+/// `.cargo/config.toml`).
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -3,6 +3,8 @@
 //! every URL handed out from the moment a rotation begins carries the newest token. Plain data;
 //! the device table persists it and indexes it.
 
+use std::sync::Arc;
+
 /// How many characters of a token a log line may show.
 const LOGGED_PREFIX: usize = 6;
 
@@ -20,10 +22,10 @@ pub(crate) fn token_prefix(token: &str) -> &str {
 /// The tokens whose callback URLs reach one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CallbackTokens {
-    // Boxed: one per device, never grown.
-    active: Box<str>,
+    // Shared with the device table's index, not copied: one per device, never grown.
+    active: Arc<str>,
     /// The token a rotation moves to, until the SCEF took its URL.
-    pending: Option<Box<str>>,
+    pending: Option<Arc<str>>,
 }
 
 impl CallbackTokens {
@@ -31,8 +33,8 @@ impl CallbackTokens {
         // A pending token equal to the active one would retire the only token on completion.
         let pending = pending.filter(|p| *p != active);
         Self {
-            active: active.into_boxed_str(),
-            pending: pending.map(String::into_boxed_str),
+            active: active.into(),
+            pending: pending.map(Arc::from),
         }
     }
 
@@ -51,9 +53,9 @@ impl CallbackTokens {
         self.pending.as_deref().unwrap_or(&self.active)
     }
 
-    /// Every token accepted now (the active one first).
-    pub(crate) fn accepted(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(&*self.active).chain(self.pending.as_deref())
+    /// Every token accepted now (the active one first), shared.
+    pub(crate) fn accepted(&self) -> impl Iterator<Item = Arc<str>> {
+        std::iter::once(self.active.clone()).chain(self.pending.clone())
     }
 
     /// Starts a rotation, or continues the one begun before (so a retry after a failed PATCH
@@ -63,7 +65,7 @@ impl CallbackTokens {
             return (pending.to_string(), false);
         }
         let minted = mint();
-        self.pending = Some(minted.clone().into_boxed_str());
+        self.pending = Some(minted.as_str().into());
         (minted, true)
     }
 
@@ -71,7 +73,7 @@ impl CallbackTokens {
     /// token, if a rotation was under way.
     pub(crate) fn complete_rotation(&mut self) -> Option<String> {
         let pending = self.pending.take()?;
-        Some(std::mem::replace(&mut self.active, pending).into_string())
+        Some(std::mem::replace(&mut self.active, pending).to_string())
     }
 }
 
@@ -82,12 +84,18 @@ mod tests {
     #[test]
     fn a_rotation_accepts_both_tokens_until_it_completes() {
         let mut tokens = CallbackTokens::new("old".into(), None);
-        assert_eq!(tokens.accepted().collect::<Vec<_>>(), ["old"]);
+        assert_eq!(
+            tokens.accepted().map(|t| t.to_string()).collect::<Vec<_>>(),
+            ["old"]
+        );
         assert_eq!(tokens.newest(), "old");
 
         let (new, minted) = tokens.begin_rotation(|| "new".into());
         assert_eq!((new.as_str(), minted), ("new", true));
-        assert_eq!(tokens.accepted().collect::<Vec<_>>(), ["old", "new"]);
+        assert_eq!(
+            tokens.accepted().map(|t| t.to_string()).collect::<Vec<_>>(),
+            ["old", "new"]
+        );
         assert_eq!(tokens.active(), "old");
         assert_eq!(tokens.newest(), "new");
 
@@ -96,7 +104,10 @@ mod tests {
         assert_eq!((again.as_str(), minted), ("new", false));
 
         assert_eq!(tokens.complete_rotation().as_deref(), Some("old"));
-        assert_eq!(tokens.accepted().collect::<Vec<_>>(), ["new"]);
+        assert_eq!(
+            tokens.accepted().map(|t| t.to_string()).collect::<Vec<_>>(),
+            ["new"]
+        );
         assert_eq!(tokens.active(), "new");
         assert_eq!(tokens.pending(), None);
         assert_eq!(tokens.complete_rotation(), None, "nothing under way");
