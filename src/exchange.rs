@@ -177,6 +177,12 @@ impl Log {
 }
 
 impl Exchanges {
+    /// Whether anything is remembered (the log exists).
+    #[cfg(test)]
+    pub(crate) fn remembers_any(&self) -> bool {
+        self.log.is_some()
+    }
+
     fn log(&self) -> &Log {
         self.log.as_deref().unwrap_or(&EMPTY_LOG)
     }

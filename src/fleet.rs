@@ -244,6 +244,29 @@ pub(crate) enum Onboarded {
     Existing(Arc<Device>),
 }
 
+/// How often every device's exchange log is swept of what is older than EXCHANGE_LIFETIME.
+const EXCHANGE_SWEEP: Duration = Duration::from_secs(60);
+
+/// Sweeps the exchange logs every [`EXCHANGE_SWEEP`]: a device that went quiet then holds none,
+/// instead of keeping its last exchanges until its next datagram.
+async fn sweep_exchanges(devices: Arc<DeviceTable>, cancel: CancellationToken) {
+    let mut ticks = tokio::time::interval(EXCHANGE_SWEEP);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        forget_old_exchanges(&devices, crate::clock::now());
+    }
+}
+
+fn forget_old_exchanges(devices: &DeviceTable, now: std::time::Instant) {
+    for device in devices.iter() {
+        device.state().exchanges.forget_old(now);
+    }
+}
+
 /// Builds devices from their settings and the defaults of the configuration file.
 pub(crate) struct DeviceFactory {
     psm: PsmConfig,
@@ -569,6 +592,10 @@ impl Fleet {
         let Some(runner) = self.runner.get() else {
             return;
         };
+        runner.tasks.spawn(sweep_exchanges(
+            self.parts.devices.clone(),
+            runner.cancel.clone(),
+        ));
         for socket in lock(&self.pool).shared_sockets() {
             runner.tasks.spawn(dispatch_shared(
                 socket,
@@ -1364,6 +1391,30 @@ mod tests {
             msisdn: Some(DEVICE_B.into()),
             ..DeviceConfig::default()
         }
+    }
+
+    #[tokio::test]
+    async fn the_sweep_drops_the_exchange_log_of_a_device_gone_quiet() {
+        let harness = Harness::new().await;
+        let device = harness.device(DEVICE_B);
+        let t0 = crate::clock::now();
+        // A server's CON GET carried to the device: remembered.
+        let read = [0x40, 0x01, 0x12, 0x34];
+        device
+            .state()
+            .exchanges
+            .carried("127.0.0.1:5683".parse().unwrap(), &read, t0);
+        assert!(device.state().exchanges.remembers_any());
+        forget_old_exchanges(&harness.fleet().parts.devices, t0 + Duration::from_secs(60));
+        assert!(
+            device.state().exchanges.remembers_any(),
+            "still within its lifetime"
+        );
+        forget_old_exchanges(
+            &harness.fleet().parts.devices,
+            t0 + Duration::from_secs(300),
+        );
+        assert!(!device.state().exchanges.remembers_any());
     }
 
     #[tokio::test]
