@@ -553,9 +553,8 @@ impl Provisioner {
 
     /// Asks the SCEF whether persisted configurations still exist, forgets the ones it lost, and
     /// points the others at this instance's callback URL if that changed. `listed` is the
-    /// SCEF's list of configurations, when it gave one: a configuration missing from it is
-    /// gone, one listed is checked against its entry; otherwise each is fetched. Returns the
-    /// locations it dropped.
+    /// SCEF's list of configurations, when it gave one: one listed is checked against its
+    /// entry, any other is fetched. Returns the locations it dropped.
     async fn verify_persisted(&self, listed: Option<&[ListedConfiguration]>) -> HashSet<Url> {
         let listed: Option<HashMap<&Url, &Result<NiddConfiguration, String>>> = listed.map(|l| {
             l.iter()
@@ -577,15 +576,20 @@ impl Provisioner {
         .for_each_concurrent(self.scef.provisioning_concurrency, |(device, nidd)| {
             async move {
                 let location = nidd.location.clone();
-                let entry = listed.as_ref().map(|l| match l.get(&location) {
-                    Some(Ok(body)) => Ok(Some((*body).clone())),
-                    // Unreadable in the list: asked for on its own.
-                    Some(Err(_)) => Err(()),
-                    None => Ok(None),
-                });
+                // Listed and readable: judged from its entry. Anything else is asked for on
+                // its own: an entry the list cannot give, or one it lacks (gone, most likely,
+                // but an SCEF that spells its `self` links unlike its `Location`s must not
+                // have every configuration created again).
+                let entry = listed
+                    .as_ref()
+                    .and_then(|l| l.get(&location))
+                    .and_then(|entry| entry.as_ref().ok());
                 let (checked, _) = match entry {
-                    Some(Ok(body)) => self.judge_checked(&device, nidd, Ok(body)).await,
-                    _ => self.check_one(&device, nidd).await,
+                    Some(body) => {
+                        let body = (*body).clone();
+                        self.judge_checked(&device, nidd, Ok(Some(body))).await
+                    }
+                    None => self.check_one(&device, nidd).await,
                 };
                 // A termination confirmed while the SCEF was asked (or the list read) has
                 // cleared or replaced the configuration: what was judged is out of date.
