@@ -90,7 +90,8 @@ pub struct Outcome {
 
 /// Runs `st --config-file <config> run <schema> --url <url> <args>` with the project's
 /// hooks, killing it after `deadline`. stdout and stderr are read together. A run that the
-/// tool itself crashed (see [`crashed_in_python`]) is run once more, and says so.
+/// tool itself crashed (see [`crashed_in_python`]; the hooks now keep the known cause from
+/// crashing it) is run once more, and says so.
 pub fn run(
     config: &Path,
     schema: &Path,

@@ -8,6 +8,26 @@ so this checks the cause instead.
 """
 
 import schemathesis
+from hypothesis.internal import lambda_sources
+
+_describe_lambda = lambda_sources.lambda_description
+
+
+def _lambda_description_that_survives(f):
+    """Hypothesis's description of a lambda, or a plain one where CPython 3.11 cannot give it.
+
+    Hypothesis parses a lambda's source to describe it (only ever for a strategy's repr). Deep in
+    a draw, CPython 3.11 can fail that parse with "SystemError: AST constructor recursion depth
+    mismatch", and the run then ends in a Runtime Error that says nothing about the API under
+    test. The description is cosmetic, so that one error falls back to a plain one.
+    """
+    try:
+        return _describe_lambda(f)
+    except SystemError:
+        return "lambda: <source not shown>"
+
+
+lambda_sources.lambda_description = _lambda_description_that_survives
 
 SCHEMA_CAUSES = {
     "BAD_PATH",
