@@ -1,7 +1,7 @@
 //! Wiring of one bridge instance: `Bridge::bind` opens the store, binds every device socket and
-//! both listeners and builds each part's handle; `BoundBridge::run` starts the tasks (a receive
-//! loop and an MT flusher per device, the provisioner, the two HTTP servers) and stops them
-//! gracefully, flushing the store. Nothing else in the crate depends on this module.
+//! both listeners and builds each part's handle; `BoundBridge::run` starts the tasks (the
+//! fleet's receive loops and MT scheduler, the provisioner, the two HTTP servers) and stops
+//! them gracefully, flushing the store. Nothing else in the crate depends on this module.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -11,7 +11,8 @@
 //! - `fleet`: devices added, changed and removed while the bridge runs (the admin API's
 //!   device operations), each device's tasks, and the socket pool.
 //! - paths: `mo` (uplink verdict and forwarding to the LwM2M server) and `mt` (downlink
-//!   admission, the durable queue, the per-device flusher delivering through T8).
+//!   admission, the durable queue, the flusher delivering through T8, stepped by the MT
+//!   scheduler for the devices that have work).
 //! - state: `devices` (the device table and per-device state), `socket` (the per-device UDP
 //!   sockets, and beside them the `anyip` backend's wildcard sockets and prefix pool), `store`
 //!   (sled), [`t8`] (T8 bodies and the client), `metrics` (Prometheus).
