@@ -15,27 +15,46 @@ use crate::t8::DeliveryStatus;
 #[derive(Debug, Clone)]
 pub(crate) struct Pacer {
     interval: Duration,
+    slots: Slots,
+}
+
+/// The slots of a [`Pacer`] without its interval, which the caller keeps: a device holds only
+/// its next free slot, its interval is `[psm]`'s ([`MtSettings`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Slots {
     next_free: Option<Instant>,
 }
 
-impl Pacer {
-    pub(crate) fn new(rate_per_s: f64) -> Self {
-        Self {
-            interval: Duration::from_secs_f64(1.0 / rate_per_s.max(0.001)),
-            next_free: None,
-        }
-    }
+/// The time between two slots at `rate_per_s`.
+fn interval_at(rate_per_s: f64) -> Duration {
+    Duration::from_secs_f64(1.0 / rate_per_s.max(0.001))
+}
 
+impl Slots {
     /// When the next send may happen, without reserving it.
     pub(crate) fn ready_at(&self, now: Instant) -> Instant {
         self.next_free.filter(|t| *t > now).unwrap_or(now)
     }
 
     /// Reserves the next slot and returns when it starts.
-    pub(crate) fn reserve(&mut self, now: Instant) -> Instant {
+    pub(crate) fn reserve(&mut self, now: Instant, interval: Duration) -> Instant {
         let slot = self.ready_at(now);
-        self.next_free = Some(slot + self.interval);
+        self.next_free = Some(slot + interval);
         slot
+    }
+}
+
+impl Pacer {
+    pub(crate) fn new(rate_per_s: f64) -> Self {
+        Self {
+            interval: interval_at(rate_per_s),
+            slots: Slots::default(),
+        }
+    }
+
+    /// Reserves the next slot and returns when it starts.
+    pub(crate) fn reserve(&mut self, now: Instant) -> Instant {
+        self.slots.reserve(now, self.interval)
     }
 }
 
@@ -128,7 +147,7 @@ pub(crate) struct MtState {
     pub retry_at: Option<Instant>,
     backoff: Duration,
     /// When the next delivery may go, at the pace `settings` allows.
-    next_send: Option<Instant>,
+    next_send: Slots,
     settings: Arc<MtSettings>,
     trigger_after: Option<Duration>,
     /// The sleep (by its start) a trigger was already sent for.
@@ -201,7 +220,7 @@ impl MtSettings {
         guess_hold: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
-            pace: Duration::from_secs_f64(1.0 / device_rate_per_s.max(0.001)),
+            pace: interval_at(device_rate_per_s),
             retry_initial,
             retry_max,
             guess_hold,
@@ -243,7 +262,7 @@ impl MtState {
             in_flight: None,
             retry_at: None,
             backoff: settings.retry_initial,
-            next_send: None,
+            next_send: Slots::default(),
             settings,
             trigger_after,
             triggered_sleep: None,
@@ -365,11 +384,12 @@ impl MtState {
             }
             return (wait(until), expired);
         }
-        if let Some(ready) = self.next_send.filter(|ready| *ready > now) {
+        let ready = self.next_send.ready_at(now);
+        if ready > now {
             return (wait(Some(ready)), expired);
         }
         let next = next.clone();
-        self.next_send = Some(now + self.settings.pace);
+        self.next_send.reserve(now, self.settings.pace);
         self.in_flight = Some(next.seq);
         (Decision::Send(next), expired)
     }
@@ -1171,7 +1191,7 @@ mod tests {
         assert_eq!(pacer.reserve(t0), t0);
         assert_eq!(pacer.reserve(t0), t0 + Duration::from_millis(100));
         assert_eq!(
-            pacer.ready_at(t0 + Duration::from_secs(1)),
+            pacer.slots.ready_at(t0 + Duration::from_secs(1)),
             t0 + Duration::from_secs(1)
         );
     }

@@ -653,9 +653,13 @@ impl DeviceTable {
             self.put_record(device, &next, nidd.as_ref(), queue_mode)?;
             *tokens = next;
         }
+        // The token itself, shared with the device's (the active one is indexed already).
+        let accepted: Vec<Arc<str>> = tokens.accepted().collect();
         let mut members = self.members_mut();
         if let Some(holder) = members.by_id.get(&device.id).cloned() {
-            members.by_token.insert(pending.as_str().into(), holder);
+            for token in accepted {
+                members.by_token.insert(token, holder.clone());
+            }
         }
         Ok((pending, minted))
     }

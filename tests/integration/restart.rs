@@ -8,18 +8,22 @@ use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
 use nidd_testbed::probe::{STEP, eventually};
 use url::Url;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_bridge_keeps_addresses_and_configurations() {
-    let ids: Vec<DeviceId> = ["200000001@iot.example", "200000002@iot.example"]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-    // The bridge runs as its own process on the TOML the typed configuration writes.
-    let mut stack = TestBed::new()
-        .npm_server()
-        .device(&ids[0])
+fn device_ids(names: [&str; 2]) -> Vec<DeviceId> {
+    names.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+/// `bed` with the two devices, the bridge run as its own process on the TOML the typed
+/// configuration writes.
+fn two_devices_in_a_process(bed: TestBed, ids: &[DeviceId]) -> TestBed {
+    bed.device(&ids[0])
         .device(&ids[1])
         .bridge_process(env!("CARGO_BIN_EXE_nidd-bridge"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_bridge_keeps_addresses_and_configurations() {
+    let ids = device_ids(["200000001@iot.example", "200000002@iot.example"]);
+    let mut stack = two_devices_in_a_process(TestBed::new().npm_server(), &ids)
         .start()
         .await
         .unwrap();
@@ -104,14 +108,8 @@ async fn a_restarted_bridge_keeps_addresses_and_configurations() {
 async fn a_configuration_lost_while_the_bridge_was_down_is_created_again_at_restart() {
     // The restart check reads one list: a stored configuration missing from it is asked for
     // on its own, found gone, and only that device gets a new one.
-    let ids: Vec<DeviceId> = ["200000003@iot.example", "200000004@iot.example"]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-    let mut stack = TestBed::new()
-        .device(&ids[0])
-        .device(&ids[1])
-        .bridge_process(env!("CARGO_BIN_EXE_nidd-bridge"))
+    let ids = device_ids(["200000003@iot.example", "200000004@iot.example"]);
+    let mut stack = two_devices_in_a_process(TestBed::new(), &ids)
         .start()
         .await
         .unwrap();
