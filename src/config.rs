@@ -284,6 +284,11 @@ pub struct PsmConfig {
     /// decides. Keep it below how long the LwM2M server waits for an answer.
     #[serde(default = "default_guess_hold_s")]
     pub guess_hold_s: u64,
+    /// The NIDD round trip (a downlink to the device and its answer back) taken for a device
+    /// until one is measured from its answers: how long a retransmitted copy is held back
+    /// (three times this at first) and how soon a sleeping device can answer once awake.
+    #[serde(default = "default_expected_round_trip_s")]
+    pub expected_round_trip_s: u64,
     #[serde(default = "default_queue_max_datagrams")]
     pub queue_max_datagrams: usize,
     #[serde(default = "default_queue_max_bytes")]
@@ -341,6 +346,7 @@ impl Default for PsmConfig {
             buffer_owner: default_buffer_owner(),
             active_window_s: default_active_window_s(),
             guess_hold_s: default_guess_hold_s(),
+            expected_round_trip_s: default_expected_round_trip_s(),
             queue_max_datagrams: default_queue_max_datagrams(),
             queue_max_bytes: default_queue_max_bytes(),
             queue_max_age_s: default_queue_max_age_s(),
@@ -371,6 +377,10 @@ fn default_active_window_s() -> u64 {
 fn default_guess_hold_s() -> u64 {
     // Within Wakaama's 15 s after an empty ACK and far within Leshan's and ThingsBoard's 2 min.
     10
+}
+fn default_expected_round_trip_s() -> u64 {
+    // A modest NB-IoT link: 3 s for a downlink, 1 s for the answer.
+    4
 }
 fn default_queue_max_datagrams() -> usize {
     32
@@ -1767,6 +1777,10 @@ impl Config {
                 "psm.guess_hold_s must not exceed psm.queue_max_age_s (nor 3600 seconds)".into(),
             );
         }
+        if !(1..=20).contains(&psm.expected_round_trip_s) {
+            // Three times it is the first wait, and waits are at most 60 s.
+            return invalid("psm.expected_round_trip_s must be between 1 and 20".into());
+        }
         if psm.monitoring_duration_s < 60 {
             return invalid("psm.monitoring_duration_s must be at least 60".into());
         }
@@ -1987,6 +2001,24 @@ mod tests {
         );
         let both = minimal("[[devices]]\nexternal_id = \"a@x\"\nmsisdn = \"4912345\"");
         assert!(Config::parse(&both).is_err());
+    }
+
+    #[test]
+    fn the_expected_round_trip_is_bounded() {
+        assert_eq!(
+            Config::parse(&minimal(""))
+                .unwrap()
+                .psm
+                .expected_round_trip_s,
+            4
+        );
+        let ok = minimal("[psm]\nexpected_round_trip_s = 9");
+        assert_eq!(Config::parse(&ok).unwrap().psm.expected_round_trip_s, 9);
+        for bad in ["0", "21"] {
+            let toml = minimal(&format!("[psm]\nexpected_round_trip_s = {bad}"));
+            let err = Config::parse(&toml).unwrap_err();
+            assert!(err.to_string().contains("expected_round_trip_s"), "{err}");
+        }
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl Default for DeviceState {
                 None,
                 Duration::from_secs(psm.guess_hold_s),
             ),
-            exchanges: Exchanges::default(),
+            exchanges: Exchanges::new(Duration::from_secs(psm.expected_round_trip_s)),
         }
     }
 }

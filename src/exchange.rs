@@ -1,8 +1,9 @@
 //! What each device's CoAP exchanges have carried across NIDD, and when, so the bridge carries
 //! each distinct message once although NIDD is slow and the T8 answer fast: server requests
 //! carried to the device, device requests forwarded to a server and the answers carried back,
-//! and an estimate of the device's NIDD round trip (RFC 6298, from a carried request to the
-//! device's answer). And the server requests the bridge acknowledged on a sleeping device's
+//! and an estimate of the device's NIDD round trip (RFC 6298, from a carried request, or its
+//! delivery the SCEF reported later, to the device's answer; a configured expectation until
+//! the first answer). And the server requests the bridge acknowledged on a sleeping device's
 //! behalf: the device's piggybacked answer then goes to the server as a separate response
 //! with a message ID the bridge picks (see ARCHITECTURE.md, "Separate responses"). Sans-IO:
 //! time is a parameter; memory is bounded per device.
@@ -27,37 +28,59 @@ const MAX_KEPT_ANSWER_BYTES: usize = 512;
 const MAX_TRANSMIT_WAIT: Duration = Duration::from_secs(93);
 /// CoAP's EXCHANGE_LIFETIME (RFC 7252 §4.8.2): nothing is remembered longer.
 const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
-/// How long an answer is taken to be on its way before any round trip was measured: above a
-/// few seconds of NIDD latency each way, below the waits of most servers.
-const INITIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// RFC 6298's smoothed round trip and its variation.
-#[derive(Debug, Clone, Copy, Default)]
+/// RFC 6298's smoothed round trip and its variation, in milliseconds (small: every device
+/// holds one).
+#[derive(Debug, Clone, Copy)]
 struct RoundTrip {
-    /// `(srtt, rttvar)` once a sample was taken.
-    estimate: Option<(Duration, Duration)>,
+    srtt_ms: u32,
+    rttvar_ms: u32,
+    /// Whether a sample was taken; until then the expected round trip stands for one.
+    measured: bool,
 }
 
 impl RoundTrip {
+    /// The expected round trip, taken as a first sample (RFC 6298 §2.2: srtt R, rttvar R/2).
+    fn expecting(expected: Duration) -> Self {
+        let ms = millis(expected);
+        Self {
+            srtt_ms: ms,
+            rttvar_ms: ms / 2,
+            measured: false,
+        }
+    }
+
     fn sample(&mut self, rtt: Duration) {
-        self.estimate = Some(match self.estimate {
-            None => (rtt, rtt / 2),
-            Some((srtt, rttvar)) => {
-                let deviation = srtt.abs_diff(rtt);
-                (srtt * 7 / 8 + rtt / 8, rttvar * 3 / 4 + deviation / 4)
-            }
-        });
+        let rtt = millis(rtt);
+        if self.measured {
+            let deviation = self.srtt_ms.abs_diff(rtt);
+            self.rttvar_ms = self.rttvar_ms - self.rttvar_ms / 4 + deviation / 4;
+            self.srtt_ms = self.srtt_ms - self.srtt_ms / 8 + rtt / 8;
+        } else {
+            *self = Self {
+                srtt_ms: rtt,
+                rttvar_ms: rtt / 2,
+                measured: true,
+            };
+        }
+    }
+
+    fn smoothed(&self) -> Duration {
+        Duration::from_millis(self.srtt_ms.into())
     }
 
     /// How long an answer can still be on its way.
     fn timeout(&self) -> Duration {
-        match self.estimate {
-            None => INITIAL_TIMEOUT,
-            Some((srtt, rttvar)) => (srtt + rttvar * 4).clamp(MIN_TIMEOUT, MAX_TIMEOUT),
-        }
+        let rto = u64::from(self.srtt_ms) + 4 * u64::from(self.rttvar_ms);
+        Duration::from_millis(rto).clamp(MIN_TIMEOUT, MAX_TIMEOUT)
     }
+}
+
+/// Milliseconds of `duration`, at most `u32::MAX` (49 days, far beyond any round trip).
+fn millis(duration: Duration) -> u32 {
+    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
 }
 
 /// A server request the device has been sent.
@@ -68,6 +91,19 @@ struct CarriedRequest {
     token: Vec<u8>,
     carried_at: Instant,
     answered: bool,
+    /// The SCEF reported it `SUCCESS_ACKNOWLEDGED` (RDS): the device has it, so a copy is
+    /// never needed, however long its answer takes.
+    received: bool,
+}
+
+/// What the SCEF said of a downlink it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handover {
+    /// Delivered, or sent on (`SUCCESS`, `SENDING`, `SUCCESS_NEXT_HOP_*`...): it may still be
+    /// lost on the radio.
+    Sent,
+    /// The device acknowledged it (`SUCCESS_ACKNOWLEDGED`, reliable data service).
+    Received,
 }
 
 /// A server's CON request the bridge acknowledged (empty ACK) for the sleeping device, and the
@@ -137,7 +173,7 @@ pub(crate) enum MoVerdict {
 }
 
 /// One device's exchanges.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Exchanges {
     /// What was carried and forwarded within EXCHANGE_LIFETIME; `None` while nothing is
     /// remembered, so an idle device holds no deques (at 100 000 devices they were a tenth of
@@ -177,6 +213,15 @@ impl Log {
 }
 
 impl Exchanges {
+    /// A device's exchanges, its NIDD round trip taken as `expected` until one is measured.
+    pub(crate) fn new(expected_round_trip: Duration) -> Self {
+        Self {
+            log: None,
+            next_message_id: None,
+            round_trip: RoundTrip::expecting(expected_round_trip),
+        }
+    }
+
     /// Whether anything is remembered (the log exists).
     #[cfg(test)]
     pub(crate) fn remembers_any(&self) -> bool {
@@ -195,11 +240,9 @@ impl Exchanges {
         self.round_trip.timeout()
     }
 
-    /// The device's measured NIDD round trip (smoothed), zero before any was measured.
+    /// The device's NIDD round trip (smoothed), the expected one before any was measured.
     pub(crate) fn round_trip(&self) -> Duration {
-        self.round_trip
-            .estimate
-            .map_or(Duration::ZERO, |(srtt, _)| srtt)
+        self.round_trip.smoothed()
     }
 
     /// Whether the CON request `view` from `server` was acknowledged on the device's behalf
@@ -295,16 +338,19 @@ impl Exchanges {
         }
         let timeout = self.timeout();
         if view.is_request() {
-            let carried_recently = self.log().carried.iter().any(|c| {
-                c.server == server
-                    && c.message_id == view.message_id
-                    && c.token == view.token
-                    && now < c.carried_at + timeout
+            let carried = self.log().carried.iter().find(|c| {
+                c.server == server && c.message_id == view.message_id && c.token == view.token
             });
-            if carried_recently {
-                return MtVerdict::Suppress("server_retransmission");
-            }
-            return MtVerdict::Carry;
+            return match carried {
+                // The device has it; its answer (or its own retransmission) is the device's.
+                Some(c) if c.received && !c.answered => {
+                    MtVerdict::Suppress("server_retransmission_received")
+                }
+                Some(c) if now < c.carried_at + timeout => {
+                    MtVerdict::Suppress("server_retransmission")
+                }
+                _ => MtVerdict::Carry,
+            };
         }
         let answered = self
             .answered_request(&view)
@@ -316,8 +362,15 @@ impl Exchanges {
         MtVerdict::Carry
     }
 
-    /// A datagram from a server was carried to the device (the SCEF took it for delivery).
-    pub(crate) fn carried(&mut self, server: SocketAddr, data: &[u8], now: Instant) {
+    /// A datagram from a server was carried to the device: the SCEF took it for delivery, or
+    /// reported later that it delivered it (then its answer is awaited from now on).
+    pub(crate) fn carried(
+        &mut self,
+        server: SocketAddr,
+        data: &[u8],
+        handover: Handover,
+        now: Instant,
+    ) {
         let Some(view) = Header::read(data) else {
             return;
         };
@@ -326,9 +379,14 @@ impl Exchanges {
             let known = log.carried.iter_mut().find(|c| {
                 c.server == server && c.message_id == view.message_id && c.token == view.token
             });
+            let received = handover == Handover::Received;
             match known {
-                // Carried again (its first copy taken as lost): measured from now on.
-                Some(request) => request.carried_at = now,
+                // Carried again (its first copy taken as lost), or its delivery reported:
+                // measured from now on.
+                Some(request) => {
+                    request.carried_at = now;
+                    request.received |= received;
+                }
                 None => {
                     push_bounded(
                         &mut log.carried,
@@ -338,6 +396,7 @@ impl Exchanges {
                             token: view.token.to_vec(),
                             carried_at: now,
                             answered: false,
+                            received,
                         },
                     );
                 }
@@ -545,6 +604,8 @@ mod tests {
     use super::*;
 
     const SERVER: &str = "127.0.0.1:5683";
+    /// The round trip expected before one is measured; 3 times it is the first wait.
+    const EXPECTED: Duration = Duration::from_secs(4);
 
     fn server() -> SocketAddr {
         SERVER.parse().unwrap()
@@ -572,13 +633,13 @@ mod tests {
     #[test]
     fn a_servers_retransmission_is_not_carried_while_the_answer_can_be_on_its_way() {
         let t0 = crate::clock::now();
-        let mut exchanges = Exchanges::default();
+        let mut exchanges = Exchanges::new(EXPECTED);
         let read = datagram(CON, GET, 7, b"tk");
         assert_eq!(
             exchanges.on_server_datagram(server(), view(&read), t0),
             MtVerdict::Carry
         );
-        exchanges.carried(server(), &read, t0);
+        exchanges.carried(server(), &read, Handover::Sent, t0);
         // The server retransmits after 2.5 s; NIDD has the first copy for 3 s more.
         let retransmission = t0 + Duration::from_millis(2500);
         assert_eq!(
@@ -586,7 +647,7 @@ mod tests {
             MtVerdict::Suppress("server_retransmission")
         );
         // Past the wait, the first copy may have been lost: carried again.
-        let late = t0 + INITIAL_TIMEOUT + Duration::from_millis(1);
+        let late = t0 + EXPECTED * 3 + Duration::from_millis(1);
         assert_eq!(
             exchanges.on_server_datagram(server(), view(&read), late),
             MtVerdict::Carry
@@ -600,13 +661,67 @@ mod tests {
     }
 
     #[test]
+    fn the_expected_round_trip_stands_until_one_is_measured() {
+        let t0 = crate::clock::now();
+        let mut exchanges = Exchanges::new(Duration::from_secs(6));
+        assert_eq!(exchanges.round_trip(), Duration::from_secs(6));
+        assert_eq!(
+            exchanges.timeout(),
+            Duration::from_secs(18),
+            "RFC 6298: R + 4 R/2"
+        );
+        let read = datagram(CON, GET, 1, b"t");
+        exchanges.carried(server(), &read, Handover::Sent, t0);
+        let _ = exchanges.on_device_datagram(
+            view(&datagram(ACK, CONTENT, 1, b"t")),
+            t0 + Duration::from_millis(1500),
+        );
+        assert_eq!(exchanges.round_trip(), Duration::from_millis(1500));
+        assert_eq!(exchanges.timeout(), Duration::from_millis(4500));
+        // Within bounds whatever is expected.
+        assert_eq!(Exchanges::new(Duration::ZERO).timeout(), MIN_TIMEOUT);
+        assert_eq!(Exchanges::new(Duration::MAX).timeout(), MAX_TIMEOUT);
+    }
+
+    #[test]
+    fn a_request_the_device_acknowledged_is_never_carried_again_until_it_answers() {
+        let t0 = crate::clock::now();
+        let mut exchanges = Exchanges::new(EXPECTED);
+        let read = datagram(CON, GET, 7, b"tk");
+        // Taken by the SCEF (201, pending), reported SUCCESS_ACKNOWLEDGED 30 s later.
+        exchanges.carried(server(), &read, Handover::Sent, t0);
+        let reported = t0 + Duration::from_secs(30);
+        exchanges.carried(server(), &read, Handover::Received, reported);
+        // The device has it: a copy long past the round trip is still not carried.
+        let late = reported + EXPECTED * 3 + Duration::from_secs(30);
+        assert_eq!(
+            exchanges.on_server_datagram(server(), view(&read), late),
+            MtVerdict::Suppress("server_retransmission_received")
+        );
+        // The round trip is measured from the reported delivery, not from the hand-over.
+        let answered = reported + Duration::from_secs(2);
+        let _ = exchanges.on_device_datagram(view(&datagram(ACK, CONTENT, 7, b"tk")), answered);
+        assert_eq!(exchanges.round_trip(), Duration::from_secs(2));
+        // Once answered, a server retransmission means its answer went missing: carried once
+        // the answer cannot be on its way any more, so the device answers it again.
+        assert_eq!(
+            exchanges.on_server_datagram(server(), view(&read), answered),
+            MtVerdict::Suppress("server_retransmission")
+        );
+        assert_eq!(
+            exchanges.on_server_datagram(server(), view(&read), late + Duration::from_secs(60)),
+            MtVerdict::Carry
+        );
+    }
+
+    #[test]
     fn the_devices_answer_times_the_round_trip_and_shortens_the_wait() {
         let t0 = crate::clock::now();
-        let mut exchanges = Exchanges::default();
+        let mut exchanges = Exchanges::new(EXPECTED);
         for n in 0..4u16 {
             let at = t0 + Duration::from_secs(20) * u32::from(n);
             let read = datagram(CON, GET, n, b"t");
-            exchanges.carried(server(), &read, at);
+            exchanges.carried(server(), &read, Handover::Sent, at);
             let answer = datagram(ACK, CONTENT, n, b"t");
             assert_eq!(
                 exchanges.on_device_datagram(view(&answer), at + Duration::from_secs(4)),
@@ -615,7 +730,7 @@ mod tests {
         }
         let timeout = exchanges.timeout();
         assert!(
-            timeout > Duration::from_secs(4) && timeout < INITIAL_TIMEOUT,
+            timeout > Duration::from_secs(4) && timeout < EXPECTED * 3,
             "{timeout:?}"
         );
     }
@@ -623,7 +738,7 @@ mod tests {
     #[test]
     fn a_devices_retransmitted_request_waits_for_the_answer_then_gets_it_once() {
         let t0 = crate::clock::now();
-        let mut exchanges = Exchanges::default();
+        let mut exchanges = Exchanges::new(EXPECTED);
         let register = datagram(CON, POST, 0x100, b"rg");
         assert_eq!(
             exchanges.on_device_datagram(view(&register), t0),
@@ -641,7 +756,7 @@ mod tests {
             exchanges.on_server_datagram(server(), view(&created), answered),
             MtVerdict::Carry
         );
-        exchanges.carried(server(), &created, answered);
+        exchanges.carried(server(), &created, Handover::Sent, answered);
         assert_eq!(
             exchanges.on_device_datagram(view(&register), t0 + Duration::from_secs(3)),
             MoVerdict::Suppress("answer_on_its_way")
@@ -651,7 +766,7 @@ mod tests {
             MtVerdict::Suppress("answer_already_carried")
         );
         // Retransmitted long after the answer was carried: it was lost; resent once.
-        let late = answered + INITIAL_TIMEOUT + Duration::from_secs(1);
+        let late = answered + EXPECTED * 3 + Duration::from_secs(1);
         assert_eq!(
             exchanges.on_device_datagram(view(&register), late),
             MoVerdict::ResendAnswer {
@@ -669,10 +784,10 @@ mod tests {
     #[test]
     fn memory_is_bounded_and_forgets_after_the_exchange_lifetime() {
         let t0 = crate::clock::now();
-        let mut exchanges = Exchanges::default();
+        let mut exchanges = Exchanges::new(EXPECTED);
         for n in 0..100u16 {
             let request = datagram(CON, GET, n, b"");
-            exchanges.carried(server(), &request, t0);
+            exchanges.carried(server(), &request, Handover::Sent, t0);
             let _ = exchanges.on_device_datagram(view(&datagram(CON, POST, n, b"x")), t0);
         }
         assert_eq!(exchanges.log().carried.len(), REMEMBERED);
@@ -689,7 +804,7 @@ mod tests {
     #[test]
     fn an_idle_device_holds_no_log() {
         let t0 = crate::clock::now();
-        let mut exchanges = Exchanges::default();
+        let mut exchanges = Exchanges::new(EXPECTED);
         assert!(exchanges.log.is_none(), "nothing held before any traffic");
         let read = datagram(CON, GET, 7, b"");
         assert_eq!(
@@ -697,7 +812,7 @@ mod tests {
             MtVerdict::Carry
         );
         assert!(exchanges.log.is_none(), "judging alone holds nothing");
-        exchanges.carried(server(), &read, t0);
+        exchanges.carried(server(), &read, Handover::Sent, t0);
         let _ = exchanges.on_device_datagram(
             view(&datagram(ACK, CONTENT, 7, b"x")),
             t0 + Duration::from_secs(1),
@@ -715,7 +830,8 @@ mod tests {
     #[test]
     fn a_piggybacked_answer_to_an_acknowledged_request_becomes_one_separate_response() {
         let t0 = crate::clock::now();
-        let mut exchanges = Exchanges::default();
+        // Expecting 1 s, so that the 4 s below is seen measured.
+        let mut exchanges = Exchanges::new(Duration::from_secs(1));
         // The device's own messages so far: 0x0100 and 0x0101.
         for id in [0x0100, 0x0101] {
             let _ = exchanges.on_device_datagram(view(&datagram(CON, POST, id, b"d")), t0);
@@ -725,7 +841,12 @@ mod tests {
         assert!(exchanges.was_acknowledged(server(), &view(&read)));
         let other: SocketAddr = "127.0.0.1:5693".parse().unwrap();
         assert!(!exchanges.was_acknowledged(other, &view(&read)));
-        exchanges.carried(server(), &read, t0 + Duration::from_secs(10));
+        exchanges.carried(
+            server(),
+            &read,
+            Handover::Sent,
+            t0 + Duration::from_secs(10),
+        );
 
         let answer = datagram(ACK, CONTENT, 0x0101, b"tk");
         let woke = t0 + Duration::from_secs(14);
@@ -765,7 +886,7 @@ mod tests {
     #[test]
     fn a_devices_own_empty_ack_is_not_forwarded_after_the_bridges() {
         let t0 = crate::clock::now();
-        let mut exchanges = Exchanges::default();
+        let mut exchanges = Exchanges::new(EXPECTED);
         let read = datagram(CON, GET, 9, b"tk");
         exchanges.acknowledge(server(), &view(&read), t0);
         assert_eq!(
@@ -778,7 +899,7 @@ mod tests {
             MoVerdict::Forward
         );
         // A reset from the server also ends a separate response.
-        let mut exchanges = Exchanges::default();
+        let mut exchanges = Exchanges::new(EXPECTED);
         exchanges.acknowledge(server(), &view(&read), t0);
         let MoVerdict::SeparateResponse { message_id, .. } =
             exchanges.on_device_datagram(view(&datagram(ACK, CONTENT, 9, b"tk")), t0)
@@ -795,7 +916,7 @@ mod tests {
     #[test]
     fn separate_responses_never_reuse_a_message_id_the_device_or_the_bridge_used() {
         let t0 = crate::clock::now();
-        let mut exchanges = Exchanges::default();
+        let mut exchanges = Exchanges::new(EXPECTED);
         // The device's IDs, and the half of the space the bridge starts in, both taken.
         for id in [0x0010, 0x8010, 0x8011] {
             let _ = exchanges.on_device_datagram(view(&datagram(CON, POST, id, b"d")), t0);

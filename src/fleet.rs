@@ -401,7 +401,9 @@ impl DeviceFactory {
                 self.mt_settings.clone(),
                 self.trigger_after(settings),
             ),
-            exchanges: crate::exchange::Exchanges::default(),
+            exchanges: crate::exchange::Exchanges::new(Duration::from_secs(
+                psm.expected_round_trip_s,
+            )),
         };
         let device = Device::new(
             id,
@@ -1400,10 +1402,12 @@ mod tests {
         let t0 = crate::clock::now();
         // A server's CON GET carried to the device: remembered.
         let read = [0x40, 0x01, 0x12, 0x34];
-        device
-            .state()
-            .exchanges
-            .carried("127.0.0.1:5683".parse().unwrap(), &read, t0);
+        device.state().exchanges.carried(
+            "127.0.0.1:5683".parse().unwrap(),
+            &read,
+            crate::exchange::Handover::Sent,
+            t0,
+        );
         assert!(device.state().exchanges.remembers_any());
         forget_old_exchanges(&harness.fleet().parts.devices, t0 + Duration::from_secs(60));
         assert!(

@@ -243,7 +243,7 @@ impl Metrics {
             )?,
             exchange_decisions: counter_vec(
                 "exchange_decisions_total",
-                "CoAP datagrams not carried across NIDD again while an earlier copy or its answer can still be on its way, by direction and outcome (mt: server_retransmission, answer_already_carried; mo: awaiting_server_answer, answer_on_its_way, answer_resent)",
+                "Decisions on CoAP copies across NIDD (not carried again while an earlier copy or its answer can still be on its way, a held answer resent) and on separate responses, by direction and outcome (the README's metrics table lists the outcomes)",
                 &["direction", "outcome"],
             )?,
             onboarding_requests: counter_vec(

@@ -31,6 +31,7 @@ use crate::coap;
 use crate::config::ServerWaits;
 use crate::delivery::{QueueEffect, ScefTimeLimits};
 use crate::devices::{Device, DeviceState};
+use crate::exchange::Handover;
 use crate::metrics::Metrics;
 use crate::queue::{DropReason, QueueLimits, QueuedDatagram, Stored};
 use crate::store::StoreError;
@@ -559,8 +560,14 @@ impl Downlinks {
                 .map(|entry| (entry.source, entry.data.clone()));
             let effect = state.mt.on_delivery_status(delivery, status, retry_at, now);
             if let (QueueEffect::Remove(_), Some((source, data))) = (&effect, settled) {
-                // Delivered now (RDS-acknowledged included): on its way to the device's answer.
-                state.exchanges.carried(source, &data, now);
+                // Delivered now: on its way to the device's answer, and known received when
+                // the device acknowledged it (RDS).
+                let handover = if *status == DeliveryStatus::SuccessAcknowledged {
+                    Handover::Received
+                } else {
+                    Handover::Sent
+                };
+                state.exchanges.carried(source, &data, handover, now);
             }
             self.apply(device, &effect)
         };

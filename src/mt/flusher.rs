@@ -15,11 +15,13 @@ use crate::clock;
 use crate::config::{BufferOwner, PsmConfig};
 use crate::delivery::{Decision, Outcome, Pacer, instant_of};
 use crate::devices::Device;
+use crate::exchange::Handover;
 use crate::metrics::Metrics;
 use crate::mt::Downlinks;
 use crate::queue::{DropReason, QueuedDatagram};
 use crate::t8::{
-    DeviceTriggering, DownlinkOutcome, NiddDownlinkDataTransfer, PdnEstablishmentOption, T8Client,
+    DeliveryStatus, DeviceTriggering, DownlinkOutcome, NiddDownlinkDataTransfer,
+    PdnEstablishmentOption, T8Client,
 };
 
 /// The timer resolution below which a global pacer slot is not waited for.
@@ -163,6 +165,13 @@ impl Flusher {
         };
         let result = self.t8.deliver_downlink(&configuration, &transfer).await;
         let now = clock::now();
+        let handover = match &result {
+            Ok(DownlinkOutcome::Delivered {
+                status: Some(DeliveryStatus::SuccessAcknowledged),
+                ..
+            }) => Handover::Received,
+            _ => Handover::Sent,
+        };
         let outcome = self.outcome_of(device, result, now);
         let metrics = &self.metrics;
         metrics
@@ -182,7 +191,9 @@ impl Flusher {
             let mut state = device.state();
             if delivered {
                 // On its way to the device: its copies are not carried again meanwhile.
-                state.exchanges.carried(item.source, &item.data, now);
+                state
+                    .exchanges
+                    .carried(item.source, &item.data, handover, now);
             }
             let effect = state.mt.on_outcome(seq, outcome, now);
             let change = self.downlinks.apply(device, &effect);

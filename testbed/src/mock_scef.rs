@@ -431,6 +431,10 @@ struct UeChannels {
     mo_log: Vec<Vec<u8>>,
     /// Latency, order and counts of what crosses the radio.
     radio: radio::UeRadio,
+    /// Its configuration asked for the reliable data service (TS 24.250): the UE acknowledges
+    /// each MT datagram, which is reported `SUCCESS_ACKNOWLEDGED` once that
+    /// acknowledgement crossed the radio back.
+    reliable_data_service: bool,
 }
 
 struct MockState {
@@ -523,6 +527,7 @@ impl MockState {
                 mt_log: Vec::new(),
                 mo_log: Vec::new(),
                 radio: radio::UeRadio::default(),
+                reliable_data_service: false,
             }
         })
     }
@@ -1468,7 +1473,8 @@ async fn create_configuration(
                     duration: request.duration.clone(),
                 };
                 inner.configurations.insert(id, configuration);
-                MockState::ue_channels(&mut inner, ue);
+                MockState::ue_channels(&mut inner, ue).reliable_data_service =
+                    request.reliable_data_service == Some(true);
             }
             Named::Group(group) => {
                 let configuration = MockGroupConfiguration {

@@ -122,7 +122,8 @@ async fn a_request_its_server_gave_up_on_never_reaches_the_sleeping_device() {
 }
 
 /// The request is dropped as its server gave up; the device then wakes and sends, and nothing
-/// is left for it: it never receives the request.
+/// is left for it: it never receives the request, and the server never gets an answer the
+/// device did not give.
 async fn dropped_as_server_gave_up_and_never_delivered(bed: RunningBed, ue: SimUe) {
     probe::eventually("the request dropped as its server gave up", || async {
         bed.metric("nidd_bridge_mt_queue_dropped_total{reason=\"server_gave_up\"}")
@@ -143,6 +144,16 @@ async fn dropped_as_server_gave_up_and_never_delivered(bed: RunningBed, ue: SimU
         ue.radio_counts().mt_datagrams,
         0,
         "the device never received it"
+    );
+    // Nor did the bridge answer for it: the server's next datagram from the device's address
+    // is the device's own uplink, no 5.03 or 5.04 before it.
+    let (datagram, _) = tokio::time::timeout(STEP, bed.raw_server(DM_SERVER).recv())
+        .await
+        .expect("the device's uplink");
+    assert_eq!(
+        datagram,
+        [0x50, 0x02, 0x00, 0x01],
+        "nothing invented before it"
     );
     bed.finish().await;
 }
@@ -397,5 +408,54 @@ async fn a_separate_response_is_retransmitted_until_the_server_acknowledges_it()
             .await,
         0.0
     );
+    bed.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_device_acknowledged_is_not_carried_again_however_long_its_answer_takes() {
+    let id: DeviceId = "400000007@iot.example".parse().unwrap();
+    // The reliable data service: the SCEF reports each downlink SUCCESS_ACKNOWLEDGED once
+    // the device's acknowledgement came back over the radio (3 s there, 1 s back).
+    let bed = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .device(&id)
+        .nidd_latency(Duration::from_secs(3), Duration::from_secs(1))
+        .nidd(|nidd| nidd.reliable_data_service = true)
+        // A 1 s round trip expected: a copy is held back 3 s at first.
+        .psm(|psm| psm.expected_round_trip_s = 1)
+        .start()
+        .await
+        .unwrap();
+    let ue = bed.ue(&id);
+    ue.wait_configured(STEP).await.unwrap();
+    let device = bed.bridge().device_address(&id);
+    let server = bed.raw_server(DM_SERVER);
+    server.send_to(&request(1), device).await.unwrap();
+    let delivered = ue.recv_mt(STEP).await.expect("the request");
+    assert_eq!(delivered, request(1));
+    probe::eventually("the delivery reported acknowledged", || async {
+        bed.metric("nidd_bridge_mt_deliveries_total{status=\"SUCCESS_ACKNOWLEDGED\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    // The device takes its time to answer (it reads a slow sensor). Past the 3 s a copy is
+    // held back without RDS, the server's retransmission is still not carried: the device
+    // has the request.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    server.send_to(&request(1), device).await.unwrap();
+    probe::eventually("the retransmission held back as received", || async {
+        bed.metric("nidd_bridge_exchange_decisions_total{direction=\"mt\",outcome=\"server_retransmission_received\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    let answer = [0x61, 0x45, 0x10, 1, 1, 0xff, b'o', b'k'];
+    ue.send_mo(&answer).await.unwrap();
+    let (got, from) = tokio::time::timeout(STEP, server.recv())
+        .await
+        .expect("the device's answer");
+    assert_eq!((got.as_slice(), from), (&answer[..], device));
+    assert_eq!(ue.radio_counts().mt_datagrams, 1, "the request, once");
     bed.finish().await;
 }

@@ -13,6 +13,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use super::radio::{self, Arrival};
 use super::{MockState, SimUe, bad_request, json_response, named_ue};
 use crate::mock_scef::problem_response;
 use nidd_bridge::DeviceId;
@@ -125,10 +126,28 @@ pub(super) fn deliver_or_buffer(
     request: NiddDownlinkDataTransfer,
     datagram: Vec<u8>,
 ) -> Response {
-    let awake = {
+    let (awake, reliable) = {
         let mut inner = state.inner();
-        MockState::ue_channels(&mut inner, ue).awake
+        let channels = MockState::ue_channels(&mut inner, ue);
+        (channels.awake, channels.reliable_data_service)
     };
+    if awake && reliable {
+        // Sent now; reported once the UE's acknowledgement came back.
+        let location = state.delivery_location(scs, configuration_id);
+        let arrival = state.transmit(ue, datagram);
+        let (notified, ue, destination) = (state.clone(), ue.clone(), notification_destination);
+        let (destination, link) = (destination.to_string(), location.clone());
+        tokio::spawn(async move {
+            let status = acknowledged(&notified, arrival, true).await;
+            report_pending(&notified, &destination, link, &ue, status, report).await;
+        });
+        let answer = NiddDownlinkDataTransfer {
+            self_link: Some(location.clone()),
+            delivery_status: Some(DeliveryStatus::Sending),
+            ..request
+        };
+        return json_response(StatusCode::CREATED, &answer, Some(&location));
+    }
     if awake {
         // Answered at once; the datagram reaches the UE after the MT radio latency.
         state.transmit(ue, datagram);
@@ -170,6 +189,17 @@ pub(super) fn deliver_or_buffer(
     json_response(StatusCode::CREATED, &answer, Some(&location))
 }
 
+/// Waits until an MT datagram reached the UE and, with the reliable data service, until the
+/// UE's acknowledgement crossed the radio back (the MO latency); returns the status to report.
+async fn acknowledged(state: &MockState, arrival: Arrival, reliable: bool) -> DeliveryStatus {
+    arrival.reached().await;
+    if !reliable {
+        return DeliveryStatus::Success;
+    }
+    tokio::time::sleep(radio::delay(state, &state.faults.mo_latency_ms)).await;
+    DeliveryStatus::SuccessAcknowledged
+}
+
 impl SimUe {
     pub fn is_awake(&self) -> bool {
         let mut inner = self.state.inner();
@@ -185,12 +215,13 @@ impl SimUe {
     /// The UE wakes: buffered MT is delivered (with delivery-status notifications), monitoring
     /// subscribers get UE_REACHABILITY, and simulated devices see a wake event.
     pub async fn wake(&self) {
-        let (buffered, subscriptions) = {
+        let (buffered, subscriptions, reliable) = {
             let mut inner = self.state.inner();
             let channels = MockState::ue_channels(&mut inner, &self.id);
             if channels.awake {
                 return;
             }
+            let reliable = channels.reliable_data_service;
             channels.awake = true;
             channels.wakes.send_modify(|n| *n += 1);
             let buffered = std::mem::take(&mut channels.buffered);
@@ -200,7 +231,7 @@ impl SimUe {
                 .filter(|s| s.ue == self.id && s.monitoring_type == MonitoringType::UeReachability)
                 .cloned()
                 .collect();
-            (buffered, subscriptions)
+            (buffered, subscriptions, reliable)
         };
         for subscription in subscriptions {
             let report = MonitoringNotification {
@@ -243,7 +274,7 @@ impl SimUe {
             } = mt;
             let arrival = self.state.transmit(&self.id, datagram);
             let pending = (notification_destination, location, report);
-            if on_air.is_empty() && arrival.is_now() {
+            if on_air.is_empty() && arrival.is_now() && !reliable {
                 let (destination, location, report) = pending;
                 let status = DeliveryStatus::Success;
                 report_pending(
@@ -263,8 +294,7 @@ impl SimUe {
             let (state, ue) = (self.state.clone(), self.id.clone());
             tokio::spawn(async move {
                 for (arrival, (destination, location, report)) in on_air {
-                    arrival.reached().await;
-                    let status = DeliveryStatus::Success;
+                    let status = acknowledged(&state, arrival, reliable).await;
                     report_pending(&state, &destination, location, &ue, status, report).await;
                 }
             });

@@ -153,7 +153,7 @@ impl Arrival {
 }
 
 /// The delay of one datagram: the latency in `latency_ms` plus up to `radio_jitter_ms`.
-fn delay(state: &MockState, latency_ms: &AtomicU32) -> Duration {
+pub(super) fn delay(state: &MockState, latency_ms: &AtomicU32) -> Duration {
     let latency = latency_ms.load(Ordering::SeqCst);
     let jitter = state.faults.radio_jitter_ms.load(Ordering::SeqCst);
     let drawn = match jitter {
