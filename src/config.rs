@@ -2003,6 +2003,60 @@ mod tests {
         assert!(Config::parse(&both).is_err());
     }
 
+    /// The minimal configuration with `keys` in its server's entry.
+    fn server_with(keys: &str) -> Result<Lwm2mServerConfig, ConfigError> {
+        let toml = minimal("").replace("role = \"dm\"", &format!("role = \"dm\"\n{keys}"));
+        Config::parse(&toml).map(|c| c.lwm2m_servers[0].clone())
+    }
+
+    #[test]
+    fn a_servers_waits_come_from_its_profile_and_its_own_keys() {
+        let secs = std::time::Duration::from_secs;
+        let default = server_with("").unwrap().waits();
+        assert_eq!(default, ServerProfile::Rfc7252.waits());
+        assert_eq!(
+            (default.request_timeout, default.separate_response_timeout),
+            (secs(247), secs(247))
+        );
+        assert_eq!(default.ack_timeout, secs(2));
+        assert_eq!(default.max_retransmit, 4);
+        for (profile, request, separate) in [
+            ("leshan", 120, 120),
+            ("wakaama", 93, 15),
+            ("thingsboard", 120, 120),
+            ("californium", 247, 247),
+            ("emqx", 22, 0),
+        ] {
+            let waits = server_with(&format!("profile = \"{profile}\""))
+                .unwrap()
+                .waits();
+            assert_eq!(
+                (waits.request_timeout, waits.separate_response_timeout),
+                (secs(request), secs(separate)),
+                "{profile}"
+            );
+        }
+        let overridden = server_with(
+            "profile = \"wakaama\"\nseparate_response_timeout_s = 30\nack_timeout_ms = 3000\nmax_retransmit = 2",
+        )
+        .unwrap()
+        .waits();
+        assert_eq!(overridden.request_timeout, secs(93), "the preset's");
+        assert_eq!(overridden.separate_response_timeout, secs(30));
+        assert_eq!(overridden.ack_timeout, secs(3));
+        assert_eq!(overridden.max_retransmit, 2);
+        for bad in [
+            "profile = \"leshan-demo\"",
+            "request_timeout_s = 0",
+            "separate_response_timeout_s = 700000",
+            "ack_timeout_ms = 0",
+            "ack_random_factor = 0.5",
+            "max_retransmit = 21",
+        ] {
+            assert!(server_with(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn the_expected_round_trip_is_bounded() {
         assert_eq!(
