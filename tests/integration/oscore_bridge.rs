@@ -1,7 +1,9 @@
 //! OSCORE end to end through the whole NIDD path: a simulated device (liboscore) and aiocoap
 //! protect and verify each other's messages across mock SCEF → bridge → aiocoap and back,
 //! with the device asleep for the server's request; one flipped byte on the radio makes the
-//! peer refuse the message. The bridge holds no keys.
+//! peer refuse the message. The bridge holds no keys. A separate response the bridge makes of a
+//! sleeping device's piggybacked answer still verifies at aiocoap: Type and Message ID are
+//! outer fields OSCORE does not protect.
 
 use std::time::Duration;
 
@@ -173,6 +175,102 @@ async fn oscore_crosses_mock_scef_and_bridge_in_both_directions() {
             &text,
             "nidd_bridge_coap_messages_total{direction=\"mt\",protection=\"oscore\"}"
         ) >= 2.0
+    );
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_response_for_a_sleeping_device_still_verifies_under_oscore() {
+    const TEST: &str = "separate-response";
+    let id: DeviceId = "820000002@iot.example".parse().unwrap();
+    // The device comes back every 10 s; aiocoap's client waits for a separate response
+    // (RFC 7252's waits, the default profile).
+    let stack = TestBed::new()
+        .aiocoap(TEST)
+        .device_with(&id, |device| device.wake_period_s = Some(10))
+        .psm(|psm| psm.active_window_s = 2)
+        .start()
+        .await
+        .unwrap();
+    let (mock, bridge, client_port) = (stack.mock(), stack.bridge(), stack.aiocoap_client_port());
+    let ue = mock.ue(&id);
+    ue.wait_configured(STEP).await.unwrap();
+    let device = OscoreWorker::spawn(device_config(TEST), None).unwrap();
+    ue.sleep();
+    let device_address = bridge.device_address(&id);
+    let client = tokio::task::spawn_blocking(move || {
+        AiocoapClient {
+            test: TEST,
+            device: device_address,
+            observe: 0,
+            bind_port: client_port,
+        }
+        .run()
+    });
+    // Its first copy finds the device asleep; its retransmission is acknowledged on the
+    // device's behalf, and aiocoap stops retransmitting.
+    eventually("aiocoap's request acknowledged for the device", || async {
+        metric(
+            &bridge.metrics().await,
+            "nidd_bridge_exchange_decisions_total{direction=\"mt\",outcome=\"acknowledged_on_behalf\"}",
+        ) == 1.0
+    })
+    .await;
+    // The device wakes (an uplink) and gets the protected request.
+    ue.send_mo(&[0x40, 0x00, 0x30, 0x01]).await.unwrap();
+    let request = ue
+        .recv_mt(STEP)
+        .await
+        .expect("aiocoap's request after the wake");
+    let outer = Packet::from_bytes(&request).unwrap();
+    let message_id = outer.header.message_id;
+    // It answers piggybacked, as a device does; the bridge turns that into a separate CON
+    // response with a message ID of its own, and only those outer fields change.
+    let response = device
+        .call(move |c| {
+            let (inner, mut correlation) = c.unprotect_request(&request)?;
+            assert_eq!(inner.code, GET);
+            c.protect_response(
+                MessageType::Acknowledgement,
+                outer.header.message_id,
+                outer.get_token(),
+                &mut correlation,
+                CONTENT,
+                &[],
+                b"answered across a sleep",
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    ue.send_mo(&response).await.unwrap();
+    let answers = client.await.unwrap().unwrap();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0]["code"], "2.05");
+    assert_eq!(answers[0]["payload"], "answered across a sleep");
+    assert_eq!(
+        answers[0]["oscore"], true,
+        "aiocoap verified the separate response under OSCORE"
+    );
+    // aiocoap acknowledged the separate response; its ACK never reached the device.
+    eventually("aiocoap's ACK absorbed", || async {
+        metric(
+            &bridge.metrics().await,
+            "nidd_bridge_exchange_decisions_total{direction=\"mt\",outcome=\"separate_response_acknowledged\"}",
+        ) == 1.0
+    })
+    .await;
+    let text = bridge.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "nidd_bridge_exchange_decisions_total{direction=\"mo\",outcome=\"separate_response_sent\"}"
+        ),
+        1.0
+    );
+    assert!(
+        ue.recv_mt(Duration::from_millis(1)).await.is_none(),
+        "nothing more for the device (request {message_id:#06x} was its only MT)"
     );
     stack.finish().await;
 }
