@@ -2,12 +2,15 @@
 //! device for MT, 1 s from the device to the SCEF for MO, and a device that retransmits its
 //! CON requests after CoAP's ACK_TIMEOUT (2 to 3 s), through the npm LwM2M server: each
 //! distinct CoAP message crosses the radio once. And holding that follows the server: a
-//! request its server stopped waiting for is dropped (`server_gave_up`), never delivered.
+//! request its server stopped waiting for is dropped (`server_gave_up`, taken back from an
+//! SCEF that held it), never delivered, never answered for; a sleeping device is acknowledged
+//! for and its answer goes as a separate response; five queued requests go out in a 6 s
+//! wake-up; an RDS-acknowledged request is never carried twice.
 
 use std::time::Duration;
 
 use nidd_bridge::DeviceId;
-use nidd_bridge::config::ServerRole;
+use nidd_bridge::config::{BufferOwner, ServerRole};
 use nidd_testbed::bed::{DM_SERVER, RunningBed, TestBed};
 use nidd_testbed::mock_scef::SimUe;
 use nidd_testbed::mock_scef::sim_device::{DeviceProfile, SimLwm2mDevice};
@@ -118,6 +121,39 @@ async fn a_request_its_server_gave_up_on_never_reaches_the_sleeping_device() {
             >= 1.0
     })
     .await;
+    dropped_as_server_gave_up_and_never_delivered(bed, ue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_server_gave_up_on_is_taken_back_from_the_scef_that_holds_it() {
+    let id: DeviceId = "400000008@iot.example".parse().unwrap();
+    // The SCEF buffers MT for the sleeping device (201); its server waits 3 s.
+    let bed = TestBed::new()
+        .raw_server(DM_SERVER, ServerRole::Dm)
+        .device(&id)
+        .psm(|psm| psm.buffer_owner = BufferOwner::Scef)
+        .bridge_config(|config| {
+            config.server_settings(DM_SERVER, |server| server.request_timeout_s = Some(3))
+        })
+        .start()
+        .await
+        .unwrap();
+    let ue = bed.ue(&id);
+    let device = bed.bridge().device_address(&id);
+    ue.sleep();
+    bed.raw_server(DM_SERVER)
+        .send_to(&request(1), device)
+        .await
+        .unwrap();
+    probe::eventually("the SCEF to hold it", || async { ue.buffered() == 1 }).await;
+    // Once the server stopped waiting, the delivery is cancelled at the SCEF too.
+    probe::eventually("the pending delivery cancelled", || async {
+        bed.metric("nidd_bridge_mt_pending_cancellations_total{outcome=\"cancelled\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(ue.buffered(), 0, "the SCEF no longer holds it");
     dropped_as_server_gave_up_and_never_delivered(bed, ue).await;
 }
 
