@@ -26,6 +26,10 @@
 //! after the UE transmitted them, in order per UE; [`SimUe::radio_counts`] counts what crossed
 //! the radio. See the `radio` module for the details (a UE that sleeps while MT is on its way,
 //! when a pending delivery is reported, a device that retransmits meanwhile).
+//!
+//! Reliable data service: MT under a configuration that asked for it is answered 201
+//! `SENDING` and reported `SUCCESS_ACKNOWLEDGED` once the UE's acknowledgement crossed the
+//! radio back (after the MT and the MO latency).
 
 mod groups;
 mod nef_trigger;
