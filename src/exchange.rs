@@ -245,6 +245,12 @@ impl Exchanges {
         self.round_trip.smoothed()
     }
 
+    /// Whether the round trip was measured from the device's answers (else it is the
+    /// expected one).
+    pub(crate) fn round_trip_measured(&self) -> bool {
+        self.round_trip.measured
+    }
+
     /// Whether the CON request `view` from `server` was acknowledged on the device's behalf
     /// (its retransmission is acknowledged again: the first empty ACK was lost).
     pub(crate) fn was_acknowledged(&self, server: SocketAddr, view: &Header<'_>) -> bool {

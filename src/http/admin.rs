@@ -234,6 +234,10 @@ struct MtView {
     pending_deliveries: usize,
     retry_in_s: Option<f64>,
     monitoring_subscription: Option<String>,
+    /// The device's NIDD round trip (a downlink to its answer), smoothed; the expected one
+    /// until `round_trip_measured`.
+    round_trip_s: f64,
+    round_trip_measured: bool,
     /// How the queue went out in the last wake-up that had MT waiting.
     #[serde(skip_serializing_if = "Option::is_none")]
     last_wakeup: Option<WakeupView>,
@@ -328,6 +332,8 @@ fn view(device: &Device, now: Instant, now_ms: u64) -> DeviceView {
             .as_ref()
             .and_then(|n| n.monitoring_subscription.as_ref())
             .map(|s| s.location.clone()),
+        round_trip_s: seconds(state.exchanges.round_trip()),
+        round_trip_measured: state.exchanges.round_trip_measured(),
         last_wakeup: mt.last_wakeup().map(|w| WakeupView {
             waiting: w.waiting,
             delivered: w.delivered,

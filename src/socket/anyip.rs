@@ -14,6 +14,8 @@ use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use nix::libc;
@@ -26,6 +28,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::{RECEIVE_BUFFER_BYTES, RelayError};
+use crate::clock;
 use crate::config::AddressPrefix;
 
 /// Most datagrams one `recv_batch` returns (one `recvmmsg`).
@@ -65,6 +68,34 @@ pub(crate) struct AnyIpSocket {
     local: SocketAddr,
     /// The kernel's cumulative drop count (`SO_RXQ_OVFL`, wraps at u32) last reported.
     dropped_so_far: AtomicU32,
+    /// Drops are counted as they come (`dropped_datagrams_total{mt,receive_buffer}`) but
+    /// logged at most once per [`DROP_WARNING_INTERVAL`]: under overload every batch has some.
+    drop_warning: Mutex<DropWarning>,
+}
+
+/// Least time between two warnings about the kernel's receive-buffer drops on one socket.
+const DROP_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The drops not yet logged, and when they last were.
+#[derive(Debug, Default)]
+struct DropWarning {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl DropWarning {
+    /// Adds `dropped`; returns how many to log now, if it is time.
+    fn add(&mut self, dropped: u32, now: Instant) -> Option<u64> {
+        self.unlogged += u64::from(dropped);
+        let due = self
+            .last
+            .is_none_or(|last| now.saturating_duration_since(last) >= DROP_WARNING_INTERVAL);
+        if !due || self.unlogged == 0 {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 impl AnyIpSocket {
@@ -115,6 +146,7 @@ impl AnyIpSocket {
             socket,
             local,
             dropped_so_far: AtomicU32::new(0),
+            drop_warning: Mutex::default(),
         })
     }
 
@@ -175,7 +207,14 @@ impl AnyIpSocket {
             .await?;
         let kernel_drops = drop_count.map_or(0, |count| self.newly_dropped(count));
         if kernel_drops > 0 {
-            tracing::warn!(socket = %self.local, dropped = kernel_drops, "the kernel dropped MT datagrams from a full receive buffer");
+            let to_log = self
+                .drop_warning
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .add(kernel_drops, clock::now());
+            if let Some(dropped) = to_log {
+                tracing::warn!(socket = %self.local, dropped, "the kernel dropped MT datagrams from a full receive buffer (logged at most every 10 s; all are counted in dropped_datagrams_total)");
+            }
         }
         Ok(ReceivedBatch {
             datagrams,
@@ -397,7 +436,20 @@ fn socket_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
 mod tests {
     use super::*;
     use std::collections::HashMap;
-    use std::time::Duration;
+
+    #[test]
+    fn kernel_drops_are_logged_at_most_every_ten_seconds_and_none_is_forgotten() {
+        let t0 = crate::clock::now();
+        let mut warning = DropWarning::default();
+        assert_eq!(warning.add(3, t0), Some(3), "the first at once");
+        assert_eq!(warning.add(5, t0 + Duration::from_secs(1)), None);
+        assert_eq!(warning.add(7, t0 + Duration::from_secs(9)), None);
+        assert_eq!(
+            warning.add(1, t0 + DROP_WARNING_INTERVAL),
+            Some(13),
+            "what came meanwhile, with the new ones"
+        );
+    }
 
     const DEVICES: [&str; 3] = ["127.64.0.1", "127.64.200.7", "127.100.3.4"];
 

@@ -75,6 +75,14 @@ async fn the_registers_answer_and_a_read_cross_the_radio_once_under_latency() {
         1,
         "the device answered the Read once: {read:?}"
     );
+    // The Read's round trip was measured: 3 s there, 1 s back.
+    let view: serde_json::Value = bed
+        .bridge()
+        .admin_json(&format!("/api/v1/devices/{id}"))
+        .await;
+    assert_eq!(view["mt"]["roundTripMeasured"], true, "{view}");
+    let round_trip = view["mt"]["roundTripS"].as_f64().unwrap();
+    assert!((4.0..6.0).contains(&round_trip), "{view}");
     // Exactly the minimum of bytes: each distinct message (type, message ID, token) once.
     let split = nidd_testbed::bench::airtime::split(&ue.mt_log(), &ue.mo_log());
     for side in [&split.server_requests_mt, &split.device_requests_mt] {
