@@ -91,6 +91,8 @@ pub struct GroupConfig {
     pub monitoring: Option<bool>,
     #[serde(default)]
     pub trigger_after_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_period_s: Option<u64>,
 }
 
 impl GroupConfig {
@@ -115,7 +117,7 @@ impl GroupConfig {
             active_window_s: self.active_window_s,
             monitoring: self.monitoring,
             trigger_after_s: self.trigger_after_s,
-            wake_period_s: None,
+            wake_period_s: self.wake_period_s,
             group: Some(self.external_group_id.clone()),
         }
     }
@@ -170,6 +172,8 @@ pub struct OnboardingConfig {
     pub monitoring: Option<bool>,
     #[serde(default)]
     pub trigger_after_s: Option<u64>,
+    #[serde(default)]
+    pub wake_period_s: Option<u64>,
 }
 
 impl Default for OnboardingConfig {
@@ -185,6 +189,7 @@ impl Default for OnboardingConfig {
             active_window_s: None,
             monitoring: None,
             trigger_after_s: None,
+            wake_period_s: None,
         }
     }
 }
@@ -205,7 +210,7 @@ impl OnboardingConfig {
             active_window_s: self.active_window_s,
             monitoring: self.monitoring,
             trigger_after_s: self.trigger_after_s,
-            wake_period_s: None,
+            wake_period_s: self.wake_period_s,
             group: None,
         }
     }
@@ -2054,6 +2059,28 @@ mod tests {
             "max_retransmit = 21",
         ] {
             assert!(server_with(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn group_members_and_devices_created_on_demand_get_a_wake_period() {
+        let id: DeviceId = "1@fleet.example".parse().unwrap();
+        let config = Config::parse(&minimal(
+            "[[groups]]\nexternal_group_id = \"meters@fleet.example\"\nwake_period_s = 3600\n\
+             [onboarding]\nexternal_id_domains = [\"fleet.example\"]\nwake_period_s = 600",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.groups[0].member_settings(&id).wake_period_s,
+            Some(3600)
+        );
+        assert_eq!(config.onboarding.settings_for(&id).wake_period_s, Some(600));
+        for bad in [
+            "[[groups]]\nexternal_group_id = \"meters@fleet.example\"\nwake_period_s = 0",
+            "[onboarding]\nwake_period_s = 0",
+        ] {
+            let err = Config::parse(&minimal(bad)).unwrap_err();
+            assert!(err.to_string().contains("wake_period_s"), "{bad}: {err}");
         }
     }
 

@@ -106,6 +106,8 @@ pub(crate) struct GroupSpec {
     monitoring: Option<bool>,
     #[serde(default, deserialize_with = "present")]
     trigger_after_s: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    wake_period_s: Option<u64>,
 }
 
 impl From<GroupSpec> for GroupConfig {
@@ -117,6 +119,7 @@ impl From<GroupSpec> for GroupConfig {
             active_window_s: spec.active_window_s,
             monitoring: spec.monitoring,
             trigger_after_s: spec.trigger_after_s,
+            wake_period_s: spec.wake_period_s,
         }
     }
 }

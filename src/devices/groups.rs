@@ -272,6 +272,7 @@ mod tests {
             active_window_s: None,
             monitoring: None,
             trigger_after_s: None,
+            wake_period_s: None,
         }
     }
 

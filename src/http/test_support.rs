@@ -175,6 +175,7 @@ impl Harness {
                     active_window_s: None,
                     monitoring: None,
                     trigger_after_s: None,
+                    wake_period_s: None,
                 }],
             )
             .expect("group table"),

@@ -234,6 +234,7 @@ impl BridgeConfigBuilder {
             active_window_s: None,
             monitoring: None,
             trigger_after_s: None,
+            wake_period_s: None,
         });
         self
     }
