@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::BufferOwner;
+use crate::exchange::Handover;
 use crate::queue::{DeviceQueue, DropReason, QueuedDatagram};
 use crate::reachability::{Hold, QueueMode, Reachability};
 use crate::t8::DeliveryStatus;
@@ -547,6 +548,16 @@ impl MtState {
     }
 }
 
+/// What a delivery reported `status` says of the device having the datagram: the device
+/// itself acknowledged it only with `SUCCESS_ACKNOWLEDGED` (reliable data service).
+pub(crate) fn handover_of(status: Option<&DeliveryStatus>) -> Handover {
+    if status == Some(&DeliveryStatus::SuccessAcknowledged) {
+        Handover::Received
+    } else {
+        Handover::Sent
+    }
+}
+
 pub(crate) fn is_success(status: &DeliveryStatus) -> bool {
     status.as_str().starts_with("SUCCESS")
 }
@@ -899,6 +910,19 @@ mod tests {
         assert_eq!(at("not a time"), None);
         assert_eq!(at("2027-01-15 08:01:00"), None, "no offset: not RFC 3339");
         assert_eq!(instant_of(None, now, system_now, HOUR), None);
+    }
+
+    #[test]
+    fn only_the_devices_own_acknowledgement_counts_as_received() {
+        use DeliveryStatus as S;
+        assert_eq!(
+            handover_of(Some(&S::SuccessAcknowledged)),
+            Handover::Received
+        );
+        for status in [S::Success, S::SuccessNextHopAcknowledged, S::Sending] {
+            assert_eq!(handover_of(Some(&status)), Handover::Sent, "{status:?}");
+        }
+        assert_eq!(handover_of(None), Handover::Sent);
     }
 
     #[test]

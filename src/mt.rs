@@ -31,7 +31,6 @@ use crate::coap;
 use crate::config::ServerWaits;
 use crate::delivery::{QueueEffect, ScefTimeLimits};
 use crate::devices::{Device, DeviceState};
-use crate::exchange::Handover;
 use crate::metrics::Metrics;
 use crate::queue::{DropReason, QueueLimits, QueuedDatagram, Stored};
 use crate::store::StoreError;
@@ -562,11 +561,7 @@ impl Downlinks {
             if let (QueueEffect::Remove(_), Some((source, data))) = (&effect, settled) {
                 // Delivered now: on its way to the device's answer, and known received when
                 // the device acknowledged it (RDS).
-                let handover = if *status == DeliveryStatus::SuccessAcknowledged {
-                    Handover::Received
-                } else {
-                    Handover::Sent
-                };
+                let handover = crate::delivery::handover_of(Some(status));
                 state.exchanges.carried(source, &data, handover, now);
             }
             self.apply(device, &effect)

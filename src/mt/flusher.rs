@@ -13,15 +13,14 @@ use url::Url;
 
 use crate::clock;
 use crate::config::{BufferOwner, PsmConfig};
-use crate::delivery::{Decision, Outcome, Pacer, instant_of};
+use crate::delivery::{Decision, Outcome, Pacer, handover_of, instant_of};
 use crate::devices::Device;
 use crate::exchange::Handover;
 use crate::metrics::Metrics;
 use crate::mt::Downlinks;
 use crate::queue::{DropReason, QueuedDatagram};
 use crate::t8::{
-    DeliveryStatus, DeviceTriggering, DownlinkOutcome, NiddDownlinkDataTransfer,
-    PdnEstablishmentOption, T8Client,
+    DeviceTriggering, DownlinkOutcome, NiddDownlinkDataTransfer, PdnEstablishmentOption, T8Client,
 };
 
 /// The timer resolution below which a global pacer slot is not waited for.
@@ -166,10 +165,7 @@ impl Flusher {
         let result = self.t8.deliver_downlink(&configuration, &transfer).await;
         let now = clock::now();
         let handover = match &result {
-            Ok(DownlinkOutcome::Delivered {
-                status: Some(DeliveryStatus::SuccessAcknowledged),
-                ..
-            }) => Handover::Received,
+            Ok(DownlinkOutcome::Delivered { status, .. }) => handover_of(status.as_ref()),
             _ => Handover::Sent,
         };
         let outcome = self.outcome_of(device, result, now);

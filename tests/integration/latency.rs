@@ -102,26 +102,37 @@ fn request(n: u8) -> Vec<u8> {
     vec![0x41, 0x01, 0x10, n, n, 0xb1, b'3']
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_its_server_gave_up_on_never_reaches_the_sleeping_device() {
-    let id: DeviceId = "400000002@iot.example".parse().unwrap();
+/// A raw server that waits 3 s for an answer (a profile's `request_timeout_s`, overridden)
+/// sends a CON request to `id`, a device asleep, whose MT `buffer_owner` holds. Returns the
+/// running bed and the device's UE.
+async fn request_for_a_sleeping_device(
+    id: &DeviceId,
+    buffer_owner: BufferOwner,
+) -> (RunningBed, SimUe) {
     let bed = TestBed::new()
         .raw_server(DM_SERVER, ServerRole::Dm)
-        .device(&id)
-        // This server waits 3 s for an answer (a profile's request_timeout_s, overridden).
+        .device(id)
+        .psm(move |psm| psm.buffer_owner = buffer_owner)
         .bridge_config(|config| {
             config.server_settings(DM_SERVER, |server| server.request_timeout_s = Some(3))
         })
         .start()
         .await
         .unwrap();
-    let ue = bed.ue(&id);
-    let device = bed.bridge().device_address(&id);
+    let ue = bed.ue(id);
+    let device = bed.bridge().device_address(id);
     ue.sleep();
     bed.raw_server(DM_SERVER)
         .send_to(&request(1), device)
         .await
         .unwrap();
+    (bed, ue)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_server_gave_up_on_never_reaches_the_sleeping_device() {
+    let id: DeviceId = "400000002@iot.example".parse().unwrap();
+    let (bed, ue) = request_for_a_sleeping_device(&id, BufferOwner::Bridge).await;
     // Tried, refused as not reachable, held; then dropped once the server stopped waiting.
     probe::eventually("the SCEF to refuse the sleeping device", || async {
         bed.metric("nidd_bridge_mt_delivery_attempts_total{outcome=\"not_reachable\"}")
@@ -135,24 +146,8 @@ async fn a_request_its_server_gave_up_on_never_reaches_the_sleeping_device() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_its_server_gave_up_on_is_taken_back_from_the_scef_that_holds_it() {
     let id: DeviceId = "400000008@iot.example".parse().unwrap();
-    // The SCEF buffers MT for the sleeping device (201); its server waits 3 s.
-    let bed = TestBed::new()
-        .raw_server(DM_SERVER, ServerRole::Dm)
-        .device(&id)
-        .psm(|psm| psm.buffer_owner = BufferOwner::Scef)
-        .bridge_config(|config| {
-            config.server_settings(DM_SERVER, |server| server.request_timeout_s = Some(3))
-        })
-        .start()
-        .await
-        .unwrap();
-    let ue = bed.ue(&id);
-    let device = bed.bridge().device_address(&id);
-    ue.sleep();
-    bed.raw_server(DM_SERVER)
-        .send_to(&request(1), device)
-        .await
-        .unwrap();
+    // The SCEF buffers MT for the sleeping device (201).
+    let (bed, ue) = request_for_a_sleeping_device(&id, BufferOwner::Scef).await;
     probe::eventually("the SCEF to hold it", || async { ue.buffered() == 1 }).await;
     // Once the server stopped waiting, the delivery is cancelled at the SCEF too.
     probe::eventually("the pending delivery cancelled", || async {

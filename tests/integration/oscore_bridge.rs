@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use coap_lite::{MessageType, Packet};
 use nidd_bridge::DeviceId;
-use nidd_testbed::aiocoap::{AiocoapClient, device_config};
+use nidd_testbed::aiocoap::{AiocoapClient, AiocoapError, device_config};
 use nidd_testbed::bed::TestBed;
+use nidd_testbed::mock_scef::SimUe;
 use nidd_testbed::mock_scef::oscore::{OscoreContext, OscoreWorker};
 use nidd_testbed::probe::{STEP, eventually, metric};
 
@@ -104,16 +105,7 @@ async fn oscore_crosses_mock_scef_and_bridge_in_both_directions() {
     // aiocoap → sleeping device: its protected request waits in the bridge, reaches the device
     // when it wakes, and aiocoap verifies the device's protected answer.
     ue.sleep();
-    let device_address = bridge.device_address(&id);
-    let client = tokio::task::spawn_blocking(move || {
-        AiocoapClient {
-            test: TEST,
-            device: device_address,
-            observe: 0,
-            bind_port: client_port,
-        }
-        .run()
-    });
+    let client = aiocoap_get(TEST, bridge.device_address(&id), client_port);
     eventually(
         "aiocoap's request to be queued for the sleeping device",
         || async {
@@ -129,38 +121,13 @@ async fn oscore_crosses_mock_scef_and_bridge_in_both_directions() {
         "nothing reaches a sleeping UE"
     );
     // The device wakes and says so (an uplink): the queue is flushed.
-    ue.send_mo(&[0x40, 0x00, 0x30, 0x01]).await.unwrap();
-    let request = ue
-        .recv_mt(STEP)
-        .await
-        .expect("aiocoap's request after the wake");
-    let outer = Packet::from_bytes(&request).unwrap();
-    let response = device
-        .call(move |c| {
-            let (inner, mut correlation) = c.unprotect_request(&request)?;
-            assert_eq!(inner.code, GET);
-            c.protect_response(
-                MessageType::Acknowledgement,
-                outer.header.message_id,
-                outer.get_token(),
-                &mut correlation,
-                CONTENT,
-                &[],
-                b"rust device behind NIDD",
-            )
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    ue.send_mo(&response).await.unwrap();
-    let answers = client.await.unwrap().unwrap();
-    assert_eq!(answers.len(), 1, "{answers:?}");
-    assert_eq!(answers[0]["code"], "2.05");
-    assert_eq!(answers[0]["payload"], "rust device behind NIDD");
-    assert_eq!(
-        answers[0]["oscore"], true,
-        "aiocoap verified the device's answer under OSCORE"
-    );
+    wake_and_answer(&ue, &device, b"rust device behind NIDD").await;
+    assert_verified(
+        client,
+        "rust device behind NIDD",
+        "aiocoap verified the device's answer under OSCORE",
+    )
+    .await;
 
     let text = bridge.metrics().await;
     assert!(
@@ -197,16 +164,7 @@ async fn a_separate_response_for_a_sleeping_device_still_verifies_under_oscore()
     ue.wait_configured(STEP).await.unwrap();
     let device = OscoreWorker::spawn(device_config(TEST), None).unwrap();
     ue.sleep();
-    let device_address = bridge.device_address(&id);
-    let client = tokio::task::spawn_blocking(move || {
-        AiocoapClient {
-            test: TEST,
-            device: device_address,
-            observe: 0,
-            bind_port: client_port,
-        }
-        .run()
-    });
+    let client = aiocoap_get(TEST, bridge.device_address(&id), client_port);
     // Its first copy finds the device asleep; its retransmission is acknowledged on the
     // device's behalf, and aiocoap stops retransmitting.
     eventually("aiocoap's request acknowledged for the device", || async {
@@ -216,42 +174,16 @@ async fn a_separate_response_for_a_sleeping_device_still_verifies_under_oscore()
         ) == 1.0
     })
     .await;
-    // The device wakes (an uplink) and gets the protected request.
-    ue.send_mo(&[0x40, 0x00, 0x30, 0x01]).await.unwrap();
-    let request = ue
-        .recv_mt(STEP)
-        .await
-        .expect("aiocoap's request after the wake");
-    let outer = Packet::from_bytes(&request).unwrap();
-    let message_id = outer.header.message_id;
-    // It answers piggybacked, as a device does; the bridge turns that into a separate CON
-    // response with a message ID of its own, and only those outer fields change.
-    let response = device
-        .call(move |c| {
-            let (inner, mut correlation) = c.unprotect_request(&request)?;
-            assert_eq!(inner.code, GET);
-            c.protect_response(
-                MessageType::Acknowledgement,
-                outer.header.message_id,
-                outer.get_token(),
-                &mut correlation,
-                CONTENT,
-                &[],
-                b"answered across a sleep",
-            )
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    ue.send_mo(&response).await.unwrap();
-    let answers = client.await.unwrap().unwrap();
-    assert_eq!(answers.len(), 1, "{answers:?}");
-    assert_eq!(answers[0]["code"], "2.05");
-    assert_eq!(answers[0]["payload"], "answered across a sleep");
-    assert_eq!(
-        answers[0]["oscore"], true,
-        "aiocoap verified the separate response under OSCORE"
-    );
+    // The device wakes (an uplink), gets the protected request and answers piggybacked, as a
+    // device does; the bridge turns that into a separate CON response with a message ID of
+    // its own, and only those outer fields change.
+    let message_id = wake_and_answer(&ue, &device, b"answered across a sleep").await;
+    assert_verified(
+        client,
+        "answered across a sleep",
+        "aiocoap verified the separate response under OSCORE",
+    )
+    .await;
     // aiocoap acknowledged the separate response; its ACK never reached the device.
     eventually("aiocoap's ACK absorbed", || async {
         metric(
@@ -273,4 +205,61 @@ async fn a_separate_response_for_a_sleeping_device_still_verifies_under_oscore()
         "nothing more for the device (request {message_id:#06x} was its only MT)"
     );
     stack.finish().await;
+}
+
+/// aiocoap's client running to its end: its answers (JSON lines).
+type ClientRun = tokio::task::JoinHandle<Result<Vec<serde_json::Value>, AiocoapError>>;
+
+/// aiocoap's client GETs `/3/0/0` from the device at `device`, from `bind_port` (so the bridge
+/// knows it as a server), and runs until it has its answer.
+fn aiocoap_get(test: &'static str, device: std::net::SocketAddr, bind_port: u16) -> ClientRun {
+    tokio::task::spawn_blocking(move || {
+        AiocoapClient {
+            test,
+            device,
+            observe: 0,
+            bind_port,
+        }
+        .run()
+    })
+}
+
+/// The device wakes (an uplink flushes its queue), receives aiocoap's protected GET and
+/// answers it piggybacked with `payload`, protected; returns the request's message ID.
+async fn wake_and_answer(ue: &SimUe, device: &OscoreWorker, payload: &'static [u8]) -> u16 {
+    ue.send_mo(&[0x40, 0x00, 0x30, 0x01]).await.unwrap();
+    let request = ue
+        .recv_mt(STEP)
+        .await
+        .expect("aiocoap's request after the wake");
+    let outer = Packet::from_bytes(&request).unwrap();
+    let message_id = outer.header.message_id;
+    let response = device
+        .call(move |c| {
+            let (inner, mut correlation) = c.unprotect_request(&request)?;
+            assert_eq!(inner.code, GET);
+            c.protect_response(
+                MessageType::Acknowledgement,
+                outer.header.message_id,
+                outer.get_token(),
+                &mut correlation,
+                CONTENT,
+                &[],
+                payload,
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    ue.send_mo(&response).await.unwrap();
+    message_id
+}
+
+/// aiocoap's client got one 2.05 with `payload` and verified it under OSCORE.
+async fn assert_verified(client: ClientRun, payload: &str, verified: &str) {
+    let answers = client.await.unwrap().unwrap();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0]["code"], "2.05");
+    assert_eq!(answers[0]["payload"], payload);
+    assert_eq!(answers[0]["oscore"], true, "{verified}");
 }
